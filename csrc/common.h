@@ -1,0 +1,140 @@
+// Shared by every op and backend: argument checks, strided views, dispatch switches, feature maps.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#if defined(__CUDACC__)
+#define SOLA_HD __host__ __device__ __forceinline__
+#else
+#define SOLA_HD inline
+#endif
+
+// Bad arguments raise ValueError naming the argument:
+//   SOLA_CHECK(q.dim() == 4, "q must be (B, H, N, D), got ", q.sizes());
+#define SOLA_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+
+// Largest head dim the CUDA kernels take (DESIGN.md: at least 256).
+constexpr int64_t kMaxCudaHeadDim = 256;
+
+namespace sola {
+
+// fp32 accumulation for fp16/bf16/fp32, fp64 for fp64.
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+// A (B, H, N, D) tensor whose last dim is contiguous; the other strides are free, so
+// x.view(B, N, H, D).transpose(1, 2) is read in place. 64-bit offsets throughout.
+struct View4 {
+  void* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0;
+
+  template <typename T>
+  SOLA_HD T* row(int64_t b, int64_t h, int64_t n) const {
+    return static_cast<T*>(ptr) + b * sb + h * sh + n * sn;
+  }
+};
+
+// Returns t when its last dim is contiguous, else a contiguous copy (other layouts are copied).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+inline View4 make_view(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1));
+  return View4{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Outputs come from here so a debug mode can fill them with NaN and prove every element is written.
+bool debug_nan_fill();
+void set_debug_nan_fill(bool on);
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Every tensor argument of an op: rank 4, floating, same device and dtype as q.
+void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q);
+// q, k, v agree on B, H, Dk and N as SDPA layout requires; Nk >= 1.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// CUDA kernels take head dims up to kMaxCudaHeadDim.
+void check_cuda_head_dims(const at::Tensor& q, const at::Tensor& v);
+
+// ---- feature maps of linear attention, phi(x) and phi'(x) -----------------------------------
+enum class FeatureMap : int { Elu = 0, Relu = 1, Identity = 2 };
+
+FeatureMap parse_feature_map(const std::string& name);
+
+template <FeatureMap FM>
+struct Phi;
+
+template <>
+struct Phi<FeatureMap::Elu> {  // elu(x) + 1
+  template <typename T>
+  static SOLA_HD T f(T x) { return x > T(0) ? x + T(1) : std::exp(x); }
+  template <typename T>
+  static SOLA_HD T df(T x) { return x > T(0) ? T(1) : std::exp(x); }
+};
+
+template <>
+struct Phi<FeatureMap::Relu> {
+  template <typename T>
+  static SOLA_HD T f(T x) { return x > T(0) || x != x ? x : T(0); }  // NaN stays NaN, as torch.relu
+  template <typename T>
+  static SOLA_HD T df(T x) { return x > T(0) ? T(1) : T(0); }
+};
+
+template <>
+struct Phi<FeatureMap::Identity> {
+  template <typename T>
+  static SOLA_HD T f(T x) { return x; }
+  template <typename T>
+  static SOLA_HD T df(T) { return T(1); }
+};
+
+}  // namespace sola
+
+// ---- static switches (flash-attention's static_switch.h style) -------------------------------
+
+// Runs the lambda-like body with `constexpr FeatureMap kFM` bound to fm.
+#define SOLA_FEATURE_MAP_SWITCH(fm, kFM, ...)                                   \
+  [&] {                                                                         \
+    switch (fm) {                                                               \
+      case ::sola::FeatureMap::Elu: {                                           \
+        constexpr ::sola::FeatureMap kFM = ::sola::FeatureMap::Elu;             \
+        return __VA_ARGS__();                                                   \
+      }                                                                         \
+      case ::sola::FeatureMap::Relu: {                                          \
+        constexpr ::sola::FeatureMap kFM = ::sola::FeatureMap::Relu;            \
+        return __VA_ARGS__();                                                   \
+      }                                                                         \
+      default: {                                                                \
+        constexpr ::sola::FeatureMap kFM = ::sola::FeatureMap::Identity;        \
+        return __VA_ARGS__();                                                   \
+      }                                                                         \
+    }                                                                           \
+  }()
+
+// Binds `constexpr int kHeadDim` to the smallest bucket (32, 64, 128, 256) holding d.
+#define SOLA_HEADDIM_SWITCH(d, kHeadDim, ...)          \
+  [&] {                                                \
+    if ((d) <= 32) {                                   \
+      constexpr int kHeadDim = 32;                     \
+      return __VA_ARGS__();                            \
+    } else if ((d) <= 64) {                            \
+      constexpr int kHeadDim = 64;                     \
+      return __VA_ARGS__();                            \
+    } else if ((d) <= 128) {                           \
+      constexpr int kHeadDim = 128;                    \
+      return __VA_ARGS__();                            \
+    } else {                                           \
+      constexpr int kHeadDim = 256;                    \
+      return __VA_ARGS__();                            \
+    }                                                  \
+  }()
+
+// fp16, bf16, fp32, fp64 -> `scalar_t`.
+#define SOLA_DISPATCH_FLOATING(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, dtype, name, __VA_ARGS__)

@@ -1,0 +1,34 @@
+// Non-causal softmax attention: what the op layer hands to the CPU and CUDA kernels.
+//   out = softmax(scale * q k^T) v, with the row log-sum-exp saved for the backward.
+#pragma once
+
+#include "common.h"
+
+namespace sola {
+
+struct SoftmaxAttentionParams {
+  int64_t B = 0, H = 0, Nq = 0, Nk = 0, Dk = 0, Dv = 0;
+  // Inputs, last dim contiguous, any other strides.
+  View4 q, k, v;
+  // Forward output (contiguous; read by the backward, strided) and lse: (B, H, Nq) contiguous, fp32 (fp64 for fp64 inputs),
+  // natural log of sum_j exp(scale * q_i . k_j).
+  View4 out;
+  void* lse = nullptr;
+  // Backward: grad_out (strided), delta = rowsum(grad_out * out) scratch shaped like
+  // lse, and the gradients (contiguous).
+  View4 grad_out, dq, dk, dv;
+  void* delta = nullptr;
+  double scale = 1.0;
+  at::ScalarType dtype = at::ScalarType::Float;
+  c10::DeviceIndex device_index = -1;
+};
+
+// Forward: writes out and lse. Backward: writes delta, dq, dk, dv (deterministic).
+void softmax_attention_fwd_cpu(const SoftmaxAttentionParams& p);
+void softmax_attention_bwd_cpu(const SoftmaxAttentionParams& p);
+#ifdef SOLA_WITH_CUDA
+void softmax_attention_fwd_cuda(const SoftmaxAttentionParams& p);
+void softmax_attention_bwd_cuda(const SoftmaxAttentionParams& p);
+#endif
+
+}  // namespace sola

@@ -1,0 +1,49 @@
+// Schemas of every sola_ops op, and the Python module's small helpers (build info, debug mode).
+// Each backend registers its kernels in its own TORCH_LIBRARY_IMPL.
+#include <torch/extension.h>
+
+#include "common.h"
+
+TORCH_LIBRARY(sola_ops, m) {
+  // Returns (out, state S (B, H, Dk, Dv), normaliser z (B, H, Dk)); S and z are saved for backward.
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, "
+        "str feature_map, bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns (dq, dk, dv, dq_norm, dk_norm); dq_norm / dk_norm are empty when q_norm / k_norm are None.
+  m.def("linear_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_norm, "
+        "Tensor? k_norm, Tensor state, Tensor z, str feature_map, bool normalize, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (out, lse (B, H, Nq)).
+  m.def("softmax_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // Returns (dq, dk, dv).
+  m.def("softmax_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace sola {
+#ifdef SOLA_WITH_CUDA
+std::vector<int64_t> cuda_arch_list();  // the archs nvcc compiled for (cuda_info.cu)
+#endif
+}  // namespace sola
+
+static py::dict build_info() {
+  py::dict info;
+  info["cpu"] = true;
+#ifdef SOLA_WITH_CUDA
+  py::list archs;
+  for (int64_t arch : sola::cuda_arch_list()) archs.append(std::to_string(arch / 10) + "." + std::to_string(arch % 10));
+  info["cuda"] = true;
+  info["cuda_archs"] = archs;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = py::list();
+#endif
+  info["max_cuda_head_dim"] = kMaxCudaHeadDim;
+  return info;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", &build_info, "Which backends and CUDA archs were compiled in.");
+  m.def("debug_nan_fill", &sola::debug_nan_fill, "Whether outputs are pre-filled with NaN.");
+  m.def("set_debug_nan_fill", &sola::set_debug_nan_fill,
+        "Pre-fill every output with NaN so an unwritten element shows (debug mode).");
+}

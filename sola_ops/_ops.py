@@ -1,0 +1,131 @@
+"""Loads the compiled extension and gives its ops fake (meta) implementations and autograd.
+
+The schemas live in csrc/sola.cpp; the C++ ops check their arguments in eager mode, the fake
+implementations below check the same things so torch.compile reports bad input the same way."""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the sola_ops::* ops)
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "sola_ops: the compiled extension sola_ops._C is missing or broken "
+        f"({e}). Build it from the repository root with `pip install --no-build-isolation -e .` "
+        "(or `make build`), with torch installed first."
+    ) from e
+
+ops = torch.ops.sola_ops
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FEATURE_MAPS = ("elu", "relu", "identity")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(t, name, q):
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dtype != q.dtype:
+        raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
+def check_qkv(q, k, v):
+    """The shape rules of both ops (SDPA layout); the C++ ops enforce the same in eager mode."""
+    _check_tensor(q, "q", q)
+    _check_tensor(k, "k", q)
+    _check_tensor(v, "v", q)
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"k and v must have the batch and heads of q {tuple(q.shape)}, got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got {k.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have the sequence length of k ({k.shape[2]}), got {v.shape[2]}")
+    if k.shape[2] < 1:
+        raise ValueError(f"k must have at least one key (Nk >= 1), got shape {tuple(k.shape)}")
+
+
+# ---- linear attention ---------------------------------------------------------------------
+
+@torch.library.register_fake("sola_ops::linear_attention_fwd")
+def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps):
+    check_qkv(q, k, v)
+    for t, name, like in ((q_norm, "q_norm", q), (k_norm, "k_norm", k)):
+        if t is not None:
+            _check_tensor(t, name, q)
+            if t.shape != like.shape:
+                raise ValueError(f"{name} must have the shape of {name[0]} {tuple(like.shape)}, got {tuple(t.shape)}")
+    B, H, Nq, Dk = q.shape
+    Dv = v.shape[3]
+    acc = _acc_dtype(q.dtype)
+    return (q.new_empty((B, H, Nq, Dv)), q.new_empty((B, H, Dk, Dv), dtype=acc), q.new_empty((B, H, Dk), dtype=acc))
+
+
+@torch.library.register_fake("sola_ops::linear_attention_bwd")
+def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feature_map, normalize, eps):
+    check_qkv(q, k, v)
+    dq_norm = torch.empty_like(q, memory_format=torch.contiguous_format) if q_norm is not None else q.new_empty((0,))
+    dk_norm = torch.empty_like(k, memory_format=torch.contiguous_format) if k_norm is not None else k.new_empty((0,))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), dq_norm, dk_norm)
+
+
+def _linear_attention_setup_context(ctx, inputs, output):
+    q, k, v, q_norm, k_norm, feature_map, normalize, eps = inputs
+    _, state, z = output
+    ctx.mark_non_differentiable(state, z)  # internal: saved for the backward only
+    ctx.save_for_backward(q, k, v, q_norm, k_norm, state, z)
+    ctx.options = (feature_map, normalize, eps)
+
+
+def _linear_attention_backward(ctx, grad_out, _grad_state, _grad_z):
+    q, k, v, q_norm, k_norm, state, z = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    dq, dk, dv, dq_norm, dk_norm = ops.linear_attention_bwd(grad_out, q, k, v, q_norm, k_norm, state, z, *ctx.options)
+    return (dq, dk, dv, dq_norm if q_norm is not None else None, dk_norm if k_norm is not None else None,
+            None, None, None)
+
+
+torch.library.register_autograd("sola_ops::linear_attention_fwd", _linear_attention_backward,
+                                setup_context=_linear_attention_setup_context)
+
+
+# ---- softmax attention --------------------------------------------------------------------
+
+@torch.library.register_fake("sola_ops::softmax_attention_fwd")
+def _softmax_attention_fwd_fake(q, k, v, scale):
+    check_qkv(q, k, v)
+    B, H, Nq, _ = q.shape
+    return q.new_empty((B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.register_fake("sola_ops::softmax_attention_bwd")
+def _softmax_attention_bwd_fake(grad_out, q, k, v, out, lse, scale):
+    check_qkv(q, k, v)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _softmax_attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _softmax_attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = ops.softmax_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd("sola_ops::softmax_attention_fwd", _softmax_attention_backward,
+                                setup_context=_softmax_attention_setup_context)

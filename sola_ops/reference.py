@@ -1,0 +1,46 @@
+"""Pure-PyTorch references with the public API's signatures: the ground truth for tests and the
+"PyTorch composite" baseline in benchmarks. They accumulate in fp32 (fp64 for fp64 inputs) like
+the kernels and return the input dtype."""
+import math
+
+import torch
+
+FEATURE_MAPS = {
+    "elu": lambda x: torch.nn.functional.elu(x) + 1,
+    "relu": torch.relu,
+    "identity": lambda x: x,
+}
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None):
+    """out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps), S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j)."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    if not normalize and (q_norm is not None or k_norm is not None):
+        raise ValueError("q_norm and k_norm are only used with normalize=True")
+    phi = FEATURE_MAPS[feature_map]
+    acc = _acc_dtype(q.dtype)
+    fq, fk, vv = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
+    state = torch.einsum("bhnd,bhne->bhde", fk, vv) / k.shape[2]
+    out = torch.einsum("bhnd,bhde->bhne", fq, state)
+    if normalize:
+        fqn = fq if q_norm is None else phi(q_norm.to(acc))
+        fkn = fk if k_norm is None else phi(k_norm.to(acc))
+        z = fkn.mean(dim=2)
+        out = out / (torch.einsum("bhnd,bhd->bhn", fqn, z) + eps).unsqueeze(-1)
+    return out.to(q.dtype)
+
+
+def softmax_attention(q, k, v, *, scale=None, return_lse=False):
+    """out = softmax(scale * q k^T) v; with return_lse also the row log-sum-exp (fp32, fp64 for fp64)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    acc = _acc_dtype(q.dtype)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(acc), k.to(acc)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(scores, dim=-1), v.to(acc)).to(q.dtype)
+    return (out, lse) if return_lse else out
