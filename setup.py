@@ -66,7 +66,7 @@ def sources(pattern):
 
 
 def make_extension():
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # torch picks the C++ standard its headers need
     cpu_sources = sources("**/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME is None:
@@ -78,7 +78,7 @@ def make_extension():
     print(f"sola_ops: building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME}, archs {archs})", file=sys.stderr)
     defines = ["-DSOLA_WITH_CUDA"]
     # No --use_fast_math: fp32 inputs are computed in true fp32 (exact exp, division, denormals).
-    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return CUDAExtension("sola_ops._C", cpu_sources + sources("**/*.cu"),
