@@ -41,12 +41,14 @@ struct View4 {
 };
 
 // Returns t when its last dim is contiguous, else a contiguous copy (other layouts are copied).
+// Empty tensors count as contiguous to torch whatever their strides, so they are re-allocated.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  if (t.numel() == 0) return at::empty(t.sizes(), t.options());
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
 inline View4 make_view(const at::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1));
+  TORCH_INTERNAL_ASSERT(t.dim() == 4 && (t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1));
   return View4{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 

@@ -30,7 +30,7 @@ static py::dict build_info() {
   info["cpu"] = true;
 #ifdef SOLA_WITH_CUDA
   py::list archs;
-  for (int64_t arch : sola::cuda_arch_list()) archs.append(std::to_string(arch / 10) + "." + std::to_string(arch % 10));
+  for (int64_t arch : sola::cuda_arch_list()) archs.append(std::to_string(arch / 100) + "." + std::to_string(arch % 100 / 10));
   info["cuda"] = true;
   info["cuda_archs"] = archs;
 #else

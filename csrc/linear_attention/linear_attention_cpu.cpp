@@ -22,6 +22,19 @@ void load(const scalar_t* x, int64_t d, acc* dst) {
   for (int64_t a = 0; a < d; ++a) dst[a] = static_cast<acc>(x[a]);
 }
 
+// y[0, n) += alpha * x[0, n): the building block of every product here (vectorises).
+template <typename acc>
+void axpy(acc alpha, const acc* x, int64_t n, acc* y) {
+  for (int64_t e = 0; e < n; ++e) y[e] += alpha * x[e];
+}
+
+// dst (cols x rows) = src (rows x cols)^T
+template <typename acc>
+void transpose(const acc* src, int64_t rows, int64_t cols, acc* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
 // Runs fn(b, h, row_begin, row_end) over all heads and chunks of n rows, in parallel.
 template <typename Fn>
 void for_each_row_chunk(const LinearAttentionParams& p, int64_t n, const Fn& fn) {
@@ -54,10 +67,7 @@ void fwd(const LinearAttentionParams& p) {
       for (int64_t j = 0; j < p.Nk; ++j) {
         load_phi<scalar_t, acc, FM>(p.k.row<const scalar_t>(b, h, j), Dk, fk.data());
         load(p.v.row<const scalar_t>(b, h, j), Dv, fv.data());
-        for (int64_t a = 0; a < Dk; ++a) {
-          acc* S_row = S + a * Dv;
-          for (int64_t c = 0; c < Dv; ++c) S_row[c] += fk[a] * fv[c];
-        }
+        for (int64_t a = 0; a < Dk; ++a) axpy(fk[a], fv.data(), Dv, S + a * Dv);
         const scalar_t* kn = p.kn.row<const scalar_t>(b, h, j);
         for (int64_t a = 0; a < Dk; ++a) z[a] += Phi<FM>::f(static_cast<acc>(kn[a]));
       }
@@ -74,10 +84,7 @@ void fwd(const LinearAttentionParams& p) {
     for (int64_t i = i0; i < i1; ++i) {
       load_phi<scalar_t, acc, FM>(p.q.row<const scalar_t>(b, h, i), Dk, fq.data());
       std::fill(num.begin(), num.end(), acc(0));
-      for (int64_t a = 0; a < Dk; ++a) {
-        const acc* S_row = S + a * Dv;
-        for (int64_t c = 0; c < Dv; ++c) num[c] += fq[a] * S_row[c];
-      }
+      for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], S + a * Dv, Dv, num.data());
       acc inv_den = acc(1);
       if (p.normalize) {
         const scalar_t* qn = p.qn.row<const scalar_t>(b, h, i);
@@ -98,15 +105,17 @@ void bwd(const LinearAttentionParams& p) {
   const acc* state_all = static_cast<const acc*>(p.state);
   const acc* z_all = static_cast<const acc*>(p.z);
   const acc inv_nk = acc(1) / acc(p.Nk);
-  // dS = sum_i phi(q_i) da_i^T and dz = sum_i phi(qn_i) dd_i, per head.
-  std::vector<acc> dstate_all(p.B * p.H * Dk * Dv), dz_all(p.B * p.H * Dk);
+  // dS = sum_i phi(q_i) da_i^T and dz = sum_i phi(qn_i) dd_i per head; dS also transposed
+  // (Dv x Dk) so the key pass's products over Dv are contiguous axpys.
+  std::vector<acc> dstate_all(p.B * p.H * Dk * Dv), dstate_t_all(p.B * p.H * Dv * Dk), dz_all(p.B * p.H * Dk);
 
   // Pass 1 over queries, one task per head (dS, dz summed in query order): dq, dqn, dS, dz.
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> fq(Dk), fqn(Dk), num(Dv), da(Dv);
+    std::vector<acc> fq(Dk), fqn(Dk), num(Dv), da(Dv), dfq(Dk), St(Dv * Dk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const acc* S = state_all + bh * Dk * Dv;
+      transpose(S, Dk, Dv, St.data());
       const acc* z = z_all + bh * Dk;
       acc* dS = dstate_all.data() + bh * Dk * Dv;
       acc* dz = dz_all.data() + bh * Dk;
@@ -116,8 +125,7 @@ void bwd(const LinearAttentionParams& p) {
         const scalar_t* g = p.grad_out.row<const scalar_t>(b, h, i);
         load_phi<scalar_t, acc, FM>(q, Dk, fq.data());
         std::fill(num.begin(), num.end(), acc(0));
-        for (int64_t a = 0; a < Dk; ++a)
-          for (int64_t c = 0; c < Dv; ++c) num[c] += fq[a] * S[a * Dv + c];
+        for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], S + a * Dv, Dv, num.data());
         acc den = acc(1), dd = acc(0);
         if (p.normalize) {
           load_phi<scalar_t, acc, FM>(qn, Dk, fqn.data());
@@ -130,13 +138,12 @@ void bwd(const LinearAttentionParams& p) {
         for (int64_t c = 0; c < Dv; ++c) da[c] = static_cast<acc>(g[c]) / den;
         scalar_t* dq = p.dq.row<scalar_t>(b, h, i);
         scalar_t* dqn = p.has_qn ? p.dqn.row<scalar_t>(b, h, i) : nullptr;
+        // dphi(q_i) = S da_i, and dS += phi(q_i) da_i^T.
+        std::fill(dfq.begin(), dfq.end(), acc(0));
+        for (int64_t c = 0; c < Dv; ++c) axpy(da[c], St.data() + c * Dk, Dk, dfq.data());
+        for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], da.data(), Dv, dS + a * Dv);
         for (int64_t a = 0; a < Dk; ++a) {
-          acc dfq = acc(0);
-          for (int64_t c = 0; c < Dv; ++c) {
-            dfq += S[a * Dv + c] * da[c];
-            dS[a * Dv + c] += fq[a] * da[c];
-          }
-          acc dq_a = dfq * Phi<FM>::df(static_cast<acc>(q[a]));
+          acc dq_a = dfq[a] * Phi<FM>::df(static_cast<acc>(q[a]));
           if (p.normalize) {
             const acc dqn_a = z[a] * dd * Phi<FM>::df(static_cast<acc>(qn[a]));
             dz[a] += fqn[a] * dd;
@@ -146,30 +153,30 @@ void bwd(const LinearAttentionParams& p) {
           dq[a] = static_cast<scalar_t>(dq_a);
         }
       }
+      transpose(dS, Dk, Dv, dstate_t_all.data() + bh * Dv * Dk);
     }
   });
 
   // Pass 2 over keys: dv_j = dS^T phi(k_j) / Nk, dk_j = phi'(k_j) (dS v_j) / Nk (+ normaliser part).
   for_each_row_chunk(p, p.Nk, [&](int64_t b, int64_t h, int64_t j0, int64_t j1) {
     const acc* dS = dstate_all.data() + (b * p.H + h) * Dk * Dv;
+    const acc* dSt = dstate_t_all.data() + (b * p.H + h) * Dv * Dk;
     const acc* dz = dz_all.data() + (b * p.H + h) * Dk;
-    std::vector<acc> fk(Dk), fv(Dv), dv(Dv);
+    std::vector<acc> fk(Dk), fv(Dv), dfk(Dk), dv(Dv);
     for (int64_t j = j0; j < j1; ++j) {
       const scalar_t* k = p.k.row<const scalar_t>(b, h, j);
       const scalar_t* kn = p.kn.row<const scalar_t>(b, h, j);
       load_phi<scalar_t, acc, FM>(k, Dk, fk.data());
       load(p.v.row<const scalar_t>(b, h, j), Dv, fv.data());
+      // dv_j = dS^T phi(k_j), dphi(k_j) = dS v_j (both still to be divided by Nk).
       std::fill(dv.begin(), dv.end(), acc(0));
+      std::fill(dfk.begin(), dfk.end(), acc(0));
+      for (int64_t a = 0; a < Dk; ++a) axpy(fk[a], dS + a * Dv, Dv, dv.data());
+      for (int64_t c = 0; c < Dv; ++c) axpy(fv[c], dSt + c * Dk, Dk, dfk.data());
       scalar_t* dk = p.dk.row<scalar_t>(b, h, j);
       scalar_t* dkn = p.has_kn ? p.dkn.row<scalar_t>(b, h, j) : nullptr;
       for (int64_t a = 0; a < Dk; ++a) {
-        const acc* dS_row = dS + a * Dv;
-        acc dfk = acc(0);
-        for (int64_t c = 0; c < Dv; ++c) {
-          dfk += dS_row[c] * fv[c];
-          dv[c] += dS_row[c] * fk[a];
-        }
-        acc dk_a = dfk * inv_nk * Phi<FM>::df(static_cast<acc>(k[a]));
+        acc dk_a = dfk[a] * inv_nk * Phi<FM>::df(static_cast<acc>(k[a]));
         const acc dkn_a = p.normalize ? dz[a] * inv_nk * Phi<FM>::df(static_cast<acc>(kn[a])) : acc(0);
         if (p.has_kn) dkn[a] = static_cast<scalar_t>(dkn_a);
         else dk_a += dkn_a;

@@ -24,12 +24,26 @@ void load_tile(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int
   }
 }
 
-template <typename acc>
-acc dot(const acc* x, const acc* y, int64_t d) {
-  acc s = acc(0);
-  for (int64_t e = 0; e < d; ++e) s += x[e] * y[e];
-  return s;
+// The same rows stored transposed, d x (n1 - n0), so products over keys become contiguous axpys.
+template <typename scalar_t, typename acc>
+void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int64_t d, acc* dst) {
+  const int64_t cols = n1 - n0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* row = x.row<const scalar_t>(b, h, n);
+    for (int64_t e = 0; e < d; ++e) dst[e * cols + (n - n0)] = static_cast<acc>(row[e]);
+  }
 }
+
+// y[c] += sum_e x[e] * mt[e][c] for c < cols: row-vector times a transposed tile, vectorisable.
+template <typename acc>
+void row_times_tile(const acc* x, const acc* mt, int64_t d, int64_t cols, acc* y) {
+  for (int64_t e = 0; e < d; ++e) {
+    const acc xe = x[e];
+    const acc* m_row = mt + e * cols;
+    for (int64_t c = 0; c < cols; ++c) y[c] += xe * m_row[c];
+  }
+}
+
 
 template <typename scalar_t>
 void fwd(const SoftmaxAttentionParams& p) {
@@ -40,7 +54,7 @@ void fwd(const SoftmaxAttentionParams& p) {
   acc* lse_all = static_cast<acc*>(p.lse);
 
   at::parallel_for(0, p.B * p.H * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q(kBlockM * Dk), k(kBlockN * Dk), v(kBlockN * Dv), o(kBlockM * Dv);
+    std::vector<acc> q(kBlockM * Dk), kt(Dk * kBlockN), v(kBlockN * Dv), o(kBlockM * Dv);
     std::vector<acc> s(kBlockN), m(kBlockM), l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / p.H, h = bh % p.H;
@@ -51,12 +65,14 @@ void fwd(const SoftmaxAttentionParams& p) {
       std::fill(l.begin(), l.end(), acc(0));
       for (int64_t j0 = 0; j0 < p.Nk; j0 += kBlockN) {
         const int64_t j1 = std::min(p.Nk, j0 + kBlockN), cols = j1 - j0;
-        load_tile<scalar_t>(p.k, b, h, j0, j1, Dk, k.data());
+        load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, Dk, kt.data());
         load_tile<scalar_t>(p.v, b, h, j0, j1, Dv, v.data());
         for (int64_t r = 0; r < rows; ++r) {
+          std::fill(s.begin(), s.end(), acc(0));
+          row_times_tile(&q[r * Dk], kt.data(), Dk, cols, s.data());
           acc tile_max = -std::numeric_limits<acc>::infinity();
           for (int64_t c = 0; c < cols; ++c) {
-            s[c] = scale * dot(&q[r * Dk], &k[c * Dk], Dk);
+            s[c] *= scale;
             tile_max = std::max(tile_max, s[c]);
           }
           const acc m_new = std::max(m[r], tile_max);
@@ -68,7 +84,8 @@ void fwd(const SoftmaxAttentionParams& p) {
           for (int64_t e = 0; e < Dv; ++e) o_row[e] *= alpha;
           acc p_sum = acc(0);
           for (int64_t c = 0; c < cols; ++c) {
-            const acc p_rc = none_yet ? acc(0) : std::exp(s[c] - m_new);
+            // A NaN score never wins the max; it still makes the row (and lse) NaN, like torch.
+            const acc p_rc = none_yet ? (std::isnan(s[c]) ? s[c] : acc(0)) : std::exp(s[c] - m_new);
             p_sum += p_rc;
             const acc* v_row = &v[c * Dv];
             for (int64_t e = 0; e < Dv; ++e) o_row[e] += p_rc * v_row[e];
@@ -96,8 +113,8 @@ void bwd(const SoftmaxAttentionParams& p) {
   acc* delta_all = static_cast<acc*>(p.delta);
 
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q(kBlockM * Dk), g(kBlockM * Dv), k(kBlockN * Dk), v(kBlockN * Dv);
-    std::vector<acc> dk(kBlockN * Dk), dv(kBlockN * Dv), dq(p.Nq * Dk);
+    std::vector<acc> q(kBlockM * Dk), g(kBlockM * Dv), k(kBlockN * Dk), kt(Dk * kBlockN), vt(Dv * kBlockN);
+    std::vector<acc> s(kBlockN), dp(kBlockN), dk(kBlockN * Dk), dv(kBlockN * Dv), dq(p.Nq * Dk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const acc* lse = lse_all + bh * p.Nq;
@@ -114,7 +131,8 @@ void bwd(const SoftmaxAttentionParams& p) {
       for (int64_t j0 = 0; j0 < p.Nk; j0 += kBlockN) {
         const int64_t j1 = std::min(p.Nk, j0 + kBlockN), cols = j1 - j0;
         load_tile<scalar_t>(p.k, b, h, j0, j1, Dk, k.data());
-        load_tile<scalar_t>(p.v, b, h, j0, j1, Dv, v.data());
+        load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, Dk, kt.data());
+        load_tile_transposed<scalar_t>(p.v, b, h, j0, j1, Dv, vt.data());
         std::fill(dk.begin(), dk.end(), acc(0));
         std::fill(dv.begin(), dv.end(), acc(0));
         for (int64_t i0 = 0; i0 < p.Nq; i0 += kBlockM) {
@@ -125,9 +143,13 @@ void bwd(const SoftmaxAttentionParams& p) {
             const acc* q_row = &q[r * Dk];
             const acc* g_row = &g[r * Dv];
             acc* dq_row = &dq[(i0 + r) * Dk];
+            std::fill(s.begin(), s.end(), acc(0));
+            std::fill(dp.begin(), dp.end(), acc(0));
+            row_times_tile(q_row, kt.data(), Dk, cols, s.data());   // scores / scale
+            row_times_tile(g_row, vt.data(), Dv, cols, dp.data());  // dO_i . v_j
             for (int64_t c = 0; c < cols; ++c) {
-              const acc prob = std::exp(scale * dot(q_row, &k[c * Dk], Dk) - lse[i0 + r]);
-              const acc ds = prob * (dot(g_row, &v[c * Dv], Dv) - delta[i0 + r]) * scale;
+              const acc prob = std::exp(scale * s[c] - lse[i0 + r]);
+              const acc ds = prob * (dp[c] - delta[i0 + r]) * scale;
               acc* dv_row = &dv[c * Dv];
               for (int64_t e = 0; e < Dv; ++e) dv_row[e] += prob * g_row[e];
               acc* dk_row = &dk[c * Dk];

@@ -1,0 +1,223 @@
+"""Model benchmark: SoLA-Vision forward and train-step throughput with attn_impl="sola" vs "torch".
+
+    python bench/models.py                       # GPU if visible, else tiny CPU sizes
+    python bench/models.py --quick --out bench/results/cpu.json --append
+
+Models come from the `sola_vision` package (models/ in this repository) through timm:
+`timm.create_model("sola_vision_tiny", attn_impl=..., features_only=...)`. Without timm or
+sola_vision (or without the model registered) every row is listed in `skipped` with the reason.
+
+Configurations (model, image size, batch, features_only):
+  CUDA: sola_vision_tiny 224 px batch 128 (classifier), features_only at 512 px batch 32 and
+        1024 px batch 8; bf16 autocast.
+  CPU:  224 px batch 2, features_only at 256 px batch 1 (and 512 px batch 1 without --quick); fp32.
+
+Rows (the kernel rows' schema, DESIGN.md): op "model_fwd" (eval, no_grad) or "model_train" (one
+AdamW step: zero_grad, forward, loss, backward, step; cross-entropy on random labels for the
+classifier, the sum of the feature maps' means for features_only); impl "sola_ops" for
+attn_impl="sola" and "torch" for attn_impl="torch"; pass fwd / fwd_bwd; dtype bfloat16 (autocast)
+or float32; B = batch; H, Nq, Nk, D, GBps, TFLOPs null; ms = median time of one step (CUDA events,
+3 warm-up steps, 20 timed; CPU fewer); img_per_s = B / ms; peak_mem_MB = the peak memory allocated
+while the steps ran (parameters, optimizer state and activations included; null on CPU);
+ratio_to_best_baseline = torch's ms / this row's ms. Plus model, attn_impl, img_size, features_only.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
+
+import common as C  # noqa: E402
+
+MODEL = "sola_vision_tiny"
+ATTN_IMPLS = ("sola", "torch")
+MODEL_OPS = ("model_fwd", "model_train")
+
+
+def configs(device_type, quick):
+    """[(model, img_size, batch, features_only)]"""
+    if device_type == "cuda":
+        return [(MODEL, 224, 128, False), (MODEL, 512, 32, True), (MODEL, 1024, 8, True)]
+    cfgs = [(MODEL, 224, 2, False), (MODEL, 256, 1, True)]
+    if not quick:
+        cfgs.append((MODEL, 512, 1, True))
+    return cfgs
+
+
+def import_sola_vision():
+    """import sola_vision; when that finds only a namespace package (an editable install made before
+    models/__init__.py existed), the checkout's models/ is loaded as sola_vision instead."""
+    import sola_vision
+    init = os.path.join(ROOT, "models", "__init__.py")
+    if getattr(sola_vision, "__file__", None) is None and os.path.exists(init):
+        for name in [n for n in sys.modules if n == "sola_vision" or n.startswith("sola_vision.")]:
+            del sys.modules[name]
+        spec = importlib.util.spec_from_file_location("sola_vision", init,
+                                                      submodule_search_locations=[os.path.dirname(init)])
+        sola_vision = importlib.util.module_from_spec(spec)
+        sys.modules["sola_vision"] = sola_vision
+        spec.loader.exec_module(sola_vision)
+    return sola_vision
+
+
+def load_models():
+    """(timm module, None) or (None, reason)."""
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001
+        return None, f"timm not importable ({C.short_reason(e, 160)})"
+    try:
+        import_sola_vision()  # registers the sola_vision_* models with timm
+    except Exception as e:  # noqa: BLE001
+        return None, f"sola_vision not importable ({C.short_reason(e, 160)})"
+    try:
+        names = timm.list_models("sola_vision*")
+    except Exception:  # noqa: BLE001
+        names = []
+    if MODEL not in names:
+        return None, f"timm has no model {MODEL!r} registered (sola_vision is not written yet?)"
+    return timm, None
+
+
+def run(device, args, rows, skipped):
+    timm, reason = load_models()
+    cfgs = configs(device.type, args.quick)
+    if timm is None:
+        for op in MODEL_OPS:
+            skipped.append({"op": op, "impl": None, "pass": None, "model": MODEL, "reason": reason})
+        print(f"bench/models.py: skipped: {reason}", flush=True)
+        return
+    reps = args.reps or (20 if device.type == "cuda" else (2 if args.quick else 3))
+    warmup = 3 if device.type == "cuda" else 1
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype = "bfloat16" if amp_dtype is not None else "float32"
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def autocast():
+        if amp_dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    for model_name, size, batch, features_only in cfgs:
+        for attn_impl in ATTN_IMPLS:
+            impl = "sola_ops" if attn_impl == "sola" else attn_impl
+            base = {"model": model_name, "attn_impl": attn_impl, "img_size": size, "features_only": features_only,
+                    "dtype": dtype, "B": batch, "case": "model"}
+            for op, pass_ in (("model_fwd", "fwd"), ("model_train", "fwd_bwd")):
+                def skip(why):
+                    skipped.append({"op": op, "impl": impl, "pass": pass_, **base, "reason": why})
+                    print(f"  skipped {op} {attn_impl} {size}px: {why}", flush=True)
+
+                if deadline is not None and time.monotonic() > deadline:
+                    skip(f"time budget (--budget-s {args.budget_s:g}) used up")
+                    continue
+                model = opt = x = labels = None
+                try:
+                    model = timm.create_model(model_name, pretrained=False, attn_impl=attn_impl,
+                                              features_only=features_only).to(device)
+                    x = torch.randn(batch, 3, size, size, generator=gen, device=device)
+                    if op == "model_fwd":
+                        model.eval()
+
+                        def step():
+                            with torch.no_grad(), autocast():
+                                return model(x)
+                    else:
+                        model.train()
+                        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                        if not features_only:
+                            n_cls = getattr(model, "num_classes", 1000) or 1000
+                            labels = torch.randint(0, n_cls, (batch,), generator=gen, device=device)
+
+                        def step():
+                            opt.zero_grad(set_to_none=True)
+                            with autocast():
+                                out = model(x)
+                                if features_only:
+                                    loss = sum(f.float().mean() for f in out)
+                                else:
+                                    loss = F.cross_entropy(out.float(), labels)
+                            loss.backward()
+                            opt.step()
+                            return loss
+
+                    t0 = time.perf_counter()
+                    step()
+                    C.sync(device)
+                    call_s = time.perf_counter() - t0
+                    if args.max_impl_s and call_s * (warmup + reps) > args.max_impl_s:
+                        skip(f"too slow: one step took {call_s:.2f} s (--max-impl-s {args.max_impl_s:g})")
+                        continue
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    ms, times = C.time_fn(step, device, reps, warmup)
+                    mem = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+                except Exception as e:  # noqa: BLE001 - OOM, a missing kernel, an API mismatch
+                    skip(C.short_reason(e))
+                    continue
+                finally:
+                    del model, opt, x, labels
+                    C.free_memory(device)
+                row = C.make_row(op=op, impl=impl, **{"pass": pass_}, dtype=dtype, B=batch, ms=C.sig(ms),
+                                 peak_mem_MB=mem)
+                row.update(base, img_per_s=C.sig(batch / (ms * 1e-3)), reps=len(times))
+                rows.append(row)
+                print(f"  {op:<11} {attn_impl:<5} {size:>4}px b{batch:<3} {'features' if features_only else 'cls':<8} "
+                      f"{ms:9.2f} ms {row['img_per_s']:9.1f} img/s", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SoLA-Vision throughput, attn_impl sola vs torch.")
+    p.add_argument("--quick", action="store_true", help="fewer CPU configurations / runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="results JSON to write")
+    p.add_argument("--append", action="store_true",
+                   help="add the model rows to an existing --out JSON (its earlier model rows are replaced)")
+    p.add_argument("--reps", type=int)
+    p.add_argument("--budget-s", type=float)
+    p.add_argument("--max-impl-s", type=float, default=None, help="default 120 on CUDA, 60 on CPU")
+    p.add_argument("--no-table", action="store_true")
+    args = p.parse_args(argv)
+    device = C.pick_device(args.device)
+    if args.max_impl_s is None:
+        args.max_impl_s = 120.0 if device.type == "cuda" else 60.0
+    t0 = time.perf_counter()
+    print(f"bench/models.py: {C.device_name(device)}, torch {torch.__version__}", flush=True)
+    rows, skipped = [], []
+    run(device, args, rows, skipped)
+
+    data = None
+    if args.out and args.append and os.path.exists(args.out):
+        import json
+        with open(args.out) as f:
+            data = json.load(f)
+        data["rows"] = [r for r in data.get("rows", []) if r.get("op") not in MODEL_OPS]
+        data["skipped"] = [s for s in data.get("skipped", []) if s.get("op") not in MODEL_OPS]
+    if data is None:
+        data = C.header(device, C.measure_peaks(device, quick=True), {"mode": "models"})
+    data["rows"] += C.add_derived(rows, data["peak"])
+    data["skipped"] += skipped
+    data.setdefault("meta", {})["models_elapsed_s"] = round(time.perf_counter() - t0, 1)
+    if args.out:
+        C.write_json(args.out, data)
+    if not args.no_table and rows:
+        print()
+        C.table(sorted(rows, key=lambda r: (r["model"], r["features_only"], r["img_size"], r["op"], r["attn_impl"])))
+    print(f"{len(rows)} model rows, {len(skipped)} skipped, {time.perf_counter() - t0:.1f} s"
+          + (f", written to {args.out}" if args.out else ""))
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+// Shared by the CUDA kernels: warp reductions, lane-slot vectors and grid sizing.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sola {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Row kernels give each row (query or key) to one warp; blocks hold kRowWarps warps.
+constexpr int kRowWarps = 4;
+constexpr int kRowThreads = kRowWarps * kWarpSize;
+
+// Kernels loop grid-stride over their flattened work, so any B * H fits: grid.x is capped far
+// below CUDA's 2^31 - 1 (any cap would do; this one is plenty to fill a GPU).
+constexpr int64_t kMaxGridX = 65535;
+
+// Blocks for `work` items at `per_block` items per block; at least 1, at most kMaxGridX.
+inline unsigned grid_x(int64_t work, int64_t per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxGridX)));
+}
+
+// This warp's first row and the row stride of a grid-stride loop; the same for all its lanes,
+// so every lane takes the same path and the full-mask shuffles below are safe.
+__device__ __forceinline__ int64_t warp_row0() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+}
+__device__ __forceinline__ int64_t warp_row_stride() {
+  return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
+}
+
+// Butterfly sum: every lane ends with the same value, bitwise (a + b == b + a at each step).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+// ---- lane-slot vectors ------------------------------------------------------------------------
+// A warp holds a vector x[0, n) as x[lane + 32 * t] in slot t of each lane; slots at or past n
+// hold 0, so dot products over all slots need no mask.
+
+template <typename acc, int kSlots, typename scalar_t>
+__device__ __forceinline__ void load_slots(const scalar_t* x, int n, int lane, acc (&dst)[kSlots]) {
+#pragma unroll
+  for (int t = 0; t < kSlots; ++t) {
+    const int d = lane + kWarpSize * t;
+    dst[t] = d < n ? static_cast<acc>(x[d]) : acc(0);
+  }
+}
+
+// sum_d x[d] * y[d], the same in every lane.
+template <typename acc, int kSlots>
+__device__ __forceinline__ acc slot_dot(const acc (&x)[kSlots], const acc (&y)[kSlots]) {
+  acc part = acc(0);
+#pragma unroll
+  for (int t = 0; t < kSlots; ++t) part += x[t] * y[t];
+  return warp_sum(part);
+}
+
+// y[c] = sum_{r < nr} x[r] * M[r][c] for c < nc (M row-major nr x nc, in memory every lane reads).
+// x is broadcast one element at a time, so the rows of M are read coalesced; r runs in order.
+template <typename acc, int kSlots>
+__device__ __forceinline__ void warp_vec_mat(const acc (&x)[kSlots], const acc* M, int nr, int nc, int lane,
+                                             acc (&y)[kSlots]) {
+#pragma unroll
+  for (int u = 0; u < kSlots; ++u) y[u] = acc(0);
+#pragma unroll
+  for (int t = 0; t < kSlots; ++t) {
+    if (t * kWarpSize >= nr) break;  // uniform across the warp
+    const int n = min(kWarpSize, nr - t * kWarpSize);
+    for (int s = 0; s < n; ++s) {
+      const acc xr = __shfl_sync(kFullMask, x[t], s);
+      const acc* M_row = M + static_cast<int64_t>(t * kWarpSize + s) * nc;
+#pragma unroll
+      for (int u = 0; u < kSlots; ++u) {
+        const int c = lane + kWarpSize * u;
+        if (c < nc) y[u] += xr * M_row[c];
+      }
+    }
+  }
+}
+
+// y[r] = sum_{c < nc} M[r][c] * x[c] for r < nr (M row-major nr x nc); c runs in order.
+template <typename acc, int kSlots>
+__device__ __forceinline__ void warp_mat_vec(const acc* M, const acc (&x)[kSlots], int nr, int nc, int lane,
+                                             acc (&y)[kSlots]) {
+#pragma unroll
+  for (int t = 0; t < kSlots; ++t) y[t] = acc(0);
+#pragma unroll
+  for (int u = 0; u < kSlots; ++u) {
+    if (u * kWarpSize >= nc) break;  // uniform across the warp
+    const int n = min(kWarpSize, nc - u * kWarpSize);
+    for (int s = 0; s < n; ++s) {
+      const acc xc = __shfl_sync(kFullMask, x[u], s);
+      const int c = u * kWarpSize + s;
+#pragma unroll
+      for (int t = 0; t < kSlots; ++t) {
+        const int r = lane + kWarpSize * t;
+        if (r < nr) y[t] += M[static_cast<int64_t>(r) * nc + c] * xc;
+      }
+    }
+  }
+}
+
+}  // namespace sola

@@ -1,0 +1,65 @@
+"""FLOP counting for SoLA-Vision with torch.utils.flop_counter.FlopCounterMode.
+
+FLOPs follow torch's convention: 2 per multiply-add of the matmul-like work (elementwise ops are not
+counted). The formulas of the sola_ops custom ops match what FlopCounterMode counts for the same math
+in plain PyTorch (MLLA's einsum linear attention, SDPA), so `attn_impl="sola"` and `"torch"` models
+count alike. They are registered (see _flop_formulas.py) only when the sola_ops extension imports.
+"""
+from typing import Sequence, Union
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["flops", "linear_attention_flops", "softmax_attention_flops"]
+
+
+def linear_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                           normalize: bool = True, backward: bool = False) -> int:
+    """state = phi(k)^T v (2 Nk Dk Dv), out = phi(q) state (2 Nq Dk Dv), normaliser phi(qn) z (2 Nq Dk)
+    per (batch, head); the backward costs twice the forward (two matmuls per forward matmul)."""
+    B, H, Nq, Dk = q_shape
+    Nk, Dv = k_shape[2], v_shape[3]
+    fwd = 2 * B * H * (Nk * Dk * Dv + Nq * Dk * Dv + (Nq * Dk if normalize else 0))
+    return 2 * fwd if backward else fwd
+
+
+def softmax_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                            backward: bool = False) -> int:
+    """Forward q k^T and P v: 2 B H Nq Nk (Dk + Dv). Backward (recomputing the scores, as torch counts
+    SDPA's backward): 2 B H Nq Nk (3 Dk + 2 Dv), i.e. 2.5x the forward for Dk == Dv."""
+    B, H, Nq, Dk = q_shape
+    Nk, Dv = k_shape[2], v_shape[3]
+    if backward:
+        return 2 * B * H * Nq * Nk * (3 * Dk + 2 * Dv)
+    return 2 * B * H * Nq * Nk * (Dk + Dv)
+
+
+def flops(model: torch.nn.Module, img_size: Union[int, Sequence[int]] = 224, *, batch_size: int = 1,
+          backward: bool = False) -> int:
+    """Total FLOPs of one forward (and, with backward=True, the backward to all parameters) of `model`
+    on a (batch_size, in_chans, H, W) input, counted by FlopCounterMode on the model's device and dtype.
+    The model runs in eval mode; no .grad is written."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    param = next(model.parameters())
+    x = torch.randn(batch_size, getattr(model, "in_chans", 3), h, w, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            with torch.set_grad_enabled(backward):
+                out = model(x)
+                if backward:
+                    outs = out if isinstance(out, (list, tuple)) else [out]
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    torch.autograd.grad(sum(o.float().sum() for o in outs), params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()
+
+
+try:
+    import sola_ops  # noqa: F401
+except ImportError:  # no extension: nothing to register, torch-impl models are counted by torch alone
+    pass
+else:
+    from . import _flop_formulas  # noqa: F401  (registers the sola_ops formulas with FlopCounterMode)

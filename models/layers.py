@@ -1,0 +1,252 @@
+"""Building blocks of SoLA-Vision: 2-D RoPE, the two token mixers, the block, conv stem/downsample.
+
+Tokens travel through the blocks as (B, H, W, C) ("NHWC"); the depthwise convs see them as
+channels-last NCHW views (`x.permute(0, 3, 1, 2)`), so no layout copies are made.
+"""
+from collections import OrderedDict
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+
+try:
+    import sola_ops
+except ImportError:  # the models still build and run with attn_impl="torch"
+    sola_ops = None
+
+ATTN_IMPLS = ("sola", "torch")
+
+
+def check_attn_impl(attn_impl: str) -> str:
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be 'sola' (sola_ops kernels) or 'torch' (plain PyTorch), got {attn_impl!r}")
+    if attn_impl == "sola" and sola_ops is None:
+        raise ImportError("attn_impl='sola' needs the sola_ops extension, which is not importable; build it with "
+                          "`pip install --no-build-isolation -e .` or use attn_impl='torch'")
+    return attn_impl
+
+
+# ---- 2-D rotary position embedding ----------------------------------------------------------
+
+def rope_2d_angles(height: int, width: int, head_dim: int, base: float = 10000.0, device=None,
+                   dtype=torch.float32) -> torch.Tensor:
+    """Rotation angles (H*W, head_dim // 2) of MLLA's 2-D RoPE applied per head: channel pairs
+    (2p, 2p+1) with p < head_dim/4 rotate by row * theta_p, the others by column * theta_(p - head_dim/4),
+    theta_k = base ** (-k / (head_dim / 4))."""
+    quarter = head_dim // 4
+    theta = base ** (-torch.arange(quarter, device=device, dtype=dtype) / quarter)
+    rows = torch.outer(torch.arange(height, device=device, dtype=dtype), theta)  # (H, q)
+    cols = torch.outer(torch.arange(width, device=device, dtype=dtype), theta)  # (W, q)
+    angles = torch.cat([rows[:, None, :].expand(height, width, quarter),
+                        cols[None, :, :].expand(height, width, quarter)], dim=-1)
+    return angles.reshape(height * width, 2 * quarter)
+
+
+_ROPE_CACHE: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_ROPE_CACHE_SIZE = 64
+
+
+def rope_2d_tables(height: int, width: int, head_dim: int, base: float, device, dtype):
+    """(cos, sin), each (H*W, head_dim // 2) in `dtype` (angles in fp32, fp64 for fp64). Cached per
+    resolution, device and dtype in eager mode; computed inline while torch.compile traces (the compiler
+    folds them into the graph)."""
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():
+        angles = rope_2d_angles(height, width, head_dim, base, device, angle_dtype)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    key = (height, width, head_dim, float(base), torch.device(device), dtype)
+    tables = _ROPE_CACHE.get(key)
+    if tables is None:
+        # Plain tensors even when first built under inference_mode: training may reuse them later.
+        with torch.inference_mode(False), torch.no_grad():
+            angles = rope_2d_angles(height, width, head_dim, base, device, angle_dtype)
+            tables = (angles.cos().to(dtype), angles.sin().to(dtype))
+        _ROPE_CACHE[key] = tables
+        while len(_ROPE_CACHE) > _ROPE_CACHE_SIZE:
+            _ROPE_CACHE.popitem(last=False)
+    else:
+        _ROPE_CACHE.move_to_end(key)
+    return tables
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the channel pairs (2p, 2p+1) of x (..., N, D) by the angles behind cos, sin (N, D/2)."""
+    xr, xi = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+
+
+# ---- token mixers ---------------------------------------------------------------------------
+
+class AttentionMixer(nn.Module):
+    """Shared part of both token mixers (so parameters do not depend on the layer pattern):
+    q, k from one linear layer, v = the mixer input, 2-D RoPE on q and k, LePE (depthwise 3x3 on v).
+    Subclasses implement `attend(q, k, v, cos, sin)` on (B, heads, N, head_dim) tensors."""
+
+    letter = "?"
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "sola",
+                 rope_base: float = 10000.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        if self.head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {self.head_dim}")
+        self.rope_base = rope_base
+        self.attn_impl = check_attn_impl(attn_impl)
+        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        N, nh, hd = H * W, self.num_heads, self.head_dim
+        q, k = self.qk(x).reshape(B, N, 2, nh, hd).unbind(2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, N, hd) views, last dim contiguous
+        v = x.reshape(B, N, nh, hd).transpose(1, 2).to(q.dtype)
+        cos, sin = rope_2d_tables(H, W, hd, self.rope_base, x.device, q.dtype)
+        out = self.attend(q, k, v, cos, sin)
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        return out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def attend(self, q, k, v, cos, sin):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, attn_impl={self.attn_impl!r}"
+
+
+class LinearAttention(AttentionMixer):
+    """MLLA's linear attention: phi = elu + 1 on q, k; RoPE-rotated phi(q), phi(k) in the numerator,
+    unrotated in the normaliser; out_i = phi(q)_i^T S / (phi(q)_i^T z + eps) with the mean-form state
+    S = mean_j rope(phi(k_j)) v_j^T, z = mean_j phi(k_j)."""
+
+    letter = "L"
+    eps = 1e-6
+
+    def attend(self, q, k, v, cos, sin):
+        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.attn_impl == "sola":
+            return sola_ops.linear_attention(q_rope, k_rope, v, feature_map="identity", eps=self.eps,
+                                             q_norm=q, k_norm=k)
+        # Plain PyTorch, as MLLA writes it.
+        n = k.shape[-2]
+        z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + self.eps)
+        kv = (k_rope.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))
+        return q_rope @ kv * z
+
+
+class SoftmaxAttention(AttentionMixer):
+    """Global softmax attention on RoPE-rotated q, k (scale 1/sqrt(head_dim))."""
+
+    letter = "S"
+
+    def attend(self, q, k, v, cos, sin):
+        q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.attn_impl == "sola":
+            return sola_ops.softmax_attention(q_rope, k_rope, v)
+        return F.scaled_dot_product_attention(q_rope, k_rope, v)
+
+
+MIXERS = {"L": LinearAttention, "S": SoftmaxAttention}
+
+
+# ---- block ----------------------------------------------------------------------------------
+
+def dwconv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Applies an NCHW conv to (B, H, W, C) tokens through channels-last views."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SoLABlock(nn.Module):
+    """MLLA block with a swappable token mixer (`mixer`: "L" linear, "S" softmax), on (B, H, W, C):
+
+        x = x + CPE(x)
+        x = x + drop_path(out_proj(mixer(SiLU(DWConv(in_proj(norm1(x))))) * SiLU(act_proj(norm1(x)))))
+        x = x + CPE2(x)
+        x = x + drop_path(MLP(norm2(x)))
+    """
+
+    def __init__(self, dim: int, num_heads: int, mixer: str = "L", mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "sola", rope_base: float = 10000.0,
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU):
+        super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = norm_layer(dim)
+        self.in_proj = nn.Linear(dim, dim)
+        self.act_proj = nn.Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.act = nn.SiLU()
+        self.attn = MIXERS[mixer](dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl, rope_base=rope_base)
+        self.out_proj = nn.Linear(dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + dwconv_nhwc(self.cpe1, x)
+        y = self.norm1(x)
+        gate = self.act(self.act_proj(y))
+        y = self.act(dwconv_nhwc(self.dwc, self.in_proj(y)))
+        y = self.attn(y)
+        x = x + self.drop_path(self.out_proj(y * gate))
+        x = x + dwconv_nhwc(self.cpe2, x)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+# ---- convolutional stem and downsampling ------------------------------------------------------
+
+class ConvLayer(nn.Module):
+    """Conv2d -> optional BatchNorm -> optional ReLU (MLLA's ConvLayer)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 bias: bool = True, norm: bool = True, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2,
+                              groups=groups, bias=bias)
+        self.norm = nn.BatchNorm2d(out_chs) if norm else nn.Identity()
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class Stem(nn.Module):
+    """Stride-4 conv stem: 3x3/2 conv, a residual pair of 3x3 convs, 3x3/2 conv (to 4x width), 1x1 conv."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.conv1 = ConvLayer(in_chans, half, 3, stride=2, bias=False)
+        self.conv2 = nn.Sequential(ConvLayer(half, half, 3, bias=False),
+                                   ConvLayer(half, half, 3, bias=False, act=False))
+        self.conv3 = nn.Sequential(ConvLayer(half, 4 * dim, 3, stride=2, bias=False),
+                                   ConvLayer(4 * dim, dim, 1, bias=False, act=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.conv2(x) + x
+        return self.conv3(x)
+
+
+class Downsample(nn.Module):
+    """Stride-2 inverted bottleneck between stages: 1x1 expand (to 4x out), 3x3 depthwise /2, 1x1 project + BN."""
+
+    def __init__(self, in_chs: int, out_chs: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(out_chs * ratio)
+        self.conv = nn.Sequential(
+            ConvLayer(in_chs, hidden, 1, norm=False),
+            ConvLayer(hidden, hidden, 3, stride=2, groups=hidden, norm=False),
+            ConvLayer(hidden, out_chs, 1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)

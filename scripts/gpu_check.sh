@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# The one command a GPU box runs (no internet needed):
+#   1. build sola_ops in place against the box's torch: pip install --no-build-isolation -e .
+#      (TORCH_CUDA_ARCH_LIST from the GPU, MAX_JOBS = cores)
+#   2. the CUDA tests (pytest -m cuda tests), then the rest quickly (-m "not cuda and not slow")
+#   3. compute-sanitizer memcheck and racecheck over scripts/sanitizer_driver.py
+#   4. bench/kernels.py and bench/models.py -> bench/results/<gpu-slug>.json, bench/plot.py -> PNGs
+#   5. scripts/perf_table.py: the README table
+# Everything printed also goes to bench/results/<gpu-slug>.log. When $OUT is set, the JSON, the
+# log and the PNGs are copied there. A failing step does not stop the run; the exit status is 1
+# when any step failed, timed out or could not run.
+#
+#   bash scripts/gpu_check.sh            (or: make gpu-check)
+#
+# Environment:
+#   PYTHON                python with torch (default python3)
+#   GPU_CHECK_BUDGET_S    seconds all steps may take together (default 560, under a 10-minute limit)
+#   GPU_CHECK_BENCH       quick (default) or full: the kernel benchmark's shape set
+#   TORCH_CUDA_ARCH_LIST  default: the visible GPUs' compute capability
+#   MAX_JOBS              default: nproc
+#   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+ROOT=$(pwd)
+SELF="$ROOT/scripts/gpu_check.sh"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+# ---- internal sub-commands (each runs as one step under `timeout`) ------------------------------
+case "${1:-}" in
+__build)
+    # pip's editable install; if pip is missing or refuses, an in-place build_ext.
+    if "$PY" -m pip --version >/dev/null 2>&1 \
+        && "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
+        :
+    else
+        echo "gpu_check: pip install -e . failed or pip is missing; trying setup.py build_ext --inplace"
+        "$PY" setup.py build_ext --inplace || exit 1
+    fi
+    exit 0
+    ;;
+__pytest)
+    shift
+    "$PY" -m pytest "$@"
+    rc=$?
+    if [ "$rc" = 5 ]; then echo "gpu_check: no tests collected"; exit 0; fi
+    exit "$rc"
+    ;;
+esac
+
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
+BENCH_MODE=${GPU_CHECK_BENCH:-quick}
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+if [ -z "$GPU" ]; then
+    GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
+fi
+# the same slug as bench/common.py: lower case, runs of other characters -> '-'
+SLUG=$(printf '%s' "$GPU" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+[ -n "$SLUG" ] || SLUG=unknown
+RESULTS=bench/results
+JSON=$RESULTS/$SLUG.json
+LOG=$RESULTS/$SLUG.log
+mkdir -p "$RESULTS"
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sort -u | paste -sd ';' -)
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+now() { date +%s; }
+
+main() {
+    local names=() results=() secs=() failed=0
+
+    # step NAME CAP RESERVE CMD...: CMD under a timeout of min(CAP, seconds left - RESERVE), where
+    # RESERVE keeps time for the steps after it.
+    step() {
+        local name=$1 cap=$2 reserve=$3
+        shift 3
+        local left=$((DEADLINE - $(now) - reserve))
+        local t=$((cap < left ? cap : left))
+        local s rc status
+        s=$(now)
+        if ((t < 5)); then
+            status="NOT RUN (time budget used up)"
+            failed=$((failed + 1))
+        else
+            echo
+            echo "=== [$name] $* (timeout ${t}s; $(($(now) - START))s elapsed)"
+            timeout --kill-after=15 "$t" "$@"
+            rc=$?
+            if [ "$rc" = 0 ]; then
+                status="ok"
+            elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+                status="TIMEOUT (${t}s)"
+                failed=$((failed + 1))
+            else
+                status="FAILED (exit $rc)"
+                failed=$((failed + 1))
+            fi
+        fi
+        echo "=== [$name] $status in $(($(now) - s))s"
+        names+=("$name")
+        results+=("$status")
+        secs+=("$(($(now) - s))")
+    }
+    note() { # a step that was not run on purpose: NAME RESULT COUNTS_AS_FAILURE
+        names+=("$1")
+        results+=("$2")
+        secs+=("0")
+        [ "$3" = 1 ] && failed=$((failed + 1))
+        echo "=== [$1] $2"
+    }
+
+    echo "gpu_check: $GPU ($SLUG), arch list $TORCH_CUDA_ARCH_LIST, MAX_JOBS $MAX_JOBS, budget ${BUDGET}s, bench $BENCH_MODE"
+    echo "gpu_check: started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
+    (nvcc --version 2>/dev/null | tail -n 2) || echo "nvcc not on PATH"
+    "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+
+    if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+        note "build" "skipped (GPU_CHECK_SKIP_BUILD=1)" 0
+    else
+        step "build" 330 200 bash "$SELF" __build
+    fi
+    # without the editable install the package is imported from the checkout (models/ as sola_vision)
+    if ! (cd / && "$PY" -c "import sola_ops" >/dev/null 2>&1); then
+        local shim="${TMPDIR:-/tmp}/sola_gpu_check_path"
+        mkdir -p "$shim" && ln -sfn "$ROOT/models" "$shim/sola_vision"
+        export PYTHONPATH="$ROOT:$shim${PYTHONPATH:+:$PYTHONPATH}"
+        echo "gpu_check: sola_ops is not installed; using PYTHONPATH=$PYTHONPATH"
+    fi
+    step "build_info" 60 190 "$PY" -c "import sola_ops; bi = sola_ops.build_info(); print('sola_ops build:', bi); assert bi['cuda'], 'no CUDA kernels were compiled'"
+
+    step "tests: cuda" 150 170 bash "$SELF" __pytest -m cuda tests -q -p no:cacheprovider --maxfail=25
+    step "tests: rest (not slow)" 90 160 bash "$SELF" __pytest -m "not cuda and not slow" tests -q -p no:cacheprovider --maxfail=25
+
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+        step "memcheck" 120 140 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+            --error-exitcode 99 --print-limit 30 "$PY" scripts/sanitizer_driver.py
+        step "racecheck" 120 130 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
+            --error-exitcode 99 --print-limit 30 "$PY" scripts/sanitizer_driver.py --quick --dtypes bfloat16,float32
+    else
+        note "memcheck" "NOT RUN (compute-sanitizer not on PATH)" 1
+        note "racecheck" "NOT RUN (compute-sanitizer not on PATH)" 1
+    fi
+
+    local quick=--quick
+    [ "$BENCH_MODE" = full ] && quick=
+    # --budget-s stops starting new measurements; the timeout is the backstop (the JSON is
+    # rewritten after every case, so a killed run keeps what it measured).
+    local kb=$((DEADLINE - $(now) - 140))
+    ((kb > 270)) && kb=270
+    step "kernel bench" 300 100 "$PY" bench/kernels.py $quick --strict --max-impl-s 30 --out "$JSON" \
+        --budget-s "$((kb > 10 ? kb : 10))"
+    local mb=$((DEADLINE - $(now) - 60))
+    ((mb > 120)) && mb=120
+    step "model bench" 150 30 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
+
+    if "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+        step "plots" 60 5 "$PY" bench/plot.py "$JSON"
+    else
+        note "plots" "not run: no matplotlib here (python bench/plot.py $JSON elsewhere)" 0
+    fi
+    if [ -f "$JSON" ]; then
+        step "perf table" 30 0 "$PY" scripts/perf_table.py "$JSON"
+    fi
+
+    echo
+    echo "=== gpu_check summary: $GPU, $(($(now) - START))s in all, results in $JSON"
+    printf '%-26s %-44s %6s\n' "step" "result" "time"
+    local i
+    for i in "${!names[@]}"; do
+        printf '%-26s %-44s %5ss\n' "${names[$i]}" "${results[$i]}" "${secs[$i]}"
+    done
+    if ((failed > 0)); then
+        echo "gpu_check: $failed step(s) failed"
+        return 1
+    fi
+    echo "gpu_check: all steps passed"
+    return 0
+}
+
+main 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+    # at most 8 files come back from $OUT: the JSON, the log and up to 5 PNGs
+    cp -f "$JSON" "$LOG" "$OUT"/ 2>/dev/null
+    for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
+    echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
+fi
+exit "$rc"

@@ -1,0 +1,125 @@
+"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): both sola_ops ops, forward and
+backward, on small awkward shapes in several dtypes, each checked against the fp64 reference on the
+CPU (so that no reference kernel runs on the GPU under the sanitizer).
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \\
+        python scripts/sanitizer_driver.py
+
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc, so an access past the end
+of one tensor is out of bounds for memcheck instead of landing in a neighbour from the same pool
+block. Exits 1 when an output disagrees with the reference or an op raises, 2 without CUDA.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+import sola_ops
+from sola_ops import reference
+
+# Relative L2 error allowed against the fp64 reference (a sanity bound, not the tests' rule).
+TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4, torch.float64: 1e-9}
+
+# (B, H, Nq, Nk, Dk, Dv): odd lengths, Nq != Nk, Dk != Dv, tile-edge and single-row cases.
+SHAPES = [
+    (1, 1, 1, 3, 32, 32),
+    (2, 3, 77, 50, 32, 32),
+    (1, 2, 129, 129, 64, 64),
+    (2, 1, 65, 200, 64, 48),
+    (1, 1, 33, 17, 128, 128),
+]
+HEAD_DIMS_ONLY_SOFTMAX = [(1, 1, 40, 70, 256, 256)]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    den = torch.linalg.vector_norm(b).item()
+    return torch.linalg.vector_norm(a - b).item() / (den if den > 0 else 1.0)
+
+
+DEVICE = "cuda"
+
+
+def check(name, fn, ref_fn, inputs, dtype, failures):
+    """Runs fn on DEVICE (forward and backward) and ref_fn on fp64 CPU copies; records failures."""
+    try:
+        xs = [x.detach().to(DEVICE, dtype).requires_grad_(True) for x in inputs]
+        out = fn(*xs)
+        g = torch.randn(out.shape, dtype=torch.float32).to(DEVICE, dtype)
+        grads = torch.autograd.grad(out, xs, g)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"{name}: raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        print(f"  FAIL {name}: raised {e}", flush=True)
+        return
+    # the reference sees the values the kernel saw (rounded to dtype), in fp64
+    r64 = [x.detach().cpu().double().requires_grad_(True) for x in xs]
+    ref = ref_fn(*r64)
+    ref_grads = torch.autograd.grad(ref, r64, g.cpu().double())
+    errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(grads, ref_grads)]
+    finite = all(torch.isfinite(t).all().item() for t in [out, *grads])
+    ok = finite and max(errs) <= TOL[dtype]
+    print(f"  {'ok  ' if ok else 'FAIL'} {name}: rel err out {errs[0]:.1e}, grads {max(errs[1:]):.1e}", flush=True)
+    if not ok:
+        failures.append(f"{name}: rel err {max(errs):.2e} > {TOL[dtype]:.0e} (finite={finite})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtypes", default="float16,bfloat16,float32,float64")
+    p.add_argument("--quick", action="store_true", help="three shapes only")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
+    args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and (not torch.cuda.is_available() or not sola_ops.build_info().get("cuda")):
+        print("sanitizer_driver: needs a CUDA device and a CUDA build of sola_ops", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",")]
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    gen = torch.Generator().manual_seed(0)
+    failures = []
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    for dtype in dtypes:
+        dt = str(dtype).replace("torch.", "")
+        for B, H, Nq, Nk, Dk, Dv in shapes:
+            q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
+            tag = f"{dt} B={B} H={H} Nq={Nq} Nk={Nk} Dk={Dk} Dv={Dv}"
+            check(f"linear elu {tag}", sola_ops.linear_attention, reference.linear_attention, [q, k, v], dtype, failures)
+            check(f"softmax {tag}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)
+        if dtype in (torch.float16, torch.float32):
+            # the other linear-attention variants, and a strided (B, N, H, D)-transposed input
+            B, H, N, D = 2, 2, 37, 32
+            q, k, v, qn, kn = (randn(B, H, N, D) for _ in range(5))
+            for fm in ("relu", "identity"):
+                check(f"linear {fm} normalize=False {dt}",
+                      lambda q, k, v, fm=fm: sola_ops.linear_attention(q, k, v, feature_map=fm, normalize=False),
+                      lambda q, k, v, fm=fm: reference.linear_attention(q, k, v, feature_map=fm, normalize=False),
+                      [q, k, v], dtype, failures)
+            check(f"linear q_norm/k_norm {dt}",
+                  lambda q, k, v, qn, kn: sola_ops.linear_attention(q, k, v, q_norm=qn, k_norm=kn),
+                  lambda q, k, v, qn, kn: reference.linear_attention(q, k, v, q_norm=qn, k_norm=kn),
+                  [q, k, v, qn, kn], dtype, failures)
+            t = lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  (B, N, H, D) memory
+            check(f"softmax transposed-layout {dt}", lambda q, k, v: sola_ops.softmax_attention(t(q), t(k), t(v)),
+                  reference.softmax_attention, [q, k, v], dtype, failures)
+            check(f"linear transposed-layout {dt}", lambda q, k, v: sola_ops.linear_attention(t(q), t(k), t(v)),
+                  reference.linear_attention, [q, k, v], dtype, failures)
+    for B, H, Nq, Nk, Dk, Dv in HEAD_DIMS_ONLY_SOFTMAX:
+        q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
+        check(f"softmax bfloat16 D={Dk}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v],
+              torch.bfloat16, failures)
+    print(f"sanitizer_driver: {len(failures)} failure(s) in {time.perf_counter() - t0:.1f} s")
+    for f in failures:
+        print(f"  {f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Shared helpers of the sola_ops kernel tests.
+
+Tolerances follow the FlashAttention rule (DESIGN.md, "Tests"): the error of our kernel against an
+fp64 reference may be at most twice the error of the same computation done by plain PyTorch in the
+input's precision, plus a small absolute floor:
+
+    max|ours - ref64| <= 2 * max|ref_lp - ref64| + floor * max(1, max|ref64|)
+
+ref64 runs the reference on inputs upcast to fp64. ref_lp is *not* sola_ops.reference (which
+accumulates in fp32 like the kernels) but the "naive PyTorch" composite below, whose matmuls,
+feature maps and softmax all run in the input dtype. For fp64 inputs ref_lp == ref64, so fp64 is
+held to the floor alone.
+"""
+import math
+
+import pytest
+import torch
+
+import sola_ops
+from sola_ops import reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+LOW_DTYPES = [torch.float16, torch.bfloat16]
+FEATURE_MAPS = ["elu", "relu", "identity"]
+
+# Absolute floors of the tolerance rule (scaled by max(1, max|ref64|)).
+ATOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def size_id(case):
+    """Test id of a (B, H, Nq, Nk, Dk, Dv, dtype) case."""
+    B, H, Nq, Nk, Dk, Dv, dtype = case
+    return f"B{B}H{H}q{Nq}k{Nk}d{Dk}v{Dv}-{str(dtype).replace('torch.', '')}"
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- devices --------------------------------------------------------------------------------
+
+def cuda_ok():
+    return torch.cuda.is_available() and bool(sola_ops.build_info()["cuda"])
+
+
+CUDA_REASON = "needs a CUDA device and a CUDA build of sola_ops"
+requires_cuda = pytest.mark.skipif(not cuda_ok(), reason=CUDA_REASON)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test marked `cuda` skips when there is no GPU or no CUDA build."""
+    if cuda_ok():
+        return
+    skip = pytest.mark.skip(reason=CUDA_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def randn(shape, dtype, device="cpu", seed=0, positive=False, scale=1.0):
+    """Reproducible normal (or |normal| + 0.1 when positive) values, drawn in fp32 and cast."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float32) * scale
+    if positive:
+        x = x.abs() + 0.1
+    return x.to(device=device, dtype=dtype)
+
+
+def make_qkv(B, H, Nq, Nk, Dk, Dv, dtype, device="cpu", seed=0, positive=False, requires_grad=False):
+    q = randn((B, H, Nq, Dk), dtype, device, seed, positive)
+    k = randn((B, H, Nk, Dk), dtype, device, seed + 1, positive)
+    v = randn((B, H, Nk, Dv), dtype, device, seed + 2)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def strided_like(x, kind, seed=100):
+    """A tensor equal to x in value (B, H, N, D) but with another memory layout.
+
+    transposed:   x.view(B, N, H, D).transpose(1, 2) layout (last dim contiguous, no copy needed)
+    slice:        a slice of a bigger tensor (every stride but the last one unusual)
+    lastdim:      the last dim has stride != 1 (the kernels must copy it)
+    """
+    B, H, N, D = x.shape
+    if kind == "contiguous":
+        y = x.clone()
+    elif kind == "transposed":
+        y = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert y.stride(-1) == 1 and (not y.is_contiguous() or H == 1 or N == 1)
+    elif kind == "slice":
+        big = randn((B + 1, H + 2, N + 3, D + 5), x.dtype, x.device, seed)
+        y = big[1:, 2:, 1:N + 1, 3:D + 3]
+        y.copy_(x)
+        assert y.stride(-1) == 1 and not y.is_contiguous()
+    elif kind == "lastdim":
+        big = randn((B, H, D, N), x.dtype, x.device, seed)
+        y = big.transpose(2, 3)
+        y.copy_(x)
+        assert y.stride(-1) != 1 or D == 1
+    else:
+        raise ValueError(kind)
+    assert torch.equal(y, x)
+    return y
+
+
+def leaf(x, requires_grad=True):
+    """x (possibly a strided view) as a leaf tensor keeping its strides."""
+    return x.detach().requires_grad_(requires_grad)
+
+
+def upcast(ts, dtype=torch.float64):
+    return [None if t is None else leaf(t.detach().to(dtype), t.requires_grad) for t in ts]
+
+
+# ---- "naive PyTorch" composites in the input dtype -------------------------------------------
+
+def linear_attention_lowp(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None):
+    """Linear attention done by plain PyTorch entirely in the input dtype (no fp32 accumulation
+    beyond what torch's own matmuls do)."""
+    phi = reference.FEATURE_MAPS[feature_map]
+    fq, fk = phi(q), phi(k)
+    state = torch.einsum("bhnd,bhne->bhde", fk, v) / k.shape[2]
+    out = torch.einsum("bhnd,bhde->bhne", fq, state)
+    if normalize:
+        fqn = fq if q_norm is None else phi(q_norm)
+        fkn = fk if k_norm is None else phi(k_norm)
+        z = fkn.mean(dim=2)
+        out = out / (torch.einsum("bhnd,bhd->bhn", fqn, z) + eps).unsqueeze(-1)
+    return out
+
+
+def softmax_attention_lowp(q, k, v, *, scale=None, return_lse=False):
+    """Softmax attention done by plain PyTorch in the input dtype."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale
+    out = torch.softmax(scores, dim=-1) @ v
+    if return_lse:
+        return out, torch.logsumexp(scores, dim=-1)
+    return out
+
+
+# ---- the tolerance rule -----------------------------------------------------------------------
+
+def fa_bound(ref64, ref_lp, dtype, factor=2.0):
+    ref64 = ref64.double()
+    lp_err = (ref_lp.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    assert math.isfinite(lp_err), "the low-precision PyTorch baseline is not finite: the test would be vacuous"
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    return factor * lp_err + ATOL_FLOOR[dtype] * scale, lp_err
+
+
+def assert_fa_close(ours, ref64, ref_lp, dtype, name="out"):
+    """The FlashAttention tolerance rule; dtype picks the floor (the *input* dtype)."""
+    assert ours is not None, f"{name}: no value (gradient missing?)"
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(ref64).all(), f"{name}: the fp64 reference is not finite"
+    if ours.numel() == 0:
+        return
+    bound, lp_err = fa_bound(ref64, ref_lp, dtype)
+    err = (ours.detach().double() - ref64.double()).abs().max().item()
+    assert err <= bound, (f"{name} ({dtype}): max|ours - ref64| = {err:.3e} > bound {bound:.3e} "
+                          f"(naive PyTorch error {lp_err:.3e}, max|ref64| = {ref64.abs().max().item():.3e})")
+
+
+def _grads(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    gs = torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
+    it = iter(gs)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+NAMES_LINEAR = ("q", "k", "v", "q_norm", "k_norm")
+NAMES_SOFTMAX = ("q", "k", "v")
+
+
+def check_linear(q, k, v, *, q_norm=None, k_norm=None, grad=True, grad_out=None, **opts):
+    """Checks sola_ops.linear_attention (forward and, with grad=True, the gradients of every input
+    given) against the fp64 reference with the FlashAttention rule. Inputs may be any views."""
+    dtype = q.dtype
+    inputs = [q, k, v, q_norm, k_norm]
+    if grad:
+        inputs = [None if t is None else leaf(t) for t in inputs]
+    q, k, v, q_norm, k_norm = inputs
+    out = sola_ops.linear_attention(q, k, v, q_norm=q_norm, k_norm=k_norm, **opts)
+    assert out.dtype == dtype and out.device == q.device
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+
+    i64 = upcast(inputs)
+    ref64 = reference.linear_attention(i64[0], i64[1], i64[2], q_norm=i64[3], k_norm=i64[4], **opts)
+    ilp = upcast(inputs, dtype)
+    ref_lp = linear_attention_lowp(ilp[0], ilp[1], ilp[2], q_norm=ilp[3], k_norm=ilp[4], **opts)
+    assert_fa_close(out, ref64, ref_lp, dtype, "linear_attention out")
+    if not grad:
+        return out
+    if grad_out is None:
+        grad_out = randn(out.shape, dtype, out.device, seed=7)
+    g_ours = _grads(out, inputs, grad_out)
+    g64 = _grads(ref64, i64, grad_out.double())
+    glp = _grads(ref_lp, ilp, grad_out)
+    for name, t, a, b, c in zip(NAMES_LINEAR, inputs, g_ours, g64, glp):
+        if t is not None:
+            assert a.dtype == dtype and a.shape == t.shape
+            assert_fa_close(a, b, c, dtype, f"linear_attention d{name}")
+    return out
+
+
+def check_softmax(q, k, v, *, grad=True, grad_out=None, check_lse=True, **opts):
+    """Checks sola_ops.softmax_attention (out, lse and, with grad=True, dq, dk, dv) against the fp64
+    reference with the FlashAttention rule."""
+    dtype = q.dtype
+    inputs = [q, k, v]
+    if grad:
+        inputs = [leaf(t) for t in inputs]
+    q, k, v = inputs
+    out, lse = sola_ops.softmax_attention(q, k, v, return_lse=True, **opts)
+    assert out.dtype == dtype and out.device == q.device
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    assert lse.dtype == acc_dtype(dtype) and lse.shape == q.shape[:3]
+    assert not lse.requires_grad
+
+    i64 = upcast(inputs)
+    ref64, lse64 = reference.softmax_attention(*i64, return_lse=True, **opts)
+    ilp = upcast(inputs, dtype)
+    ref_lp, lse_lp = softmax_attention_lowp(*ilp, return_lse=True, **opts)
+    assert_fa_close(out, ref64, ref_lp, dtype, "softmax_attention out")
+    if check_lse:
+        if dtype in LOW_DTYPES:
+            # lse is fp32 for fp16/bf16 inputs, computed from the exactly representable inputs:
+            # hold it to the fp32 rule rather than to the (much looser) low-precision baseline.
+            _, lse_lp = softmax_attention_lowp(*upcast(inputs, torch.float32), return_lse=True, **opts)
+        assert_fa_close(lse, lse64, lse_lp, torch.float32 if dtype in LOW_DTYPES else dtype,
+                        "softmax_attention lse")
+    if not grad:
+        return out
+    if grad_out is None:
+        grad_out = randn(out.shape, dtype, out.device, seed=7)
+    g_ours = _grads(out, inputs, grad_out)
+    g64 = _grads(ref64, i64, grad_out.double())
+    glp = _grads(ref_lp, ilp, grad_out)
+    for name, t, a, b, c in zip(NAMES_SOFTMAX, inputs, g_ours, g64, glp):
+        assert a.dtype == dtype and a.shape == t.shape
+        assert_fa_close(a, b, c, dtype, f"softmax_attention d{name}")
+    return out

@@ -1,0 +1,265 @@
+"""The benchmark harness on the CPU: bench/kernels.py --tiny writes a JSON in the DESIGN.md format
+whose derived columns follow their formulas, bench/plot.py makes PNGs of it, bench/models.py
+measures a stand-in model (the real one may not be importable), scripts/perf_table.py renders it,
+and csrc_sha256 equals the shell pipeline DESIGN.md names."""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+
+
+def _load(name, path):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+common = _load("bench_common", os.path.join(BENCH, "common.py"))
+kernels = _load("bench_kernels", os.path.join(BENCH, "kernels.py"))
+models = _load("bench_models", os.path.join(BENCH, "models.py"))
+perf_table = _load("perf_table", os.path.join(ROOT, "scripts", "perf_table.py"))
+
+E = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu-tiny.json"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "kernels.py"), "--tiny", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sola_ops" in proc.stdout  # the table at the end
+    with open(out) as f:
+        return out, json.load(f)
+
+
+def test_kernels_json_schema(tiny_json):
+    _, data = tiny_json
+    for key in ("device", "torch", "date", "csrc_sha256", "peak", "rows", "skipped"):
+        assert key in data, key
+    assert data["torch"] == torch.__version__
+    assert data["csrc_sha256"] == common.csrc_sha256(ROOT)
+    assert data["peak"]["copy_GBps"] > 0 and data["peak"]["bf16_matmul_TFLOPs"] > 0
+    rows = data["rows"]
+    assert rows
+    for r in rows:
+        for key in ("op", "impl", "pass", "dtype", "B", "H", "Nq", "Nk", "D", "ms", "GBps", "TFLOPs",
+                    "peak_mem_MB", "pct_peak", "ratio_to_best_baseline"):
+            assert key in r, (key, r)
+        assert r["op"] in ("linear_attention", "softmax_attention")
+        assert r["pass"] in ("fwd", "fwd_bwd")
+        assert r["impl"] in ("sola_ops", "reference", "einsum_fp32", "sdpa_flash", "sdpa_cudnn",
+                             "sdpa_efficient", "sdpa_math", "naive", "fla", "flash_bla")
+        assert r["dtype"] in E
+        assert r["ms"] > 0 and math.isfinite(r["ms"])
+        assert r["peak_mem_MB"] is None  # CPU
+        if r["op"] == "linear_attention":
+            assert r["GBps"] > 0 and r["TFLOPs"] is None
+        else:
+            assert r["TFLOPs"] > 0 and r["GBps"] is None
+    seen = {(r["op"], r["impl"], r["pass"]) for r in rows}
+    for op, impls in (("linear_attention", ("sola_ops", "reference", "einsum_fp32")),
+                      ("softmax_attention", ("sola_ops", "sdpa_math", "naive"))):
+        for impl in impls:
+            for p in ("fwd", "fwd_bwd"):
+                assert (op, impl, p) in seen, (op, impl, p)
+    for s in data["skipped"]:
+        assert s["reason"] and "op" in s and "impl" in s
+    # CUDA-only baselines are listed as skipped with a reason, not silently dropped
+    skipped_impls = {s["impl"] for s in data["skipped"]}
+    assert {"sdpa_cudnn", "sdpa_efficient", "fla", "flash_bla"} <= skipped_impls
+
+
+def test_kernels_derived_columns(tiny_json):
+    """GB/s, TFLOP/s, % of peak and the ratio recomputed here from the issue's formulas."""
+    _, data = tiny_json
+    rows, peak = data["rows"], data["peak"]
+    for r in rows:
+        bh, n, d, s = r["B"] * r["H"], r["Nq"], r["D"], r["ms"] * 1e-3
+        assert r["Nq"] == r["Nk"]
+        if r["op"] == "linear_attention":
+            per_head = 4 * n * d if r["pass"] == "fwd" else 11 * n * d  # fwd + bwd's 7*N*D
+            assert r["GBps"] == pytest.approx(E[r["dtype"]] * bh * per_head / s / 1e9, rel=2e-3)
+            assert r["pct_peak"] == pytest.approx(100 * r["GBps"] / peak["copy_GBps"], rel=1e-2, abs=0.01)
+        else:
+            flops = 4 * bh * n * n * d * (1 if r["pass"] == "fwd" else 3.5)
+            assert r["TFLOPs"] == pytest.approx(flops / s / 1e12, rel=2e-3, abs=1e-4)
+            assert r["pct_peak"] == pytest.approx(100 * r["TFLOPs"] / peak["bf16_matmul_TFLOPs"], rel=1e-2, abs=0.05)
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["pass"], r["dtype"], r["B"], r["H"], r["Nq"], r["D"], r["case"]), []).append(r)
+    for grp in groups.values():
+        base = [r for r in grp if r["impl"] != "sola_ops"]
+        best = min(r["ms"] for r in base)
+        for r in grp:
+            assert r["ratio_to_best_baseline"] == pytest.approx(best / r["ms"], rel=1e-3)
+        assert max(r["ratio_to_best_baseline"] for r in base) == pytest.approx(1.0)
+
+
+def test_kernels_outputs_agree(tiny_json):
+    """Every impl computed the same function on the same inputs (rel_err of fwd rows)."""
+    _, data = tiny_json
+    fwd = [r for r in data["rows"] if r["pass"] == "fwd"]
+    assert all("rel_err" in r for r in fwd)
+    for r in fwd:
+        tol = 1e-4 if r["dtype"] == "float32" else 3e-2
+        assert r["rel_err"] <= tol, r
+
+
+def test_plot_makes_pngs(tiny_json, tmp_path):
+    path, _ = tiny_json
+    src = tmp_path / "run.json"
+    shutil.copy(path, src)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "plot.py"), str(src)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["run_linear_sweep.png", "run_linear_vision.png", "run_softmax_long.png",
+                    "run_softmax_vision.png"]
+    for name in pngs:
+        blob = (tmp_path / name).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+
+
+def test_perf_table_renders(tiny_json):
+    path, data = tiny_json
+    md = perf_table.render(data, current_sha=data["csrc_sha256"])
+    assert md.startswith(f"### {data['device']}")
+    assert "stale" not in md
+    body = [ln for ln in md.splitlines() if ln.startswith("| linear") or ln.startswith("| softmax")]
+    assert len(body) == len({common.group_key(r) for r in data["rows"]})
+    assert "stale" in perf_table.render(data, current_sha="0" * 64)
+    assert perf_table.main([str(path), "--all-impls", "--out", os.devnull]) == 0
+
+
+def test_formulas():
+    c = kernels.Case("linear_attention", "vision", "bfloat16", B=128, H=2, Nq=3136, Nk=3136, D=32)
+    assert kernels.linear_bytes(c, "fwd") == 2 * 128 * 2 * 4 * 3136 * 32
+    assert kernels.linear_bytes(c, "fwd_bwd") == 2 * 128 * 2 * 11 * 3136 * 32
+    s = kernels.Case("softmax_attention", "long", "bfloat16", B=8, H=16, Nq=4096, Nk=4096, D=64)
+    assert kernels.softmax_flops(s, "fwd") == 4 * 8 * 16 * 4096 * 4096 * 64
+    assert kernels.softmax_flops(s, "fwd_bwd") == 3.5 * 4 * 8 * 16 * 4096 * 4096 * 64
+
+
+def test_shape_sets():
+    """The issue's GPU shapes are all there; CPU --quick stays small."""
+    gpu = kernels.build_cases("cuda")
+    lin = {(c.B, c.H, c.Nq, c.D) for c in gpu if c.op == "linear_attention" and c.dtype == "bfloat16"}
+    for shape in [(128, 2, 3136, 32), (128, 4, 784, 32), (128, 10, 196, 32), (128, 16, 49, 32),
+                  (8, 2, 16384, 32), (2, 4, 65536, 32)] + [(8, 16, 1024 << i, 64) for i in range(7)]:
+        assert shape in lin, shape
+    smx = {(c.B, c.H, c.Nq, c.D) for c in gpu if c.op == "softmax_attention" and c.dtype == "bfloat16"}
+    for d in (32, 64):
+        for shape in [(128, 2, 3136, d), (128, 4, 784, d), (128, 8, 196, d), (8, 2, 16384, d)]:
+            assert shape in smx, shape
+    for d in (64, 128):
+        for i in range(6):
+            assert (8, 16, 1024 << i, d) in smx
+    assert {c.dtype for c in gpu} == {"bfloat16", "float16", "float32"}
+    cpu = kernels.build_cases("cpu", quick=True)
+    assert max(c.B * c.H * c.Nq * c.Nk for c in cpu if c.op == "softmax_attention") <= 4 * 1024 * 1024
+
+
+def test_csrc_sha256_matches_shell(tmp_path):
+    if not (shutil.which("sha256sum") and shutil.which("find") and shutil.which("xargs")):
+        pytest.skip("needs find, xargs and sha256sum")
+    files = {"csrc/sola.cpp": "a", "csrc/common.h": "b\n", "csrc/Z.cu": "c", "csrc/linear_attention/x_cpu.cpp": "d",
+             "csrc/linear_attention/X.h": "", "csrc/softmax_attention/y.cu": "e" * 1000}
+    for rel, text in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+    def shell():
+        out = subprocess.run("find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum", shell=True,
+                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        return out.split()[0]
+
+    first = common.csrc_sha256(str(tmp_path))
+    assert first == shell()
+    (tmp_path / "csrc/common.h").write_text("changed\n")
+    assert common.csrc_sha256(str(tmp_path)) == shell() != first
+    if os.path.isdir(os.path.join(ROOT, "csrc")):
+        out = subprocess.run("find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum", shell=True,
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert common.csrc_sha256(ROOT) == out.split()[0]
+
+
+class _StandIn(torch.nn.Module):
+    """A small backbone with the sola_vision constructor arguments (attn_impl, features_only)."""
+
+    def __init__(self, attn_impl, features_only, num_classes=10):
+        super().__init__()
+        import sola_ops
+        self.ops = sola_ops
+        self.attn_impl, self.features_only, self.num_classes = attn_impl, features_only, num_classes
+        self.stem = torch.nn.Conv2d(3, 32, 16, stride=16)
+        self.head = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, 32)
+        B, N, _ = t.shape
+        q = t.reshape(B, N, 2, 16).transpose(1, 2)
+        if self.attn_impl == "sola":
+            a = self.ops.softmax_attention(q, q, q) + self.ops.linear_attention(q, q, q)
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, q, q) + q
+        a = a.transpose(1, 2).reshape(B, N, 32)
+        return [a] if self.features_only else self.head(a.mean(1))
+
+
+def test_models_bench_with_stand_in(monkeypatch):
+    made = []
+
+    def create_model(name, pretrained=False, attn_impl="sola", features_only=False):
+        assert name == "sola_vision_tiny" and pretrained is False
+        made.append((attn_impl, features_only))
+        return _StandIn(attn_impl, features_only)
+
+    monkeypatch.setattr(models, "load_models", lambda: (types.SimpleNamespace(create_model=create_model), None))
+    args = argparse.Namespace(quick=True, reps=2, budget_s=None, max_impl_s=60.0)
+    rows, skipped = [], []
+    models.run(torch.device("cpu"), args, rows, skipped)
+    assert not skipped, skipped
+    common.add_derived(rows, {})
+    cfgs = models.configs("cpu", quick=True)
+    assert len(rows) == len(cfgs) * 2 * 2  # configs x attn_impl x (fwd, train)
+    assert {(r["op"], r["pass"]) for r in rows} == {("model_fwd", "fwd"), ("model_train", "fwd_bwd")}
+    for r in rows:
+        assert r["img_per_s"] == pytest.approx(r["B"] / (r["ms"] * 1e-3), rel=1e-3)
+        assert r["impl"] == ("sola_ops" if r["attn_impl"] == "sola" else "torch")
+        assert r["dtype"] == "float32" and r["model"] == "sola_vision_tiny"
+        if r["attn_impl"] == "torch":
+            assert r["ratio_to_best_baseline"] == pytest.approx(1.0)
+    assert ("sola", True) in made and ("torch", False) in made
+
+
+def test_models_bench_skips_without_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_models", lambda: (None, "sola_vision not importable (test)"))
+    out = tmp_path / "m.json"
+    data = models.main(["--device", "cpu", "--out", str(out), "--no-table"])
+    assert data["rows"] == []
+    assert {s["op"] for s in data["skipped"]} == {"model_fwd", "model_train"}
+    assert all("test" in s["reason"] for s in data["skipped"])
+    with open(out) as f:
+        assert json.load(f)["peak"]["copy_GBps"] > 0
+
+
+def test_gpu_check_script_parses():
+    if not shutil.which("bash"):
+        pytest.skip("no bash")
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")], check=True)

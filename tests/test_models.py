@@ -1,0 +1,443 @@
+"""SoLA-Vision models (import package sola_vision): timm integration, layer patterns, sola vs torch
+attention agreement, features, FLOP counting, torch.compile. CPU only, small inputs."""
+import math
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+import sola_vision  # noqa: E402
+from sola_vision import SoLAVision, parse_layer_pattern  # noqa: E402
+from sola_vision.layers import LinearAttention, SoftmaxAttention, apply_rope, rope_2d_tables  # noqa: E402
+
+try:
+    import sola_ops
+    HAS_SOLA = True
+except ImportError:
+    HAS_SOLA = False
+IMPL = "sola" if HAS_SOLA else "torch"  # model smoke tests run either way
+needs_sola = pytest.mark.skipif(not HAS_SOLA, reason="needs the sola_ops extension")
+
+NAMES = ["sola_vision_tiny", "sola_vision_tiny_linear", "sola_vision_small", "sola_vision_small_linear",
+         "sola_vision_base", "sola_vision_base_linear"]
+TINY = dict(embed_dims=(64, 128, 256, 512), depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))
+MIXED = "LS-LSLS-LLLSLLLS-LSLS"  # softmax and linear blocks in every stage
+ALL_L = "LL-LLLL-LLLLLLLL-LLLL"  # (timm.create_model drops None kwargs: layer_pattern=None means the default)
+
+
+def image(b=1, h=64, w=64, seed=0, dtype=torch.float32):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def tiny(layer_pattern=MIXED, attn_impl=IMPL, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model("sola_vision_tiny", layer_pattern=layer_pattern, attn_impl=attn_impl, **kwargs)
+
+
+def sharpen_attention(model, seed=1):
+    """Default init (std 0.02) makes q, k tiny and every attention nearly uniform; larger q/k weights
+    make the attention (and so any disagreement between implementations) visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (LinearAttention, SoftmaxAttention)):
+                w = m.qk.weight
+                w.copy_(torch.randn(w.shape, generator=g) * 2.0 / math.sqrt(w.shape[1]))
+    return model
+
+
+def assert_close_rel(actual, expected, rtol, name):
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale + 1e-12, f"{name}: max abs err {err:.3e} > {rtol} * max|expected| ({scale:.3e})"
+
+
+# ---- registry, variants, patterns -----------------------------------------------------------
+
+def test_registered_models():
+    assert sorted(timm.list_models("sola_vision*")) == sorted(NAMES)
+    for name in NAMES:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg is not None and not cfg.url and not cfg.hf_hub_id  # nothing to download
+
+
+def test_variant_architectures():
+    expect = {"tiny": ((64, 128, 256, 512), (2, 4, 8, 4), (2, 4, 8, 16)),
+              "small": ((64, 128, 256, 512), (3, 6, 21, 6), (2, 4, 8, 16)),
+              "base": ((96, 192, 384, 768), (3, 6, 21, 6), (3, 6, 12, 24))}
+    for size, (dims, depths, heads) in expect.items():
+        for suffix in ("", "_linear"):
+            model = timm.create_model(f"sola_vision_{size}{suffix}", attn_impl="torch")
+            assert [s.blocks[0].attn.dim for s in model.stages] == list(dims)
+            assert [len(s.blocks) for s in model.stages] == list(depths)
+            assert [s.blocks[0].attn.num_heads for s in model.stages] == list(heads)
+            assert {m.head_dim for m in model.modules() if isinstance(m, (LinearAttention, SoftmaxAttention))} == {32}
+            letters = [[b.attn.letter for b in s.blocks] for s in model.stages]
+            assert model.layer_pattern == "-".join("".join(s) for s in letters)
+            if suffix:
+                assert set(model.layer_pattern) == {"L", "-"}
+            else:  # a few softmax layers, only in stages 3 and 4
+                assert "S" not in "".join(letters[0] + letters[1])
+                assert 0 < "".join(letters[2] + letters[3]).count("S") <= sum(depths[2:]) // 3
+    assert timm.create_model("sola_vision_tiny", attn_impl="torch").layer_pattern == "LL-LLLL-LLLSLLLS-LLLS"
+
+
+def test_layer_pattern_builds_the_mixers():
+    model = tiny("SL-LLSS-SLLLLLLS-LLLL", attn_impl="torch")
+    kinds = "-".join("".join("S" if isinstance(b.attn, SoftmaxAttention) else "L" for b in s.blocks)
+                     for s in model.stages)
+    assert kinds == "SL-LLSS-SLLLLLLS-LLLL"
+    assert all(isinstance(b.attn, (LinearAttention, SoftmaxAttention)) for s in model.stages for b in s.blocks)
+    assert parse_layer_pattern(" ll-llss-llllllll-llll ", TINY["depths"]) == ("LL", "LLSS", "LLLLLLLL", "LLLL")
+    assert parse_layer_pattern(None, (1, 2)) == ("L", "LL")
+
+
+@pytest.mark.parametrize("pattern, match", [
+    ("LL-LLLL-LLLLLLLL", r"3 stage\(s\).*4 stages"),
+    ("LL-LLLL-LLLLLLLL-LLLL-L", r"5 stage\(s\)"),
+    ("LLLLLLLLLLLLLLLLLL", r"1 stage\(s\)"),
+    ("LL-LLL-LLLLLLLL-LLLL", r"stage 1 has 3 letter\(s\).*depth 4"),
+    ("LL-LLLL-LLLLLLLL-LLLLL", r"stage 3 has 5 letter\(s\).*depth 4"),
+    ("LX-LLLL-LLLLLLLL-LLLL", r"stage 0 has unknown letter\(s\) \['X'\].*'L'.*'S'"),
+    ("LL-LLLL-LLLL LLLL-LLLL", r"stage 2 has unknown letter"),
+    ("LL--LLLL-LLLLLLLL-LLLL", r"5 stage\(s\)"),
+    ("", r"1 stage\(s\)"),
+    (["LL", "LLLL", "LLLLLLLL", "LLLL"], r"must be a string"),
+])
+def test_layer_pattern_errors(pattern, match):
+    with pytest.raises(ValueError, match=match):
+        parse_layer_pattern(pattern, TINY["depths"])
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("sola_vision_tiny", layer_pattern=pattern, attn_impl="torch")
+
+
+def test_custom_config():
+    """The class itself takes any number of stages, widths and patterns."""
+    model = SoLAVision(embed_dims=(32, 64), depths=(1, 2), num_heads=(1, 2), layer_pattern="S-LS", num_classes=3,
+                       attn_impl=IMPL)
+    assert [f["reduction"] for f in model.feature_info] == [4, 8] and model.num_features == 64
+    assert model(image(1, 32, 48)).shape == (1, 3)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        SoLAVision(embed_dims=(32, 64), depths=(1,), num_heads=(1, 2), attn_impl="torch")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        SoLAVision(embed_dims=(36,), depths=(1,), num_heads=(6,), attn_impl="torch")
+
+
+def test_bad_attn_impl():
+    with pytest.raises(ValueError, match="attn_impl"):
+        timm.create_model("sola_vision_tiny", attn_impl="flash")
+    model = tiny(attn_impl="torch")
+    with pytest.raises(ValueError, match="attn_impl"):
+        model.set_attn_impl("cuda")
+    assert model.attn_impl == "torch"
+
+
+def test_params_do_not_depend_on_pattern():
+    shapes = []
+    for pattern in (ALL_L, "LL-LLLL-LLLSLLLS-LLLS", "SS-SSSS-SSSSSSSS-SSSS", MIXED):
+        model = tiny(pattern, attn_impl="torch")
+        shapes.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    assert all(s == shapes[0] for s in shapes[1:])
+    # the same checkpoint loads into any pattern
+    a, b = tiny(ALL_L, attn_impl="torch"), tiny("SS-SSSS-SSSSSSSS-SSSS", attn_impl="torch")
+    b.load_state_dict(a.state_dict(), strict=True)
+    counts = {name: sum(p.numel() for p in timm.create_model(name, attn_impl="torch").parameters())
+              for name in NAMES}
+    for size in ("tiny", "small", "base"):
+        assert counts[f"sola_vision_{size}"] == counts[f"sola_vision_{size}_linear"]
+    assert 20e6 < counts["sola_vision_tiny"] < 30e6 and 90e6 < counts["sola_vision_base"] < 100e6
+
+
+# ---- forward / backward -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_backward(name, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, drop_path_rate=0.1, attn_impl=IMPL)
+    model.train()
+    out = model(image(1, *size))
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    feats = model.forward_features(image(1, *size))
+    assert feats.shape == (1, model.num_features, size[0] // 32, size[1] // 32)
+
+
+def test_any_input_size_and_rope_cache():
+    model = tiny(attn_impl=IMPL).eval()
+    with torch.no_grad():
+        for h, w in [(32, 32), (96, 64), (64, 160), (72, 40)]:  # the last one is not a multiple of 32
+            out = model.forward_features(image(1, h, w))
+            assert out.shape == (1, 512, math.ceil(h / 32), math.ceil(w / 32))
+    cos, sin = rope_2d_tables(3, 5, 32, 10000.0, "cpu", torch.float32)
+    assert rope_2d_tables(3, 5, 32, 10000.0, torch.device("cpu"), torch.float32)[0] is cos  # cached
+
+
+def test_drop_path_rate_and_head():
+    model = timm.create_model("sola_vision_tiny", drop_path_rate=0.2, num_classes=3, attn_impl="torch")
+    blocks = [b for s in model.stages for b in s.blocks]
+    assert isinstance(blocks[0].drop_path, torch.nn.Identity)
+    assert blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    x = image(2)
+    model.eval()
+    feats = model.forward_features(x)
+    pre = model.forward_head(feats, pre_logits=True)
+    assert pre.shape == (2, 512)
+    torch.testing.assert_close(pre, feats.mean((2, 3)))
+    torch.testing.assert_close(model.forward_head(feats), model.get_classifier()(pre))
+    model.reset_classifier(0)
+    torch.testing.assert_close(model(x), pre)
+    model.reset_classifier(11)
+    assert model(x).shape == (2, 11) and model.num_classes == 11
+    cfg = model.pretrained_cfg
+    assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+    assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
+
+
+# ---- sola_ops kernels vs plain PyTorch on the same weights --------------------------------
+
+@needs_sola
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+def test_sola_matches_torch(dtype, rtol):
+    # eval: BatchNorm on running stats, so no parameter has a gradient that is zero in exact arithmetic
+    # (in train mode the bias of a conv before BN gets pure rounding noise, which no rtol can compare)
+    model = sharpen_attention(tiny(MIXED, attn_impl="sola", num_classes=10)).to(dtype).eval()
+    x = image(2, 64, 96, dtype=dtype)
+    results = {}
+    for impl in ("sola", "torch"):
+        model.set_attn_impl(impl)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        results[impl] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (out_s, g_s), (out_t, g_t) = results["sola"], results["torch"]
+    assert out_s.abs().max() > 0.1  # a non-trivial output
+    assert_close_rel(out_s, out_t, rtol, "logits")
+    for name in g_t:
+        assert_close_rel(g_s[name], g_t[name], rtol, f"grad {name}")
+
+
+@needs_sola
+def test_mixers_match_torch():
+    """Each mixer alone, including a layout where v (the mixer input) is non-contiguous."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 64, dtype=torch.float64)
+    for cls in (LinearAttention, SoftmaxAttention):
+        mixer = cls(64, 2, attn_impl="torch").double()
+        with torch.no_grad():
+            mixer.qk.weight.normal_(0, 0.3)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ref = mixer(xs[0])
+        mixer.attn_impl = "sola"
+        out = mixer(xs[1].transpose(1, 2).contiguous().transpose(1, 2))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(out, xs[1], g)[0], torch.autograd.grad(ref, xs[0], g)[0],
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_linear_mixer_math():
+    """The torch path against the formula written out per query (MLLA's linear attention)."""
+    torch.manual_seed(0)
+    B, H, W, C, nh = 1, 3, 4, 16, 2
+    hd, N = C // nh, H * W
+    mixer = LinearAttention(C, nh, attn_impl="torch").double()
+    with torch.no_grad():
+        mixer.qk.weight.normal_(0, 0.5)
+        mixer.lepe.weight.zero_()
+        mixer.lepe.bias.zero_()
+    x = torch.randn(B, H, W, C, dtype=torch.float64)
+    out = mixer(x).reshape(N, nh, hd)
+    q, k = mixer.qk(x).reshape(N, 2, nh, hd).unbind(1)
+    phi = lambda t: torch.nn.functional.elu(t) + 1  # noqa: E731
+    cos, sin = rope_2d_tables(H, W, hd, 10000.0, "cpu", torch.float64)
+    v = x.reshape(N, nh, hd)
+    for h in range(nh):
+        fq, fk = phi(q[:, h]), phi(k[:, h])
+        rq, rk = apply_rope(fq, cos, sin), apply_rope(fk, cos, sin)
+        for i in range(N):
+            num = sum(rq[i].dot(rk[j]) * v[j, h] for j in range(N)) / N
+            den = fq[i].dot(fk.mean(0)) + 1e-6
+            torch.testing.assert_close(out[i, h], num / den)
+
+
+# ---- RoPE -------------------------------------------------------------------------------------
+
+def test_rope_matches_mlla_complex_form():
+    """MLLA's RoPE (complex rotation, first half of the pairs by row, second half by column), per head."""
+    H, W, D, base = 3, 5, 16, 10000.0
+    x = torch.randn(2, 4, H * W, D, dtype=torch.float64)
+    cos, sin = rope_2d_tables(H, W, D, base, "cpu", torch.float64)
+    kmax = D // 4
+    theta = 1 / (base ** (torch.arange(kmax, dtype=torch.float64) / kmax))
+    ii, jj = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    angles = torch.cat([ii[..., None] * theta, jj[..., None] * theta], dim=-1).reshape(H * W, D // 2)
+    expected = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)
+                                  * torch.view_as_complex(x.reshape(2, 4, H * W, D // 2, 2))).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected)
+
+
+def test_rope_is_relative():
+    """<rope(q) at p, rope(k) at p'> depends on p - p' only (q, k the same vectors everywhere)."""
+    H, W, D = 6, 7, 32
+    cos, sin = rope_2d_tables(H, W, D, 10000.0, "cpu", torch.float64)
+    q, k = torch.randn(2, D, dtype=torch.float64)
+    rq = apply_rope(q.expand(H * W, D), cos, sin).reshape(H, W, D)
+    rk = apply_rope(k.expand(H * W, D), cos, sin).reshape(H, W, D)
+    dots = torch.einsum("abd,ced->abce", rq, rk)
+    for (a, b, c, e), (da, db) in [((0, 0, 2, 3), (3, 2)), ((1, 4, 0, 1), (4, 2)), ((5, 6, 4, 5), (-4, -5))]:
+        torch.testing.assert_close(dots[a, b, c, e], dots[a + da, b + db, c + da, e + db])
+    assert not torch.allclose(dots[0, 0, 0, 1], dots[0, 0, 1, 0])  # not trivially constant
+
+
+def test_rope_tables_built_in_inference_mode_serve_training():
+    model = tiny(attn_impl=IMPL)
+    with torch.inference_mode():
+        model.eval()(image(1, 96, 32))  # a resolution no other test uses: fills the cache here
+    model.train()(image(2, 96, 32)).sum().backward()
+
+
+# ---- features ---------------------------------------------------------------------------------
+
+def test_features_only():
+    torch.manual_seed(0)
+    x = image(1, 64, 96)
+    model = timm.create_model("sola_vision_tiny", features_only=True, attn_impl=IMPL)
+    assert model.feature_info.channels() == [64, 128, 256, 512]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    feats = model(x)
+    assert [tuple(f.shape) for f in feats] == [(1, c, 64 // r, 96 // r) for c, r in zip([64, 128, 256, 512],
+                                                                                      [4, 8, 16, 32])]
+    model = timm.create_model("sola_vision_base", features_only=True, out_indices=(1, 3), attn_impl="torch")
+    assert model.feature_info.channels() == [192, 768] and model.feature_info.reduction() == [8, 32]
+    assert [tuple(f.shape) for f in model(x)] == [(1, 192, 8, 12), (1, 768, 2, 3)]
+    model = timm.create_model("sola_vision_tiny", features_only=True, out_indices=(0, 2), feature_cls="getter",
+                              attn_impl="torch")
+    assert [tuple(f.shape) for f in model(x)] == [(1, 64, 16, 24), (1, 256, 4, 6)]
+
+
+def test_forward_intermediates():
+    model = tiny(attn_impl=IMPL).eval()
+    x = image(1, 64, 96)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [t.shape[1] for t in inter] == [64, 128, 256, 512]
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        torch.testing.assert_close(last2[0], inter[2])
+        torch.testing.assert_close(last2[1], inter[3])
+        normed = model.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], final)
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], inter[1])
+        kept = model.prune_intermediate_layers(indices=[0, 1])
+        assert kept == [0, 1] and len(model.stages) == 2 and model.num_features == 128
+        torch.testing.assert_close(model.forward_features(x), inter[1])
+        assert model(x).shape == (1, 128, 8, 12)  # the pruned head has no pooling (as in timm)
+
+
+def test_grad_checkpointing():
+    model = tiny(attn_impl=IMPL, num_classes=5).train()
+    x = image(2)
+
+    def run():
+        saved = []
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+    out0, g0, saved0 = run()
+    model.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in model.stages)
+    out1, g1, saved1 = run()
+    assert saved1 < saved0 / 2, f"checkpointing saved {saved1} elements for backward, without {saved0}"
+    torch.testing.assert_close(out1, out0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+
+def linear_flops_by_hand(B, H, N, D):
+    # state phi(k)^T v, numerator phi(q) S, normaliser phi(qn) z: 2 flops per multiply-add
+    return 2 * B * H * (N * D * D) + 2 * B * H * (N * D * D) + 2 * B * H * (N * D)
+
+
+@needs_sola
+def test_flops_of_sola_ops_are_counted():
+    from torch.utils.flop_counter import FlopCounterMode
+    B, H, N, D = 2, 3, 10, 8
+    q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        sola_ops.linear_attention(q, k, v)
+    assert fc.get_total_flops() == linear_flops_by_hand(B, H, N, D)
+    with FlopCounterMode(display=False) as fc:
+        sola_ops.linear_attention(q, k, v).sum().backward()
+    assert fc.get_total_flops() == 3 * linear_flops_by_hand(B, H, N, D)
+    with FlopCounterMode(display=False) as fc:
+        sola_ops.softmax_attention(q, k, v).sum().backward()
+    assert fc.get_total_flops() == 4 * B * H * N * N * D + 10 * B * H * N * N * D  # fwd + 2.5x fwd
+
+
+@needs_sola
+def test_flops_one_softmax_layer():
+    """Swapping block 0 of stage 3 from linear to softmax changes the count by exactly the analytic difference."""
+    B, img = 2, 128
+    N, H, D = (img // 16) ** 2, 8, 32  # stage 3: stride 16, 8 heads of 32
+    lin = tiny(ALL_L, attn_impl="sola")
+    sm = tiny("LL-LLLL-SLLLLLLL-LLLL", attn_impl="sola")
+    softmax_fwd = 4 * B * H * N * N * D
+    linear_fwd = linear_flops_by_hand(B, H, N, D)
+    fwd_diff = sola_vision.flops(sm, img, batch_size=B) - sola_vision.flops(lin, img, batch_size=B)
+    assert fwd_diff == softmax_fwd - linear_fwd
+    total_diff = (sola_vision.flops(sm, img, batch_size=B, backward=True)
+                  - sola_vision.flops(lin, img, batch_size=B, backward=True))
+    assert total_diff == (softmax_fwd * 7 // 2) - 3 * linear_fwd
+    assert fwd_diff != 0
+
+
+@needs_sola
+def test_flops_sola_equals_torch_for_linear():
+    """The custom-op formulas count what FlopCounterMode counts for MLLA's einsum form."""
+    model = tiny(ALL_L, attn_impl="sola")
+    sola_fwd, sola_all = sola_vision.flops(model, 64), sola_vision.flops(model, (64, 96), backward=True)
+    model.set_attn_impl("torch")
+    assert sola_fwd == sola_vision.flops(model, 64)
+    assert sola_all == sola_vision.flops(model, (64, 96), backward=True)
+    assert all(p.grad is None for p in model.parameters())  # flops() leaves no gradients behind
+    # MLLA-T is 4.2 GMACs at 224
+    assert 8.0e9 < sola_vision.flops(timm.create_model("sola_vision_tiny_linear", attn_impl="torch"), 224) < 8.8e9
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+@needs_sola
+def test_compile_fullgraph_tiny():
+    """Traces the whole tiny model (both custom ops, forward and backward) without graph breaks;
+    aot_eager runs the traced graphs without code generation, which keeps this test fast."""
+    torch._dynamo.reset()
+    model = sharpen_attention(tiny("LL-LLLL-LLLSLLLS-LLLS", attn_impl="sola", num_classes=5)).eval()
+    x = image(2)
+    ref = model(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_sola
+def test_compile_fullgraph_tiny_inductor():
+    """Inductor code generation of the tiny model's forward (about 100 s on 2 CPU cores)."""
+    torch._dynamo.reset()
+    model = tiny("LL-LLLL-LLLSLLLS-LLLS", attn_impl="sola").eval()
+    x = image(1)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)

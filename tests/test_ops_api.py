@@ -1,0 +1,501 @@
+"""The contract around the kernels: build info, bad input and its errors, empty inputs, NaN/Inf,
+the NaN-fill debug mode, torch.library.opcheck and torch.compile(fullgraph=True)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sola_ops
+from conftest import DEVICES, FEATURE_MAPS, leaf, make_qkv, randn, requires_cuda, size_id, strided_like
+from sola_ops import reference
+
+OPS = ["linear", "softmax"]
+
+
+def run_op(op, q, k, v, **kw):
+    if op == "linear":
+        return sola_ops.linear_attention(q, k, v, **kw)
+    return sola_ops.softmax_attention(q, k, v, **kw)
+
+
+# ---- build info -----------------------------------------------------------------------------------------
+
+def test_build_info():
+    info = sola_ops.build_info()
+    assert {"cpu", "cuda", "cuda_archs"} <= set(info)
+    assert info["cpu"] is True
+    assert isinstance(info["cuda"], bool)
+    assert isinstance(info["cuda_archs"], list)
+    if info["cuda"]:
+        assert info["cuda_archs"], "a CUDA build lists the archs it was compiled for"
+        for arch in info["cuda_archs"]:
+            major, minor = str(arch).split(".")
+            assert major.isdigit() and minor.isdigit(), arch
+    else:
+        assert info["cuda_archs"] == []
+    info["cpu"] = False  # a copy: callers cannot change what the next call reports
+    assert sola_ops.build_info()["cpu"] is True
+
+
+def test_ops_registered():
+    for name in ("linear_attention_fwd", "linear_attention_bwd", "softmax_attention_fwd", "softmax_attention_bwd"):
+        assert hasattr(torch.ops.sola_ops, name)
+        schema = str(getattr(torch.ops.sola_ops, name).default._schema)
+        assert schema.startswith(f"sola_ops::{name}(")
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def _bad_cases(device):
+    """(id, op, q, k, v, kwargs, regex naming the argument) for both ops."""
+    d = dict(device=device)
+    q, k, v = _t(2, 3, 5, 8, **d), _t(2, 3, 6, 8, **d), _t(2, 3, 6, 4, **d)
+    cases = [
+        ("q_rank3", _t(3, 5, 8, **d), k, v, {}, r"q must be 4-D"),
+        ("q_rank5", _t(1, 2, 3, 5, 8, **d), k, v, {}, r"q must be 4-D"),
+        ("k_rank3", q, _t(3, 6, 8, **d), v, {}, r"k must be 4-D"),
+        ("v_rank5", q, k, _t(1, 2, 3, 6, 4, **d), {}, r"v must be 4-D"),
+        ("k_batch", q, _t(1, 3, 6, 8, **d), v, {}, r"k (and v )?must have the batch and heads of q"),
+        ("k_heads", q, _t(2, 1, 6, 8, **d), v, {}, r"k (and v )?must have the batch and heads of q"),
+        ("v_batch", q, k, _t(3, 3, 6, 4, **d), {}, r"(v|k and v) must have the batch and heads of q"),
+        ("v_heads", q, k, _t(2, 4, 6, 4, **d), {}, r"(v|k and v) must have the batch and heads of q"),
+        ("k_headdim", q, _t(2, 3, 6, 7, **d), v, {}, r"k must have the head dim of q \(8\)"),
+        ("v_seqlen", q, k, _t(2, 3, 7, 4, **d), {}, r"v must have the sequence length of k \(6\)"),
+        ("nk_zero", q, _t(2, 3, 0, 8, **d), _t(2, 3, 0, 4, **d), {}, r"k must have at least one key"),
+        ("k_fp16", q, k.half(), v, {}, r"k must have the dtype of q"),
+        ("v_bf16", q, k, v.bfloat16(), {}, r"v must have the dtype of q"),
+        ("v_fp64", q, k, v.double(), {}, r"v must have the dtype of q"),
+        ("q_int32", q.to(torch.int32), k.to(torch.int32), v.to(torch.int32), {},
+         r"q must be float16, bfloat16, float32 or float64"),
+        ("k_int64", q, k.to(torch.int64), v, {}, r"k must be float16, bfloat16, float32 or float64"),
+        ("v_bool", q, k, v > 0, {}, r"v must be float16, bfloat16, float32 or float64"),
+    ]
+    out = [(cid, op, *rest) for cid, *rest in cases for op in OPS]
+    qn_bad = _t(2, 3, 4, 8, **d)
+    out += [
+        ("feature_map", "linear", q, k, v, dict(feature_map="gelu"),
+         r"feature_map must be 'elu', 'relu' or 'identity'"),
+        ("feature_map_case", "linear", q, k, v, dict(feature_map="ELU"), r"feature_map"),
+        ("q_norm_unnormalized", "linear", q, k, v, dict(normalize=False, q_norm=q), r"q_norm"),
+        ("k_norm_unnormalized", "linear", q, k, v, dict(normalize=False, k_norm=k), r"k_norm"),
+        ("q_norm_shape", "linear", q, k, v, dict(q_norm=qn_bad), r"q_norm must have the shape of q"),
+        ("k_norm_shape", "linear", q, k, v, dict(k_norm=q), r"k_norm must have the shape of k"),
+        ("q_norm_dtype", "linear", q, k, v, dict(q_norm=q.double()), r"q_norm must have the dtype of q"),
+        ("k_norm_rank", "linear", q, k, v, dict(k_norm=k[0]), r"k_norm must be 4-D"),
+        ("k_norm_int", "linear", q, k, v, dict(k_norm=k.to(torch.int32)), r"k_norm must be float16"),
+    ]
+    return out
+
+
+_CASE_IDS = [f"{c[1]}-{c[0]}" for c in _bad_cases("cpu")]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta runs the fake (torch.compile) checks
+@pytest.mark.parametrize("case", range(len(_CASE_IDS)), ids=_CASE_IDS)
+def test_bad_input(device, case):
+    cid, op, q, k, v, kw, match = _bad_cases(device)[case]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        run_op(op, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_input_is_value_error(op):
+    """The contract's error type for argument errors is ValueError (not a bare RuntimeError)."""
+    q, k = _t(1, 2, 3, 8), _t(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="k must have the head dim of q"):
+        run_op(op, q, _t(1, 2, 4, 7), _t(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="v must have the dtype of q"):
+        run_op(op, q, k, k.half())
+
+
+def test_raw_op_checks():
+    """The C++ ops check what the Python wrappers cannot see (called directly via torch.ops)."""
+    ops = torch.ops.sola_ops
+    q, k, v = make_qkv(1, 2, 5, 6, 8, 4, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match="feature_map must be 'elu', 'relu' or 'identity'"):
+        ops.linear_attention_fwd(q, k, v, None, None, "softplus", True, 1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="q_norm and k_norm"):
+        ops.linear_attention_fwd(q, k, v, q, None, "elu", False, 1e-6)
+    out, state, z = ops.linear_attention_fwd(q, k, v, None, None, "elu", True, 1e-6)
+    assert state.shape == (1, 2, 8, 4) and z.shape == (1, 2, 8) and state.dtype == z.dtype == torch.float32
+    with pytest.raises((ValueError, RuntimeError), match="grad_out must have the output's shape"):
+        ops.linear_attention_bwd(out[:, :, :4], q, k, v, None, None, state, z, "elu", True, 1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="state"):
+        ops.linear_attention_bwd(out, q, k, v, None, None, state.half(), z, "elu", True, 1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="grad_out must have the dtype of q"):
+        ops.linear_attention_bwd(out.double(), q, k, v, None, None, state, z, "elu", True, 1e-6)
+    out, lse = ops.softmax_attention_fwd(q, k, v, 0.5)
+    with pytest.raises((ValueError, RuntimeError), match="grad_out must have the output's shape"):
+        ops.softmax_attention_bwd(out[..., :3], q, k, v, out, lse, 0.5)
+    with pytest.raises((ValueError, RuntimeError), match="lse"):
+        ops.softmax_attention_bwd(out, q, k, v, out, lse.double(), 0.5)
+    with pytest.raises((ValueError, RuntimeError), match="out must have the output's shape"):
+        ops.softmax_attention_bwd(out, q, k, v, out[:, :1], lse, 0.5)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_mixed_devices_cpu_meta(op):
+    q, k, v = make_qkv(1, 2, 5, 6, 8, 4, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match=r"k must be on the device of q"):
+        run_op(op, q, k.to("meta"), v)
+    with pytest.raises((ValueError, RuntimeError), match=r"v must be on the device of q"):
+        run_op(op, q, k, v.to("meta"))
+    with pytest.raises((ValueError, RuntimeError), match=r"k must be on the device of q"):
+        run_op(op, q.to("meta"), k, v.to("meta"))
+    if op == "linear":
+        with pytest.raises((ValueError, RuntimeError), match=r"q_norm must be on the device of q"):
+            run_op(op, q, k, v, q_norm=q.to("meta"))
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_mixed_devices_cuda_cpu(op):
+    q, k, v = make_qkv(1, 2, 5, 6, 8, 4, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match=r"k must be on the device of q"):
+        run_op(op, q.cuda(), k, v.cuda())
+    with pytest.raises((ValueError, RuntimeError), match=r"v must be on the device of q"):
+        run_op(op, q.cuda(), k.cuda(), v)
+    with pytest.raises((ValueError, RuntimeError), match=r"k must be on the device of q"):
+        run_op(op, q, k.cuda(), v)
+    if op == "linear":
+        with pytest.raises((ValueError, RuntimeError), match=r"k_norm must be on the device of q"):
+            run_op(op, q.cuda(), k.cuda(), v.cuda(), k_norm=k)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_head_dim_limit(op):
+    """Head dims up to 256 run on CUDA; beyond the kernels' maximum is an error naming the argument."""
+    limit = sola_ops.build_info().get("max_cuda_head_dim", 256)
+    assert limit >= 256
+    q, k, v = make_qkv(1, 1, 4, 5, 256, 256, torch.float16, "cuda")
+    out = run_op(op, q, k, v)
+    ref = run_op(op, q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-2, atol=2e-2)
+    q, k, v = make_qkv(1, 1, 4, 5, limit + 1, 8, torch.float16, "cuda")
+    with pytest.raises((ValueError, RuntimeError), match=r"q head dim"):
+        run_op(op, q, k, v)
+    q, k, v = make_qkv(1, 1, 4, 5, 8, limit + 1, torch.float16, "cuda")
+    with pytest.raises((ValueError, RuntimeError), match=r"v head dim"):
+        run_op(op, q, k, v)
+
+
+# ---- empty inputs ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_fill", [False, True], ids=["plain", "nan_fill"])
+@pytest.mark.parametrize("empty", ["B", "H", "Nq"])
+@pytest.mark.parametrize("op", OPS)
+def test_empty(device, op, empty, nan_fill):
+    B, H, Nq, Nk, Dk, Dv = 2, 3, 5, 6, 8, 4
+    B, H, Nq = (0 if empty == "B" else B), (0 if empty == "H" else H), (0 if empty == "Nq" else Nq)
+    q, k, v = make_qkv(B, H, Nq, Nk, Dk, Dv, torch.float32, device, requires_grad=True)
+    norms = {}
+    if op == "linear":
+        norms = dict(q_norm=leaf(randn(q.shape, torch.float32, device, 3)),
+                     k_norm=leaf(randn(k.shape, torch.float32, device, 4)))
+    ins = [q, k, v] + list(norms.values())
+    with sola_ops.debug_nan_fill(nan_fill):
+        if op == "linear":
+            out = sola_ops.linear_attention(q, k, v, **norms)
+        else:
+            out, lse = sola_ops.softmax_attention(q, k, v, return_lse=True)
+            assert lse.shape == (B, H, Nq) and lse.dtype == torch.float32
+        assert out.shape == (B, H, Nq, Dv) and out.dtype == torch.float32 and out.device == q.device
+        grads = torch.autograd.grad(out, ins, torch.ones_like(out))
+    for t, g in zip(ins, grads):
+        assert g is not None and g.shape == t.shape and g.dtype == t.dtype
+        # no queries (or nothing at all): every gradient is zero, written rather than left unset
+        assert torch.equal(g, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_empty_through_sum_backward(op):
+    """The everyday path: loss = out.sum(); loss.backward() with Nq == 0."""
+    q, k, v = make_qkv(1, 2, 0, 3, 8, 4, torch.float32, requires_grad=True)
+    run_op(op, q, k, v).sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("empty", ["B", "Nq"])
+@pytest.mark.parametrize("op", OPS)
+def test_empty_strided(op, empty):
+    """Empty inputs whose last dim is not unit-stride (a transposed or sliced empty view): an empty
+    tensor counts as contiguous, so .contiguous() leaves its strides alone; still a valid input."""
+    B, Nq = (0, 5) if empty == "B" else (2, 0)
+    q = leaf(torch.randn(B, 2, max(Nq, 1), 16)[:, :, :Nq, ::2])  # stride(-1) == 2
+    k = leaf(torch.randn(B, 2, 6, 8))
+    v = leaf(torch.randn(B, 2, 12, 6)[:, :, ::2].transpose(2, 3).contiguous().transpose(2, 3))
+    assert q.stride(-1) != 1 and q.numel() == 0
+    out = run_op(op, q, k, v)
+    assert out.shape == (B, 2, Nq, 6)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for t, g in zip((q, k, v), grads):
+        assert torch.equal(g, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_many_heads(device, op):
+    """B * H beyond CUDA's 65535 limit on a grid's y/z dimension."""
+    B, H = 2, 40000
+    q, k, v = make_qkv(B, H, 3, 2, 8, 4, torch.float32, device, seed=1)
+    out = run_op(op, q, k, v)
+    ref_fn = reference.linear_attention if op == "linear" else reference.softmax_attention
+    ref = ref_fn(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@requires_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_more_than_2_31_elements(op):
+    """Index math is 64-bit: q, k, v, out each hold more than 2**31 fp16 elements (16+ GiB in all)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with >= 40 GiB")
+    H, N, D = 2**31 // (64 * 64) + 3, 64, 64
+    q, k, v = (torch.empty((1, H, N, D), dtype=torch.float16, device="cuda").normal_() for _ in range(3))
+    out = run_op(op, q, k, v)
+    ref_fn = reference.linear_attention if op == "linear" else reference.softmax_attention
+    for heads in (slice(0, 2), slice(H // 2, H // 2 + 1), slice(H - 2, H)):
+        ref = ref_fn(q[:, heads].double(), k[:, heads].double(), v[:, heads].double())
+        torch.testing.assert_close(out[:, heads].double(), ref, rtol=2e-2, atol=2e-2)
+    del q, k, v, out
+    torch.cuda.empty_cache()
+
+
+# ---- NaN / Inf propagate -------------------------------------------------------------------------------------
+
+def _poisoned(op, where, value, device, feature_map="elu"):
+    q, k, v = make_qkv(2, 2, 7, 9, 8, 5, torch.float32, device, seed=1)
+    qn = randn(q.shape, torch.float32, device, seed=2)
+    t = {"q": q, "k": k, "v": v, "q_norm": qn}[where]
+    t[1, 0, 3, 2] = value
+    ins = [leaf(x) for x in (q, k, v)]
+    kw = {}
+    if op == "linear":
+        kw = dict(feature_map=feature_map)
+        if where == "q_norm":
+            kw["q_norm"] = leaf(qn)
+    out = run_op(op, *ins, **kw)
+    return out, ins + ([kw["q_norm"]] if "q_norm" in kw else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("op", OPS)
+def test_nonfinite_propagates(device, op, where, value):
+    out, ins = _poisoned(op, where, value, device)
+    bad_head, other_head = out[1, 0], out[0, 1]
+    assert torch.isfinite(other_head).all(), "a non-finite input leaked into another head"
+    if where == "q":
+        row = bad_head[3]
+        # softmax: a NaN/inf score row gives NaN. linear (elu): phi(-inf) = 0 keeps the row finite.
+        if not (op == "linear" and value == float("-inf")):
+            assert not torch.isfinite(row).all(), "the poisoned query row came out finite"
+        others = torch.cat([bad_head[:3], bad_head[4:]])
+        assert torch.isfinite(others).all(), "a non-finite query leaked into other query rows"
+    elif not (op == "linear" and where == "k" and value == float("-inf")):
+        assert not torch.isfinite(bad_head).all(), "the poisoned key/value did not show in the output"
+    if value != value and where != "q":
+        assert torch.isnan(bad_head).any()
+    # the backward runs through non-finite values without crashing
+    grads = torch.autograd.grad(out, ins, torch.ones_like(out))
+    assert all(g.shape == t.shape for g, t in zip(grads, ins))
+    assert all(torch.isfinite(g[0, 1]).all() for g in grads), "a non-finite input leaked into another head's gradient"
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_nan_propagates_linear_feature_maps(feature_map):
+    """NaN passes every feature map (relu(NaN) is NaN, as torch.relu), also through q_norm."""
+    for where in ("q", "k", "q_norm"):
+        out, ins = _poisoned("linear", where, float("nan"), "cpu", feature_map)
+        bad = out[1, 0, 3] if where in ("q", "q_norm") else out[1, 0]
+        assert torch.isnan(bad).any(), f"NaN in {where} vanished with feature_map={feature_map}"
+        assert torch.isfinite(out[0]).all()
+        torch.autograd.grad(out, ins, torch.ones_like(out))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_all_nan_input_terminates(op):
+    q, k, v = (torch.full((1, 2, 70, 16), float("nan")) for _ in range(3))
+    out = run_op(op, q, k, v)
+    assert torch.isnan(out).all()
+
+
+# ---- NaN-fill debug mode -------------------------------------------------------------------------------------
+
+def test_debug_nan_fill_toggles():
+    C = sola_ops._C
+    before = C.debug_nan_fill()
+    with sola_ops.debug_nan_fill():
+        assert C.debug_nan_fill() is True
+        with sola_ops.debug_nan_fill(False):
+            assert C.debug_nan_fill() is False
+        assert C.debug_nan_fill() is True
+    assert C.debug_nan_fill() is before
+    with pytest.raises(KeyError):
+        with sola_ops.debug_nan_fill():
+            raise KeyError("boom")
+    assert C.debug_nan_fill() is before, "the mode must be restored after an exception"
+    C.set_debug_nan_fill(True)
+    try:
+        assert C.debug_nan_fill() is True
+    finally:
+        C.set_debug_nan_fill(before)
+
+
+def test_debug_nan_fill_env_var():
+    code = "import sola_ops; print(sola_ops._C.debug_nan_fill())"
+    env = dict(os.environ)
+    res = {}
+    for val in ("1", "0"):
+        env["SOLA_DEBUG_NAN_FILL"] = val
+        res[val] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
+    assert res == {"1": "True", "0": "False"}
+
+
+NAN_FILL_CASES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
+    (2, 3, 33, 65, 59, 111, torch.float32),
+    (1, 1, 1, 1, 8, 8, torch.float16),
+    (1, 2, 130, 7, 256, 8, torch.bfloat16),
+    (2, 1, 7, 129, 8, 59, torch.float64),
+    (1, 1, 200, 200, 16, 16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", NAN_FILL_CASES, ids=map(size_id, NAN_FILL_CASES))
+@pytest.mark.parametrize("op", ["linear", "linear_norms", "linear_unnormalized", "softmax"])
+def test_debug_nan_fill_outputs_fully_written(device, op, case):
+    """With every kernel output pre-filled with NaN, finite inputs still give finite outputs and
+    gradients (and lse): no element is left unwritten. The results match a run without the mode."""
+    B, H, Nq, Nk, Dk, Dv, dtype = case
+    q, k, v = make_qkv(B, H, Nq, Nk, Dk, Dv, dtype, device, seed=3)
+    qn, kn = randn(q.shape, dtype, device, seed=4), randn(k.shape, dtype, device, seed=5)
+    g = randn((B, H, Nq, Dv), dtype, device, seed=6)
+
+    def run():
+        ins = [leaf(t.clone()) for t in (q, k, v, qn, kn)]
+        if op == "softmax":
+            out, lse = sola_ops.softmax_attention(*ins[:3], return_lse=True)
+            extra, ins = [lse], ins[:3]
+        elif op == "linear_norms":
+            out, extra = sola_ops.linear_attention(ins[0], ins[1], ins[2], q_norm=ins[3], k_norm=ins[4]), []
+        else:
+            out, extra, ins = sola_ops.linear_attention(*ins[:3], normalize=op == "linear"), [], ins[:3]
+        return [out.detach()] + extra + list(torch.autograd.grad(out, ins, g))
+
+    with sola_ops.debug_nan_fill():
+        filled = run()
+    for i, t in enumerate(filled):
+        assert torch.isfinite(t).all(), f"result {i} has non-finite (unwritten?) elements"
+    plain = run()
+    for a, b in zip(filled, plain):
+        assert torch.equal(a, b)
+
+
+# ---- opcheck ---------------------------------------------------------------------------------------------------
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", ["plain", "norms", "k_norm_identity", "unnormalized", "strided_fp64"])
+def test_opcheck_linear(case):
+    ops = torch.ops.sola_ops
+    dtype = torch.float64 if case == "strided_fp64" else torch.float32
+    fm = {"k_norm_identity": "identity", "norms": "relu"}.get(case, "elu")
+    q, k, v = make_qkv(2, 2, 5, 7, 4, 3, dtype, seed=1, positive=case == "k_norm_identity")
+    if case == "strided_fp64":
+        q, k = strided_like(q, "transposed"), strided_like(k, "slice")
+    qn = randn(q.shape, dtype, seed=2) if case == "norms" else None
+    kn = randn(k.shape, dtype, seed=3, positive=True) if case in ("norms", "k_norm_identity") else None
+    normalize = case != "unnormalized"
+    fwd_args = [leaf(t) if t is not None else None for t in (q, k, v, qn, kn)] + [fm, normalize, 1e-6]
+    _opcheck(ops.linear_attention_fwd.default, tuple(fwd_args))
+    out, state, z = ops.linear_attention_fwd(q, k, v, qn, kn, fm, normalize, 1e-6)
+    g = randn(out.shape, dtype, seed=4)
+    _opcheck(ops.linear_attention_bwd.default, (g, q, k, v, qn, kn, state, z, fm, normalize, 1e-6))
+
+
+@pytest.mark.parametrize("case", ["plain", "scale0", "strided_fp64", "bf16"])
+def test_opcheck_softmax(case):
+    ops = torch.ops.sola_ops
+    dtype = {"strided_fp64": torch.float64, "bf16": torch.bfloat16}.get(case, torch.float32)
+    q, k, v = make_qkv(2, 2, 5, 7, 4, 3, dtype, seed=1)
+    if case == "strided_fp64":
+        q, v = strided_like(q, "transposed"), strided_like(v, "lastdim")
+    scale = 0.0 if case == "scale0" else 0.6
+    _opcheck(ops.softmax_attention_fwd.default, (leaf(q), leaf(k), leaf(v), scale))
+    out, lse = ops.softmax_attention_fwd(q, k, v, scale)
+    g = randn(out.shape, dtype, seed=4)
+    _opcheck(ops.softmax_attention_bwd.default, (g, q, k, v, out, lse, scale))
+
+
+# ---- torch.compile(fullgraph=True) ------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads_vs_reference(out, ins, ref_out, ref_ins, g, tol):
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    ours = torch.autograd.grad(out, ins, g)
+    theirs = torch.autograd.grad(ref_out, ref_ins, g.double())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.slow
+def test_compile_linear(fresh_dynamo):
+    """fullgraph compile of the SDPA-layout path, forward + backward, against the fp64 reference."""
+    B, N, H, D = 2, 37, 2, 8
+
+    def fn(x, kn):
+        q, k, v = (t.transpose(1, 2) for t in x.view(B, N, 3, H, D).unbind(2))
+        return sola_ops.linear_attention(q, k, v, feature_map="relu", k_norm=kn) * 2.0
+
+    x = leaf(randn((B, N, 3 * H * D), torch.float32, seed=1))
+    kn = leaf(randn((B, H, N, D), torch.float32, seed=2))
+    out = torch.compile(fn, fullgraph=True)(x, kn)
+    x64, kn64 = leaf(x.detach().double()), leaf(kn.detach().double())
+    q, k, v = (t.transpose(1, 2) for t in x64.view(B, N, 3, H, D).unbind(2))
+    ref = reference.linear_attention(q, k, v, feature_map="relu", k_norm=kn64) * 2.0
+    _grads_vs_reference(out, (x, kn), ref, (x64, kn64), randn(out.shape, torch.float32, seed=3),
+                        dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.slow
+def test_compile_softmax(fresh_dynamo):
+    """fullgraph compile with return_lse and a dynamic size; bad input is still caught while tracing."""
+    def fn(q, k, v):
+        return sola_ops.softmax_attention(q, k, v, scale=0.3, return_lse=True)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for Nq, Nk in ((9, 13), (17, 5)):
+        q, k, v = make_qkv(1, 2, Nq, Nk, 8, 6, torch.float32, seed=Nq, requires_grad=True)
+        out, lse = compiled(q, k, v)
+        i64 = [leaf(t.detach().double()) for t in (q, k, v)]
+        ref, ref_lse = reference.softmax_attention(*i64, scale=0.3, return_lse=True)
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+        _grads_vs_reference(out, (q, k, v), ref, i64, randn(out.shape, torch.float32, seed=3),
+                            dict(rtol=1e-4, atol=1e-5))
+    q, k, v = make_qkv(1, 2, 9, 13, 8, 6, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match=r"k must have the head dim of q"):
+        compiled(q, k[..., :7].contiguous(), v)

@@ -1,0 +1,208 @@
+"""sola_ops.softmax_attention against the fp64 reference (FlashAttention tolerance rule), lse, scale,
+fp64 gradcheck of the extension op, strided inputs, determinism. CPU always; CUDA when available."""
+import math
+
+import pytest
+import torch
+
+import sola_ops
+from conftest import DEVICES, DTYPES, check_softmax, leaf, make_qkv, randn, size_id, strided_like
+
+
+# ---- forward, lse and gradients vs the reference ---------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(device, dtype):
+    q, k, v = make_qkv(2, 3, 7, 113, 59, 111, dtype, device)
+    check_softmax(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nq_gt_nk(device, dtype):
+    q, k, v = make_qkv(1, 2, 113, 7, 8, 16, dtype, device, seed=1)
+    check_softmax(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [None, 0.3, 0.0, -0.5, 4.0])
+def test_scale(device, dtype, scale):
+    # scale 4.0 with D = 32 gives scores of +-50: a peaked softmax that tests the online rescaling.
+    q, k, v = make_qkv(2, 2, 40, 100, 32, 24, dtype, device, seed=2)
+    check_softmax(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_zero_is_a_scale(device):
+    """scale=0.0 means uniform attention (the mean of v, lse = log Nk), not "default scale"."""
+    q, k, v = make_qkv(1, 2, 5, 9, 8, 3, torch.float64, device, seed=3)
+    out, lse = sola_ops.softmax_attention(q, k, v, scale=0.0, return_lse=True)
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand_as(out), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(9)), rtol=1e-12, atol=1e-12)
+    default = sola_ops.softmax_attention(q, k, v)
+    assert (default - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_scale(device):
+    """scale=None is 1/sqrt(Dk) (Dk, not Dv); checked against torch's SDPA in fp64."""
+    q, k, v = make_qkv(2, 2, 17, 23, 16, 7, torch.float64, device, seed=4)
+    out, lse = sola_ops.softmax_attention(q, k, v, return_lse=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, sdpa, rtol=1e-10, atol=1e-12)
+    ref_lse = torch.logsumexp(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    explicit = sola_ops.softmax_attention(q, k, v, scale=0.25)
+    torch.testing.assert_close(explicit, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_return_lse_flag(device):
+    q, k, v = make_qkv(1, 1, 4, 6, 8, 8, torch.float32, device)
+    out = sola_ops.softmax_attention(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 1, 4, 8)
+    res = sola_ops.softmax_attention(q, k, v, return_lse=True)
+    assert isinstance(res, tuple) and len(res) == 2
+    assert res[1].shape == (1, 1, 4) and res[1].dtype == torch.float32
+    lse64 = sola_ops.softmax_attention(q.double(), k.double(), v.double(), return_lse=True)[1]
+    assert lse64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_logits_low_precision(device, dtype):
+    """Scores far beyond fp16's exp range (|s| ~ 300) must not overflow: the max is subtracted."""
+    q, k, v = make_qkv(1, 2, 33, 130, 64, 16, dtype, device, seed=5)
+    check_softmax(q, k, v, scale=5.0)
+
+
+SIZES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
+    (1, 1, 1, 1, 8, 8, torch.float32),
+    (1, 2, 1, 1023, 256, 59, torch.bfloat16),
+    (2, 1, 1023, 7, 8, 111, torch.float16),
+    (1, 1, 113, 113, 111, 256, torch.float64),
+    (1, 1, 1023, 1023, 59, 8, torch.float32),
+    (2, 3, 7, 1, 256, 256, torch.float16),
+    (1, 1, 33, 65, 111, 59, torch.bfloat16),  # one past a 32-query / 64-key tile
+    (1, 1, 64, 129, 8, 8, torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,H,Nq,Nk,Dk,Dv,dtype", SIZES, ids=map(size_id, SIZES))
+def test_awkward_sizes(device, B, H, Nq, Nk, Dk, Dv, dtype):
+    q, k, v = make_qkv(B, H, Nq, Nk, Dk, Dv, dtype, device, seed=Nq + Dk)
+    check_softmax(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_key_is_identity(device):
+    """Nk == 1: every query attends to the one key, out = v, lse = scale * q.k."""
+    q, k, v = make_qkv(2, 3, 7, 1, 16, 5, torch.float64, device, seed=6)
+    out, lse = sola_ops.softmax_attention(q, k, v, scale=0.7, return_lse=True)
+    torch.testing.assert_close(out, v.expand_as(out), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, 0.7 * (q * k).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+# ---- layouts ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["transposed", "slice", "lastdim"])
+def test_strided_inputs(device, dtype, kind):
+    q, k, v = make_qkv(2, 3, 37, 70, 16, 9, dtype, device, seed=4)
+    ins = [strided_like(t, kind, seed=300 + i) for i, t in enumerate((q, k, v))]
+    check_softmax(*ins)
+    for i in range(3):
+        mixed = [q, k, v]
+        mixed[i] = ins[i]
+        check_softmax(*mixed, scale=0.4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_dim_one(device):
+    """Dk = Dv = 1 with last-dim strides != 1 (a size-1 dim may have any stride)."""
+    q, k, v = make_qkv(1, 2, 5, 7, 1, 1, torch.float32, device, seed=12)
+    q = randn((1, 2, 5, 3), torch.float32, device, seed=13)[..., 1:2]
+    k = randn((1, 2, 7, 3), torch.float32, device, seed=14)[..., ::3]
+    assert q.stride(-1) == 1 and k.stride(-1) == 3
+    check_softmax(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_layout_view(device):
+    B, N, H, D = 2, 37, 3, 16
+    x = randn((B, N, 3 * H * D), torch.float32, device, seed=31)
+    q, k, v = (t.transpose(1, 2) for t in x.view(B, N, 3, H, D).unbind(2))
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    check_softmax(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["expanded", "lastdim"])
+def test_noncontiguous_grad_out(device, kind):
+    q, k, v = make_qkv(1, 2, 9, 12, 8, 6, torch.float32, device, seed=8)
+    g = torch.ones(1, dtype=torch.float32, device=device).expand(1, 2, 9, 6) if kind == "expanded" \
+        else strided_like(randn((1, 2, 9, 6), torch.float32, device, seed=9), "lastdim")
+    assert g.stride(-1) != 1
+    check_softmax(q, k, v, grad_out=g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_inputs(device):
+    """k, v broadcast over heads (stride 0), as in multi-query attention."""
+    B, H, N, D = 2, 3, 19, 8
+    q = randn((B, H, 11, D), torch.float32, device, seed=1)
+    kb = leaf(randn((B, 1, N, D), torch.float32, device, seed=2))
+    vb = leaf(randn((B, 1, N, D), torch.float32, device, seed=3))
+    out = sola_ops.softmax_attention(q, kb.expand(B, H, N, D), vb.expand(B, H, N, D))
+    k64, v64 = leaf(kb.double()), leaf(vb.double())
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k64.expand(B, H, N, D), v64.expand(B, H, N, D))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    g = randn(out.shape, torch.float32, device, seed=4)
+    out.backward(g)
+    ref.backward(g.double())
+    torch.testing.assert_close(kb.grad.double(), k64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vb.grad.double(), v64.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---- fp64 gradcheck of the extension op -----------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 2, 5, 7, 3, 4), (1, 2, 9, 1, 5, 2), (1, 1, 1, 9, 4, 4)])
+@pytest.mark.parametrize("scale", [None, 0.37, 0.0, -1.3])
+def test_gradcheck(device, shape, scale):
+    B, H, Nq, Nk, Dk, Dv = shape
+    q, k, v = make_qkv(B, H, Nq, Nk, Dk, Dv, torch.float64, device, seed=17, requires_grad=True)
+    fn = lambda q, k, v: sola_ops.softmax_attention(q, k, v, scale=scale)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_strided(device):
+    B, H, Nq, Nk, D = 1, 2, 9, 6, 5
+    q = leaf(strided_like(randn((B, H, Nq, D), torch.float64, device, seed=1), "transposed"))
+    k = leaf(strided_like(randn((B, H, Nk, D), torch.float64, device, seed=2), "slice"))
+    v = leaf(strided_like(randn((B, H, Nk, 3), torch.float64, device, seed=3), "lastdim"))
+    assert torch.autograd.gradcheck(sola_ops.softmax_attention, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# ---- determinism ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_deterministic(device, dtype):
+    """The backward is bitwise reproducible (DESIGN.md): two runs, several heads and tiles."""
+    q, k, v = make_qkv(2, 3, 100, 150, 32, 24, dtype, device, seed=2)
+    g = randn((2, 3, 100, 24), dtype, device, seed=5)
+
+    def run():
+        ins = [leaf(t.clone()) for t in (q, k, v)]
+        out, lse = sola_ops.softmax_attention(*ins, return_lse=True)
+        return [out.detach(), lse] + list(torch.autograd.grad(out, ins, g))
+
+    first, second = run(), run()
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
