@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The torch every build and test here runs against (a CUDA 13.0 build; no GPU needed to compile).
 TORCH_VERSION := 2.14.1
-DEPS := torch==$(TORCH_VERSION) numpy pytest pybind11 ninja setuptools wheel timm
+DEPS := torch==$(TORCH_VERSION) numpy pytest pybind11 ninja setuptools wheel timm matplotlib
 SOURCES := $(shell find csrc -type f) setup.py
 
 .PHONY: all build demo test bench gpu-check clean
