@@ -1,12 +1,13 @@
 # The README's commands. Each target creates .venv and installs what it needs itself.
-#   make demo   build, check both ops against the references, print a speed comparison
+#   make demo   build, train sola_vision_nano on the embedded digits (CPU: ~1.5 min to ~98% val top-1),
+#               evaluate it, check both ops against the references, print a speed comparison
 #   make test   build and run the whole test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The torch every build and test here runs against (a CUDA 13.0 build; no GPU needed to compile).
 TORCH_VERSION := 2.14.1
-DEPS := torch==$(TORCH_VERSION) numpy pytest pybind11 ninja setuptools wheel timm matplotlib
+DEPS := torch==$(TORCH_VERSION) numpy pytest pybind11 ninja setuptools wheel timm matplotlib tqdm safetensors scikit-learn
 SOURCES := $(shell find csrc -type f) setup.py
 
 .PHONY: all build demo test bench gpu-check clean

@@ -245,7 +245,7 @@ class Downsample(nn.Module):
         self.conv = nn.Sequential(
             ConvLayer(in_chs, hidden, 1, norm=False),
             ConvLayer(hidden, hidden, 3, stride=2, groups=hidden, norm=False),
-            ConvLayer(hidden, out_chs, 1, act=False),
+            ConvLayer(hidden, out_chs, 1, bias=False, act=False),  # no bias: BN follows
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

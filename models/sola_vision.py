@@ -232,6 +232,8 @@ def _hybrid(depths: Sequence[int]) -> str:
 
 
 _ARCHS = {
+    # nano is not in the paper: a quarter-size model for CPU demos and tests (head dim 32 like the others)
+    "nano": dict(embed_dims=(32, 64, 128, 256), depths=(1, 2, 4, 2), num_heads=(1, 2, 4, 8)),
     "tiny": dict(embed_dims=(64, 128, 256, 512), depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16)),
     "small": dict(embed_dims=(64, 128, 256, 512), depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16)),
     "base": dict(embed_dims=(96, 192, 384, 768), depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24)),
@@ -264,6 +266,16 @@ def _create_sola_vision(variant: str, pretrained: bool = False, **kwargs) -> SoL
         SoLAVision, variant, pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **model_args)
+
+
+@register_model
+def sola_vision_nano(pretrained: bool = False, **kwargs) -> SoLAVision:
+    return _create_sola_vision("sola_vision_nano", pretrained, **kwargs)
+
+
+@register_model
+def sola_vision_nano_linear(pretrained: bool = False, **kwargs) -> SoLAVision:
+    return _create_sola_vision("sola_vision_nano_linear", pretrained, **kwargs)
 
 
 @register_model

@@ -18,8 +18,7 @@ except ImportError:
 IMPL = "sola" if HAS_SOLA else "torch"  # model smoke tests run either way
 needs_sola = pytest.mark.skipif(not HAS_SOLA, reason="needs the sola_ops extension")
 
-NAMES = ["sola_vision_tiny", "sola_vision_tiny_linear", "sola_vision_small", "sola_vision_small_linear",
-         "sola_vision_base", "sola_vision_base_linear"]
+NAMES = [f"sola_vision_{size}{suffix}" for size in ("nano", "tiny", "small", "base") for suffix in ("", "_linear")]
 TINY = dict(embed_dims=(64, 128, 256, 512), depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))
 MIXED = "LS-LSLS-LLLSLLLS-LSLS"  # softmax and linear blocks in every stage
 ALL_L = "LL-LLLL-LLLLLLLL-LLLL"  # (timm.create_model drops None kwargs: layer_pattern=None means the default)
@@ -62,7 +61,8 @@ def test_registered_models():
 
 
 def test_variant_architectures():
-    expect = {"tiny": ((64, 128, 256, 512), (2, 4, 8, 4), (2, 4, 8, 16)),
+    expect = {"nano": ((32, 64, 128, 256), (1, 2, 4, 2), (1, 2, 4, 8)),
+              "tiny": ((64, 128, 256, 512), (2, 4, 8, 4), (2, 4, 8, 16)),
               "small": ((64, 128, 256, 512), (3, 6, 21, 6), (2, 4, 8, 16)),
               "base": ((96, 192, 384, 768), (3, 6, 21, 6), (3, 6, 12, 24))}
     for size, (dims, depths, heads) in expect.items():

@@ -1,0 +1,218 @@
+"""sola_vision.train / .eval on CPU: learning, checkpoints, resume, atomic writes, DDP (gloo), ImageFolder
+data and error messages. Small runs: sola_vision_nano on a few digits at 32 px."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+pytest.importorskip("safetensors")
+from sola_vision import checkpoint as ckpt  # noqa: E402
+from sola_vision import eval as sola_eval  # noqa: E402
+from sola_vision import train  # noqa: E402
+
+IMPL = "sola"
+try:
+    import sola_ops  # noqa: F401
+except ImportError:
+    IMPL = "torch"
+
+QUICK = ["--train-samples", "64", "--batch-size", "32", "--no-progress", "--device", "cpu", "--attn-impl", IMPL]
+
+
+def run_train(out, *extra):
+    return train.main(QUICK + ["--output", str(out)] + [str(a) for a in extra])
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_lowers_the_loss(tmp_path):
+    result = run_train(tmp_path, "--epochs", 4, "--train-samples", 128, "--warmup-epochs", 0)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]
+    for name in ("last.safetensors", "last_state.pt", "best.safetensors", "metrics.jsonl", "curves.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    assert read_metrics(tmp_path) == json.loads(json.dumps(result["history"]))
+
+
+def test_checkpoint_round_trip_and_eval(tmp_path):
+    result = run_train(tmp_path, "--epochs", 2)
+    best = max(result["history"], key=lambda h: h["top1"])
+    weights, info = ckpt.load_model_file(str(tmp_path / "best.safetensors"))
+    assert info["model"] == "sola_vision_nano" and info["num_classes"] == 10 and info["in_chans"] == 1
+    assert info["top1"] == best["top1"]
+    # eval rebuilds the model from the checkpoint alone and must reproduce the validation numbers
+    evaluated = sola_eval.main([str(tmp_path), "--device", "cpu", "--attn-impl", IMPL])
+    assert evaluated["top1"] == pytest.approx(best["top1"], abs=1e-9)
+    assert evaluated["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert evaluated["confusion"].sum() == evaluated["val_samples"] == 359
+    assert evaluated["confusion"].trace() == round(best["top1"] * 359 / 100)
+    assert os.path.getsize(evaluated["confusion_png"]) > 0
+
+
+class StopAfterEpoch(Exception):
+    pass
+
+
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+    args = ("--epochs", 3, "--drop-path", 0.1)  # drop-path: the RNG state must be restored too
+    full = run_train(tmp_path / "full", *args)
+
+    save = train.Trainer.save
+
+    def save_then_die(self, epoch, is_best):
+        save(self, epoch, is_best)
+        if epoch == 2:
+            raise StopAfterEpoch  # a kill right after the epoch-2 checkpoint
+
+    monkeypatch.setattr(train.Trainer, "save", save_then_die)
+    with pytest.raises(StopAfterEpoch):
+        run_train(tmp_path / "cut", *args)
+    monkeypatch.undo()
+    resumed = run_train(tmp_path / "cut", *args, "--resume")
+
+    strip = lambda h: {k: v for k, v in h.items() if k not in ("img_per_s", "epoch_s")}  # noqa: E731
+    assert [strip(h) for h in resumed["history"]] == [strip(h) for h in full["history"]]
+    a, _ = ckpt.load_model_file(str(tmp_path / "full" / "last.safetensors"))
+    b, _ = ckpt.load_model_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="last_state.pt"):
+        run_train(tmp_path, "--epochs", 1, "--resume")
+
+
+def test_atomic_write_survives_a_kill_mid_write(tmp_path):
+    """A process dies half-way through writing a new checkpoint: the previous one must still load."""
+    path = tmp_path / "model.safetensors"
+    script = textwrap.dedent(f"""
+        import os, torch
+        from sola_vision import checkpoint as ckpt
+        model = torch.nn.Linear(64, 64)
+        torch.nn.init.constant_(model.weight, 1.0)
+        ckpt.save_model({str(path)!r}, model, {{"epoch": 1}})
+        def die_half_way(p, data):
+            with open(p, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+            os._exit(9)
+        ckpt._write_file = die_half_way
+        torch.nn.init.constant_(model.weight, 2.0)
+        ckpt.save_model({str(path)!r}, model, {{"epoch": 2}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    weights, info = ckpt.load_model_file(str(path))
+    assert info == {"epoch": 1} and torch.equal(weights["weight"], torch.ones(64, 64))
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    model = torch.nn.Linear(8, 8)
+    good = tmp_path / "good.safetensors"
+    ckpt.save_model(str(good), model, {"epoch": 1})
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ckpt.load_model_file(str(truncated))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        sola_eval.main([str(garbage), "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sola_eval.main([str(tmp_path / "missing.safetensors"), "--device", "cpu"])
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="not readable"):
+        ckpt.load_train_state(str(state))
+
+
+def make_image_tree(root, classes=("cat", "dog"), per_class=(6, 2)):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            os.makedirs(root / split / name)
+            for i in range(count):
+                pixels = (torch.rand(40, 48, 3, generator=g) * 100 + 120 * c).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_training(tmp_path):
+    make_image_tree(tmp_path / "data")
+    out = tmp_path / "out"
+    result = train.main(["--data", str(tmp_path / "data"), "--img-size", "32", "--epochs", "2", "--batch-size", "4",
+                         "--workers", "0", "--no-progress", "--device", "cpu", "--attn-impl", IMPL,
+                         "--output", str(out)])
+    assert len(result["history"]) == 2 and result["history"][-1]["val_samples"] == 4
+    _, info = ckpt.load_model_file(str(out / "last.safetensors"))
+    assert info["class_names"] == ["cat", "dog"] and info["in_chans"] == 3
+    evaluated = sola_eval.main([str(out), "--device", "cpu", "--workers", "0"])
+    assert evaluated["confusion"].shape == (2, 2) and evaluated["confusion"].sum() == 4
+
+
+@pytest.mark.parametrize("layout, message", [
+    (None, "not 'digits' and not a directory"),
+    ({"train": 1}, "val.* is missing"),
+    ({"train": 0, "val": 1}, "no images found"),
+])
+def test_bad_data_paths(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout is not None:
+        for split, count in layout.items():
+            os.makedirs(root / split / "a")
+            for i in range(count):
+                (root / split / "a" / f"{i}.png").write_bytes(b"")
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        train.main(["--data", str(root), "--output", str(tmp_path / "out"), "--device", "cpu"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet50"], "not a registered SoLA-Vision model"),
+    (["--layer-pattern", "L-LL-LLLX-LL"], "layer_pattern"),
+    (["--batch-size", "4096"], "larger than the"),
+])
+def test_bad_arguments(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.main(QUICK + ["--output", str(tmp_path), "--epochs", "1"] + argv)
+
+
+def test_bad_numbers_exit_with_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "0", "--output", str(tmp_path)])
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch as one process: same losses. BatchNorm
+    statistics span the global batch (--sync-bn); the remaining differences are float summation order."""
+    common = QUICK + ["--epochs", "2", "--sync-bn", "--warmup-epochs", "0.5"]
+    run_train(tmp_path / "one", *common[len(QUICK):])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sola_vision.train", *common, "--output", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=2e-3), (a, b)
+        assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=2e-2), (a, b)
+        assert a["val_samples"] == b["val_samples"] == 359  # the val shards cover every image exactly once
+
+
+def test_console_scripts_are_installed():
+    bin_dir = os.path.dirname(sys.executable)
+    for name in ("sola-train", "sola-eval"):
+        assert os.path.exists(os.path.join(bin_dir, name)), f"{name} not in {bin_dir}: reinstall the package"
