@@ -66,7 +66,9 @@ def sources(pattern):
 
 
 def make_extension():
-    cxx_flags = ["-O3"]  # torch picks the C++ standard its headers need
+    # torch picks the C++ standard its headers need. No FP traps are ever enabled, and without them
+    # GCC may if-convert the CPU kernels' selects (cpu_exp, feature maps) and vectorise those loops.
+    cxx_flags = ["-O3", "-fno-trapping-math"]
     cpu_sources = sources("**/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME is None:

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu_math.h"
+
 #if defined(__CUDACC__)
 #define SOLA_HD __host__ __device__ __forceinline__
 #else
@@ -72,12 +74,22 @@ FeatureMap parse_feature_map(const std::string& name);
 template <FeatureMap FM>
 struct Phi;
 
+// exp in the kernels: the device's exp on CUDA; on the host cpu_exp, which vectorises.
+template <typename T>
+SOLA_HD T kernel_exp(T x) {
+#ifdef __CUDA_ARCH__
+  return std::exp(x);
+#else
+  return cpu_exp(x);
+#endif
+}
+
 template <>
 struct Phi<FeatureMap::Elu> {  // elu(x) + 1
   template <typename T>
-  static SOLA_HD T f(T x) { return x > T(0) ? x + T(1) : std::exp(x); }
+  static SOLA_HD T f(T x) { return x > T(0) ? x + T(1) : kernel_exp(x); }
   template <typename T>
-  static SOLA_HD T df(T x) { return x > T(0) ? T(1) : std::exp(x); }
+  static SOLA_HD T df(T x) { return x > T(0) ? T(1) : kernel_exp(x); }
 };
 
 template <>

@@ -57,7 +57,7 @@ void fwd(const LinearAttentionParams& p) {
 
   // Pass 1: S = mean_j phi(k_j) v_j^T and z = mean_j phi(kn_j), one task per head.
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> fk(Dk), fv(Dv);
+    std::vector<acc> fk(Dk), fkn(Dk), fv(Dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       acc* S = state_all + bh * Dk * Dv;
@@ -68,8 +68,9 @@ void fwd(const LinearAttentionParams& p) {
         load_phi<scalar_t, acc, FM>(p.k.row<const scalar_t>(b, h, j), Dk, fk.data());
         load(p.v.row<const scalar_t>(b, h, j), Dv, fv.data());
         for (int64_t a = 0; a < Dk; ++a) axpy(fk[a], fv.data(), Dv, S + a * Dv);
-        const scalar_t* kn = p.kn.row<const scalar_t>(b, h, j);
-        for (int64_t a = 0; a < Dk; ++a) z[a] += Phi<FM>::f(static_cast<acc>(kn[a]));
+        if (p.has_kn) load_phi<scalar_t, acc, FM>(p.kn.row<const scalar_t>(b, h, j), Dk, fkn.data());
+        const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
+        for (int64_t a = 0; a < Dk; ++a) z[a] += phi_kn[a];
       }
       for (int64_t e = 0; e < Dk * Dv; ++e) S[e] *= inv_nk;
       for (int64_t a = 0; a < Dk; ++a) z[a] *= inv_nk;
@@ -80,16 +81,17 @@ void fwd(const LinearAttentionParams& p) {
   for_each_row_chunk(p, p.Nq, [&](int64_t b, int64_t h, int64_t i0, int64_t i1) {
     const acc* S = state_all + (b * p.H + h) * Dk * Dv;
     const acc* z = z_all + (b * p.H + h) * Dk;
-    std::vector<acc> fq(Dk), num(Dv);
+    std::vector<acc> fq(Dk), fqn(Dk), num(Dv);
     for (int64_t i = i0; i < i1; ++i) {
       load_phi<scalar_t, acc, FM>(p.q.row<const scalar_t>(b, h, i), Dk, fq.data());
       std::fill(num.begin(), num.end(), acc(0));
       for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], S + a * Dv, Dv, num.data());
       acc inv_den = acc(1);
       if (p.normalize) {
-        const scalar_t* qn = p.qn.row<const scalar_t>(b, h, i);
+        if (p.has_qn) load_phi<scalar_t, acc, FM>(p.qn.row<const scalar_t>(b, h, i), Dk, fqn.data());
+        const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
         acc den = acc(0);
-        for (int64_t a = 0; a < Dk; ++a) den += Phi<FM>::f(static_cast<acc>(qn[a])) * z[a];
+        for (int64_t a = 0; a < Dk; ++a) den += phi_qn[a] * z[a];
         inv_den = acc(1) / (den + static_cast<acc>(p.eps));
       }
       scalar_t* out = p.out.row<scalar_t>(b, h, i);
@@ -128,7 +130,8 @@ void bwd(const LinearAttentionParams& p) {
         for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], S + a * Dv, Dv, num.data());
         acc den = acc(1), dd = acc(0);
         if (p.normalize) {
-          load_phi<scalar_t, acc, FM>(qn, Dk, fqn.data());
+          if (p.has_qn) load_phi<scalar_t, acc, FM>(qn, Dk, fqn.data());
+          else std::copy(fq.begin(), fq.end(), fqn.begin());
           den = static_cast<acc>(p.eps);
           for (int64_t a = 0; a < Dk; ++a) den += fqn[a] * z[a];
           acc g_dot_num = acc(0);

@@ -34,6 +34,18 @@ void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int6
   }
 }
 
+// y[0, n) += alpha * x[0, n)
+template <typename acc>
+void axpy(acc alpha, const acc* x, int64_t n, acc* y) {
+  for (int64_t e = 0; e < n; ++e) y[e] += alpha * x[e];
+}
+
+// x[0, n) = exp(x - shift), a loop of its own so that it vectorises.
+template <typename acc>
+void exp_shifted(acc* x, int64_t n, acc shift) {
+  for (int64_t c = 0; c < n; ++c) x[c] = cpu_exp(x[c] - shift);
+}
+
 // y[c] += sum_e x[e] * mt[e][c] for c < cols: row-vector times a transposed tile, vectorisable.
 template <typename acc>
 void row_times_tile(const acc* x, const acc* mt, int64_t d, int64_t cols, acc* y) {
@@ -79,16 +91,20 @@ void fwd(const SoftmaxAttentionParams& p) {
           // While every score so far is -inf nothing is accumulated (a row of only -inf ends as
           // 0/0 = NaN, like torch); exp(-inf - m_new) = 0 drops the empty start otherwise.
           const bool none_yet = m_new == -std::numeric_limits<acc>::infinity();
-          const acc alpha = none_yet ? acc(0) : std::exp(m[r] - m_new);
+          const acc alpha = none_yet ? acc(0) : cpu_exp(m[r] - m_new);
+          // Probabilities in place of the scores.
+          // A NaN score never wins the max; it still makes the row (and lse) NaN, like torch.
+          if (none_yet) {
+            for (int64_t c = 0; c < cols; ++c) s[c] = std::isnan(s[c]) ? s[c] : acc(0);
+          } else {
+            exp_shifted(s.data(), cols, m_new);
+          }
           acc* o_row = &o[r * Dv];
           for (int64_t e = 0; e < Dv; ++e) o_row[e] *= alpha;
           acc p_sum = acc(0);
           for (int64_t c = 0; c < cols; ++c) {
-            // A NaN score never wins the max; it still makes the row (and lse) NaN, like torch.
-            const acc p_rc = none_yet ? (std::isnan(s[c]) ? s[c] : acc(0)) : std::exp(s[c] - m_new);
-            p_sum += p_rc;
-            const acc* v_row = &v[c * Dv];
-            for (int64_t e = 0; e < Dv; ++e) o_row[e] += p_rc * v_row[e];
+            p_sum += s[c];
+            axpy(s[c], &v[c * Dv], Dv, o_row);
           }
           l[r] = l[r] * alpha + p_sum;
           m[r] = m_new;
@@ -147,17 +163,17 @@ void bwd(const SoftmaxAttentionParams& p) {
             std::fill(dp.begin(), dp.end(), acc(0));
             row_times_tile(q_row, kt.data(), Dk, cols, s.data());   // scores / scale
             row_times_tile(g_row, vt.data(), Dv, cols, dp.data());  // dO_i . v_j
+            // prob and dS for the whole tile row first (vectorised exp), then the three products.
+            const acc lse_i = lse[i0 + r], delta_i = delta[i0 + r];
             for (int64_t c = 0; c < cols; ++c) {
-              const acc prob = std::exp(scale * s[c] - lse[i0 + r]);
-              const acc ds = prob * (dp[c] - delta[i0 + r]) * scale;
-              acc* dv_row = &dv[c * Dv];
-              for (int64_t e = 0; e < Dv; ++e) dv_row[e] += prob * g_row[e];
-              acc* dk_row = &dk[c * Dk];
-              const acc* k_row = &k[c * Dk];
-              for (int64_t e = 0; e < Dk; ++e) {
-                dk_row[e] += ds * q_row[e];
-                dq_row[e] += ds * k_row[e];
-              }
+              const acc prob = cpu_exp(scale * s[c] - lse_i);
+              s[c] = prob;
+              dp[c] = prob * (dp[c] - delta_i) * scale;
+            }
+            for (int64_t c = 0; c < cols; ++c) {
+              axpy(s[c], g_row, Dv, &dv[c * Dv]);    // dv_j += p_ij dO_i
+              axpy(dp[c], q_row, Dk, &dk[c * Dk]);   // dk_j += dS_ij q_i
+              axpy(dp[c], &k[c * Dk], Dk, dq_row);   // dq_i += dS_ij k_j
             }
           }
         }

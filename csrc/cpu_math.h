@@ -1,0 +1,39 @@
+// Host math for the CPU kernels, written so that loops calling it auto-vectorise: libm's expf is an
+// opaque scalar call, which made exp the bottleneck of both ops (one per score, one per feature).
+#pragma once
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace sola {
+
+// exp(x) for float, within 2 ulp of std::exp over the normal range (Cephes' expf: x = n ln2 + r with
+// |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n built in the exponent bits). Branch-free: the edge
+// cases are selects. exp(x) underflows to 0 below -87.3 (where std::exp returns denormals) and is
+// +inf above 88.72; NaN stays NaN.
+inline float cpu_exp(float x) {
+  constexpr float kHi = 88.72283905206835f, kLo = -87.3365447504019f;
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float xc = x < kLo ? kLo : (x > kHi ? kHi : (x == x ? x : 0.0f));
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  // 2^n for n in [-126, 128]: 2^128 is not a float, so n = 128 scales by 2^127 and then by 2.
+  const int32_t e = static_cast<int32_t>(n);
+  const int32_t e_low = e > 127 ? 127 : e;
+  const float y = er * std::bit_cast<float>((e_low + 127) << 23) * (e > 127 ? 2.0f : 1.0f);
+  return x != x ? x : (x < kLo ? 0.0f : (x > kHi ? std::numeric_limits<float>::infinity() : y));
+}
+
+inline double cpu_exp(double x) { return std::exp(x); }  // fp64 inputs: libm's accuracy
+
+}  // namespace sola
