@@ -80,6 +80,8 @@ class SoLAVision(nn.Module):
         attn_impl: "sola" (sola_ops kernels) or "torch" (plain PyTorch: MLLA's einsum linear attention,
             torch SDPA softmax); same weights, switch later with `set_attn_impl`.
         rope_base: base of the 2-D RoPE frequencies.
+        weight_init: "" (truncated-normal linear weights) or "skip" (PyTorch's default init, as timm's ViT:
+            faster to build when the values do not matter, e.g. for FLOP counts and timings).
         img_size: accepted for timm compatibility; the model has no fixed input size.
     """
 
@@ -87,7 +89,7 @@ class SoLAVision(nn.Module):
                  embed_dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (2, 4, 8, 4),
                  num_heads: Sequence[int] = (2, 4, 8, 16), layer_pattern: Optional[str] = None,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 attn_impl: str = "sola", rope_base: float = 10000.0, img_size=None):
+                 attn_impl: str = "sola", rope_base: float = 10000.0, weight_init: str = "", img_size=None):
         super().__init__()
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError(f"embed_dims {embed_dims}, depths {depths} and num_heads {num_heads} "
@@ -113,7 +115,10 @@ class SoLAVision(nn.Module):
         self.num_features = self.head_hidden_size = prev
         self.norm = LayerNorm2d(prev)
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(self._init_weights)
+        if weight_init not in ("", "skip"):
+            raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
+        if weight_init != "skip":
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -441,3 +441,15 @@ def test_compile_fullgraph_tiny_inductor():
     x = image(1)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weight_init_skip():
+    torch.manual_seed(0)
+    default = timm.create_model("sola_vision_nano", attn_impl="torch")
+    torch.manual_seed(0)
+    skipped = timm.create_model("sola_vision_nano", attn_impl="torch", weight_init="skip")
+    w_default, w_skipped = default.stages[0].blocks[0].attn.qk.weight, skipped.stages[0].blocks[0].attn.qk.weight
+    assert 0.015 < w_default.std().item() < 0.025  # the model's truncated normal, std 0.02
+    assert w_skipped.std().item() > 0.05  # nn.Linear's own init: uniform(+-1/sqrt(fan_in)), fan_in 32
+    with pytest.raises(ValueError, match="weight_init"):
+        timm.create_model("sola_vision_nano", weight_init="xavier")
