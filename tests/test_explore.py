@@ -7,7 +7,7 @@ import pytest
 import torch
 
 timm = pytest.importorskip("timm")
-from sola_vision import explore, parse_layer_pattern  # noqa: E402
+from sola_vision import explore, explore_flops, explore_report, parse_layer_pattern  # noqa: E402
 from sola_vision import placement as P  # noqa: E402
 
 NANO = "sola_vision_nano"  # depths 1/2/4/2, dims 32/64/128/256, heads 1/2/4/8 (head dim 32)
@@ -68,8 +68,8 @@ def test_flops_one_softmax_layer_vs_all_linear():
     img = 128
     counted = {}
     for pattern in (NANO_LINEAR, "L-LL-LSLL-LL"):
-        model = explore.build_model(NANO, pattern, explore.FLOP_IMPL, torch.device("cpu")).to("meta")
-        counted[pattern] = explore.count_flops(model, img)[0]
+        model = explore_flops.build_model(NANO, pattern, explore_flops.FLOP_IMPL, torch.device("cpu")).to("meta")
+        counted[pattern] = explore_flops.count_flops(model, img)[0]
     B, H, N, D = 1, 4, (img // 16) ** 2, 32  # nano stage 3: stride 16, 4 heads of 32
     softmax = 2 * B * H * N * N * D * 2  # q k^T and P v
     linear = 2 * B * H * N * D * D * 2 + 2 * B * H * N * D  # state, numerator, normaliser
@@ -108,7 +108,7 @@ def test_command_writes_table_csv_and_png(tmp_path, capsys):
     csv_path = tmp_path / "placements_sola_vision_nano_cpu.csv"
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == explore.CSV_FIELDS
+        assert reader.fieldnames == explore_report.CSV_FIELDS
         rows = list(reader)
     assert len(rows) == 4 * 2
     by_key = {(r["pattern"], int(r["img_size"])): r for r in rows}
