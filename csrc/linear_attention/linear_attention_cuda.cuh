@@ -1,0 +1,40 @@
+// Host-side launchers of the linear-attention CUDA kernels, shared by the forward and backward
+// translation units. Each kernel template is instantiated in one translation unit only:
+// token_reduce_kernel in linear_attention_reduce.cu, rows_kernel<Out> in the forward file and the
+// other row modes in the backward file.
+#pragma once
+
+#include <type_traits>
+
+#include "cuda_utils.cuh"
+#include "linear_attention/linear_attention_plan.h"
+#include "linear_attention/linear_attention_rows.cuh"
+
+namespace sola {
+namespace la {
+
+// S/z or dS/dz (TokenReduceArgs, planned), then the chunk combine when the tokens were split.
+template <typename scalar_t>
+void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream);
+
+// rows_kernel for the head-dim bucket of d_out (the mode's output width). fp64 only takes the
+// 256 bucket: it serves gradcheck and reference runs, not speed, and costs 3 fewer instantiations.
+template <typename scalar_t, RowsMode kMode>
+void launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_out, cudaStream_t stream) {
+  const int64_t n = (kMode == RowsMode::Out || kMode == RowsMode::QueryGrad) ? p.Nq : p.Nk;
+  auto launch = [&](auto head_dim) {
+    constexpr int kD = decltype(head_dim)::value;
+    const int64_t items = p.B * p.H * ceil_div(n, RowsConfig<scalar_t, kD>::kRows);
+    rows_kernel<scalar_t, kD, kMode><<<grid_x(items, 1), kThreads, 0, stream>>>(p, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (n == 0) return;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    launch(std::integral_constant<int, 256>{});
+  } else {
+    SOLA_HEADDIM_SWITCH(d_out, kHeadDim, [&] { launch(std::integral_constant<int, kHeadDim>{}); });
+  }
+}
+
+}  // namespace la
+}  // namespace sola

@@ -1,0 +1,118 @@
+// Building blocks of the linear-attention CUDA kernels: 16-byte row loads, the feature map chosen
+// at run time, and the per-thread register tile of the block-level products.
+// Only __host__ __device__ code and no CUDA runtime headers, so the kernels can also be compiled
+// as host C++ (e.g. to emulate a block on the CPU).
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace sola {
+namespace la {
+
+// Every kernel of linear attention runs 256-thread blocks (8 warps); each thread owns a small
+// register tile of the block's output, so the shared-memory operands are reused kTM + kTN times.
+constexpr int kThreads = 256;
+
+SOLA_HD int imin(int a, int b) { return a < b ? a : b; }
+SOLA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- feature map ----------------------------------------------------------------------------
+// A uniform switch per element, in the load stage only: next to a 16-byte load it costs nothing,
+// and a template parameter would triple the instantiations (build time).
+template <typename acc>
+SOLA_HD acc phi(FeatureMap fm, acc x) {
+  switch (fm) {
+    case FeatureMap::Elu: return Phi<FeatureMap::Elu>::f(x);
+    case FeatureMap::Relu: return Phi<FeatureMap::Relu>::f(x);
+    default: return x;
+  }
+}
+
+template <typename acc>
+SOLA_HD acc dphi(FeatureMap fm, acc x) {
+  switch (fm) {
+    case FeatureMap::Elu: return Phi<FeatureMap::Elu>::df(x);
+    case FeatureMap::Relu: return Phi<FeatureMap::Relu>::df(x);
+    default: return acc(1);
+  }
+}
+
+// ---- vectorised row access ------------------------------------------------------------------
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Elements of scalar_t per 16-byte load: 8 fp16/bf16, 4 fp32, 2 fp64.
+template <typename scalar_t>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(scalar_t));
+
+// True when every row of x starts on a multiple of `elems` elements' bytes, so Vec<scalar_t, elems>
+// accesses at column multiples of `elems` are aligned. Strides are free (View4), so this is
+// decided at run time; misaligned views take the element-wise path.
+template <typename scalar_t>
+SOLA_HD bool rows_aligned(const View4& x, int elems) {
+  const auto bytes = static_cast<uintptr_t>(elems) * sizeof(scalar_t);
+  return reinterpret_cast<uintptr_t>(x.ptr) % bytes == 0 && x.sb % elems == 0 && x.sh % elems == 0 &&
+         x.sn % elems == 0;
+}
+
+// dst[e] = row[col + e] as acc for e < N, 0 at or past n.
+template <int N, typename acc, typename scalar_t>
+SOLA_HD void load_cols(const scalar_t* row, int col, int n, bool aligned, acc (&dst)[N]) {
+  if (aligned && col + N <= n) {
+    const Vec<scalar_t, N> x = *reinterpret_cast<const Vec<scalar_t, N>*>(row + col);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = static_cast<acc>(x.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = col + e < n ? static_cast<acc>(row[col + e]) : acc(0);
+  }
+}
+
+// row[col + e] = src[e] for col + e < n.
+template <int N, typename acc, typename scalar_t>
+SOLA_HD void store_cols(scalar_t* row, int col, int n, bool aligned, const acc (&src)[N]) {
+  if (aligned && col + N <= n) {
+    Vec<scalar_t, N> x;
+#pragma unroll
+    for (int e = 0; e < N; ++e) x.v[e] = static_cast<scalar_t>(src[e]);
+    *reinterpret_cast<Vec<scalar_t, N>*>(row + col) = x;
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e)
+      if (col + e < n) row[col + e] = static_cast<scalar_t>(src[e]);
+  }
+}
+
+// ---- register tile --------------------------------------------------------------------------
+// c[i][j] += a[i] * b[j] for one step of the reduction: a and b are kTM and kTN consecutive values
+// of a shared-memory row (16-byte aligned, so they load as 128-bit words).
+template <typename acc, int kTM, int kTN>
+struct RegTile {
+  acc c[kTM][kTN];
+
+  SOLA_HD void zero() {
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) c[i][j] = acc(0);
+  }
+
+  SOLA_HD void fma(const acc* a, const acc* b) {
+    acc av[kTM], bv[kTN];
+#pragma unroll
+    for (int i = 0; i < kTM; ++i) av[i] = a[i];
+#pragma unroll
+    for (int j = 0; j < kTN; ++j) bv[j] = b[j];
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) c[i][j] += av[i] * bv[j];
+  }
+};
+
+}  // namespace la
+}  // namespace sola

@@ -1,0 +1,172 @@
+// The token reduction shared by the forward (S, z) and the backward (dS, dz):
+//   M = sum_t phi(x_t) (y_t s_t)^T  (Dm x Dn),   side = sum_t phi(xs_t) r_t  (Dm)
+// See TokenReduceArgs. Deterministic: every sum runs in a fixed order, no atomics.
+//
+// Tiling. A block owns one (head, token chunk, kTile x kTile tile of M). Its 16 x 16 threads each
+// hold a kTile/16 x kTile/16 register tile of M (4x4 for the 64 tile, 2x2 for the 32 tile used
+// when Dm, Dn <= 32). Tokens stream through shared memory kStage rows at a time: phi(x) and y
+// are loaded with 16-byte loads (a warp reads whole row segments), converted to acc, and each
+// thread then does kTM * kTN FMAs per token from two vector reads of shared memory. Splitting the
+// tokens into chunks keeps the GPU full when heads are few (plan_token_reduce); the chunk partials
+// go to a workspace and combine_chunks_kernel sums them in chunk order.
+#pragma once
+
+#include "linear_attention/linear_attention_device.cuh"
+#include "linear_attention/linear_attention_plan.h"
+
+namespace sola {
+namespace la {
+
+template <typename scalar_t, int kTile>
+struct ReduceConfig {
+  using acc = acc_t<scalar_t>;
+  static constexpr int kThreadCols = 16;  // threads along n; 16 along m
+  static constexpr int kTM = kTile / (kThreads / kThreadCols);
+  static constexpr int kTN = kTile / kThreadCols;
+  static constexpr int kStage = reduce_stage_rows(sizeof(acc) == 8);
+  static constexpr int kVec = kVec16<scalar_t>;
+  static constexpr int kVecsPerRow = kTile / kVec;
+  static_assert(kTile % kVec == 0 && kTM * (kThreads / kThreadCols) == kTile, "tile must split evenly");
+};
+
+// grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kThreads.
+template <typename scalar_t, int kTile>
+__global__ void __launch_bounds__(kThreads) token_reduce_kernel(const TokenReduceArgs a) {
+  using Cfg = ReduceConfig<scalar_t, kTile>;
+  using acc = typename Cfg::acc;
+  constexpr int kStage = Cfg::kStage, kTM = Cfg::kTM, kTN = Cfg::kTN, kV = Cfg::kVec;
+  constexpr int kThreadCols = Cfg::kThreadCols;
+  __shared__ __align__(16) acc x_tile[kStage][kTile];  // phi(x), 0 past Dm or the chunk
+  __shared__ __align__(16) acc y_tile[kStage][kTile];  // y * y_scale
+  __shared__ __align__(16) acc s_tile[kStage][kTile];  // phi(xs) * s_scale, unless side_is_x
+  __shared__ acc side_red[kTile][kThreadCols];         // side partials of the thread columns
+
+  const int tid = threadIdx.x;
+  const int tn = tid % kThreadCols, tm = tid / kThreadCols;
+  const int m0 = tm * kTM, n0 = tn * kTN;
+  const bool x_aligned = rows_aligned<scalar_t>(a.x, kV);
+  const bool y_aligned = rows_aligned<scalar_t>(a.y, kV);
+  const bool xs_aligned = rows_aligned<scalar_t>(a.xs, kV);
+  const acc* y_scale = static_cast<const acc*>(a.y_scale);
+  const acc* s_scale = static_cast<const acc*>(a.s_scale);
+  const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
+
+  // Tiles of one chunk are adjacent items, so blocks sharing token rows run together (L2 reuse).
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
+    int64_t rest = item;
+    const int tile_n = static_cast<int>(rest % a.tiles_n);
+    rest /= a.tiles_n;
+    const int tile_m = static_cast<int>(rest % a.tiles_m);
+    rest /= a.tiles_m;
+    const int64_t chunk = rest % a.chunks, bh = rest / a.chunks;
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const int mb = tile_m * kTile, nb = tile_n * kTile;
+    const int64_t t_begin = chunk * a.chunk_len;
+    const int64_t t_end = a.N < t_begin + a.chunk_len ? a.N : t_begin + a.chunk_len;
+    const bool side = a.with_side && tile_n == 0;  // the first column of tiles also sums the side
+    const bool own_side_tile = side && !a.side_is_x;
+
+    RegTile<acc, kTM, kTN> m_acc;
+    m_acc.zero();
+    acc side_acc[kTM];
+#pragma unroll
+    for (int i = 0; i < kTM; ++i) side_acc[i] = acc(0);
+
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kStage) {
+      __syncthreads();  // the previous stage has been consumed
+      for (int idx = tid; idx < kStage * Cfg::kVecsPerRow; idx += kThreads) {
+        const int r = idx / Cfg::kVecsPerRow, col = (idx % Cfg::kVecsPerRow) * kV;
+        const int64_t t = t0 + r;
+        acc xv[kV], yv[kV], sv[kV];
+        if (t < t_end) {
+          load_cols<kV>(a.x.row<const scalar_t>(b, h, t), mb + col, a.Dm, x_aligned, xv);
+          load_cols<kV>(a.y.row<const scalar_t>(b, h, t), nb + col, a.Dn, y_aligned, yv);
+          const acc ys = y_scale ? y_scale[bh * a.N + t] : acc(1);
+#pragma unroll
+          for (int e = 0; e < kV; ++e) {
+            xv[e] = mb + col + e < a.Dm ? phi(a.fm, xv[e]) : acc(0);  // phi(0) != 0 for elu
+            yv[e] *= ys;
+          }
+          if (own_side_tile) {
+            load_cols<kV>(a.xs.row<const scalar_t>(b, h, t), mb + col, a.Dm, xs_aligned, sv);
+            const acc ss = s_scale ? s_scale[bh * a.N + t] : acc(1);
+#pragma unroll
+            for (int e = 0; e < kV; ++e) sv[e] = mb + col + e < a.Dm ? phi(a.fm, sv[e]) * ss : acc(0);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < kV; ++e) xv[e] = yv[e] = sv[e] = acc(0);
+        }
+#pragma unroll
+        for (int e = 0; e < kV; ++e) {
+          x_tile[r][col + e] = xv[e];
+          y_tile[r][col + e] = yv[e];
+          if (own_side_tile) s_tile[r][col + e] = sv[e];
+        }
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int r = 0; r < kStage; ++r) m_acc.fma(&x_tile[r][m0], &y_tile[r][n0]);
+      if (side) {
+        // Thread column tn sums stage rows tn, tn + 16, ...: the side costs every thread the same.
+        const acc(*src)[kTile] = own_side_tile ? s_tile : x_tile;
+        for (int r = tn; r < kStage; r += kThreadCols)
+#pragma unroll
+          for (int i = 0; i < kTM; ++i) side_acc[i] += src[r][m0 + i];
+      }
+    }
+
+    // Results, or this chunk's partial.
+    acc *m_dst, *side_dst, scale;
+    if (a.chunks == 1) {
+      m_dst = static_cast<acc*>(a.m_out) + bh * a.Dm * a.Dn;
+      side_dst = static_cast<acc*>(a.side_out) + bh * a.Dm;
+      scale = static_cast<acc>(a.scale);
+    } else {
+      m_dst = static_cast<acc*>(a.partials) + (bh * a.chunks + chunk) * (int64_t(a.Dm) * a.Dn + a.Dm);
+      side_dst = m_dst + int64_t(a.Dm) * a.Dn;
+      scale = acc(1);
+    }
+#pragma unroll
+    for (int i = 0; i < kTM; ++i) {
+      const int m = mb + m0 + i;
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) {
+        const int n = nb + n0 + j;
+        if (m < a.Dm && n < a.Dn) m_dst[int64_t(m) * a.Dn + n] = m_acc.c[i][j] * scale;
+      }
+    }
+    if (side) {  // uniform per block
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) side_red[m0 + i][tn] = side_acc[i];
+      __syncthreads();
+      if (tid < kTile && mb + tid < a.Dm) {
+        acc sum = acc(0);
+        for (int c = 0; c < kThreadCols; ++c) sum += side_red[tid][c];  // fixed order
+        side_dst[mb + tid] = sum * scale;
+      }
+      __syncthreads();  // side_red is free again for the next item
+    }
+  }
+}
+
+// Sums the chunk partials in chunk order: results = scale * sum_c partial_c. One thread per entry.
+template <typename acc>
+__global__ void __launch_bounds__(kThreads) combine_chunks_kernel(const TokenReduceArgs a) {
+  const int64_t mn = int64_t(a.Dm) * a.Dn, per_head = mn + a.Dm, total = a.heads * per_head;
+  const acc* partials = static_cast<const acc*>(a.partials);
+  const acc scale = static_cast<acc>(a.scale);
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < total; e += stride) {
+    const int64_t bh = e / per_head, r = e % per_head;
+    if (r >= mn && !a.with_side) continue;
+    const acc* src = partials + bh * a.chunks * per_head + r;
+    acc sum = acc(0);
+    for (int64_t c = 0; c < a.chunks; ++c) sum += src[c * per_head];
+    if (r < mn) static_cast<acc*>(a.m_out)[bh * mn + r] = sum * scale;
+    else static_cast<acc*>(a.side_out)[bh * a.Dm + (r - mn)] = sum * scale;
+  }
+}
+
+}  // namespace la
+}  // namespace sola
