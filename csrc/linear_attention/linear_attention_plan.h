@@ -38,10 +38,10 @@ struct TokenReduceArgs {
 // Tokens per shared-memory stage: 32 x 64 fp32 values per operand (8 KiB), half as many for fp64.
 constexpr int reduce_stage_rows(bool fp64) { return fp64 ? 16 : 32; }
 
-// Blocks the reduction aims for: a few waves of resident blocks on a 132-SM H100 (up to 8 of these
-// 256-thread blocks fit an SM). A constant rather than the device's SM count, so the chunking and
-// hence the rounding depend on the problem alone, not on the GPU it runs on.
-constexpr int64_t kReduceTargetBlocks = 1024;
+// Threads the reduction aims for: about one wave of 2048 threads on each of an H100's 132 SMs
+// (several waves of what registers let reside). A constant rather than the device's SM count, so
+// the chunking and hence the rounding depend on the problem alone, not on the GPU it runs on.
+constexpr int64_t kReduceTargetThreads = 1024 * 256;
 // A chunk is at least this many stages, so partials stay small next to the tokens they sum.
 constexpr int64_t kReduceMinChunkStages = 8;
 
@@ -53,8 +53,9 @@ inline void plan_token_reduce(TokenReduceArgs& a, bool fp64) {
   a.tiles_n = static_cast<int>((a.Dn + a.tile - 1) / a.tile);
   const int64_t stage = reduce_stage_rows(fp64);
   const int64_t stages = std::max<int64_t>(1, (a.N + stage - 1) / stage);
-  const int64_t base = a.heads * a.tiles_m * a.tiles_n;
-  const int64_t want = (kReduceTargetBlocks + base - 1) / base;
+  const int64_t block_threads = int64_t(a.tile) * a.tile / 16;  // one thread per 4 x 4 of the tile
+  const int64_t base = a.heads * a.tiles_m * a.tiles_n * block_threads;
+  const int64_t want = (kReduceTargetThreads + base - 1) / base;
   const int64_t max_chunks = std::max<int64_t>(1, stages / kReduceMinChunkStages);
   const int64_t chunks = std::min(want, max_chunks);
   a.chunk_len = (stages + chunks - 1) / chunks * stage;

@@ -10,12 +10,12 @@ void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream) {
   const unsigned grid = grid_x(a.heads * a.chunks * a.tiles_m * a.tiles_n, 1);
   if constexpr (!std::is_same_v<scalar_t, double>) {  // fp64 plans the 64 tile only
     if (a.tile == 32) {
-      token_reduce_kernel<scalar_t, 32><<<grid, kThreads, 0, stream>>>(a);
+      token_reduce_kernel<scalar_t, 32><<<grid, ReduceConfig<scalar_t, 32>::kBlockThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
   if (a.tile == 64) {
-    token_reduce_kernel<scalar_t, 64><<<grid, kThreads, 0, stream>>>(a);
+    token_reduce_kernel<scalar_t, 64><<<grid, ReduceConfig<scalar_t, 64>::kBlockThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (a.chunks > 1) {

@@ -2,11 +2,13 @@
 //   M = sum_t phi(x_t) (y_t s_t)^T  (Dm x Dn),   side = sum_t phi(xs_t) r_t  (Dm)
 // See TokenReduceArgs. Deterministic: every sum runs in a fixed order, no atomics.
 //
-// Tiling. A block owns one (head, token chunk, kTile x kTile tile of M). Its 16 x 16 threads each
-// hold a kTile/16 x kTile/16 register tile of M (4x4 for the 64 tile, 2x2 for the 32 tile used
-// when Dm, Dn <= 32). Tokens stream through shared memory kStage rows at a time: phi(x) and y
-// are loaded with 16-byte loads (a warp reads whole row segments), converted to acc, and each
-// thread then does kTM * kTN FMAs per token from two vector reads of shared memory. Splitting the
+// Tiling. A block owns one (head, token chunk, kTile x kTile tile of M); each thread holds a 4 x 4
+// register tile of M, so the 64 tile runs 256 threads and the 32 tile (Dm, Dn <= 32) 64 threads.
+// (A 2 x 2 tile on 256 threads would need 4x the shared-memory reads per FMA, and at D = 32 the
+// shared-memory pipe would then be slower than DRAM.) Tokens stream through shared memory kStage
+// rows at a time: phi(x) and y are loaded with 16-byte loads (a warp reads whole row segments),
+// converted to acc, and each thread then does 16 FMAs per token from two 16-byte shared reads
+// (fp32; a warp's reads are broadcasts or contiguous, so no bank conflicts). Splitting the
 // tokens into chunks keeps the GPU full when heads are few (plan_token_reduce); the chunk partials
 // go to a workspace and combine_chunks_kernel sums them in chunk order.
 #pragma once
@@ -20,22 +22,25 @@ namespace la {
 template <typename scalar_t, int kTile>
 struct ReduceConfig {
   using acc = acc_t<scalar_t>;
-  static constexpr int kThreadCols = 16;  // threads along n; 16 along m
-  static constexpr int kTM = kTile / (kThreads / kThreadCols);
-  static constexpr int kTN = kTile / kThreadCols;
+  static constexpr int kTM = 4, kTN = 4;
+  static constexpr int kThreadCols = kTile / kTN;  // as many thread rows
+  static constexpr int kBlockThreads = kThreadCols * (kTile / kTM);  // 256 or 64
+  // At least 768 threads per SM (<= 85 registers): enough loads in flight to stream tokens.
+  static constexpr int kMinBlocks = sizeof(acc) == 4 ? 768 / kBlockThreads : 1;
   static constexpr int kStage = reduce_stage_rows(sizeof(acc) == 8);
   static constexpr int kVec = kVec16<scalar_t>;
   static constexpr int kVecsPerRow = kTile / kVec;
-  static_assert(kTile % kVec == 0 && kTM * (kThreads / kThreadCols) == kTile, "tile must split evenly");
+  static_assert(kTile % kVec == 0 && kTile % kTM == 0, "tile must split evenly");
 };
 
-// grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kThreads.
+// grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads.
 template <typename scalar_t, int kTile>
-__global__ void __launch_bounds__(kThreads) token_reduce_kernel(const TokenReduceArgs a) {
+__global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, ReduceConfig<scalar_t, kTile>::kMinBlocks)
+    token_reduce_kernel(const TokenReduceArgs a) {
   using Cfg = ReduceConfig<scalar_t, kTile>;
   using acc = typename Cfg::acc;
   constexpr int kStage = Cfg::kStage, kTM = Cfg::kTM, kTN = Cfg::kTN, kV = Cfg::kVec;
-  constexpr int kThreadCols = Cfg::kThreadCols;
+  constexpr int kThreadCols = Cfg::kThreadCols, kBlockThreads = Cfg::kBlockThreads;
   __shared__ __align__(16) acc x_tile[kStage][kTile];  // phi(x), 0 past Dm or the chunk
   __shared__ __align__(16) acc y_tile[kStage][kTile];  // y * y_scale
   __shared__ __align__(16) acc s_tile[kStage][kTile];  // phi(xs) * s_scale, unless side_is_x
@@ -74,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) token_reduce_kernel(const TokenReduc
 
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kStage) {
       __syncthreads();  // the previous stage has been consumed
-      for (int idx = tid; idx < kStage * Cfg::kVecsPerRow; idx += kThreads) {
+      for (int idx = tid; idx < kStage * Cfg::kVecsPerRow; idx += kBlockThreads) {
         const int r = idx / Cfg::kVecsPerRow, col = (idx % Cfg::kVecsPerRow) * kV;
         const int64_t t = t0 + r;
         acc xv[kV], yv[kV], sv[kV];
@@ -108,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) token_reduce_kernel(const TokenReduc
 #pragma unroll 8
       for (int r = 0; r < kStage; ++r) m_acc.fma(&x_tile[r][m0], &y_tile[r][n0]);
       if (side) {
-        // Thread column tn sums stage rows tn, tn + 16, ...: the side costs every thread the same.
+        // Thread column tn sums stage rows tn, tn + kThreadCols, ...: every thread does the same.
         const acc(*src)[kTile] = own_side_tile ? s_tile : x_tile;
         for (int r = tn; r < kStage; r += kThreadCols)
 #pragma unroll

@@ -36,13 +36,16 @@ struct RowsConfig {
   static constexpr int kWPitch = kD + 4;
   static constexpr int kVec = kVec16<scalar_t>;
   static constexpr int kVecsPerRow = kK / kVec;
+  // Blocks per SM the register budget must allow: 3 (<= 85 registers) where the op streams memory
+  // (kD <= 64), 2 (<= 128) where FMAs dominate; fp64 is left unconstrained (no spills).
+  static constexpr int kMinBlocks = sizeof(acc) == 8 ? 1 : kD <= 64 ? 3 : 2;
   static_assert(kK % kVec == 0 && kK % 8 == 0, "stage width must split into vectors");
   static_assert(2 * kRows * kThreadCols <= kK * (kXPitch + kWPitch), "row partials must fit the operand space");
 };
 
 // One block-row tile: grid.x any (grid-stride over heads * ceil(N / kRows)), block: kThreads.
 template <typename scalar_t, int kD, RowsMode kMode>
-__global__ void __launch_bounds__(kThreads) rows_kernel(const LinearAttentionParams p, const BwdScratch s) {
+__global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks) rows_kernel(const LinearAttentionParams p, const BwdScratch s) {
   using Cfg = RowsConfig<scalar_t, kD>;
   using acc = typename Cfg::acc;
   constexpr int kTM = Cfg::kTM, kTN = Cfg::kTN, kK = Cfg::kK, kV = Cfg::kVec;
