@@ -66,49 +66,4 @@ __device__ __forceinline__ acc slot_dot(const acc (&x)[kSlots], const acc (&y)[k
   return warp_sum(part);
 }
 
-// y[c] = sum_{r < nr} x[r] * M[r][c] for c < nc (M row-major nr x nc, in memory every lane reads).
-// x is broadcast one element at a time, so the rows of M are read coalesced; r runs in order.
-template <typename acc, int kSlots>
-__device__ __forceinline__ void warp_vec_mat(const acc (&x)[kSlots], const acc* M, int nr, int nc, int lane,
-                                             acc (&y)[kSlots]) {
-#pragma unroll
-  for (int u = 0; u < kSlots; ++u) y[u] = acc(0);
-#pragma unroll
-  for (int t = 0; t < kSlots; ++t) {
-    if (t * kWarpSize >= nr) break;  // uniform across the warp
-    const int n = min(kWarpSize, nr - t * kWarpSize);
-    for (int s = 0; s < n; ++s) {
-      const acc xr = __shfl_sync(kFullMask, x[t], s);
-      const acc* M_row = M + static_cast<int64_t>(t * kWarpSize + s) * nc;
-#pragma unroll
-      for (int u = 0; u < kSlots; ++u) {
-        const int c = lane + kWarpSize * u;
-        if (c < nc) y[u] += xr * M_row[c];
-      }
-    }
-  }
-}
-
-// y[r] = sum_{c < nc} M[r][c] * x[c] for r < nr (M row-major nr x nc); c runs in order.
-template <typename acc, int kSlots>
-__device__ __forceinline__ void warp_mat_vec(const acc* M, const acc (&x)[kSlots], int nr, int nc, int lane,
-                                             acc (&y)[kSlots]) {
-#pragma unroll
-  for (int t = 0; t < kSlots; ++t) y[t] = acc(0);
-#pragma unroll
-  for (int u = 0; u < kSlots; ++u) {
-    if (u * kWarpSize >= nc) break;  // uniform across the warp
-    const int n = min(kWarpSize, nc - u * kWarpSize);
-    for (int s = 0; s < n; ++s) {
-      const acc xc = __shfl_sync(kFullMask, x[u], s);
-      const int c = u * kWarpSize + s;
-#pragma unroll
-      for (int t = 0; t < kSlots; ++t) {
-        const int r = lane + kWarpSize * t;
-        if (r < nr) y[t] += M[static_cast<int64_t>(r) * nc + c] * xc;
-      }
-    }
-  }
-}
-
 }  // namespace sola
