@@ -19,23 +19,43 @@ SOLA_HD int imin(int a, int b) { return a < b ? a : b; }
 SOLA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- feature map ----------------------------------------------------------------------------
-// A uniform switch per element, in the load stage only: next to a 16-byte load it costs nothing,
-// and a template parameter would triple the instantiations (build time).
-template <typename acc>
-SOLA_HD acc phi(FeatureMap fm, acc x) {
+// Chosen at run time: a template parameter would triple the instantiations (build time), and one
+// uniform switch per loaded vector costs nothing next to the load itself.
+
+// v[e] = phi(v[e]) for e < valid, 0 from there on (padding stays 0: phi(0) = 1 for elu). One
+// switch per vector rather than per element keeps the load stage free of per-element branches.
+template <int N, typename acc>
+SOLA_HD void phi_cols(FeatureMap fm, int valid, acc (&v)[N]) {
   switch (fm) {
-    case FeatureMap::Elu: return Phi<FeatureMap::Elu>::f(x);
-    case FeatureMap::Relu: return Phi<FeatureMap::Relu>::f(x);
-    default: return x;
+    case FeatureMap::Elu:
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Elu>::f(v[e]) : acc(0);
+      break;
+    case FeatureMap::Relu:
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Relu>::f(v[e]) : acc(0);
+      break;
+    default:
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = e < valid ? v[e] : acc(0);
   }
 }
 
-template <typename acc>
-SOLA_HD acc dphi(FeatureMap fm, acc x) {
+// v[e] = phi'(v[e]), one switch per vector.
+template <int N, typename acc>
+SOLA_HD void dphi_cols(FeatureMap fm, acc (&v)[N]) {
   switch (fm) {
-    case FeatureMap::Elu: return Phi<FeatureMap::Elu>::df(x);
-    case FeatureMap::Relu: return Phi<FeatureMap::Relu>::df(x);
-    default: return acc(1);
+    case FeatureMap::Elu:
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Elu>::df(v[e]);
+      break;
+    case FeatureMap::Relu:
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Relu>::df(v[e]);
+      break;
+    default:
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = acc(1);
   }
 }
 

@@ -86,17 +86,16 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
         if (t < t_end) {
           load_cols<kV>(a.x.row<const scalar_t>(b, h, t), mb + col, a.Dm, x_aligned, xv);
           load_cols<kV>(a.y.row<const scalar_t>(b, h, t), nb + col, a.Dn, y_aligned, yv);
+          phi_cols(a.fm, a.Dm - (mb + col), xv);
           const acc ys = y_scale ? y_scale[bh * a.N + t] : acc(1);
 #pragma unroll
-          for (int e = 0; e < kV; ++e) {
-            xv[e] = mb + col + e < a.Dm ? phi(a.fm, xv[e]) : acc(0);  // phi(0) != 0 for elu
-            yv[e] *= ys;
-          }
+          for (int e = 0; e < kV; ++e) yv[e] *= ys;
           if (own_side_tile) {
             load_cols<kV>(a.xs.row<const scalar_t>(b, h, t), mb + col, a.Dm, xs_aligned, sv);
+            phi_cols(a.fm, a.Dm - (mb + col), sv);
             const acc ss = s_scale ? s_scale[bh * a.N + t] : acc(1);
 #pragma unroll
-            for (int e = 0; e < kV; ++e) sv[e] = mb + col + e < a.Dm ? phi(a.fm, sv[e]) * ss : acc(0);
+            for (int e = 0; e < kV; ++e) sv[e] *= ss;
           }
         } else {
 #pragma unroll

@@ -101,14 +101,10 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         acc xv[kV], sv[kV];
         if (row < N) {
           load_cols<kV>(x.row<const scalar_t>(b, h, row), k0 + kc, Din, x_aligned, xv);
-          if (kXPhi) {
-#pragma unroll
-            for (int e = 0; e < kV; ++e) xv[e] = k0 + kc + e < Din ? phi(p.feature_map, xv[e]) : acc(0);
-          }
+          if (kXPhi) phi_cols(p.feature_map, Din - (k0 + kc), xv);
           if (own_side) {
             load_cols<kV>(p.qn.row<const scalar_t>(b, h, row), k0 + kc, Din, qn_aligned, sv);
-#pragma unroll
-            for (int e = 0; e < kV; ++e) sv[e] = k0 + kc + e < Din ? phi(p.feature_map, sv[e]) : acc(0);
+            phi_cols(p.feature_map, Din - (k0 + kc), sv);
           }
         } else {
 #pragma unroll
@@ -201,11 +197,13 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         acc qv[kTN], qnv[kTN];
         load_cols<kTN>(p.q.row<const scalar_t>(b, h, row), n0, Dk, q_aligned, qv);
         load_cols<kTN>(p.qn.row<const scalar_t>(b, h, row), n0, Dk, qn4_aligned, qnv);
+        phi_cols(p.feature_map, Dk - n0, qv);
+        phi_cols(p.feature_map, Dk - n0, qnv);
 #pragma unroll
         for (int j = 0; j < kTN; ++j) {
-          if (n0 + j >= Dk) continue;
-          g_num_part[i] += phi(p.feature_map, qv[j]) * c.c[i][j];
-          den_part[i] += phi(p.feature_map, qnv[j]) * zv[j];
+          if (n0 + j >= Dk) continue;  // u is not 0 there when g holds an Inf
+          g_num_part[i] += qv[j] * c.c[i][j];
+          den_part[i] += qnv[j] * zv[j];
         }
       }
       acc g_num[kTM], den[kTM];
@@ -227,11 +225,13 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         acc qv[kTN], qnv[kTN], dq[kTN], dqn[kTN];
         load_cols<kTN>(p.q.row<const scalar_t>(b, h, row), n0, Dk, q_aligned, qv);
         load_cols<kTN>(p.qn.row<const scalar_t>(b, h, row), n0, Dk, qn4_aligned, qnv);
+        dphi_cols(p.feature_map, qv);
+        dphi_cols(p.feature_map, qnv);
 #pragma unroll
         for (int j = 0; j < kTN; ++j) {
           // dphi(q_i) = S da_i = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
-          dq[j] = c.c[i][j] * inv * dphi(p.feature_map, qv[j]);
-          dqn[j] = p.normalize ? zv[j] * dd * dphi(p.feature_map, qnv[j]) : acc(0);
+          dq[j] = c.c[i][j] * inv * qv[j];
+          dqn[j] = p.normalize ? zv[j] * dd * qnv[j] : acc(0);
           if (!p.has_qn) dq[j] += dqn[j];
         }
         store_cols<kTN>(p.dq.row<scalar_t>(b, h, row), n0, Dk, dq_aligned, dq);
@@ -264,10 +264,12 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         acc kv[kTN], knv[kTN], dk[kTN], dkn[kTN];
         load_cols<kTN>(p.k.row<const scalar_t>(b, h, row), n0, Dk, k_aligned, kv);
         load_cols<kTN>(p.kn.row<const scalar_t>(b, h, row), n0, Dk, kn_aligned, knv);
+        dphi_cols(p.feature_map, kv);
+        dphi_cols(p.feature_map, knv);
 #pragma unroll
         for (int j = 0; j < kTN; ++j) {
-          dk[j] = c.c[i][j] * inv_nk * dphi(p.feature_map, kv[j]);
-          dkn[j] = p.normalize ? dzv[j] * inv_nk * dphi(p.feature_map, knv[j]) : acc(0);
+          dk[j] = c.c[i][j] * inv_nk * kv[j];
+          dkn[j] = p.normalize ? dzv[j] * inv_nk * knv[j] : acc(0);
           if (!p.has_kn) dk[j] += dkn[j];
         }
         store_cols<kTN>(p.dk.row<scalar_t>(b, h, row), n0, Dk, dk_aligned, dk);
