@@ -4,9 +4,11 @@
 //      keeps 1/den_i and dd_i per query;
 //   2. token reduction (the forward's template): dS = sum_i phi(q_i) (g_i / den_i)^T,
 //      dz = sum_i phi(qn_i) dd_i, split over query chunks, summed in chunk order;
-//   3. rows_kernel<KeyGradV>: dv_j = dS^T phi(k_j) / Nk;
-//   4. rows_kernel<KeyGradK>: dk_j = phi'(k_j) (dS v_j) / Nk (+ phi'(kn_j) dz / Nk, or into dkn).
+//   3. rows_kernel<KeyGrad>: dv_j = dS^T phi(k_j) / Nk, then for the same rows
+//      dk_j = phi'(k_j) (dS v_j) / Nk (+ phi'(kn_j) dz / Nk, or into dkn).
 // Deterministic (fixed summation orders, no atomics); reuses the forward's state and z.
+#include <algorithm>
+
 #include "linear_attention/linear_attention_cuda.cuh"
 
 namespace sola {
@@ -28,8 +30,7 @@ void linear_attention_bwd_cuda(const LinearAttentionParams& p) {
   SOLA_DISPATCH_FLOATING(p.dtype, "linear_attention_bwd_cuda", [&] {
     la::launch_rows<scalar_t, la::RowsMode::QueryGrad>(p, s, p.Dk, stream);
     la::launch_token_reduce<scalar_t>(dstate_args, stream);  // Nq == 0 gives dS = dz = 0
-    la::launch_rows<scalar_t, la::RowsMode::KeyGradV>(p, s, p.Dv, stream);
-    la::launch_rows<scalar_t, la::RowsMode::KeyGradK>(p, s, p.Dk, stream);
+    la::launch_rows<scalar_t, la::RowsMode::KeyGrad>(p, s, std::max(p.Dk, p.Dv), stream);
   });
 }
 

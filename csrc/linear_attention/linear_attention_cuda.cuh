@@ -17,11 +17,11 @@ namespace la {
 template <typename scalar_t>
 void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream);
 
-// rows_kernel for the head-dim bucket of d_out (the mode's output width). fp64 only takes the
+// rows_kernel for the head-dim bucket of d_out (the mode's widest output). fp64 only takes the
 // 256 bucket: it serves gradcheck and reference runs, not speed, and costs 3 fewer instantiations.
 template <typename scalar_t, RowsMode kMode>
 void launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_out, cudaStream_t stream) {
-  const int64_t n = (kMode == RowsMode::Out || kMode == RowsMode::QueryGrad) ? p.Nq : p.Nk;
+  const int64_t n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
   auto launch = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
     const int64_t items = p.B * p.H * ceil_div(n, RowsConfig<scalar_t, kD>::kRows);

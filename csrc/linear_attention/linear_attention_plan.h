@@ -71,8 +71,7 @@ inline int64_t token_reduce_workspace(const TokenReduceArgs& a) {
 enum class RowsMode : int {
   Out = 0,        // forward:  out = phi(q) S / (phi(qn) . z + eps)
   QueryGrad = 1,  // backward: u = S g; den, dd; dq (dqn); writes 1/den and dd per query
-  KeyGradV = 2,   // backward: dv = dS^T phi(k) / Nk
-  KeyGradK = 3,   // backward: dk = phi'(k) (dS v) / Nk (+ phi'(kn) dz / Nk, or into dkn)
+  KeyGrad = 2,    // backward: dv = dS^T phi(k) / Nk; dk = phi'(k) (dS v) / Nk (+ phi'(kn) dz / Nk, or dkn)
 };
 
 // Accumulator-typed buffers the backward passes between kernels.

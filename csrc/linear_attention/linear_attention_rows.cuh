@@ -2,8 +2,9 @@
 // (S or dS, fp32/fp64, read through L2), with a mode-specific epilogue (RowsMode):
 //   Out        out_i = phi(q_i) S / (phi(qn_i) . z + eps)             W = S     (Dk x Dv)
 //   QueryGrad  u_i = S g_i -> den_i, dd_i, dq_i, dqn_i                W = S^T   (Dv x Dk)
-//   KeyGradV   dv_j = dS^T phi(k_j) / Nk                              W = dS    (Dk x Dv)
-//   KeyGradK   dk_j = phi'(k_j) (dS v_j) / Nk (+ phi'(kn_j) dz / Nk)  W = dS^T  (Dv x Dk)
+//   KeyGrad    dv_j = dS^T phi(k_j) / Nk                              W = dS    (Dk x Dv)
+//              then dk_j = phi'(k_j) (dS v_j) / Nk (+ phi'(kn_j) dz / Nk)  W = dS^T  (Dv x Dk)
+//              (one block does both for its rows, so k comes from DRAM once and from L2 again)
 //
 // Tiling. A block owns kRows rows and all kD (>= Dout) output columns, so the row-wise epilogues
 // (the denominator, g . num) see whole rows. Its threads form kThreadRows x kThreadCols, each
@@ -51,9 +52,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
   constexpr int kTM = Cfg::kTM, kTN = Cfg::kTN, kK = Cfg::kK, kV = Cfg::kVec;
   constexpr int kXPitch = Cfg::kXPitch, kWPitch = Cfg::kWPitch, kThreadCols = Cfg::kThreadCols;
   constexpr bool kOut = kMode == RowsMode::Out;
-  constexpr bool kQueries = kMode == RowsMode::Out || kMode == RowsMode::QueryGrad;
-  constexpr bool kInDk = kMode == RowsMode::Out || kMode == RowsMode::KeyGradV;  // Din = Dk, Dout = Dv
-  constexpr bool kXPhi = kInDk;                                                 // x is q or k
+  constexpr bool kQueries = kMode != RowsMode::KeyGrad;
   // Out: x tile, W tile, phi(qn) tile, z slice. The row partials of the epilogues reuse the
   // x and W space once the reduction is done.
   constexpr int kSmem = kK * kXPitch + kK * kWPitch + (kOut ? kK * kXPitch + kK : 0);
@@ -64,10 +63,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
   acc* const zs = st + kK * kXPitch;   // [kK]: z slice (Out)
   acc* const red = smem;               // [2][kRows][kThreadCols] after the reduction
 
-  const View4& x = kMode == RowsMode::Out ? p.q : kMode == RowsMode::QueryGrad ? p.grad_out
-                   : kMode == RowsMode::KeyGradV ? p.k : p.v;
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
-  const int Din = kInDk ? Dk : Dv, Dout = kInDk ? Dv : Dk;
   const int64_t N = kQueries ? p.Nq : p.Nk;
   const acc* const w_all = static_cast<const acc*>(kQueries ? p.state : s.dstate);
   const acc* const z_all = static_cast<const acc*>(p.z);
@@ -77,7 +73,6 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
   const int tid = threadIdx.x;
   const int tn = tid % kThreadCols, tm = tid / kThreadCols;
   const int m0 = tm * kTM, n0 = tn * kTN;
-  const bool x_aligned = rows_aligned<scalar_t>(x, kV);
   const bool qn_aligned = rows_aligned<scalar_t>(p.qn, kV);
   const int64_t row_tiles = ceil_div(N, Cfg::kRows), items = p.B * p.H * row_tiles;
 
@@ -87,61 +82,66 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
     const acc* const w = w_all + bh * Dk * Dv;
 
     RegTile<acc, kTM, kTN> c;
-    c.zero();
     acc side_acc[kTM];
-#pragma unroll
-    for (int i = 0; i < kTM; ++i) side_acc[i] = acc(0);
 
-    for (int k0 = 0; k0 < Din; k0 += kK) {
-      __syncthreads();  // the previous stage (or item's epilogue) is done with shared memory
-      // x slice [kRows x kK], 16-byte loads along each row, stored transposed: xt[k][r].
-      for (int idx = tid; idx < Cfg::kRows * Cfg::kVecsPerRow; idx += kThreads) {
-        const int r = idx / Cfg::kVecsPerRow, kc = (idx % Cfg::kVecsPerRow) * kV;
-        const int64_t row = r0 + r;
-        acc xv[kV], sv[kV];
-        if (row < N) {
-          load_cols<kV>(x.row<const scalar_t>(b, h, row), k0 + kc, Din, x_aligned, xv);
-          if (kXPhi) phi_cols(p.feature_map, Din - (k0 + kc), xv);
-          if (own_side) {
-            load_cols<kV>(p.qn.row<const scalar_t>(b, h, row), k0 + kc, Din, qn_aligned, sv);
-            phi_cols(p.feature_map, Din - (k0 + kc), sv);
+    // c = f(x)[rows r0..] W (Din -> Dout columns), f = phi when x_phi; side_acc = phi(qn) . z (Out).
+    // W[k][n] = M[k][n] (M Din x Dout) or M[n][k] when w_trans (M Dout x Din), M = S or dS.
+    auto product = [&](const View4& x, bool x_phi, int Din, int Dout, bool w_trans) {
+      c.zero();
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) side_acc[i] = acc(0);
+      const bool x_aligned = rows_aligned<scalar_t>(x, kV);
+      for (int k0 = 0; k0 < Din; k0 += kK) {
+        __syncthreads();  // the previous stage (or item's epilogue) is done with shared memory
+        // x slice [kRows x kK], 16-byte loads along each row, stored transposed: xt[k][r].
+        for (int idx = tid; idx < Cfg::kRows * Cfg::kVecsPerRow; idx += kThreads) {
+          const int r = idx / Cfg::kVecsPerRow, kc = (idx % Cfg::kVecsPerRow) * kV;
+          const int64_t row = r0 + r;
+          acc xv[kV], sv[kV];
+          if (row < N) {
+            load_cols<kV>(x.row<const scalar_t>(b, h, row), k0 + kc, Din, x_aligned, xv);
+            if (x_phi) phi_cols(p.feature_map, Din - (k0 + kc), xv);
+            if (own_side) {
+              load_cols<kV>(p.qn.row<const scalar_t>(b, h, row), k0 + kc, Din, qn_aligned, sv);
+              phi_cols(p.feature_map, Din - (k0 + kc), sv);
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < kV; ++e) xv[e] = sv[e] = acc(0);
+          }
+#pragma unroll
+          for (int e = 0; e < kV; ++e) {
+            xt[(kc + e) * kXPitch + r] = xv[e];
+            if (own_side) st[(kc + e) * kXPitch + r] = sv[e];
+          }
+        }
+        // W slice [kK x kD], 0 outside Din x Dout.
+        if (w_trans) {
+          // A warp reads 8 consecutive k of 4 rows of M (coalesced enough for L2, conflict-free stores).
+          for (int idx = tid; idx < kK * kD; idx += kThreads) {
+            const int k = (idx / (8 * kD)) * 8 + idx % 8, n = (idx / 8) % kD;
+            wt[k * kWPitch + n] = k0 + k < Din && n < Dout ? w[int64_t(n) * Din + k0 + k] : acc(0);
           }
         } else {
-#pragma unroll
-          for (int e = 0; e < kV; ++e) xv[e] = sv[e] = acc(0);
+          for (int idx = tid; idx < kK * kD; idx += kThreads) {
+            const int k = idx / kD, n = idx % kD;
+            wt[k * kWPitch + n] = k0 + k < Din && n < Dout ? w[int64_t(k0 + k) * Dout + n] : acc(0);
+          }
         }
-#pragma unroll
-        for (int e = 0; e < kV; ++e) {
-          xt[(kc + e) * kXPitch + r] = xv[e];
-          if (own_side) st[(kc + e) * kXPitch + r] = sv[e];
-        }
-      }
-      // W slice [kK x kD], 0 outside Din x Dout.
-      if (kMode == RowsMode::QueryGrad || kMode == RowsMode::KeyGradK) {
-        // W[k][n] = M[n][k] (M = S or dS, Dk x Dv): a warp reads 8 consecutive k of 4 rows of M.
-        for (int idx = tid; idx < kK * kD; idx += kThreads) {
-          const int k = (idx / (8 * kD)) * 8 + idx % 8, n = (idx / 8) % kD;
-          wt[k * kWPitch + n] = k0 + k < Din && n < Dout ? w[int64_t(n) * Din + k0 + k] : acc(0);
-        }
-      } else {
-        for (int idx = tid; idx < kK * kD; idx += kThreads) {
-          const int k = idx / kD, n = idx % kD;
-          wt[k * kWPitch + n] = k0 + k < Din && n < Dout ? w[int64_t(k0 + k) * Dout + n] : acc(0);
-        }
-      }
-      if (side && tid < kK) zs[tid] = k0 + tid < Din ? z_all[bh * Dk + k0 + tid] : acc(0);
-      __syncthreads();
+        if (side && tid < kK) zs[tid] = k0 + tid < Din ? z_all[bh * Dk + k0 + tid] : acc(0);
+        __syncthreads();
 
 #pragma unroll 8
-      for (int k = 0; k < kK; ++k) c.fma(&xt[k * kXPitch + m0], &wt[k * kWPitch + n0]);
-      if (side) {
-        // phi(qn_i) . z: thread column tn takes k = tn, tn + kThreadCols, ... (balanced).
-        const acc* const sx = own_side ? st : xt;
-        for (int k = tn; k < kK; k += kThreadCols)
+        for (int k = 0; k < kK; ++k) c.fma(&xt[k * kXPitch + m0], &wt[k * kWPitch + n0]);
+        if (side) {
+          // phi(qn_i) . z: thread column tn takes k = tn, tn + kThreadCols, ... (balanced).
+          const acc* const sx = own_side ? st : xt;
+          for (int k = tn; k < kK; k += kThreadCols)
 #pragma unroll
-          for (int i = 0; i < kTM; ++i) side_acc[i] += sx[k * kXPitch + m0 + i] * zs[k];
+            for (int i = 0; i < kTM; ++i) side_acc[i] += sx[k * kXPitch + m0 + i] * zs[k];
+        }
       }
-    }
+    };
 
     // Row sums across the thread columns, each in a fixed order: red[slot][row][thread column].
     auto row_sums = [&](const acc (&part0)[kTM], const acc (&part1)[kTM], acc (&sum0)[kTM], acc (&sum1)[kTM]) {
@@ -163,6 +163,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
     };
 
     if constexpr (kMode == RowsMode::Out) {
+      product(p.q, true, Dk, Dv, false);
       acc inv_den[kTM];
 #pragma unroll
       for (int i = 0; i < kTM; ++i) inv_den[i] = acc(1);
@@ -180,10 +181,11 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         acc o[kTN];
 #pragma unroll
         for (int j = 0; j < kTN; ++j) o[j] = c.c[i][j] * inv_den[i];
-        store_cols<kTN>(p.out.row<scalar_t>(b, h, row), n0, Dout, out_aligned, o);
+        store_cols<kTN>(p.out.row<scalar_t>(b, h, row), n0, Dv, out_aligned, o);
       }
     } else if constexpr (kMode == RowsMode::QueryGrad) {
       // c = u = S g (columns a of Dk). g . num_i = phi(q_i) . u_i; den_i = phi(qn_i) . z + eps.
+      product(p.grad_out, false, Dv, Dk, true);
       const bool q_aligned = rows_aligned<scalar_t>(p.q, kTN), qn4_aligned = rows_aligned<scalar_t>(p.qn, kTN);
       acc zv[kTN];
 #pragma unroll
@@ -237,8 +239,9 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         store_cols<kTN>(p.dq.row<scalar_t>(b, h, row), n0, Dk, dq_aligned, dq);
         if (p.has_qn) store_cols<kTN>(p.dqn.row<scalar_t>(b, h, row), n0, Dk, dqn_aligned, dqn);
       }
-    } else if constexpr (kMode == RowsMode::KeyGradV) {
+    } else {  // KeyGrad
       const acc inv_nk = acc(1) / static_cast<acc>(p.Nk);
+      product(p.k, true, Dk, Dv, false);  // c = dS^T phi(k_j)
       const bool dv_aligned = rows_aligned<scalar_t>(p.dv, kTN);
 #pragma unroll
       for (int i = 0; i < kTM; ++i) {
@@ -249,8 +252,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         for (int j = 0; j < kTN; ++j) dv[j] = c.c[i][j] * inv_nk;
         store_cols<kTN>(p.dv.row<scalar_t>(b, h, row), n0, Dv, dv_aligned, dv);
       }
-    } else {  // KeyGradK: c = dS v_j (columns a of Dk)
-      const acc inv_nk = acc(1) / static_cast<acc>(p.Nk);
+      product(p.v, false, Dv, Dk, true);  // c = dS v_j (columns a of Dk); k again, now from L2
       const acc* const dz_all = static_cast<const acc*>(s.dz);
       const bool k_aligned = rows_aligned<scalar_t>(p.k, kTN), kn_aligned = rows_aligned<scalar_t>(p.kn, kTN);
       const bool dk_aligned = rows_aligned<scalar_t>(p.dk, kTN), dkn_aligned = rows_aligned<scalar_t>(p.dkn, kTN);
