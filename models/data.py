@@ -28,6 +28,11 @@ class DataSplits:
     class_names: List[str] = field(default_factory=list)
 
 
+def default_workers(data: str) -> int:
+    """Loader workers: none for the in-memory digits, 4 to decode image files."""
+    return 0 if data == DIGITS else 4
+
+
 def build_datasets(data: str, img_size: int) -> DataSplits:
     """Train and val datasets for `data` ("digits" or an ImageFolder root) at `img_size` pixels."""
     if img_size < 8:

@@ -22,6 +22,11 @@ def create_model(name: str, *, num_classes: int, in_chans: int, attn_impl: str =
     return timm.create_model(name, **kwargs)
 
 
+def use_amp(amp: str, device: torch.device) -> bool:
+    """--amp auto|bf16|none -> whether to autocast: auto means on CUDA only."""
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA when `amp`; plain fp32 otherwise (CPU autocast is slower than fp32 here)."""
     if amp and device.type == "cuda":

@@ -12,9 +12,9 @@ import os
 from typing import Dict, List, Optional
 
 from . import checkpoint as ckpt
-from .data import build_datasets
+from .data import build_datasets, default_workers
 from .distributed import init_distributed, shutdown
-from .engine import create_model, eval_loader, evaluate
+from .engine import create_model, eval_loader, evaluate, use_amp
 from .plots import plot_confusion_matrix
 
 
@@ -52,8 +52,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                              attn_impl=args.attn_impl, layer_pattern=info["layer_pattern"])
         model.load_state_dict(weights)
         model.to(ctx.device)
-        workers = args.workers if args.workers is not None else (0 if data_arg == "digits" else 4)
-        amp = args.amp == "bf16" or (args.amp == "auto" and ctx.device.type == "cuda")
+        workers = args.workers if args.workers is not None else default_workers(data_arg)
+        amp = use_amp(args.amp, ctx.device)
         result = evaluate(model, eval_loader(data.val, ctx, args.batch_size, workers), ctx, data.num_classes, amp,
                           confusion=True)
         png = args.confusion_png or os.path.join(os.path.dirname(os.path.abspath(path)), "confusion_matrix.png")

@@ -27,10 +27,10 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .data import DIGITS, build_datasets
+from .data import DIGITS, build_datasets, default_workers
 from .distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, convert_sync_batchnorm,
                           init_distributed, shutdown)
-from .engine import autocast, create_model, eval_loader, evaluate, train_loader
+from .engine import autocast, create_model, eval_loader, evaluate, train_loader, use_amp
 from .plots import plot_training_curves
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
@@ -80,7 +80,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.img_size is None:
         args.img_size = 32 if args.data == DIGITS else 224
     if args.workers is None:
-        args.workers = 0 if args.data == DIGITS else 4
+        args.workers = default_workers(args.data)
     if args.output is None:
         data_name = os.path.basename(os.path.normpath(args.data))
         args.output = os.path.join("runs", f"{args.model}-{data_name}")
@@ -89,7 +89,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 class Trainer:
     def __init__(self, args: argparse.Namespace, ctx: DistContext):
         self.args, self.ctx = args, ctx
-        self.amp = args.amp == "bf16" or (args.amp == "auto" and ctx.device.type == "cuda")
+        self.amp = use_amp(args.amp, ctx.device)
         torch.manual_seed(args.seed)
         data = build_datasets(args.data, args.img_size)
         train_set = data.train

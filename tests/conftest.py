@@ -175,6 +175,21 @@ def _grads(out, inputs, grad_out):
     return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
 
 
+def check_grads(op, names, out, ref64, ref_lp, inputs, i64, ilp, grad_out=None):
+    """Gradients of every given input (None entries are skipped) of `out` against the fp64 reference's
+    (`ref64` from `i64`) with the FlashAttention rule, the low-precision baseline from `ilp`."""
+    dtype = out.dtype
+    if grad_out is None:
+        grad_out = randn(out.shape, dtype, out.device, seed=7)
+    g_ours = _grads(out, inputs, grad_out)
+    g64 = _grads(ref64, i64, grad_out.double())
+    glp = _grads(ref_lp, ilp, grad_out)
+    for name, t, a, b, c in zip(names, inputs, g_ours, g64, glp):
+        if t is not None:
+            assert a.dtype == dtype and a.shape == t.shape
+            assert_fa_close(a, b, c, dtype, f"{op} d{name}")
+
+
 NAMES_LINEAR = ("q", "k", "v", "q_norm", "k_norm")
 NAMES_SOFTMAX = ("q", "k", "v")
 
@@ -198,15 +213,7 @@ def check_linear(q, k, v, *, q_norm=None, k_norm=None, grad=True, grad_out=None,
     assert_fa_close(out, ref64, ref_lp, dtype, "linear_attention out")
     if not grad:
         return out
-    if grad_out is None:
-        grad_out = randn(out.shape, dtype, out.device, seed=7)
-    g_ours = _grads(out, inputs, grad_out)
-    g64 = _grads(ref64, i64, grad_out.double())
-    glp = _grads(ref_lp, ilp, grad_out)
-    for name, t, a, b, c in zip(NAMES_LINEAR, inputs, g_ours, g64, glp):
-        if t is not None:
-            assert a.dtype == dtype and a.shape == t.shape
-            assert_fa_close(a, b, c, dtype, f"linear_attention d{name}")
+    check_grads("linear_attention", NAMES_LINEAR, out, ref64, ref_lp, inputs, i64, ilp, grad_out)
     return out
 
 
@@ -238,12 +245,5 @@ def check_softmax(q, k, v, *, grad=True, grad_out=None, check_lse=True, **opts):
                         "softmax_attention lse")
     if not grad:
         return out
-    if grad_out is None:
-        grad_out = randn(out.shape, dtype, out.device, seed=7)
-    g_ours = _grads(out, inputs, grad_out)
-    g64 = _grads(ref64, i64, grad_out.double())
-    glp = _grads(ref_lp, ilp, grad_out)
-    for name, t, a, b, c in zip(NAMES_SOFTMAX, inputs, g_ours, g64, glp):
-        assert a.dtype == dtype and a.shape == t.shape
-        assert_fa_close(a, b, c, dtype, f"softmax_attention d{name}")
+    check_grads("softmax_attention", NAMES_SOFTMAX, out, ref64, ref_lp, inputs, i64, ilp, grad_out)
     return out
