@@ -42,6 +42,18 @@ struct View4 {
   }
 };
 
+SOLA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// True when every row of x starts on a multiple of `elems` elements' bytes, so vector
+// accesses at column multiples of `elems` are aligned. Strides are free (View4), so this is
+// decided at run time; misaligned views take the element-wise path.
+template <typename scalar_t>
+SOLA_HD bool rows_aligned(const View4& x, int elems) {
+  const auto bytes = static_cast<uintptr_t>(elems) * sizeof(scalar_t);
+  return reinterpret_cast<uintptr_t>(x.ptr) % bytes == 0 && x.sb % elems == 0 && x.sh % elems == 0 &&
+         x.sn % elems == 0;
+}
+
 // Returns t when its last dim is contiguous, else a contiguous copy (other layouts are copied).
 // Empty tensors count as contiguous to torch whatever their strides, so they are re-allocated.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sola_ops
-from conftest import DEVICES, DTYPES, check_softmax, leaf, make_qkv, randn, size_id, strided_like
+from conftest import (DEVICES, DTYPES, LOW_DTYPES, check_softmax, leaf, make_qkv, randn, requires_cuda, size_id,
+                      strided_like)
 
 
 # ---- forward, lse and gradients vs the reference ---------------------------------------------------
@@ -94,6 +95,31 @@ SIZES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
 @pytest.mark.parametrize("B,H,Nq,Nk,Dk,Dv,dtype", SIZES, ids=map(size_id, SIZES))
 def test_awkward_sizes(device, B, H, Nq, Nk, Dk, Dv, dtype):
     q, k, v = make_qkv(B, H, Nq, Nk, Dk, Dv, dtype, device, seed=Nq + Dk)
+    check_softmax(q, k, v)
+
+
+# The flash kernels (fp16/bf16 on tensor cores) tile queries and keys by 64 and pad head dims to
+# 32/64/128/256: every (N, D) below lands on a different edge of those tiles.
+FLASH_N = [1, 17, 113, 1023, 4097]
+FLASH_D = [8, 40, 59, 96, 111, 256]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("D", FLASH_D)
+@pytest.mark.parametrize("N", FLASH_N)
+def test_flash_tile_edges(N, D, dtype):
+    q, k, v = make_qkv(1, 2, N, N, D, D, dtype, "cuda", seed=N + D)
+    check_softmax(q, k, v)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("Nq,Nk,Dk,Dv", [(4097, 17, 40, 96), (17, 4097, 96, 40), (200, 70, 256, 8), (70, 200, 8, 256)])
+def test_flash_unequal_sizes(Nq, Nk, Dk, Dv, dtype):
+    q, k, v = make_qkv(2, 3, Nq, Nk, Dk, Dv, dtype, "cuda", seed=Nq + Dv)
     check_softmax(q, k, v)
 
 
@@ -192,7 +218,7 @@ def test_gradcheck_strided(device):
 # ---- determinism ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_backward_deterministic(device, dtype):
     """The backward is bitwise reproducible (DESIGN.md): two runs, several heads and tiles."""
     q, k, v = make_qkv(2, 3, 100, 150, 32, 24, dtype, device, seed=2)

@@ -16,7 +16,6 @@ namespace la {
 constexpr int kThreads = 256;
 
 SOLA_HD int imin(int a, int b) { return a < b ? a : b; }
-SOLA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- feature map ----------------------------------------------------------------------------
 // Chosen at run time: a template parameter would triple the instantiations (build time), and one
@@ -68,16 +67,6 @@ struct alignas(sizeof(T) * N) Vec {
 // Elements of scalar_t per 16-byte load: 8 fp16/bf16, 4 fp32, 2 fp64.
 template <typename scalar_t>
 constexpr int kVec16 = static_cast<int>(16 / sizeof(scalar_t));
-
-// True when every row of x starts on a multiple of `elems` elements' bytes, so Vec<scalar_t, elems>
-// accesses at column multiples of `elems` are aligned. Strides are free (View4), so this is
-// decided at run time; misaligned views take the element-wise path.
-template <typename scalar_t>
-SOLA_HD bool rows_aligned(const View4& x, int elems) {
-  const auto bytes = static_cast<uintptr_t>(elems) * sizeof(scalar_t);
-  return reinterpret_cast<uintptr_t>(x.ptr) % bytes == 0 && x.sb % elems == 0 && x.sh % elems == 0 &&
-         x.sn % elems == 0;
-}
 
 // dst[e] = row[col + e] as acc for e < N, 0 at or past n.
 template <int N, typename acc, typename scalar_t>
