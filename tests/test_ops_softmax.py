@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sola_ops
-from conftest import (DEVICES, DTYPES, LOW_DTYPES, check_softmax, leaf, make_qkv, randn, requires_cuda, size_id,
+from conftest import (DEVICES, DTYPES, check_softmax, leaf, make_qkv, randn, requires_cuda, size_id,
                       strided_like)
 
 
@@ -98,15 +98,15 @@ def test_awkward_sizes(device, B, H, Nq, Nk, Dk, Dv, dtype):
     check_softmax(q, k, v)
 
 
-# The flash kernels (fp16/bf16 on tensor cores) tile queries and keys by 64 and pad head dims to
-# 32/64/128/256: every (N, D) below lands on a different edge of those tiles.
+# The flash kernels (tensor cores for fp16/bf16, SIMT for fp32/fp64) tile queries by 64 and keys by
+# 64 or 32 and pad head dims to 32/64/128/256: every (N, D) below lands on a different tile edge.
 FLASH_N = [1, 17, 113, 1023, 4097]
 FLASH_D = [8, 40, 59, 96, 111, 256]
 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", FLASH_D)
 @pytest.mark.parametrize("N", FLASH_N)
 def test_flash_tile_edges(N, D, dtype):
@@ -116,7 +116,7 @@ def test_flash_tile_edges(N, D, dtype):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Nq,Nk,Dk,Dv", [(4097, 17, 40, 96), (17, 4097, 96, 40), (200, 70, 256, 8), (70, 200, 8, 256)])
 def test_flash_unequal_sizes(Nq, Nk, Dk, Dv, dtype):
     q, k, v = make_qkv(2, 3, Nq, Nk, Dk, Dv, dtype, "cuda", seed=Nq + Dv)

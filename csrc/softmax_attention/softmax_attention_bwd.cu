@@ -1,6 +1,6 @@
-// CUDA backward of non-causal softmax attention. delta_kernel runs for every dtype; then fp16/bf16
-// on sm_80+ take the flash kernels (softmax_attention_flash_bwd.cu), everything else the row
-// kernels here. The probabilities are recomputed from
+// CUDA backward of non-causal softmax attention. delta_kernel runs first; then on sm_80+ the flash
+// kernels (softmax_attention_flash_bwd.cuh), else (older GPUs, tiles beyond the device's shared
+// memory) the row kernels here. The probabilities are recomputed from
 // q, k and the saved lse, p_ij = exp(scale * q_i . k_j - lse_i), ds_ij = p_ij (g_i . v_j - delta_i):
 //   delta_kernel (warp per query row): delta_i = g_i . out_i
 //   dq_kernel    (warp per query row): dq_i = scale * sum_j ds_ij k_j
@@ -117,7 +117,7 @@ void softmax_attention_bwd_cuda(const SoftmaxAttentionParams& p) {
       delta_kernel<scalar_t><<<grid_x(q_rows, kRowWarps), kRowThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (try_flash_bwd(p, stream)) return;
+    if (flash_kernels_run_here() && (flash_bwd_tensor_cores(p, stream) || flash_bwd_simt(p, stream))) return;
     SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kHeadDim, [&] {
       if (q_rows > 0) {
         dq_kernel<scalar_t, kHeadDim><<<grid_x(q_rows, kRowWarps), kRowThreads, 0, stream>>>(p);

@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -41,11 +42,38 @@ constexpr int kBlockRows = kWarps * kWarpRows;
 // Shared-memory rows are padded by 8 elements (16 bytes): the 8 rows a fragment load touches
 // then start in different banks, and rows stay 16-byte aligned for cp.async.
 constexpr int kPad = 8;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
 
 template <typename T>
 constexpr bool kIsHalfType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// Units of the scores fed to exp: base 2 on tensor cores (one ex2 per score, as FlashAttention),
+// natural for fp32/fp64, where rounding scale * log2(e) and lse * log2(e) would each cost up to
+// an ulp of a large score (1e-4 relative in P at |score| ~ 2000 in fp32).
+template <typename T>
+struct ExpUnits {
+  using acc = acc_t<T>;
+  static constexpr bool kBase2 = kIsHalfType<T>;
+  static constexpr acc kPerNat = kBase2 ? acc(kLog2e) : acc(1);  // units per natural unit
+  static SOLA_HD acc exp(acc x) {
+    if constexpr (kBase2) return std::exp2(x);
+    else return std::exp(x);
+  }
+  static SOLA_HD acc to_nat(acc x) { return kBase2 ? x * acc(kLn2) : x; }
+  // score * scale rounded on its own, never fused into a following subtraction: the backward
+  // then recomputes exactly the forward's scaled score (same products in the same order), and
+  // its rounding cancels against the saved lse as it does in torch's softmax.
+  static SOLA_HD acc scaled(acc s, acc scale) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<acc, double>) return __dmul_rn(s, scale);
+    else return __fmul_rn(s, scale);
+#else
+    volatile acc x = s * scale;
+    return x;
+#endif
+  }
+};
 
 struct FragA {
   uint32_t x[4];
@@ -59,12 +87,6 @@ SOLA_HD uint32_t pack2(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(
 template <typename T>
 SOLA_HD uint16_t bits_of(T x) {
   return x.x;
-}
-
-// Two consecutive elements of a shared-memory row (even column, even leading dim: 4-byte aligned).
-template <typename T>
-SOLA_HD uint32_t load_pair(const T* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
 }
 
 // d += a * b on the tensor cores, fp32 accumulate.
@@ -90,26 +112,60 @@ SOLA_HD void mma_16816(float (&d)[4], const FragA& a, const FragB& b) {
 }
 
 // ---- fragment loads from a row-major shared-memory tile with leading dim ld -------------------
+// ldmatrix.x4 reads four 8x8 16-bit matrices; lanes 8i .. 8i+7 give the row addresses of matrix i
+// (16-byte aligned: ld and the column offsets are multiples of 8). Register i of lane L gets
+// row L/4, columns 2(L%4) and +1 of matrix i; with .trans, column L/4 of rows 2(L%4) and +1.
+
+template <bool kTrans>
+SOLA_HD void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(SOLA_HOST_EMULATION)
+  ::emu::ldmatrix_x4(r, row, kTrans);
+#endif
+}
 
 // A = tile[m0 .. m0+15][k0 .. k0+15].
 template <typename T>
 SOLA_HD FragA load_a(const T* tile, int ld, int m0, int k0, int lane) {
-  const T* p = tile + (m0 + lane / 4) * ld + k0 + 2 * (lane % 4);
-  return FragA{{load_pair(p), load_pair(p + 8 * ld), load_pair(p + 8), load_pair(p + 8 * ld + 8)}};
+  const int i = lane / 8;  // matrices: rows +0 / +8 (i % 2), columns +0 / +8 (i / 2)
+  FragA a;
+  ldmatrix_x4<false>(a.x, tile + (m0 + lane % 8 + 8 * (i % 2)) * ld + k0 + 8 * (i / 2));
+  return a;
 }
 
-// B[k][n] = tile[n0 + n][k0 + k]: B is the transpose of 8 tile rows (as K in Q K^T).
+// Two B fragments (n8 tiles n0 and n0 + 8, one k16 step).
+struct FragB2 {
+  FragB lo, hi;
+};
+
+// B[k][n] = tile[n0 + n][k0 + k]: the transpose of 16 tile rows (as K in Q K^T).
 template <typename T>
-SOLA_HD FragB load_b_trans(const T* tile, int ld, int n0, int k0, int lane) {
-  const T* p = tile + (n0 + lane / 4) * ld + k0 + 2 * (lane % 4);
-  return FragB{{load_pair(p), load_pair(p + 8)}};
+SOLA_HD FragB2 load_b_trans(const T* tile, int ld, int n0, int k0, int lane) {
+  const int i = lane / 8;  // matrices: columns +0 / +8 (i % 2), rows +0 / +8 (i / 2)
+  uint32_t r[4];
+  ldmatrix_x4<false>(r, tile + (n0 + lane % 8 + 8 * (i / 2)) * ld + k0 + 8 * (i % 2));
+  return FragB2{{{r[0], r[1]}}, {{r[2], r[3]}}};
 }
 
-// B[k][n] = tile[k0 + k][n0 + n]: B is 16 tile rows as they stand (as V in P V).
+// B[k][n] = tile[k0 + k][n0 + n]: 16 tile rows as they stand (as V in P V).
 template <typename T>
-SOLA_HD FragB load_b(const T* tile, int ld, int k0, int n0, int lane) {
-  const T* p = tile + (k0 + 2 * (lane % 4)) * ld + n0 + lane / 4;
-  return FragB{{pack2(bits_of(p[0]), bits_of(p[ld])), pack2(bits_of(p[8 * ld]), bits_of(p[9 * ld]))}};
+SOLA_HD FragB2 load_b(const T* tile, int ld, int k0, int n0, int lane) {
+  const int i = lane / 8;  // matrices: rows +0 / +8 (i % 2), columns +0 / +8 (i / 2)
+  uint32_t r[4];
+  ldmatrix_x4<true>(r, tile + (k0 + lane % 8 + 8 * (i % 2)) * ld + n0 + 8 * (i / 2));
+  return FragB2{{{r[0], r[1]}}, {{r[2], r[3]}}};
 }
 
 // Columns 16kk .. 16kk+15 of a 16 x (8 * NT) fp32 accumulator, rounded to T, as an A fragment.
@@ -121,12 +177,12 @@ SOLA_HD FragA acc_to_a(const float (&c)[NT][4], int kk) {
   return FragA{{two(l[0], l[1]), two(l[2], l[3]), two(r[0], r[1]), two(r[2], r[3])}};
 }
 
-template <int NT>
-SOLA_HD void zero(float (&c)[NT][4]) {
+template <int NT, typename acc>
+SOLA_HD void zero(acc (&c)[NT][4]) {
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) c[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) c[n][e] = acc(0);
 }
 
 // Column (within the tile) of accumulator element e of n8 tile n, and its row (0..15 in the warp).
@@ -157,24 +213,133 @@ SOLA_HD void cp_async_wait_all() {
 #endif
 }
 
+// Elements of T in 16 bytes: one cp.async piece, one vector load.
+template <typename T>
+constexpr int kVec = static_cast<int>(16 / sizeof(T));
+
+template <typename T>
+struct alignas(16) Vec16 {
+  T v[kVec<T>];
+};
+
+template <typename T>
+SOLA_HD Vec16<T> load16(const T* p) {
+  return *reinterpret_cast<const Vec16<T>*>(p);
+}
+
+// True when x's rows allow 16-byte pieces at column multiples of kVec<T>.
+template <typename T>
+SOLA_HD bool rows_aligned16(const View4& x) {
+  return rows_aligned<T>(x, kVec<T>);
+}
+
 // tile[r][c] = x(b, h, row0 + r)[col0 + c] for r < rows and col0 + c < cols, else 0, for a
 // kRows x kCols tile (kCols a multiple of 8) with leading dim kCols + kPad. Whole 16-byte pieces
-// of aligned rows go by cp.async; edges and misaligned views element by element.
+// of aligned rows (rows_aligned16) go by cp.async; edges and misaligned views element by element.
 template <int kRows, int kCols, typename T>
 SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                        bool aligned, int tid) {
-  constexpr int kPieces = kCols / 8;
+  constexpr int kV = kVec<T>, kPieces = kCols / kV;
   constexpr int kLd = kCols + kPad;
   for (int i = tid; i < kRows * kPieces; i += kThreads) {
-    const int r = i / kPieces, c = (i % kPieces) * 8;
+    const int r = i / kPieces, c = (i % kPieces) * kV;
     T* dst = tile + r * kLd + c;
     const T* src = x.row<const T>(b, h, row0 + (r < rows ? r : 0)) + col0 + c;
-    if (r < rows && aligned && col0 + c + 8 <= cols) {
+    if (r < rows && aligned && col0 + c + kV <= cols) {
       cp_async_16(dst, src);
     } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = r < rows && col0 + c + e < cols ? src[e] : T(0.f);
+      for (int e = 0; e < kV; ++e) dst[e] = r < rows && col0 + c + e < cols ? src[e] : T(0.f);
     }
+  }
+}
+
+// ---- the two products of every flash kernel, per warp -------------------------------------------
+
+// c[16 x 8 kNT] += A B^T over kD columns: A = rows a0 .. a0+15 of tile a, B^T = the first 8 kNT
+// rows of tile bt (both leading dim kD + kPad). Q K^T, K Q^T, dO V^T, V dO^T.
+template <typename T, int kD, int kNT, typename acc>
+SOLA_HD void gemm_abt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lane) {
+  constexpr int kLd = kD + kPad;
+  if constexpr (kIsHalfType<T>) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const FragA af = load_a(a, kLd, a0, 16 * kk, lane);
+#pragma unroll
+      for (int n = 0; n < kNT; n += 2) {
+        const FragB2 bf = load_b_trans(bt, kLd, 8 * n, 16 * kk, lane);
+        mma_16816<T>(c[n], af, bf.lo);
+        mma_16816<T>(c[n + 1], af, bf.hi);
+      }
+    }
+  } else {
+    // This lane's rows g, g+8 of A and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
+    const T* a_lo = a + (a0 + lane / 4) * kLd;
+    const T* b_lane = bt + 2 * (lane % 4) * kLd;
+    for (int k = 0; k < kD; k += kVec<T>) {
+      const Vec16<T> x0 = load16(a_lo + k), x1 = load16(a_lo + 8 * kLd + k);
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        const Vec16<T> y0 = load16(b_lane + 8 * n * kLd + k), y1 = load16(b_lane + (8 * n + 1) * kLd + k);
+#pragma unroll
+        for (int v = 0; v < kVec<T>; ++v) {
+          c[n][0] += x0.v[v] * y0.v[v];
+          c[n][1] += x0.v[v] * y1.v[v];
+          c[n][2] += x1.v[v] * y0.v[v];
+          c[n][3] += x1.v[v] * y1.v[v];
+        }
+      }
+    }
+  }
+}
+
+// Row stride of a warp's SIMT scratch holding a 16 x kCols accumulator tile.
+template <typename acc, int kCols>
+constexpr int kScratchLd = kCols + kVec<acc>;
+
+// c[16 x 8 kOT] += X B: X = the warp's 16 x 8 kXT accumulator tile x (P, P^T, dS or dS^T),
+// B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading dim kD + kPad).
+// P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T); SIMT goes
+// through `scratch`, this warp's 16 x kScratchLd shared-memory rows.
+template <typename T, int kD, int kXT, int kOT, typename acc>
+SOLA_HD void gemm_xb(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, acc* scratch, int lane) {
+  constexpr int kLd = kD + kPad;
+  if constexpr (kIsHalfType<T>) {
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk) {
+      const FragA xf = acc_to_a<T>(x, kk);
+#pragma unroll
+      for (int n = 0; n < kOT; n += 2) {
+        const FragB2 bf = load_b(b, kLd, 16 * kk, col0 + 8 * n, lane);
+        mma_16816<T>(c[n], xf, bf.lo);
+        mma_16816<T>(c[n + 1], xf, bf.hi);
+      }
+    }
+  } else {
+    constexpr int kLdX = kScratchLd<acc, 8 * kXT>;
+#pragma unroll
+    for (int n = 0; n < kXT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) scratch[acc_row(e, lane) * kLdX + acc_col(n, e, lane)] = x[n][e];
+    __syncwarp();
+    const acc* x_lo = scratch + (lane / 4) * kLdX;
+    const T* b_lane = b + col0 + 2 * (lane % 4);
+    for (int j = 0; j < 8 * kXT; j += kVec<acc>) {
+      const Vec16<acc> x0 = load16(x_lo + j), x1 = load16(x_lo + 8 * kLdX + j);
+#pragma unroll
+      for (int v = 0; v < kVec<acc>; ++v) {
+        const T* row = b_lane + (j + v) * kLd;
+#pragma unroll
+        for (int n = 0; n < kOT; ++n) {
+          const T y0 = row[8 * n], y1 = row[8 * n + 1];
+          c[n][0] += x0.v[v] * y0;
+          c[n][1] += x0.v[v] * y1;
+          c[n][2] += x1.v[v] * y0;
+          c[n][3] += x1.v[v] * y1;
+        }
+      }
+    }
+    __syncwarp();  // the scratch is rewritten by the next product
   }
 }
 

@@ -1,17 +1,24 @@
-// Host entry points of the flash softmax kernels (fp16/bf16 on tensor cores, sm_80 and newer).
-// Each returns false, launching nothing, where it does not apply (other dtypes, older GPUs, a
-// head dim whose tiles exceed the device's shared memory); the caller then runs the row kernels.
+// Host entry points of the flash softmax kernels: one tiling, tensor cores for fp16/bf16
+// (mma.sync, sm_80+), SIMT for fp32/fp64. Each returns false, launching nothing, where it does
+// not apply (another dtype, a head dim whose tiles exceed the device's shared memory); the
+// caller then runs the row kernels.
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime_api.h>
 
 #include "softmax_attention/softmax_attention.h"
 
 namespace sola {
 
+// The flash kernels need sm_80 or newer (cp.async, ldmatrix, mma.sync m16n8k16).
+inline bool flash_kernels_run_here() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+
 // out and lse.
-bool try_flash_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream);
+bool flash_fwd_tensor_cores(const SoftmaxAttentionParams& p, cudaStream_t stream);
+bool flash_fwd_simt(const SoftmaxAttentionParams& p, cudaStream_t stream);
 // dq, dk, dv from q, k, v, grad_out, lse and delta = rowsum(grad_out * out) (already written).
-bool try_flash_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream);
+bool flash_bwd_tensor_cores(const SoftmaxAttentionParams& p, cudaStream_t stream);
+bool flash_bwd_simt(const SoftmaxAttentionParams& p, cudaStream_t stream);
 
 }  // namespace sola

@@ -1,6 +1,7 @@
-// CUDA forward of non-causal softmax attention. fp16/bf16 on sm_80+ take the flash kernel on
-// tensor cores (softmax_attention_flash_fwd.cu). Everything else (fp32 and fp64 in exact
-// arithmetic, older GPUs) takes the row kernel here: one warp per query row walks over all keys
+// CUDA forward of non-causal softmax attention. On sm_80+ the flash kernel runs
+// (softmax_attention_flash_fwd.cuh: tensor cores for fp16/bf16, SIMT for fp32/fp64). GPUs before
+// sm_80 and tiles beyond the device's shared memory (fp64 at head dims past 128) take the row
+// kernel here: one warp per query row walks over all keys
 // with an online softmax (running max m, running sum l), so memory is O(rows * D) and no score
 // matrix exists. Lanes hold q_i and the output accumulator in slots d = lane + 32 * t.
 #include <limits>
@@ -60,7 +61,7 @@ void softmax_attention_fwd_cuda(const SoftmaxAttentionParams& p) {
   const int64_t rows = p.B * p.H * p.Nq;
   if (rows == 0) return;  // no queries: out and lse are empty
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (try_flash_fwd(p, stream)) return;
+  if (flash_kernels_run_here() && (flash_fwd_tensor_cores(p, stream) || flash_fwd_simt(p, stream))) return;
   SOLA_DISPATCH_FLOATING(p.dtype, "softmax_attention_fwd_cuda", [&] {
     SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kHeadDim, [&] {
       fwd_kernel<scalar_t, kHeadDim><<<grid_x(rows, kRowWarps), kRowThreads, 0, stream>>>(p);

@@ -1,4 +1,5 @@
-// Flash backward of non-causal softmax attention on tensor cores (fp16/bf16). The probabilities
+// Flash backward of non-causal softmax attention, one tiling for all dtypes (tensor cores for
+// fp16/bf16, SIMT for fp32/fp64; softmax_attention_flash.cuh). The probabilities
 // are recomputed from q, k and the saved lse: P = exp(scale q k^T - lse), dP = dO V^T,
 // dS = P (dP - delta) with delta = rowsum(dO * O) computed beforehand. Two kernels, each owning
 // its output rows, so nothing is accumulated across blocks and the result is bitwise reproducible:
@@ -6,28 +7,38 @@
 //   dq_kernel:   64 queries per block, over all key tiles: dQ += scale dS K
 // Both keep their 64 resident rows in shared memory and stream the other side in tiles of 64;
 // P^T / dS^T (or P / dS) go from accumulators straight into the next product as A fragments.
-// Gradient columns are split over blocks in chunks of 64 so the accumulators stay in registers.
+// Gradient columns are split over blocks in chunks so the accumulators stay in registers.
+// Instantiated per dtype family: softmax_attention_flash_bwd_{tc,simt}.cu.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 #include "cuda_utils.cuh"
 #include "softmax_attention/softmax_attention_flash.cuh"
 #include "softmax_attention/softmax_attention_flash.h"
 
 namespace sola {
 namespace flash {
-namespace {
 
 template <typename T, int kD>
 struct BwdTiles {
-  static constexpr int kBlock = kBlockRows;   // resident rows (keys or queries) of a block
-  static constexpr int kStream = 64;          // streamed rows per step
-  static constexpr int kDOut = kD < 64 ? kD : 64;  // gradient columns of one block
+  using acc = acc_t<T>;
+  static constexpr bool kTensor = kIsHalfType<T>;
+  static constexpr int kBlock = kBlockRows;                   // resident rows (keys or queries) of a block
+  static constexpr int kStream = kTensor || kD <= 64 ? 64 : 32;  // streamed rows per step
+  // Gradient columns of one block: what fits in registers next to S and dP.
+  static constexpr int kDOut = std::min(kD, static_cast<int>(256 / sizeof(acc)));
   static constexpr int kChunks = kD / kDOut;
   static constexpr int kLd = kD + kPad;
-  // Two resident tiles, two streamed tiles, and lse / delta of the streamed rows (dkdv_kernel).
+  static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
+  // Two resident tiles, two streamed tiles, lse / delta of the streamed rows (dkdv_kernel), SIMT scratch.
   static constexpr int kSmem = 2 * tile_bytes<T, kD>(kBlock) + 2 * tile_bytes<T, kD>(kStream) +
-                               2 * kStream * static_cast<int>(sizeof(float));
+                               (2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
 };
 
-struct Aligned {
+struct BwdAligned {
   bool q, k, v, grad_out;
 };
 
@@ -44,34 +55,9 @@ SOLA_HD TileIndex tile_index(int64_t tile, int64_t rows, int64_t H) {
   return TileIndex{bh / H, bh % H, bh, tile / kChunks % blocks * kBlock, static_cast<int>(tile % kChunks) * kDOut};
 }
 
-// acc[16 x 8NT] += A B^T over kD, A = 16 rows of `a` from row a0, B^T = 8NT rows of `bt`.
-template <typename T, int kD, int kNT>
-SOLA_HD void gemm_abt(float (&acc)[kNT][4], const T* a, int a0, const T* bt, int lane) {
-  constexpr int kLd = kD + kPad;
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    const FragA af = load_a(a, kLd, a0, 16 * kk, lane);
-#pragma unroll
-    for (int n = 0; n < kNT; ++n) mma_16816<T>(acc[n], af, load_b_trans(bt, kLd, 8 * n, 16 * kk, lane));
-  }
-}
-
-// acc[16 x kDOut] += X B, X = the 16 x 8kXT accumulator x (rounded to T), B = rows of `b`
-// (8kXT of them), columns col0 .. col0 + kDOut.
-template <typename T, int kD, int kXT, int kOT>
-SOLA_HD void gemm_xb(float (&acc)[kOT][4], const float (&x)[kXT][4], const T* b, int col0, int lane) {
-  constexpr int kLd = kD + kPad;
-#pragma unroll
-  for (int kk = 0; kk < kXT / 2; ++kk) {
-    const FragA xf = acc_to_a<T>(x, kk);
-#pragma unroll
-    for (int n = 0; n < kOT; ++n) mma_16816<T>(acc[n], xf, load_b(b, kLd, 16 * kk, col0 + 8 * n, lane));
-  }
-}
-
 // rows [row0, row0 + 16) of a warp's 16 x kDOut accumulator, times `mul`, into x (columns col0..).
-template <typename T, int kOT>
-SOLA_HD void store_rows(const float (&acc)[kOT][4], float mul, const View4& x, const TileIndex& t, int64_t row0,
+template <typename T, int kOT, typename acc>
+SOLA_HD void store_rows(const acc (&c)[kOT][4], acc mul, const View4& x, const TileIndex& t, int64_t row0,
                         int64_t rows, int cols, int lane) {
 #pragma unroll
   for (int e0 = 0; e0 < 4; e0 += 2) {
@@ -82,15 +68,16 @@ SOLA_HD void store_rows(const float (&acc)[kOT][4], float mul, const View4& x, c
     for (int n = 0; n < kOT; ++n)
 #pragma unroll
       for (int e = e0; e < e0 + 2; ++e) {
-        const int c = t.col0 + acc_col(n, e, lane);
-        if (c < cols) dst[c] = static_cast<T>(acc[n][e] * mul);
+        const int col = t.col0 + acc_col(n, e, lane);
+        if (col < cols) dst[col] = static_cast<T>(c[n][e] * mul);
       }
   }
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionParams p, const Aligned al) {
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
   using Tiles = BwdTiles<T, kD>;
+  using acc = typename Tiles::acc;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream, kLd = Tiles::kLd;
   constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
   SOLA_DYNAMIC_SMEM(smem);
@@ -98,17 +85,19 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
   T* sV = sK + kBlock * kLd;
   T* sQ = sV + kBlock * kLd;
   T* sG = sQ + kStream * kLd;  // grad_out
-  float* sLse = reinterpret_cast<float*>(sG + kStream * kLd);  // lse of the streamed rows, base 2
-  float* sDelta = sLse + kStream;
+  acc* sLse = reinterpret_cast<acc*>(sG + kStream * kLd);  // lse of the streamed rows (ExpUnits)
+  acc* sDelta = sLse + kStream;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  acc* scratch = sDelta + kStream + warp * kWarpRows * kScratchLd<acc, kStream>;
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  using Exp = ExpUnits<T>;
+  const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t tiles = p.B * p.H * ceil_div(p.Nk, kBlock) * Tiles::kChunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlock, Tiles::kDOut, Tiles::kChunks>(tile, p.Nk, p.H);
     load_tile<kBlock, kD>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
     load_tile<kBlock, kD>(sV, p.v, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dv, al.v, tid);
-    float dk[kOT][4], dv[kOT][4];
+    acc dk[kOT][4], dv[kOT][4];
     zero(dk);
     zero(dv);
     for (int64_t m0 = 0; m0 < p.Nq; m0 += kStream) {
@@ -119,40 +108,41 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
         // Query rows past Nq get lse = +inf, so their P is exactly 0 (and their grad_out rows are 0).
         const bool valid = m0 + tid < p.Nq;
         const int64_t r = t.bh * p.Nq + m0 + tid;
-        sLse[tid] = valid ? static_cast<const float*>(p.lse)[r] * kLog2e : INFINITY;
-        sDelta[tid] = valid ? static_cast<const float*>(p.delta)[r] : 0.f;
+        sLse[tid] = valid ? static_cast<const acc*>(p.lse)[r] * Exp::kPerNat : std::numeric_limits<acc>::infinity();
+        sDelta[tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
       cp_async_wait_all();
       __syncthreads();
 
-      float pt[kST][4], dpt[kST][4];  // P^T and dP^T, then dS^T: this warp's 16 keys x 64 queries
+      acc pt[kST][4], dpt[kST][4];  // P^T and dP^T, then dS^T: this warp's 16 keys x 64 queries
       zero(pt);
       gemm_abt<T, kD>(pt, sK, warp * kWarpRows, sQ, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pt[n][e] = exp2f(pt[n][e] * scale_log2 - sLse[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dv, pt, sG, t.col0, lane);
+        for (int e = 0; e < 4; ++e) pt[n][e] = Exp::exp(Exp::scaled(pt[n][e], scale_u) - sLse[acc_col(n, e, lane)]);
+      gemm_xb<T, kD>(dv, pt, sG, t.col0, scratch, lane);
       zero(dpt);
       gemm_abt<T, kD>(dpt, sV, warp * kWarpRows, sG, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - sDelta[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, lane);
+      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, scratch, lane);
       __syncthreads();  // every warp is done with this query tile
     }
     const int64_t row0 = t.row0 + warp * kWarpRows;
-    store_rows<T>(dk, static_cast<float>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
-    store_rows<T>(dv, 1.f, p.dv, t, row0, p.Nk, Dv, lane);
+    store_rows<T>(dk, static_cast<acc>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
+    store_rows<T>(dv, acc(1), p.dv, t, row0, p.Nk, Dv, lane);
     cp_async_wait_all();  // with Nq == 0 the copies of sK, sV were never waited for
     __syncthreads();      // sK, sV are reloaded by the next tile
   }
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionParams p, const Aligned al) {
+__global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
   using Tiles = BwdTiles<T, kD>;
+  using acc = typename Tiles::acc;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream, kLd = Tiles::kLd;
   constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
   SOLA_DYNAMIC_SMEM(smem);
@@ -161,24 +151,26 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
   T* sK = sG + kBlock * kLd;
   T* sV = sK + kStream * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  acc* scratch = reinterpret_cast<acc*>(sV + kStream * kLd) + warp * kWarpRows * kScratchLd<acc, kStream>;
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  using Exp = ExpUnits<T>;
+  const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlock) * Tiles::kChunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlock, Tiles::kDOut, Tiles::kChunks>(tile, p.Nq, p.H);
     load_tile<kBlock, kD>(sQ, p.q, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dk, al.q, tid);
     load_tile<kBlock, kD>(sG, p.grad_out, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dv, al.grad_out, tid);
-    // lse (base 2) and delta of this lane's two rows; rows past Nq are never stored.
-    float lse[2], delta[2];
+    // lse (in ExpUnits) and delta of this lane's two rows; rows past Nq are never stored.
+    acc lse[2], delta[2];
     const int64_t row0 = t.row0 + warp * kWarpRows;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = row0 + acc_row(2 * r, lane);
       const int64_t idx = t.bh * p.Nq + (i < p.Nq ? i : 0);
-      lse[r] = static_cast<const float*>(p.lse)[idx] * kLog2e;
-      delta[r] = static_cast<const float*>(p.delta)[idx];
+      lse[r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
+      delta[r] = static_cast<const acc*>(p.delta)[idx];
     }
-    float dq[kOT][4];
+    acc dq[kOT][4];
     zero(dq);
     for (int64_t n0 = 0; n0 < p.Nk; n0 += kStream) {
       load_tile<kStream, kD>(sK, p.k, t.b, t.h, n0, p.Nk - n0, 0, Dk, al.k, tid);
@@ -187,26 +179,26 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
       cp_async_wait_all();
       __syncthreads();
 
-      float s[kST][4], dp[kST][4];  // P and dP, then dS: this warp's 16 queries x 64 keys
+      acc s[kST][4], dp[kST][4];  // P and dP, then dS: this warp's 16 queries x 64 keys
       zero(s);
       gemm_abt<T, kD>(s, sQ, warp * kWarpRows, sK, lane);
-      // Keys past Nk are zero rows of K and V, but exp2(0 - lse) need not be small: mask P.
+      // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
       const int64_t valid = p.Nk - n0;
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          s[n][e] = acc_col(n, e, lane) < valid ? exp2f(s[n][e] * scale_log2 - lse[e >> 1]) : 0.f;
+          s[n][e] = acc_col(n, e, lane) < valid ? Exp::exp(Exp::scaled(s[n][e], scale_u) - lse[e >> 1]) : acc(0);
       zero(dp);
       gemm_abt<T, kD>(dp, sG, warp * kWarpRows, sV, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e >> 1]);
-      gemm_xb<T, kD>(dq, dp, sK, t.col0, lane);
+      gemm_xb<T, kD>(dq, dp, sK, t.col0, scratch, lane);
       __syncthreads();  // every warp is done with this key tile
     }
-    store_rows<T>(dq, static_cast<float>(p.scale), p.dq, t, row0, p.Nq, Dk, lane);
+    store_rows<T>(dq, static_cast<acc>(p.scale), p.dq, t, row0, p.Nq, Dk, lane);
     __syncthreads();  // sQ, sG are reloaded by the next tile
   }
 }
@@ -219,8 +211,8 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(dkdv_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem));
-  const Aligned al{rows_aligned<T>(p.q, 8), rows_aligned<T>(p.k, 8), rows_aligned<T>(p.v, 8),
-                   rows_aligned<T>(p.grad_out, 8)};
+  const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
+                      rows_aligned16<T>(p.grad_out)};
   const int64_t key_tiles = p.B * p.H * ceil_div(p.Nk, Tiles::kBlock) * Tiles::kChunks;
   dkdv_kernel<T, kD><<<grid_x(key_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,14 +229,5 @@ bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] { return launch_bwd<T, kD>(p, stream); });
 }
 
-}  // namespace
 }  // namespace flash
-
-bool try_flash_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
-  if (p.dtype == at::kHalf) return flash::dispatch_bwd<c10::Half>(p, stream);
-  if (p.dtype == at::kBFloat16) return flash::dispatch_bwd<c10::BFloat16>(p, stream);
-  return false;
-}
-
 }  // namespace sola

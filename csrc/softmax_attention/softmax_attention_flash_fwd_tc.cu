@@ -1,0 +1,12 @@
+// Flash forward, fp16/bf16 on tensor cores (softmax_attention_flash_fwd.cuh).
+#include "softmax_attention/softmax_attention_flash_fwd.cuh"
+
+namespace sola {
+
+bool flash_fwd_tensor_cores(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  if (p.dtype == at::kHalf) return flash::dispatch_fwd<c10::Half>(p, stream);
+  if (p.dtype == at::kBFloat16) return flash::dispatch_fwd<c10::BFloat16>(p, stream);
+  return false;
+}
+
+}  // namespace sola
