@@ -31,6 +31,13 @@
 #define SOLA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// Device-only helpers (they use barriers); plain inline functions when emulated on the host.
+#if defined(__CUDACC__)
+#define SOLA_DEVICE __device__ __forceinline__
+#else
+#define SOLA_DEVICE inline
+#endif
+
 namespace sola {
 namespace flash {
 
@@ -213,6 +220,14 @@ SOLA_HD void cp_async_wait_all() {
 #endif
 }
 
+// Waits for all but this thread's kPending most recently committed copy groups.
+template <int kPending>
+SOLA_HD void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
 // Elements of T in 16 bytes: one cp.async piece, one vector load.
 template <typename T>
 constexpr int kVec = static_cast<int>(16 / sizeof(T));
@@ -302,7 +317,7 @@ constexpr int kScratchLd = kCols + kVec<acc>;
 // P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T); SIMT goes
 // through `scratch`, this warp's 16 x kScratchLd shared-memory rows.
 template <typename T, int kD, int kXT, int kOT, typename acc>
-SOLA_HD void gemm_xb(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, acc* scratch, int lane) {
+SOLA_DEVICE void gemm_xb(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, acc* scratch, int lane) {
   constexpr int kLd = kD + kPad;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll

@@ -5,8 +5,9 @@
 // its output rows, so nothing is accumulated across blocks and the result is bitwise reproducible:
 //   dkdv_kernel: 64 keys per block, over all query tiles: dV += P^T dO, dK += scale dS^T Q
 //   dq_kernel:   64 queries per block, over all key tiles: dQ += scale dS K
-// Both keep their 64 resident rows in shared memory and stream the other side in tiles of 64;
-// P^T / dS^T (or P / dS) go from accumulators straight into the next product as A fragments.
+// Both keep their 64 resident rows in shared memory and stream the other side in tiles, double-
+// buffered where shared memory allows (pipeline). On tensor cores P^T / dS^T (or P / dS) go from
+// the accumulators straight into the next product as A fragments.
 // Gradient columns are split over blocks in chunks so the accumulators stay in registers.
 // Instantiated per dtype family: softmax_attention_flash_bwd_{tc,simt}.cu.
 #pragma once
@@ -33,10 +34,65 @@ struct BwdTiles {
   static constexpr int kChunks = kD / kDOut;
   static constexpr int kLd = kD + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
-  // Two resident tiles, two streamed tiles, lse / delta of the streamed rows (dkdv_kernel), SIMT scratch.
-  static constexpr int kSmem = 2 * tile_bytes<T, kD>(kBlock) + 2 * tile_bytes<T, kD>(kStream) +
-                               (2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
+  // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
+  // (dkdv_kernel); the SIMT scratch.
+  static constexpr int smem_bytes(int stages) {
+    return 2 * tile_bytes<T, kD>(kBlock) + stages * 2 * tile_bytes<T, kD>(kStream) +
+           (stages * 2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
+  }
+  // Double-buffer the streamed tiles (copy step j+1 while computing step j) where two blocks
+  // still fit on an SM (228 KB, 1 KB reserved per block).
+  static constexpr int kStages = smem_bytes(2) <= 113 * 1024 ? 2 : 1;
+  static constexpr int kSmem = smem_bytes(kStages);
 };
+
+// Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
+template <typename T, int kD>
+struct BwdSmem {
+  using Tiles = BwdTiles<T, kD>;
+  using acc = typename Tiles::acc;
+  static constexpr int kStreamTile = Tiles::kStream * Tiles::kLd;
+  T* resident[2];
+  T* stream_base;
+  acc* lse;    // [stage][kStream], in ExpUnits
+  acc* delta;  // [stage][kStream]
+  acc* scratch;  // this warp's
+
+  SOLA_HD BwdSmem(unsigned char* smem, int warp) {
+    resident[0] = reinterpret_cast<T*>(smem);
+    resident[1] = resident[0] + Tiles::kBlock * Tiles::kLd;
+    stream_base = resident[1] + Tiles::kBlock * Tiles::kLd;
+    lse = reinterpret_cast<acc*>(stream_base + Tiles::kStages * 2 * kStreamTile);
+    delta = lse + Tiles::kStages * Tiles::kStream;
+    scratch = delta + Tiles::kStages * Tiles::kStream + warp * kWarpRows * kScratchLd<acc, Tiles::kStream>;
+  }
+  // Streamed tile `which` (0 or 1) of pipeline stage `stage`.
+  SOLA_HD T* streamed(int stage, int which) const { return stream_base + (2 * stage + which) * kStreamTile; }
+};
+
+// Runs compute(step, stage) for step = 0 .. steps-1 with the streamed tiles of each step loaded
+// by load(step, stage) (cp.async, committed inside), double-buffered when kStages is 2. Copies
+// issued before the call (the resident tiles) are waited for with step 0's. Ends with every copy
+// landed and every warp done with shared memory.
+template <int kStages, typename Load, typename Compute>
+SOLA_DEVICE void pipeline(int64_t steps, Load load, Compute compute) {
+  if (steps > 0) load(int64_t(0), 0);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int stage = static_cast<int>(step % kStages);
+    if (kStages == 2 && step + 1 < steps) {
+      load(step + 1, 1 - stage);  // its stage was last read before the previous step's barrier
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this step's tiles are in for every thread
+    compute(step, stage);
+    __syncthreads();  // every warp is done with this stage
+    if (kStages == 1 && step + 1 < steps) load(step + 1, 0);
+  }
+  cp_async_wait_all();  // with no steps, the resident copies
+  __syncthreads();
+}
 
 struct BwdAligned {
   bool q, k, v, grad_out;
@@ -78,19 +134,15 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
   using Tiles = BwdTiles<T, kD>;
   using acc = typename Tiles::acc;
-  constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream, kLd = Tiles::kLd;
-  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
-  SOLA_DYNAMIC_SMEM(smem);
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + kBlock * kLd;
-  T* sQ = sV + kBlock * kLd;
-  T* sG = sQ + kStream * kLd;  // grad_out
-  acc* sLse = reinterpret_cast<acc*>(sG + kStream * kLd);  // lse of the streamed rows (ExpUnits)
-  acc* sDelta = sLse + kStream;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  acc* scratch = sDelta + kStream + warp * kWarpRows * kScratchLd<acc, kStream>;
-  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   using Exp = ExpUnits<T>;
+  constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
+  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
+  SOLA_DYNAMIC_SMEM(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const BwdSmem<T, kD> smem(smem_raw, warp);
+  T* sK = smem.resident[0];
+  T* sV = smem.resident[1];
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t tiles = p.B * p.H * ceil_div(p.Nk, kBlock) * Tiles::kChunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -100,42 +152,45 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
     acc dk[kOT][4], dv[kOT][4];
     zero(dk);
     zero(dv);
-    for (int64_t m0 = 0; m0 < p.Nq; m0 += kStream) {
-      load_tile<kStream, kD>(sQ, p.q, t.b, t.h, m0, p.Nq - m0, 0, Dk, al.q, tid);
-      load_tile<kStream, kD>(sG, p.grad_out, t.b, t.h, m0, p.Nq - m0, 0, Dv, al.grad_out, tid);
+    auto load = [&](int64_t step, int stage) {  // query rows m0 .. m0 + kStream
+      const int64_t m0 = step * kStream;
+      load_tile<kStream, kD>(smem.streamed(stage, 0), p.q, t.b, t.h, m0, p.Nq - m0, 0, Dk, al.q, tid);
+      load_tile<kStream, kD>(smem.streamed(stage, 1), p.grad_out, t.b, t.h, m0, p.Nq - m0, 0, Dv, al.grad_out, tid);
       cp_async_commit();
       if (tid < kStream) {
         // Query rows past Nq get lse = +inf, so their P is exactly 0 (and their grad_out rows are 0).
         const bool valid = m0 + tid < p.Nq;
         const int64_t r = t.bh * p.Nq + m0 + tid;
-        sLse[tid] = valid ? static_cast<const acc*>(p.lse)[r] * Exp::kPerNat : std::numeric_limits<acc>::infinity();
-        sDelta[tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
+        smem.lse[stage * kStream + tid] =
+            valid ? static_cast<const acc*>(p.lse)[r] * Exp::kPerNat : std::numeric_limits<acc>::infinity();
+        smem.delta[stage * kStream + tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
-      cp_async_wait_all();
-      __syncthreads();
-
-      acc pt[kST][4], dpt[kST][4];  // P^T and dP^T, then dS^T: this warp's 16 keys x 64 queries
+    };
+    auto compute = [&](int64_t, int stage) {
+      const T* sQ = smem.streamed(stage, 0);
+      const T* sG = smem.streamed(stage, 1);  // grad_out
+      const acc* lse = smem.lse + stage * kStream;
+      const acc* delta = smem.delta + stage * kStream;
+      acc pt[kST][4], dpt[kST][4];  // P^T and dP^T, then dS^T: this warp's 16 keys x kStream queries
       zero(pt);
       gemm_abt<T, kD>(pt, sK, warp * kWarpRows, sQ, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pt[n][e] = Exp::exp(Exp::scaled(pt[n][e], scale_u) - sLse[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dv, pt, sG, t.col0, scratch, lane);
+        for (int e = 0; e < 4; ++e) pt[n][e] = Exp::exp(Exp::scaled(pt[n][e], scale_u) - lse[acc_col(n, e, lane)]);
+      gemm_xb<T, kD>(dv, pt, sG, t.col0, smem.scratch, lane);
       zero(dpt);
       gemm_abt<T, kD>(dpt, sV, warp * kWarpRows, sG, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - sDelta[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, scratch, lane);
-      __syncthreads();  // every warp is done with this query tile
-    }
+        for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - delta[acc_col(n, e, lane)]);
+      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, smem.scratch, lane);
+    };
+    pipeline<Tiles::kStages>(ceil_div(p.Nq, kStream), load, compute);
     const int64_t row0 = t.row0 + warp * kWarpRows;
     store_rows<T>(dk, static_cast<acc>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
     store_rows<T>(dv, acc(1), p.dv, t, row0, p.Nk, Dv, lane);
-    cp_async_wait_all();  // with Nq == 0 the copies of sK, sV were never waited for
-    __syncthreads();      // sK, sV are reloaded by the next tile
   }
 }
 
@@ -143,17 +198,15 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
   using Tiles = BwdTiles<T, kD>;
   using acc = typename Tiles::acc;
-  constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream, kLd = Tiles::kLd;
-  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
-  SOLA_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sG = sQ + kBlock * kLd;  // grad_out
-  T* sK = sG + kBlock * kLd;
-  T* sV = sK + kStream * kLd;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  acc* scratch = reinterpret_cast<acc*>(sV + kStream * kLd) + warp * kWarpRows * kScratchLd<acc, kStream>;
-  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   using Exp = ExpUnits<T>;
+  constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
+  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
+  SOLA_DYNAMIC_SMEM(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const BwdSmem<T, kD> smem(smem_raw, warp);
+  T* sQ = smem.resident[0];
+  T* sG = smem.resident[1];  // grad_out
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlock) * Tiles::kChunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -172,18 +225,20 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
     }
     acc dq[kOT][4];
     zero(dq);
-    for (int64_t n0 = 0; n0 < p.Nk; n0 += kStream) {
-      load_tile<kStream, kD>(sK, p.k, t.b, t.h, n0, p.Nk - n0, 0, Dk, al.k, tid);
-      load_tile<kStream, kD>(sV, p.v, t.b, t.h, n0, p.Nk - n0, 0, Dv, al.v, tid);
+    auto load = [&](int64_t step, int stage) {  // key rows n0 .. n0 + kStream
+      const int64_t n0 = step * kStream;
+      load_tile<kStream, kD>(smem.streamed(stage, 0), p.k, t.b, t.h, n0, p.Nk - n0, 0, Dk, al.k, tid);
+      load_tile<kStream, kD>(smem.streamed(stage, 1), p.v, t.b, t.h, n0, p.Nk - n0, 0, Dv, al.v, tid);
       cp_async_commit();
-      cp_async_wait_all();
-      __syncthreads();
-
-      acc s[kST][4], dp[kST][4];  // P and dP, then dS: this warp's 16 queries x 64 keys
+    };
+    auto compute = [&](int64_t step, int stage) {
+      const T* sK = smem.streamed(stage, 0);
+      const T* sV = smem.streamed(stage, 1);
+      acc s[kST][4], dp[kST][4];  // P and dP, then dS: this warp's 16 queries x kStream keys
       zero(s);
       gemm_abt<T, kD>(s, sQ, warp * kWarpRows, sK, lane);
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
-      const int64_t valid = p.Nk - n0;
+      const int64_t valid = p.Nk - step * kStream;
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
@@ -195,11 +250,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
       for (int n = 0; n < kST; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e >> 1]);
-      gemm_xb<T, kD>(dq, dp, sK, t.col0, scratch, lane);
-      __syncthreads();  // every warp is done with this key tile
-    }
+      gemm_xb<T, kD>(dq, dp, sK, t.col0, smem.scratch, lane);
+    };
+    pipeline<Tiles::kStages>(ceil_div(p.Nk, kStream), load, compute);
     store_rows<T>(dq, static_cast<acc>(p.scale), p.dq, t, row0, p.Nq, Dk, lane);
-    __syncthreads();  // sQ, sG are reloaded by the next tile
   }
 }
 
