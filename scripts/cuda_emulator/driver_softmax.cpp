@@ -1,0 +1,167 @@
+// Runs the softmax-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
+// kernels: out, lse, delta, dq, dk, dv on awkward sizes, every dtype, NaN / -inf inputs, and a
+// second backward that must be bitwise equal. Usage: driver [softmax|flash|big|all].
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "softmax_attention/softmax_attention.h"
+
+using namespace sola;
+
+static int failures = 0;
+
+at::Tensor input(int64_t B, int64_t H, int64_t N, int64_t D, at::ScalarType dt, bool strided, double scale = 1.0) {
+  if (strided) return (at::randn({B, N, H, D}, at::kDouble) * scale).to(dt).transpose(1, 2);
+  return (at::randn({B, H, N, D}, at::kDouble) * scale).to(dt);
+}
+at::Tensor nan_out(at::IntArrayRef s, at::ScalarType dt) { return at::full(s, NAN, at::TensorOptions().dtype(dt)); }
+
+double tol(at::ScalarType dt) {
+  return dt == at::kDouble ? 1e-11 : dt == at::kFloat ? 2e-5 : dt == at::kHalf ? 4e-3 : 3e-2;
+}
+
+void compare(const std::string& what, const at::Tensor& got, const at::Tensor& want, at::ScalarType dt,
+             bool expect_finite = true) {
+  if (got.sizes() != want.sizes()) {
+    std::printf("FAIL %s: shape\n", what.c_str());
+    ++failures;
+    return;
+  }
+  if (got.numel() == 0) return;
+  auto g = got.to(at::kDouble), w = want.to(at::kDouble);
+  if (expect_finite && !at::isfinite(g).all().item<bool>()) {
+    std::printf("FAIL %s: non-finite values (unwritten?) %ld of %ld\n", what.c_str(),
+                (long)(~at::isfinite(g)).sum().item<int64_t>(), (long)g.numel());
+    ++failures;
+    return;
+  }
+  // NaN / inf positions must agree
+  if (!at::equal(at::isnan(g), at::isnan(w))) {
+    std::printf("FAIL %s: NaN pattern differs (got %ld, want %ld)\n", what.c_str(), (long)at::isnan(g).sum().item<int64_t>(),
+                (long)at::isnan(w).sum().item<int64_t>());
+    ++failures;
+    return;
+  }
+  if (!at::equal(at::where(at::isinf(g), g, at::zeros_like(g)), at::where(at::isinf(w), w, at::zeros_like(w)))) {
+    std::printf("FAIL %s: inf pattern differs\n", what.c_str());
+    ++failures;
+    return;
+  }
+  auto fin = at::isfinite(w);
+  auto diff = at::where(fin, (g - w).abs(), at::zeros_like(g)).max().item<double>();
+  auto scale = std::max(1.0, at::where(fin, w.abs(), at::zeros_like(w)).max().item<double>());
+  if (!(diff <= tol(dt) * scale)) {
+    std::printf("FAIL %s: max diff %g (scale %g)\n", what.c_str(), diff, scale);
+    ++failures;
+  }
+}
+
+void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int64_t Dv, at::ScalarType dt, double scale,
+                  bool strided, int poison = 0) {
+  char name[256];
+  std::snprintf(name, sizeof name, "softmax B%ld H%ld q%ld k%ld d%ld v%ld %s sc%g s%d p%d", (long)B, (long)H, (long)Nq,
+                (long)Nk, (long)Dk, (long)Dv, c10::toString(dt), scale, strided, poison);
+  at::Tensor q = input(B, H, Nq, Dk, dt, strided, 2.0), k = input(B, H, Nk, Dk, dt, strided, 2.0),
+             v = input(B, H, Nk, Dv, dt, strided);
+  if (poison == 1 && Nq > 3) q.select(0, B - 1).select(0, 0).select(0, 3).fill_(NAN);
+  if (poison == 2) k.select(0, B - 1).select(0, 0).select(1, 2).fill_(-INFINITY);  // whole column: many -inf scores
+  if (poison == 3) k.select(0, B - 1).select(0, 0).fill_(-INFINITY), q.select(0, B - 1).select(0, 0).fill_(1.0);  // all -inf
+  if (poison == 4) k.select(0, B - 1).select(0, 0).fill_(-40.0), q.select(0, B - 1).select(0, 0).fill_(40.0);  // lse << 0
+  const bool finite = poison == 0 || poison == 4;
+  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  SoftmaxAttentionParams p;
+  p.B = B, p.H = H, p.Nq = Nq, p.Nk = Nk, p.Dk = Dk, p.Dv = Dv;
+  p.q = make_view(q), p.k = make_view(k), p.v = make_view(v);
+  p.scale = scale, p.dtype = dt, p.device_index = -1;
+  at::Tensor out[2], lse[2];
+  for (int r = 0; r < 2; ++r) {
+    out[r] = nan_out({B, H, Nq, Dv}, dt), lse[r] = nan_out({B, H, Nq}, acc);
+    SoftmaxAttentionParams pr = p;
+    pr.out = make_view(out[r]), pr.lse = lse[r].data_ptr();
+    if (r == 0) softmax_attention_fwd_cpu(pr); else softmax_attention_fwd_cuda(pr);
+  }
+  compare(std::string(name) + " out", out[1], out[0], dt, finite);
+  compare(std::string(name) + " lse", lse[1], lse[0], acc, finite);
+  at::Tensor g = input(B, H, Nq, Dv, dt, strided);
+  at::Tensor dq[2], dk[2], dv[2], delta[2];
+  for (int r = 0; r < 2; ++r) {
+    dq[r] = nan_out(q.sizes(), dt), dk[r] = nan_out(k.sizes(), dt), dv[r] = nan_out(v.sizes(), dt);
+    delta[r] = nan_out({B, H, Nq}, acc);
+    SoftmaxAttentionParams pr = p;
+    pr.out = make_view(out[0]), pr.lse = lse[0].data_ptr(), pr.delta = delta[r].data_ptr();
+    pr.grad_out = make_view(g), pr.dq = make_view(dq[r]), pr.dk = make_view(dk[r]), pr.dv = make_view(dv[r]);
+    if (r == 0) softmax_attention_bwd_cpu(pr); else softmax_attention_bwd_cuda(pr);
+  }
+  {
+    at::Tensor dq2 = nan_out(q.sizes(), dt), dk2 = nan_out(k.sizes(), dt), dv2 = nan_out(v.sizes(), dt), de2 = nan_out({B, H, Nq}, acc);
+    SoftmaxAttentionParams pr = p;
+    pr.out = make_view(out[0]), pr.lse = lse[0].data_ptr(), pr.delta = de2.data_ptr();
+    pr.grad_out = make_view(g), pr.dq = make_view(dq2), pr.dk = make_view(dk2), pr.dv = make_view(dv2);
+    softmax_attention_bwd_cuda(pr);
+    auto same = [](const at::Tensor& a, const at::Tensor& b) { return a.numel() == 0 || at::equal(a.nan_to_num(7), b.nan_to_num(7)); };
+    if (!same(dq2, dq[1]) || !same(dk2, dk[1]) || !same(dv2, dv[1])) {
+      std::printf("FAIL %s: backward not bitwise reproducible\n", name);
+      ++failures;
+    }
+  }
+  compare(std::string(name) + " delta", delta[1], delta[0], acc, finite);
+  compare(std::string(name) + " dq", dq[1], dq[0], dt, finite);
+  compare(std::string(name) + " dk", dk[1], dk[0], dt, finite);
+  compare(std::string(name) + " dv", dv[1], dv[0], dt, finite);
+  if (!finite && B > 1) {
+    if (!at::isfinite(out[1].select(0, 0)).all().item<bool>() || !at::isfinite(dk[1].select(0, 0)).all().item<bool>()) {
+      std::printf("FAIL %s: poison leaked into another head\n", name);
+      ++failures;
+    }
+    if (at::isfinite(out[1].select(0, B - 1)).all().item<bool>()) {
+      std::printf("FAIL %s: poison vanished\n", name);
+      ++failures;
+    }
+  }
+  std::printf("done %s\n", name);
+}
+
+int main(int argc, char** argv) {
+  at::manual_seed(0);
+  const std::string which = argc > 1 ? argv[1] : "all";
+  if (which == "all" || which == "softmax") {
+    softmax_case(2, 3, 5, 7, 8, 5, at::kFloat, 0.35, false);
+    softmax_case(1, 2, 9, 6, 37, 70, at::kDouble, 0.2, true);
+    softmax_case(1, 1, 4, 9, 64, 64, at::kHalf, 0.125, true);
+    softmax_case(1, 1, 4, 9, 100, 20, at::kBFloat16, 0.1, false);
+  }
+  if (which == "all" || which == "flash") {
+    const at::ScalarType hts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
+    for (auto dt : hts) {
+      softmax_case(1, 2, 17, 113, 32, 32, dt, 0.17, false);
+      softmax_case(1, 1, 113, 17, 64, 64, dt, 0.125, true);
+      softmax_case(1, 1, 1, 1, 8, 8, dt, 0.3, false);
+      softmax_case(1, 1, 65, 130, 40, 40, dt, 0.15, false);
+      softmax_case(1, 1, 20, 70, 59, 59, dt, 0.13, true);   // odd D: misaligned rows
+      softmax_case(1, 1, 30, 33, 96, 96, dt, 0.1, false);
+      softmax_case(1, 1, 17, 40, 111, 111, dt, 0.09, false);
+      softmax_case(1, 1, 9, 70, 256, 256, dt, 0.0625, false);
+      softmax_case(1, 1, 9, 21, 200, 130, dt, 0.07, true);  // Dk != Dv, two output chunks
+      softmax_case(1, 1, 9, 21, 24, 72, dt, 0.2, false);
+      softmax_case(2, 2, 0, 5, 8, 4, dt, 0.3, false);       // Nq == 0
+      softmax_case(3, 5, 7, 6, 8, 5, dt, 0.3, true);         // many heads
+      softmax_case(1, 1, 12, 9, 16, 16, dt, 0.0, false);     // scale 0
+      softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 1);     // NaN in q
+      softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 2);     // -inf column in k
+      softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 3);     // every score -inf
+      softmax_case(2, 2, 6, 5, 16, 16, dt, 0.1, false, 4);  // every score -2560: exp(-lse) overflows
+    }
+  }
+  if (which == "big") {
+    softmax_case(1, 1, 1023, 1023, 32, 32, at::kHalf, 0.17, false);
+    softmax_case(1, 1, 300, 4097, 64, 64, at::kBFloat16, 0.125, true);
+    softmax_case(1, 1, 1023, 300, 32, 32, at::kFloat, 0.17, false);
+    softmax_case(1, 1, 200, 4097, 128, 128, at::kFloat, 0.1, true);
+    softmax_case(1, 1, 129, 1023, 64, 40, at::kDouble, 0.125, false);
+  }
+  std::printf("%s: %d failures, %ld launches, %ld threads\n", failures ? "FAILED" : "PASSED", failures,
+              (long)emu::launches.load(), (long)emu::threads_run.load());
+  std::printf("mmas %ld\n", (long)emu::mmas.load());
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,178 @@
+// Host emulation of the few CUDA features the sola kernels use: one std::thread per CUDA thread,
+// blocks run one after another, __syncthreads and shuffles through barriers.
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+using cudaStream_t = int;
+
+namespace emu {
+struct Warp {
+  std::barrier<> bar{32};
+  double buf[32];
+  uint32_t a[32][4], b[32][2];
+  const void* rows[32];
+  std::atomic<int> exited{0};
+};
+struct Block {
+  std::barrier<> bar;
+  explicit Block(int n) : bar(n) {}
+};
+inline thread_local Warp* tl_warp = nullptr;
+inline thread_local Block* tl_block = nullptr;
+inline thread_local int tl_lane = 0;
+inline std::atomic<long> launches{0}, threads_run{0}, mmas{0};
+inline unsigned char* g_dynamic_smem = nullptr;
+inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
+
+template <class F>
+void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
+  if (grid.x == 0 || grid.y == 0 || grid.z != 1 || block.x == 0 || block.x % 32 || block.y != 1 || smem < 0 || smem > 227 * 1024 ||
+      grid.x > 2147483647u || grid.y > 65535u) {
+    std::fprintf(stderr, "bad launch grid (%u,%u,%u) block %u\n", grid.x, grid.y, grid.z, block.x);
+    std::abort();
+  }
+  ++launches;
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      Block blk(block.x);
+      std::vector<unsigned char> dyn(smem + 16, 0xff);  // 0xffff is NaN in fp16/bf16: unwritten tiles show
+      g_dynamic_smem = dyn.data() + (16 - reinterpret_cast<uintptr_t>(dyn.data()) % 16) % 16;
+      std::vector<std::unique_ptr<Warp>> warps;
+      for (unsigned w = 0; w < block.x / 32; ++w) warps.emplace_back(new Warp);
+      std::vector<std::thread> ts;
+      for (unsigned tx = 0; tx < block.x; ++tx)
+        ts.emplace_back([&, tx] {
+          threadIdx = dim3(tx), blockIdx = dim3(bx, by), blockDim = block, gridDim = grid;
+          tl_warp = warps[tx / 32].get(), tl_block = &blk, tl_lane = tx % 32;
+          f();
+          ++threads_run;
+          tl_warp->exited++;
+          tl_warp->bar.arrive_and_drop();
+          blk.bar.arrive_and_drop();
+        });
+      for (auto& t : ts) t.join();
+    }
+}
+
+template <class T>
+T shfl(T v, int src) {
+  Warp* w = tl_warp;
+  w->buf[tl_lane] = static_cast<double>(v);
+  w->bar.arrive_and_wait();
+  if (w->exited.load()) {
+    std::fprintf(stderr, "shuffle while a lane of the warp has exited\n");
+    std::abort();
+  }
+  T r = static_cast<T>(w->buf[src & 31]);
+  w->bar.arrive_and_wait();
+  return r;
+}
+}  // namespace emu
+
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src) {
+  if (mask != 0xffffffffu) std::abort();
+  return emu::shfl(v, src);
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int off) {
+  if (mask != 0xffffffffu) std::abort();
+  return emu::shfl(v, emu::tl_lane ^ off);
+}
+inline void __syncthreads() { emu::tl_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { if (mask != 0xffffffffu) std::abort(); emu::tl_warp->bar.arrive_and_wait(); }
+
+namespace emu {
+template <class T>
+float half_bits_to_float(uint32_t bits) {
+  T x;
+  x.x = static_cast<uint16_t>(bits & 0xffffu);
+  return static_cast<float>(x);
+}
+// mma.sync.m16n8k16.row.col f32 += T * T, with the PTX fragment layouts, as a warp collective.
+template <class T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp* w = tl_warp;
+  const int lane = tl_lane;
+  std::memcpy(w->a[lane], a, sizeof a);
+  std::memcpy(w->b[lane], b, sizeof b);
+  w->bar.arrive_and_wait();
+  if (w->exited.load()) {
+    std::fprintf(stderr, "mma while a lane of the warp has exited\n");
+    std::abort();
+  }
+  auto A = [&](int r, int c) {  // a_i: row g (+8 for regs 1, 3), cols 2t, 2t+1 (+8 for regs 2, 3)
+    const int owner = (r % 8) * 4 + (c % 8) / 2, reg = r / 8 + 2 * (c / 8);
+    return half_bits_to_float<T>(w->a[owner][reg] >> (16 * (c % 2)));
+  };
+  auto B = [&](int k, int n) {  // b_i: rows 2t, 2t+1 (+8 for reg 1), col g
+    const int owner = n * 4 + (k % 8) / 2, reg = k / 8;
+    return half_bits_to_float<T>(w->b[owner][reg] >> (16 * (k % 2)));
+  };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int r = lane / 4 + 8 * (i / 2), c = 2 * (lane % 4) + i % 2;
+    double sum = 0;
+    for (int k = 0; k < 16; ++k) sum += static_cast<double>(A(r, k)) * B(k, c);
+    out[i] = static_cast<float>(d[i] + sum);
+  }
+  ++mmas;
+  w->bar.arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+}  // namespace emu
+
+namespace emu {
+// ldmatrix.sync.m8n8.x4(.trans).b16 as a warp collective.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  Warp* w = tl_warp;
+  const int L = tl_lane;
+  if (reinterpret_cast<uintptr_t>(row) % 16) {
+    std::fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
+    std::abort();
+  }
+  w->rows[L] = row;
+  w->bar.arrive_and_wait();
+  if (w->exited.load()) {
+    std::fprintf(stderr, "ldmatrix while a lane of the warp has exited\n");
+    std::abort();
+  }
+  auto elem = [&](int m, int row_i, int col) {  // matrix m, its row row_i, column col
+    return static_cast<const uint16_t*>(w->rows[8 * m + row_i])[col];
+  };
+  uint32_t out[4];
+  for (int m = 0; m < 4; ++m) {
+    uint16_t lo, hi;
+    if (!trans) lo = elem(m, L / 4, 2 * (L % 4)), hi = elem(m, L / 4, 2 * (L % 4) + 1);
+    else lo = elem(m, 2 * (L % 4), L / 4), hi = elem(m, 2 * (L % 4) + 1, L / 4);
+    out[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  w->bar.arrive_and_wait();
+  for (int m = 0; m < 4; ++m) r[m] = out[m];
+}
+}  // namespace emu

@@ -1,0 +1,10 @@
+"""Rewrites a .cu/.cuh for the emulator: kernel<<<grid, block, smem, stream>>>(args); becomes
+emu::launch(grid, block, smem, stream, [&] { kernel(args); }); and kCUDA tensors become kCPU."""
+import re, sys
+src = open(sys.argv[1]).read()
+pat = re.compile(r'([\w:]+<[^<>;]*>)<<<(.*?)>>>\((.*?)\);', re.S)
+n = len(pat.findall(src))
+src = pat.sub(lambda m: f'emu::launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});', src)
+src = src.replace('at::kCUDA', 'at::kCPU')
+open(sys.argv[2], 'w').write(src)
+print(sys.argv[1], n, 'launches')
