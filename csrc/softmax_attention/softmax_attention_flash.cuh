@@ -196,6 +196,24 @@ SOLA_HD void zero(acc (&c)[NT][4]) {
 SOLA_HD int acc_col(int n, int e, int lane) { return 8 * n + 2 * (lane % 4) + (e & 1); }
 SOLA_HD int acc_row(int e, int lane) { return lane / 4 + 8 * (e >> 1); }
 
+// f(n, e, in_range) for every element of a warp's 16 x 8 kNT accumulator tile, in_range saying
+// whether its column is below `valid`. Full tiles (all but the last) take a branch without the
+// per-element compare-select.
+template <int kNT, typename F>
+SOLA_HD void for_each_acc(int64_t valid, int lane, F f) {
+  if (valid >= 8 * kNT) {
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(n, e, true);
+  } else {
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(n, e, acc_col(n, e, lane) < valid);
+  }
+}
+
 // ---- async global -> shared copies ------------------------------------------------------------
 
 SOLA_HD void cp_async_16(void* smem, const void* gmem) {

@@ -238,12 +238,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
       zero(s);
       gemm_abt<T, kD>(s, sQ, warp * kWarpRows, sK, lane);
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
-      const int64_t valid = p.Nk - step * kStream;
-#pragma unroll
-      for (int n = 0; n < kST; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[n][e] = acc_col(n, e, lane) < valid ? Exp::exp(Exp::scaled(s[n][e], scale_u) - lse[e >> 1]) : acc(0);
+      for_each_acc<kST>(p.Nk - step * kStream, lane, [&](int n, int e, bool in_range) {
+        s[n][e] = in_range ? Exp::exp(Exp::scaled(s[n][e], scale_u) - lse[e >> 1]) : acc(0);
+      });
       zero(dp);
       gemm_abt<T, kD>(dp, sG, warp * kWarpRows, sV, lane);
 #pragma unroll

@@ -81,15 +81,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
 
       // Online softmax. Keys past Nk score -inf. A NaN score never becomes the max (fmax), so
       // exp(NaN - m) makes its row NaN, as in torch.
-      const int64_t valid = p.Nk - n0;
       acc m_new[2] = {m[0], m[1]};
-#pragma unroll
-      for (int n = 0; n < kNT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] = acc_col(n, e, lane) < valid ? Exp::scaled(s[n][e], scale_u) : kNegInf;
-          m_new[e >> 1] = std::fmax(m_new[e >> 1], s[n][e]);
-        }
+      for_each_acc<kNT>(p.Nk - n0, lane, [&](int n, int e, bool in_range) {
+        s[n][e] = in_range ? Exp::scaled(s[n][e], scale_u) : kNegInf;
+        m_new[e >> 1] = std::fmax(m_new[e >> 1], s[n][e]);
+      });
       acc base[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
