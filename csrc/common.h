@@ -42,6 +42,16 @@ struct View4 {
   }
 };
 
+// N elements of T loaded or stored as one aligned vector.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Elements of scalar_t per 16-byte load: 8 fp16/bf16, 4 fp32, 2 fp64.
+template <typename scalar_t>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(scalar_t));
+
 SOLA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // True when every row of x starts on a multiple of `elems` elements' bytes, so vector

@@ -59,14 +59,6 @@ SOLA_HD void dphi_cols(FeatureMap fm, acc (&v)[N]) {
 }
 
 // ---- vectorised row access ------------------------------------------------------------------
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// Elements of scalar_t per 16-byte load: 8 fp16/bf16, 4 fp32, 2 fp64.
-template <typename scalar_t>
-constexpr int kVec16 = static_cast<int>(16 / sizeof(scalar_t));
 
 // dst[e] = row[col + e] as acc for e < N, 0 at or past n.
 template <int N, typename acc, typename scalar_t>

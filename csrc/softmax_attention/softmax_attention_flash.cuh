@@ -214,6 +214,22 @@ SOLA_HD void for_each_acc(int64_t valid, int lane, F f) {
   }
 }
 
+// ---- which work item a block's tile index names -----------------------------------------------
+
+// Tile `tile` of a grid-stride loop over (b, h, block of kBlock rows, column chunk of kCols) with
+// kChunks chunks, the chunk varying fastest.
+struct TileIndex {
+  int64_t b, h, bh, row0;
+  int col0;
+};
+
+template <int kBlock, int kCols, int kChunks>
+SOLA_HD TileIndex tile_index(int64_t tile, int64_t rows, int64_t H) {
+  const int64_t blocks = ceil_div(rows, kBlock);
+  const int64_t bh = tile / kChunks / blocks;
+  return TileIndex{bh / H, bh % H, bh, tile / kChunks % blocks * kBlock, static_cast<int>(tile % kChunks) * kCols};
+}
+
 // ---- async global -> shared copies ------------------------------------------------------------
 
 SOLA_HD void cp_async_16(void* smem, const void* gmem) {
@@ -246,24 +262,19 @@ SOLA_HD void cp_async_wait() {
 #endif
 }
 
-// Elements of T in 16 bytes: one cp.async piece, one vector load.
+// 16 bytes of T (kVec16<T> elements): one cp.async piece, one vector load.
 template <typename T>
-constexpr int kVec = static_cast<int>(16 / sizeof(T));
-
-template <typename T>
-struct alignas(16) Vec16 {
-  T v[kVec<T>];
-};
+using Vec16 = Vec<T, kVec16<T>>;
 
 template <typename T>
 SOLA_HD Vec16<T> load16(const T* p) {
   return *reinterpret_cast<const Vec16<T>*>(p);
 }
 
-// True when x's rows allow 16-byte pieces at column multiples of kVec<T>.
+// True when x's rows allow 16-byte pieces at column multiples of kVec16<T>.
 template <typename T>
 SOLA_HD bool rows_aligned16(const View4& x) {
-  return rows_aligned<T>(x, kVec<T>);
+  return rows_aligned<T>(x, kVec16<T>);
 }
 
 // tile[r][c] = x(b, h, row0 + r)[col0 + c] for r < rows and col0 + c < cols, else 0, for a
@@ -272,7 +283,7 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 template <int kRows, int kCols, typename T>
 SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                        bool aligned, int tid) {
-  constexpr int kV = kVec<T>, kPieces = kCols / kV;
+  constexpr int kV = kVec16<T>, kPieces = kCols / kV;
   constexpr int kLd = kCols + kPad;
   for (int i = tid; i < kRows * kPieces; i += kThreads) {
     const int r = i / kPieces, c = (i % kPieces) * kV;
@@ -309,13 +320,13 @@ SOLA_HD void gemm_abt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lan
     // This lane's rows g, g+8 of A and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
     const T* a_lo = a + (a0 + lane / 4) * kLd;
     const T* b_lane = bt + 2 * (lane % 4) * kLd;
-    for (int k = 0; k < kD; k += kVec<T>) {
+    for (int k = 0; k < kD; k += kVec16<T>) {
       const Vec16<T> x0 = load16(a_lo + k), x1 = load16(a_lo + 8 * kLd + k);
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         const Vec16<T> y0 = load16(b_lane + 8 * n * kLd + k), y1 = load16(b_lane + (8 * n + 1) * kLd + k);
 #pragma unroll
-        for (int v = 0; v < kVec<T>; ++v) {
+        for (int v = 0; v < kVec16<T>; ++v) {
           c[n][0] += x0.v[v] * y0.v[v];
           c[n][1] += x0.v[v] * y1.v[v];
           c[n][2] += x1.v[v] * y0.v[v];
@@ -328,7 +339,7 @@ SOLA_HD void gemm_abt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lan
 
 // Row stride of a warp's SIMT scratch holding a 16 x kCols accumulator tile.
 template <typename acc, int kCols>
-constexpr int kScratchLd = kCols + kVec<acc>;
+constexpr int kScratchLd = kCols + kVec16<acc>;
 
 // c[16 x 8 kOT] += X B: X = the warp's 16 x 8 kXT accumulator tile x (P, P^T, dS or dS^T),
 // B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading dim kD + kPad).
@@ -357,10 +368,10 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, i
     __syncwarp();
     const acc* x_lo = scratch + (lane / 4) * kLdX;
     const T* b_lane = b + col0 + 2 * (lane % 4);
-    for (int j = 0; j < 8 * kXT; j += kVec<acc>) {
+    for (int j = 0; j < 8 * kXT; j += kVec16<acc>) {
       const Vec16<acc> x0 = load16(x_lo + j), x1 = load16(x_lo + 8 * kLdX + j);
 #pragma unroll
-      for (int v = 0; v < kVec<acc>; ++v) {
+      for (int v = 0; v < kVec16<acc>; ++v) {
         const T* row = b_lane + (j + v) * kLd;
 #pragma unroll
         for (int n = 0; n < kOT; ++n) {

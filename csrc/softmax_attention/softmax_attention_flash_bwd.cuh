@@ -98,19 +98,6 @@ struct BwdAligned {
   bool q, k, v, grad_out;
 };
 
-// Which (b, h, row block, column chunk) a tile index names.
-struct TileIndex {
-  int64_t b, h, bh, row0;
-  int col0;
-};
-
-template <int kBlock, int kDOut, int kChunks>
-SOLA_HD TileIndex tile_index(int64_t tile, int64_t rows, int64_t H) {
-  const int64_t blocks = ceil_div(rows, kBlock);
-  const int64_t bh = tile / kChunks / blocks;
-  return TileIndex{bh / H, bh % H, bh, tile / kChunks % blocks * kBlock, static_cast<int>(tile % kChunks) * kDOut};
-}
-
 // rows [row0, row0 + 16) of a warp's 16 x kDOut accumulator, times `mul`, into x (columns col0..).
 template <typename T, int kOT, typename acc>
 SOLA_HD void store_rows(const acc (&c)[kOT][4], acc mul, const View4& x, const TileIndex& t, int64_t row0,
@@ -257,11 +244,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
 template <typename T, int kD>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = BwdTiles<T, kD>;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (Tiles::kSmem > static_cast<int>(prop->sharedMemPerBlockOptin)) return false;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(dkdv_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem));
+  if (!allow_dynamic_smem(dkdv_kernel<T, kD>, Tiles::kSmem) || !allow_dynamic_smem(dq_kernel<T, kD>, Tiles::kSmem))
+    return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};
   const int64_t key_tiles = p.B * p.H * ceil_div(p.Nk, Tiles::kBlock) * Tiles::kChunks;

@@ -54,12 +54,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   using Exp = ExpUnits<T>;
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
-  const int64_t m_blocks = ceil_div(p.Nq, kBlockM), n_blocks = ceil_div(p.Nk, kBlockN);
-  const int64_t tiles = p.B * p.H * m_blocks * Tiles::kChunks;
+  const int64_t n_blocks = ceil_div(p.Nk, kBlockN);
+  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlockM) * Tiles::kChunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int col0 = static_cast<int>(tile % Tiles::kChunks) * kDOut;
-    const int64_t mb = tile / Tiles::kChunks % m_blocks, bh = tile / Tiles::kChunks / m_blocks;
-    const int64_t b = bh / p.H, h = bh % p.H, m0 = mb * kBlockM;
+    const TileIndex t = tile_index<kBlockM, kDOut, Tiles::kChunks>(tile, p.Nq, p.H);
+    const int64_t b = t.b, h = t.h, bh = t.bh, m0 = t.row0;
+    const int col0 = t.col0;
     load_tile<kBlockM, kD>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
     load_tile<kBlockN, kD>(sK, p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
     cp_async_commit();
@@ -141,10 +141,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
 template <typename T, int kD>
 bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = FwdTiles<T, kD>;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (Tiles::kSmem > static_cast<int>(prop->sharedMemPerBlockOptin)) return false;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(fwd_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem));
+  if (!allow_dynamic_smem(fwd_kernel<T, kD>, Tiles::kSmem)) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
   const int64_t tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlockM) * Tiles::kChunks;
   fwd_kernel<T, kD><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
