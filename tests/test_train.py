@@ -197,8 +197,10 @@ def test_bad_numbers_exit_with_usage(tmp_path, capsys):
 
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch as one process: same losses. BatchNorm
-    statistics span the global batch (--sync-bn); the remaining differences are float summation order."""
-    common = QUICK + ["--epochs", "2", "--sync-bn", "--warmup-epochs", "0.5"]
+    statistics span the global batch (--sync-bn); the remaining differences are float summation order, which
+    Adam amplifies in parameters with near-zero gradients, so a small lr keeps them far below the tolerance
+    (measured: 4e-5 relative at epoch 2, against 2.5e-3 already at epoch 1 without --sync-bn)."""
+    common = QUICK + ["--epochs", "2", "--sync-bn", "--warmup-epochs", "0.5", "--lr", "2e-4"]
     run_train(tmp_path / "one", *common[len(QUICK):])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "sola_vision.train", *common, "--output", str(tmp_path / "two")]
@@ -207,7 +209,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
-        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=2e-3), (a, b)
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=5e-4), (a, b)
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=2e-2), (a, b)
         assert a["val_samples"] == b["val_samples"] == 359  # the val shards cover every image exactly once
 
