@@ -13,8 +13,18 @@
 
 #if defined(__CUDACC__)
 #define SOLA_HD __host__ __device__ __forceinline__
+// Device-only helpers (they use barriers); plain inline functions when emulated on the host.
+#define SOLA_DEVICE __device__ __forceinline__
 #else
 #define SOLA_HD inline
+#define SOLA_DEVICE inline
+#endif
+
+// A kernel's dynamic shared memory; with SOLA_HOST_EMULATION (scripts/cuda_emulator) the emulator's.
+#if defined(SOLA_HOST_EMULATION)
+#define SOLA_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
+#else
+#define SOLA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 // Bad arguments raise ValueError naming the argument:

@@ -4,6 +4,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +26,18 @@ constexpr int64_t kMaxGridX = 65535;
 inline unsigned grid_x(int64_t work, int64_t per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxGridX)));
+}
+
+// Tensor-core kernels (mma.sync, ldmatrix, cp.async) need sm_80 or newer.
+inline bool sm80_or_newer() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+
+// Lets `kernel` take `bytes` of dynamic shared memory (past 48 KB that needs an opt-in); false,
+// changing nothing, when the device has less.
+template <typename Kernel>
+bool allow_dynamic_smem(Kernel kernel, int bytes) {
+  if (bytes > static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)) return false;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  return true;
 }
 
 // This warp's first row and the row stride of a grid-stride loop; the same for all its lanes,

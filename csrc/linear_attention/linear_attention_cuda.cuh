@@ -17,6 +17,17 @@ namespace la {
 template <typename scalar_t>
 void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream);
 
+// fp16/bf16 on sm_80+ run the tensor-core (tf32) kernels of linear_attention_tc.cuh.
+template <typename T>
+constexpr bool kTensorCoreType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// Each returns false, launching nothing, where it does not apply (GPU before sm_80; rows: a
+// state wider than 128, or beyond the device's shared memory); the SIMT kernels run then.
+template <typename scalar_t>
+bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream);  // without the combine
+template <typename scalar_t, RowsMode kMode>
+bool launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream);
+
 // rows_kernel for the head-dim bucket of d_out (the mode's widest output). fp64 only takes the
 // 256 bucket: it serves gradcheck and reference runs, not speed, and costs 3 fewer instantiations.
 template <typename scalar_t, RowsMode kMode>
@@ -29,6 +40,9 @@ void launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (n == 0) return;
+  if constexpr (kTensorCoreType<scalar_t>) {
+    if (launch_rows_tc<scalar_t, kMode>(p, s, stream)) return;
+  }
   if constexpr (std::is_same_v<scalar_t, double>) {
     launch(std::integral_constant<int, 256>{});
   } else {

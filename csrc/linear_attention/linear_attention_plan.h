@@ -62,6 +62,48 @@ inline void plan_token_reduce(TokenReduceArgs& a, bool fp64) {
   a.chunks = std::max<int64_t>(1, (a.N + a.chunk_len - 1) / a.chunk_len);
 }
 
+// One work item of a token reduction: (head, token chunk, tile of M), the tiles of one chunk
+// adjacent so blocks sharing token rows run together (L2 reuse).
+struct ReduceItem {
+  int64_t bh, b, h, chunk, t_begin, t_end;
+  int mb, nb;  // first row and column of the tile in M
+  bool side;   // the first column of tiles also sums the side
+};
+
+SOLA_HD ReduceItem reduce_item(const TokenReduceArgs& a, int64_t item) {
+  ReduceItem it;
+  const int tile_n = static_cast<int>(item % a.tiles_n);
+  item /= a.tiles_n;
+  const int tile_m = static_cast<int>(item % a.tiles_m);
+  item /= a.tiles_m;
+  it.chunk = item % a.chunks, it.bh = item / a.chunks;
+  it.b = it.bh / a.H, it.h = it.bh % a.H;
+  it.mb = tile_m * a.tile, it.nb = tile_n * a.tile;
+  it.t_begin = it.chunk * a.chunk_len;
+  it.t_end = a.N < it.t_begin + a.chunk_len ? a.N : it.t_begin + a.chunk_len;
+  it.side = a.with_side && tile_n == 0;
+  return it;
+}
+
+// Where an item's sums go: straight into M and side (times scale) when the tokens are one chunk,
+// else into its chunk's partial.
+template <typename acc>
+struct ReduceDst {
+  acc* m;
+  acc* side;
+  acc scale;
+};
+
+template <typename acc>
+SOLA_HD ReduceDst<acc> reduce_dst(const TokenReduceArgs& a, const ReduceItem& it) {
+  if (a.chunks == 1) {
+    return {static_cast<acc*>(a.m_out) + it.bh * a.Dm * a.Dn, static_cast<acc*>(a.side_out) + it.bh * a.Dm,
+            static_cast<acc>(a.scale)};
+  }
+  acc* m = static_cast<acc*>(a.partials) + (it.bh * a.chunks + it.chunk) * (int64_t(a.Dm) * a.Dn + a.Dm);
+  return {m, m + int64_t(a.Dm) * a.Dn, acc(1)};
+}
+
 // Accumulator elements of the partials buffer (0 when one chunk writes the results directly).
 inline int64_t token_reduce_workspace(const TokenReduceArgs& a) {
   return a.chunks > 1 ? a.heads * a.chunks * (int64_t(a.Dm) * a.Dn + a.Dm) : 0;

@@ -19,6 +19,42 @@
 namespace sola {
 namespace la {
 
+// Which of a reduction's inputs allow kV-element vector loads (rows_aligned).
+struct ReduceAlignment {
+  bool x, y, xs;
+};
+
+template <typename scalar_t>
+SOLA_HD ReduceAlignment reduce_alignment(const TokenReduceArgs& a, int kV) {
+  return {rows_aligned<scalar_t>(a.x, kV), rows_aligned<scalar_t>(a.y, kV), rows_aligned<scalar_t>(a.xs, kV)};
+}
+
+// The load stage's vectors of token t at tile columns col .. col + kV - 1, as acc: phi(x),
+// y * y_scale and, with own_side, phi(xs) * s_scale; 0 past Dm / Dn and past the item's tokens.
+template <int kV, typename scalar_t, typename acc>
+SOLA_HD void load_token(const TokenReduceArgs& a, const ReduceItem& it, int64_t t, int col, bool own_side,
+                        const ReduceAlignment& al, acc (&xv)[kV], acc (&yv)[kV], acc (&sv)[kV]) {
+  if (t >= it.t_end) {
+#pragma unroll
+    for (int e = 0; e < kV; ++e) xv[e] = yv[e] = sv[e] = acc(0);
+    return;
+  }
+  const int mc = it.mb + col, nc = it.nb + col;
+  load_cols<kV>(a.x.row<const scalar_t>(it.b, it.h, t), mc, a.Dm, al.x, xv);
+  load_cols<kV>(a.y.row<const scalar_t>(it.b, it.h, t), nc, a.Dn, al.y, yv);
+  phi_cols(a.fm, a.Dm - mc, xv);
+  const acc ys = a.y_scale ? static_cast<const acc*>(a.y_scale)[it.bh * a.N + t] : acc(1);
+#pragma unroll
+  for (int e = 0; e < kV; ++e) yv[e] *= ys;
+  if (own_side) {
+    load_cols<kV>(a.xs.row<const scalar_t>(it.b, it.h, t), mc, a.Dm, al.xs, sv);
+    phi_cols(a.fm, a.Dm - mc, sv);
+    const acc ss = a.s_scale ? static_cast<const acc*>(a.s_scale)[it.bh * a.N + t] : acc(1);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) sv[e] *= ss;
+  }
+}
+
 template <typename scalar_t, int kTile>
 struct ReduceConfig {
   using acc = acc_t<scalar_t>;
@@ -49,26 +85,14 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
   const int tid = threadIdx.x;
   const int tn = tid % kThreadCols, tm = tid / kThreadCols;
   const int m0 = tm * kTM, n0 = tn * kTN;
-  const bool x_aligned = rows_aligned<scalar_t>(a.x, kV);
-  const bool y_aligned = rows_aligned<scalar_t>(a.y, kV);
-  const bool xs_aligned = rows_aligned<scalar_t>(a.xs, kV);
-  const acc* y_scale = static_cast<const acc*>(a.y_scale);
-  const acc* s_scale = static_cast<const acc*>(a.s_scale);
+  const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
   const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
 
-  // Tiles of one chunk are adjacent items, so blocks sharing token rows run together (L2 reuse).
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
-    int64_t rest = item;
-    const int tile_n = static_cast<int>(rest % a.tiles_n);
-    rest /= a.tiles_n;
-    const int tile_m = static_cast<int>(rest % a.tiles_m);
-    rest /= a.tiles_m;
-    const int64_t chunk = rest % a.chunks, bh = rest / a.chunks;
-    const int64_t b = bh / a.H, h = bh % a.H;
-    const int mb = tile_m * kTile, nb = tile_n * kTile;
-    const int64_t t_begin = chunk * a.chunk_len;
-    const int64_t t_end = a.N < t_begin + a.chunk_len ? a.N : t_begin + a.chunk_len;
-    const bool side = a.with_side && tile_n == 0;  // the first column of tiles also sums the side
+    const ReduceItem it = reduce_item(a, item);
+    const int64_t t_begin = it.t_begin, t_end = it.t_end;
+    const int mb = it.mb;
+    const bool side = it.side;
     const bool own_side_tile = side && !a.side_is_x;
 
     RegTile<acc, kTM, kTN> m_acc;
@@ -83,24 +107,7 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
         const int r = idx / Cfg::kVecsPerRow, col = (idx % Cfg::kVecsPerRow) * kV;
         const int64_t t = t0 + r;
         acc xv[kV], yv[kV], sv[kV];
-        if (t < t_end) {
-          load_cols<kV>(a.x.row<const scalar_t>(b, h, t), mb + col, a.Dm, x_aligned, xv);
-          load_cols<kV>(a.y.row<const scalar_t>(b, h, t), nb + col, a.Dn, y_aligned, yv);
-          phi_cols(a.fm, a.Dm - (mb + col), xv);
-          const acc ys = y_scale ? y_scale[bh * a.N + t] : acc(1);
-#pragma unroll
-          for (int e = 0; e < kV; ++e) yv[e] *= ys;
-          if (own_side_tile) {
-            load_cols<kV>(a.xs.row<const scalar_t>(b, h, t), mb + col, a.Dm, xs_aligned, sv);
-            phi_cols(a.fm, a.Dm - (mb + col), sv);
-            const acc ss = s_scale ? s_scale[bh * a.N + t] : acc(1);
-#pragma unroll
-            for (int e = 0; e < kV; ++e) sv[e] *= ss;
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < kV; ++e) xv[e] = yv[e] = sv[e] = acc(0);
-        }
+        load_token<kV, scalar_t>(a, it, t, col, own_side_tile, al, xv, yv, sv);
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
           x_tile[r][col + e] = xv[e];
@@ -120,24 +127,14 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
       }
     }
 
-    // Results, or this chunk's partial.
-    acc *m_dst, *side_dst, scale;
-    if (a.chunks == 1) {
-      m_dst = static_cast<acc*>(a.m_out) + bh * a.Dm * a.Dn;
-      side_dst = static_cast<acc*>(a.side_out) + bh * a.Dm;
-      scale = static_cast<acc>(a.scale);
-    } else {
-      m_dst = static_cast<acc*>(a.partials) + (bh * a.chunks + chunk) * (int64_t(a.Dm) * a.Dn + a.Dm);
-      side_dst = m_dst + int64_t(a.Dm) * a.Dn;
-      scale = acc(1);
-    }
+    const ReduceDst<acc> dst = reduce_dst<acc>(a, it);
 #pragma unroll
     for (int i = 0; i < kTM; ++i) {
       const int m = mb + m0 + i;
 #pragma unroll
       for (int j = 0; j < kTN; ++j) {
-        const int n = nb + n0 + j;
-        if (m < a.Dm && n < a.Dn) m_dst[int64_t(m) * a.Dn + n] = m_acc.c[i][j] * scale;
+        const int n = it.nb + n0 + j;
+        if (m < a.Dm && n < a.Dn) dst.m[int64_t(m) * a.Dn + n] = m_acc.c[i][j] * dst.scale;
       }
     }
     if (side) {  // uniform per block
@@ -147,7 +144,7 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
       if (tid < kTile && mb + tid < a.Dm) {
         acc sum = acc(0);
         for (int c = 0; c < kThreadCols; ++c) sum += side_red[tid][c];  // fixed order
-        side_dst[mb + tid] = sum * scale;
+        dst.side[mb + tid] = sum * dst.scale;
       }
       __syncthreads();  // side_red is free again for the next item
     }

@@ -25,19 +25,6 @@
 
 #include "common.h"
 
-#if defined(SOLA_HOST_EMULATION)
-#define SOLA_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
-#else
-#define SOLA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
-
-// Device-only helpers (they use barriers); plain inline functions when emulated on the host.
-#if defined(__CUDACC__)
-#define SOLA_DEVICE __device__ __forceinline__
-#else
-#define SOLA_DEVICE inline
-#endif
-
 namespace sola {
 namespace flash {
 

@@ -8,21 +8,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 
+#include "cuda_utils.cuh"
+
 #include "softmax_attention/softmax_attention.h"
 
 namespace sola {
 
 // The flash kernels need sm_80 or newer (cp.async, ldmatrix, mma.sync m16n8k16).
-inline bool flash_kernels_run_here() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
-
-// Lets `kernel` take `bytes` of dynamic shared memory (past 48 KB that needs an opt-in); false,
-// changing nothing, when the device has less.
-template <typename Kernel>
-bool allow_dynamic_smem(Kernel kernel, int bytes) {
-  if (bytes > static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)) return false;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  return true;
-}
+inline bool flash_kernels_run_here() { return sm80_or_newer(); }
 
 // out and lse.
 bool flash_fwd_tensor_cores(const SoftmaxAttentionParams& p, cudaStream_t stream);

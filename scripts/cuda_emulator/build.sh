@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the CPU emulation of the softmax-attention CUDA kernels and its driver (README.md).
-#   bash scripts/cuda_emulator/build.sh && build/cuda_emulator/driver all
-# SRC=<csrc dir> emulates another tree (default: this checkout's csrc).
+# Builds the CPU emulation of the CUDA kernels and their drivers (README.md).
+#   bash scripts/cuda_emulator/build.sh && build/cuda_emulator/driver all && build/cuda_emulator/driver_linear all
+# SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" builds one driver.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -15,13 +15,25 @@ FLAGS="-std=c++20 -O1 -g -DSOLA_WITH_CUDA -DSOLA_HOST_EMULATION -I$HERE/include 
 rm -rf "$OUT" && mkdir -p "$OUT/obj"
 cp -r "$SRC" "$OUT/csrc"
 for f in $(find "$OUT/csrc" -name '*.cu' -o -name '*.cuh'); do "$PY" "$HERE/transform.py" "$f" "$f" > /dev/null; done
+# Objects of one op's CUDA (.cu) and CPU kernels plus its driver; emulated sources get emu.h.
+compile() {
+  local f=$1 extra=""
+  case $f in *.cu | *driver_*.cpp) extra="-x c++ -include $HERE/emu.h" ;; esac
+  g++ $FLAGS $extra -c "$f" -o "$OUT/obj/$2/$(basename "$f").o"
+}
 pids=()
-for f in "$OUT"/csrc/softmax_attention/*.cu "$OUT"/csrc/softmax_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$HERE/driver_softmax.cpp"; do
-  extra=""
-  case $f in *.cu | *driver_softmax.cpp) extra="-x c++ -include $HERE/emu.h" ;; esac
-  g++ $FLAGS $extra -c "$f" -o "$OUT/obj/$(basename "$f").o" &
-  pids+=($!)
+for op in ${OPS:-softmax linear}; do
+  mkdir -p "$OUT/obj/$op"
+  for f in "$OUT"/csrc/${op}_attention/*.cu "$OUT"/csrc/${op}_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$HERE/driver_$op.cpp"; do
+    compile "$f" "$op" &
+    pids+=($!)
+  done
 done
 for p in "${pids[@]}"; do wait "$p"; done
-g++ "$OUT"/obj/*.o -o "$OUT/driver" -L"$TORCH/lib" -Wl,-rpath,"$TORCH/lib" -ltorch_cpu -lc10 -ltorch -lpthread
-echo "built $OUT/driver"
+LIBS="-L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10 -ltorch -lpthread"
+for op in ${OPS:-softmax linear}; do
+  exe=$OUT/driver_$op
+  [ "$op" = softmax ] && exe=$OUT/driver  # the name the softmax notes use
+  g++ "$OUT"/obj/$op/*.o -o "$exe" $LIBS
+  echo "built $exe"
+done

@@ -21,7 +21,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // may follow `static` (alignas may not)
 
 struct dim3 {
   unsigned x, y, z;
@@ -148,6 +148,37 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 }  // namespace emu
 
 namespace emu {
+// mma.sync.m16n8k8.row.col f32 += tf32 * tf32 (the operands' low 13 bits ignored, as the hardware).
+inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp* w = tl_warp;
+  const int lane = tl_lane;
+  std::memcpy(w->a[lane], a, sizeof a);
+  std::memcpy(w->b[lane], b, sizeof b);
+  w->bar.arrive_and_wait();
+  if (w->exited.load()) {
+    std::fprintf(stderr, "mma while a lane of the warp has exited\n");
+    std::abort();
+  }
+  auto tf32 = [](uint32_t bits) {
+    bits &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  };
+  auto A = [&](int r, int c) { return tf32(w->a[(r % 8) * 4 + c % 4][r / 8 + 2 * (c / 4)]); };  // a0 = A[g][t] ...
+  auto B = [&](int k, int n) { return tf32(w->b[n * 4 + k % 4][k / 4]); };                       // b0 = B[t][g] ...
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int r = lane / 4 + 8 * (i / 2), c = 2 * (lane % 4) + i % 2;
+    double sum = 0;
+    for (int k = 0; k < 8; ++k) sum += static_cast<double>(A(r, k)) * B(k, c);
+    out[i] = static_cast<float>(d[i] + sum);
+  }
+  ++mmas;
+  w->bar.arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 // ldmatrix.sync.m8n8.x4(.trans).b16 as a warp collective.
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   Warp* w = tl_warp;

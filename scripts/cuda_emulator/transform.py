@@ -2,7 +2,7 @@
 emu::launch(grid, block, smem, stream, [&] { kernel(args); }); and kCUDA tensors become kCPU."""
 import re, sys
 src = open(sys.argv[1]).read()
-pat = re.compile(r'([\w:]+<[^<>;]*>)<<<(.*?)>>>\((.*?)\);', re.S)
+pat = re.compile(r'([\w:]+<(?:[^<>;]|<[^<>;]*>)*>)<<<(.*?)>>>\((.*?)\);', re.S)  # one level of nested <>
 n = len(pat.findall(src))
 src = pat.sub(lambda m: f'emu::launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});', src)
 src = src.replace('at::kCUDA', 'at::kCPU')

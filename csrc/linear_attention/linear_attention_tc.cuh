@@ -1,0 +1,427 @@
+// Tensor-core versions of the two linear-attention kernels, for fp16/bf16 inputs on sm_80+:
+// the same work split and epilogues as linear_attention_reduce.cuh and linear_attention_rows.cuh,
+// with the products on tf32 mma.sync (mma_tf32.cuh). Operands are computed in fp32 (feature map,
+// scales) and rounded once to tf32, which holds an fp16/bf16 input exactly and phi of it to 2^-11;
+// the fp32 states S / dS enter split into hi + lo tf32 parts (two mmas), so they keep ~21 bits and
+// are never rounded to 16 bits. Accumulation is fp32; sums that the SIMT kernels do in fp32 (z,
+// the denominators, g . num) stay in fp32 on unrounded values. Deterministic: fixed orders, no atomics.
+#pragma once
+
+#include <algorithm>
+
+#include "cuda_utils.cuh"
+#include "mma_tf32.cuh"
+#include "linear_attention/linear_attention_reduce.cuh"
+#include "linear_attention/linear_attention_rows.cuh"
+
+namespace sola {
+namespace la {
+
+// ---- token reduction ----------------------------------------------------------------------------
+// A block owns one (head, token chunk, kTile x kTile tile of M), as the SIMT kernel; each warp owns
+// 16 rows of the tile and all its columns (kTile / 8 accumulator tiles). Tokens stream through
+// shared memory kStage at a time as fp32 [token][column] tiles: A = phi(x)^T is read transposed
+// (a0 = x_tile[k + t][m + g]) and B = y as stored; both reads are conflict-free with the row pitch
+// kTile + 8. The side sum is kept per loading thread in fp32 and summed across threads in order.
+template <typename scalar_t, int kTile>
+struct ReduceTcConfig {
+  static constexpr int kWarps = kTile / 16;
+  static constexpr int kBlockThreads = 32 * kWarps;  // 128 for the 64 tile, 64 for the 32 tile
+  static constexpr int kNT = kTile / 8;
+  static constexpr int kStage = 32;      // tokens per stage: 4 k8 steps
+  static constexpr int kLd = kTile + 8;  // = 8 (mod 32): reads at t * kLd + g hit 32 banks
+  static constexpr int kVec = kVec16<scalar_t>;
+  static constexpr int kVecsPerRow = kTile / kVec;
+  static constexpr int kRowsPerPass = kBlockThreads / kVecsPerRow;
+  // Register cap 128: 512 threads per SM for the 64 tile, keeping loads in flight.
+  static constexpr int kMinBlocks = 65536 / (128 * kBlockThreads);
+  static_assert(kStage % kRowsPerPass == 0, "a stage must be whole load passes");
+};
+
+// grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads.
+template <typename scalar_t, int kTile>
+__global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads, ReduceTcConfig<scalar_t, kTile>::kMinBlocks)
+    token_reduce_tc_kernel(const TokenReduceArgs a) {
+  using Cfg = ReduceTcConfig<scalar_t, kTile>;
+  constexpr int kStage = Cfg::kStage, kLd = Cfg::kLd, kV = Cfg::kVec, kNT = Cfg::kNT;
+  constexpr int kRowsPerPass = Cfg::kRowsPerPass;
+  __shared__ __align__(16) float x_tile[kStage * kLd];  // phi(x) as tf32, 0 past Dm or the chunk
+  __shared__ __align__(16) float y_tile[kStage * kLd];  // y * y_scale as tf32
+  __shared__ float side_red[kRowsPerPass * kTile];     // side sums of the threads' load rows
+
+  const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
+  const int g = lane / 4, t4 = lane % 4;
+  // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
+  const int lr = tid / Cfg::kVecsPerRow, lc = (tid % Cfg::kVecsPerRow) * kV;
+  const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
+  const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
+    const ReduceItem it = reduce_item(a, item);
+    const bool own_side = it.side && !a.side_is_x;
+    float c[kNT][4];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[n][e] = 0.f;
+    float side_acc[kV];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) side_acc[e] = 0.f;
+
+    for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kStage) {
+      __syncthreads();  // the previous stage has been consumed
+#pragma unroll
+      for (int r = lr; r < kStage; r += kRowsPerPass) {
+        float xv[kV], yv[kV], sv[kV];
+        load_token<kV, scalar_t>(a, it, t0 + r, lc, own_side, al, xv, yv, sv);
+#pragma unroll
+        for (int e = 0; e < kV; ++e) {
+          if (it.side) side_acc[e] += own_side ? sv[e] : xv[e];
+          x_tile[r * kLd + lc + e] = tf32::from_bits(tf32::round(xv[e]));
+          y_tile[r * kLd + lc + e] = tf32::from_bits(tf32::round(yv[e]));
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k0 = 0; k0 < kStage; k0 += 8) {
+        const float* x0 = x_tile + (k0 + t4) * kLd + m0 + g;
+        const uint32_t af[4] = {tf32::bits(x0[0]), tf32::bits(x0[8]), tf32::bits(x0[4 * kLd]),
+                                tf32::bits(x0[4 * kLd + 8])};
+        const float* y0 = y_tile + (k0 + t4) * kLd + g;
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          const uint32_t bf[2] = {tf32::bits(y0[8 * n]), tf32::bits(y0[4 * kLd + 8 * n])};
+          tf32::mma_1688(c[n], af, bf);
+        }
+      }
+    }
+
+    const ReduceDst<float> dst = reduce_dst<float>(a, it);
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = it.mb + m0 + tf32::acc_row(e, lane), col = it.nb + 8 * n + tf32::acc_col(e, lane);
+        if (m < a.Dm && col < a.Dn) dst.m[int64_t(m) * a.Dn + col] = c[n][e] * dst.scale;
+      }
+    if (it.side) {  // uniform per block
+#pragma unroll
+      for (int e = 0; e < kV; ++e) side_red[lr * kTile + lc + e] = side_acc[e];
+      __syncthreads();
+      if (tid < kTile && it.mb + tid < a.Dm) {
+        float sum = 0.f;
+        for (int r = 0; r < kRowsPerPass; ++r) sum += side_red[r * kTile + tid];  // fixed order
+        dst.side[it.mb + tid] = sum * dst.scale;
+      }
+      __syncthreads();  // side_red is free again for the next item
+    }
+  }
+}
+
+// ---- row products ---------------------------------------------------------------------------------
+// A block owns one head's S (or dS) in shared memory, fp32 as stored (Dk x Dv, 0-padded to kD), and
+// walks over every `groups`-th tile of kRows rows of that head, so the state is read from L2 once
+// per block rather than once per row tile. Per tile the A rows (phi(q), g, phi(k) or v) are loaded
+// with 16-byte loads, mapped in fp32, rounded to tf32 into [row][column] (pitch kD + 4: reads at
+// g * pitch + t hit 32 banks); each warp multiplies its 16 rows by the whole state (kD / 8
+// accumulator tiles), the state split hi + lo on the fly. Epilogues work on the accumulator
+// fragments: a row's 4 owning lanes sum their parts with two xor shuffles (identical in all four).
+template <int kD, RowsMode kMode>
+struct RowsTcConfig {
+  static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
+  static constexpr int kNT = kD / 8;
+  static constexpr int kXLd = kD + 4;
+  // Out reads the state as B (W[k + t][n + g], pitch = 8 mod 32 conflict-free); QueryGrad reads it
+  // transposed (W[n + g][k + t], pitch = 4 mod 32); KeyGrad both (its dv product takes 2-way conflicts).
+  static constexpr int kWLd = kMode == RowsMode::Out ? kD + 8 : kD + 4;
+  static constexpr int kVec = 8;  // 16-bit inputs
+  static constexpr int kVecsPerRow = kD / kVec;
+  static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
+  static constexpr int kSmemBytes = 4 * (kRows * kXLd + kD * kWLd + kD + kRows * kVecsPerRow);
+  static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
+};
+
+// Blocks the row kernels aim for (several per SM on any current GPU); each output row is computed
+// the same way whatever the grouping, so this only sets how often a state is re-read.
+constexpr int64_t kRowsTcTargetBlocks = 1024;
+
+// c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
+// n8 tiles at or past Dout stay 0.
+template <bool kTrans, int kNT, int kXLd, int kWLd>
+SOLA_DEVICE void rows_product_tc(float (&c)[kNT][4], const float* xs, const float* ws, int Din, int Dout, int m0,
+                                 int lane) {
+  const int g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int n = 0; n < kNT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[n][e] = 0.f;
+  const float* xa = xs + (m0 + g) * kXLd + t4;
+  for (int k0 = 0; k0 < Din; k0 += 8) {
+    const uint32_t af[4] = {tf32::bits(xa[k0]), tf32::bits(xa[8 * kXLd + k0]), tf32::bits(xa[k0 + 4]),
+                            tf32::bits(xa[8 * kXLd + k0 + 4])};
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      if (8 * n >= Dout) continue;  // uniform
+      float w0, w1;
+      if constexpr (kTrans) {
+        const float* wr = ws + (8 * n + g) * kWLd + k0 + t4;
+        w0 = wr[0], w1 = wr[4];
+      } else {
+        const float* wr = ws + (k0 + t4) * kWLd + 8 * n + g;
+        w0 = wr[0], w1 = wr[4 * kWLd];
+      }
+      const tf32::Split s0 = tf32::split(w0), s1 = tf32::split(w1);
+      const uint32_t lo[2] = {s0.lo, s1.lo}, hi[2] = {s0.hi, s1.hi};
+      tf32::mma_1688(c[n], af, lo);
+      tf32::mma_1688(c[n], af, hi);
+    }
+  }
+}
+
+// Sum over the 4 lanes that share a fragment row; the same bits in all four.
+SOLA_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem kSmemBytes.
+template <typename scalar_t, int kD, RowsMode kMode>
+__global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups) {
+  using Cfg = RowsTcConfig<kD, kMode>;
+  constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
+  constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads;
+  constexpr bool kQueries = kMode != RowsMode::KeyGrad;
+  SOLA_DYNAMIC_SMEM(smem_raw);
+  float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32
+  float* const ws = xs + kRows * kXLd;                   // [kD][kWLd] S or dS, 0 past Dk x Dv
+  float* const zs = ws + kD * kWLd;                      // [kD] z (Out, QueryGrad) or dz (KeyGrad)
+  float* const den_part = zs + kD;                       // [kRows][kVpr] Out: phi(qn) . z per load vector
+
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
+  const int64_t N = kQueries ? p.Nq : p.Nk;
+  const int64_t row_tiles = ceil_div(N, kRows), items = p.B * p.H * groups;
+  const float* const w_all = static_cast<const float*>(kQueries ? p.state : s.dstate);
+  const float* const z_all = static_cast<const float*>(kQueries ? p.z : s.dz);
+  const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
+  const int g = lane / 4, t4 = lane % 4;
+  const int lr = tid / kVpr, lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
+  const FeatureMap fm = p.feature_map;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
+    const int64_t bh = item / groups, b = bh / p.H, h = bh % p.H;
+    __syncthreads();  // the previous item is done with ws and zs
+    const float* const w = w_all + bh * Dk * Dv;
+    for (int i = tid; i < kD * kD; i += kThreads) {
+      const int k = i / kD, n = i % kD;
+      ws[k * kWLd + n] = k < Dk && n < Dv ? w[int64_t(k) * Dv + n] : 0.f;
+    }
+    for (int i = tid; i < kD; i += kThreads) zs[i] = p.normalize && i < Dk ? z_all[bh * Dk + i] : 0.f;
+
+    // xs = f(x) for the tile's rows (f = phi when x_phi), 0 past N and Din; with den also
+    // den_part = phi(qn) . z per load vector, from the unrounded fp32 values.
+    auto load_rows = [&](const View4& x, bool x_phi, int Din, bool den, int64_t r0) {
+      const bool al = rows_aligned<scalar_t>(x, kV), qn_al = rows_aligned<scalar_t>(p.qn, kV);
+#pragma unroll
+      for (int r = lr; r < kRows; r += Cfg::kRowsPerPass) {
+        const int64_t row = r0 + r;
+        float xv[kV], sv[kV];
+        if (row < N) {
+          load_cols<kV>(x.row<const scalar_t>(b, h, row), lc, Din, al, xv);
+          if (x_phi) phi_cols(fm, Din - lc, xv);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kV; ++e) xv[e] = 0.f;
+        }
+        if (den) {
+          if (p.has_qn && row < N) {
+            load_cols<kV>(p.qn.row<const scalar_t>(b, h, row), lc, Din, qn_al, sv);
+            phi_cols(fm, Din - lc, sv);
+          } else {
+#pragma unroll
+            for (int e = 0; e < kV; ++e) sv[e] = xv[e];
+          }
+          float part = 0.f;
+#pragma unroll
+          for (int e = 0; e < kV; ++e) part += sv[e] * zs[lc + e];
+          den_part[r * kVpr + tid % kVpr] = part;
+        }
+#pragma unroll
+        for (int e = 0; e < kV; ++e) xs[r * kXLd + lc + e] = tf32::from_bits(tf32::round(xv[e]));
+      }
+    };
+
+    float c[kNT][4];
+    for (int64_t tile = item % groups; tile < row_tiles; tile += groups) {
+      const int64_t r0 = tile * kRows;
+      __syncthreads();  // xs and den_part are free (and ws, zs written, on the first tile)
+      if constexpr (kMode == RowsMode::Out) {
+        const bool side = p.normalize;
+        load_rows(p.q, true, Dk, side, r0);
+        __syncthreads();
+        rows_product_tc<false, kNT, kXLd, kWLd>(c, xs, ws, Dk, Dv, m0, lane);
+        const bool out_al = rows_aligned<scalar_t>(p.out, 2);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int rl = m0 + g + 8 * hh;
+          const int64_t row = r0 + rl;
+          float inv = 1.f;
+          if (side) {
+            float den = 0.f;
+            for (int v = 0; v < kVpr; ++v) den += den_part[rl * kVpr + v];  // fixed order
+            inv = 1.f / (den + static_cast<float>(p.eps));
+          }
+          if (row >= N) continue;
+          scalar_t* const out = p.out.row<scalar_t>(b, h, row);
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            if (8 * n >= Dv) continue;
+            const float o[2] = {c[n][2 * hh] * inv, c[n][2 * hh + 1] * inv};
+            store_cols<2>(out, 8 * n + 2 * t4, Dv, out_al, o);
+          }
+        }
+      } else if constexpr (kMode == RowsMode::QueryGrad) {
+        load_rows(p.grad_out, false, Dv, false, r0);
+        __syncthreads();
+        rows_product_tc<true, kNT, kXLd, kWLd>(c, xs, ws, Dv, Dk, m0, lane);  // u = S g
+        const bool q_al = rows_aligned<scalar_t>(p.q, 2), qn_al = rows_aligned<scalar_t>(p.qn, 2);
+        const bool dq_al = rows_aligned<scalar_t>(p.dq, 2), dqn_al = rows_aligned<scalar_t>(p.dqn, 2);
+        float* const inv_den_out = static_cast<float*>(s.inv_den);
+        float* const dd_out = static_cast<float*>(s.dd);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int64_t row = r0 + m0 + g + 8 * hh;
+          const bool valid = row < N;  // every lane takes part in the shuffles
+          // g . num = phi(q) . u and den = phi(qn) . z over this lane's columns, then the row's.
+          float g_num = 0.f, den = 0.f;
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            const int col = 8 * n + 2 * t4;
+            if (!valid || col >= Dk) continue;
+            float qv[2], qnv[2];
+            load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv);
+            load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv);
+            phi_cols(fm, Dk - col, qv);
+            phi_cols(fm, Dk - col, qnv);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              if (col + j >= Dk) continue;  // u is not 0 there when g holds an Inf
+              g_num += qv[j] * c[n][2 * hh + j];
+              den += qnv[j] * zs[col + j];
+            }
+          }
+          g_num = quad_sum(g_num), den = quad_sum(den);
+          if (!valid) continue;
+          const float d = p.normalize ? den + static_cast<float>(p.eps) : 1.f;
+          const float inv = 1.f / d;
+          const float dd = p.normalize ? -g_num / (d * d) : 0.f;
+          if (t4 == 0) inv_den_out[bh * N + row] = inv, dd_out[bh * N + row] = dd;
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            const int col = 8 * n + 2 * t4;
+            if (col >= Dk) continue;
+            float qv[2], qnv[2], dq[2], dqn[2];
+            load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv);
+            load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv);
+            dphi_cols(fm, qv);
+            dphi_cols(fm, qnv);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              // dphi(q_i) = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
+              dq[j] = c[n][2 * hh + j] * inv * qv[j];
+              dqn[j] = p.normalize ? zs[col + j] * dd * qnv[j] : 0.f;
+              if (!p.has_qn) dq[j] += dqn[j];
+            }
+            store_cols<2>(p.dq.row<scalar_t>(b, h, row), col, Dk, dq_al, dq);
+            if (p.has_qn) store_cols<2>(p.dqn.row<scalar_t>(b, h, row), col, Dk, dqn_al, dqn);
+          }
+        }
+      } else {  // KeyGrad: dv, then dk for the same rows
+        const float inv_nk = 1.f / static_cast<float>(p.Nk);
+        load_rows(p.k, true, Dk, false, r0);
+        __syncthreads();
+        rows_product_tc<false, kNT, kXLd, kWLd>(c, xs, ws, Dk, Dv, m0, lane);  // dS^T phi(k_j)
+        const bool dv_al = rows_aligned<scalar_t>(p.dv, 2);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int64_t row = r0 + m0 + g + 8 * hh;
+          if (row >= N) continue;
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            if (8 * n >= Dv) continue;
+            const float dv[2] = {c[n][2 * hh] * inv_nk, c[n][2 * hh + 1] * inv_nk};
+            store_cols<2>(p.dv.row<scalar_t>(b, h, row), 8 * n + 2 * t4, Dv, dv_al, dv);
+          }
+        }
+        __syncthreads();  // xs is reloaded with v
+        load_rows(p.v, false, Dv, false, r0);
+        __syncthreads();
+        rows_product_tc<true, kNT, kXLd, kWLd>(c, xs, ws, Dv, Dk, m0, lane);  // dS v_j
+        const bool k_al = rows_aligned<scalar_t>(p.k, 2), kn_al = rows_aligned<scalar_t>(p.kn, 2);
+        const bool dk_al = rows_aligned<scalar_t>(p.dk, 2), dkn_al = rows_aligned<scalar_t>(p.dkn, 2);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int64_t row = r0 + m0 + g + 8 * hh;
+          if (row >= N) continue;
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            const int col = 8 * n + 2 * t4;
+            if (col >= Dk) continue;
+            float kv[2], knv[2], dk[2], dkn[2];
+            load_cols<2>(p.k.row<const scalar_t>(b, h, row), col, Dk, k_al, kv);
+            load_cols<2>(p.kn.row<const scalar_t>(b, h, row), col, Dk, kn_al, knv);
+            dphi_cols(fm, kv);
+            dphi_cols(fm, knv);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              dk[j] = c[n][2 * hh + j] * inv_nk * kv[j];
+              dkn[j] = p.normalize ? zs[col + j] * inv_nk * knv[j] : 0.f;
+              if (!p.has_kn) dk[j] += dkn[j];
+            }
+            store_cols<2>(p.dk.row<scalar_t>(b, h, row), col, Dk, dk_al, dk);
+            if (p.has_kn) store_cols<2>(p.dkn.row<scalar_t>(b, h, row), col, Dk, dkn_al, dkn);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- launchers (explicitly instantiated in linear_attention_tc_*.cu) -------------------------------
+
+template <typename scalar_t>
+bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
+  if (!sm80_or_newer()) return false;
+  const unsigned grid = grid_x(a.heads * a.chunks * a.tiles_m * a.tiles_n, 1);
+  if (a.tile == 32) {
+    token_reduce_tc_kernel<scalar_t, 32><<<grid, ReduceTcConfig<scalar_t, 32>::kBlockThreads, 0, stream>>>(a);
+  } else {
+    token_reduce_tc_kernel<scalar_t, 64><<<grid, ReduceTcConfig<scalar_t, 64>::kBlockThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+template <typename scalar_t, RowsMode kMode>
+bool launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream) {
+  const int64_t d = std::max(p.Dk, p.Dv), n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
+  if (d > 128 || !sm80_or_newer()) return false;  // 256-wide states take the SIMT kernel
+  if (n == 0) return true;
+  bool launched = false;
+  auto launch = [&](auto head_dim) {
+    constexpr int kD = decltype(head_dim)::value;
+    using Cfg = RowsTcConfig<kD, kMode>;
+    if (!allow_dynamic_smem(rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes)) return;
+    const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, Cfg::kRows);
+    const int64_t groups = std::min(row_tiles, std::max<int64_t>(1, ceil_div(kRowsTcTargetBlocks, heads)));
+    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched = true;
+  };
+  if (d <= 32) launch(std::integral_constant<int, 32>{});
+  else if (d <= 64) launch(std::integral_constant<int, 64>{});
+  else launch(std::integral_constant<int, 128>{});
+  return launched;
+}
+
+}  // namespace la
+}  // namespace sola

@@ -1,0 +1,181 @@
+// Runs the linear-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
+// kernels: out, S, z, then dq, dk, dv (dqn, dkn) from the same state, on awkward sizes, every dtype
+// (fp16/bf16 take the tensor-core kernels), each feature map, q_norm / k_norm, strided and
+// misaligned views, NaN inputs; a second backward must be bitwise equal.
+// Usage: driver_linear [quick|all|big].
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "linear_attention/linear_attention.h"
+
+using namespace sola;
+
+static int failures = 0;
+
+static at::Tensor input(int64_t B, int64_t H, int64_t N, int64_t D, at::ScalarType dt, bool strided) {
+  if (strided) return at::randn({B, N, H, D}, at::kDouble).to(dt).transpose(1, 2);
+  return at::randn({B, H, N, D}, at::kDouble).to(dt);
+}
+static at::Tensor nan_out(at::IntArrayRef s, at::ScalarType dt) { return at::full(s, NAN, at::TensorOptions().dtype(dt)); }
+
+static double tol(at::ScalarType dt) {
+  return dt == at::kDouble ? 1e-11 : dt == at::kFloat ? 2e-5 : dt == at::kHalf ? 4e-3 : 3e-2;
+}
+
+static void compare(const std::string& what, const at::Tensor& got, const at::Tensor& want, at::ScalarType dt) {
+  if (got.sizes() != want.sizes()) {
+    std::printf("FAIL %s: shape\n", what.c_str());
+    ++failures;
+    return;
+  }
+  if (got.numel() == 0) return;
+  auto g = got.to(at::kDouble), w = want.to(at::kDouble);
+  if (!at::equal(at::isnan(g), at::isnan(w))) {
+    std::printf("FAIL %s: NaN pattern differs (got %ld, want %ld)\n", what.c_str(), (long)at::isnan(g).sum().item<int64_t>(),
+                (long)at::isnan(w).sum().item<int64_t>());
+    ++failures;
+    return;
+  }
+  auto fin = at::isfinite(w);
+  auto diff = at::where(fin, (g - w).abs(), at::zeros_like(g)).max().item<double>();
+  auto scale = std::max(1.0, at::where(fin, w.abs(), at::zeros_like(w)).max().item<double>());
+  if (!(diff <= tol(dt) * scale)) {
+    std::printf("FAIL %s: max diff %g (scale %g)\n", what.c_str(), diff, scale);
+    ++failures;
+  }
+}
+
+struct Case {
+  int64_t B = 1, H = 1, Nq = 7, Nk = 7, Dk = 32, Dv = 32;
+  at::ScalarType dt = at::kBFloat16;
+  FeatureMap fm = FeatureMap::Elu;
+  bool normalize = true, has_qn = false, has_kn = false, strided = false, poison = false;
+};
+
+static void linear_case(const Case& c) {
+  char name[256];
+  std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d", (long)c.B, (long)c.H,
+                (long)c.Nq, (long)c.Nk, (long)c.Dk, (long)c.Dv, c10::toString(c.dt), (int)c.fm, c.normalize, c.has_qn,
+                c.has_kn, c.strided, c.poison);
+  const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor q = input(c.B, c.H, c.Nq, c.Dk, dt, c.strided), k = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided),
+             v = input(c.B, c.H, c.Nk, c.Dv, dt, c.strided);
+  at::Tensor qn = input(c.B, c.H, c.Nq, c.Dk, dt, false), kn = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided);
+  if (c.poison) k.select(0, c.B - 1).select(0, c.H - 1).select(0, c.Nk / 2).select(0, c.Dk / 2).fill_(NAN);
+  LinearAttentionParams p;
+  p.B = c.B, p.H = c.H, p.Nq = c.Nq, p.Nk = c.Nk, p.Dk = c.Dk, p.Dv = c.Dv;
+  p.q = make_view(q), p.k = make_view(k), p.v = make_view(v);
+  p.qn = c.has_qn ? make_view(qn) : p.q, p.kn = c.has_kn ? make_view(kn) : p.k;
+  p.has_qn = c.has_qn, p.has_kn = c.has_kn;
+  p.feature_map = c.fm, p.normalize = c.normalize, p.eps = 1e-6, p.dtype = dt, p.device_index = -1;
+
+  at::Tensor out[2], state[2], z[2];
+  for (int r = 0; r < 2; ++r) {
+    out[r] = nan_out({c.B, c.H, c.Nq, c.Dv}, dt), state[r] = nan_out({c.B, c.H, c.Dk, c.Dv}, acc);
+    z[r] = nan_out({c.B, c.H, c.Dk}, acc);
+    LinearAttentionParams pr = p;
+    pr.out = make_view(out[r]), pr.state = state[r].data_ptr(), pr.z = z[r].data_ptr();
+    if (r == 0) linear_attention_fwd_cpu(pr); else linear_attention_fwd_cuda(pr);
+  }
+  compare(std::string(name) + " out", out[1], out[0], dt);
+  compare(std::string(name) + " S", state[1], state[0], dt);
+  compare(std::string(name) + " z", z[1], z[0], dt);
+
+  at::Tensor g = input(c.B, c.H, c.Nq, c.Dv, dt, c.strided);
+  at::Tensor grads[3][5];  // CPU, CUDA, CUDA again: dq, dk, dv, dqn, dkn
+  for (int r = 0; r < 3; ++r) {
+    at::Tensor* d = grads[r];
+    d[0] = nan_out(q.sizes(), dt), d[1] = nan_out(k.sizes(), dt), d[2] = nan_out(v.sizes(), dt);
+    d[3] = nan_out(q.sizes(), dt), d[4] = nan_out(k.sizes(), dt);
+    LinearAttentionParams pr = p;
+    pr.state = state[0].data_ptr(), pr.z = z[0].data_ptr(), pr.grad_out = make_view(g);
+    pr.dq = make_view(d[0]), pr.dk = make_view(d[1]), pr.dv = make_view(d[2]);
+    if (c.has_qn) pr.dqn = make_view(d[3]);
+    if (c.has_kn) pr.dkn = make_view(d[4]);
+    if (r == 0) linear_attention_bwd_cpu(pr); else linear_attention_bwd_cuda(pr);
+  }
+  const char* names[5] = {" dq", " dk", " dv", " dqn", " dkn"};
+  for (int i = 0; i < 5; ++i) {
+    if ((i == 3 && !c.has_qn) || (i == 4 && !c.has_kn)) continue;
+    compare(std::string(name) + names[i], grads[1][i], grads[0][i], dt);
+    if (grads[1][i].numel() && !at::equal(grads[1][i].nan_to_num(7), grads[2][i].nan_to_num(7))) {
+      std::printf("FAIL %s%s: backward not bitwise reproducible\n", name, names[i]);
+      ++failures;
+    }
+  }
+  if (c.poison && c.B * c.H > 1 && c.Nq > 0) {
+    if (!at::isfinite(out[1].flatten(0, 1)[0]).all().item<bool>()) {
+      std::printf("FAIL %s: NaN leaked into another head\n", name);
+      ++failures;
+    }
+    if (at::isfinite(out[1].flatten(0, 1)[c.B * c.H - 1]).all().item<bool>()) {
+      std::printf("FAIL %s: NaN vanished\n", name);
+      ++failures;
+    }
+  }
+  std::printf("done %s\n", name);
+}
+
+int main(int argc, char** argv) {
+  at::manual_seed(0);
+  const std::string which = argc > 1 ? argv[1] : "all";
+  const at::ScalarType all_dts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
+  const at::ScalarType tc_dts[] = {at::kHalf, at::kBFloat16};
+  auto run = [](Case c, at::ScalarType dt) {
+    c.dt = dt;
+    linear_case(c);
+  };
+  if (which == "quick" || which == "all") {
+    for (auto dt : all_dts) {
+      Case c;
+      c.Nq = 17, c.Nk = 113;
+      run(c, dt);
+      c.Dk = c.Dv = 64, c.has_qn = c.has_kn = true, c.strided = true;
+      run(c, dt);
+    }
+  }
+  if (which == "all") {
+    for (auto dt : tc_dts) {
+      Case c;
+      for (int64_t d : {8, 59, 100, 128, 200}) {  // 200: the SIMT row kernels, tensor-core reduction
+        c.Dk = c.Dv = d, c.Nq = 70, c.Nk = 65;
+        run(c, dt);
+      }
+      c = Case{};
+      c.Dk = 32, c.Dv = 64, c.Nq = 1, c.Nk = 1;
+      run(c, dt);
+      c.Dk = 64, c.Dv = 16, c.Nq = 65, c.Nk = 9, c.has_qn = true;
+      run(c, dt);
+      c.Dk = 24, c.Dv = 128, c.Nq = 33, c.Nk = 40, c.has_qn = false, c.has_kn = true, c.strided = true;
+      run(c, dt);
+      c = Case{};
+      c.fm = FeatureMap::Relu, c.Dk = c.Dv = 48, c.Nq = 40, c.Nk = 50;
+      run(c, dt);
+      c.fm = FeatureMap::Identity, c.normalize = false;
+      run(c, dt);
+      c.fm = FeatureMap::Elu;
+      run(c, dt);
+      c = Case{};
+      c.B = 2, c.H = 3, c.Nq = 20, c.Nk = 1100, c.Dk = c.Dv = 32;  // token chunks: partials + combine
+      run(c, dt);
+      c.Nq = 1100, c.Nk = 20, c.Dk = c.Dv = 64;  // query chunks in the backward
+      run(c, dt);
+      c = Case{};
+      c.B = 2, c.H = 2, c.Nq = 9, c.Nk = 12, c.poison = true;
+      run(c, dt);
+      c.Nq = 0;
+      run(c, dt);
+    }
+  }
+  if (which == "big") {
+    Case c;
+    c.B = 1, c.H = 2, c.Nq = 3000, c.Nk = 3000, c.Dk = c.Dv = 128;
+    run(c, at::kBFloat16);
+    c.Dk = c.Dv = 32, c.Nq = c.Nk = 5000, c.has_qn = c.has_kn = true;
+    run(c, at::kHalf);
+  }
+  std::printf("%s: %d failures, %ld launches, %ld threads, %ld mmas\n", failures ? "FAILED" : "PASSED", failures,
+              (long)emu::launches.load(), (long)emu::threads_run.load(), (long)emu::mmas.load());
+  return failures ? 1 : 0;
+}
