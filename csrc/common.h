@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cpu_math.h"
 
@@ -35,6 +36,10 @@
 constexpr int64_t kMaxCudaHeadDim = 256;
 
 namespace sola {
+
+// fp16 / bf16: the dtypes the tensor-core kernels take.
+template <typename T>
+constexpr bool kIsHalfType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 
 // fp32 accumulation for fp16/bf16/fp32, fp64 for fp64.
 template <typename scalar_t>

@@ -17,10 +17,7 @@ namespace la {
 template <typename scalar_t>
 void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream);
 
-// fp16/bf16 on sm_80+ run the tensor-core (tf32) kernels of linear_attention_tc.cuh.
-template <typename T>
-constexpr bool kTensorCoreType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
-
+// fp16/bf16 (kIsHalfType) on sm_80+ run the tensor-core (tf32) kernels of linear_attention_tc.cuh.
 // Each returns false, launching nothing, where it does not apply (GPU before sm_80; rows: a
 // state wider than 128, or beyond the device's shared memory); the SIMT kernels run then.
 template <typename scalar_t>
@@ -40,7 +37,7 @@ void launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (n == 0) return;
-  if constexpr (kTensorCoreType<scalar_t>) {
+  if constexpr (kIsHalfType<scalar_t>) {
     if (launch_rows_tc<scalar_t, kMode>(p, s, stream)) return;
   }
   if constexpr (std::is_same_v<scalar_t, double>) {

@@ -251,6 +251,31 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
     };
 
     float c[kNT][4];
+    // The dq / dk epilogue at this lane's columns of fragment row half hh:
+    //   dx = c * c_scale * phi'(x),  dxn = z * z_scale * phi'(xn)  (added to dx when xn is x).
+    auto store_input_grads = [&](int hh, int64_t row, float c_scale, float z_scale, const View4& x, const View4& xn,
+                                 const View4& dx, const View4& dxn, bool has_xn) {
+      const bool x_al = rows_aligned<scalar_t>(x, 2), xn_al = rows_aligned<scalar_t>(xn, 2);
+      const bool dx_al = rows_aligned<scalar_t>(dx, 2), dxn_al = rows_aligned<scalar_t>(dxn, 2);
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        const int col = 8 * n + 2 * t4;
+        if (col >= Dk) continue;
+        float xv[2], xnv[2], d[2], dn[2];
+        load_cols<2>(x.row<const scalar_t>(b, h, row), col, Dk, x_al, xv);
+        load_cols<2>(xn.row<const scalar_t>(b, h, row), col, Dk, xn_al, xnv);
+        dphi_cols(fm, xv);
+        dphi_cols(fm, xnv);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          d[j] = c[n][2 * hh + j] * c_scale * xv[j];
+          dn[j] = p.normalize ? zs[col + j] * z_scale * xnv[j] : 0.f;
+          if (!has_xn) d[j] += dn[j];
+        }
+        store_cols<2>(dx.row<scalar_t>(b, h, row), col, Dk, dx_al, d);
+        if (has_xn) store_cols<2>(dxn.row<scalar_t>(b, h, row), col, Dk, dxn_al, dn);
+      }
+    };
     for (int64_t tile = item % groups; tile < row_tiles; tile += groups) {
       const int64_t r0 = tile * kRows;
       __syncthreads();  // xs and den_part are free (and ws, zs written, on the first tile)
@@ -284,7 +309,6 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         __syncthreads();
         rows_product_tc<true, kNT, kXLd, kWLd>(c, xs, ws, Dv, Dk, m0, lane);  // u = S g
         const bool q_al = rows_aligned<scalar_t>(p.q, 2), qn_al = rows_aligned<scalar_t>(p.qn, 2);
-        const bool dq_al = rows_aligned<scalar_t>(p.dq, 2), dqn_al = rows_aligned<scalar_t>(p.dqn, 2);
         float* const inv_den_out = static_cast<float*>(s.inv_den);
         float* const dd_out = static_cast<float*>(s.dd);
 #pragma unroll
@@ -315,25 +339,8 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
           const float inv = 1.f / d;
           const float dd = p.normalize ? -g_num / (d * d) : 0.f;
           if (t4 == 0) inv_den_out[bh * N + row] = inv, dd_out[bh * N + row] = dd;
-#pragma unroll
-          for (int n = 0; n < kNT; ++n) {
-            const int col = 8 * n + 2 * t4;
-            if (col >= Dk) continue;
-            float qv[2], qnv[2], dq[2], dqn[2];
-            load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv);
-            load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv);
-            dphi_cols(fm, qv);
-            dphi_cols(fm, qnv);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              // dphi(q_i) = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
-              dq[j] = c[n][2 * hh + j] * inv * qv[j];
-              dqn[j] = p.normalize ? zs[col + j] * dd * qnv[j] : 0.f;
-              if (!p.has_qn) dq[j] += dqn[j];
-            }
-            store_cols<2>(p.dq.row<scalar_t>(b, h, row), col, Dk, dq_al, dq);
-            if (p.has_qn) store_cols<2>(p.dqn.row<scalar_t>(b, h, row), col, Dk, dqn_al, dqn);
-          }
+          // dphi(q_i) = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
+          store_input_grads(hh, row, inv, dd, p.q, p.qn, p.dq, p.dqn, p.has_qn);
         }
       } else {  // KeyGrad: dv, then dk for the same rows
         const float inv_nk = 1.f / static_cast<float>(p.Nk);
@@ -356,30 +363,10 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         load_rows(p.v, false, Dv, false, r0);
         __syncthreads();
         rows_product_tc<true, kNT, kXLd, kWLd>(c, xs, ws, Dv, Dk, m0, lane);  // dS v_j
-        const bool k_al = rows_aligned<scalar_t>(p.k, 2), kn_al = rows_aligned<scalar_t>(p.kn, 2);
-        const bool dk_al = rows_aligned<scalar_t>(p.dk, 2), dkn_al = rows_aligned<scalar_t>(p.dkn, 2);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int64_t row = r0 + m0 + g + 8 * hh;
-          if (row >= N) continue;
-#pragma unroll
-          for (int n = 0; n < kNT; ++n) {
-            const int col = 8 * n + 2 * t4;
-            if (col >= Dk) continue;
-            float kv[2], knv[2], dk[2], dkn[2];
-            load_cols<2>(p.k.row<const scalar_t>(b, h, row), col, Dk, k_al, kv);
-            load_cols<2>(p.kn.row<const scalar_t>(b, h, row), col, Dk, kn_al, knv);
-            dphi_cols(fm, kv);
-            dphi_cols(fm, knv);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              dk[j] = c[n][2 * hh + j] * inv_nk * kv[j];
-              dkn[j] = p.normalize ? zs[col + j] * inv_nk * knv[j] : 0.f;
-              if (!p.has_kn) dk[j] += dkn[j];
-            }
-            store_cols<2>(p.dk.row<scalar_t>(b, h, row), col, Dk, dk_al, dk);
-            if (p.has_kn) store_cols<2>(p.dkn.row<scalar_t>(b, h, row), col, Dk, dkn_al, dkn);
-          }
+          if (row < N) store_input_grads(hh, row, inv_nk, inv_nk, p.k, p.kn, p.dk, p.dkn, p.has_kn);
         }
       }
     }

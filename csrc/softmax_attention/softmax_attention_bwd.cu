@@ -117,7 +117,7 @@ void softmax_attention_bwd_cuda(const SoftmaxAttentionParams& p) {
       delta_kernel<scalar_t><<<grid_x(q_rows, kRowWarps), kRowThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (flash_kernels_run_here() && (flash_bwd_tensor_cores(p, stream) || flash_bwd_simt(p, stream))) return;
+    if (sm80_or_newer() && (flash_bwd_tensor_cores(p, stream) || flash_bwd_simt(p, stream))) return;
     SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kHeadDim, [&] {
       if (q_rows > 0) {
         dq_kernel<scalar_t, kHeadDim><<<grid_x(q_rows, kRowWarps), kRowThreads, 0, stream>>>(p);

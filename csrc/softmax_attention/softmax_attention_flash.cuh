@@ -39,8 +39,6 @@ constexpr int kPad = 8;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-template <typename T>
-constexpr bool kIsHalfType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 
 // Units of the scores fed to exp: base 2 on tensor cores (one ex2 per score, as FlashAttention),
 // natural for fp32/fp64, where rounding scale * log2(e) and lse * log2(e) would each cost up to

@@ -14,9 +14,7 @@
 
 namespace sola {
 
-// The flash kernels need sm_80 or newer (cp.async, ldmatrix, mma.sync m16n8k16).
-inline bool flash_kernels_run_here() { return sm80_or_newer(); }
-
+// The callers check sm80_or_newer() first (cp.async, ldmatrix, mma.sync m16n8k16).
 // out and lse.
 bool flash_fwd_tensor_cores(const SoftmaxAttentionParams& p, cudaStream_t stream);
 bool flash_fwd_simt(const SoftmaxAttentionParams& p, cudaStream_t stream);

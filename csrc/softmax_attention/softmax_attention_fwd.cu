@@ -61,7 +61,7 @@ void softmax_attention_fwd_cuda(const SoftmaxAttentionParams& p) {
   const int64_t rows = p.B * p.H * p.Nq;
   if (rows == 0) return;  // no queries: out and lse are empty
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (flash_kernels_run_here() && (flash_fwd_tensor_cores(p, stream) || flash_fwd_simt(p, stream))) return;
+  if (sm80_or_newer() && (flash_fwd_tensor_cores(p, stream) || flash_fwd_simt(p, stream))) return;
   SOLA_DISPATCH_FLOATING(p.dtype, "softmax_attention_fwd_cuda", [&] {
     SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kHeadDim, [&] {
       fwd_kernel<scalar_t, kHeadDim><<<grid_x(rows, kRowWarps), kRowThreads, 0, stream>>>(p);

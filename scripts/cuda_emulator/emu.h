@@ -114,9 +114,11 @@ float half_bits_to_float(uint32_t bits) {
   x.x = static_cast<uint16_t>(bits & 0xffffu);
   return static_cast<float>(x);
 }
-// mma.sync.m16n8k16.row.col f32 += T * T, with the PTX fragment layouts, as a warp collective.
-template <class T>
-void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+// d += A B for a warp-collective mma of depth K: every lane hands in its fragments, then computes
+// its four C elements (c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][...]) from A(w, r, k) and B(w, k, n),
+// which read the gathered fragments.
+template <int K, class FA, class FB>
+void mma_collective(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], FA A, FB B) {
   Warp* w = tl_warp;
   const int lane = tl_lane;
   std::memcpy(w->a[lane], a, sizeof a);
@@ -126,57 +128,43 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     std::fprintf(stderr, "mma while a lane of the warp has exited\n");
     std::abort();
   }
-  auto A = [&](int r, int c) {  // a_i: row g (+8 for regs 1, 3), cols 2t, 2t+1 (+8 for regs 2, 3)
-    const int owner = (r % 8) * 4 + (c % 8) / 2, reg = r / 8 + 2 * (c / 8);
-    return half_bits_to_float<T>(w->a[owner][reg] >> (16 * (c % 2)));
-  };
-  auto B = [&](int k, int n) {  // b_i: rows 2t, 2t+1 (+8 for reg 1), col g
-    const int owner = n * 4 + (k % 8) / 2, reg = k / 8;
-    return half_bits_to_float<T>(w->b[owner][reg] >> (16 * (k % 2)));
-  };
   float out[4];
   for (int i = 0; i < 4; ++i) {
     const int r = lane / 4 + 8 * (i / 2), c = 2 * (lane % 4) + i % 2;
     double sum = 0;
-    for (int k = 0; k < 16; ++k) sum += static_cast<double>(A(r, k)) * B(k, c);
+    for (int k = 0; k < K; ++k) sum += static_cast<double>(A(w, r, k)) * B(w, k, c);
     out[i] = static_cast<float>(d[i] + sum);
   }
   ++mmas;
   w->bar.arrive_and_wait();
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
-}  // namespace emu
 
-namespace emu {
-// mma.sync.m16n8k8.row.col f32 += tf32 * tf32 (the operands' low 13 bits ignored, as the hardware).
-inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  Warp* w = tl_warp;
-  const int lane = tl_lane;
-  std::memcpy(w->a[lane], a, sizeof a);
-  std::memcpy(w->b[lane], b, sizeof b);
-  w->bar.arrive_and_wait();
-  if (w->exited.load()) {
-    std::fprintf(stderr, "mma while a lane of the warp has exited\n");
-    std::abort();
-  }
-  auto tf32 = [](uint32_t bits) {
-    bits &= 0xffffe000u;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
+// mma.sync.m16n8k16.row.col f32 += T * T, with the PTX fragment layouts, as a warp collective.
+template <class T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  auto A = [](Warp* w, int r, int c) {  // a_i: row g (+8 for regs 1, 3), cols 2t, 2t+1 (+8 for regs 2, 3)
+    const int owner = (r % 8) * 4 + (c % 8) / 2, reg = r / 8 + 2 * (c / 8);
+    return half_bits_to_float<T>(w->a[owner][reg] >> (16 * (c % 2)));
   };
-  auto A = [&](int r, int c) { return tf32(w->a[(r % 8) * 4 + c % 4][r / 8 + 2 * (c / 4)]); };  // a0 = A[g][t] ...
-  auto B = [&](int k, int n) { return tf32(w->b[n * 4 + k % 4][k / 4]); };                       // b0 = B[t][g] ...
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    const int r = lane / 4 + 8 * (i / 2), c = 2 * (lane % 4) + i % 2;
-    double sum = 0;
-    for (int k = 0; k < 8; ++k) sum += static_cast<double>(A(r, k)) * B(k, c);
-    out[i] = static_cast<float>(d[i] + sum);
-  }
-  ++mmas;
-  w->bar.arrive_and_wait();
-  for (int i = 0; i < 4; ++i) d[i] = out[i];
+  auto B = [](Warp* w, int k, int n) {  // b_i: rows 2t, 2t+1 (+8 for reg 1), col g
+    const int owner = n * 4 + (k % 8) / 2, reg = k / 8;
+    return half_bits_to_float<T>(w->b[owner][reg] >> (16 * (k % 2)));
+  };
+  mma_collective<16>(d, a, b, A, B);
+}
+
+// mma.sync.m16n8k8.row.col f32 += tf32 * tf32 (the operands' low 13 bits ignored, as the hardware).
+inline float tf32_operand(uint32_t bits) {
+  bits &= 0xffffe000u;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  auto A = [](Warp* w, int r, int c) { return tf32_operand(w->a[(r % 8) * 4 + c % 4][r / 8 + 2 * (c / 4)]); };  // a0 = A[g][t]
+  auto B = [](Warp* w, int k, int n) { return tf32_operand(w->b[n * 4 + k % 4][k / 4]); };                     // b0 = B[t][g]
+  mma_collective<8>(d, a, b, A, B);
 }
 
 // ldmatrix.sync.m8n8.x4(.trans).b16 as a warp collective.
