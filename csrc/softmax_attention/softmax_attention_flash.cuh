@@ -202,17 +202,24 @@ SOLA_HD void for_each_acc(int64_t valid, int lane, F f) {
 // ---- which work item a block's tile index names -----------------------------------------------
 
 // Tile `tile` of a grid-stride loop over (b, h, block of kBlock rows, column chunk of kCols) with
-// kChunks chunks, the chunk varying fastest.
+// `chunks` chunks, the chunk varying fastest.
 struct TileIndex {
   int64_t b, h, bh, row0;
   int col0;
 };
 
-template <int kBlock, int kCols, int kChunks>
-SOLA_HD TileIndex tile_index(int64_t tile, int64_t rows, int64_t H) {
+template <int kBlock, int kCols>
+SOLA_HD TileIndex tile_index(int64_t tile, int64_t rows, int64_t H, int64_t chunks) {
   const int64_t blocks = ceil_div(rows, kBlock);
-  const int64_t bh = tile / kChunks / blocks;
-  return TileIndex{bh / H, bh % H, bh, tile / kChunks % blocks * kBlock, static_cast<int>(tile % kChunks) * kCols};
+  const int64_t bh = tile / chunks / blocks;
+  return TileIndex{bh / H, bh % H, bh, tile / chunks % blocks * kBlock, static_cast<int>(tile % chunks) * kCols};
+}
+
+// Column chunks of kCols that cover `cols` output columns: only as many as hold a column, so a
+// head dim below its bucket (Dv = 64 in the 256 bucket, D = 130) recomputes S no more than needed.
+template <int kCols>
+SOLA_HD int64_t column_chunks(int64_t cols) {
+  return ceil_div(cols, kCols);
 }
 
 // ---- async global -> shared copies ------------------------------------------------------------
@@ -221,6 +228,8 @@ SOLA_HD void cp_async_16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#elif defined(SOLA_HOST_EMULATION)
+  ::emu::cp_async_16(smem, gmem);  // lands at this thread's wait, as on the GPU
 #else
   std::memcpy(smem, gmem, 16);
 #endif
@@ -229,6 +238,8 @@ SOLA_HD void cp_async_16(void* smem, const void* gmem) {
 SOLA_HD void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(SOLA_HOST_EMULATION)
+  ::emu::cp_async_commit();
 #endif
 }
 
@@ -236,6 +247,8 @@ SOLA_HD void cp_async_commit() {
 SOLA_HD void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(SOLA_HOST_EMULATION)
+  ::emu::cp_async_wait_all();
 #endif
 }
 
@@ -244,6 +257,8 @@ template <int kPending>
 SOLA_HD void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#elif defined(SOLA_HOST_EMULATION)
+  ::emu::cp_async_wait_group(kPending);
 #endif
 }
 

@@ -31,7 +31,11 @@ struct BwdTiles {
   static constexpr int kStream = kTensor || kD <= 64 ? 64 : 32;  // streamed rows per step
   // Gradient columns of one block: what fits in registers next to S and dP.
   static constexpr int kDOut = std::min(kD, static_cast<int>(256 / sizeof(acc)));
-  static constexpr int kChunks = kD / kDOut;
+  // dkdv_kernel's chunks cover max(Dk, Dv) columns (dK and dV), dq_kernel's Dk.
+  static SOLA_HD int64_t dkdv_chunks(const SoftmaxAttentionParams& p) {
+    return column_chunks<kDOut>(p.Dk > p.Dv ? p.Dk : p.Dv);
+  }
+  static SOLA_HD int64_t dq_chunks(const SoftmaxAttentionParams& p) { return column_chunks<kDOut>(p.Dk); }
   static constexpr int kLd = kD + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
   // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
@@ -131,9 +135,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
   T* sV = smem.resident[1];
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nk, kBlock) * Tiles::kChunks;
+  const int64_t chunks = Tiles::dkdv_chunks(p);
+  const int64_t tiles = p.B * p.H * ceil_div(p.Nk, kBlock) * chunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const TileIndex t = tile_index<kBlock, Tiles::kDOut, Tiles::kChunks>(tile, p.Nk, p.H);
+    const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nk, p.H, chunks);
     load_tile<kBlock, kD>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
     load_tile<kBlock, kD>(sV, p.v, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dv, al.v, tid);
     acc dk[kOT][4], dv[kOT][4];
@@ -195,9 +200,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
   T* sG = smem.resident[1];  // grad_out
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlock) * Tiles::kChunks;
+  const int64_t chunks = Tiles::dq_chunks(p);
+  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlock) * chunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const TileIndex t = tile_index<kBlock, Tiles::kDOut, Tiles::kChunks>(tile, p.Nq, p.H);
+    const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nq, p.H, chunks);
     load_tile<kBlock, kD>(sQ, p.q, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dk, al.q, tid);
     load_tile<kBlock, kD>(sG, p.grad_out, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dv, al.grad_out, tid);
     // lse (in ExpUnits) and delta of this lane's two rows; rows past Nq are never stored.
@@ -248,10 +254,10 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
     return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};
-  const int64_t key_tiles = p.B * p.H * ceil_div(p.Nk, Tiles::kBlock) * Tiles::kChunks;
+  const int64_t key_tiles = p.B * p.H * ceil_div(p.Nk, Tiles::kBlock) * Tiles::dkdv_chunks(p);
   dkdv_kernel<T, kD><<<grid_x(key_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t query_tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlock) * Tiles::kChunks;
+  const int64_t query_tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlock) * Tiles::dq_chunks(p);
   if (query_tiles > 0) {
     dq_kernel<T, kD><<<grid_x(query_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -26,7 +26,6 @@ struct FwdTiles {
   static constexpr int kBlockN = kTensor || kD <= 64 ? 64 : 32;
   // Output columns of one block: what fits in registers next to S.
   static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
-  static constexpr int kChunks = kD / kDOut;
   static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
   static constexpr int kSmem = tile_bytes<T, kD>(kBlockM) + tile_bytes<T, kD>(kBlockN) +
@@ -55,9 +54,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   using Exp = ExpUnits<T>;
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t n_blocks = ceil_div(p.Nk, kBlockN);
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlockM) * Tiles::kChunks;
+  const int64_t chunks = column_chunks<kDOut>(p.Dv);
+  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const TileIndex t = tile_index<kBlockM, kDOut, Tiles::kChunks>(tile, p.Nq, p.H);
+    const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
     const int64_t b = t.b, h = t.h, bh = t.bh, m0 = t.row0;
     const int col0 = t.col0;
     load_tile<kBlockM, kD>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
@@ -143,7 +143,7 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = FwdTiles<T, kD>;
   if (!allow_dynamic_smem(fwd_kernel<T, kD>, Tiles::kSmem)) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlockM) * Tiles::kChunks;
+  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlockM) * column_chunks<Tiles::kDOut>(p.Dv);
   fwd_kernel<T, kD><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;

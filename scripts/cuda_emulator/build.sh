@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Builds the CPU emulation of the CUDA kernels and their drivers (README.md).
 #   bash scripts/cuda_emulator/build.sh && build/cuda_emulator/driver all && build/cuda_emulator/driver_linear all
-# SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" builds one driver.
+# SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" builds one driver;
+# TSAN=1 builds with ThreadSanitizer into build/cuda_emulator_tsan (shared-memory races: README.md).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SRC=${SRC:-$ROOT/csrc}
-OUT=${OUT_DIR:-$ROOT/build/cuda_emulator}
+SAN=""
+[ "${TSAN:-0}" = 1 ] && SAN="-fsanitize=thread"
+OUT=${OUT_DIR:-$ROOT/build/cuda_emulator${SAN:+_tsan}}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 TORCH=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 ABI=$("$PY" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 FLAGS="-std=c++20 -O1 -g -DSOLA_WITH_CUDA -DSOLA_HOST_EMULATION -I$HERE/include -I$OUT/csrc -I$TORCH/include
-       -I$TORCH/include/torch/csrc/api/include -D_GLIBCXX_USE_CXX11_ABI=$ABI -fPIC -w"
+       -I$TORCH/include/torch/csrc/api/include -D_GLIBCXX_USE_CXX11_ABI=$ABI -fPIC -w $SAN"
 rm -rf "$OUT" && mkdir -p "$OUT/obj"
 cp -r "$SRC" "$OUT/csrc"
 for f in $(find "$OUT/csrc" -name '*.cu' -o -name '*.cuh'); do "$PY" "$HERE/transform.py" "$f" "$f" > /dev/null; done
@@ -25,6 +28,7 @@ pids=()
 for op in ${OPS:-softmax linear}; do
   mkdir -p "$OUT/obj/$op"
   for f in "$OUT"/csrc/${op}_attention/*.cu "$OUT"/csrc/${op}_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$HERE/driver_$op.cpp"; do
+    while (($(jobs -rp | wc -l) >= ${JOBS:-$(nproc)})); do sleep 0.5; done  # ~0.7 GB per compile
     compile "$f" "$op" &
     pids+=($!)
   done
@@ -34,6 +38,6 @@ LIBS="-L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10 -ltorch -lpthread"
 for op in ${OPS:-softmax linear}; do
   exe=$OUT/driver_$op
   [ "$op" = softmax ] && exe=$OUT/driver  # the name the softmax notes use
-  g++ "$OUT"/obj/$op/*.o -o "$exe" $LIBS
+  g++ $SAN "$OUT"/obj/$op/*.o -o "$exe" $LIBS
   echo "built $exe"
 done

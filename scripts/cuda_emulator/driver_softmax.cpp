@@ -1,6 +1,6 @@
 // Runs the softmax-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: out, lse, delta, dq, dk, dv on awkward sizes, every dtype, NaN / -inf inputs, and a
-// second backward that must be bitwise equal. Usage: driver [softmax|flash|big|all].
+// second backward that must be bitwise equal. Usage: driver [softmax|flash|race|big|all].
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -97,6 +97,8 @@ int main(int argc, char** argv) {
       softmax_case(1, 1, 9, 70, 256, 256, dt, 0.0625, false);
       softmax_case(1, 1, 9, 21, 200, 130, dt, 0.07, true);  // Dk != Dv, two output chunks
       softmax_case(1, 1, 9, 21, 24, 72, dt, 0.2, false);
+      softmax_case(1, 1, 9, 21, 256, 40, dt, 0.06, false);  // Dv far below the bucket: fewer fwd chunks
+      softmax_case(1, 1, 9, 21, 40, 256, dt, 0.15, true);   // Dk far below it: fewer dq chunks than dkdv
       softmax_case(2, 2, 0, 5, 8, 4, dt, 0.3, false);       // Nq == 0
       softmax_case(3, 5, 7, 6, 8, 5, dt, 0.3, true);         // many heads
       softmax_case(1, 1, 12, 9, 16, 16, dt, 0.0, false);     // scale 0
@@ -104,6 +106,14 @@ int main(int argc, char** argv) {
       softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 2);     // -inf column in k
       softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 3);     // every score -inf
       softmax_case(2, 2, 6, 5, 16, 16, dt, 0.1, false, 4);  // every score -2560: exp(-lse) overflows
+    }
+  }
+  if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)
+    const at::ScalarType hts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
+    for (auto dt : hts) {
+      softmax_case(1, 1, 17, 140, 32, 32, dt, 0.17, false);   // double-buffered backward
+      softmax_case(1, 1, 70, 40, 64, 40, dt, 0.125, true);    // two query blocks, misaligned rows
+      softmax_case(1, 1, 9, 70, 256, 200, dt, 0.0625, false);  // single-buffered, column chunks
     }
   }
   if (which == "big") {

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <type_traits>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
@@ -49,6 +50,34 @@ inline std::atomic<long> launches{0}, threads_run{0}, mmas{0};
 inline unsigned char* g_dynamic_smem = nullptr;
 inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
 
+// cp.async as the hardware is allowed to do it: from the issue until this thread's wait lets the
+// copy land, its 16 destination bytes are undefined (0xff: NaN), so a read before the wait (or,
+// from another thread, before the barrier after it) sees NaN, and under ThreadSanitizer a read
+// or write by another thread without a barrier in between is a reported race.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<AsyncCopy> tl_uncommitted;
+inline thread_local std::deque<std::vector<AsyncCopy>> tl_groups;
+inline void cp_async_16(void* dst, const void* src) {
+  std::memset(dst, 0xff, 16);
+  tl_uncommitted.push_back({dst, src});
+}
+inline void cp_async_commit() {
+  tl_groups.push_back(std::move(tl_uncommitted));
+  tl_uncommitted.clear();
+}
+// cp.async.wait_group: all but the `pending` most recently committed groups land.
+inline void cp_async_wait_group(int pending) {
+  for (; static_cast<int>(tl_groups.size()) > pending; tl_groups.pop_front())
+    for (const AsyncCopy& c : tl_groups.front()) std::memcpy(c.dst, c.src, 16);
+}
+inline void cp_async_wait_all() {  // cp.async.wait_all = commit_group + wait_group 0
+  cp_async_commit();
+  cp_async_wait_group(0);
+}
+
 template <class F>
 void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
   if (grid.x == 0 || grid.y == 0 || grid.z != 1 || block.x == 0 || block.x % 32 || block.y != 1 || smem < 0 || smem > 227 * 1024 ||
@@ -70,6 +99,10 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
           threadIdx = dim3(tx), blockIdx = dim3(bx, by), blockDim = block, gridDim = grid;
           tl_warp = warps[tx / 32].get(), tl_block = &blk, tl_lane = tx % 32;
           f();
+          if (!tl_uncommitted.empty() || !tl_groups.empty()) {
+            std::fprintf(stderr, "a thread exited with cp.async copies it never waited for\n");
+            std::abort();
+          }
           ++threads_run;
           tl_warp->exited++;
           tl_warp->bar.arrive_and_drop();
