@@ -66,9 +66,10 @@ def sources(pattern):
 
 
 def make_extension():
-    # torch picks the C++ standard its headers need. No FP traps are ever enabled, and without them
-    # GCC may if-convert the CPU kernels' selects (cpu_exp, feature maps) and vectorise those loops.
-    cxx_flags = ["-O3", "-fno-trapping-math"]
+    # C++20 named, not left to torch: torch 2.11 (the GPU box's) would pick C++17, where
+    # std::bit_cast (cpu_math.h) does not compile. No FP traps are ever enabled, and without
+    # them GCC may if-convert the CPU kernels' selects (cpu_exp, feature maps) and vectorise those loops.
+    cxx_flags = ["-std=c++20", "-O3", "-fno-trapping-math"]
     cpu_sources = sources("**/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME is None:
@@ -80,7 +81,7 @@ def make_extension():
     print(f"sola_ops: building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME}, archs {archs})", file=sys.stderr)
     defines = ["-DSOLA_WITH_CUDA"]
     # No --use_fast_math: fp32 inputs are computed in true fp32 (exact exp, division, denormals).
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc_flags = ["-std=c++20", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return CUDAExtension("sola_ops._C", cpu_sources + sources("**/*.cu"),
