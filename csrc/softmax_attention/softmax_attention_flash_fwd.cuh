@@ -26,6 +26,7 @@ struct FwdTiles {
   static constexpr int kBlockN = kTensor || kD <= 64 ? 64 : 32;
   // Output columns of one block: what fits in registers next to S.
   static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
+  static SOLA_HD int64_t chunks(const SoftmaxAttentionParams& p) { return column_chunks<kDOut>(p.Dv); }
   static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
   static constexpr int kSmem = tile_bytes<T, kD>(kBlockM) + tile_bytes<T, kD>(kBlockN) +
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   using Exp = ExpUnits<T>;
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t n_blocks = ceil_div(p.Nk, kBlockN);
-  const int64_t chunks = column_chunks<kDOut>(p.Dv);
+  const int64_t chunks = Tiles::chunks(p);
   const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
@@ -143,7 +144,7 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = FwdTiles<T, kD>;
   if (!allow_dynamic_smem(fwd_kernel<T, kD>, Tiles::kSmem)) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlockM) * column_chunks<Tiles::kDOut>(p.Dv);
+  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlockM) * Tiles::chunks(p);
   fwd_kernel<T, kD><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
