@@ -19,6 +19,8 @@
 #   TORCH_CUDA_ARCH_LIST  default: the visible GPUs' compute capability
 #   MAX_JOBS              default: nproc
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
+# third_party/site (scripts/fetch_peers.sh), when present, goes on PYTHONPATH: the fla / flash_bla
+# peers of the linear-attention benchmark.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
@@ -70,6 +72,10 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# the kernel benchmark's peers (fla, flash_bla), when scripts/fetch_peers.sh ran and third_party
+# was carried here
+PEERS=$ROOT/third_party/site
+[ -d "$PEERS" ] && export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
 
 now() { date +%s; }
 
@@ -121,6 +127,11 @@ main() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
     (nvcc --version 2>/dev/null | tail -n 2) || echo "nvcc not on PATH"
     "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+    if [ -d "$PEERS" ]; then
+        echo "gpu_check: benchmark peers from $PEERS: $(cd "$PEERS" && ls -d *.dist-info flash_bla 2>/dev/null | tr '\n' ' ')"
+    else
+        echo "gpu_check: no benchmark peers (bash scripts/fetch_peers.sh, then carry third_party)"
+    fi
 
     if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
         note "build" "skipped (GPU_CHECK_SKIP_BUILD=1)" 0
