@@ -3,10 +3,12 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace sola {
@@ -31,12 +33,19 @@ inline unsigned grid_x(int64_t work, int64_t per_block) {
 // Tensor-core kernels (mma.sync, ldmatrix, cp.async) need sm_80 or newer.
 inline bool sm80_or_newer() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
 
-// Lets `kernel` take `bytes` of dynamic shared memory (past 48 KB that needs an opt-in); false,
-// changing nothing, when the device has less.
-template <typename Kernel>
-bool allow_dynamic_smem(Kernel kernel, int bytes) {
-  if (bytes > static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)) return false;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+// Lets kKernel take kBytes of dynamic shared memory (past 48 KB that needs an opt-in); false,
+// changing nothing, when the device has less. The attribute sticks to the kernel on each device,
+// so it is set once per device: a cudaFuncSetAttribute per launch costs host time that small
+// shapes notice.
+template <auto kKernel, int kBytes>
+bool allow_dynamic_smem() {
+  if (kBytes > static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)) return false;
+  static std::atomic<uint64_t> set_on{0};  // bit d: set on device d (devices past 63 set it every time)
+  const int device = c10::cuda::current_device();
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (set_on.load(std::memory_order_acquire) & bit) return true;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  set_on.fetch_or(bit, std::memory_order_release);
   return true;
 }
 

@@ -397,7 +397,7 @@ bool launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStr
   auto launch = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
     using Cfg = RowsTcConfig<kD, kMode>;
-    if (!allow_dynamic_smem(rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes)) return;
+    if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes>()) return;
     const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, Cfg::kRows);
     const int64_t groups = std::min(row_tiles, std::max<int64_t>(1, ceil_div(kRowsTcTargetBlocks, heads)));
     rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups);

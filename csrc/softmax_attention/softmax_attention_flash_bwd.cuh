@@ -36,6 +36,13 @@ struct BwdTiles {
     return column_chunks<kDOut>(p.Dk > p.Dv ? p.Dk : p.Dv);
   }
   static SOLA_HD int64_t dq_chunks(const SoftmaxAttentionParams& p) { return column_chunks<kDOut>(p.Dk); }
+  // Work items of each kernel's grid-stride loop: (b, h, row block, column chunk).
+  static SOLA_HD int64_t dkdv_tiles(const SoftmaxAttentionParams& p) {
+    return p.B * p.H * ceil_div(p.Nk, kBlock) * dkdv_chunks(p);
+  }
+  static SOLA_HD int64_t dq_tiles(const SoftmaxAttentionParams& p) {
+    return p.B * p.H * ceil_div(p.Nq, kBlock) * dq_chunks(p);
+  }
   static constexpr int kLd = kD + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
   // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
@@ -136,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t chunks = Tiles::dkdv_chunks(p);
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nk, kBlock) * chunks;
+  const int64_t tiles = Tiles::dkdv_tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nk, p.H, chunks);
     load_tile<kBlock, kD>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
@@ -201,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t chunks = Tiles::dq_chunks(p);
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlock) * chunks;
+  const int64_t tiles = Tiles::dq_tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nq, p.H, chunks);
     load_tile<kBlock, kD>(sQ, p.q, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dk, al.q, tid);
@@ -250,14 +257,14 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
 template <typename T, int kD>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = BwdTiles<T, kD>;
-  if (!allow_dynamic_smem(dkdv_kernel<T, kD>, Tiles::kSmem) || !allow_dynamic_smem(dq_kernel<T, kD>, Tiles::kSmem))
+  if (!allow_dynamic_smem<dkdv_kernel<T, kD>, Tiles::kSmem>() || !allow_dynamic_smem<dq_kernel<T, kD>, Tiles::kSmem>())
     return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};
-  const int64_t key_tiles = p.B * p.H * ceil_div(p.Nk, Tiles::kBlock) * Tiles::dkdv_chunks(p);
+  const int64_t key_tiles = Tiles::dkdv_tiles(p);
   dkdv_kernel<T, kD><<<grid_x(key_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t query_tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlock) * Tiles::dq_chunks(p);
+  const int64_t query_tiles = Tiles::dq_tiles(p);
   if (query_tiles > 0) {
     dq_kernel<T, kD><<<grid_x(query_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -27,6 +27,10 @@ struct FwdTiles {
   // Output columns of one block: what fits in registers next to S.
   static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
   static SOLA_HD int64_t chunks(const SoftmaxAttentionParams& p) { return column_chunks<kDOut>(p.Dv); }
+  // Work items of the kernel's grid-stride loop: (b, h, row block, column chunk).
+  static SOLA_HD int64_t tiles(const SoftmaxAttentionParams& p) {
+    return p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks(p);
+  }
   static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
   static constexpr int kSmem = tile_bytes<T, kD>(kBlockM) + tile_bytes<T, kD>(kBlockN) +
@@ -56,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
   const int64_t n_blocks = ceil_div(p.Nk, kBlockN);
   const int64_t chunks = Tiles::chunks(p);
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks;
+  const int64_t tiles = Tiles::tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
     const int64_t b = t.b, h = t.h, bh = t.bh, m0 = t.row0;
@@ -142,9 +146,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
 template <typename T, int kD>
 bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = FwdTiles<T, kD>;
-  if (!allow_dynamic_smem(fwd_kernel<T, kD>, Tiles::kSmem)) return false;
+  if (!allow_dynamic_smem<fwd_kernel<T, kD>, Tiles::kSmem>()) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
-  const int64_t tiles = p.B * p.H * ceil_div(p.Nq, Tiles::kBlockM) * Tiles::chunks(p);
+  const int64_t tiles = Tiles::tiles(p);
   fwd_kernel<T, kD><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
