@@ -1,7 +1,7 @@
 // tf32 tensor cores: mma.sync m16n8k8 with fp32 operands rounded to tf32 (8-bit exponent, 10-bit
 // mantissa) and fp32 accumulators. fp32 range, so values that would overflow fp16 operands
 // (g / den with a tiny denominator, large states) stay finite; a value split into two tf32 parts
-// (hi + lo) keeps about 22 of fp32's 24 mantissa bits for two mmas.
+// (hi + lo) keeps about 21 of fp32's 24 mantissa bits for two mmas.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32), g = lane / 4, t = lane % 4:
 //   A 16x8: a0 = A[g][t]   a1 = A[g+8][t]   a2 = A[g][t+4]   a3 = A[g+8][t+4]
@@ -53,9 +53,10 @@ SOLA_HD uint32_t round(float x) {
 #endif
 }
 
-// x = hi + lo with hi its top tf32 bits and lo the rest rounded to tf32 (mma operands must be
-// tf32 values): products with both keep ~2^-22 relative precision. An inf or NaN x goes whole
-// into hi.
+// x = hi + lo with hi its top tf32 bits and lo the rest (whose own low bits the mma drops):
+// products with both keep ~2^-21 relative precision. An inf or NaN x goes whole into hi. lo is
+// not rounded to tf32: that would gain one bit for a cvt per split in rows_product_tc's inner
+// loop, whose row kernels are near their instruction budget at head dim 32.
 struct Split {
   uint32_t hi, lo;
 };
@@ -63,7 +64,7 @@ struct Split {
 SOLA_HD Split split(float x) {
   const uint32_t hi = bits(x) & 0xffffe000u;
   const bool finite = (hi & 0x7f800000u) != 0x7f800000u;
-  return {hi, finite ? round(x - from_bits(hi)) : 0u};
+  return {hi, finite ? bits(x - from_bits(hi)) : 0u};
 }
 
 // d += a * b on the tensor cores (m16n8k8, tf32 operands, fp32 accumulate).
