@@ -124,8 +124,11 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 // per block rather than once per row tile. Per tile the A rows (phi(q), g, phi(k) or v) are loaded
 // with 16-byte loads, mapped in fp32, rounded to tf32 into [row][column] (pitch kD + 4: reads at
 // g * pitch + t hit 32 banks); each warp multiplies its 16 rows by the whole state (kD / 8
-// accumulator tiles), the state split hi + lo on the fly. Epilogues work on the accumulator
-// fragments: a row's 4 owning lanes sum their parts with two xor shuffles (identical in all four).
+// accumulator tiles) as hi + lo tf32 parts. Up to kD = 64 the parts are split once per state into
+// two smem arrays (split per tile, they cost ~10 issue slots per mma pair, more than the row
+// kernels can spare at head dim 32); at 128 a second array would halve the blocks per SM, so the
+// state is split on the fly. Epilogues work on the accumulator fragments: a row's 4 owning lanes
+// sum their parts with two xor shuffles (identical in all four).
 template <int kD, RowsMode kMode>
 struct RowsTcConfig {
   static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
@@ -134,10 +137,12 @@ struct RowsTcConfig {
   // Out reads the state as B (W[k + t][n + g], pitch = 8 mod 32 conflict-free); QueryGrad reads it
   // transposed (W[n + g][k + t], pitch = 4 mod 32); KeyGrad both (its dv product takes 2-way conflicts).
   static constexpr int kWLd = kMode == RowsMode::Out ? kD + 8 : kD + 4;
+  static constexpr bool kPreSplit = kD <= 64;
+  static constexpr int kWArrays = kPreSplit ? 2 : 1;  // ws (hi, or all of it) and ws_lo
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
-  static constexpr int kSmemBytes = 4 * (kRows * kXLd + kD * kWLd + kD + kRows * kVecsPerRow);
+  static constexpr int kSmemBytes = 4 * (kRows * kXLd + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow);
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
 };
 
@@ -146,10 +151,11 @@ struct RowsTcConfig {
 constexpr int64_t kRowsTcTargetBlocks = 1024;
 
 // c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
-// n8 tiles at or past Dout stay 0.
-template <bool kTrans, int kNT, int kXLd, int kWLd>
-SOLA_DEVICE void rows_product_tc(float (&c)[kNT][4], const float* xs, const float* ws, int Din, int Dout, int m0,
-                                 int lane) {
+// n8 tiles at or past Dout stay 0. kPreSplit: ws holds W's hi parts and ws_lo (same layout) its lo
+// parts; else W is split here.
+template <bool kTrans, bool kPreSplit, int kNT, int kXLd, int kWLd>
+SOLA_DEVICE void rows_product_tc(float (&c)[kNT][4], const float* xs, const float* ws, const float* ws_lo, int Din,
+                                 int Dout, int m0, int lane) {
   const int g = lane / 4, t4 = lane % 4;
 #pragma unroll
   for (int n = 0; n < kNT; ++n)
@@ -162,16 +168,16 @@ SOLA_DEVICE void rows_product_tc(float (&c)[kNT][4], const float* xs, const floa
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
       if (8 * n >= Dout) continue;  // uniform
-      float w0, w1;
-      if constexpr (kTrans) {
-        const float* wr = ws + (8 * n + g) * kWLd + k0 + t4;
-        w0 = wr[0], w1 = wr[4];
+      const int i0 = kTrans ? (8 * n + g) * kWLd + k0 + t4 : (k0 + t4) * kWLd + 8 * n + g;
+      const int i1 = i0 + (kTrans ? 4 : 4 * kWLd);
+      uint32_t lo[2], hi[2];
+      if constexpr (kPreSplit) {
+        hi[0] = tf32::bits(ws[i0]), hi[1] = tf32::bits(ws[i1]);
+        lo[0] = tf32::bits(ws_lo[i0]), lo[1] = tf32::bits(ws_lo[i1]);
       } else {
-        const float* wr = ws + (k0 + t4) * kWLd + 8 * n + g;
-        w0 = wr[0], w1 = wr[4 * kWLd];
+        const tf32::Split s0 = tf32::split(ws[i0]), s1 = tf32::split(ws[i1]);
+        hi[0] = s0.hi, hi[1] = s1.hi, lo[0] = s0.lo, lo[1] = s1.lo;
       }
-      const tf32::Split s0 = tf32::split(w0), s1 = tf32::split(w1);
-      const uint32_t lo[2] = {s0.lo, s1.lo}, hi[2] = {s0.hi, s1.hi};
       tf32::mma_1688(c[n], af, lo);
       tf32::mma_1688(c[n], af, hi);
     }
@@ -190,11 +196,13 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
   using Cfg = RowsTcConfig<kD, kMode>;
   constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
   constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads;
+  constexpr bool kPreSplit = Cfg::kPreSplit;
   constexpr bool kQueries = kMode != RowsMode::KeyGrad;
   SOLA_DYNAMIC_SMEM(smem_raw);
   float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32
-  float* const ws = xs + kRows * kXLd;                   // [kD][kWLd] S or dS, 0 past Dk x Dv
-  float* const zs = ws + kD * kWLd;                      // [kD] z (Out, QueryGrad) or dz (KeyGrad)
+  float* const ws = xs + kRows * kXLd;                   // [kD][kWLd] S or dS (kPreSplit: hi parts), 0 past Dk x Dv
+  float* const ws_lo = ws + kD * kWLd;                   // [kD][kWLd] kPreSplit: their lo parts
+  float* const zs = ws + Cfg::kWArrays * kD * kWLd;      // [kD] z (Out, QueryGrad) or dz (KeyGrad)
   float* const den_part = zs + kD;                       // [kRows][kVpr] Out: phi(qn) . z per load vector
 
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -213,7 +221,13 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
     const float* const w = w_all + bh * Dk * Dv;
     for (int i = tid; i < kD * kD; i += kThreads) {
       const int k = i / kD, n = i % kD;
-      ws[k * kWLd + n] = k < Dk && n < Dv ? w[int64_t(k) * Dv + n] : 0.f;
+      const float wv = k < Dk && n < Dv ? w[int64_t(k) * Dv + n] : 0.f;
+      if constexpr (kPreSplit) {
+        const tf32::Split sp = tf32::split(wv);
+        ws[k * kWLd + n] = tf32::from_bits(sp.hi), ws_lo[k * kWLd + n] = tf32::from_bits(sp.lo);
+      } else {
+        ws[k * kWLd + n] = wv;
+      }
     }
     for (int i = tid; i < kD; i += kThreads) zs[i] = p.normalize && i < Dk ? z_all[bh * Dk + i] : 0.f;
 
@@ -283,7 +297,7 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         const bool side = p.normalize;
         load_rows(p.q, true, Dk, side, r0);
         __syncthreads();
-        rows_product_tc<false, kNT, kXLd, kWLd>(c, xs, ws, Dk, Dv, m0, lane);
+        rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);
         const bool out_al = rows_aligned<scalar_t>(p.out, 2);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -307,7 +321,7 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
       } else if constexpr (kMode == RowsMode::QueryGrad) {
         load_rows(p.grad_out, false, Dv, false, r0);
         __syncthreads();
-        rows_product_tc<true, kNT, kXLd, kWLd>(c, xs, ws, Dv, Dk, m0, lane);  // u = S g
+        rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // u = S g
         const bool q_al = rows_aligned<scalar_t>(p.q, 2), qn_al = rows_aligned<scalar_t>(p.qn, 2);
         float* const inv_den_out = static_cast<float*>(s.inv_den);
         float* const dd_out = static_cast<float*>(s.dd);
@@ -346,7 +360,7 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         const float inv_nk = 1.f / static_cast<float>(p.Nk);
         load_rows(p.k, true, Dk, false, r0);
         __syncthreads();
-        rows_product_tc<false, kNT, kXLd, kWLd>(c, xs, ws, Dk, Dv, m0, lane);  // dS^T phi(k_j)
+        rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);  // dS^T phi(k_j)
         const bool dv_al = rows_aligned<scalar_t>(p.dv, 2);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -362,7 +376,7 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         __syncthreads();  // xs is reloaded with v
         load_rows(p.v, false, Dv, false, r0);
         __syncthreads();
-        rows_product_tc<true, kNT, kXLd, kWLd>(c, xs, ws, Dv, Dk, m0, lane);  // dS v_j
+        rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // dS v_j
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int64_t row = r0 + m0 + g + 8 * hh;
