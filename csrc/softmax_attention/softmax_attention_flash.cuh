@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "common.h"
@@ -48,9 +49,22 @@ struct ExpUnits {
   using acc = acc_t<T>;
   static constexpr bool kBase2 = kIsHalfType<T>;
   static constexpr acc kPerNat = kBase2 ? acc(kLog2e) : acc(1);  // units per natural unit
+  // Base 2: one MUFU.EX2 (ex2.approx.ftz, 2 ulp). exp2f would wrap it in a subnormal-result fixup
+  // (a compare and two multiplies per score, ~15% of the forward's instructions at head dim 32);
+  // results below 2^-126 flush to 0 instead, against a row sum >= 1.
   static SOLA_HD acc exp(acc x) {
-    if constexpr (kBase2) return std::exp2(x);
-    else return std::exp(x);
+    if constexpr (kBase2) {
+#if defined(__CUDA_ARCH__)
+      float r;
+      asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+      return r;
+#else
+      const float r = std::exp2(x);
+      return r < std::numeric_limits<float>::min() ? 0.f : r;
+#endif
+    } else {
+      return std::exp(x);
+    }
   }
   static SOLA_HD acc to_nat(acc x) { return kBase2 ? x * acc(kLn2) : x; }
   // score * scale rounded on its own, never fused into a following subtraction: the backward
@@ -280,20 +294,29 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 // tile[r][c] = x(b, h, row0 + r)[col0 + c] for r < rows and col0 + c < cols, else 0, for a
 // kRows x kCols tile (kCols a multiple of 8) with leading dim kCols + kPad. Whole 16-byte pieces
 // of aligned rows (rows_aligned16) go by cp.async; edges and misaligned views element by element.
+// A thread copies the same column piece of every kRowsPerPass-th row, so its addresses are one
+// base plus a row step: index math once per tile, not per piece (in the forward's key loop it
+// was ~40 integer instructions per piece, a third of the loop at head dim 32).
 template <int kRows, int kCols, typename T>
 SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                        bool aligned, int tid) {
   constexpr int kV = kVec16<T>, kPieces = kCols / kV;
   constexpr int kLd = kCols + kPad;
-  for (int i = tid; i < kRows * kPieces; i += kThreads) {
-    const int r = i / kPieces, c = (i % kPieces) * kV;
-    T* dst = tile + r * kLd + c;
-    const T* src = x.row<const T>(b, h, row0 + (r < rows ? r : 0)) + col0 + c;
-    if (r < rows && aligned && col0 + c + kV <= cols) {
-      cp_async_16(dst, src);
+  static_assert(kThreads % kPieces == 0 && kRows % (kThreads / kPieces) == 0, "a tile must be whole passes");
+  constexpr int kRowsPerPass = kThreads / kPieces, kPasses = kRows / kRowsPerPass;
+  const int r0 = tid / kPieces, c = (tid % kPieces) * kV;
+  const T* const src0 = x.row<const T>(b, h, row0) + col0 + c;
+  const bool whole = aligned && col0 + c + kV <= cols;
+  int64_t offset = r0 * x.sn;  // src0 + offset is row r only while r < rows
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass, offset += kRowsPerPass * x.sn) {
+    const int r = r0 + pass * kRowsPerPass;
+    T* const dst = tile + r * kLd + c;
+    if (r < rows && whole) {
+      cp_async_16(dst, src0 + offset);
     } else {
 #pragma unroll
-      for (int e = 0; e < kV; ++e) dst[e] = r < rows && col0 + c + e < cols ? src[e] : T(0.f);
+      for (int e = 0; e < kV; ++e) dst[e] = r < rows && col0 + c + e < cols ? src0[offset + e] : T(0.f);
     }
   }
 }
