@@ -67,9 +67,9 @@ struct ExpUnits {
     }
   }
   static SOLA_HD acc to_nat(acc x) { return kBase2 ? x * acc(kLn2) : x; }
-  // score * scale rounded on its own, never fused into a following subtraction: the backward
-  // then recomputes exactly the forward's scaled score (same products in the same order), and
-  // its rounding cancels against the saved lse as it does in torch's softmax.
+  // score * scale, rounded on its own. The natural-unit (fp32 / fp64) kernels round it before
+  // subtracting the max or lse, as torch's softmax of the scaled scores does, so large scores
+  // (|score| ~ 2000) keep P as accurate as torch's in fp32.
   static SOLA_HD acc scaled(acc s, acc scale) {
 #if defined(__CUDA_ARCH__)
     if constexpr (std::is_same_v<acc, double>) return __dmul_rn(s, scale);
@@ -78,6 +78,13 @@ struct ExpUnits {
     volatile acc x = s * scale;
     return x;
 #endif
+  }
+  // exp(score * scale - base). Base 2 fuses product and subtraction into one FMA (one rounding,
+  // of the small difference: more accurate than rounding the product first, one instruction less
+  // per score); natural units round the product first (scaled).
+  static SOLA_HD acc exp_scaled(acc s, acc scale, acc base) {
+    if constexpr (kBase2) return exp(fmaf(s, scale, -base));
+    else return exp(scaled(s, scale) - base);
   }
 };
 
@@ -291,73 +298,123 @@ SOLA_HD bool rows_aligned16(const View4& x) {
   return rows_aligned<T>(x, kVec16<T>);
 }
 
-// tile[r][c] = x(b, h, row0 + r)[col0 + c] for r < rows and col0 + c < cols, else 0, for a
-// kRows x kCols tile (kCols a multiple of 8) with leading dim kCols + kPad. Whole 16-byte pieces
-// of aligned rows (rows_aligned16) go by cp.async; edges and misaligned views element by element.
-// A thread copies the same column piece of every kRowsPerPass-th row, so its addresses are one
-// base plus a row step (per piece it was a 64-bit b * sb + h * sh + row * sn: ~45 instructions,
-// now ~26). Not unrolled: unrolled, the compiler kept every pass's address live across the
-// caller's loop (+20 to +60 registers in the forward).
+// Consecutive kRows x kCols tiles (kCols a multiple of 8) of rows row0, row0 + kRows, .. of
+// x(b, h), columns col0 .., copied to shared tiles with leading dim kCols + kPad: element [r][c]
+// is x(b, h, row)[col0 + c] for the first `rows` rows from row0 and col0 + c < cols, else 0.
+// A thread copies the same column piece of every kRowsPerPass-th row, so it keeps one source
+// address and steps it (a 64-bit b * sb + h * sh + row * sn per piece cost ~45 instructions,
+// and ~35 per key tile in the forward even when computed once per tile). Whole 16-byte pieces
+// of aligned rows (rows_aligned16) go by cp.async; full tiles of them (all but the last of a
+// sequence) take a branch with only the copies; edges and misaligned views go element by element
+// in a loop that is not unrolled (unrolled, the compiler kept every pass's address live across
+// the caller's loop: +20 to +60 registers in the forward).
+template <int kRows, int kCols, typename T>
+struct TileStream {
+  static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCols + kPad;
+  static_assert(kThreads % kPieces == 0 && kRows % (kThreads / kPieces) == 0, "a tile must be whole passes");
+  static constexpr int kRowsPerPass = kThreads / kPieces, kPasses = kRows / kRowsPerPass;
+
+  const T* src;       // this thread's piece of its first row in the next tile
+  int64_t sn;         // row stride
+  int64_t rows_left;  // rows of x from the next tile's first on
+  int r0, c;          // first row and column of this thread's piece
+  int cols_left;      // columns of x from c on (negative past the end)
+  bool whole;         // the piece is 16 aligned bytes inside the row
+
+  SOLA_HD TileStream(const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
+                     bool aligned, int tid)
+      : sn(x.sn), rows_left(rows), r0(tid / kPieces), c((tid % kPieces) * kV) {
+    src = x.row<const T>(b, h, row0 + r0) + col0 + c;
+    cols_left = cols - col0 - c;
+    whole = aligned && cols_left >= kV;
+  }
+
+  // Copies the next tile into `tile` and moves on by kRows rows.
+  SOLA_HD void load(T* tile) {
+    T* dst = tile + r0 * kLd + c;
+    if (rows_left >= kRows && whole) {
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass)
+        cp_async_16(dst + pass * kRowsPerPass * kLd, src + pass * kRowsPerPass * sn);
+    } else {
+      const T* from = src;
+#pragma unroll 1
+      for (int r = r0; r < kRows; r += kRowsPerPass, from += kRowsPerPass * sn, dst += kRowsPerPass * kLd) {
+        if (r < rows_left && whole) {
+          cp_async_16(dst, from);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kV; ++e) dst[e] = r < rows_left && e < cols_left ? from[e] : T(0.f);
+        }
+      }
+    }
+    src += kRows * sn;
+    rows_left -= kRows;
+  }
+};
+
+// One tile: rows row0 .. row0 + kRows - 1 of x(b, h), of which the first `rows` exist (TileStream).
 template <int kRows, int kCols, typename T>
 SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                        bool aligned, int tid) {
-  constexpr int kV = kVec16<T>, kPieces = kCols / kV;
-  constexpr int kLd = kCols + kPad;
-  static_assert(kThreads % kPieces == 0 && kRows % (kThreads / kPieces) == 0, "a tile must be whole passes");
-  constexpr int kRowsPerPass = kThreads / kPieces, kPasses = kRows / kRowsPerPass;
-  const int r0 = tid / kPieces, c = (tid % kPieces) * kV;
-  const T* const src0 = x.row<const T>(b, h, row0) + col0 + c;
-  const bool whole = aligned && col0 + c + kV <= cols;
-  int64_t offset = r0 * x.sn;  // src0 + offset is row r only while r < rows
-#pragma unroll 1
-  for (int pass = 0; pass < kPasses; ++pass, offset += kRowsPerPass * x.sn) {
-    const int r = r0 + pass * kRowsPerPass;
-    T* const dst = tile + r * kLd + c;
-    if (r < rows && whole) {
-      cp_async_16(dst, src0 + offset);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kV; ++e) dst[e] = r < rows && col0 + c + e < cols ? src0[offset + e] : T(0.f);
-    }
-  }
+  TileStream<kRows, kCols, T>(x, b, h, row0, rows, col0, cols, aligned, tid).load(tile);
+}
+
+// Negates a tile in place (exactly: a sign flip), cooperatively; the caller syncs around it.
+template <int kElems, typename T>
+SOLA_HD void negate_tile(T* tile, int tid) {
+  for (int i = tid; i < kElems; i += kThreads) tile[i] = static_cast<T>(-static_cast<acc_t<T>>(tile[i]));
 }
 
 // ---- the two products of every flash kernel, per warp -------------------------------------------
 
-// c[16 x 8 kNT] += A B^T over kD columns: A = rows a0 .. a0+15 of tile a, B^T = the first 8 kNT
-// rows of tile bt (both leading dim kD + kPad). Q K^T, K Q^T, dO V^T, V dO^T.
+// SIMT c[16 x 8 kNT] += A B^T for one group of 16 rows (gemm_abt). This lane's rows g, g+8 of A
+// and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
 template <typename T, int kD, int kNT, typename acc>
-SOLA_HD void gemm_abt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lane) {
+SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lane) {
+  constexpr int kLd = kD + kPad;
+  const T* a_lo = a + (a0 + lane / 4) * kLd;
+  const T* b_lane = bt + 2 * (lane % 4) * kLd;
+  for (int k = 0; k < kD; k += kVec16<T>) {
+    const Vec16<T> x0 = load16(a_lo + k), x1 = load16(a_lo + 8 * kLd + k);
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      const Vec16<T> y0 = load16(b_lane + 8 * n * kLd + k), y1 = load16(b_lane + (8 * n + 1) * kLd + k);
+#pragma unroll
+      for (int v = 0; v < kVec16<T>; ++v) {
+        c[n][0] += x0.v[v] * y0.v[v];
+        c[n][1] += x0.v[v] * y1.v[v];
+        c[n][2] += x1.v[v] * y0.v[v];
+        c[n][3] += x1.v[v] * y1.v[v];
+      }
+    }
+  }
+}
+
+// c[g][16 x 8 kNT] += A_g B^T over kD columns for kG groups of 16 rows: A_g = rows a0 + 16 g ..
+// a0 + 16 g + 15 of tile a, B^T = the first 8 kNT rows of tile bt (both leading dim kD + kPad).
+// Q K^T, K Q^T, dO V^T, V dO^T. On tensor cores each B fragment loaded serves every group.
+template <typename T, int kD, int kG, int kNT, typename acc>
+SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int lane) {
   constexpr int kLd = kD + kPad;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const FragA af = load_a(a, kLd, a0, 16 * kk, lane);
+      FragA af[kG];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) af[g] = load_a(a, kLd, a0 + kWarpRows * g, 16 * kk, lane);
 #pragma unroll
       for (int n = 0; n < kNT; n += 2) {
         const FragB2 bf = load_b_trans(bt, kLd, 8 * n, 16 * kk, lane);
-        mma_16816<T>(c[n], af, bf.lo);
-        mma_16816<T>(c[n + 1], af, bf.hi);
-      }
-    }
-  } else {
-    // This lane's rows g, g+8 of A and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
-    const T* a_lo = a + (a0 + lane / 4) * kLd;
-    const T* b_lane = bt + 2 * (lane % 4) * kLd;
-    for (int k = 0; k < kD; k += kVec16<T>) {
-      const Vec16<T> x0 = load16(a_lo + k), x1 = load16(a_lo + 8 * kLd + k);
 #pragma unroll
-      for (int n = 0; n < kNT; ++n) {
-        const Vec16<T> y0 = load16(b_lane + 8 * n * kLd + k), y1 = load16(b_lane + (8 * n + 1) * kLd + k);
-#pragma unroll
-        for (int v = 0; v < kVec16<T>; ++v) {
-          c[n][0] += x0.v[v] * y0.v[v];
-          c[n][1] += x0.v[v] * y1.v[v];
-          c[n][2] += x1.v[v] * y0.v[v];
-          c[n][3] += x1.v[v] * y1.v[v];
+        for (int g = 0; g < kG; ++g) {
+          mma_16816<T>(c[g][n], af[g], bf.lo);
+          mma_16816<T>(c[g][n + 1], af[g], bf.hi);
         }
       }
     }
+  } else {
+    for (int g = 0; g < kG; ++g) gemm_abt_simt<T, kD>(c[g], a, a0 + kWarpRows * g, bt, lane);
   }
 }
 
@@ -365,49 +422,64 @@ SOLA_HD void gemm_abt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lan
 template <typename acc, int kCols>
 constexpr int kScratchLd = kCols + kVec16<acc>;
 
-// c[16 x 8 kOT] += X B: X = the warp's 16 x 8 kXT accumulator tile x (P, P^T, dS or dS^T),
-// B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading dim kD + kPad).
-// P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T); SIMT goes
-// through `scratch`, this warp's 16 x kScratchLd shared-memory rows.
+// SIMT c[16 x 8 kOT] += X B for one group (gemm_xb): X goes through `scratch`, this warp's
+// 16 x kScratchLd shared-memory rows.
 template <typename T, int kD, int kXT, int kOT, typename acc>
-SOLA_DEVICE void gemm_xb(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, acc* scratch, int lane) {
+SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, acc* scratch, int lane) {
+  constexpr int kLd = kD + kPad;
+  constexpr int kLdX = kScratchLd<acc, 8 * kXT>;
+#pragma unroll
+  for (int n = 0; n < kXT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) scratch[acc_row(e, lane) * kLdX + acc_col(n, e, lane)] = x[n][e];
+  __syncwarp();
+  const acc* x_lo = scratch + (lane / 4) * kLdX;
+  const T* b_lane = b + col0 + 2 * (lane % 4);
+  for (int j = 0; j < 8 * kXT; j += kVec16<acc>) {
+    const Vec16<acc> x0 = load16(x_lo + j), x1 = load16(x_lo + 8 * kLdX + j);
+#pragma unroll
+    for (int v = 0; v < kVec16<acc>; ++v) {
+      const T* row = b_lane + (j + v) * kLd;
+#pragma unroll
+      for (int n = 0; n < kOT; ++n) {
+        const T y0 = row[8 * n], y1 = row[8 * n + 1];
+        c[n][0] += x0.v[v] * y0;
+        c[n][1] += x0.v[v] * y1;
+        c[n][2] += x1.v[v] * y0;
+        c[n][3] += x1.v[v] * y1;
+      }
+    }
+  }
+  __syncwarp();  // the scratch is rewritten by the next group or product
+}
+
+// c[g][16 x 8 kOT] += X_g B for kG groups: X_g = the warp's 16 x 8 kXT accumulator tile x[g] (P,
+// P^T, dS or dS^T), B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading
+// dim kD + kPad). P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T)
+// and load each B fragment once for every group; SIMT goes through `scratch`, this warp's
+// 16 x kScratchLd shared-memory rows, one group at a time.
+template <typename T, int kD, int kG, int kXT, int kOT, typename acc>
+SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, acc* scratch,
+                         int lane) {
   constexpr int kLd = kD + kPad;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int kk = 0; kk < kXT / 2; ++kk) {
-      const FragA xf = acc_to_a<T>(x, kk);
+      FragA xf[kG];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) xf[g] = acc_to_a<T>(x[g], kk);
 #pragma unroll
       for (int n = 0; n < kOT; n += 2) {
         const FragB2 bf = load_b(b, kLd, 16 * kk, col0 + 8 * n, lane);
-        mma_16816<T>(c[n], xf, bf.lo);
-        mma_16816<T>(c[n + 1], xf, bf.hi);
-      }
-    }
-  } else {
-    constexpr int kLdX = kScratchLd<acc, 8 * kXT>;
 #pragma unroll
-    for (int n = 0; n < kXT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) scratch[acc_row(e, lane) * kLdX + acc_col(n, e, lane)] = x[n][e];
-    __syncwarp();
-    const acc* x_lo = scratch + (lane / 4) * kLdX;
-    const T* b_lane = b + col0 + 2 * (lane % 4);
-    for (int j = 0; j < 8 * kXT; j += kVec16<acc>) {
-      const Vec16<acc> x0 = load16(x_lo + j), x1 = load16(x_lo + 8 * kLdX + j);
-#pragma unroll
-      for (int v = 0; v < kVec16<acc>; ++v) {
-        const T* row = b_lane + (j + v) * kLd;
-#pragma unroll
-        for (int n = 0; n < kOT; ++n) {
-          const T y0 = row[8 * n], y1 = row[8 * n + 1];
-          c[n][0] += x0.v[v] * y0;
-          c[n][1] += x0.v[v] * y1;
-          c[n][2] += x1.v[v] * y0;
-          c[n][3] += x1.v[v] * y1;
+        for (int g = 0; g < kG; ++g) {
+          mma_16816<T>(c[g][n], xf[g], bf.lo);
+          mma_16816<T>(c[g][n + 1], xf[g], bf.hi);
         }
       }
     }
-    __syncwarp();  // the scratch is rewritten by the next product
+  } else {
+    for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, scratch, lane);
   }
 }
 

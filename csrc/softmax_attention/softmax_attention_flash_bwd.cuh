@@ -55,6 +55,9 @@ struct BwdTiles {
   // still fit on an SM (228 KB, 1 KB reserved per block).
   static constexpr int kStages = smem_bytes(2) <= 113 * 1024 ? 2 : 1;
   static constexpr int kSmem = smem_bytes(kStages);
+  // Blocks per SM the register allocation must allow (0: ptxas decides): 3 on tensor cores up to
+  // head dim 64 (left alone ptxas took 164-224 registers there: 2 blocks for dkdv at 64).
+  static constexpr int kMinBlocks = kTensor && kD <= 64 ? 3 : 0;
 };
 
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
@@ -82,9 +85,9 @@ struct BwdSmem {
 };
 
 // Runs compute(step, stage) for step = 0 .. steps-1 with the streamed tiles of each step loaded
-// by load(step, stage) (cp.async, committed inside), double-buffered when kStages is 2. Copies
-// issued before the call (the resident tiles) are waited for with step 0's. Ends with every copy
-// landed and every warp done with shared memory.
+// by load(step, stage) (cp.async, committed inside; called for the steps in order),
+// double-buffered when kStages is 2. Copies issued before the call (the resident tiles) are
+// waited for with step 0's. Ends with every copy landed and every warp done with shared memory.
 template <int kStages, typename Load, typename Compute>
 SOLA_DEVICE void pipeline(int64_t steps, Load load, Compute compute) {
   if (steps > 0) load(int64_t(0), 0);
@@ -129,7 +132,8 @@ SOLA_HD void store_rows(const acc (&c)[kOT][4], acc mul, const View4& x, const T
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
+__global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
+    dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
   using Tiles = BwdTiles<T, kD>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
@@ -148,13 +152,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nk, p.H, chunks);
     load_tile<kBlock, kD>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
     load_tile<kBlock, kD>(sV, p.v, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dv, al.v, tid);
-    acc dk[kOT][4], dv[kOT][4];
+    acc dk_g[1][kOT][4], dv_g[1][kOT][4];  // one row group of the products
+    auto &dk = dk_g[0], &dv = dv_g[0];
     zero(dk);
     zero(dv);
-    auto load = [&](int64_t step, int stage) {  // query rows m0 .. m0 + kStream
+    TileStream<kStream, kD, T> queries(p.q, t.b, t.h, 0, p.Nq, 0, Dk, al.q, tid);
+    TileStream<kStream, kD, T> grads(p.grad_out, t.b, t.h, 0, p.Nq, 0, Dv, al.grad_out, tid);
+    auto load = [&](int64_t step, int stage) {  // query rows m0 .. m0 + kStream (steps in order)
       const int64_t m0 = step * kStream;
-      load_tile<kStream, kD>(smem.streamed(stage, 0), p.q, t.b, t.h, m0, p.Nq - m0, 0, Dk, al.q, tid);
-      load_tile<kStream, kD>(smem.streamed(stage, 1), p.grad_out, t.b, t.h, m0, p.Nq - m0, 0, Dv, al.grad_out, tid);
+      queries.load(smem.streamed(stage, 0));
+      grads.load(smem.streamed(stage, 1));
       cp_async_commit();
       if (tid < kStream) {
         // Query rows past Nq get lse = +inf, so their P is exactly 0 (and their grad_out rows are 0).
@@ -170,21 +177,23 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
       const T* sG = smem.streamed(stage, 1);  // grad_out
       const acc* lse = smem.lse + stage * kStream;
       const acc* delta = smem.delta + stage * kStream;
-      acc pt[kST][4], dpt[kST][4];  // P^T and dP^T, then dS^T: this warp's 16 keys x kStream queries
+      // P^T and dP^T, then dS^T: this warp's 16 keys x kStream queries (one row group).
+      acc pt_g[1][kST][4], dpt_g[1][kST][4];
+      auto &pt = pt_g[0], &dpt = dpt_g[0];
       zero(pt);
-      gemm_abt<T, kD>(pt, sK, warp * kWarpRows, sQ, lane);
+      gemm_abt<T, kD>(pt_g, sK, warp * kWarpRows, sQ, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pt[n][e] = Exp::exp(Exp::scaled(pt[n][e], scale_u) - lse[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dv, pt, sG, t.col0, smem.scratch, lane);
+        for (int e = 0; e < 4; ++e) pt[n][e] = Exp::exp_scaled(pt[n][e], scale_u, lse[acc_col(n, e, lane)]);
+      gemm_xb<T, kD>(dv_g, pt_g, sG, t.col0, smem.scratch, lane);
       zero(dpt);
-      gemm_abt<T, kD>(dpt, sV, warp * kWarpRows, sG, lane);
+      gemm_abt<T, kD>(dpt_g, sV, warp * kWarpRows, sG, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - delta[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, smem.scratch, lane);
+      gemm_xb<T, kD>(dk_g, dpt_g, sQ, t.col0, smem.scratch, lane);
     };
     pipeline<Tiles::kStages>(ceil_div(p.Nq, kStream), load, compute);
     const int64_t row0 = t.row0 + warp * kWarpRows;
@@ -194,7 +203,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SoftmaxAttentionPa
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
+__global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
+    dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
   using Tiles = BwdTiles<T, kD>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
@@ -223,31 +233,35 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SoftmaxAttentionPara
       lse[r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
       delta[r] = static_cast<const acc*>(p.delta)[idx];
     }
-    acc dq[kOT][4];
+    acc dq_g[1][kOT][4];  // one row group of the products
+    auto& dq = dq_g[0];
     zero(dq);
-    auto load = [&](int64_t step, int stage) {  // key rows n0 .. n0 + kStream
-      const int64_t n0 = step * kStream;
-      load_tile<kStream, kD>(smem.streamed(stage, 0), p.k, t.b, t.h, n0, p.Nk - n0, 0, Dk, al.k, tid);
-      load_tile<kStream, kD>(smem.streamed(stage, 1), p.v, t.b, t.h, n0, p.Nk - n0, 0, Dv, al.v, tid);
+    TileStream<kStream, kD, T> keys(p.k, t.b, t.h, 0, p.Nk, 0, Dk, al.k, tid);
+    TileStream<kStream, kD, T> values(p.v, t.b, t.h, 0, p.Nk, 0, Dv, al.v, tid);
+    auto load = [&](int64_t, int stage) {  // the next kStream key rows (steps in order)
+      keys.load(smem.streamed(stage, 0));
+      values.load(smem.streamed(stage, 1));
       cp_async_commit();
     };
     auto compute = [&](int64_t step, int stage) {
       const T* sK = smem.streamed(stage, 0);
       const T* sV = smem.streamed(stage, 1);
-      acc s[kST][4], dp[kST][4];  // P and dP, then dS: this warp's 16 queries x kStream keys
+      // P and dP, then dS: this warp's 16 queries x kStream keys (one row group).
+      acc s_g[1][kST][4], dp_g[1][kST][4];
+      auto &s = s_g[0], &dp = dp_g[0];
       zero(s);
-      gemm_abt<T, kD>(s, sQ, warp * kWarpRows, sK, lane);
+      gemm_abt<T, kD>(s_g, sQ, warp * kWarpRows, sK, lane);
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
       for_each_acc<kST>(p.Nk - step * kStream, lane, [&](int n, int e, bool in_range) {
-        s[n][e] = in_range ? Exp::exp(Exp::scaled(s[n][e], scale_u) - lse[e >> 1]) : acc(0);
+        s[n][e] = in_range ? Exp::exp_scaled(s[n][e], scale_u, lse[e >> 1]) : acc(0);
       });
       zero(dp);
-      gemm_abt<T, kD>(dp, sG, warp * kWarpRows, sV, lane);
+      gemm_abt<T, kD>(dp_g, sG, warp * kWarpRows, sV, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e >> 1]);
-      gemm_xb<T, kD>(dq, dp, sK, t.col0, smem.scratch, lane);
+      gemm_xb<T, kD>(dq_g, dp_g, sK, t.col0, smem.scratch, lane);
     };
     pipeline<Tiles::kStages>(ceil_div(p.Nk, kStream), load, compute);
     store_rows<T>(dq, static_cast<acc>(p.scale), p.dq, t, row0, p.Nq, Dk, lane);

@@ -1,6 +1,8 @@
-// Flash forward of non-causal softmax attention. A block of 4 warps takes 64 query rows (16 per
-// warp) and walks over the keys in tiles: S = Q K^T, online softmax in registers (running max m
-// and sum l per row), then O += P V. Scores never reach global memory. V of
+// Flash forward of non-causal softmax attention. A block of 4 warps takes 64 query rows per row
+// group (16 per warp and group; two groups on tensor cores up to head dim 64, so each K / V
+// fragment loaded feeds two mmas per warp) and walks over the keys in tiles: S = Q K^T, online
+// softmax in registers (running max m and sum l per row), then O += P V. Scores never reach
+// global memory. V of
 // tile j is copied (cp.async) while S_j is computed and K of tile j+1 while P V_j is, so one
 // buffer each suffices. Head dims pad up to 32/64/128/256; wide outputs are split over blocks in
 // column chunks (each recomputes S) so the accumulators stay in registers.
@@ -22,7 +24,9 @@ template <typename T, int kD>
 struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
-  static constexpr int kBlockM = kBlockRows;
+  // Row groups of 16 per warp: two where S, O and the loaded fragments still fit in registers.
+  static constexpr int kGroups = kTensor && kD <= 64 ? 2 : 1;
+  static constexpr int kBlockM = kBlockRows * kGroups;
   static constexpr int kBlockN = kTensor || kD <= 64 ? 64 : 32;
   // Output columns of one block: what fits in registers next to S.
   static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
@@ -45,7 +49,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
   using Tiles = FwdTiles<T, kD>;
   using acc = typename Tiles::acc;
-  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut, kG = Tiles::kGroups;
   constexpr int kLd = Tiles::kLd, kLdV = Tiles::kLdV;
   constexpr int kNT = kBlockN / 8, kOT = kDOut / 8;  // n8 tiles of S and of O
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
@@ -54,92 +58,127 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   T* sK = sQ + kBlockM * kLd;
   T* sV = sK + kBlockN * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warp_row0 = warp * kWarpRows * kG;  // group g: rows warp_row0 + 16 g ..
   acc* scratch = reinterpret_cast<acc*>(sV + kBlockN * kLdV) + warp * kWarpRows * kScratchLd<acc, kBlockN>;
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   using Exp = ExpUnits<T>;
-  const acc scale_u = static_cast<acc>(p.scale) * Exp::kPerNat;
-  const int64_t n_blocks = ceil_div(p.Nk, kBlockN);
+  // exp(scale * s - m) needs the max of the scaled scores; with scale >= 0 that is the max of the
+  // raw scores, scaled once per row (rounding is monotonic). A negative scale negates the Q tile
+  // instead (exactly: -q k^T = -(q k^T), and (-s)(-scale) = s scale).
+  const bool negate_q = p.scale < 0;
+  const acc scale_u = static_cast<acc>(negate_q ? -p.scale : p.scale) * Exp::kPerNat;
+  const int64_t full_blocks = p.Nk / kBlockN, n_blocks = ceil_div(p.Nk, kBlockN);
   const int64_t chunks = Tiles::chunks(p);
   const int64_t tiles = Tiles::tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
     const int64_t b = t.b, h = t.h, bh = t.bh, m0 = t.row0;
     const int col0 = t.col0;
+    TileStream<kBlockN, kD, T> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
+    TileStream<kBlockN, kDOut, T> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
     load_tile<kBlockM, kD>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
-    load_tile<kBlockN, kD>(sK, p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
+    keys.load(sK);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
+    if (negate_q) {
+      negate_tile<kBlockM * kLd>(sQ, tid);
+      __syncthreads();
+    }
 
-    acc o[kOT][4];
-    zero(o);
-    // Rows lane/4 and lane/4 + 8 of the warp: running max (in ExpUnits) and this lane's part of the sum.
-    acc m[2] = {kNegInf, kNegInf}, l[2] = {acc(0), acc(0)};
-    for (int64_t nb = 0; nb < n_blocks; ++nb) {
+    acc o[kG][kOT][4];
+    // Rows lane/4 and lane/4 + 8 of each group: running max (in ExpUnits) and this lane's part of the sum.
+    acc m[kG][2], l[kG][2];
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      zero(o[g]);
+      m[g][0] = m[g][1] = kNegInf;
+      l[g][0] = l[g][1] = acc(0);
+    }
+    // One key tile. kEdge: the last tile, with keys past Nk (P = 0 there); full tiles skip the masking.
+    auto key_step = [&](int64_t nb, auto edge) {
+      constexpr bool kEdge = decltype(edge)::value;
       const int64_t n0 = nb * kBlockN;
-      load_tile<kBlockN, kDOut>(sV, p.v, b, h, n0, p.Nk - n0, col0, Dv, al.v, tid);
+      const int64_t valid = p.Nk - n0;
+      values.load(sV);
       cp_async_commit();
 
-      acc s[kNT][4];
-      zero(s);
-      gemm_abt<T, kD>(s, sQ, warp * kWarpRows, sK, lane);
+      acc s[kG][kNT][4];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) zero(s[g]);
+      gemm_abt<T, kD>(s, sQ, warp_row0, sK, lane);
 
-      // Online softmax. Keys past Nk score -inf. A NaN score never becomes the max (fmax), so
-      // exp(NaN - m) makes its row NaN, as in torch.
-      acc m_new[2] = {m[0], m[1]};
-      for_each_acc<kNT>(p.Nk - n0, lane, [&](int n, int e, bool in_range) {
-        s[n][e] = in_range ? Exp::scaled(s[n][e], scale_u) : kNegInf;
-        m_new[e >> 1] = std::fmax(m_new[e >> 1], s[n][e]);
-      });
-      acc base[2];
+      // Online softmax. A NaN score never becomes the max (fmax), so exp(NaN * scale - m) makes
+      // its row NaN, as in torch.
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
-        m_new[r] = std::fmax(m_new[r], __shfl_xor_sync(kFullMask, m_new[r], 1));
-        m_new[r] = std::fmax(m_new[r], __shfl_xor_sync(kFullMask, m_new[r], 2));
-        // While a row has seen only -inf, subtract 0: exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
-        base[r] = m_new[r] == kNegInf ? acc(0) : m_new[r];
-        const acc alpha = Exp::exp(m[r] - base[r]);
-        l[r] *= alpha;
+      for (int g = 0; g < kG; ++g) {
+        acc raw[2] = {kNegInf, kNegInf};  // max of this tile's raw scores per row
 #pragma unroll
-        for (int n = 0; n < kOT; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
-        m[r] = m_new[r];
-      }
+        for (int n = 0; n < kNT; ++n)
 #pragma unroll
-      for (int n = 0; n < kNT; ++n)
+          for (int e = 0; e < 4; ++e)
+            if (!kEdge || acc_col(n, e, lane) < valid) raw[e >> 1] = std::fmax(raw[e >> 1], s[g][n][e]);
+        acc base[2];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] = Exp::exp(s[n][e] - base[e >> 1]);
-          l[e >> 1] += s[n][e];
+        for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
+          raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 1));
+          raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 2));
+          const acc m_new = std::fmax(m[g][r], Exp::scaled(raw[r], scale_u));
+          // While a row has seen only -inf, subtract 0: exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
+          base[r] = m_new == kNegInf ? acc(0) : m_new;
+          const acc alpha = Exp::exp(m[g][r] - base[r]);
+          l[g][r] *= alpha;
+#pragma unroll
+          for (int n = 0; n < kOT; ++n) o[g][n][2 * r] *= alpha, o[g][n][2 * r + 1] *= alpha;
+          m[g][r] = m_new;
         }
+#pragma unroll
+        for (int n = 0; n < kNT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const acc pe = Exp::exp_scaled(s[g][n][e], scale_u, base[e >> 1]);
+            s[g][n][e] = !kEdge || acc_col(n, e, lane) < valid ? pe : acc(0);
+            l[g][e >> 1] += s[g][n][e];
+          }
+      }
 
       cp_async_wait_all();
       __syncthreads();  // V_j is in; every warp is done with K_j
       if (nb + 1 < n_blocks) {
-        load_tile<kBlockN, kD>(sK, p.k, b, h, n0 + kBlockN, p.Nk - n0 - kBlockN, 0, Dk, al.k, tid);
+        keys.load(sK);
         cp_async_commit();
       }
       gemm_xb<T, kDOut>(o, s, sV, 0, scratch, lane);
       cp_async_wait_all();
       __syncthreads();  // K_{j+1} is in; every warp is done with V_j
+    };
+    if constexpr (Tiles::kTensor) {
+      for (int64_t nb = 0; nb < full_blocks; ++nb) key_step(nb, std::false_type{});
+      if (full_blocks < n_blocks) key_step(full_blocks, std::true_type{});
+    } else {
+      for (int64_t nb = 0; nb < n_blocks; ++nb) key_step(nb, std::true_type{});
     }
 
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-      l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
-      const int64_t i = m0 + warp * kWarpRows + acc_row(2 * r, lane);
-      if (i >= p.Nq) continue;
-      // A row of only -inf scores has l = 0 and ends 0/0 = NaN with lse = -inf, as torch.
-      T* out = p.out.row<T>(b, h, i);
+    for (int g = 0; g < kG; ++g)
 #pragma unroll
-      for (int n = 0; n < kOT; ++n)
+      for (int r = 0; r < 2; ++r) {
+        acc sum = l[g][r];
+        sum += __shfl_xor_sync(kFullMask, sum, 1);
+        sum += __shfl_xor_sync(kFullMask, sum, 2);
+        const int64_t i = m0 + warp_row0 + kWarpRows * g + acc_row(2 * r, lane);
+        if (i >= p.Nq) continue;
+        // A row of only -inf scores has l = 0 and ends 0/0 = NaN with lse = -inf, as torch.
+        T* out = p.out.row<T>(b, h, i);
 #pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const int c = col0 + acc_col(n, e, lane);
-          if (c < Dv) out[c] = static_cast<T>(o[n][e] / l[r]);
-        }
-      if (col0 == 0 && lane % 4 == 0) static_cast<acc*>(p.lse)[bh * p.Nq + i] = Exp::to_nat(m[r]) + std::log(l[r]);
-    }
+        for (int n = 0; n < kOT; ++n)
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            const int c = col0 + acc_col(n, e, lane);
+            if (c < Dv) out[c] = static_cast<T>(o[g][n][e] / sum);
+          }
+        if (col0 == 0 && lane % 4 == 0) static_cast<acc*>(p.lse)[bh * p.Nq + i] = Exp::to_nat(m[g][r]) + std::log(sum);
+      }
   }
 }
 
