@@ -1,11 +1,11 @@
 // Flash forward of non-causal softmax attention. A block of 4 warps takes 64 query rows per row
-// group (16 per warp and group; two groups on tensor cores up to head dim 64, so each K / V
-// fragment loaded feeds two mmas per warp) and walks over the keys in tiles: S = Q K^T, online
-// softmax in registers (running max m and sum l per row), then O += P V. Scores never reach
-// global memory. V of
-// tile j is copied (cp.async) while S_j is computed and K of tile j+1 while P V_j is, so one
-// buffer each suffices. Head dims pad up to 32/64/128/256; wide outputs are split over blocks in
-// column chunks (each recomputes S) so the accumulators stay in registers.
+// group (16 per warp and group; two groups on tensor cores up to head dim 64 past 64 queries,
+// so each K / V fragment loaded feeds two mmas per warp) and walks over the keys in tiles:
+// S = Q K^T, online softmax in registers (running max m and sum l per row), then O += P V.
+// Scores never reach global memory. V of tile j is copied (cp.async) while S_j is computed and
+// K of tile j+1 while P V_j is, so one buffer each suffices. Head dims pad up to 32/64/128/256;
+// wide outputs are split over blocks in column chunks (each recomputes S) so the accumulators
+// stay in registers.
 // Instantiated per dtype family: softmax_attention_flash_fwd_{tc,simt}.cu.
 #pragma once
 
@@ -20,12 +20,11 @@
 namespace sola {
 namespace flash {
 
-template <typename T, int kD>
+// kGroups: row groups of 16 per warp (two_groups).
+template <typename T, int kD, int kGroups = 1>
 struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
-  // Row groups of 16 per warp: two where S, O and the loaded fragments still fit in registers.
-  static constexpr int kGroups = kTensor && kD <= 64 ? 2 : 1;
   static constexpr int kBlockM = kBlockRows * kGroups;
   static constexpr int kBlockN = kTensor || kD <= 64 ? 64 : 32;
   // Output columns of one block: what fits in registers next to S.
@@ -45,11 +44,11 @@ struct FwdAligned {
   bool q, k, v;
 };
 
-template <typename T, int kD>
+template <typename T, int kD, int kG>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
-  using Tiles = FwdTiles<T, kD>;
+  using Tiles = FwdTiles<T, kD, kG>;
   using acc = typename Tiles::acc;
-  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut, kG = Tiles::kGroups;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
   constexpr int kLd = Tiles::kLd, kLdV = Tiles::kLdV;
   constexpr int kNT = kBlockN / 8, kOT = kDOut / 8;  // n8 tiles of S and of O
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
@@ -182,20 +181,34 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   }
 }
 
-template <typename T, int kD>
+template <typename T, int kD, int kG>
 bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using Tiles = FwdTiles<T, kD>;
-  if (!allow_dynamic_smem<fwd_kernel<T, kD>, Tiles::kSmem>()) return false;
+  using Tiles = FwdTiles<T, kD, kG>;
+  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG>, Tiles::kSmem>()) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
   const int64_t tiles = Tiles::tiles(p);
-  fwd_kernel<T, kD><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+  fwd_kernel<T, kD, kG><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
+// Two row groups per warp (128-query blocks): on tensor cores up to head dim 64, where S, O and
+// the loaded fragments still fit in registers, and for more than 64 queries. Up to 64 (the
+// 7 x 7 stage of a vision model) a 128-row block would be half padding: twice the work per warp
+// for the same number of blocks.
+template <typename T, int kD>
+bool two_groups(const SoftmaxAttentionParams& p) {
+  return kIsHalfType<T> && kD <= 64 && p.Nq > kBlockRows;
+}
+
 template <typename T>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] { return launch_fwd<T, kD>(p, stream); });
+  return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
+    if constexpr (kIsHalfType<T> && kD <= 64) {
+      if (two_groups<T, kD>(p)) return launch_fwd<T, kD, 2>(p, stream);
+    }
+    return launch_fwd<T, kD, 1>(p, stream);
+  });
 }
 
 }  // namespace flash
