@@ -23,16 +23,24 @@ SOLA_HD int imin(int a, int b) { return a < b ? a : b; }
 
 // v[e] = phi(v[e]) for e < valid, 0 from there on (padding stays 0: phi(0) = 1 for elu). One
 // switch per vector rather than per element keeps the load stage free of per-element branches.
-template <int N, typename acc>
+// kFast: the fast exp (kernel_exp_fast) for the tensor-core kernels.
+template <bool kFast = false, int N, typename acc>
 SOLA_HD void phi_cols(FeatureMap fm, int valid, acc (&v)[N]) {
   switch (fm) {
     case FeatureMap::Elu:
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Elu>::f(v[e]) : acc(0);
+      for (int e = 0; e < N; ++e) {
+        if constexpr (kFast) {  // computed for every element, then selected: no branch per element
+          const acc f = Phi<FeatureMap::Elu>::f<true>(v[e]);
+          v[e] = e < valid ? f : acc(0);
+        } else {
+          v[e] = e < valid ? Phi<FeatureMap::Elu>::f(v[e]) : acc(0);
+        }
+      }
       break;
     case FeatureMap::Relu:
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Relu>::f(v[e]) : acc(0);
+      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Relu>::f<kFast>(v[e]) : acc(0);
       break;
     default:
 #pragma unroll
@@ -41,16 +49,16 @@ SOLA_HD void phi_cols(FeatureMap fm, int valid, acc (&v)[N]) {
 }
 
 // v[e] = phi'(v[e]), one switch per vector.
-template <int N, typename acc>
+template <bool kFast = false, int N, typename acc>
 SOLA_HD void dphi_cols(FeatureMap fm, acc (&v)[N]) {
   switch (fm) {
     case FeatureMap::Elu:
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Elu>::df(v[e]);
+      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Elu>::df<kFast>(v[e]);
       break;
     case FeatureMap::Relu:
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Relu>::df(v[e]);
+      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Relu>::df<kFast>(v[e]);
       break;
     default:
 #pragma unroll

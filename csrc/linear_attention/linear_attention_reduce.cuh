@@ -31,7 +31,7 @@ SOLA_HD ReduceAlignment reduce_alignment(const TokenReduceArgs& a, int kV) {
 
 // The load stage's vectors of token t at tile columns col .. col + kV - 1, as acc: phi(x),
 // y * y_scale and, with own_side, phi(xs) * s_scale; 0 past Dm / Dn and past the item's tokens.
-template <int kV, typename scalar_t, typename acc>
+template <int kV, typename scalar_t, bool kFast = false, typename acc>
 SOLA_HD void load_token(const TokenReduceArgs& a, const ReduceItem& it, int64_t t, int col, bool own_side,
                         const ReduceAlignment& al, acc (&xv)[kV], acc (&yv)[kV], acc (&sv)[kV]) {
   if (t >= it.t_end) {
@@ -42,13 +42,13 @@ SOLA_HD void load_token(const TokenReduceArgs& a, const ReduceItem& it, int64_t 
   const int mc = it.mb + col, nc = it.nb + col;
   load_cols<kV>(a.x.row<const scalar_t>(it.b, it.h, t), mc, a.Dm, al.x, xv);
   load_cols<kV>(a.y.row<const scalar_t>(it.b, it.h, t), nc, a.Dn, al.y, yv);
-  phi_cols(a.fm, a.Dm - mc, xv);
+  phi_cols<kFast>(a.fm, a.Dm - mc, xv);
   const acc ys = a.y_scale ? static_cast<const acc*>(a.y_scale)[it.bh * a.N + t] : acc(1);
 #pragma unroll
   for (int e = 0; e < kV; ++e) yv[e] *= ys;
   if (own_side) {
     load_cols<kV>(a.xs.row<const scalar_t>(it.b, it.h, t), mc, a.Dm, al.xs, sv);
-    phi_cols(a.fm, a.Dm - mc, sv);
+    phi_cols<kFast>(a.fm, a.Dm - mc, sv);
     const acc ss = a.s_scale ? static_cast<const acc*>(a.s_scale)[it.bh * a.N + t] : acc(1);
 #pragma unroll
     for (int e = 0; e < kV; ++e) sv[e] *= ss;

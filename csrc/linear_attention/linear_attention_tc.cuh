@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
       for (int r = lr; r < kStage; r += kRowsPerPass) {
         float xv[kV], yv[kV], sv[kV];
-        load_token<kV, scalar_t>(a, it, t0 + r, lc, own_side, al, xv, yv, sv);
+        load_token<kV, scalar_t, true>(a, it, t0 + r, lc, own_side, al, xv, yv, sv);
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
           if (it.side) side_acc[e] += own_side ? sv[e] : xv[e];
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         float xv[kV], sv[kV];
         if (row < N) {
           load_cols<kV>(x.row<const scalar_t>(b, h, row), lc, Din, al, xv);
-          if (x_phi) phi_cols(fm, Din - lc, xv);
+          if (x_phi) phi_cols<true>(fm, Din - lc, xv);
         } else {
 #pragma unroll
           for (int e = 0; e < kV; ++e) xv[e] = 0.f;
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         if (den) {
           if (p.has_qn && row < N) {
             load_cols<kV>(p.qn.row<const scalar_t>(b, h, row), lc, Din, qn_al, sv);
-            phi_cols(fm, Din - lc, sv);
+            phi_cols<true>(fm, Din - lc, sv);
           } else {
 #pragma unroll
             for (int e = 0; e < kV; ++e) sv[e] = xv[e];
@@ -278,8 +278,8 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         float xv[2], xnv[2], d[2], dn[2];
         load_cols<2>(x.row<const scalar_t>(b, h, row), col, Dk, x_al, xv);
         load_cols<2>(xn.row<const scalar_t>(b, h, row), col, Dk, xn_al, xnv);
-        dphi_cols(fm, xv);
-        dphi_cols(fm, xnv);
+        dphi_cols<true>(fm, xv);
+        dphi_cols<true>(fm, xnv);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           d[j] = c[n][2 * hh + j] * c_scale * xv[j];
@@ -338,8 +338,8 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
             float qv[2], qnv[2];
             load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv);
             load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv);
-            phi_cols(fm, Dk - col, qv);
-            phi_cols(fm, Dk - col, qnv);
+            phi_cols<true>(fm, Dk - col, qv);
+            phi_cols<true>(fm, Dk - col, qnv);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
               if (col + j >= Dk) continue;  // u is not 0 there when g holds an Inf
