@@ -29,27 +29,47 @@ SOLA_HD ReduceAlignment reduce_alignment(const TokenReduceArgs& a, int kV) {
   return {rows_aligned<scalar_t>(a.x, kV), rows_aligned<scalar_t>(a.y, kV), rows_aligned<scalar_t>(a.xs, kV)};
 }
 
-// The load stage's vectors of token t at tile columns col .. col + kV - 1, as acc: phi(x),
+// Row `t` of a reduction item's inputs: pointers into x, y and xs and the index into the
+// per-(head, token) scales. A kernel whose threads load every kStep-th token steps them by whole
+// rows: recomputing the 64-bit b * sb + h * sh + t * sn per token and input cost ~13 instructions.
+template <typename scalar_t>
+struct TokenRow {
+  const scalar_t *x, *y, *xs;  // xs only with own_side (load_token), else null
+  int64_t t, scale_idx;
+  SOLA_HD TokenRow(const TokenReduceArgs& a, const ReduceItem& it, int64_t t0, bool own_side)
+      : x(a.x.row<const scalar_t>(it.b, it.h, t0)),
+        y(a.y.row<const scalar_t>(it.b, it.h, t0)),
+        xs(own_side ? a.xs.row<const scalar_t>(it.b, it.h, t0) : nullptr),
+        t(t0),
+        scale_idx(it.bh * a.N + t0) {}
+  SOLA_HD void step(const TokenReduceArgs& a, int rows) {
+    x += rows * a.x.sn, y += rows * a.y.sn;
+    if (xs) xs += rows * a.xs.sn;
+    t += rows, scale_idx += rows;
+  }
+};
+
+// The load stage's vectors of token row.t at tile columns col .. col + kV - 1, as acc: phi(x),
 // y * y_scale and, with own_side, phi(xs) * s_scale; 0 past Dm / Dn and past the item's tokens.
 template <int kV, typename scalar_t, bool kFast = false, typename acc>
-SOLA_HD void load_token(const TokenReduceArgs& a, const ReduceItem& it, int64_t t, int col, bool own_side,
-                        const ReduceAlignment& al, acc (&xv)[kV], acc (&yv)[kV], acc (&sv)[kV]) {
-  if (t >= it.t_end) {
+SOLA_HD void load_token(const TokenReduceArgs& a, const ReduceItem& it, const TokenRow<scalar_t>& row, int col,
+                        bool own_side, const ReduceAlignment& al, acc (&xv)[kV], acc (&yv)[kV], acc (&sv)[kV]) {
+  if (row.t >= it.t_end) {
 #pragma unroll
     for (int e = 0; e < kV; ++e) xv[e] = yv[e] = sv[e] = acc(0);
     return;
   }
   const int mc = it.mb + col, nc = it.nb + col;
-  load_cols<kV>(a.x.row<const scalar_t>(it.b, it.h, t), mc, a.Dm, al.x, xv);
-  load_cols<kV>(a.y.row<const scalar_t>(it.b, it.h, t), nc, a.Dn, al.y, yv);
+  load_cols<kV>(row.x, mc, a.Dm, al.x, xv);
+  load_cols<kV>(row.y, nc, a.Dn, al.y, yv);
   phi_cols<kFast>(a.fm, a.Dm - mc, xv);
-  const acc ys = a.y_scale ? static_cast<const acc*>(a.y_scale)[it.bh * a.N + t] : acc(1);
+  const acc ys = a.y_scale ? static_cast<const acc*>(a.y_scale)[row.scale_idx] : acc(1);
 #pragma unroll
   for (int e = 0; e < kV; ++e) yv[e] *= ys;
   if (own_side) {
-    load_cols<kV>(a.xs.row<const scalar_t>(it.b, it.h, t), mc, a.Dm, al.xs, sv);
+    load_cols<kV>(row.xs, mc, a.Dm, al.xs, sv);
     phi_cols<kFast>(a.fm, a.Dm - mc, sv);
-    const acc ss = a.s_scale ? static_cast<const acc*>(a.s_scale)[it.bh * a.N + t] : acc(1);
+    const acc ss = a.s_scale ? static_cast<const acc*>(a.s_scale)[row.scale_idx] : acc(1);
 #pragma unroll
     for (int e = 0; e < kV; ++e) sv[e] *= ss;
   }
@@ -107,7 +127,7 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
         const int r = idx / Cfg::kVecsPerRow, col = (idx % Cfg::kVecsPerRow) * kV;
         const int64_t t = t0 + r;
         acc xv[kV], yv[kV], sv[kV];
-        load_token<kV, scalar_t>(a, it, t, col, own_side_tile, al, xv, yv, sv);
+        load_token<kV>(a, it, TokenRow<scalar_t>(a, it, t, own_side_tile), col, own_side_tile, al, xv, yv, sv);
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
           x_tile[r][col + e] = xv[e];

@@ -68,12 +68,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
     for (int e = 0; e < kV; ++e) side_acc[e] = 0.f;
 
+    TokenRow<scalar_t> row(a, it, it.t_begin + lr, own_side);  // this thread's rows: lr, lr + kRowsPerPass, ..
     for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kStage) {
       __syncthreads();  // the previous stage has been consumed
 #pragma unroll
-      for (int r = lr; r < kStage; r += kRowsPerPass) {
+      for (int r = lr; r < kStage; r += kRowsPerPass, row.step(a, kRowsPerPass)) {
         float xv[kV], yv[kV], sv[kV];
-        load_token<kV, scalar_t, true>(a, it, t0 + r, lc, own_side, al, xv, yv, sv);
+        load_token<kV, scalar_t, true>(a, it, row, lc, own_side, al, xv, yv, sv);
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
           if (it.side) side_acc[e] += own_side ? sv[e] : xv[e];
