@@ -121,17 +121,25 @@ SOLA_HD T kernel_exp(T x) {
 #endif
 }
 
+#ifdef __CUDA_ARCH__
+// 2^x as one MUFU.EX2 (ex2.approx.ftz: ~2 ulp; results below 2^-126 flush to 0). exp2f would add
+// a subnormal-result fix-up (a compare and two multiplies).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
+
 // exp of an fp32 value whose result is rounded to tf32 (2^-11) or 16 bits next, as phi in the
-// tensor-core kernels: on the GPU one multiply and one ex2.approx.ftz (relative error ~2^-21 for
-// x in [-20, 0]; results below 2^-126 flush to 0) in place of expf's ~10 instructions, which
-// also made the compiler branch around every element's exp.
+// tensor-core kernels: on the GPU one multiply and ex2_approx (relative error ~2^-21 for x in
+// [-20, 0]) in place of expf's ~10 instructions, which also made the compiler branch around
+// every element's exp.
 template <typename T>
 SOLA_HD T kernel_exp_fast(T x) {
 #ifdef __CUDA_ARCH__
   if constexpr (std::is_same_v<T, float>) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x * 1.4426950408889634f));
-    return r;
+    return ex2_approx(x * 1.4426950408889634f);
   } else {
     return std::exp(x);
   }
@@ -151,17 +159,17 @@ struct Phi<FeatureMap::Elu> {  // elu(x) + 1
 
 template <>
 struct Phi<FeatureMap::Relu> {
-  template <bool kFast = false, typename T>
+  template <typename T>
   static SOLA_HD T f(T x) { return x > T(0) || x != x ? x : T(0); }  // NaN stays NaN, as torch.relu
-  template <bool kFast = false, typename T>
+  template <typename T>
   static SOLA_HD T df(T x) { return x > T(0) ? T(1) : T(0); }
 };
 
 template <>
 struct Phi<FeatureMap::Identity> {
-  template <bool kFast = false, typename T>
+  template <typename T>
   static SOLA_HD T f(T x) { return x; }
-  template <bool kFast = false, typename T>
+  template <typename T>
   static SOLA_HD T df(T) { return T(1); }
 };
 

@@ -40,7 +40,7 @@ SOLA_HD void phi_cols(FeatureMap fm, int valid, acc (&v)[N]) {
       break;
     case FeatureMap::Relu:
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Relu>::f<kFast>(v[e]) : acc(0);
+      for (int e = 0; e < N; ++e) v[e] = e < valid ? Phi<FeatureMap::Relu>::f(v[e]) : acc(0);
       break;
     default:
 #pragma unroll
@@ -58,7 +58,7 @@ SOLA_HD void dphi_cols(FeatureMap fm, acc (&v)[N]) {
       break;
     case FeatureMap::Relu:
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Relu>::df<kFast>(v[e]);
+      for (int e = 0; e < N; ++e) v[e] = Phi<FeatureMap::Relu>::df(v[e]);
       break;
     default:
 #pragma unroll

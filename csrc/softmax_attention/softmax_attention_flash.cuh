@@ -49,15 +49,12 @@ struct ExpUnits {
   using acc = acc_t<T>;
   static constexpr bool kBase2 = kIsHalfType<T>;
   static constexpr acc kPerNat = kBase2 ? acc(kLog2e) : acc(1);  // units per natural unit
-  // Base 2: one MUFU.EX2 (ex2.approx.ftz, 2 ulp). exp2f would wrap it in a subnormal-result fixup
-  // (a compare and two multiplies per score, ~15% of the forward's instructions at head dim 32);
-  // results below 2^-126 flush to 0 instead, against a row sum >= 1.
+  // Base 2: ex2_approx (common.h). exp2f's subnormal fix-up was ~15% of the forward's
+  // instructions at head dim 32; results below 2^-126 flush to 0 instead, against a row sum >= 1.
   static SOLA_HD acc exp(acc x) {
     if constexpr (kBase2) {
 #if defined(__CUDA_ARCH__)
-      float r;
-      asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
-      return r;
+      return ex2_approx(x);
 #else
       const float r = std::exp2(x);
       return r < std::numeric_limits<float>::min() ? 0.f : r;

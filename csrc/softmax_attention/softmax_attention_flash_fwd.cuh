@@ -20,7 +20,7 @@
 namespace sola {
 namespace flash {
 
-// kGroups: row groups of 16 per warp (two_groups).
+// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd).
 template <typename T, int kD, int kGroups = 1>
 struct FwdTiles {
   using acc = acc_t<T>;
@@ -192,20 +192,15 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Two row groups per warp (128-query blocks): on tensor cores up to head dim 64, where S, O and
-// the loaded fragments still fit in registers, and for more than 64 queries. Up to 64 (the
-// 7 x 7 stage of a vision model) a 128-row block would be half padding: twice the work per warp
-// for the same number of blocks.
-template <typename T, int kD>
-bool two_groups(const SoftmaxAttentionParams& p) {
-  return kIsHalfType<T> && kD <= 64 && p.Nq > kBlockRows;
-}
-
+// Two row groups per warp (128-query blocks) on tensor cores up to head dim 64, where S, O and
+// the loaded fragments still fit in registers, for more than 64 queries: up to 64 (the 7 x 7
+// stage of a vision model) a 128-row block would be half padding, twice the work per warp for
+// the same number of blocks.
 template <typename T>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
     if constexpr (kIsHalfType<T> && kD <= 64) {
-      if (two_groups<T, kD>(p)) return launch_fwd<T, kD, 2>(p, stream);
+      if (p.Nq > kBlockRows) return launch_fwd<T, kD, 2>(p, stream);
     }
     return launch_fwd<T, kD, 1>(p, stream);
   });
