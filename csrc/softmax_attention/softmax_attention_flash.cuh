@@ -217,6 +217,19 @@ SOLA_HD void for_each_acc(int64_t valid, int lane, F f) {
   }
 }
 
+// f(std::integral_constant<int, groups>) with the row groups of 16 per warp a kernel over `rows`
+// resident rows should take: two (128-row blocks) on tensor cores up to head dim kTwoUpTo, where
+// the kernel's accumulators and loaded fragments still fit in registers, for more than 64 rows; up
+// to 64 (the 7 x 7 stage of a vision model) a 128-row block would be half padding, twice the work
+// per warp for the same number of blocks.
+template <typename T, int kD, int kTwoUpTo = 64, typename F>
+auto with_row_groups(int64_t rows, F f) {
+  if constexpr (kIsHalfType<T> && kD <= kTwoUpTo) {
+    if (rows > kBlockRows) return f(std::integral_constant<int, 2>{});
+  }
+  return f(std::integral_constant<int, 1>{});
+}
+
 // ---- which work item a block's tile index names -----------------------------------------------
 
 // Tile `tile` of a grid-stride loop over (b, h, block of kBlock rows, column chunk of kCols) with

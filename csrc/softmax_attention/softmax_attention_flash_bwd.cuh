@@ -3,9 +3,13 @@
 // are recomputed from q, k and the saved lse: P = exp(scale q k^T - lse), dP = dO V^T,
 // dS = P (dP - delta) with delta = rowsum(dO * O) computed beforehand. Two kernels, each owning
 // its output rows, so nothing is accumulated across blocks and the result is bitwise reproducible:
-//   dkdv_kernel: 64 keys per block, over all query tiles: dV += P^T dO, dK += scale dS^T Q
-//   dq_kernel:   64 queries per block, over all key tiles: dQ += scale dS K
-// Both keep their 64 resident rows in shared memory and stream the other side in tiles, double-
+//   dkdv_kernel: 64 keys per row group, over all query tiles: dV += P^T dO, dK += scale dS^T Q
+//   dq_kernel:   64 queries per row group, over all key tiles: dQ += scale dS K
+// On tensor cores a block takes two row groups (128 rows, 32 per warp) when there are more than
+// 64 rows, up to head dim 64, so each fragment of the streamed tiles feeds two mmas per warp (and
+// shared memory, which feeds mma.sync, is read half as often per score). The second score product
+// (dP, dP^T) runs per group, so only one group's tile of it is live next to both groups' P.
+// Both keep their resident rows in shared memory and stream the other side in tiles, double-
 // buffered where shared memory allows (pipeline). On tensor cores P^T / dS^T (or P / dS) go from
 // the accumulators straight into the next product as A fragments.
 // Gradient columns are split over blocks in chunks so the accumulators stay in registers.
@@ -23,12 +27,15 @@
 namespace sola {
 namespace flash {
 
-template <typename T, int kD>
+// kGroups: row groups of 16 per warp (1 or 2: with_row_groups); kStreamRows: streamed rows per
+// step, 0 for the default.
+template <typename T, int kD, int kGroups = 1, int kStreamRows = 0>
 struct BwdTiles {
+  using value_t = T;
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
-  static constexpr int kBlock = kBlockRows;                   // resident rows (keys or queries) of a block
-  static constexpr int kStream = kTensor || kD <= 64 ? 64 : 32;  // streamed rows per step
+  static constexpr int kBlock = kBlockRows * kGroups;  // resident rows (keys or queries) of a block
+  static constexpr int kStream = kStreamRows ? kStreamRows : kTensor || kD <= 64 ? 64 : 32;
   // Gradient columns of one block: what fits in registers next to S and dP.
   static constexpr int kDOut = std::min(kD, static_cast<int>(256 / sizeof(acc)));
   // dkdv_kernel's chunks cover max(Dk, Dv) columns (dK and dV), dq_kernel's Dk.
@@ -56,14 +63,24 @@ struct BwdTiles {
   static constexpr int kStages = smem_bytes(2) <= 113 * 1024 ? 2 : 1;
   static constexpr int kSmem = smem_bytes(kStages);
   // Blocks per SM the register allocation must allow (0: ptxas decides): 3 on tensor cores up to
-  // head dim 64 (left alone ptxas took 164-224 registers there: 2 blocks for dkdv at 64).
-  static constexpr int kMinBlocks = kTensor && kD <= 64 ? 3 : 0;
+  // head dim 64 with one row group (left alone ptxas took 164-224 registers there: 2 blocks for
+  // dkdv at 64), 2 with two (255 registers).
+  static constexpr int kMinBlocks = kGroups == 2 ? 2 : kTensor && kD <= 64 ? 3 : 0;
 };
 
+// dkdv_kernel's tiles. With two groups past head dim 32 it streams 32 queries per step: its dK
+// and dV accumulators (8 tiles of 16 x 8 per group at head dim 64) leave no room for two groups of
+// 16 x 64 scores.
+template <typename T, int kD, int kG>
+using KeyBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 32 ? 32 : 0)>;
+// dq_kernel's.
+template <typename T, int kD, int kG>
+using QueryBlockTiles = BwdTiles<T, kD, kG>;
+
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
-template <typename T, int kD>
+template <typename Tiles>
 struct BwdSmem {
-  using Tiles = BwdTiles<T, kD>;
+  using T = typename Tiles::value_t;
   using acc = typename Tiles::acc;
   static constexpr int kStreamTile = Tiles::kStream * Tiles::kLd;
   T* resident[2];
@@ -108,6 +125,12 @@ SOLA_DEVICE void pipeline(int64_t steps, Load load, Compute compute) {
   __syncthreads();
 }
 
+// Group g of a [kG][kNT][4] accumulator array as a one-group array (for a product per group).
+template <int kG, int kNT, typename acc>
+SOLA_HD acc (&one_group(acc (&x)[kG][kNT][4], int g))[1][kNT][4] {
+  return *reinterpret_cast<acc(*)[1][kNT][4]>(&x[g]);
+}
+
 struct BwdAligned {
   bool q, k, v, grad_out;
 };
@@ -131,17 +154,18 @@ SOLA_HD void store_rows(const acc (&c)[kOT][4], acc mul, const View4& x, const T
   }
 }
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
+template <typename T, int kD, int kG>
+__global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks)
     dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
-  using Tiles = BwdTiles<T, kD>;
+  using Tiles = KeyBlockTiles<T, kD, kG>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
   constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const BwdSmem<T, kD> smem(smem_raw, warp);
+  const BwdSmem<Tiles> smem(smem_raw, warp);
+  const int warp_row0 = warp * kWarpRows * kG;  // group g: rows warp_row0 + 16 g ..
   T* sK = smem.resident[0];
   T* sV = smem.resident[1];
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -152,10 +176,9 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nk, p.H, chunks);
     load_tile<kBlock, kD>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
     load_tile<kBlock, kD>(sV, p.v, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dv, al.v, tid);
-    acc dk_g[1][kOT][4], dv_g[1][kOT][4];  // one row group of the products
-    auto &dk = dk_g[0], &dv = dv_g[0];
-    zero(dk);
-    zero(dv);
+    acc dk[kG][kOT][4], dv[kG][kOT][4];
+#pragma unroll
+    for (int g = 0; g < kG; ++g) zero(dk[g]), zero(dv[g]);
     TileStream<kStream, kD, T> queries(p.q, t.b, t.h, 0, p.Nq, 0, Dk, al.q, tid);
     TileStream<kStream, kD, T> grads(p.grad_out, t.b, t.h, 0, p.Nq, 0, Dv, al.grad_out, tid);
     auto load = [&](int64_t step, int stage) {  // query rows m0 .. m0 + kStream (steps in order)
@@ -177,42 +200,54 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
       const T* sG = smem.streamed(stage, 1);  // grad_out
       const acc* lse = smem.lse + stage * kStream;
       const acc* delta = smem.delta + stage * kStream;
-      // P^T and dP^T, then dS^T: this warp's 16 keys x kStream queries (one row group).
-      acc pt_g[1][kST][4], dpt_g[1][kST][4];
-      auto &pt = pt_g[0], &dpt = dpt_g[0];
-      zero(pt);
-      gemm_abt<T, kD>(pt_g, sK, warp * kWarpRows, sQ, lane);
+      // P^T and dP^T, then dS^T: this warp's 16 keys per group x kStream queries. lse and delta
+      // belong to the query (column): one shared-memory read serves every group.
+      acc pt[kG][kST][4], dpt[kG][kST][4];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) zero(pt[g]);
+      gemm_abt<T, kD>(pt, sK, warp_row0, sQ, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pt[n][e] = Exp::exp_scaled(pt[n][e], scale_u, lse[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dv_g, pt_g, sG, t.col0, smem.scratch, lane);
-      zero(dpt);
-      gemm_abt<T, kD>(dpt_g, sV, warp * kWarpRows, sG, lane);
+        for (int e = 0; e < 4; ++e) {
+          const acc lse_c = lse[acc_col(n, e, lane)];
 #pragma unroll
-      for (int n = 0; n < kST; ++n)
+          for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
+        }
+      gemm_xb<T, kD>(dv, pt, sG, t.col0, smem.scratch, lane);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - delta[acc_col(n, e, lane)]);
-      gemm_xb<T, kD>(dk_g, dpt_g, sQ, t.col0, smem.scratch, lane);
+      for (int g = 0; g < kG; ++g) {
+        zero(dpt[g]);
+        gemm_abt<T, kD>(one_group(dpt, g), sV, warp_row0 + kWarpRows * g, sG, lane);
+#pragma unroll
+        for (int n = 0; n < kST; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dpt[g][n][e] = pt[g][n][e] * (dpt[g][n][e] - delta[acc_col(n, e, lane)]);
+      }
+      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, smem.scratch, lane);
     };
     pipeline<Tiles::kStages>(ceil_div(p.Nq, kStream), load, compute);
-    const int64_t row0 = t.row0 + warp * kWarpRows;
-    store_rows<T>(dk, static_cast<acc>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
-    store_rows<T>(dv, acc(1), p.dv, t, row0, p.Nk, Dv, lane);
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      const int64_t row0 = t.row0 + warp_row0 + kWarpRows * g;
+      store_rows<T>(dk[g], static_cast<acc>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
+      store_rows<T>(dv[g], acc(1), p.dv, t, row0, p.Nk, Dv, lane);
+    }
   }
 }
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
+template <typename T, int kD, int kG>
+__global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBlocks)
     dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
-  using Tiles = BwdTiles<T, kD>;
+  using Tiles = QueryBlockTiles<T, kD, kG>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
   constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const BwdSmem<T, kD> smem(smem_raw, warp);
+  const BwdSmem<Tiles> smem(smem_raw, warp);
+  const int warp_row0 = warp * kWarpRows * kG;  // group g: rows warp_row0 + 16 g ..
   T* sQ = smem.resident[0];
   T* sG = smem.resident[1];  // grad_out
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -223,19 +258,19 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nq, p.H, chunks);
     load_tile<kBlock, kD>(sQ, p.q, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dk, al.q, tid);
     load_tile<kBlock, kD>(sG, p.grad_out, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dv, al.grad_out, tid);
-    // lse (in ExpUnits) and delta of this lane's two rows; rows past Nq are never stored.
-    acc lse[2], delta[2];
-    const int64_t row0 = t.row0 + warp * kWarpRows;
+    // lse (in ExpUnits) and delta of this lane's two rows per group; rows past Nq are never stored.
+    acc lse[kG][2], delta[kG][2], dq[kG][kOT][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t i = row0 + acc_row(2 * r, lane);
-      const int64_t idx = t.bh * p.Nq + (i < p.Nq ? i : 0);
-      lse[r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
-      delta[r] = static_cast<const acc*>(p.delta)[idx];
+    for (int g = 0; g < kG; ++g) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t i = t.row0 + warp_row0 + kWarpRows * g + acc_row(2 * r, lane);
+        const int64_t idx = t.bh * p.Nq + (i < p.Nq ? i : 0);
+        lse[g][r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
+        delta[g][r] = static_cast<const acc*>(p.delta)[idx];
+      }
+      zero(dq[g]);
     }
-    acc dq_g[1][kOT][4];  // one row group of the products
-    auto& dq = dq_g[0];
-    zero(dq);
     TileStream<kStream, kD, T> keys(p.k, t.b, t.h, 0, p.Nk, 0, Dk, al.k, tid);
     TileStream<kStream, kD, T> values(p.v, t.b, t.h, 0, p.Nk, 0, Dv, al.v, tid);
     auto load = [&](int64_t, int stage) {  // the next kStream key rows (steps in order)
@@ -246,41 +281,50 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<T, kD>::kMinBlocks)
     auto compute = [&](int64_t step, int stage) {
       const T* sK = smem.streamed(stage, 0);
       const T* sV = smem.streamed(stage, 1);
-      // P and dP, then dS: this warp's 16 queries x kStream keys (one row group).
-      acc s_g[1][kST][4], dp_g[1][kST][4];
-      auto &s = s_g[0], &dp = dp_g[0];
-      zero(s);
-      gemm_abt<T, kD>(s_g, sQ, warp * kWarpRows, sK, lane);
+      // P and dP, then dS: this warp's 16 queries per group x kStream keys.
+      acc s[kG][kST][4], dp[kG][kST][4];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) zero(s[g]);
+      gemm_abt<T, kD>(s, sQ, warp_row0, sK, lane);
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
       for_each_acc<kST>(p.Nk - step * kStream, lane, [&](int n, int e, bool in_range) {
-        s[n][e] = in_range ? Exp::exp_scaled(s[n][e], scale_u, lse[e >> 1]) : acc(0);
+#pragma unroll
+        for (int g = 0; g < kG; ++g) s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
       });
-      zero(dp);
-      gemm_abt<T, kD>(dp_g, sG, warp * kWarpRows, sV, lane);
 #pragma unroll
-      for (int n = 0; n < kST; ++n)
+      for (int g = 0; g < kG; ++g) {
+        zero(dp[g]);
+        gemm_abt<T, kD>(one_group(dp, g), sG, warp_row0 + kWarpRows * g, sV, lane);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e >> 1]);
-      gemm_xb<T, kD>(dq_g, dp_g, sK, t.col0, smem.scratch, lane);
+        for (int n = 0; n < kST; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[g][n][e] = s[g][n][e] * (dp[g][n][e] - delta[g][e >> 1]);
+      }
+      gemm_xb<T, kD>(dq, dp, sK, t.col0, smem.scratch, lane);
     };
     pipeline<Tiles::kStages>(ceil_div(p.Nk, kStream), load, compute);
-    store_rows<T>(dq, static_cast<acc>(p.scale), p.dq, t, row0, p.Nq, Dk, lane);
+#pragma unroll
+    for (int g = 0; g < kG; ++g)
+      store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + warp_row0 + kWarpRows * g, p.Nq, Dk, lane);
   }
 }
 
-template <typename T, int kD>
+// dkdv_kernel with kGK row groups over the keys, dq_kernel with kGQ over the queries.
+template <typename T, int kD, int kGK, int kGQ>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using Tiles = BwdTiles<T, kD>;
-  if (!allow_dynamic_smem<dkdv_kernel<T, kD>, Tiles::kSmem>() || !allow_dynamic_smem<dq_kernel<T, kD>, Tiles::kSmem>())
+  using KeyTiles = KeyBlockTiles<T, kD, kGK>;
+  using QueryTiles = QueryBlockTiles<T, kD, kGQ>;
+  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK>, KeyTiles::kSmem>() ||
+      !allow_dynamic_smem<dq_kernel<T, kD, kGQ>, QueryTiles::kSmem>())
     return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};
-  const int64_t key_tiles = Tiles::dkdv_tiles(p);
-  dkdv_kernel<T, kD><<<grid_x(key_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+  const int64_t key_tiles = KeyTiles::dkdv_tiles(p);
+  dkdv_kernel<T, kD, kGK><<<grid_x(key_tiles, 1), kThreads, KeyTiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t query_tiles = Tiles::dq_tiles(p);
+  const int64_t query_tiles = QueryTiles::dq_tiles(p);
   if (query_tiles > 0) {
-    dq_kernel<T, kD><<<grid_x(query_tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+    dq_kernel<T, kD, kGQ><<<grid_x(query_tiles, 1), kThreads, QueryTiles::kSmem, stream>>>(p, al);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
@@ -288,7 +332,13 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] { return launch_bwd<T, kD>(p, stream); });
+  return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
+    return with_row_groups<T, kD>(p.Nk, [&](auto key_groups) {
+      return with_row_groups<T, kD>(p.Nq, [&](auto query_groups) {
+        return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value>(p, stream);
+      });
+    });
+  });
 }
 
 }  // namespace flash

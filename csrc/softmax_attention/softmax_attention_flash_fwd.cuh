@@ -192,17 +192,10 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Two row groups per warp (128-query blocks) on tensor cores up to head dim 64, where S, O and
-// the loaded fragments still fit in registers, for more than 64 queries: up to 64 (the 7 x 7
-// stage of a vision model) a 128-row block would be half padding, twice the work per warp for
-// the same number of blocks.
 template <typename T>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
-    if constexpr (kIsHalfType<T> && kD <= 64) {
-      if (p.Nq > kBlockRows) return launch_fwd<T, kD, 2>(p, stream);
-    }
-    return launch_fwd<T, kD, 1>(p, stream);
+    return with_row_groups<T, kD>(p.Nq, [&](auto groups) { return launch_fwd<T, kD, decltype(groups)::value>(p, stream); });
   });
 }
 
