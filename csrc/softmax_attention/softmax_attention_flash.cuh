@@ -199,22 +199,10 @@ SOLA_HD void zero(acc (&c)[NT][4]) {
 SOLA_HD int acc_col(int n, int e, int lane) { return 8 * n + 2 * (lane % 4) + (e & 1); }
 SOLA_HD int acc_row(int e, int lane) { return lane / 4 + 8 * (e >> 1); }
 
-// f(n, e, in_range) for every element of a warp's 16 x 8 kNT accumulator tile, in_range saying
-// whether its column is below `valid`. Full tiles (all but the last) take a branch without the
-// per-element compare-select.
-template <int kNT, typename F>
-SOLA_HD void for_each_acc(int64_t valid, int lane, F f) {
-  if (valid >= 8 * kNT) {
-#pragma unroll
-    for (int n = 0; n < kNT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) f(n, e, true);
-  } else {
-#pragma unroll
-    for (int n = 0; n < kNT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) f(n, e, acc_col(n, e, lane) < valid);
-  }
+// Rows of a kRows tile of a sequence that exist when `left` rows are left from its first on.
+template <int kRows>
+SOLA_HD int live_rows(int64_t left) {
+  return left < kRows ? static_cast<int>(left) : kRows;
 }
 
 // f(std::integral_constant<int, groups>) with the row groups of 16 per warp a kernel over `rows`
@@ -381,7 +369,7 @@ SOLA_HD void negate_tile(T* tile, int tid) {
 // SIMT c[16 x 8 kNT] += A B^T for one group of 16 rows (gemm_abt). This lane's rows g, g+8 of A
 // and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
 template <typename T, int kD, int kNT, typename acc>
-SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int lane) {
+SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
   constexpr int kLd = kD + kPad;
   const T* a_lo = a + (a0 + lane / 4) * kLd;
   const T* b_lane = bt + 2 * (lane % 4) * kLd;
@@ -389,6 +377,7 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
     const Vec16<T> x0 = load16(a_lo + k), x1 = load16(a_lo + 8 * kLd + k);
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
+      if (8 * n >= live) continue;
       const Vec16<T> y0 = load16(b_lane + 8 * n * kLd + k), y1 = load16(b_lane + (8 * n + 1) * kLd + k);
 #pragma unroll
       for (int v = 0; v < kVec16<T>; ++v) {
@@ -404,8 +393,10 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 // c[g][16 x 8 kNT] += A_g B^T over kD columns for kG groups of 16 rows: A_g = rows a0 + 16 g ..
 // a0 + 16 g + 15 of tile a, B^T = the first 8 kNT rows of tile bt (both leading dim kD + kPad).
 // Q K^T, K Q^T, dO V^T, V dO^T. On tensor cores each B fragment loaded serves every group.
+// `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them are left as
+// they are (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile.
 template <typename T, int kD, int kG, int kNT, typename acc>
-SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int lane) {
+SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
   constexpr int kLd = kD + kPad;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
@@ -415,6 +406,7 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
       for (int g = 0; g < kG; ++g) af[g] = load_a(a, kLd, a0 + kWarpRows * g, 16 * kk, lane);
 #pragma unroll
       for (int n = 0; n < kNT; n += 2) {
+        if (8 * n >= live) continue;
         const FragB2 bf = load_b_trans(bt, kLd, 8 * n, 16 * kk, lane);
 #pragma unroll
         for (int g = 0; g < kG; ++g) {
@@ -424,7 +416,7 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
       }
     }
   } else {
-    for (int g = 0; g < kG; ++g) gemm_abt_simt<T, kD>(c[g], a, a0 + kWarpRows * g, bt, lane);
+    for (int g = 0; g < kG; ++g) gemm_abt_simt<T, kD>(c[g], a, a0 + kWarpRows * g, bt, live, lane);
   }
 }
 
@@ -435,7 +427,8 @@ constexpr int kScratchLd = kCols + kVec16<acc>;
 // SIMT c[16 x 8 kOT] += X B for one group (gemm_xb): X goes through `scratch`, this warp's
 // 16 x kScratchLd shared-memory rows.
 template <typename T, int kD, int kXT, int kOT, typename acc>
-SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, acc* scratch, int lane) {
+SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, int live, acc* scratch,
+                              int lane) {
   constexpr int kLd = kD + kPad;
   constexpr int kLdX = kScratchLd<acc, 8 * kXT>;
 #pragma unroll
@@ -445,7 +438,7 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
   __syncwarp();
   const acc* x_lo = scratch + (lane / 4) * kLdX;
   const T* b_lane = b + col0 + 2 * (lane % 4);
-  for (int j = 0; j < 8 * kXT; j += kVec16<acc>) {
+  for (int j = 0; j < 8 * kXT && j < live; j += kVec16<acc>) {
     const Vec16<acc> x0 = load16(x_lo + j), x1 = load16(x_lo + 8 * kLdX + j);
 #pragma unroll
     for (int v = 0; v < kVec16<acc>; ++v) {
@@ -467,14 +460,16 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 // P^T, dS or dS^T), B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading
 // dim kD + kPad). P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T)
 // and load each B fragment once for every group; SIMT goes through `scratch`, this warp's
-// 16 x kScratchLd shared-memory rows, one group at a time.
+// 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b that exist; the
+// columns of x past them must be 0 up to the next multiple of 16 (8 on SIMT fp64, 4 fp32).
 template <typename T, int kD, int kG, int kXT, int kOT, typename acc>
-SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, acc* scratch,
-                         int lane) {
+SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, int live,
+                         acc* scratch, int lane) {
   constexpr int kLd = kD + kPad;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int kk = 0; kk < kXT / 2; ++kk) {
+      if (16 * kk >= live) continue;
       FragA xf[kG];
 #pragma unroll
       for (int g = 0; g < kG; ++g) xf[g] = acc_to_a<T>(x[g], kk);
@@ -489,7 +484,7 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const
       }
     }
   } else {
-    for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, scratch, lane);
+    for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, live, scratch, lane);
   }
 }
 

@@ -101,14 +101,17 @@ struct BwdSmem {
   SOLA_HD T* streamed(int stage, int which) const { return stream_base + (2 * stage + which) * kStreamTile; }
 };
 
-// Runs compute(step, stage) for step = 0 .. steps-1 with the streamed tiles of each step loaded
-// by load(step, stage) (cp.async, committed inside; called for the steps in order),
-// double-buffered when kStages is 2. Copies issued before the call (the resident tiles) are
-// waited for with step 0's. Ends with every copy landed and every warp done with shared memory.
-template <int kStages, typename Load, typename Compute>
-SOLA_DEVICE void pipeline(int64_t steps, Load load, Compute compute) {
-  if (steps > 0) load(int64_t(0), 0);
-  for (int64_t step = 0; step < steps; ++step) {
+// Runs compute(step, stage, edge) over the `rows` streamed rows in steps of kRows, with the
+// streamed tiles of each step loaded by load(step, stage) (cp.async, committed inside; called for
+// the steps in order), double-buffered when kStages is 2. With kPeelEdge, `edge` is
+// std::true_type for the last step when it is partial, a copy of the step after the loop
+// (inside the loop it pushed the kernels into spills); otherwise always std::false_type. Copies
+// issued before the call (the resident tiles) are waited for with step 0's. Ends with every copy
+// landed and every warp done with shared memory.
+template <int kStages, int kRows, bool kPeelEdge, typename Load, typename Compute>
+SOLA_DEVICE void pipeline(int64_t rows, Load load, Compute compute) {
+  const int64_t steps = ceil_div(rows, kRows), full = kPeelEdge ? rows / kRows : steps;
+  auto step_at = [&](int64_t step, auto edge) {
     const int stage = static_cast<int>(step % kStages);
     if (kStages == 2 && step + 1 < steps) {
       load(step + 1, 1 - stage);  // its stage was last read before the previous step's barrier
@@ -117,10 +120,13 @@ SOLA_DEVICE void pipeline(int64_t steps, Load load, Compute compute) {
       cp_async_wait<0>();
     }
     __syncthreads();  // this step's tiles are in for every thread
-    compute(step, stage);
+    compute(step, stage, edge);
     __syncthreads();  // every warp is done with this stage
     if (kStages == 1 && step + 1 < steps) load(step + 1, 0);
-  }
+  };
+  if (steps > 0) load(int64_t(0), 0);
+  for (int64_t step = 0; step < full; ++step) step_at(step, std::false_type{});
+  if (full < steps) step_at(full, std::true_type{});
   cp_async_wait_all();  // with no steps, the resident copies
   __syncthreads();
 }
@@ -195,7 +201,11 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
         smem.delta[stage * kStream + tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
     };
-    auto compute = [&](int64_t, int stage) {
+    // One query tile. Query rows past Nq have P^T = dS^T = 0 (lse = +inf, delta = 0, grad_out rows
+    // 0), so the edge tile needs no masking. Peeling it to skip their n8 tiles, as dq_kernel does,
+    // cost spills inside the loop here (dkdv kD 64 two groups: 1 -> 10 local loads/stores a step).
+    auto compute = [&](int64_t, int stage, auto) {
+      constexpr int live = kStream;
       const T* sQ = smem.streamed(stage, 0);
       const T* sG = smem.streamed(stage, 1);  // grad_out
       const acc* lse = smem.lse + stage * kStream;
@@ -205,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
       acc pt[kG][kST][4], dpt[kG][kST][4];
 #pragma unroll
       for (int g = 0; g < kG; ++g) zero(pt[g]);
-      gemm_abt<T, kD>(pt, sK, warp_row0, sQ, lane);
+      gemm_abt<T, kD>(pt, sK, warp_row0, sQ, live, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
@@ -214,19 +224,19 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
 #pragma unroll
           for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
         }
-      gemm_xb<T, kD>(dv, pt, sG, t.col0, smem.scratch, lane);
+      gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
         zero(dpt[g]);
-        gemm_abt<T, kD>(one_group(dpt, g), sV, warp_row0 + kWarpRows * g, sG, lane);
+        gemm_abt<T, kD>(one_group(dpt, g), sV, warp_row0 + kWarpRows * g, sG, live, lane);
 #pragma unroll
         for (int n = 0; n < kST; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) dpt[g][n][e] = pt[g][n][e] * (dpt[g][n][e] - delta[acc_col(n, e, lane)]);
       }
-      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, smem.scratch, lane);
+      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
     };
-    pipeline<Tiles::kStages>(ceil_div(p.Nq, kStream), load, compute);
+    pipeline<Tiles::kStages, kStream, false>(p.Nq, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
       const int64_t row0 = t.row0 + warp_row0 + kWarpRows * g;
@@ -278,31 +288,39 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBloc
       values.load(smem.streamed(stage, 1));
       cp_async_commit();
     };
-    auto compute = [&](int64_t step, int stage) {
+    // One key tile; the edge tile masks P past Nk, and its products skip those n8 tiles.
+    auto compute = [&](int64_t step, int stage, auto edge) {
+      constexpr bool kEdge = decltype(edge)::value;
+      const int live = kEdge ? live_rows<kStream>(p.Nk - step * kStream) : kStream;
       const T* sK = smem.streamed(stage, 0);
       const T* sV = smem.streamed(stage, 1);
       // P and dP, then dS: this warp's 16 queries per group x kStream keys.
       acc s[kG][kST][4], dp[kG][kST][4];
 #pragma unroll
       for (int g = 0; g < kG; ++g) zero(s[g]);
-      gemm_abt<T, kD>(s, sQ, warp_row0, sK, lane);
+      gemm_abt<T, kD>(s, sQ, warp_row0, sK, live, lane);
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
-      for_each_acc<kST>(p.Nk - step * kStream, lane, [&](int n, int e, bool in_range) {
 #pragma unroll
-        for (int g = 0; g < kG; ++g) s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
-      });
+      for (int n = 0; n < kST; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int g = 0; g < kG; ++g) {
+            const bool in_range = !kEdge || acc_col(n, e, lane) < live;
+            s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
+          }
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
         zero(dp[g]);
-        gemm_abt<T, kD>(one_group(dp, g), sG, warp_row0 + kWarpRows * g, sV, lane);
+        gemm_abt<T, kD>(one_group(dp, g), sG, warp_row0 + kWarpRows * g, sV, live, lane);
 #pragma unroll
         for (int n = 0; n < kST; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) dp[g][n][e] = s[g][n][e] * (dp[g][n][e] - delta[g][e >> 1]);
       }
-      gemm_xb<T, kD>(dq, dp, sK, t.col0, smem.scratch, lane);
+      gemm_xb<T, kD>(dq, dp, sK, t.col0, live, smem.scratch, lane);
     };
-    pipeline<Tiles::kStages>(ceil_div(p.Nk, kStream), load, compute);
+    pipeline<Tiles::kStages, kStream, true>(p.Nk, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g)
       store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + warp_row0 + kWarpRows * g, p.Nq, Dk, lane);

@@ -1,5 +1,5 @@
 // Flash forward of non-causal softmax attention. A block of 4 warps takes 64 query rows per row
-// group (16 per warp and group; two groups on tensor cores up to head dim 64 past 64 queries,
+// group (16 per warp and group; two groups on tensor cores up to head dim 128 past 64 queries,
 // so each K / V fragment loaded feeds two mmas per warp) and walks over the keys in tiles:
 // S = Q K^T, online softmax in registers (running max m and sum l per row), then O += P V.
 // Scores never reach global memory. V of tile j is copied (cp.async) while S_j is computed and
@@ -26,7 +26,8 @@ struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
   static constexpr int kBlockM = kBlockRows * kGroups;
-  static constexpr int kBlockN = kTensor || kD <= 64 ? 64 : 32;
+  // Keys per step: 32 past head dim 64 on SIMT, and with two groups (S and O of both in registers).
+  static constexpr int kBlockN = kD <= 64 || (kTensor && kGroups == 1) ? 64 : 32;
   // Output columns of one block: what fits in registers next to S.
   static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
   static SOLA_HD int64_t chunks(const SoftmaxAttentionParams& p) { return column_chunks<kDOut>(p.Dv); }
@@ -99,13 +100,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       constexpr bool kEdge = decltype(edge)::value;
       const int64_t n0 = nb * kBlockN;
       const int64_t valid = p.Nk - n0;
+      const int live = kEdge ? live_rows<kBlockN>(valid) : kBlockN;  // the products skip the rest
       values.load(sV);
       cp_async_commit();
 
       acc s[kG][kNT][4];
 #pragma unroll
       for (int g = 0; g < kG; ++g) zero(s[g]);
-      gemm_abt<T, kD>(s, sQ, warp_row0, sK, lane);
+      gemm_abt<T, kD>(s, sQ, warp_row0, sK, live, lane);
 
       // Online softmax. A NaN score never becomes the max (fmax), so exp(NaN * scale - m) makes
       // its row NaN, as in torch.
@@ -116,8 +118,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
         for (int n = 0; n < kNT; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            if (!kEdge || acc_col(n, e, lane) < valid) raw[e >> 1] = std::fmax(raw[e >> 1], s[g][n][e]);
-        acc base[2];
+            if (!kEdge || acc_col(n, e, lane) < live) raw[e >> 1] = std::fmax(raw[e >> 1], s[g][n][e]);
+        acc base[2], alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
           raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 1));
@@ -125,20 +127,32 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
           const acc m_new = std::fmax(m[g][r], Exp::scaled(raw[r], scale_u));
           // While a row has seen only -inf, subtract 0: exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
           base[r] = m_new == kNegInf ? acc(0) : m_new;
-          const acc alpha = Exp::exp(m[g][r] - base[r]);
-          l[g][r] *= alpha;
-#pragma unroll
-          for (int n = 0; n < kOT; ++n) o[g][n][2 * r] *= alpha, o[g][n][2 * r + 1] *= alpha;
+          alpha[r] = Exp::exp(m[g][r] - base[r]);
+          l[g][r] *= alpha[r];
           m[g][r] = m_new;
         }
+        // Once the running max settles, alpha is exactly 1 for most tiles: the warp skips the
+        // rescale of O (kOT x 4 multiplies per lane, 64 at head dim 128) unless some row changed.
+        if (__any_sync(kFullMask, alpha[0] != acc(1) || alpha[1] != acc(1))) {
 #pragma unroll
-        for (int n = 0; n < kNT; ++n)
+          for (int n = 0; n < kOT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[g][n][e] *= alpha[e >> 1];
+        }
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          if (kEdge && 8 * n >= live) {  // past the keys: P = 0 without the exponentials
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[g][n][e] = acc(0);
+            continue;
+          }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const acc pe = Exp::exp_scaled(s[g][n][e], scale_u, base[e >> 1]);
-            s[g][n][e] = !kEdge || acc_col(n, e, lane) < valid ? pe : acc(0);
+            s[g][n][e] = !kEdge || acc_col(n, e, lane) < live ? pe : acc(0);
             l[g][e >> 1] += s[g][n][e];
           }
+        }
       }
 
       cp_async_wait_all();
@@ -147,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
         keys.load(sK);
         cp_async_commit();
       }
-      gemm_xb<T, kDOut>(o, s, sV, 0, scratch, lane);
+      gemm_xb<T, kDOut>(o, s, sV, 0, live, scratch, lane);
       cp_async_wait_all();
       __syncthreads();  // K_{j+1} is in; every warp is done with V_j
     };
@@ -195,7 +209,7 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 template <typename T>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
-    return with_row_groups<T, kD>(p.Nq, [&](auto groups) { return launch_fwd<T, kD, decltype(groups)::value>(p, stream); });
+    return with_row_groups<T, kD, 128>(p.Nq, [&](auto groups) { return launch_fwd<T, kD, decltype(groups)::value>(p, stream); });
   });
 }
 

@@ -24,16 +24,18 @@ compile() {
   case $f in *.cu | *driver_*.cpp) extra="-x c++ -include $HERE/emu.h" ;; esac
   g++ $FLAGS $extra -c "$f" -o "$OUT/obj/$2/$(basename "$f").o"
 }
-pids=()
+objs=()
 for op in ${OPS:-softmax linear}; do
   mkdir -p "$OUT/obj/$op"
   for f in "$OUT"/csrc/${op}_attention/*.cu "$OUT"/csrc/${op}_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$HERE/driver_$op.cpp"; do
     while (($(jobs -rp | wc -l) >= ${JOBS:-$(nproc)})); do sleep 0.5; done  # ~0.7 GB per compile
     compile "$f" "$op" &
-    pids+=($!)
+    objs+=("$OUT/obj/$op/$(basename "$f").o")
   done
 done
-for p in "${pids[@]}"; do wait "$p"; done
+# `wait PID` fails for a job that `jobs` already reaped, so wait for all and check the objects.
+wait
+for o in "${objs[@]}"; do [ -f "$o" ] || { echo "compile failed: $o" >&2; exit 1; }; done
 LIBS="-L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10 -ltorch -lpthread"
 for op in ${OPS:-softmax linear}; do
   exe=$OUT/driver_$op

@@ -115,6 +115,11 @@ int main(int argc, char** argv) {
       softmax_case(1, 1, 130, 140, 32, 32, dt, -0.2, true);  // negative scale (the forward negates Q)
       softmax_case(1, 1, 130, 128, 64, 64, dt, 0.0, false);  // scale 0, keys exactly two tiles
       for (int poison = 1; poison <= 4; ++poison) softmax_case(2, 1, 70, 140, 32, 32, dt, 0.3, false, poison);
+      // Head dims 65-128 past 64 rows: two-group forward blocks with 32-key steps (a partial last
+      // one, then none), two-group dkdv blocks with 32-query steps.
+      softmax_case(1, 1, 100, 75, 96, 96, dt, 0.1, true);
+      softmax_case(1, 1, 130, 64, 128, 128, dt, 0.09, false);
+      softmax_case(1, 1, 20, 130, 64, 64, dt, 0.12, false);
     }
   }
   if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)
@@ -124,6 +129,8 @@ int main(int argc, char** argv) {
       softmax_case(1, 1, 70, 40, 64, 40, dt, 0.125, true);    // two query blocks, misaligned rows
       softmax_case(1, 1, 9, 70, 256, 200, dt, 0.0625, false);  // single-buffered, column chunks
       softmax_case(1, 1, 130, 70, 32, 32, dt, -0.3, false);    // two-group forward blocks, Q negated
+      softmax_case(1, 1, 100, 75, 96, 96, dt, 0.1, false);     // two-group forward, 32-key steps
+      softmax_case(1, 1, 20, 130, 64, 64, dt, 0.12, false);    // two-group dkdv, 32-query steps
     }
   }
   if (which == "big") {

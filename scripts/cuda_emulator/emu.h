@@ -132,6 +132,16 @@ T __shfl_sync(unsigned mask, T v, int src) {
   if (mask != 0xffffffffu) std::abort();
   return emu::shfl(v, src);
 }
+inline int __any_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) std::abort();
+  emu::Warp* w = emu::tl_warp;
+  w->buf[emu::tl_lane] = pred ? 1.0 : 0.0;
+  w->bar.arrive_and_wait();
+  int any = 0;
+  for (int i = 0; i < 32; ++i) any |= w->buf[i] != 0.0;
+  w->bar.arrive_and_wait();
+  return any;
+}
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int off) {
   if (mask != 0xffffffffu) std::abort();
