@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -206,14 +207,20 @@ SOLA_HD int live_rows(int64_t left) {
 }
 
 // f(std::integral_constant<int, groups>) with the row groups of 16 per warp a kernel over `rows`
-// resident rows should take: two (128-row blocks) on tensor cores up to head dim kTwoUpTo, where
-// the kernel's accumulators and loaded fragments still fit in registers, for more than 64 rows; up
-// to 64 (the 7 x 7 stage of a vision model) a 128-row block would be half padding, twice the work
-// per warp for the same number of blocks.
+// resident rows of each of `heads` heads should take on a GPU of `sms` SMs: two (128-row blocks)
+// on tensor cores up to head dim kTwoUpTo, where the kernel's accumulators and loaded fragments
+// still fit in registers, for more than 64 rows, when the 128-row blocks still give every SM one.
+// Up to 64 rows (the 7 x 7 stage of a vision model) a 128-row block would be half padding, twice
+// the work per warp for the same number of blocks; on a grid smaller than the GPU, halving the
+// blocks would leave SMs idle. The environment variable SOLA_FLASH_GROUPS=1 keeps one group
+// everywhere, to time the two against each other without a rebuild.
 template <typename T, int kD, int kTwoUpTo = 64, typename F>
-auto with_row_groups(int64_t rows, F f) {
+auto with_row_groups(int64_t rows, int64_t heads, int sms, F f) {
   if constexpr (kIsHalfType<T> && kD <= kTwoUpTo) {
-    if (rows > kBlockRows) return f(std::integral_constant<int, 2>{});
+    const char* forced = std::getenv("SOLA_FLASH_GROUPS");
+    const bool one_only = forced != nullptr && std::strcmp(forced, "1") == 0;
+    if (!one_only && rows > kBlockRows && heads * ceil_div(rows, 2 * kBlockRows) >= sms)
+      return f(std::integral_constant<int, 2>{});
   }
   return f(std::integral_constant<int, 1>{});
 }

@@ -137,6 +137,22 @@ SOLA_HD acc (&one_group(acc (&x)[kG][kNT][4], int g))[1][kNT][4] {
   return *reinterpret_cast<acc(*)[1][kNT][4]>(&x[g]);
 }
 
+// ds = p * (dP - delta(g, n, e)) with dP = A_g B^T (gemm_abt), one group at a time so that only
+// one group's dP tile is live next to every group's p: dS from P (dq_kernel), dS^T from P^T (dkdv).
+template <typename T, int kD, int kG, int kNT, typename acc, typename Delta>
+SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], const T* a, int a0, const T* bt,
+                             int live, int lane, Delta delta) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    zero(ds[g]);
+    gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane);
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[g][n][e] = p[g][n][e] * (ds[g][n][e] - delta(g, n, e));
+  }
+}
+
 struct BwdAligned {
   bool q, k, v, grad_out;
 };
@@ -225,15 +241,8 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
           for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
         }
       gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        zero(dpt[g]);
-        gemm_abt<T, kD>(one_group(dpt, g), sV, warp_row0 + kWarpRows * g, sG, live, lane);
-#pragma unroll
-        for (int n = 0; n < kST; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dpt[g][n][e] = pt[g][n][e] * (dpt[g][n][e] - delta[acc_col(n, e, lane)]);
-      }
+      grad_scores<T, kD>(dpt, pt, sV, warp_row0, sG, live, lane,
+                         [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; });
       gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
     };
     pipeline<Tiles::kStages, kStream, false>(p.Nq, load, compute);
@@ -309,15 +318,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBloc
             const bool in_range = !kEdge || acc_col(n, e, lane) < live;
             s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
           }
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        zero(dp[g]);
-        gemm_abt<T, kD>(one_group(dp, g), sG, warp_row0 + kWarpRows * g, sV, live, lane);
-#pragma unroll
-        for (int n = 0; n < kST; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dp[g][n][e] = s[g][n][e] * (dp[g][n][e] - delta[g][e >> 1]);
-      }
+      grad_scores<T, kD>(dp, s, sG, warp_row0, sV, live, lane, [&](int g, int, int e) { return delta[g][e >> 1]; });
       gemm_xb<T, kD>(dq, dp, sK, t.col0, live, smem.scratch, lane);
     };
     pipeline<Tiles::kStages, kStream, true>(p.Nk, load, compute);
@@ -351,8 +352,9 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 template <typename T>
 bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
-    return with_row_groups<T, kD>(p.Nk, [&](auto key_groups) {
-      return with_row_groups<T, kD>(p.Nq, [&](auto query_groups) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    return with_row_groups<T, kD>(p.Nk, p.B * p.H, sms, [&](auto key_groups) {
+      return with_row_groups<T, kD>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
         return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value>(p, stream);
       });
     });

@@ -127,12 +127,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
           const acc m_new = std::fmax(m[g][r], Exp::scaled(raw[r], scale_u));
           // While a row has seen only -inf, subtract 0: exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
           base[r] = m_new == kNegInf ? acc(0) : m_new;
-          alpha[r] = Exp::exp(m[g][r] - base[r]);
+          // exp(0) = 1 exactly when the max stays, whatever the exp2 approximation gives at 0.
+          alpha[r] = m_new == m[g][r] ? acc(1) : Exp::exp(m[g][r] - base[r]);
           l[g][r] *= alpha[r];
           m[g][r] = m_new;
         }
-        // Once the running max settles, alpha is exactly 1 for most tiles: the warp skips the
-        // rescale of O (kOT x 4 multiplies per lane, 64 at head dim 128) unless some row changed.
+        // Once the running max settles, alpha is 1 for most tiles: the warp skips the rescale of
+        // O (kOT x 4 multiplies per lane, 64 at head dim 128) unless some row's max moved.
         if (__any_sync(kFullMask, alpha[0] != acc(1) || alpha[1] != acc(1))) {
 #pragma unroll
           for (int n = 0; n < kOT; ++n)
@@ -209,7 +210,9 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 template <typename T>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
-    return with_row_groups<T, kD, 128>(p.Nq, [&](auto groups) { return launch_fwd<T, kD, decltype(groups)::value>(p, stream); });
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms,
+                                       [&](auto groups) { return launch_fwd<T, kD, decltype(groups)::value>(p, stream); });
   });
 }
 
