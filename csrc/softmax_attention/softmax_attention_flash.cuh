@@ -212,15 +212,17 @@ SOLA_HD int live_rows(int64_t left) {
 // still fit in registers, for more than 64 rows, when the 128-row blocks still give every SM one.
 // Up to 64 rows (the 7 x 7 stage of a vision model) a 128-row block would be half padding, twice
 // the work per warp for the same number of blocks; on a grid smaller than the GPU, halving the
-// blocks would leave SMs idle. The environment variable SOLA_FLASH_GROUPS=1 keeps one group
-// everywhere, to time the two against each other without a rebuild.
+// blocks would leave SMs idle. The environment variable SOLA_FLASH_GROUPS overrides the rule
+// (read per launch): "1" keeps one group everywhere, "2" takes two wherever there are more than
+// 64 rows, whatever the grid; to time one against two without a rebuild, and so the tests and
+// the sanitizer run the two-group kernels at their small sizes.
 template <typename T, int kD, int kTwoUpTo = 64, typename F>
 auto with_row_groups(int64_t rows, int64_t heads, int sms, F f) {
   if constexpr (kIsHalfType<T> && kD <= kTwoUpTo) {
     const char* forced = std::getenv("SOLA_FLASH_GROUPS");
-    const bool one_only = forced != nullptr && std::strcmp(forced, "1") == 0;
-    if (!one_only && rows > kBlockRows && heads * ceil_div(rows, 2 * kBlockRows) >= sms)
-      return f(std::integral_constant<int, 2>{});
+    const int groups = forced == nullptr ? 0 : std::strcmp(forced, "1") == 0 ? 1 : std::strcmp(forced, "2") == 0 ? 2 : 0;
+    const bool fill = heads * ceil_div(rows, 2 * kBlockRows) >= sms;  // a 128-row block for every SM
+    if (groups != 1 && rows > kBlockRows && (groups == 2 || fill)) return f(std::integral_constant<int, 2>{});
   }
   return f(std::integral_constant<int, 1>{});
 }
