@@ -6,7 +6,8 @@
 //   dkdv_kernel: 64 keys per row group, over all query tiles: dV += P^T dO, dK += scale dS^T Q
 //   dq_kernel:   64 queries per row group, over all key tiles: dQ += scale dS K
 // On tensor cores a block takes two row groups (128 rows, 32 per warp) when there are more than
-// 64 rows, up to head dim 64, so each fragment of the streamed tiles feeds two mmas per warp (and
+// 64 rows (up to head dim 64 in dkdv_kernel, 128 in dq_kernel; with_row_groups also wants a grid
+// that fills the GPU), so each fragment of the streamed tiles feeds two mmas per warp (and
 // shared memory, which feeds mma.sync, is read half as often per score). The second score product
 // (dP, dP^T) runs per group, so only one group's tile of it is live next to both groups' P.
 // Both keep their resident rows in shared memory and stream the other side in tiles, double-
@@ -73,9 +74,10 @@ struct BwdTiles {
 // 16 x 64 scores.
 template <typename T, int kD, int kG>
 using KeyBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 32 ? 32 : 0)>;
-// dq_kernel's.
+// dq_kernel's: with two groups past head dim 64 it streams 32 keys per step (dQ is 16 tiles per
+// group at 128).
 template <typename T, int kD, int kG>
-using QueryBlockTiles = BwdTiles<T, kD, kG>;
+using QueryBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 64 ? 32 : 0)>;
 
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
 template <typename Tiles>
@@ -354,7 +356,7 @@ bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     return with_row_groups<T, kD>(p.Nk, p.B * p.H, sms, [&](auto key_groups) {
-      return with_row_groups<T, kD>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
+      return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
         return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value>(p, stream);
       });
     });
