@@ -3,7 +3,7 @@
 Environment:
   SOLA_CPU_ONLY=1        build the CPU kernels alone
   CUDA_HOME              toolkit root (else /usr/local/cuda, else nvcc on PATH)
-  TORCH_CUDA_ARCH_LIST   CUDA archs (else the visible GPU's, else 9.0)
+  TORCH_CUDA_ARCH_LIST   CUDA archs (else the visible GPU's, else 9.0); 9.0 builds as 9.0a
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
 Nothing is downloaded here.
 """
@@ -41,7 +41,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 def cuda_arch_list():
-    """TORCH_CUDA_ARCH_LIST if set, else the visible GPU's arch, else 9.0 (no GPU needed)."""
+    """TORCH_CUDA_ARCH_LIST if set, else the visible GPU's arch, else 9.0 (no GPU needed); 9.0 is
+    built as 9.0a (the same GPUs; Hopper's wgmma needs the `a` target)."""
+    return ";".join("9.0a" if arch == "9.0" else arch
+                    for arch in _requested_cuda_archs().replace(" ", ";").split(";") if arch)
+
+
+def _requested_cuda_archs():
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     try:
@@ -80,6 +86,8 @@ def make_extension():
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     print(f"sola_ops: building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME}, archs {archs})", file=sys.stderr)
     defines = ["-DSOLA_WITH_CUDA"]
+    if "9.0a" in archs.split(";"):
+        defines.append("-DSOLA_SM90A")  # the wgmma kernels have code (softmax_attention_flash.h)
     # No --use_fast_math: fp32 inputs are computed in true fp32 (exact exp, division, denormals).
     nvcc_flags = ["-std=c++20", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",

@@ -36,9 +36,14 @@ ROW_KEYS = ("op", "impl", "pass", "dtype", "B", "H", "Nq", "Nk", "D", "ms", "GBp
 TOP_KEYS = ("device", "torch", "date", "csrc_sha256", "peak", "rows", "skipped")
 OPS = ("linear_attention", "softmax_attention", "model_fwd", "model_train")
 PASSES = ("fwd", "fwd_bwd")
-KERNEL_IMPLS = ("sola_ops", "reference", "einsum_fp32", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
+KERNEL_IMPLS = ("sola_ops", "sola_ops_wgmma", "reference", "einsum_fp32", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
                 "sdpa_math", "naive", "fla", "flash_bla")
 FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def is_ours(impl):
+    """sola_ops and its variants (sola_ops_wgmma: the same op on other kernels): never a baseline."""
+    return impl.startswith("sola_ops")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}
@@ -300,11 +305,11 @@ def add_derived(rows, peak):
     """pct_peak: linear rows GB/s over the measured copy bandwidth, softmax rows TFLOP/s over the
     measured bf16 matmul rate, in percent. ratio_to_best_baseline = (ms of the fastest baseline of
     the same op, pass, dtype and shape) / ms, so > 1 means faster than every baseline; baselines
-    are all impls but sola_ops, except those with same_function=False (fla's causal kernel).
+    are all impls but ours (is_ours), except those with same_function=False (fla's causal kernel).
     Model rows: the baseline is attn_impl="torch"."""
     best = {}
     for r in rows:
-        if r.get("ms") is None or r["impl"] == "sola_ops" or r.get("same_function") is False:
+        if r.get("ms") is None or is_ours(r["impl"]) or r.get("same_function") is False:
             continue
         k = group_key(r)
         if k not in best or r["ms"] < best[k][0]:

@@ -20,6 +20,8 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
                  the "best baseline"
   softmax_attention (scale = 1/sqrt(D)):
     sola_ops     sola_ops.softmax_attention
+    sola_ops_wgmma  the same with SOLA_FLASH_WGMMA=1 (its forward on Hopper's wgmma; H100 / H200
+                 with a 9.0a build only); ours, so never a baseline
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                  F.scaled_dot_product_attention forced to one backend with
                  torch.nn.attention.sdpa_kernel; a backend that refuses a dtype / shape / device is
@@ -225,6 +227,20 @@ class Impl:
     note: str = None
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    """os.environ[name] = value inside the block (the kernels read their switches per launch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def load_sola_ops():
     """(sola_ops or None, reference module, reason sola_ops is unavailable or None). Without a built
     extension the reference still loads from sola_ops/reference.py (plain PyTorch)."""
@@ -309,6 +325,17 @@ def make_impls(device, sola_ops, ref, sola_reason):
             return Impl("sola_ops", unavailable="sola_ops was built without CUDA kernels")
         return Impl("sola_ops", fn=getattr(sola_ops, fn_name))
 
+    def sola_wgmma():
+        """softmax_attention with SOLA_FLASH_WGMMA=1: the forward on Hopper's wgmma (opt-in until timed)."""
+        if sola_ops is None:
+            return Impl("sola_ops_wgmma", unavailable=sola_reason)
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+            return Impl("sola_ops_wgmma", unavailable="wgmma kernels: H100 / H200 (compute capability 9.0) only")
+        if not sola_ops.build_info().get("sm90a"):
+            return Impl("sola_ops_wgmma", unavailable="sola_ops was built without sm_90a code")
+        return Impl("sola_ops_wgmma", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_WGMMA", "1"),
+                    note="the forward on wgmma; the backward as sola_ops")
+
     def sdpa(name, backend):
         if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
             return Impl(name, unavailable=f"{backend.name}: a CUDA-only SDPA backend")
@@ -317,7 +344,7 @@ def make_impls(device, sola_ops, ref, sola_reason):
 
     linear = [sola("linear_attention"), Impl("reference", fn=ref.linear_attention),
               Impl("einsum_fp32", fn=einsum_fp32), _flash_bla_impl(device), _fla_impl(device)]
-    softmax = [sola("softmax_attention"),
+    softmax = [sola("softmax_attention"), sola_wgmma(),
                sdpa("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                sdpa("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                sdpa("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -510,7 +537,7 @@ def progress_line(case, rows):
     for pass_ in C.PASSES:
         sel = [r for r in rows if r["pass"] == pass_]
         ours = next((r for r in sel if r["impl"] == "sola_ops"), None)
-        base = [r for r in sel if r["impl"] != "sola_ops" and r.get("same_function") is not False]
+        base = [r for r in sel if not C.is_ours(r["impl"]) and r.get("same_function") is not False]
         best = min(base, key=lambda r: r["ms"]) if base else None
         txt = f"{pass_} sola_ops {ours['ms']:.3f} ms" if ours else f"{pass_} sola_ops -"
         if best:

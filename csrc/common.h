@@ -162,7 +162,7 @@ struct Phi<FeatureMap::Relu> {
   template <typename T>
   static SOLA_HD T f(T x) { return x > T(0) || x != x ? x : T(0); }  // NaN stays NaN, as torch.relu
   template <typename T>
-  static SOLA_HD T df(T x) { return x > T(0) ? T(1) : T(0); }
+  static SOLA_HD T df(T x) { return x > T(0) || x != x ? T(1) : T(0); }  // NaN passes grad, as torch
 };
 
 template <>
@@ -172,6 +172,14 @@ struct Phi<FeatureMap::Identity> {
   template <typename T>
   static SOLA_HD T df(T) { return T(1); }
 };
+
+// grad * phi'(x) given dphi = phi'(x): exactly 0 where phi is flat (relu at x <= 0) even for a NaN
+// or inf grad, as torch's relu backward; one NaN input of a head reaches every row's grad (through
+// the state), and a product would spread it to inputs that take no part.
+template <typename T>
+SOLA_HD T through_phi(T grad, T dphi) {
+  return dphi == T(0) ? T(0) : grad * dphi;
+}
 
 }  // namespace sola
 

@@ -14,9 +14,9 @@ TORCH_LIBRARY(sola_ops, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (out, lse (B, H, Nq)).
   m.def("softmax_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  // Returns (dq, dk, dv).
+  // Returns (dq, dk, dv). grad_lse: the gradient of lse, when it was differentiated.
   m.def("softmax_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor lse, float scale, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace sola {
@@ -33,7 +33,13 @@ static py::dict build_info() {
   for (int64_t arch : sola::cuda_arch_list()) archs.append(std::to_string(arch / 100) + "." + std::to_string(arch % 100 / 10));
   info["cuda"] = true;
   info["cuda_archs"] = archs;
+#ifdef SOLA_SM90A
+  info["sm90a"] = true;  // Hopper's wgmma kernels were compiled (softmax_attention_flash.h)
 #else
+  info["sm90a"] = false;
+#endif
+#else
+  info["sm90a"] = false;
   info["cuda"] = false;
   info["cuda_archs"] = py::list();
 #endif

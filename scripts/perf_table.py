@@ -79,7 +79,7 @@ def render(data, current_sha=None, all_impls=False, path=None):
         for _key, grp in _groups(kern).items():
             r0 = grp[0]
             ours = next((r for r in grp if r["impl"] == "sola_ops"), None)
-            base = [r for r in grp if r["impl"] != "sola_ops" and r.get("same_function") is not False]
+            base = [r for r in grp if not C.is_ours(r["impl"]) and r.get("same_function") is not False]
             best = min(base, key=lambda r: r["ms"]) if base else None
             lines.append(
                 f"| {OP_SHORT[r0['op']]} | {r0['pass']} | {C.DTYPE_SHORT.get(r0['dtype'], r0['dtype'])} | {_shape(r0)} "

@@ -118,6 +118,14 @@ def main():
                   reference.softmax_attention, [q, k, v], dtype, failures)
             check(f"linear transposed-layout {dt}", lambda q, k, v: sola_ops.linear_attention(t(q), t(k), t(v)),
                   reference.linear_attention, [q, k, v], dtype, failures)
+    # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
+    os.environ["SOLA_FLASH_WGMMA"] = "1"
+    for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
+        for B, H, Nq, Nk, Dk, Dv in shapes:
+            q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
+            check(f"softmax wgmma {str(dtype).replace('torch.', '')} B={B} H={H} Nq={Nq} Nk={Nk} Dk={Dk} Dv={Dv}",
+                  sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)
+    del os.environ["SOLA_FLASH_WGMMA"]
     for B, H, Nq, Nk, Dk, Dv in HEAD_DIMS_ONLY_SOFTMAX:
         q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
         check(f"softmax bfloat16 D={Dk}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v],

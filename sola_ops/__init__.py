@@ -7,6 +7,8 @@
 import contextlib
 import math
 
+import torch
+
 from . import reference
 from ._ops import FEATURE_MAPS, _C, ops
 
@@ -23,12 +25,17 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
 
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv). feature_map is
     "elu" (elu(x) + 1), "relu" or "identity". State and sums are fp32 (fp64 for fp64 inputs).
+    Under torch.autocast the inputs are cast as for SDPA. Differentiable once (no double backward).
     """
+    _check_tensors(q=q, k=k, v=v)
+    _check_tensors(optional=True, q_norm=q_norm, k_norm=k_norm)
+    eps = _as_float(eps, "eps")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
-    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), float(eps))
+    q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
+    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), eps)
     return out
 
 
@@ -37,12 +44,54 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
 
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv). scale defaults to
     1/sqrt(Dk); 0.0 is a valid scale. With return_lse=True also returns the row log-sum-exp of
-    the scaled scores, (B, H, Nq), fp32 (fp64 for fp64 inputs).
+    the scaled scores, (B, H, Nq), fp32 (fp64 for fp64 inputs). Under torch.autocast the inputs
+    are cast as for SDPA. Differentiable once (no double backward).
     """
+    _check_tensors(q=q, k=k, v=v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else 1.0
-    out, lse = ops.softmax_attention_fwd(q, k, v, float(scale))
+    scale = _as_float(scale, "scale")
+    q, k, v = _autocast(q, k, v)
+    out, lse = ops.softmax_attention_fwd(q, k, v, scale)
     return (out, lse) if return_lse else out
+
+
+def _check_tensors(optional=False, **tensors):
+    """Non-tensors and sparse / quantized / nested tensors would fail deep in the schema or the
+    dispatcher, with a message that names neither the argument nor what is wrong."""
+    for name, t in tensors.items():
+        if t is None and optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+        if t.is_nested or t.is_quantized or t.layout != torch.strided:
+            kind = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout)
+            raise ValueError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def _as_float(x, name):
+    """float(x), with errors that name the argument (float()'s own say neither which nor why)."""
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float (a 64-bit double)") from None
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from None
+
+
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast(q, *tensors):
+    """What autocast does to torch SDPA (a lower-precision op): float16/bfloat16/float32 inputs go to
+    the autocast dtype of their device type, float64 stays. All inputs must share q's device anyway,
+    so one look at q's decides (the common case, autocast off, costs two calls)."""
+    device = q.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return (q, *tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_DTYPES else t for t in (q, *tensors))
 
 
 def build_info():

@@ -33,6 +33,34 @@ def _check_tensor(t, name, q):
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """A _bwd op run while autograd records (create_graph=True). The kernels have no derivative of
+    their own, so the gradients get a node whose backward raises: a second-order gradient is an error
+    instead of silent zeros."""
+
+    @staticmethod
+    def forward(op_name, bwd, *args):
+        return bwd(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward of sola_ops.{ctx.op_name} is not supported: its backward "
+                           "kernels have no derivative of their own. For higher-order gradients use "
+                           f"sola_ops.reference.{ctx.op_name}.")
+
+
+def run_bwd(op_name, bwd, *args):
+    """bwd(*args), differentiable once. Grad mode is on inside a backward only with create_graph=True,
+    so a plain backward (and the graph torch.compile traces) calls the op directly, at no extra cost."""
+    if torch.is_grad_enabled():
+        return _FirstOrderOnly.apply(op_name, bwd, *args)
+    return bwd(*args)
+
+
 def check_qkv(q, k, v):
     """The shape rules of both ops (SDPA layout); the C++ ops enforce the same in eager mode."""
     _check_tensor(q, "q", q)
@@ -87,7 +115,8 @@ def _linear_attention_backward(ctx, grad_out, _grad_state, _grad_z):
     q, k, v, q_norm, k_norm, state, z = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
-    dq, dk, dv, dq_norm, dk_norm = ops.linear_attention_bwd(grad_out, q, k, v, q_norm, k_norm, state, z, *ctx.options)
+    dq, dk, dv, dq_norm, dk_norm = run_bwd("linear_attention", ops.linear_attention_bwd,
+                                           grad_out, q, k, v, q_norm, k_norm, state, z, *ctx.options)
     return (dq, dk, dv, dq_norm if q_norm is not None else None, dk_norm if k_norm is not None else None,
             None, None, None)
 
@@ -106,7 +135,7 @@ def _softmax_attention_fwd_fake(q, k, v, scale):
 
 
 @torch.library.register_fake("sola_ops::softmax_attention_bwd")
-def _softmax_attention_bwd_fake(grad_out, q, k, v, out, lse, scale):
+def _softmax_attention_bwd_fake(grad_out, q, k, v, out, lse, scale, grad_lse=None):
     check_qkv(q, k, v)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
@@ -114,16 +143,17 @@ def _softmax_attention_bwd_fake(grad_out, q, k, v, out, lse, scale):
 def _softmax_attention_setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
 
 
-def _softmax_attention_backward(ctx, grad_out, _grad_lse):
+def _softmax_attention_backward(ctx, grad_out, grad_lse):
+    # lse is differentiable too: d lse_i / d s_ij = P_ij, which the kernels fold into delta.
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = ops.softmax_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
+    dq, dk, dv = run_bwd("softmax_attention", ops.softmax_attention_bwd, grad_out, q, k, v, out, lse, ctx.scale,
+                         grad_lse)
     return dq, dk, dv, None
 
 

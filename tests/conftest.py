@@ -229,7 +229,7 @@ def check_softmax(q, k, v, *, grad=True, grad_out=None, check_lse=True, **opts):
     assert out.dtype == dtype and out.device == q.device
     assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     assert lse.dtype == acc_dtype(dtype) and lse.shape == q.shape[:3]
-    assert not lse.requires_grad
+    assert lse.requires_grad == out.requires_grad
 
     i64 = upcast(inputs)
     ref64, lse64 = reference.softmax_attention(*i64, return_lse=True, **opts)

@@ -3,7 +3,9 @@ the NaN-fill debug mode, torch.library.opcheck and torch.compile(fullgraph=True)
 import os
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +114,63 @@ def test_bad_input_is_value_error(op):
         run_op(op, q, _t(1, 2, 4, 7), _t(1, 2, 4, 8))
     with pytest.raises(ValueError, match="v must have the dtype of q"):
         run_op(op, q, k, k.half())
+
+
+def _nested(t):
+    return torch.nested.nested_tensor(list(t.unbind(0)))
+
+
+def _jagged(t):
+    return torch.nested.nested_tensor(list(t.unbind(0)), layout=torch.jagged)
+
+
+_DENSE = r"must be a dense \(strided\) tensor, got a "
+# (id, op, argument, its bad value made from the good one, error type, regex naming the argument)
+_ARG_CASES = [(f"{op}-{cid}", op, *rest) for op in OPS for cid, *rest in [
+    ("q_none", "q", lambda t: None, TypeError, r"q must be a torch.Tensor, got NoneType"),
+    ("q_list", "q", lambda t: t.tolist(), TypeError, r"q must be a torch.Tensor, got list"),
+    ("k_ndarray", "k", lambda t: t.numpy(), TypeError, r"k must be a torch.Tensor, got ndarray"),
+    ("v_float", "v", lambda t: 1.0, TypeError, r"v must be a torch.Tensor, got float"),
+    ("v_sparse_coo", "v", lambda t: t.to_sparse(), ValueError, r"v " + _DENSE + r"torch.sparse_coo"),
+    ("q_sparse_csr", "q", lambda t: t.to_sparse_csr(), ValueError, r"q " + _DENSE + r"torch.sparse_csr"),
+    ("k_quantized", "k", lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), ValueError,
+     r"k " + _DENSE + "quantized"),
+    ("q_nested", "q", _nested, ValueError, r"q " + _DENSE + "nested"),
+    ("v_jagged", "v", _jagged, ValueError, r"v " + _DENSE + "nested"),
+]] + [
+    ("linear-q_norm_float", "linear", "q_norm", lambda t: 1.0, TypeError,
+     r"q_norm must be a torch.Tensor or None, got float"),
+    ("linear-k_norm_sparse", "linear", "k_norm", lambda t: t.to_sparse(), ValueError, r"k_norm " + _DENSE),
+    ("linear-eps_none", "linear", "eps", lambda t: None, TypeError, r"eps must be a real number, got NoneType"),
+    ("linear-eps_list", "linear", "eps", lambda t: [1e-6], TypeError, r"eps must be a real number, got list"),
+    ("linear-eps_str", "linear", "eps", lambda t: "small", TypeError, r"eps must be a real number, got str"),
+    ("softmax-scale_overflow", "softmax", "scale", lambda t: 10**400, ValueError, r"scale is too large for a float"),
+    ("softmax-scale_list", "softmax", "scale", lambda t: [0.5], TypeError, r"scale must be a real number"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:.*nested tensors is in prototype", "ignore:Sparse CSR tensor support",
+                            "ignore:torch.quantize_per_tensor")
+@pytest.mark.parametrize("case", _ARG_CASES, ids=[c[0] for c in _ARG_CASES])
+def test_bad_argument_type(case):
+    """Non-tensors, non-dense tensors and non-numbers get a TypeError / ValueError naming the argument
+    (not an AttributeError, a schema error or the dispatcher's NotImplementedError)."""
+    _, op, name, make, exc, match = case
+    q, k, v = make_qkv(2, 3, 5, 6, 8, 4, torch.float32)
+    args = dict(q=q, k=k, v=v)
+    args[name] = make(dict(args, q_norm=q, k_norm=k).get(name))  # eps / scale ignore it
+    with pytest.raises(exc, match=match):
+        run_op(op, **args)
+
+
+def test_scalar_arguments_still_accepted():
+    """eps and scale take what float() takes: ints, numpy scalars, one-element tensors."""
+    q, k, v = make_qkv(1, 2, 3, 4, 8, 4, torch.float32)
+    ref_s, ref_l = sola_ops.softmax_attention(q, k, v, scale=0.5), sola_ops.linear_attention(q, k, v, eps=0.5)
+    for x in (np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5])):
+        assert torch.equal(sola_ops.softmax_attention(q, k, v, scale=x), ref_s)
+        assert torch.equal(sola_ops.linear_attention(q, k, v, eps=x), ref_l)
+    assert torch.equal(sola_ops.softmax_attention(q, k, v, scale=1), sola_ops.softmax_attention(q, k, v, scale=1.0))
 
 
 def test_raw_op_checks():
@@ -407,6 +466,100 @@ def test_debug_nan_fill_outputs_fully_written(device, op, case):
         assert torch.equal(a, b)
 
 
+# ---- double backward ---------------------------------------------------------------------------------------
+
+def _fp64_inputs(op):
+    """fp64 leaves q, k, v (and q_norm, k_norm for linear, so their gradients are covered too)."""
+    q, k, v = make_qkv(1, 2, 3, 4, 5, 3, torch.float64, seed=1, requires_grad=True)
+    kw = {}
+    if op == "linear":
+        kw = dict(q_norm=leaf(randn(q.shape, torch.float64, seed=4)), k_norm=leaf(randn(k.shape, torch.float64, seed=5)))
+    return [q, k, v] + list(kw.values()), kw
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_raises(op):
+    """The _bwd kernels have no derivative: a Hessian, or any gradient of a gradient, is an error
+    (it used to come out as zeros, with a warning at best)."""
+    match = f"double backward of sola_ops.{op}_attention is not supported"
+    q, k, v = make_qkv(1, 1, 3, 3, 2, 2, torch.float64, seed=1)
+    with pytest.raises(RuntimeError, match=match):
+        torch.autograd.functional.hessian(lambda x: run_op(op, x, k, v).sum(), q)
+    for i in range(3 if op == "softmax" else 5):
+        ins, kw = _fp64_inputs(op)
+        grads = torch.autograd.grad((run_op(op, *ins[:3], **kw) ** 2).sum(), ins, create_graph=True)
+        with pytest.raises(RuntimeError, match=match):  # a gradient w.r.t. one input only reaches it too
+            torch.autograd.grad(grads[i].sum(), ins[i])
+    with pytest.raises(RuntimeError, match=match):
+        sum(g.sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_create_graph_first_order(op):
+    """create_graph=True still gives the first-order gradients, bitwise those of a plain backward;
+    neither warns (the plain one builds no graph around the _bwd op)."""
+    ins, kw = _fp64_inputs(op)
+    g = randn((1, 2, 3, 3), torch.float64, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = run_op(op, *ins[:3], **kw)
+        plain = torch.autograd.grad(out, ins, g, retain_graph=True)
+        recorded = torch.autograd.grad(out, ins, g, create_graph=True)
+    for a, b in zip(plain, recorded):
+        assert not a.requires_grad and b.requires_grad
+        assert torch.equal(a, b.detach())
+
+
+# ---- autocast ---------------------------------------------------------------------------------------------
+
+def _autocast_inputs(op):
+    """q from an nn.Linear (so autocast makes it low precision), fp32 leaves k, v (and k_norm)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    x = randn((1, 2, 5, 8), torch.float32, seed=1)
+    k, v = leaf(randn((1, 2, 6, 8), torch.float32, seed=2)), leaf(randn((1, 2, 6, 4), torch.float32, seed=3))
+    kw = dict(k_norm=leaf(randn(k.shape, torch.float32, seed=4))) if op == "linear" else {}
+    return lin, x, [k, v] + list(kw.values()), kw
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_cpu(op, dtype):
+    """As SDPA under autocast: q (autocast dtype) with fp32 k, v runs in the autocast dtype, the
+    same as on inputs cast by hand, and gradients reach the fp32 leaves in fp32."""
+    lin, x, leaves, kw = _autocast_inputs(op)
+    with torch.autocast("cpu", dtype):
+        q = lin(x)
+        out = run_op(op, q, *leaves[:2], **kw)
+    assert q.dtype == dtype and out.dtype == dtype
+    cast = [leaf(t.detach().to(dtype)) for t in [q] + leaves]
+    by_hand = run_op(op, *cast[:3], **dict(zip(kw, cast[3:])))
+    assert torch.equal(out, by_hand)
+    ref_fn = reference.linear_attention if op == "linear" else reference.softmax_attention
+    ref = ref_fn(*[t.detach().double() for t in cast[:3]], **{n: t.detach().double() for n, t in zip(kw, cast[3:])})
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+    g = randn(out.shape, dtype, seed=5)
+    out.backward(g)
+    by_hand.backward(g)
+    for t, c in zip(leaves, cast[1:]):
+        assert t.grad.dtype == torch.float32
+        assert torch.equal(t.grad, c.grad.float())
+    assert lin.weight.grad.dtype == torch.float32 and lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_leaves_fp64_and_disabled(op):
+    """SDPA's autocast rule leaves fp64 alone; autocast(enabled=False) changes nothing."""
+    q, k, v = make_qkv(1, 2, 3, 4, 8, 4, torch.float64)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert run_op(op, q, k, v).dtype == torch.float64
+    q, k, v = make_qkv(1, 2, 3, 4, 8, 4, torch.float32)
+    with torch.autocast("cpu", torch.bfloat16, enabled=False):
+        assert torch.equal(run_op(op, q, k, v), run_op(op, q, k, v))
+        assert run_op(op, q, k, v).dtype == torch.float32
+
+
 # ---- opcheck ---------------------------------------------------------------------------------------------------
 
 def _opcheck(op, args):
@@ -499,3 +652,25 @@ def test_compile_softmax(fresh_dynamo):
     q, k, v = make_qkv(1, 2, 9, 13, 8, 6, torch.float32)
     with pytest.raises((ValueError, RuntimeError), match=r"k must have the head dim of q"):
         compiled(q, k[..., :7].contiguous(), v)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_compile_autocast(op, fresh_dynamo):
+    """fullgraph compile under autocast casts like eager (as SDPA's does); leaving autocast recompiles."""
+    lin, x, leaves, kw = _autocast_inputs(op)
+
+    def fn(x, *leaves):
+        return run_op(op, lin(x), *leaves[:2], **dict(zip(kw, leaves[2:])))
+
+    compiled = torch.compile(fn, fullgraph=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, eager = compiled(x, *leaves), fn(x, *leaves)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    ours = torch.autograd.grad(out.float().sum(), leaves)
+    theirs = torch.autograd.grad(eager.float().sum(), leaves)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert compiled(x, *leaves).dtype == torch.float32

@@ -227,3 +227,23 @@ def test_backward_deterministic(device):
     first, second = run(), run()
     for name, a, b in zip(("out",) + ("dq", "dk", "dv", "dq_norm", "dk_norm"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("poison", ["q", "k", "v"])
+def test_relu_nan_stays_where_relu_is_active(device, dtype, poison):
+    """One NaN input turns its head's state gradient NaN, but relu passes no gradient where it is
+    flat: like torch's relu backward, the gradient there is exactly 0, not 0 * NaN."""
+    q, k, v = make_qkv(1, 2, 6, 7, 4, 5, dtype, device, seed=9)
+    {"q": q, "k": k, "v": v}[poison][0, 0, 1, 2] = float("nan")
+    ins = [leaf(t.clone()) for t in (q, k, v)]
+    sola_ops.linear_attention(*ins, feature_map="relu").sum().backward()
+    r64 = [leaf(t.detach().double()) for t in (q, k, v)]
+    reference.linear_attention(*r64, feature_map="relu").sum().backward()
+    for name, x, ours, ref in zip("qkv", (q, k, v), (t.grad for t in ins), (t.grad for t in r64)):
+        assert torch.equal(ours.isnan(), ref.isnan().to(ours.device)), f"d{name}: NaN where the reference has none, or not"
+        if name != "v":
+            flat = (x <= 0) & ~x.isnan()
+            assert (ours[flat] == 0).all(), f"d{name} is not 0 where relu is flat"
+        assert torch.isfinite(ours[0, 1]).all(), f"d{name}: the NaN reached the other head"

@@ -146,9 +146,9 @@ void bwd(const LinearAttentionParams& p) {
         for (int64_t c = 0; c < Dv; ++c) axpy(da[c], St.data() + c * Dk, Dk, dfq.data());
         for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], da.data(), Dv, dS + a * Dv);
         for (int64_t a = 0; a < Dk; ++a) {
-          acc dq_a = dfq[a] * Phi<FM>::df(static_cast<acc>(q[a]));
+          acc dq_a = through_phi(dfq[a], Phi<FM>::df(static_cast<acc>(q[a])));
           if (p.normalize) {
-            const acc dqn_a = z[a] * dd * Phi<FM>::df(static_cast<acc>(qn[a]));
+            const acc dqn_a = through_phi(z[a] * dd, Phi<FM>::df(static_cast<acc>(qn[a])));
             dz[a] += fqn[a] * dd;
             if (p.has_qn) dqn[a] = static_cast<scalar_t>(dqn_a);
             else dq_a += dqn_a;
@@ -179,8 +179,8 @@ void bwd(const LinearAttentionParams& p) {
       scalar_t* dk = p.dk.row<scalar_t>(b, h, j);
       scalar_t* dkn = p.has_kn ? p.dkn.row<scalar_t>(b, h, j) : nullptr;
       for (int64_t a = 0; a < Dk; ++a) {
-        acc dk_a = dfk[a] * inv_nk * Phi<FM>::df(static_cast<acc>(k[a]));
-        const acc dkn_a = p.normalize ? dz[a] * inv_nk * Phi<FM>::df(static_cast<acc>(kn[a])) : acc(0);
+        acc dk_a = through_phi(dfk[a] * inv_nk, Phi<FM>::df(static_cast<acc>(k[a])));
+        const acc dkn_a = p.normalize ? through_phi(dz[a] * inv_nk, Phi<FM>::df(static_cast<acc>(kn[a]))) : acc(0);
         if (p.has_kn) dkn[a] = static_cast<scalar_t>(dkn_a);
         else dk_a += dkn_a;
         dk[a] = static_cast<scalar_t>(dk_a);

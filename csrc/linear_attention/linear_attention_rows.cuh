@@ -232,8 +232,8 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
 #pragma unroll
         for (int j = 0; j < kTN; ++j) {
           // dphi(q_i) = S da_i = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
-          dq[j] = c.c[i][j] * inv * qv[j];
-          dqn[j] = p.normalize ? zv[j] * dd * qnv[j] : acc(0);
+          dq[j] = through_phi(c.c[i][j] * inv, qv[j]);
+          dqn[j] = p.normalize ? through_phi(zv[j] * dd, qnv[j]) : acc(0);
           if (!p.has_qn) dq[j] += dqn[j];
         }
         store_cols<kTN>(p.dq.row<scalar_t>(b, h, row), n0, Dk, dq_aligned, dq);
@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
         dphi_cols(p.feature_map, knv);
 #pragma unroll
         for (int j = 0; j < kTN; ++j) {
-          dk[j] = c.c[i][j] * inv_nk * kv[j];
-          dkn[j] = p.normalize ? dzv[j] * inv_nk * knv[j] : acc(0);
+          dk[j] = through_phi(c.c[i][j] * inv_nk, kv[j]);
+          dkn[j] = p.normalize ? through_phi(dzv[j] * inv_nk, knv[j]) : acc(0);
           if (!p.has_kn) dk[j] += dkn[j];
         }
         store_cols<kTN>(p.dk.row<scalar_t>(b, h, row), n0, Dk, dk_aligned, dk);

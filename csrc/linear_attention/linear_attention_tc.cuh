@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         dphi_cols<true>(fm, xnv);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          d[j] = c[n][2 * hh + j] * c_scale * xv[j];
-          dn[j] = p.normalize ? zs[col + j] * z_scale * xnv[j] : 0.f;
+          d[j] = through_phi(c[n][2 * hh + j] * c_scale, xv[j]);
+          dn[j] = p.normalize ? through_phi(zs[col + j] * z_scale, xnv[j]) : 0.f;
           if (!has_xn) d[j] += dn[j];
         }
         store_cols<2>(dx.row<scalar_t>(b, h, row), col, Dk, dx_al, d);

@@ -2,6 +2,8 @@
 // backend's kernels. Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
+#include <optional>
+
 #include "softmax_attention/softmax_attention.h"
 
 namespace sola {
@@ -49,7 +51,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_attention_fwd(at::Tensor q, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_attention_bwd(at::Tensor grad_out, at::Tensor q, at::Tensor k,
                                                                      at::Tensor v, at::Tensor out, at::Tensor lse,
-                                                                     double scale) {
+                                                                     double scale,
+                                                                     const std::optional<at::Tensor>& grad_lse_opt) {
   SoftmaxAttentionParams p = make_params(q, k, v, scale);
   const std::vector<int64_t> out_shape{p.B, p.H, p.Nq, p.Dv};
   check_attention_tensor(grad_out, "grad_out", q);
@@ -61,6 +64,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_attention_bwd(at::Tensor 
                  lse.device() == q.device(),
              "lse must be the forward's (B, H, Nq) ", lse_dtype(q), " log-sum-exp, got ", lse.sizes(), " ",
              lse.scalar_type());
+  at::Tensor grad_lse;
+  if (grad_lse_opt.has_value() && grad_lse_opt->defined()) {
+    grad_lse = *grad_lse_opt;
+    SOLA_CHECK(grad_lse.sizes() == lse.sizes() && grad_lse.scalar_type() == lse.scalar_type() &&
+                   grad_lse.device() == q.device() && grad_lse.layout() == at::kStrided,
+               "grad_lse must be shaped and typed like lse ", lse.sizes(), " ", lse.scalar_type(), ", got ",
+               grad_lse.sizes(), " ", grad_lse.scalar_type());
+    grad_lse = grad_lse.contiguous();
+  }
   grad_out = last_dim_contiguous(grad_out);
   out = last_dim_contiguous(out);
   lse = lse.contiguous();
@@ -70,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_attention_bwd(at::Tensor 
   at::Tensor dv = new_output(v.sizes(), v.options());
   p.grad_out = make_view(grad_out), p.out = make_view(out);
   p.lse = lse.data_ptr(), p.delta = delta.data_ptr();
+  p.grad_lse = grad_lse.defined() ? grad_lse.data_ptr() : nullptr;
   p.dq = make_view(dq), p.dk = make_view(dk), p.dv = make_view(dv);
   if (empty_problem(p)) return {dq, dk, dv};
 #ifdef SOLA_WITH_CUDA

@@ -14,10 +14,13 @@ struct SoftmaxAttentionParams {
   // natural log of sum_j exp(scale * q_i . k_j).
   View4 out;
   void* lse = nullptr;
-  // Backward: grad_out (strided), delta = rowsum(grad_out * out) scratch shaped like
-  // lse, and the gradients (contiguous).
+  // Backward: grad_out (strided), delta = rowsum(grad_out * out) - grad_lse scratch shaped like
+  // lse, and the gradients (contiguous). grad_lse: the gradient of lse, shaped and typed like it
+  // (contiguous), or null when lse is not differentiated (d lse_i / d s_ij = P_ij, so it enters
+  // dS_ij = P_ij (dP_ij - delta_i) through delta alone).
   View4 grad_out, dq, dk, dv;
   void* delta = nullptr;
+  const void* grad_lse = nullptr;
   double scale = 1.0;
   at::ScalarType dtype = at::ScalarType::Float;
   c10::DeviceIndex device_index = -1;

@@ -2,7 +2,7 @@
 // kernels (softmax_attention_flash_bwd.cuh), else (older GPUs, tiles beyond the device's shared
 // memory) the row kernels here. The probabilities are recomputed from
 // q, k and the saved lse, p_ij = exp(scale * q_i . k_j - lse_i), ds_ij = p_ij (g_i . v_j - delta_i):
-//   delta_kernel (warp per query row): delta_i = g_i . out_i
+//   delta_kernel (warp per query row): delta_i = g_i . out_i - grad_lse_i
 //   dq_kernel    (warp per query row): dq_i = scale * sum_j ds_ij k_j
 //   dkdv_kernel  (warp per key row):   dv_j = sum_i p_ij g_i,  dk_j = scale * sum_i ds_ij q_i
 // Each gradient row is summed by one warp in a fixed order: deterministic, no atomics.
@@ -24,7 +24,8 @@ __global__ void __launch_bounds__(kRowThreads) delta_kernel(const SoftmaxAttenti
     acc part = acc(0);
     for (int64_t c = lane; c < p.Dv; c += kWarpSize) part += static_cast<acc>(g[c]) * static_cast<acc>(o[c]);
     const acc delta = warp_sum(part);
-    if (lane == 0) static_cast<acc*>(p.delta)[row] = delta;
+    const acc* grad_lse = static_cast<const acc*>(p.grad_lse);
+    if (lane == 0) static_cast<acc*>(p.delta)[row] = grad_lse ? delta - grad_lse[row] : delta;
   }
 }
 

@@ -135,13 +135,14 @@ void bwd(const SoftmaxAttentionParams& p) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const acc* lse = lse_all + bh * p.Nq;
       acc* delta = delta_all + bh * p.Nq;
-      // delta_i = rowsum(dO_i * O_i): the softmax Jacobian's correction term.
+      // delta_i = rowsum(dO_i * O_i) - grad_lse_i: the softmax Jacobian's correction term.
+      const acc* grad_lse = p.grad_lse ? static_cast<const acc*>(p.grad_lse) + bh * p.Nq : nullptr;
       for (int64_t i = 0; i < p.Nq; ++i) {
         const scalar_t* go = p.grad_out.row<const scalar_t>(b, h, i);
         const scalar_t* o = p.out.row<const scalar_t>(b, h, i);
         acc d = acc(0);
         for (int64_t e = 0; e < Dv; ++e) d += static_cast<acc>(go[e]) * static_cast<acc>(o[e]);
-        delta[i] = d;
+        delta[i] = grad_lse ? d - grad_lse[i] : d;
       }
       std::fill(dq.begin(), dq.end(), acc(0));
       for (int64_t j0 = 0; j0 < p.Nk; j0 += kBlockN) {

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "wgmma.cuh"
 
 namespace sola {
 namespace flash {
@@ -315,10 +316,17 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 // sequence) take a branch with only the copies; edges and misaligned views go element by element
 // in a loop that is not unrolled (unrolled, the compiler kept every pass's address live across
 // the caller's loop: +20 to +60 registers in the forward).
-template <int kRows, int kCols, typename T>
+//
+// kCore: the tile is in wgmma's core-matrix layout instead (wgmma::core_offset: 8 x 8 blocks of
+// 128 contiguous bytes, no padding). A warp then copies 8 consecutive rows x 4 pieces, so its 16-byte
+// stores cover all 8 bank groups of a core matrix (row-major pieces would hit 4 of them twice).
+template <int kRows, int kCols, typename T, bool kCore = false>
 struct TileStream {
-  static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCols + kPad;
+  static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCore ? kCols : kCols + kPad;
   static_assert(kThreads % kPieces == 0 && kRows % (kThreads / kPieces) == 0, "a tile must be whole passes");
+  static_assert(!kCore || (16 % kPieces == 0 && kV == 8), "core-matrix tiles: 16-bit, 32 to 128 columns");
+  // Rows one pass covers; a multiple of 8 in the core layout, where rows r and r + kRowsPerPass are
+  // kRowsPerPass * kCols elements apart as in a row-major tile.
   static constexpr int kRowsPerPass = kThreads / kPieces, kPasses = kRows / kRowsPerPass;
 
   const T* src;       // this thread's piece of its first row in the next tile
@@ -330,7 +338,10 @@ struct TileStream {
 
   SOLA_HD TileStream(const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                      bool aligned, int tid)
-      : sn(x.sn), rows_left(rows), r0(tid / kPieces), c((tid % kPieces) * kV) {
+      : sn(x.sn),
+        rows_left(rows),
+        r0(kCore ? tid % 8 + 8 * (tid / 8 / kPieces) : tid / kPieces),
+        c((kCore ? tid / 8 % kPieces : tid % kPieces) * kV) {
     src = x.row<const T>(b, h, row0 + r0) + col0 + c;
     cols_left = cols - col0 - c;
     whole = aligned && cols_left >= kV;
@@ -338,7 +349,7 @@ struct TileStream {
 
   // Copies the next tile into `tile` and moves on by kRows rows.
   SOLA_HD void load(T* tile) {
-    T* dst = tile + r0 * kLd + c;
+    T* dst = tile + (kCore ? wgmma::core_offset<kCols>(r0, c) : r0 * kLd + c);
     if (rows_left >= kRows && whole) {
 #pragma unroll
       for (int pass = 0; pass < kPasses; ++pass)
@@ -361,10 +372,10 @@ struct TileStream {
 };
 
 // One tile: rows row0 .. row0 + kRows - 1 of x(b, h), of which the first `rows` exist (TileStream).
-template <int kRows, int kCols, typename T>
+template <int kRows, int kCols, typename T, bool kCore = false>
 SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                        bool aligned, int tid) {
-  TileStream<kRows, kCols, T>(x, b, h, row0, rows, col0, cols, aligned, tid).load(tile);
+  TileStream<kRows, kCols, T, kCore>(x, b, h, row0, rows, col0, cols, aligned, tid).load(tile);
 }
 
 // Negates a tile in place (exactly: a sign flip), cooperatively; the caller syncs around it.
@@ -494,6 +505,64 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const
     }
   } else {
     for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, live, scratch, lane);
+  }
+}
+
+// ---- the same products on Hopper's warpgroup MMA (wgmma.cuh), tiles in core-matrix layout ----
+// The block's 4 warps are one warpgroup; group g is the 64-row M tile 64 g .. 64 g + 63, of which
+// warp w holds rows 64 g + 16 w .. (its c[g] in the same C layout as above).
+
+template <int kN, int kG>
+SOLA_DEVICE float (&flat(float (&c)[kG][kN / 8][4], int g))[kN / 2] {
+  return reinterpret_cast<float(&)[kN / 2]>(c[g]);
+}
+
+// c[g] = A_g B^T over kD columns: A_g = rows a0 + 64 g .. of tile a, B^T = the first 8 kNT rows
+// of bt (both kD wide).
+template <typename T, int kD, int kG, int kNT>
+SOLA_DEVICE void wg_gemm_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
+  wgmma::fence();
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma::mma_ss<T, 8 * kNT>(flat<8 * kNT, kG>(c, g), wgmma::k_along_cols<kD>(a, a0 + kBlockRows * g, 16 * kk),
+                                wgmma::k_along_cols<kD>(bt, 0, 16 * kk), kk > 0);
+  wgmma::commit();
+  wgmma::wait<0>();
+#pragma unroll
+  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
+}
+
+// c[g] += X_g B: X_g = x[g] (P, P^T, dS, dS^T rounded to T, as register A fragments), B = the first
+// 8 kXT rows, columns col0 .. col0 + 8 kOT - 1 of tile b (kCols wide; K runs along its rows).
+template <typename T, int kCols, int kG, int kXT, int kOT>
+SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const T* b, int col0) {
+  FragA xf[kG][kXT / 2];  // all of them first: the wgmmas read them until the wait
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk) {
+      xf[g][kk] = acc_to_a<T>(x[g], kk);
+      wgmma::operand_fence(xf[g][kk].x);
+    }
+#pragma unroll
+  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
+  wgmma::fence();
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk)
+      wgmma::mma_rs<T, 8 * kOT>(flat<8 * kOT, kG>(c, g), xf[g][kk].x, wgmma::k_along_rows<kCols>(b, 16 * kk, col0), 1);
+  wgmma::commit();
+  wgmma::wait<0>();
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk) wgmma::operand_fence(xf[g][kk].x);
   }
 }
 

@@ -29,12 +29,15 @@ namespace sola {
 namespace flash {
 
 // kGroups: row groups of 16 per warp (1 or 2: with_row_groups); kStreamRows: streamed rows per
-// step, 0 for the default.
-template <typename T, int kD, int kGroups = 1, int kStreamRows = 0>
+// step, 0 for the default; kWgmma: the products on Hopper's warpgroup MMA (fp16 / bf16 up to head
+// dim 128, sm_90a: softmax_attention_flash_bwd_wgmma.cu), tiles in its core-matrix layout.
+template <typename T, int kD, int kGroups = 1, int kStreamRows = 0, bool kWgmma = false>
 struct BwdTiles {
   using value_t = T;
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
+  static constexpr bool kWg = kWgmma;
+  static_assert(!kWgmma || (kTensor && kD <= 128), "wgmma: fp16 / bf16 up to head dim 128");
   static constexpr int kBlock = kBlockRows * kGroups;  // resident rows (keys or queries) of a block
   static constexpr int kStream = kStreamRows ? kStreamRows : kTensor || kD <= 64 ? 64 : 32;
   // Gradient columns of one block: what fits in registers next to S and dP.
@@ -51,12 +54,12 @@ struct BwdTiles {
   static SOLA_HD int64_t dq_tiles(const SoftmaxAttentionParams& p) {
     return p.B * p.H * ceil_div(p.Nq, kBlock) * dq_chunks(p);
   }
-  static constexpr int kLd = kD + kPad;
+  static constexpr int kLd = kWgmma ? kD : kD + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
   // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
   // (dkdv_kernel); the SIMT scratch.
   static constexpr int smem_bytes(int stages) {
-    return 2 * tile_bytes<T, kD>(kBlock) + stages * 2 * tile_bytes<T, kD>(kStream) +
+    return (2 * kBlock + stages * 2 * kStream) * kLd * static_cast<int>(sizeof(T)) +
            (stages * 2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
   }
   // Double-buffer the streamed tiles (copy step j+1 while computing step j) where two blocks
@@ -72,12 +75,12 @@ struct BwdTiles {
 // dkdv_kernel's tiles. With two groups past head dim 32 it streams 32 queries per step: its dK
 // and dV accumulators (8 tiles of 16 x 8 per group at head dim 64) leave no room for two groups of
 // 16 x 64 scores.
-template <typename T, int kD, int kG>
-using KeyBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 32 ? 32 : 0)>;
+template <typename T, int kD, int kG, bool kWg = false>
+using KeyBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 32 ? 32 : 0), kWg>;
 // dq_kernel's: with two groups past head dim 64 it streams 32 keys per step (dQ is 16 tiles per
 // group at 128).
-template <typename T, int kD, int kG>
-using QueryBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 64 ? 32 : 0)>;
+template <typename T, int kD, int kG, bool kWg = false>
+using QueryBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 64 ? 32 : 0), kWg>;
 
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
 template <typename Tiles>
@@ -109,8 +112,9 @@ struct BwdSmem {
 // std::true_type for the last step when it is partial, a copy of the step after the loop
 // (inside the loop it pushed the kernels into spills); otherwise always std::false_type. Copies
 // issued before the call (the resident tiles) are waited for with step 0's. Ends with every copy
-// landed and every warp done with shared memory.
-template <int kStages, int kRows, bool kPeelEdge, typename Load, typename Compute>
+// landed and every warp done with shared memory. kWg: the tiles are read by wgmma, so each
+// thread's copies also pass fence.proxy.async before the barrier that publishes them.
+template <int kStages, int kRows, bool kPeelEdge, bool kWg, typename Load, typename Compute>
 SOLA_DEVICE void pipeline(int64_t rows, Load load, Compute compute) {
   const int64_t steps = ceil_div(rows, kRows), full = kPeelEdge ? rows / kRows : steps;
   auto step_at = [&](int64_t step, auto edge) {
@@ -121,6 +125,7 @@ SOLA_DEVICE void pipeline(int64_t rows, Load load, Compute compute) {
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kWg) wgmma::async_proxy_fence();
     __syncthreads();  // this step's tiles are in for every thread
     compute(step, stage, edge);
     __syncthreads();  // every warp is done with this stage
@@ -141,13 +146,18 @@ SOLA_HD acc (&one_group(acc (&x)[kG][kNT][4], int g))[1][kNT][4] {
 
 // ds = p * (dP - delta(g, n, e)) with dP = A_g B^T (gemm_abt), one group at a time so that only
 // one group's dP tile is live next to every group's p: dS from P (dq_kernel), dS^T from P^T (dkdv).
-template <typename T, int kD, int kG, int kNT, typename acc, typename Delta>
+// a0: this warp's first row of A (mma.sync), or with kWg the block's (group g: a0 + 64 g ..).
+template <typename T, int kD, bool kWg, int kG, int kNT, typename acc, typename Delta>
 SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], const T* a, int a0, const T* bt,
                              int live, int lane, Delta delta) {
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    zero(ds[g]);
-    gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane);
+    if constexpr (kWg) {
+      wg_gemm_abt<T, kD>(one_group(ds, g), a, a0 + kBlockRows * g, bt);
+    } else {
+      zero(ds[g]);
+      gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane);
+    }
 #pragma unroll
     for (int n = 0; n < kNT; ++n)
 #pragma unroll
@@ -178,10 +188,10 @@ SOLA_HD void store_rows(const acc (&c)[kOT][4], acc mul, const View4& x, const T
   }
 }
 
-template <typename T, int kD, int kG>
-__global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks)
+template <typename T, int kD, int kG, bool kWg>
+__global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinBlocks)
     dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
-  using Tiles = KeyBlockTiles<T, kD, kG>;
+  using Tiles = KeyBlockTiles<T, kD, kG, kWg>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
@@ -189,7 +199,10 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BwdSmem<Tiles> smem(smem_raw, warp);
-  const int warp_row0 = warp * kWarpRows * kG;  // group g: rows warp_row0 + 16 g ..
+  // This warp's first row of its group g (with wgmma: of the warpgroup's 64-row tile g), and the
+  // first row of A the products take (this warp's with mma.sync, the block's with wgmma).
+  const int warp_row0 = warp * kWarpRows * kG, a0 = kWg ? 0 : warp_row0;
+  auto group_row = [&](int g) { return kWg ? kBlockRows * g + kWarpRows * warp : warp_row0 + kWarpRows * g; };
   T* sK = smem.resident[0];
   T* sV = smem.resident[1];
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -198,13 +211,13 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
   const int64_t tiles = Tiles::dkdv_tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nk, p.H, chunks);
-    load_tile<kBlock, kD>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
-    load_tile<kBlock, kD>(sV, p.v, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dv, al.v, tid);
+    load_tile<kBlock, kD, T, kWg>(sK, p.k, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dk, al.k, tid);
+    load_tile<kBlock, kD, T, kWg>(sV, p.v, t.b, t.h, t.row0, p.Nk - t.row0, 0, Dv, al.v, tid);
     acc dk[kG][kOT][4], dv[kG][kOT][4];
 #pragma unroll
     for (int g = 0; g < kG; ++g) zero(dk[g]), zero(dv[g]);
-    TileStream<kStream, kD, T> queries(p.q, t.b, t.h, 0, p.Nq, 0, Dk, al.q, tid);
-    TileStream<kStream, kD, T> grads(p.grad_out, t.b, t.h, 0, p.Nq, 0, Dv, al.grad_out, tid);
+    TileStream<kStream, kD, T, kWg> queries(p.q, t.b, t.h, 0, p.Nq, 0, Dk, al.q, tid);
+    TileStream<kStream, kD, T, kWg> grads(p.grad_out, t.b, t.h, 0, p.Nq, 0, Dv, al.grad_out, tid);
     auto load = [&](int64_t step, int stage) {  // query rows m0 .. m0 + kStream (steps in order)
       const int64_t m0 = step * kStream;
       queries.load(smem.streamed(stage, 0));
@@ -231,9 +244,13 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
       // P^T and dP^T, then dS^T: this warp's 16 keys per group x kStream queries. lse and delta
       // belong to the query (column): one shared-memory read serves every group.
       acc pt[kG][kST][4], dpt[kG][kST][4];
+      if constexpr (kWg) {
+        wg_gemm_abt<T, kD>(pt, sK, 0, sQ);
+      } else {
 #pragma unroll
-      for (int g = 0; g < kG; ++g) zero(pt[g]);
-      gemm_abt<T, kD>(pt, sK, warp_row0, sQ, live, lane);
+        for (int g = 0; g < kG; ++g) zero(pt[g]);
+        gemm_abt<T, kD>(pt, sK, warp_row0, sQ, live, lane);
+      }
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
@@ -242,25 +259,27 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG>::kMinBlocks
 #pragma unroll
           for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
         }
-      gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
-      grad_scores<T, kD>(dpt, pt, sV, warp_row0, sG, live, lane,
-                         [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; });
-      gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
+      if constexpr (kWg) wg_gemm_xb<T, kD>(dv, pt, sG, t.col0);
+      else gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
+      grad_scores<T, kD, kWg>(dpt, pt, sV, a0, sG, live, lane,
+                              [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; });
+      if constexpr (kWg) wg_gemm_xb<T, kD>(dk, dpt, sQ, t.col0);
+      else gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
     };
-    pipeline<Tiles::kStages, kStream, false>(p.Nq, load, compute);
+    pipeline<Tiles::kStages, kStream, false, kWg>(p.Nq, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
-      const int64_t row0 = t.row0 + warp_row0 + kWarpRows * g;
+      const int64_t row0 = t.row0 + group_row(g);
       store_rows<T>(dk[g], static_cast<acc>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
       store_rows<T>(dv[g], acc(1), p.dv, t, row0, p.Nk, Dv, lane);
     }
   }
 }
 
-template <typename T, int kD, int kG>
-__global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBlocks)
+template <typename T, int kD, int kG, bool kWg>
+__global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMinBlocks)
     dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
-  using Tiles = QueryBlockTiles<T, kD, kG>;
+  using Tiles = QueryBlockTiles<T, kD, kG, kWg>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
@@ -268,7 +287,8 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBloc
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BwdSmem<Tiles> smem(smem_raw, warp);
-  const int warp_row0 = warp * kWarpRows * kG;  // group g: rows warp_row0 + 16 g ..
+  const int warp_row0 = warp * kWarpRows * kG, a0 = kWg ? 0 : warp_row0;  // as in dkdv_kernel
+  auto group_row = [&](int g) { return kWg ? kBlockRows * g + kWarpRows * warp : warp_row0 + kWarpRows * g; };
   T* sQ = smem.resident[0];
   T* sG = smem.resident[1];  // grad_out
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -277,23 +297,23 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBloc
   const int64_t tiles = Tiles::dq_tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlock, Tiles::kDOut>(tile, p.Nq, p.H, chunks);
-    load_tile<kBlock, kD>(sQ, p.q, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dk, al.q, tid);
-    load_tile<kBlock, kD>(sG, p.grad_out, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dv, al.grad_out, tid);
+    load_tile<kBlock, kD, T, kWg>(sQ, p.q, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dk, al.q, tid);
+    load_tile<kBlock, kD, T, kWg>(sG, p.grad_out, t.b, t.h, t.row0, p.Nq - t.row0, 0, Dv, al.grad_out, tid);
     // lse (in ExpUnits) and delta of this lane's two rows per group; rows past Nq are never stored.
     acc lse[kG][2], delta[kG][2], dq[kG][kOT][4];
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int64_t i = t.row0 + warp_row0 + kWarpRows * g + acc_row(2 * r, lane);
+        const int64_t i = t.row0 + group_row(g) + acc_row(2 * r, lane);
         const int64_t idx = t.bh * p.Nq + (i < p.Nq ? i : 0);
         lse[g][r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
         delta[g][r] = static_cast<const acc*>(p.delta)[idx];
       }
       zero(dq[g]);
     }
-    TileStream<kStream, kD, T> keys(p.k, t.b, t.h, 0, p.Nk, 0, Dk, al.k, tid);
-    TileStream<kStream, kD, T> values(p.v, t.b, t.h, 0, p.Nk, 0, Dv, al.v, tid);
+    TileStream<kStream, kD, T, kWg> keys(p.k, t.b, t.h, 0, p.Nk, 0, Dk, al.k, tid);
+    TileStream<kStream, kD, T, kWg> values(p.v, t.b, t.h, 0, p.Nk, 0, Dv, al.v, tid);
     auto load = [&](int64_t, int stage) {  // the next kStream key rows (steps in order)
       keys.load(smem.streamed(stage, 0));
       values.load(smem.streamed(stage, 1));
@@ -307,9 +327,13 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBloc
       const T* sV = smem.streamed(stage, 1);
       // P and dP, then dS: this warp's 16 queries per group x kStream keys.
       acc s[kG][kST][4], dp[kG][kST][4];
+      if constexpr (kWg) {
+        wg_gemm_abt<T, kD>(s, sQ, 0, sK);
+      } else {
 #pragma unroll
-      for (int g = 0; g < kG; ++g) zero(s[g]);
-      gemm_abt<T, kD>(s, sQ, warp_row0, sK, live, lane);
+        for (int g = 0; g < kG; ++g) zero(s[g]);
+        gemm_abt<T, kD>(s, sQ, warp_row0, sK, live, lane);
+      }
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
 #pragma unroll
       for (int n = 0; n < kST; ++n)
@@ -320,46 +344,53 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG>::kMinBloc
             const bool in_range = !kEdge || acc_col(n, e, lane) < live;
             s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
           }
-      grad_scores<T, kD>(dp, s, sG, warp_row0, sV, live, lane, [&](int g, int, int e) { return delta[g][e >> 1]; });
-      gemm_xb<T, kD>(dq, dp, sK, t.col0, live, smem.scratch, lane);
+      grad_scores<T, kD, kWg>(dp, s, sG, a0, sV, live, lane, [&](int g, int, int e) { return delta[g][e >> 1]; });
+      if constexpr (kWg) wg_gemm_xb<T, kD>(dq, dp, sK, t.col0);
+      else gemm_xb<T, kD>(dq, dp, sK, t.col0, live, smem.scratch, lane);
     };
-    pipeline<Tiles::kStages, kStream, true>(p.Nk, load, compute);
+    pipeline<Tiles::kStages, kStream, true, kWg>(p.Nk, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g)
-      store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + warp_row0 + kWarpRows * g, p.Nq, Dk, lane);
+      store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + group_row(g), p.Nq, Dk, lane);
   }
 }
 
 // dkdv_kernel with kGK row groups over the keys, dq_kernel with kGQ over the queries.
-template <typename T, int kD, int kGK, int kGQ>
+template <typename T, int kD, int kGK, int kGQ, bool kWg>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using KeyTiles = KeyBlockTiles<T, kD, kGK>;
-  using QueryTiles = QueryBlockTiles<T, kD, kGQ>;
-  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK>, KeyTiles::kSmem>() ||
-      !allow_dynamic_smem<dq_kernel<T, kD, kGQ>, QueryTiles::kSmem>())
+  using KeyTiles = KeyBlockTiles<T, kD, kGK, kWg>;
+  using QueryTiles = QueryBlockTiles<T, kD, kGQ, kWg>;
+  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK, kWg>, KeyTiles::kSmem>() ||
+      !allow_dynamic_smem<dq_kernel<T, kD, kGQ, kWg>, QueryTiles::kSmem>())
     return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};
   const int64_t key_tiles = KeyTiles::dkdv_tiles(p);
-  dkdv_kernel<T, kD, kGK><<<grid_x(key_tiles, 1), kThreads, KeyTiles::kSmem, stream>>>(p, al);
+  dkdv_kernel<T, kD, kGK, kWg><<<grid_x(key_tiles, 1), kThreads, KeyTiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t query_tiles = QueryTiles::dq_tiles(p);
   if (query_tiles > 0) {
-    dq_kernel<T, kD, kGQ><<<grid_x(query_tiles, 1), kThreads, QueryTiles::kSmem, stream>>>(p, al);
+    dq_kernel<T, kD, kGQ, kWg><<<grid_x(query_tiles, 1), kThreads, QueryTiles::kSmem, stream>>>(p, al);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
 }
 
-template <typename T>
+// kWg: the wgmma kernels (up to head dim 128; the caller checks flash_wgmma_enabled()).
+template <typename T, bool kWg = false>
 bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  if (kWg && std::max(p.Dk, p.Dv) > 128) return false;
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    return with_row_groups<T, kD>(p.Nk, p.B * p.H, sms, [&](auto key_groups) {
-      return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
-        return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value>(p, stream);
+    if constexpr (kWg && kD > 128) {
+      return false;
+    } else {
+      const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      return with_row_groups<T, kD>(p.Nk, p.B * p.H, sms, [&](auto key_groups) {
+        return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
+          return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value, kWg>(p, stream);
+        });
       });
-    });
+    }
   });
 }
 

@@ -20,11 +20,14 @@
 namespace sola {
 namespace flash {
 
-// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd).
-template <typename T, int kD, int kGroups = 1>
+// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd). kWgmma: the products on Hopper's
+// warpgroup MMA (fp16 / bf16 up to head dim 128, sm_90a: softmax_attention_flash_fwd_wgmma.cu),
+// tiles in its core-matrix layout.
+template <typename T, int kD, int kGroups = 1, bool kWgmma = false>
 struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
+  static_assert(!kWgmma || (kTensor && kD <= 128), "wgmma: fp16 / bf16 up to head dim 128");
   static constexpr int kBlockM = kBlockRows * kGroups;
   // Keys per step: 32 past head dim 64 on SIMT, and with two groups (S and O of both in registers).
   static constexpr int kBlockN = kD <= 64 || (kTensor && kGroups == 1) ? 64 : 32;
@@ -35,19 +38,19 @@ struct FwdTiles {
   static SOLA_HD int64_t tiles(const SoftmaxAttentionParams& p) {
     return p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks(p);
   }
-  static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
+  static constexpr int kLd = kWgmma ? kD : kD + kPad, kLdV = kWgmma ? kDOut : kDOut + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
-  static constexpr int kSmem = tile_bytes<T, kD>(kBlockM) + tile_bytes<T, kD>(kBlockN) +
-                               tile_bytes<T, kDOut>(kBlockN) + kScratch * static_cast<int>(sizeof(acc));
+  static constexpr int kSmem = ((kBlockM + kBlockN) * kLd + kBlockN * kLdV) * static_cast<int>(sizeof(T)) +
+                               kScratch * static_cast<int>(sizeof(acc));
 };
 
 struct FwdAligned {
   bool q, k, v;
 };
 
-template <typename T, int kD, int kG>
+template <typename T, int kD, int kG, bool kWg>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
-  using Tiles = FwdTiles<T, kD, kG>;
+  using Tiles = FwdTiles<T, kD, kG, kWg>;
   using acc = typename Tiles::acc;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
   constexpr int kLd = Tiles::kLd, kLdV = Tiles::kLdV;
@@ -58,7 +61,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   T* sK = sQ + kBlockM * kLd;
   T* sV = sK + kBlockN * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int warp_row0 = warp * kWarpRows * kG;  // group g: rows warp_row0 + 16 g ..
+  // First tile row of this warp's group g: with mma.sync a warp's groups are adjacent, with wgmma
+  // group g is the warpgroup's 64-row tile g.
+  auto group_row = [&](int g) { return kWg ? kBlockRows * g + kWarpRows * warp : (warp * kG + g) * kWarpRows; };
+  // Tiles written by this block's threads become visible to every warp (and to wgmma's reads).
+  auto publish = [] {
+    if constexpr (kWg) wgmma::async_proxy_fence();
+    __syncthreads();
+  };
   acc* scratch = reinterpret_cast<acc*>(sV + kBlockN * kLdV) + warp * kWarpRows * kScratchLd<acc, kBlockN>;
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   using Exp = ExpUnits<T>;
@@ -74,16 +84,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
     const int64_t b = t.b, h = t.h, bh = t.bh, m0 = t.row0;
     const int col0 = t.col0;
-    TileStream<kBlockN, kD, T> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
-    TileStream<kBlockN, kDOut, T> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
-    load_tile<kBlockM, kD>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
+    TileStream<kBlockN, kD, T, kWg> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
+    TileStream<kBlockN, kDOut, T, kWg> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
+    load_tile<kBlockM, kD, T, kWg>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
     keys.load(sK);
     cp_async_commit();
     cp_async_wait_all();
-    __syncthreads();
+    publish();
     if (negate_q) {
       negate_tile<kBlockM * kLd>(sQ, tid);
-      __syncthreads();
+      publish();
     }
 
     acc o[kG][kOT][4];
@@ -105,9 +115,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       cp_async_commit();
 
       acc s[kG][kNT][4];
+      if constexpr (kWg) {
+        wg_gemm_abt<T, kD>(s, sQ, 0, sK);  // computes every key column; the edge masking below applies
+      } else {
 #pragma unroll
-      for (int g = 0; g < kG; ++g) zero(s[g]);
-      gemm_abt<T, kD>(s, sQ, warp_row0, sK, live, lane);
+        for (int g = 0; g < kG; ++g) zero(s[g]);
+        gemm_abt<T, kD>(s, sQ, warp * kWarpRows * kG, sK, live, lane);
+      }
 
       // Online softmax. A NaN score never becomes the max (fmax), so exp(NaN * scale - m) makes
       // its row NaN, as in torch.
@@ -157,14 +171,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       }
 
       cp_async_wait_all();
-      __syncthreads();  // V_j is in; every warp is done with K_j
+      publish();  // V_j is in; every warp is done with K_j
       if (nb + 1 < n_blocks) {
         keys.load(sK);
         cp_async_commit();
       }
-      gemm_xb<T, kDOut>(o, s, sV, 0, live, scratch, lane);
+      if constexpr (kWg) wg_gemm_xb<T, kDOut>(o, s, sV, 0);
+      else gemm_xb<T, kDOut>(o, s, sV, 0, live, scratch, lane);
       cp_async_wait_all();
-      __syncthreads();  // K_{j+1} is in; every warp is done with V_j
+      publish();  // K_{j+1} is in; every warp is done with V_j
     };
     if constexpr (Tiles::kTensor) {
       for (int64_t nb = 0; nb < full_blocks; ++nb) key_step(nb, std::false_type{});
@@ -180,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
         acc sum = l[g][r];
         sum += __shfl_xor_sync(kFullMask, sum, 1);
         sum += __shfl_xor_sync(kFullMask, sum, 2);
-        const int64_t i = m0 + warp_row0 + kWarpRows * g + acc_row(2 * r, lane);
+        const int64_t i = m0 + group_row(g) + acc_row(2 * r, lane);
         if (i >= p.Nq) continue;
         // A row of only -inf scores has l = 0 and ends 0/0 = NaN with lse = -inf, as torch.
         T* out = p.out.row<T>(b, h, i);
@@ -196,23 +211,32 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   }
 }
 
-template <typename T, int kD, int kG>
+template <typename T, int kD, int kG, bool kWg = false>
 bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using Tiles = FwdTiles<T, kD, kG>;
-  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG>, Tiles::kSmem>()) return false;
+  using Tiles = FwdTiles<T, kD, kG, kWg>;
+  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG, kWg>, Tiles::kSmem>()) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
   const int64_t tiles = Tiles::tiles(p);
-  fwd_kernel<T, kD, kG><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+  fwd_kernel<T, kD, kG, kWg><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
-template <typename T>
+// kWg: the wgmma kernels (up to head dim 128; the caller checks flash_wgmma_enabled()).
+template <typename T, bool kWg = false>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  if constexpr (kWg) {
+    if (std::max(p.Dk, p.Dv) > 128) return false;
+  }
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms,
-                                       [&](auto groups) { return launch_fwd<T, kD, decltype(groups)::value>(p, stream); });
+    if constexpr (kWg && kD > 128) {
+      return false;
+    } else {
+      return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto groups) {
+        return launch_fwd<T, kD, decltype(groups)::value, kWg>(p, stream);
+      });
+    }
   });
 }
 

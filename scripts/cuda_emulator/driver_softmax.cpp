@@ -1,8 +1,10 @@
 // Runs the softmax-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: out, lse, delta, dq, dk, dv on awkward sizes, every dtype, NaN / -inf inputs, and a
-// second backward that must be bitwise equal. Usage: driver [softmax|flash|race|big|all].
+// second backward that must be bitwise equal. Usage: driver [softmax|flash|wgmma|race|big|all].
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 #include "driver_common.h"
@@ -11,7 +13,7 @@
 using namespace sola;
 
 void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int64_t Dv, at::ScalarType dt, double scale,
-                  bool strided, int poison = 0) {
+                  bool strided, int poison = 0, bool grad_lse = false) {
   char name[256];
   std::snprintf(name, sizeof name, "softmax B%ld H%ld q%ld k%ld d%ld v%ld %s sc%g s%d p%d", (long)B, (long)H, (long)Nq,
                 (long)Nk, (long)Dk, (long)Dv, c10::toString(dt), scale, strided, poison);
@@ -37,6 +39,9 @@ void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int6
   compare(std::string(name) + " out", out[1], out[0], dt, finite);
   compare(std::string(name) + " lse", lse[1], lse[0], acc, finite);
   at::Tensor g = input(B, H, Nq, Dv, dt, strided);
+  // A gradient of lse too (it enters through delta), when asked for.
+  const at::Tensor glse = grad_lse ? at::randn({B, H, Nq}, at::TensorOptions().dtype(acc)) : at::Tensor();
+  p.grad_lse = grad_lse ? glse.data_ptr() : nullptr;
   at::Tensor dq[2], dk[2], dv[2], delta[2];
   for (int r = 0; r < 2; ++r) {
     dq[r] = nan_out(q.sizes(), dt), dk[r] = nan_out(k.sizes(), dt), dv[r] = nan_out(v.sizes(), dt);
@@ -75,6 +80,45 @@ void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int6
   std::printf("done %s\n", name);
 }
 
+// The flash kernels' cases for the given dtypes.
+void flash_cases(std::initializer_list<at::ScalarType> hts) {
+  for (auto dt : hts) {
+    softmax_case(1, 2, 17, 113, 32, 32, dt, 0.17, false);
+    softmax_case(1, 1, 113, 17, 64, 64, dt, 0.125, true);
+    softmax_case(1, 1, 1, 1, 8, 8, dt, 0.3, false);
+    softmax_case(1, 1, 65, 130, 40, 40, dt, 0.15, false);
+    softmax_case(1, 1, 20, 70, 59, 59, dt, 0.13, true);   // odd D: misaligned rows
+    softmax_case(1, 1, 30, 33, 96, 96, dt, 0.1, false);
+    softmax_case(1, 1, 17, 40, 111, 111, dt, 0.09, false);
+    softmax_case(1, 1, 9, 70, 256, 256, dt, 0.0625, false);
+    softmax_case(1, 1, 9, 21, 200, 130, dt, 0.07, true);  // Dk != Dv, two output chunks
+    softmax_case(1, 1, 9, 21, 24, 72, dt, 0.2, false);
+    softmax_case(1, 1, 9, 21, 256, 40, dt, 0.06, false);  // Dv far below the bucket: fewer fwd chunks
+    softmax_case(1, 1, 9, 21, 40, 256, dt, 0.15, true);   // Dk far below it: fewer dq chunks than dkdv
+    softmax_case(2, 2, 0, 5, 8, 4, dt, 0.3, false);       // Nq == 0
+    softmax_case(3, 5, 7, 6, 8, 5, dt, 0.3, true);         // many heads
+    softmax_case(1, 1, 12, 9, 16, 16, dt, 0.0, false);     // scale 0
+    softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 1);     // NaN in q
+    softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 2);     // -inf column in k
+    softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 3);     // every score -inf
+    softmax_case(2, 2, 6, 5, 16, 16, dt, 0.1, false, 4);  // every score -2560: exp(-lse) overflows
+  }
+  // After the cases above, so their random inputs stay as they were: bf16 dq of the -2560 case
+  // is a near-cancellation (sum_j dS_ij ~ 0) whose error, from rounding dS to bf16 for the
+  // tensor cores, is close to the tolerance for some inputs (0.043 against 0.032 for one draw).
+  for (auto dt : hts) {
+    // Full key tiles (no masking) and two-group query blocks (130 rows) with the cases above:
+    softmax_case(1, 1, 130, 140, 32, 32, dt, -0.2, true);  // negative scale (the forward negates Q)
+    softmax_case(1, 1, 130, 128, 64, 64, dt, 0.0, false);  // scale 0, keys exactly two tiles
+    for (int poison = 1; poison <= 4; ++poison) softmax_case(2, 1, 70, 140, 32, 32, dt, 0.3, false, poison);
+    // Head dims 65-128 past 64 rows: two-group forward blocks with 32-key steps (a partial last
+    // one, then none), two-group dkdv blocks with 32-query steps.
+    softmax_case(1, 1, 100, 75, 96, 96, dt, 0.1, true);
+    softmax_case(1, 1, 130, 64, 128, 128, dt, 0.09, false);
+    softmax_case(1, 1, 20, 130, 64, 64, dt, 0.12, false);
+  }
+}
+
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
@@ -84,43 +128,17 @@ int main(int argc, char** argv) {
     softmax_case(1, 1, 4, 9, 64, 64, at::kHalf, 0.125, true);
     softmax_case(1, 1, 4, 9, 100, 20, at::kBFloat16, 0.1, false);
   }
-  if (which == "all" || which == "flash") {
-    const at::ScalarType hts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
-    for (auto dt : hts) {
-      softmax_case(1, 2, 17, 113, 32, 32, dt, 0.17, false);
-      softmax_case(1, 1, 113, 17, 64, 64, dt, 0.125, true);
-      softmax_case(1, 1, 1, 1, 8, 8, dt, 0.3, false);
-      softmax_case(1, 1, 65, 130, 40, 40, dt, 0.15, false);
-      softmax_case(1, 1, 20, 70, 59, 59, dt, 0.13, true);   // odd D: misaligned rows
-      softmax_case(1, 1, 30, 33, 96, 96, dt, 0.1, false);
-      softmax_case(1, 1, 17, 40, 111, 111, dt, 0.09, false);
-      softmax_case(1, 1, 9, 70, 256, 256, dt, 0.0625, false);
-      softmax_case(1, 1, 9, 21, 200, 130, dt, 0.07, true);  // Dk != Dv, two output chunks
-      softmax_case(1, 1, 9, 21, 24, 72, dt, 0.2, false);
-      softmax_case(1, 1, 9, 21, 256, 40, dt, 0.06, false);  // Dv far below the bucket: fewer fwd chunks
-      softmax_case(1, 1, 9, 21, 40, 256, dt, 0.15, true);   // Dk far below it: fewer dq chunks than dkdv
-      softmax_case(2, 2, 0, 5, 8, 4, dt, 0.3, false);       // Nq == 0
-      softmax_case(3, 5, 7, 6, 8, 5, dt, 0.3, true);         // many heads
-      softmax_case(1, 1, 12, 9, 16, 16, dt, 0.0, false);     // scale 0
-      softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 1);     // NaN in q
-      softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 2);     // -inf column in k
-      softmax_case(2, 2, 6, 5, 8, 4, dt, 0.3, false, 3);     // every score -inf
-      softmax_case(2, 2, 6, 5, 16, 16, dt, 0.1, false, 4);  // every score -2560: exp(-lse) overflows
-    }
-    // After the cases above, so their random inputs stay as they were: bf16 dq of the -2560 case
-    // is a near-cancellation (sum_j dS_ij ~ 0) whose error, from rounding dS to bf16 for the
-    // tensor cores, is close to the tolerance for some inputs (0.043 against 0.032 for one draw).
-    for (auto dt : hts) {
-      // Full key tiles (no masking) and two-group query blocks (130 rows) with the cases above:
-      softmax_case(1, 1, 130, 140, 32, 32, dt, -0.2, true);  // negative scale (the forward negates Q)
-      softmax_case(1, 1, 130, 128, 64, 64, dt, 0.0, false);  // scale 0, keys exactly two tiles
-      for (int poison = 1; poison <= 4; ++poison) softmax_case(2, 1, 70, 140, 32, 32, dt, 0.3, false, poison);
-      // Head dims 65-128 past 64 rows: two-group forward blocks with 32-key steps (a partial last
-      // one, then none), two-group dkdv blocks with 32-query steps.
-      softmax_case(1, 1, 100, 75, 96, 96, dt, 0.1, true);
-      softmax_case(1, 1, 130, 64, 128, 128, dt, 0.09, false);
-      softmax_case(1, 1, 20, 130, 64, 64, dt, 0.12, false);
-    }
+  if (which == "all" || which == "flash") flash_cases({at::kHalf, at::kBFloat16, at::kFloat, at::kDouble});
+  if (which == "all" || which == "wgmma") {  // the forward on the emulated wgmma (fp16 / bf16)
+    setenv("SOLA_FLASH_WGMMA", "1", 1);
+    flash_cases({at::kHalf, at::kBFloat16});
+    setenv("SOLA_FLASH_GROUPS", "2", 1);  // two 64-row wgmma tiles per block wherever rows > 64
+    softmax_case(1, 1, 130, 140, 32, 32, at::kHalf, -0.2, true);
+    softmax_case(1, 1, 100, 75, 96, 96, at::kBFloat16, 0.1, true);
+    softmax_case(1, 1, 130, 64, 128, 128, at::kHalf, 0.09, false);
+    softmax_case(2, 1, 70, 140, 64, 64, at::kBFloat16, 0.3, false, 1);
+    unsetenv("SOLA_FLASH_GROUPS");
+    unsetenv("SOLA_FLASH_WGMMA");
   }
   if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)
     const at::ScalarType hts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
@@ -132,6 +150,14 @@ int main(int argc, char** argv) {
       softmax_case(1, 1, 100, 75, 96, 96, dt, 0.1, false);     // two-group forward, 32-key steps
       softmax_case(1, 1, 20, 130, 64, 64, dt, 0.12, false);    // two-group dkdv, 32-query steps
     }
+    setenv("SOLA_FLASH_WGMMA", "1", 1);  // the wgmma forward: one and two 64-row tiles per block
+    softmax_case(1, 1, 17, 140, 64, 64, at::kHalf, 0.17, false);
+    softmax_case(1, 1, 130, 70, 32, 32, at::kBFloat16, -0.3, true);
+    softmax_case(1, 1, 100, 75, 96, 96, at::kHalf, 0.1, false);
+    unsetenv("SOLA_FLASH_WGMMA");
+  }
+  if (which == "all" || which == "softmax") {  // last: their random draws leave the cases above as they were
+    for (auto dt : {at::kHalf, at::kFloat, at::kDouble}) softmax_case(1, 2, 70, 90, 32, 40, dt, 0.2, false, 0, true);
   }
   if (which == "big") {
     softmax_case(1, 1, 1023, 1023, 32, 32, at::kHalf, 0.17, false);

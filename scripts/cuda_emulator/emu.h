@@ -9,7 +9,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <type_traits>
+#include <utility>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 #include <memory>
@@ -48,6 +50,7 @@ inline thread_local Block* tl_block = nullptr;
 inline thread_local int tl_lane = 0;
 inline std::atomic<long> launches{0}, threads_run{0}, mmas{0};
 inline unsigned char* g_dynamic_smem = nullptr;
+inline int g_dynamic_smem_bytes = 0;
 inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
 
 // cp.async as the hardware is allowed to do it: from the issue until this thread's wait lets the
@@ -78,6 +81,20 @@ inline void cp_async_wait_all() {  // cp.async.wait_all = commit_group + wait_gr
   cp_async_wait_group(0);
 }
 
+// wgmma.mma_async in flight: this thread's accumulators read NaN from the issue until a
+// wgmma.wait_group covers the op; the shared memory it read is read again at the wait, and a
+// change in between (a tile refilled under an in-flight wgmma) aborts.
+struct WgmmaOp {
+  float* d;
+  int n;                      // d's values (N / 2)
+  std::vector<float> result;  // what the wait writes to d
+  uint64_t checksum;          // of the shared-memory operands read at the issue
+  std::vector<std::pair<uint64_t, bool>> operands;  // (descriptor, MN-major) to re-read
+  int rows0;                  // first A row of this thread's warp (SS A operand), -1: A from registers
+};
+inline thread_local std::vector<WgmmaOp> tl_wg_uncommitted;
+inline thread_local std::deque<std::vector<WgmmaOp>> tl_wg_groups;
+
 template <class F>
 void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
   if (grid.x == 0 || grid.y == 0 || grid.z != 1 || block.x == 0 || block.x % 32 || block.y != 1 || smem < 0 || smem > 227 * 1024 ||
@@ -91,6 +108,7 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
       Block blk(block.x);
       std::vector<unsigned char> dyn(smem + 16, 0xff);  // 0xffff is NaN in fp16/bf16: unwritten tiles show
       g_dynamic_smem = dyn.data() + (16 - reinterpret_cast<uintptr_t>(dyn.data()) % 16) % 16;
+      g_dynamic_smem_bytes = smem;
       std::vector<std::unique_ptr<Warp>> warps;
       for (unsigned w = 0; w < block.x / 32; ++w) warps.emplace_back(new Warp);
       std::vector<std::thread> ts;
@@ -101,6 +119,10 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
           f();
           if (!tl_uncommitted.empty() || !tl_groups.empty()) {
             std::fprintf(stderr, "a thread exited with cp.async copies it never waited for\n");
+            std::abort();
+          }
+          if (!tl_wg_uncommitted.empty() || !tl_wg_groups.empty()) {
+            std::fprintf(stderr, "a thread exited with wgmma results it never waited for\n");
             std::abort();
           }
           ++threads_run;
@@ -236,5 +258,105 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   }
   w->bar.arrive_and_wait();
   for (int m = 0; m < 4; ++m) r[m] = out[m];
+}
+}  // namespace emu
+
+namespace emu {
+// 16-bit element (mn, k) of a shared-memory wgmma operand (no-swizzle canonical layouts, PTX ISA):
+// K-major ((8,m),(T,2k)):((1T,SBO),(1,LBO)), MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)), T = 8.
+inline const uint16_t* wgmma_element(uint64_t desc, bool mn_major, int mn, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
+    std::fprintf(stderr, "wgmma: only no-swizzle descriptors are emulated\n");
+    std::abort();
+  }
+  const uint32_t off = mn_major ? start + (mn / 8) * sbo + (mn % 8) * 2 + (k / 8) * lbo + (k % 8) * 16
+                                : start + (mn / 8) * sbo + (mn % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+  if (off + 2 > static_cast<uint32_t>(g_dynamic_smem_bytes)) {
+    std::fprintf(stderr, "wgmma: operand element at byte %u past the %d bytes of shared memory\n", off, g_dynamic_smem_bytes);
+    std::abort();
+  }
+  return reinterpret_cast<const uint16_t*>(g_dynamic_smem + off);
+}
+
+// Checksum of what this thread's part of a wgmma reads from shared memory: A rows rows0 + lane/4
+// (+8) when A is in shared memory, all of B (16 x n).
+inline uint64_t wgmma_checksum(const WgmmaOp& op, int n) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint16_t v) { h = (h ^ v) * 1099511628211ull; };
+  for (size_t i = 0; i < op.operands.size(); ++i) {
+    const auto [desc, mn_major] = op.operands[i];
+    const bool is_a = op.rows0 >= 0 && i == 0;
+    for (int k = 0; k < 16; ++k)
+      if (is_a) {
+        mix(*wgmma_element(desc, false, op.rows0 + tl_lane / 4, k));
+        mix(*wgmma_element(desc, false, op.rows0 + tl_lane / 4 + 8, k));
+      } else {
+        for (int c = 0; c < n; ++c) mix(*wgmma_element(desc, mn_major, c, k));
+      }
+  }
+  return h;
+}
+
+// wgmma.mma_async.m64nNk16.f32.T.T for this thread: a_regs (A from registers, gathered over the
+// warp as in mma.sync) or desc_a (K-major), desc_b K-major or, with b_mn_major (tnspB), MN-major.
+template <class T, int N>
+void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d, bool b_mn_major) {
+  Warp* w = tl_warp;
+  const int lane = tl_lane, warp_in_group = (threadIdx.x / 32) % 4;
+  float a_val[2][16];  // this lane's rows lane/4 and lane/4 + 8 of its warp's 16 A rows
+  if (a_regs) {
+    std::memcpy(w->a[lane], a_regs, 4 * sizeof(uint32_t));
+    w->bar.arrive_and_wait();
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k) {
+        const int r = lane / 4 + 8 * h, owner = (r % 8) * 4 + (k % 8) / 2, reg = r / 8 + 2 * (k / 8);
+        a_val[h][k] = half_bits_to_float<T>(w->a[owner][reg] >> (16 * (k % 2)));
+      }
+    w->bar.arrive_and_wait();
+  } else {
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k)
+        a_val[h][k] = half_bits_to_float<T>(*wgmma_element(desc_a, false, 16 * warp_in_group + lane / 4 + 8 * h, k));
+  }
+  WgmmaOp op{d, N / 2, std::vector<float>(N / 2), 0, {}, a_regs ? -1 : 16 * warp_in_group};
+  if (!a_regs) op.operands.push_back({desc_a, false});
+  op.operands.push_back({desc_b, b_mn_major});
+  // The input accumulators: those of an op on the same registers still in flight, else d.
+  const float* in = d;
+  for (auto& g : tl_wg_groups)
+    for (auto& o : g)
+      if (o.d == d) in = o.result.data();
+  for (auto& o : tl_wg_uncommitted)
+    if (o.d == d) in = o.result.data();
+  for (int i = 0; i < N / 2; ++i) {
+    const int n = i / 4, e = i % 4, col = 8 * n + 2 * (lane % 4) + e % 2;
+    double sum = 0;
+    for (int k = 0; k < 16; ++k)
+      sum += static_cast<double>(a_val[e / 2][k]) * half_bits_to_float<T>(*wgmma_element(desc_b, b_mn_major, col, k));
+    op.result[i] = static_cast<float>((scale_d ? in[i] : 0.f) + sum);
+  }
+  op.checksum = wgmma_checksum(op, N);
+  ++mmas;
+  for (int i = 0; i < N / 2; ++i) d[i] = std::numeric_limits<float>::quiet_NaN();
+  tl_wg_uncommitted.push_back(std::move(op));
+}
+
+inline void wgmma_commit() {
+  tl_wg_groups.push_back(std::move(tl_wg_uncommitted));
+  tl_wg_uncommitted.clear();
+}
+
+inline void wgmma_wait(int pending) {
+  for (; static_cast<int>(tl_wg_groups.size()) > pending; tl_wg_groups.pop_front())
+    for (WgmmaOp& op : tl_wg_groups.front()) {
+      if (wgmma_checksum(op, 2 * op.n) != op.checksum) {
+        std::fprintf(stderr, "wgmma: shared memory it reads changed before its wait_group\n");
+        std::abort();
+      }
+      std::memcpy(op.d, op.result.data(), op.n * sizeof(float));
+    }
 }
 }  // namespace emu

@@ -1,0 +1,14 @@
+// Flash backward, fp16/bf16 on Hopper's warpgroup MMA (softmax_attention_flash_bwd.cuh, kWg).
+// Without sm_90a code in the build flash_wgmma_enabled() is false and nothing here launches.
+#include "softmax_attention/softmax_attention_flash_bwd.cuh"
+
+namespace sola {
+
+bool flash_bwd_wgmma(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  if (!flash_wgmma_enabled()) return false;
+  if (p.dtype == at::kHalf) return flash::dispatch_bwd<c10::Half, true>(p, stream);
+  if (p.dtype == at::kBFloat16) return flash::dispatch_bwd<c10::BFloat16, true>(p, stream);
+  return false;
+}
+
+}  // namespace sola
