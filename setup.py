@@ -42,9 +42,22 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 def cuda_arch_list():
     """TORCH_CUDA_ARCH_LIST if set, else the visible GPU's arch, else 9.0 (no GPU needed); 9.0 is
-    built as 9.0a (the same GPUs; Hopper's wgmma needs the `a` target)."""
-    return ";".join("9.0a" if arch == "9.0" else arch
-                    for arch in _requested_cuda_archs().replace(" ", ";").split(";") if arch)
+    built as 9.0a (the same GPUs; Hopper's wgmma needs the `a` target, nvcc 12.0 or newer)."""
+    archs = [arch for arch in _requested_cuda_archs().replace(" ", ";").split(";") if arch]
+    if nvcc_version() >= (12, 0):
+        archs = ["9.0a" if arch == "9.0" else arch for arch in archs]
+    return ";".join(archs)
+
+
+def nvcc_version():
+    """(major, minor) of CUDA_HOME's nvcc; (0, 0) when it cannot tell."""
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+        major, minor = out.split("release ")[1].split(",")[0].split(".")[:2]
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return (0, 0)
 
 
 def _requested_cuda_archs():
