@@ -14,7 +14,8 @@
 // buffered where shared memory allows (pipeline). On tensor cores P^T / dS^T (or P / dS) go from
 // the accumulators straight into the next product as A fragments.
 // Gradient columns are split over blocks in chunks so the accumulators stay in registers.
-// Instantiated per dtype family: softmax_attention_flash_bwd_{tc,simt}.cu.
+// Instantiated per dtype family: softmax_attention_flash_bwd_{tc,simt}.cu, and with the products
+// on Hopper's wgmma (kWg) in softmax_attention_flash_bwd_wgmma.cu.
 #pragma once
 
 #include <algorithm>

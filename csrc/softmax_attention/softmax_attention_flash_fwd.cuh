@@ -6,7 +6,8 @@
 // K of tile j+1 while P V_j is, so one buffer each suffices. Head dims pad up to 32/64/128/256;
 // wide outputs are split over blocks in column chunks (each recomputes S) so the accumulators
 // stay in registers.
-// Instantiated per dtype family: softmax_attention_flash_fwd_{tc,simt}.cu.
+// Instantiated per dtype family: softmax_attention_flash_fwd_{tc,simt}.cu, and with the products
+// on Hopper's wgmma (kWg) in softmax_attention_flash_fwd_wgmma.cu.
 #pragma once
 
 #include <algorithm>
