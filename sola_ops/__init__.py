@@ -72,6 +72,11 @@ def _check_tensors(optional=False, **tensors):
 
 def _as_float(x, name):
     """float(x), with errors that name the argument (float()'s own say neither which nor why)."""
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        # float() would drop its gradient without a word (a learned temperature, as Swin v2's).
+        raise ValueError(f"{name} is a tensor that requires grad; the kernels take it as a number and "
+                         f"would not differentiate it" + (": scale q by it instead, e.g. "
+                         "softmax_attention(q * scale, k, v, scale=1.0)" if name == "scale" else ""))
     try:
         return float(x)
     except OverflowError:

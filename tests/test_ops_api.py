@@ -173,6 +173,19 @@ def test_scalar_arguments_still_accepted():
     assert torch.equal(sola_ops.softmax_attention(q, k, v, scale=1), sola_ops.softmax_attention(q, k, v, scale=1.0))
 
 
+def test_scale_requiring_grad_is_refused():
+    """A scale tensor that requires grad (a learned temperature) would lose its gradient in float():
+    a clear error instead, naming the way round it."""
+    q, k, v = make_qkv(1, 2, 3, 4, 8, 4, torch.float32)
+    tau = torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"scale is a tensor that requires grad.*q \* scale"):
+        sola_ops.softmax_attention(q, k, v, scale=tau)
+    with pytest.raises(ValueError, match="eps is a tensor that requires grad"):
+        sola_ops.linear_attention(q, k, v, eps=tau)
+    (sola_ops.softmax_attention(q * tau, k, v, scale=1.0)).sum().backward()
+    assert tau.grad is not None and tau.grad != 0
+
+
 def test_raw_op_checks():
     """The C++ ops check what the Python wrappers cannot see (called directly via torch.ops)."""
     ops = torch.ops.sola_ops
