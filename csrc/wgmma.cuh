@@ -106,6 +106,8 @@ SOLA_HD void wait() {
 SOLA_HD void async_proxy_fence() {
 #if defined(SOLA_WGMMA_DEVICE)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(SOLA_HOST_EMULATION)
+  ::emu::async_proxy_fence();
 #endif
 }
 

@@ -63,6 +63,15 @@ struct AsyncCopy {
 };
 inline thread_local std::vector<AsyncCopy> tl_uncommitted;
 inline thread_local std::deque<std::vector<AsyncCopy>> tl_groups;
+// Proxies: a cp.async that landed wrote shared memory through the generic proxy; until its thread
+// runs fence.proxy.async those 16 bytes are marked, and a wgmma (async proxy) reading a marked
+// byte aborts. g_unfenced has one flag per byte of the block's dynamic shared memory.
+inline std::vector<unsigned char> g_unfenced;
+inline thread_local std::vector<void*> tl_landed;  // this thread's landed, unfenced copies
+inline void mark_unfenced(void* dst, unsigned char flag) {
+  const ptrdiff_t off = static_cast<unsigned char*>(dst) - g_dynamic_smem;
+  if (off >= 0 && off + 16 <= static_cast<ptrdiff_t>(g_unfenced.size())) std::memset(&g_unfenced[off], flag, 16);
+}
 inline void cp_async_16(void* dst, const void* src) {
   std::memset(dst, 0xff, 16);
   tl_uncommitted.push_back({dst, src});
@@ -74,7 +83,16 @@ inline void cp_async_commit() {
 // cp.async.wait_group: all but the `pending` most recently committed groups land.
 inline void cp_async_wait_group(int pending) {
   for (; static_cast<int>(tl_groups.size()) > pending; tl_groups.pop_front())
-    for (const AsyncCopy& c : tl_groups.front()) std::memcpy(c.dst, c.src, 16);
+    for (const AsyncCopy& c : tl_groups.front()) {
+      std::memcpy(c.dst, c.src, 16);
+      mark_unfenced(c.dst, 1);
+      tl_landed.push_back(c.dst);
+    }
+}
+// fence.proxy.async: this thread's landed copies become visible to the async proxy (wgmma).
+inline void async_proxy_fence() {
+  for (void* dst : tl_landed) mark_unfenced(dst, 0);
+  tl_landed.clear();
 }
 inline void cp_async_wait_all() {  // cp.async.wait_all = commit_group + wait_group 0
   cp_async_commit();
@@ -109,6 +127,7 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
       std::vector<unsigned char> dyn(smem + 16, 0xff);  // 0xffff is NaN in fp16/bf16: unwritten tiles show
       g_dynamic_smem = dyn.data() + (16 - reinterpret_cast<uintptr_t>(dyn.data()) % 16) % 16;
       g_dynamic_smem_bytes = smem;
+      g_unfenced.assign(smem, 0);
       std::vector<std::unique_ptr<Warp>> warps;
       for (unsigned w = 0; w < block.x / 32; ++w) warps.emplace_back(new Warp);
       std::vector<std::thread> ts;
@@ -125,6 +144,7 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
             std::fprintf(stderr, "a thread exited with wgmma results it never waited for\n");
             std::abort();
           }
+          tl_landed.clear();  // a block's copies need no fence once it has ended
           ++threads_run;
           tl_warp->exited++;
           tl_warp->bar.arrive_and_drop();
@@ -276,6 +296,10 @@ inline const uint16_t* wgmma_element(uint64_t desc, bool mn_major, int mn, int k
                                 : start + (mn / 8) * sbo + (mn % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
   if (off + 2 > static_cast<uint32_t>(g_dynamic_smem_bytes)) {
     std::fprintf(stderr, "wgmma: operand element at byte %u past the %d bytes of shared memory\n", off, g_dynamic_smem_bytes);
+    std::abort();
+  }
+  if (g_unfenced[off]) {
+    std::fprintf(stderr, "wgmma: reads shared memory a cp.async wrote, with no fence.proxy.async by its thread since\n");
     std::abort();
   }
   return reinterpret_cast<const uint16_t*>(g_dynamic_smem + off);
