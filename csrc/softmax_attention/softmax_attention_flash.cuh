@@ -384,6 +384,84 @@ SOLA_HD void negate_tile(T* tile, int tid) {
   for (int i = tid; i < kElems; i += kThreads) tile[i] = static_cast<T>(-static_cast<acc_t<T>>(tile[i]));
 }
 
+// ---- which rows a warp's row groups are -------------------------------------------------------
+
+// Rows between the first rows of consecutive row groups in the products' A operand: a warp's
+// adjacent 16-row groups with mma.sync, the warpgroup's 64-row M tiles with wgmma (kWg).
+template <bool kWg>
+constexpr int kGroupStride = kWg ? kBlockRows : kWarpRows;
+
+// First tile row of warp `warp`'s row group g (the rows of its accumulators c[g]).
+template <int kG, bool kWg>
+SOLA_HD int group_row(int warp, int g) {
+  return (kWg ? kWarpRows * warp : kWarpRows * kG * warp) + kGroupStride<kWg> * g;
+}
+
+// First row of A the products take for group 0: the warp's own with mma.sync, the warpgroup's
+// (the block's) with wgmma; group g starts kGroupStride<kWg> g rows further.
+template <int kG, bool kWg>
+SOLA_HD int product_row0(int warp) {
+  return kWg ? 0 : kWarpRows * kG * warp;
+}
+
+// ---- the same products on Hopper's warpgroup MMA (wgmma.cuh), tiles in core-matrix layout ----
+// The block's 4 warps are one warpgroup; group g is the 64-row M tile 64 g .. 64 g + 63, of which
+// warp w holds rows 64 g + 16 w .. (its c[g] in the same C layout as above).
+
+template <int kN, int kG>
+SOLA_DEVICE float (&flat(float (&c)[kG][kN / 8][4], int g))[kN / 2] {
+  return reinterpret_cast<float(&)[kN / 2]>(c[g]);
+}
+
+// c[g] = A_g B^T over kD columns: A_g = rows a0 + 64 g .. of tile a, B^T = the first 8 kNT rows
+// of bt (both kD wide).
+template <typename T, int kD, int kG, int kNT>
+SOLA_DEVICE void wg_gemm_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
+  wgmma::fence();
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma::mma_ss<T, 8 * kNT>(flat<8 * kNT, kG>(c, g), wgmma::k_along_cols<kD>(a, a0 + kBlockRows * g, 16 * kk),
+                                wgmma::k_along_cols<kD>(bt, 0, 16 * kk), kk > 0);
+  wgmma::commit();
+  wgmma::wait<0>();
+#pragma unroll
+  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
+}
+
+// c[g] += X_g B: X_g = x[g] (P, P^T, dS, dS^T rounded to T, as register A fragments), B = the first
+// 8 kXT rows, columns col0 .. col0 + 8 kOT - 1 of tile b (kCols wide; K runs along its rows).
+template <typename T, int kCols, int kG, int kXT, int kOT>
+SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const T* b, int col0) {
+  FragA xf[kG][kXT / 2];  // all of them first: the wgmmas read them until the wait
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk) {
+      xf[g][kk] = acc_to_a<T>(x[g], kk);
+      wgmma::operand_fence(xf[g][kk].x);
+    }
+#pragma unroll
+  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
+  wgmma::fence();
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk)
+      wgmma::mma_rs<T, 8 * kOT>(flat<8 * kOT, kG>(c, g), xf[g][kk].x, wgmma::k_along_rows<kCols>(b, 16 * kk, col0), 1);
+  wgmma::commit();
+  wgmma::wait<0>();
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk) wgmma::operand_fence(xf[g][kk].x);
+  }
+}
+
 // ---- the two products of every flash kernel, per warp -------------------------------------------
 
 // SIMT c[16 x 8 kNT] += A B^T for one group of 16 rows (gemm_abt). This lane's rows g, g+8 of A
@@ -410,14 +488,22 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
   }
 }
 
-// c[g][16 x 8 kNT] += A_g B^T over kD columns for kG groups of 16 rows: A_g = rows a0 + 16 g ..
+// c[g][16 x 8 kNT] = A_g B^T over kD columns for kG groups of 16 rows: A_g = rows a0 + 16 g ..
 // a0 + 16 g + 15 of tile a, B^T = the first 8 kNT rows of tile bt (both leading dim kD + kPad).
 // Q K^T, K Q^T, dO V^T, V dO^T. On tensor cores each B fragment loaded serves every group.
-// `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them are left as
-// they are (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile.
-template <typename T, int kD, int kG, int kNT, typename acc>
+// `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them stay 0
+// (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. With kWg the
+// product runs on wgmma (wg_gemm_abt: a0 is the warpgroup's first row, groups 64 rows apart;
+// every column computed).
+template <typename T, int kD, bool kWg = false, int kG, int kNT, typename acc>
 SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
   constexpr int kLd = kD + kPad;
+  if constexpr (kWg) {
+    wg_gemm_abt<T, kD>(c, a, a0, bt);  // every column, `live` or not
+    return;
+  }
+#pragma unroll
+  for (int g = 0; g < kG; ++g) zero(c[g]);
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
@@ -482,11 +568,14 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 // and load each B fragment once for every group; SIMT goes through `scratch`, this warp's
 // 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b that exist; the
 // columns of x past them must be 0 up to the next multiple of 16 (8 on SIMT fp64, 4 fp32).
-template <typename T, int kD, int kG, int kXT, int kOT, typename acc>
+// kWg: on wgmma (wg_gemm_xb; b in core-matrix layout, scratch and live unused).
+template <typename T, int kD, bool kWg = false, int kG, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, int live,
                          acc* scratch, int lane) {
   constexpr int kLd = kD + kPad;
-  if constexpr (kIsHalfType<T>) {
+  if constexpr (kWg) {
+    wg_gemm_xb<T, kD>(c, x, b, col0);
+  } else if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int kk = 0; kk < kXT / 2; ++kk) {
       if (16 * kk >= live) continue;
@@ -505,64 +594,6 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const
     }
   } else {
     for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, live, scratch, lane);
-  }
-}
-
-// ---- the same products on Hopper's warpgroup MMA (wgmma.cuh), tiles in core-matrix layout ----
-// The block's 4 warps are one warpgroup; group g is the 64-row M tile 64 g .. 64 g + 63, of which
-// warp w holds rows 64 g + 16 w .. (its c[g] in the same C layout as above).
-
-template <int kN, int kG>
-SOLA_DEVICE float (&flat(float (&c)[kG][kN / 8][4], int g))[kN / 2] {
-  return reinterpret_cast<float(&)[kN / 2]>(c[g]);
-}
-
-// c[g] = A_g B^T over kD columns: A_g = rows a0 + 64 g .. of tile a, B^T = the first 8 kNT rows
-// of bt (both kD wide).
-template <typename T, int kD, int kG, int kNT>
-SOLA_DEVICE void wg_gemm_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
-#pragma unroll
-  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
-  wgmma::fence();
-#pragma unroll
-  for (int g = 0; g < kG; ++g)
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma::mma_ss<T, 8 * kNT>(flat<8 * kNT, kG>(c, g), wgmma::k_along_cols<kD>(a, a0 + kBlockRows * g, 16 * kk),
-                                wgmma::k_along_cols<kD>(bt, 0, 16 * kk), kk > 0);
-  wgmma::commit();
-  wgmma::wait<0>();
-#pragma unroll
-  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
-}
-
-// c[g] += X_g B: X_g = x[g] (P, P^T, dS, dS^T rounded to T, as register A fragments), B = the first
-// 8 kXT rows, columns col0 .. col0 + 8 kOT - 1 of tile b (kCols wide; K runs along its rows).
-template <typename T, int kCols, int kG, int kXT, int kOT>
-SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const T* b, int col0) {
-  FragA xf[kG][kXT / 2];  // all of them first: the wgmmas read them until the wait
-#pragma unroll
-  for (int g = 0; g < kG; ++g)
-#pragma unroll
-    for (int kk = 0; kk < kXT / 2; ++kk) {
-      xf[g][kk] = acc_to_a<T>(x[g], kk);
-      wgmma::operand_fence(xf[g][kk].x);
-    }
-#pragma unroll
-  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
-  wgmma::fence();
-#pragma unroll
-  for (int g = 0; g < kG; ++g)
-#pragma unroll
-    for (int kk = 0; kk < kXT / 2; ++kk)
-      wgmma::mma_rs<T, 8 * kOT>(flat<8 * kOT, kG>(c, g), xf[g][kk].x, wgmma::k_along_rows<kCols>(b, 16 * kk, col0), 1);
-  wgmma::commit();
-  wgmma::wait<0>();
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
-#pragma unroll
-    for (int kk = 0; kk < kXT / 2; ++kk) wgmma::operand_fence(xf[g][kk].x);
   }
 }
 

@@ -147,18 +147,13 @@ SOLA_HD acc (&one_group(acc (&x)[kG][kNT][4], int g))[1][kNT][4] {
 
 // ds = p * (dP - delta(g, n, e)) with dP = A_g B^T (gemm_abt), one group at a time so that only
 // one group's dP tile is live next to every group's p: dS from P (dq_kernel), dS^T from P^T (dkdv).
-// a0: this warp's first row of A (mma.sync), or with kWg the block's (group g: a0 + 64 g ..).
+// a0: product_row0 (group g starts kGroupStride<kWg> g rows further).
 template <typename T, int kD, bool kWg, int kG, int kNT, typename acc, typename Delta>
 SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], const T* a, int a0, const T* bt,
                              int live, int lane, Delta delta) {
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    if constexpr (kWg) {
-      wg_gemm_abt<T, kD>(one_group(ds, g), a, a0 + kBlockRows * g, bt);
-    } else {
-      zero(ds[g]);
-      gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane);
-    }
+    gemm_abt<T, kD, kWg>(one_group(ds, g), a, a0 + kGroupStride<kWg> * g, bt, live, lane);
 #pragma unroll
     for (int n = 0; n < kNT; ++n)
 #pragma unroll
@@ -200,10 +195,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BwdSmem<Tiles> smem(smem_raw, warp);
-  // This warp's first row of its group g (with wgmma: of the warpgroup's 64-row tile g), and the
-  // first row of A the products take (this warp's with mma.sync, the block's with wgmma).
-  const int warp_row0 = warp * kWarpRows * kG, a0 = kWg ? 0 : warp_row0;
-  auto group_row = [&](int g) { return kWg ? kBlockRows * g + kWarpRows * warp : warp_row0 + kWarpRows * g; };
+  const int a0 = product_row0<kG, kWg>(warp);  // the products' first row of the resident tiles
   T* sK = smem.resident[0];
   T* sV = smem.resident[1];
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -245,13 +237,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
       // P^T and dP^T, then dS^T: this warp's 16 keys per group x kStream queries. lse and delta
       // belong to the query (column): one shared-memory read serves every group.
       acc pt[kG][kST][4], dpt[kG][kST][4];
-      if constexpr (kWg) {
-        wg_gemm_abt<T, kD>(pt, sK, 0, sQ);
-      } else {
-#pragma unroll
-        for (int g = 0; g < kG; ++g) zero(pt[g]);
-        gemm_abt<T, kD>(pt, sK, warp_row0, sQ, live, lane);
-      }
+      gemm_abt<T, kD, kWg>(pt, sK, a0, sQ, live, lane);
 #pragma unroll
       for (int n = 0; n < kST; ++n)
 #pragma unroll
@@ -260,17 +246,15 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
 #pragma unroll
           for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
         }
-      if constexpr (kWg) wg_gemm_xb<T, kD>(dv, pt, sG, t.col0);
-      else gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
+      gemm_xb<T, kD, kWg>(dv, pt, sG, t.col0, live, smem.scratch, lane);
       grad_scores<T, kD, kWg>(dpt, pt, sV, a0, sG, live, lane,
                               [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; });
-      if constexpr (kWg) wg_gemm_xb<T, kD>(dk, dpt, sQ, t.col0);
-      else gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
+      gemm_xb<T, kD, kWg>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
     };
     pipeline<Tiles::kStages, kStream, false, kWg>(p.Nq, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
-      const int64_t row0 = t.row0 + group_row(g);
+      const int64_t row0 = t.row0 + group_row<kG, kWg>(warp, g);
       store_rows<T>(dk[g], static_cast<acc>(p.scale), p.dk, t, row0, p.Nk, Dk, lane);
       store_rows<T>(dv[g], acc(1), p.dv, t, row0, p.Nk, Dv, lane);
     }
@@ -288,8 +272,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BwdSmem<Tiles> smem(smem_raw, warp);
-  const int warp_row0 = warp * kWarpRows * kG, a0 = kWg ? 0 : warp_row0;  // as in dkdv_kernel
-  auto group_row = [&](int g) { return kWg ? kBlockRows * g + kWarpRows * warp : warp_row0 + kWarpRows * g; };
+  const int a0 = product_row0<kG, kWg>(warp);  // as in dkdv_kernel
   T* sQ = smem.resident[0];
   T* sG = smem.resident[1];  // grad_out
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
@@ -306,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
     for (int g = 0; g < kG; ++g) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int64_t i = t.row0 + group_row(g) + acc_row(2 * r, lane);
+        const int64_t i = t.row0 + group_row<kG, kWg>(warp, g) + acc_row(2 * r, lane);
         const int64_t idx = t.bh * p.Nq + (i < p.Nq ? i : 0);
         lse[g][r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
         delta[g][r] = static_cast<const acc*>(p.delta)[idx];
@@ -328,13 +311,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
       const T* sV = smem.streamed(stage, 1);
       // P and dP, then dS: this warp's 16 queries per group x kStream keys.
       acc s[kG][kST][4], dp[kG][kST][4];
-      if constexpr (kWg) {
-        wg_gemm_abt<T, kD>(s, sQ, 0, sK);
-      } else {
-#pragma unroll
-        for (int g = 0; g < kG; ++g) zero(s[g]);
-        gemm_abt<T, kD>(s, sQ, warp_row0, sK, live, lane);
-      }
+      gemm_abt<T, kD, kWg>(s, sQ, a0, sK, live, lane);
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
 #pragma unroll
       for (int n = 0; n < kST; ++n)
@@ -346,13 +323,12 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
             s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
           }
       grad_scores<T, kD, kWg>(dp, s, sG, a0, sV, live, lane, [&](int g, int, int e) { return delta[g][e >> 1]; });
-      if constexpr (kWg) wg_gemm_xb<T, kD>(dq, dp, sK, t.col0);
-      else gemm_xb<T, kD>(dq, dp, sK, t.col0, live, smem.scratch, lane);
+      gemm_xb<T, kD, kWg>(dq, dp, sK, t.col0, live, smem.scratch, lane);
     };
     pipeline<Tiles::kStages, kStream, true, kWg>(p.Nk, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g)
-      store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + group_row(g), p.Nq, Dk, lane);
+      store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + group_row<kG, kWg>(warp, g), p.Nq, Dk, lane);
   }
 }
 
@@ -380,7 +356,6 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 // kWg: the wgmma kernels (up to head dim 128; the caller checks flash_wgmma_enabled()).
 template <typename T, bool kWg = false>
 bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  if (kWg && std::max(p.Dk, p.Dv) > 128) return false;
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
     if constexpr (kWg && kD > 128) {
       return false;

@@ -62,9 +62,6 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   T* sK = sQ + kBlockM * kLd;
   T* sV = sK + kBlockN * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  // First tile row of this warp's group g: with mma.sync a warp's groups are adjacent, with wgmma
-  // group g is the warpgroup's 64-row tile g.
-  auto group_row = [&](int g) { return kWg ? kBlockRows * g + kWarpRows * warp : (warp * kG + g) * kWarpRows; };
   // Tiles written by this block's threads become visible to every warp (and to wgmma's reads).
   auto publish = [] {
     if constexpr (kWg) wgmma::async_proxy_fence();
@@ -116,13 +113,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       cp_async_commit();
 
       acc s[kG][kNT][4];
-      if constexpr (kWg) {
-        wg_gemm_abt<T, kD>(s, sQ, 0, sK);  // computes every key column; the edge masking below applies
-      } else {
-#pragma unroll
-        for (int g = 0; g < kG; ++g) zero(s[g]);
-        gemm_abt<T, kD>(s, sQ, warp * kWarpRows * kG, sK, live, lane);
-      }
+      gemm_abt<T, kD, kWg>(s, sQ, product_row0<kG, kWg>(warp), sK, live, lane);
 
       // Online softmax. A NaN score never becomes the max (fmax), so exp(NaN * scale - m) makes
       // its row NaN, as in torch.
@@ -177,8 +168,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
         keys.load(sK);
         cp_async_commit();
       }
-      if constexpr (kWg) wg_gemm_xb<T, kDOut>(o, s, sV, 0);
-      else gemm_xb<T, kDOut>(o, s, sV, 0, live, scratch, lane);
+      gemm_xb<T, kDOut, kWg>(o, s, sV, 0, live, scratch, lane);
       cp_async_wait_all();
       publish();  // K_{j+1} is in; every warp is done with V_j
     };
@@ -196,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
         acc sum = l[g][r];
         sum += __shfl_xor_sync(kFullMask, sum, 1);
         sum += __shfl_xor_sync(kFullMask, sum, 2);
-        const int64_t i = m0 + group_row(g) + acc_row(2 * r, lane);
+        const int64_t i = m0 + group_row<kG, kWg>(warp, g) + acc_row(2 * r, lane);
         if (i >= p.Nq) continue;
         // A row of only -inf scores has l = 0 and ends 0/0 = NaN with lse = -inf, as torch.
         T* out = p.out.row<T>(b, h, i);
@@ -226,9 +216,6 @@ bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 // kWg: the wgmma kernels (up to head dim 128; the caller checks flash_wgmma_enabled()).
 template <typename T, bool kWg = false>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  if constexpr (kWg) {
-    if (std::max(p.Dk, p.Dv) > 128) return false;
-  }
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     if constexpr (kWg && kD > 128) {
