@@ -110,6 +110,8 @@ main() {
             fi
         fi
         echo "=== [$name] $status in $(($(now) - s))s"
+        # what was measured so far reaches $OUT even if the whole command is killed later
+        [ -n "${OUT:-}" ] && [ -f "$JSON" ] && cp -f "$JSON" "$OUT"/ 2>/dev/null
         names+=("$name")
         results+=("$status")
         secs+=("$(($(now) - s))")
@@ -196,11 +198,14 @@ main() {
     return 0
 }
 
-main 2>&1 | tee "$LOG"
+# the log is written to $OUT as it grows too, so a run killed from outside still brings it back
+OUT_LOG=/dev/null
+[ -n "${OUT:-}" ] && [ -d "${OUT}" ] && OUT_LOG="$OUT/$SLUG.log"
+main 2>&1 | tee "$LOG" "$OUT_LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
     # at most 8 files come back from $OUT: the JSON, the log and up to 5 PNGs
-    cp -f "$JSON" "$LOG" "$OUT"/ 2>/dev/null
+    cp -f "$JSON" "$OUT"/ 2>/dev/null
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
 fi

@@ -388,6 +388,23 @@ def test_nonfinite_propagates(device, op, where, value):
     assert all(torch.isfinite(g[0, 1]).all() for g in grads), "a non-finite input leaked into another head's gradient"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_lse_of_nonfinite_scores_is_torchs(device, where, value):
+    """A +inf score gives lse = +inf (torch.logsumexp), not inf - inf = NaN; NaN stays NaN and
+    rows the bad value does not reach stay finite and exact."""
+    q, k, v = make_qkv(2, 2, 7, 9, 8, 5, torch.float32, device, seed=1)
+    {"q": q, "k": k}[where][1, 0, 3, 2] = value
+    _, lse = sola_ops.softmax_attention(q, k, v, return_lse=True)
+    _, ref = reference.softmax_attention(q.double(), k.double(), v.double(), return_lse=True)
+    if value != value:
+        assert torch.isnan(lse[1, 0, 3] if where == "q" else lse[1, 0]).all()
+    else:
+        assert (lse == float("inf")).any(), "no row had a +inf score: the test checks nothing"
+    torch.testing.assert_close(lse.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 def test_nan_propagates_linear_feature_maps(feature_map):
     """NaN passes every feature map (relu(NaN) is NaN, as torch.relu), also through q_norm."""

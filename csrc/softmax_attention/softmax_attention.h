@@ -2,9 +2,19 @@
 //   out = softmax(scale * q k^T) v, with the row log-sum-exp saved for the backward.
 #pragma once
 
+#include <cmath>
+#include <limits>
+
 #include "common.h"
 
 namespace sola {
+
+// A row's log-sum-exp from its running max m and l = sum_j exp(s_j - m). A +inf score makes
+// l = exp(inf - inf) = NaN; torch.logsumexp says +inf there (out is NaN either way).
+template <typename T>
+SOLA_HD T row_lse(T m, T l) {
+  return m == std::numeric_limits<T>::infinity() ? m : m + std::log(l);
+}
 
 struct SoftmaxAttentionParams {
   int64_t B = 0, H = 0, Nq = 0, Nk = 0, Dk = 0, Dv = 0;

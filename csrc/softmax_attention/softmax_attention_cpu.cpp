@@ -114,7 +114,7 @@ void fwd(const SoftmaxAttentionParams& p) {
         scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
         const acc inv_l = acc(1) / l[r];
         for (int64_t e = 0; e < Dv; ++e) out[e] = static_cast<scalar_t>(o[r * Dv + e] * inv_l);
-        lse_all[bh * p.Nq + i0 + r] = m[r] + std::log(l[r]);
+        lse_all[bh * p.Nq + i0 + r] = row_lse(m[r], l[r]);
       }
     }
   });

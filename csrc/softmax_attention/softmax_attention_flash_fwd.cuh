@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
             const int c = col0 + acc_col(n, e, lane);
             if (c < Dv) out[c] = static_cast<T>(o[g][n][e] / sum);
           }
-        if (col0 == 0 && lane % 4 == 0) static_cast<acc*>(p.lse)[bh * p.Nq + i] = Exp::to_nat(m[g][r]) + std::log(sum);
+        if (col0 == 0 && lane % 4 == 0) static_cast<acc*>(p.lse)[bh * p.Nq + i] = row_lse(Exp::to_nat(m[g][r]), sum);
       }
   }
 }

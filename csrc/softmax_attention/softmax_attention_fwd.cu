@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kRowThreads) fwd_kernel(const SoftmaxAttention
       const int c = lane + kWarpSize * t;
       if (c < Dv) out[c] = static_cast<scalar_t>(o[t] / l);
     }
-    if (lane == 0) static_cast<acc*>(p.lse)[row] = m + std::log(l);
+    if (lane == 0) static_cast<acc*>(p.lse)[row] = row_lse(m, l);
   }
 }
 

@@ -23,6 +23,8 @@ void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int6
   if (poison == 2) k.select(0, B - 1).select(0, 0).select(1, 2).fill_(-INFINITY);  // whole column: many -inf scores
   if (poison == 3) k.select(0, B - 1).select(0, 0).fill_(-INFINITY), q.select(0, B - 1).select(0, 0).fill_(1.0);  // all -inf
   if (poison == 4) k.select(0, B - 1).select(0, 0).fill_(-40.0), q.select(0, B - 1).select(0, 0).fill_(40.0);  // lse << 0
+  if (poison == 5)  // key 2 scores +inf in every row: lse = +inf (as torch.logsumexp), out NaN
+    k.select(0, B - 1).select(0, 0).select(0, 2).select(0, 0).fill_(INFINITY), q.select(0, B - 1).select(0, 0).select(1, 0).fill_(1.0);
   const bool finite = poison == 0 || poison == 4;
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   SoftmaxAttentionParams p;
@@ -158,6 +160,7 @@ int main(int argc, char** argv) {
   }
   if (which == "all" || which == "softmax") {  // last: their random draws leave the cases above as they were
     for (auto dt : {at::kHalf, at::kFloat, at::kDouble}) softmax_case(1, 2, 70, 90, 32, 40, dt, 0.2, false, 0, true);
+    for (auto dt : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) softmax_case(2, 1, 70, 90, 32, 32, dt, 0.3, false, 5);
   }
   if (which == "big") {
     softmax_case(1, 1, 1023, 1023, 32, 32, at::kHalf, 0.17, false);
