@@ -16,6 +16,15 @@ namespace la {
 // S/z or dS/dz (TokenReduceArgs, planned), then the chunk combine when the tokens were split.
 template <typename scalar_t>
 void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream);
+// The combine alone: results = scale * sum of a.chunks partials, in chunk order.
+template <typename acc>
+void launch_combine_chunks(const TokenReduceArgs& a, cudaStream_t stream);
+
+// What a row-kernel launch did: launched (else the caller runs another kernel) and, for
+// QueryGrad, whether it summed dS and dz too (else the backward runs the token reduction).
+struct RowsLaunch {
+  bool launched = false, summed_dstate = false;
+};
 
 // fp16/bf16 (kIsHalfType) on sm_80+ run the tensor-core (tf32) kernels of linear_attention_tc.cuh.
 // Each returns false, launching nothing, where it does not apply (GPU before sm_80; rows: a
@@ -23,12 +32,13 @@ void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream);
 template <typename scalar_t>
 bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream);  // without the combine
 template <typename scalar_t, RowsMode kMode>
-bool launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream);
+RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream);
 
 // rows_kernel for the head-dim bucket of d_out (the mode's widest output). fp64 only takes the
 // 256 bucket: it serves gradcheck and reference runs, not speed, and costs 3 fewer instantiations.
+// Returns whether QueryGrad summed dS and dz as well (the tensor-core kernel up to head dim 32).
 template <typename scalar_t, RowsMode kMode>
-void launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_out, cudaStream_t stream) {
+bool launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_out, cudaStream_t stream) {
   const int64_t n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
   auto launch = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
@@ -36,15 +46,17 @@ void launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_
     rows_kernel<scalar_t, kD, kMode><<<grid_x(items, 1), kThreads, 0, stream>>>(p, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (n == 0) return;
+  if (n == 0) return false;
   if constexpr (kIsHalfType<scalar_t>) {
-    if (launch_rows_tc<scalar_t, kMode>(p, s, stream)) return;
+    const RowsLaunch tc = launch_rows_tc<scalar_t, kMode>(p, s, stream);
+    if (tc.launched) return tc.summed_dstate;
   }
   if constexpr (std::is_same_v<scalar_t, double>) {
     launch(std::integral_constant<int, 256>{});
   } else {
     SOLA_HEADDIM_SWITCH(d_out, kHeadDim, [&] { launch(std::integral_constant<int, kHeadDim>{}); });
   }
+  return false;
 }
 
 }  // namespace la

@@ -20,12 +20,18 @@ void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream) {
     token_reduce_kernel<scalar_t, 64><<<grid, ReduceConfig<scalar_t, 64>::kBlockThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (a.chunks > 1) {
-    const int64_t entries = a.heads * (int64_t(a.Dm) * a.Dn + a.Dm);
-    combine_chunks_kernel<acc_t<scalar_t>><<<grid_x(entries, kThreads), kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (a.chunks > 1) launch_combine_chunks<acc_t<scalar_t>>(a, stream);
 }
+
+template <typename acc>
+void launch_combine_chunks(const TokenReduceArgs& a, cudaStream_t stream) {
+  const int64_t entries = a.heads * (int64_t(a.Dm) * a.Dn + a.Dm);
+  combine_chunks_kernel<acc><<<grid_x(entries, kThreads), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_combine_chunks<float>(const TokenReduceArgs&, cudaStream_t);
+template void launch_combine_chunks<double>(const TokenReduceArgs&, cudaStream_t);
 
 template void launch_token_reduce<at::Half>(const TokenReduceArgs&, cudaStream_t);
 template void launch_token_reduce<at::BFloat16>(const TokenReduceArgs&, cudaStream_t);

@@ -11,6 +11,7 @@
 
 #include "cuda_utils.cuh"
 #include "mma_tf32.cuh"
+#include "linear_attention/linear_attention_cuda.cuh"
 #include "linear_attention/linear_attention_reduce.cuh"
 #include "linear_attention/linear_attention_rows.cuh"
 
@@ -130,6 +131,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 // kernels can spare at head dim 32); at 128 a second array would halve the blocks per SM, so the
 // state is split on the fly. Epilogues work on the accumulator fragments: a row's 4 owning lanes
 // sum their parts with two xor shuffles (identical in all four).
+//
+// QueryGrad at kD = 32 also sums dS = sum_i phi(q_i) (g_i / den_i)^T and dz = sum_i phi(qn_i) dd_i
+// over the rows it walks (kFoldDs), one partial per block, so the backward does not read q and g a
+// second time for a token reduction (18 -> 14 N D bytes moved). The epilogue leaves
+// tf32(phi(q_i) / den_i) in qs next to g in xs; the four warps then split the kD x kD product
+// qs^T xs (16 x 8 tiles, K = the tile's rows) as the token reduction does. dz stays fp32 on
+// unrounded values: per lane, then xor shuffles over the 8 row lanes, then per warp in smem.
 template <int kD, RowsMode kMode>
 struct RowsTcConfig {
   static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
@@ -143,13 +151,24 @@ struct RowsTcConfig {
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
-  static constexpr int kSmemBytes = 4 * (kRows * kXLd + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow);
+  // At kD 64 the fold took 213 registers (128 without: 4 -> 2 blocks per SM); not there yet.
+  static constexpr bool kFoldDs = kMode == RowsMode::QueryGrad && kD == 32;
+  // dS tiles: kD / 16 rows of 16 x 8 tiles, each warp a row's kDsNT tiles (kD 32: half a row).
+  static constexpr int kDsMT = kD / 16, kDsNT = kNT * kDsMT / 4;
+  static constexpr int kFoldFloats = kFoldDs ? kRows * kXLd + 4 * kD : 0;  // qs, dz_s
+  static constexpr int kSmemBytes = 4 * (kRows * kXLd + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow + kFoldFloats);
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
+  static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
 };
 
 // Blocks the row kernels aim for (several per SM on any current GPU); each output row is computed
 // the same way whatever the grouping, so this only sets how often a state is re-read.
 constexpr int64_t kRowsTcTargetBlocks = 1024;
+
+// Row tiles per head a block walks over (its group): enough blocks in all for the target.
+inline int64_t rows_tc_groups(int64_t heads, int64_t row_tiles) {
+  return std::min(row_tiles, std::max<int64_t>(1, ceil_div(kRowsTcTargetBlocks, heads)));
+}
 
 // c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
 // n8 tiles at or past Dout stay 0. kPreSplit: ws holds W's hi parts and ws_lo (same layout) its lo
@@ -192,12 +211,15 @@ SOLA_DEVICE float quad_sum(float x) {
 }
 
 // grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem kSmemBytes.
+// kFoldDs: ds = dstate_reduce_args with chunks = groups (block group c sums chunk c's partial).
 template <typename scalar_t, int kD, RowsMode kMode>
-__global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups) {
+__global__ void __launch_bounds__(128)
+    rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups, const TokenReduceArgs ds) {
   using Cfg = RowsTcConfig<kD, kMode>;
   constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
   constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads;
-  constexpr bool kPreSplit = Cfg::kPreSplit;
+  constexpr bool kPreSplit = Cfg::kPreSplit, kFoldDs = Cfg::kFoldDs;
+  constexpr int kDsNT = Cfg::kDsNT;
   constexpr bool kQueries = kMode != RowsMode::KeyGrad;
   SOLA_DYNAMIC_SMEM(smem_raw);
   float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32
@@ -205,16 +227,20 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
   float* const ws_lo = ws + kD * kWLd;                   // [kD][kWLd] kPreSplit: their lo parts
   float* const zs = ws + Cfg::kWArrays * kD * kWLd;      // [kD] z (Out, QueryGrad) or dz (KeyGrad)
   float* const den_part = zs + kD;                       // [kRows][kVpr] Out: phi(qn) . z per load vector
+  float* const qs = den_part + kRows * kVpr;             // [kRows][kXLd] kFoldDs: tf32(phi(q_i) / den_i)
+  float* const dz_s = qs + kRows * kXLd;                 // [4][kD] kFoldDs: each warp's dz sum
 
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const int64_t N = kQueries ? p.Nq : p.Nk;
   const int64_t row_tiles = ceil_div(N, kRows), items = p.B * p.H * groups;
   const float* const w_all = static_cast<const float*>(kQueries ? p.state : s.dstate);
   const float* const z_all = static_cast<const float*>(kQueries ? p.z : s.dz);
-  const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, m0 = 16 * warp;
   const int g = lane / 4, t4 = lane % 4;
   const int lr = tid / kVpr, lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
   const FeatureMap fm = p.feature_map;
+  // kFoldDs: this warp's dS tiles, rows ds_m0 .. + 15, columns 8 (ds_n0 + n) .. + 7.
+  const int ds_m0 = 16 * (warp % Cfg::kDsMT), ds_n0 = kDsNT * (warp / Cfg::kDsMT);
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
     const int64_t bh = item / groups, b = bh / p.H, h = bh % p.H;
@@ -231,6 +257,14 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
       }
     }
     for (int i = tid; i < kD; i += kThreads) zs[i] = p.normalize && i < Dk ? z_all[bh * Dk + i] : 0.f;
+    float ds_acc[kDsNT][4];  // kFoldDs: this warp's dS tiles over the item's rows
+    if constexpr (kFoldDs) {
+#pragma unroll
+      for (int n = 0; n < kDsNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ds_acc[n][e] = 0.f;
+      for (int i = lane; i < kD; i += 32) dz_s[warp * kD + i] = 0.f;
+    }
 
     // xs = f(x) for the tile's rows (f = phi when x_phi), 0 past N and Din; with den also
     // den_part = phi(qn) . z per load vector, from the unrounded fp32 values.
@@ -326,36 +360,85 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         const bool q_al = rows_aligned<scalar_t>(p.q, 2), qn_al = rows_aligned<scalar_t>(p.qn, 2);
         float* const inv_den_out = static_cast<float*>(s.inv_den);
         float* const dd_out = static_cast<float*>(s.dd);
+        float dz_part[kNT][2];  // kFoldDs: phi(qn_i) dd_i summed over this lane's two rows
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int64_t row = r0 + m0 + g + 8 * hh;
+          const int rl = m0 + g + 8 * hh;
+          const int64_t row = r0 + rl;
           const bool valid = row < N;  // every lane takes part in the shuffles
           // g . num = phi(q) . u and den = phi(qn) . z over this lane's columns, then the row's.
           float g_num = 0.f, den = 0.f;
+          float qv[kNT][2], qnv[kNT][2];  // phi(q), phi(qn) at this lane's columns, 0 outside
 #pragma unroll
           for (int n = 0; n < kNT; ++n) {
             const int col = 8 * n + 2 * t4;
+            if constexpr (kFoldDs) qv[n][0] = qv[n][1] = qnv[n][0] = qnv[n][1] = 0.f;
             if (!valid || col >= Dk) continue;
-            float qv[2], qnv[2];
-            load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv);
-            load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv);
-            phi_cols<true>(fm, Dk - col, qv);
-            phi_cols<true>(fm, Dk - col, qnv);
+            load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv[n]);
+            load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv[n]);
+            phi_cols<true>(fm, Dk - col, qv[n]);
+            phi_cols<true>(fm, Dk - col, qnv[n]);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
               if (col + j >= Dk) continue;  // u is not 0 there when g holds an Inf
-              g_num += qv[j] * c[n][2 * hh + j];
-              den += qnv[j] * zs[col + j];
+              g_num += qv[n][j] * c[n][2 * hh + j];
+              den += qnv[n][j] * zs[col + j];
             }
           }
           g_num = quad_sum(g_num), den = quad_sum(den);
-          if (!valid) continue;
+          if (!kFoldDs && !valid) continue;  // the fold writes 0 for rows past N below
           const float d = p.normalize ? den + static_cast<float>(p.eps) : 1.f;
           const float inv = 1.f / d;
           const float dd = p.normalize ? -g_num / (d * d) : 0.f;
-          if (t4 == 0) inv_den_out[bh * N + row] = inv, dd_out[bh * N + row] = dd;
+          if constexpr (kFoldDs) {  // rows past N and columns past Dk add 0
+#pragma unroll
+            for (int n = 0; n < kNT; ++n)
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                const bool in = valid && 8 * n + 2 * t4 + j < Dk;
+                qs[rl * kXLd + 8 * n + 2 * t4 + j] = in ? tf32::from_bits(tf32::round(qv[n][j] * inv)) : 0.f;
+                const float dz = in ? qnv[n][j] * dd : 0.f;
+                dz_part[n][j] = hh == 0 ? dz : dz_part[n][j] + dz;
+              }
+          }
+          if (!valid) continue;
+          if constexpr (!kFoldDs) {
+            if (t4 == 0) inv_den_out[bh * N + row] = inv, dd_out[bh * N + row] = dd;
+          }
           // dphi(q_i) = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
           store_input_grads(hh, row, inv, dd, p.q, p.qn, p.dq, p.dqn, p.has_qn);
+        }
+        if constexpr (kFoldDs) {
+          if (p.normalize) {  // uniform; sum the warp's 16 rows (8 row lanes x 2), fixed order
+#pragma unroll
+            for (int n = 0; n < kNT; ++n)
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                float x = dz_part[n][j];
+                x += __shfl_xor_sync(0xffffffffu, x, 4);
+                x += __shfl_xor_sync(0xffffffffu, x, 8);
+                x += __shfl_xor_sync(0xffffffffu, x, 16);
+                if (g == 0) dz_s[warp * kD + 8 * n + 2 * t4 + j] += x;
+              }
+          }
+          __syncthreads();  // qs is complete (xs still holds g)
+          // dS += phi(Q)^T diag(1 / den) G over the tile's rows: A = qs read transposed, B = xs.
+          if (ds_m0 < Dk) {  // uniform per warp
+#pragma unroll 2
+            for (int k0 = 0; k0 < kRows; k0 += 8) {
+              const float* a0 = qs + (k0 + t4) * kXLd + ds_m0 + g;
+              const uint32_t af[4] = {tf32::bits(a0[0]), tf32::bits(a0[8]), tf32::bits(a0[4 * kXLd]),
+                                      tf32::bits(a0[4 * kXLd + 8])};
+              const float* b0 = xs + (k0 + t4) * kXLd + g;
+#pragma unroll
+              for (int n = 0; n < kDsNT; ++n) {
+                const int nb = 8 * (ds_n0 + n);
+                if (nb >= Dv) continue;  // uniform
+                const uint32_t bf[2] = {tf32::bits(b0[nb]), tf32::bits(b0[4 * kXLd + nb])};
+                tf32::mma_1688(ds_acc[n], af, bf);
+              }
+            }
+          }
         }
       } else {  // KeyGrad: dv, then dk for the same rows
         const float inv_nk = 1.f / static_cast<float>(p.Nk);
@@ -385,6 +468,22 @@ __global__ void __launch_bounds__(128) rows_tc_kernel(const LinearAttentionParam
         }
       }
     }
+    if constexpr (kFoldDs) {  // this block's dS, dz: the results (one group) or its group's partial
+      ReduceItem it{};
+      it.bh = bh, it.chunk = item % groups;
+      const ReduceDst<float> dst = reduce_dst<float>(ds, it);
+#pragma unroll
+      for (int n = 0; n < kDsNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = ds_m0 + tf32::acc_row(e, lane), col = 8 * (ds_n0 + n) + tf32::acc_col(e, lane);
+          if (m < Dk && col < Dv) dst.m[int64_t(m) * Dv + col] = ds_acc[n][e] * dst.scale;
+        }
+      if (p.normalize) {  // uniform
+        __syncthreads();  // every warp's dz_s row is complete
+        if (tid < Dk) dst.side[tid] = (dz_s[tid] + dz_s[kD + tid] + dz_s[2 * kD + tid] + dz_s[3 * kD + tid]) * dst.scale;
+      }
+    }
   }
 }
 
@@ -404,25 +503,38 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
 }
 
 template <typename scalar_t, RowsMode kMode>
-bool launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream) {
+RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream) {
   const int64_t d = std::max(p.Dk, p.Dv), n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
-  if (d > 128 || !sm80_or_newer()) return false;  // 256-wide states take the SIMT kernel
-  if (n == 0) return true;
-  bool launched = false;
+  if (d > 128 || !sm80_or_newer()) return {};  // 256-wide states take the SIMT kernel
+  if (n == 0) return {true, false};
+  RowsLaunch result;
   auto launch = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
     using Cfg = RowsTcConfig<kD, kMode>;
     if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes>()) return;
-    const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, Cfg::kRows);
-    const int64_t groups = std::min(row_tiles, std::max<int64_t>(1, ceil_div(kRowsTcTargetBlocks, heads)));
-    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups);
+    const int64_t heads = p.B * p.H, groups = rows_tc_groups(heads, ceil_div(n, Cfg::kRows));
+    TokenReduceArgs ds;
+    at::Tensor partials;  // on the current stream: the allocator keeps it until the combine is done
+    if constexpr (Cfg::kFoldDs) {
+      ds = dstate_reduce_args(p, s);
+      ds.chunks = groups;
+      if (groups > 1) {
+        partials = at::empty({token_reduce_workspace(ds)},
+                             at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, p.device_index)));
+        ds.partials = partials.data_ptr();
+      }
+    }
+    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups, ds);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launched = true;
+    if constexpr (Cfg::kFoldDs) {
+      if (groups > 1) launch_combine_chunks<float>(ds, stream);
+    }
+    result = {true, Cfg::kFoldDs};
   };
   if (d <= 32) launch(std::integral_constant<int, 32>{});
   else if (d <= 64) launch(std::integral_constant<int, 64>{});
   else launch(std::integral_constant<int, 128>{});
-  return launched;
+  return result;
 }
 
 }  // namespace la

@@ -4,10 +4,10 @@
 namespace sola {
 namespace la {
 
-template bool launch_rows_tc<at::Half, RowsMode::QueryGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
-template bool launch_rows_tc<at::BFloat16, RowsMode::QueryGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
-template bool launch_rows_tc<at::Half, RowsMode::KeyGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
-template bool launch_rows_tc<at::BFloat16, RowsMode::KeyGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
+template RowsLaunch launch_rows_tc<at::Half, RowsMode::QueryGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
+template RowsLaunch launch_rows_tc<at::BFloat16, RowsMode::QueryGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
+template RowsLaunch launch_rows_tc<at::Half, RowsMode::KeyGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
+template RowsLaunch launch_rows_tc<at::BFloat16, RowsMode::KeyGrad>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
 
 }  // namespace la
 }  // namespace sola

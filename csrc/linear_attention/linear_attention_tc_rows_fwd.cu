@@ -4,8 +4,8 @@
 namespace sola {
 namespace la {
 
-template bool launch_rows_tc<at::Half, RowsMode::Out>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
-template bool launch_rows_tc<at::BFloat16, RowsMode::Out>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
+template RowsLaunch launch_rows_tc<at::Half, RowsMode::Out>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
+template RowsLaunch launch_rows_tc<at::BFloat16, RowsMode::Out>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
 
 }  // namespace la
 }  // namespace sola

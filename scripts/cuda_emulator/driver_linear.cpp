@@ -2,7 +2,7 @@
 // kernels: out, S, z, then dq, dk, dv (dqn, dkn) from the same state, on awkward sizes, every dtype
 // (fp16/bf16 take the tensor-core kernels), each feature map, q_norm / k_norm, strided and
 // misaligned views, NaN inputs; a second backward must be bitwise equal.
-// Usage: driver_linear [quick|all|big].
+// Usage: driver_linear [quick|all|big|race|fold].
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -92,6 +92,27 @@ int main(int argc, char** argv) {
     c.dt = dt;
     linear_case(c);
   };
+  // QueryGrad summing dS, dz itself (fp16 / bf16, head dim <= 32): blocks walking several row
+  // tiles, group partials + combine, q_norm / k_norm (with the identity map and signed inputs fp16
+  // overflows on the CPU as well: den ~ 0); Dk, Dv short of the tile (warps with no dS rows,
+  // skipped column tiles); relu; no normaliser (no dz).
+  auto fold_cases = [&](at::ScalarType dt) {
+    Case c;
+    c.B = 8, c.H = 16, c.Nq = 600, c.Nk = 40, c.has_qn = c.has_kn = true;
+    run(c, dt);
+    c = Case{};
+    c.Nq = 200, c.Nk = 30, c.Dk = 20, c.Dv = 12, c.fm = FeatureMap::Relu, c.has_qn = true, c.strided = true;
+    run(c, dt);
+    c = Case{};
+    c.H = 2, c.Nq = 130, c.Nk = 50, c.normalize = false;
+    run(c, dt);
+    c = Case{};  // dz's share of dk, dkn is ~0.002 at the sizes above, under the 16-bit tolerance;
+    c.Nq = 600, c.Nk = 2, c.has_qn = c.has_kn = true;  // here dkn = phi'(kn) dz / 2 is O(1)
+    run(c, dt);
+  };
+  if (which == "fold") {
+    for (auto dt : tc_dts) fold_cases(dt);
+  }
   if (which == "quick" || which == "all") {
     for (auto dt : all_dts) {
       Case c;
@@ -127,6 +148,7 @@ int main(int argc, char** argv) {
       run(c, dt);
       c.Nq = 1100, c.Nk = 20, c.Dk = c.Dv = 64;  // query chunks in the backward
       run(c, dt);
+      fold_cases(dt);
       c = Case{};
       c.B = 2, c.H = 2, c.Nq = 9, c.Nk = 12, c.poison = true;
       run(c, dt);
@@ -140,6 +162,11 @@ int main(int argc, char** argv) {
     run(c, at::kBFloat16);
     c.Dk = c.Dv = 32, c.Nq = c.Nk = 5000, c.has_qn = c.has_kn = true;
     run(c, at::kHalf);
+  }
+  if (which == "race") {  // for the TSAN=1 build: 1024 heads, so every QueryGrad block walks all
+    Case c;               // three row tiles of its head, reusing qs / xs / dz_s between them
+    c.B = 32, c.H = 32, c.Nq = 130, c.Nk = 8, c.has_qn = true;
+    run(c, at::kBFloat16);
   }
   std::printf("%s: %d failures, %ld launches, %ld threads, %ld mmas\n", failures ? "FAILED" : "PASSED", failures,
               (long)emu::launches.load(), (long)emu::threads_run.load(), (long)emu::mmas.load());
