@@ -204,8 +204,8 @@ OUT_LOG=/dev/null
 main 2>&1 | tee "$LOG" "$OUT_LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-    # at most 8 files come back from $OUT: the JSON, the log and up to 5 PNGs
-    cp -f "$JSON" "$OUT"/ 2>/dev/null
+    # at most 8 files come back from $OUT: the JSON and the log (written there as the run went) and
+    # up to 5 PNGs
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
 fi

@@ -19,6 +19,25 @@ namespace sola {
 namespace la {
 
 // ---- token reduction ----------------------------------------------------------------------------
+
+// One k8 step of c[n] += X^T Y_n over tokens, both tiles stored [token][column] with pitch kLd:
+// A = 16 columns of x from x0 (&x[k0][m0]) read transposed (a0 = x[k0 + t][m0 + g]), B_n = 8
+// columns of y from y0 + 8 n (&y[k0][n0 + 8 n]); the n tiles from n_live on are skipped. At a
+// pitch of 8 or 4 (mod 32) both reads are conflict-free.
+template <int kLd, int kNT>
+SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0, int n_live, int lane) {
+  const int g = lane / 4, t4 = lane % 4;
+  const float* a = x0 + t4 * kLd + g;
+  const uint32_t af[4] = {tf32::bits(a[0]), tf32::bits(a[8]), tf32::bits(a[4 * kLd]), tf32::bits(a[4 * kLd + 8])};
+  const float* b = y0 + t4 * kLd + g;
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+    if (n >= n_live) continue;  // uniform
+    const uint32_t bf[2] = {tf32::bits(b[8 * n]), tf32::bits(b[4 * kLd + 8 * n])};
+    tf32::mma_1688(c[n], af, bf);
+  }
+}
+
 // A block owns one (head, token chunk, kTile x kTile tile of M), as the SIMT kernel; each warp owns
 // 16 rows of the tile and all its columns (kTile / 8 accumulator tiles). Tokens stream through
 // shared memory kStage at a time as fp32 [token][column] tiles: A = phi(x)^T is read transposed
@@ -51,7 +70,6 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
   __shared__ float side_red[kRowsPerPass * kTile];     // side sums of the threads' load rows
 
   const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
-  const int g = lane / 4, t4 = lane % 4;
   // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
   const int lr = tid / Cfg::kVecsPerRow, lc = (tid % Cfg::kVecsPerRow) * kV;
   const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
@@ -85,17 +103,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
       }
       __syncthreads();
 #pragma unroll
-      for (int k0 = 0; k0 < kStage; k0 += 8) {
-        const float* x0 = x_tile + (k0 + t4) * kLd + m0 + g;
-        const uint32_t af[4] = {tf32::bits(x0[0]), tf32::bits(x0[8]), tf32::bits(x0[4 * kLd]),
-                                tf32::bits(x0[4 * kLd + 8])};
-        const float* y0 = y_tile + (k0 + t4) * kLd + g;
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          const uint32_t bf[2] = {tf32::bits(y0[8 * n]), tf32::bits(y0[4 * kLd + 8 * n])};
-          tf32::mma_1688(c[n], af, bf);
-        }
-      }
+      for (int k0 = 0; k0 < kStage; k0 += 8) mma_tokens_k8<kLd>(c, x_tile + k0 * kLd + m0, y_tile + k0 * kLd, kNT, lane);
     }
 
     const ReduceDst<float> dst = reduce_dst<float>(a, it);
@@ -424,20 +432,10 @@ __global__ void __launch_bounds__(128)
           __syncthreads();  // qs is complete (xs still holds g)
           // dS += phi(Q)^T diag(1 / den) G over the tile's rows: A = qs read transposed, B = xs.
           if (ds_m0 < Dk) {  // uniform per warp
+            const int n_live = ceil_div(Dv, 8) - ds_n0;  // this warp's column tiles short of Dv
 #pragma unroll 2
-            for (int k0 = 0; k0 < kRows; k0 += 8) {
-              const float* a0 = qs + (k0 + t4) * kXLd + ds_m0 + g;
-              const uint32_t af[4] = {tf32::bits(a0[0]), tf32::bits(a0[8]), tf32::bits(a0[4 * kXLd]),
-                                      tf32::bits(a0[4 * kXLd + 8])};
-              const float* b0 = xs + (k0 + t4) * kXLd + g;
-#pragma unroll
-              for (int n = 0; n < kDsNT; ++n) {
-                const int nb = 8 * (ds_n0 + n);
-                if (nb >= Dv) continue;  // uniform
-                const uint32_t bf[2] = {tf32::bits(b0[nb]), tf32::bits(b0[4 * kXLd + nb])};
-                tf32::mma_1688(ds_acc[n], af, bf);
-              }
-            }
+            for (int k0 = 0; k0 < kRows; k0 += 8)
+              mma_tokens_k8<kXLd>(ds_acc, qs + k0 * kXLd + ds_m0, xs + k0 * kXLd + 8 * ds_n0, n_live, lane);
           }
         }
       } else {  // KeyGrad: dv, then dk for the same rows
