@@ -88,6 +88,9 @@ SIZES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
     (1, 1, 1023, 1023, 59, 8, torch.float64),
     (2, 3, 7, 1, 256, 256, torch.float16),
     (1, 1, 130, 65, 111, 111, torch.bfloat16),  # > one 64-row chunk of queries and keys
+    # CUDA: 512 heads of head dim 32, so each QueryGrad block sums dS over several row tiles
+    (32, 16, 301, 8, 32, 32, torch.float32),
+    (32, 16, 301, 8, 20, 32, torch.bfloat16),
 ]
 
 

@@ -26,6 +26,27 @@ struct RowsLaunch {
   bool launched = false, summed_dstate = false;
 };
 
+// Where QueryGrad's own dS, dz sums go (query_grad_sums_dstate): dstate_reduce_args with one token
+// chunk per block group, so group c writes chunk c's partial and combine() sums them in group order
+// (one group writes the results directly). Default-constructed: no fold, combine() does nothing.
+struct DstateFold {
+  TokenReduceArgs args;
+  at::Tensor partials;  // on the current stream: the allocator keeps it until the combine has run
+
+  DstateFold() = default;
+  DstateFold(const LinearAttentionParams& p, const BwdScratch& s, int64_t groups) : args(dstate_reduce_args(p, s)) {
+    args.chunks = groups;
+    if (groups > 1) {
+      partials = at::empty({token_reduce_workspace(args)},
+                           at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, p.device_index)));
+      args.partials = partials.data_ptr();
+    }
+  }
+  void combine(cudaStream_t stream) const {
+    if (args.chunks > 1) launch_combine_chunks<float>(args, stream);
+  }
+};
+
 // fp16/bf16 (kIsHalfType) on sm_80+ run the tensor-core (tf32) kernels of linear_attention_tc.cuh.
 // Each returns false, launching nothing, where it does not apply (GPU before sm_80; rows: a
 // state wider than 128, or beyond the device's shared memory); the SIMT kernels run then.
@@ -34,17 +55,25 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream);  // 
 template <typename scalar_t, RowsMode kMode>
 RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream);
 
-// rows_kernel for the head-dim bucket of d_out (the mode's widest output). fp64 only takes the
+// rows_kernel for the head-dim bucket of d (the mode's widest operand). fp64 only takes the
 // 256 bucket: it serves gradcheck and reference runs, not speed, and costs 3 fewer instantiations.
-// Returns whether QueryGrad summed dS and dz as well (the tensor-core kernel up to head dim 32).
+// Returns whether QueryGrad summed dS and dz as well (query_grad_sums_dstate: head dim 32).
 template <typename scalar_t, RowsMode kMode>
-bool launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_out, cudaStream_t stream) {
+bool launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d, cudaStream_t stream) {
   const int64_t n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
+  bool summed = false;
   auto launch = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
-    const int64_t items = p.B * p.H * ceil_div(n, RowsConfig<scalar_t, kD>::kRows);
-    rows_kernel<scalar_t, kD, kMode><<<grid_x(items, 1), kThreads, 0, stream>>>(p, s);
+    constexpr bool kFold = kRowsFoldDs<scalar_t, kD, kMode>;
+    // Without the fold a block takes one row tile (groups = row tiles), spreading a head's rows
+    // over the GPU; the fold walks a group of tiles per block to sum dS over them.
+    const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, RowsConfig<scalar_t, kD>::kRows);
+    const int64_t groups = kFold ? row_groups(heads, row_tiles) : row_tiles;
+    const DstateFold fold = kFold ? DstateFold(p, s, groups) : DstateFold();
+    rows_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), kThreads, 0, stream>>>(p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fold.combine(stream);
+    summed = kFold;
   };
   if (n == 0) return false;
   if constexpr (kIsHalfType<scalar_t>) {
@@ -54,9 +83,9 @@ bool launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d_
   if constexpr (std::is_same_v<scalar_t, double>) {
     launch(std::integral_constant<int, 256>{});
   } else {
-    SOLA_HEADDIM_SWITCH(d_out, kHeadDim, [&] { launch(std::integral_constant<int, kHeadDim>{}); });
+    SOLA_HEADDIM_SWITCH(d, kHeadDim, [&] { launch(std::integral_constant<int, kHeadDim>{}); });
   }
-  return false;
+  return summed;
 }
 
 }  // namespace la

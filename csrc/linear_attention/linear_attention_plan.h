@@ -112,14 +112,31 @@ inline int64_t token_reduce_workspace(const TokenReduceArgs& a) {
 // ---- row products: a tile of token rows times a per-head matrix (linear_attention_rows.cuh) ----
 enum class RowsMode : int {
   Out = 0,        // forward:  out = phi(q) S / (phi(qn) . z + eps)
-  QueryGrad = 1,  // backward: u = S g; den, dd; dq (dqn); writes 1/den and dd per query
+  QueryGrad = 1,  // backward: u = S g; den, dd; dq (dqn); writes 1/den and dd per query, or sums dS, dz
   KeyGrad = 2,    // backward: dv = dS^T phi(k) / Nk; dk = phi'(k) (dS v) / Nk (+ phi'(kn) dz / Nk, or dkn)
 };
 
+// Blocks the row kernels that walk several row tiles of one head aim for (several per SM on any
+// current GPU). A constant, so the grouping (and the fold's summation order) depends on the
+// problem alone.
+constexpr int64_t kRowsTargetBlocks = 1024;
+
+// Row tiles per head a block walks over (its group): enough blocks in all for the target.
+inline int64_t row_groups(int64_t heads, int64_t row_tiles) {
+  return std::min(row_tiles, std::max<int64_t>(1, (kRowsTargetBlocks + heads - 1) / heads));
+}
+
+// Whether the backward's QueryGrad kernel sums dS and dz itself (its head-dim 32 instantiations,
+// fp32 accumulators: fp16 / bf16 / fp32 with Dk, Dv <= 32), so the token reduction over q and g
+// does not run and 1 / den, dd are never written.
+inline bool query_grad_sums_dstate(const LinearAttentionParams& p) {
+  return p.dtype != at::kDouble && std::max(p.Dk, p.Dv) <= 32 && p.Nq > 0;
+}
+
 // Accumulator-typed buffers the backward passes between kernels.
 struct BwdScratch {
-  void* inv_den = nullptr;       // (heads, Nq): 1 / den_i
-  void* dd = nullptr;            // (heads, Nq): -(g_i . num_i) / den_i^2
+  void* inv_den = nullptr;       // (heads, Nq): 1 / den_i, unless query_grad_sums_dstate
+  void* dd = nullptr;            // (heads, Nq): -(g_i . num_i) / den_i^2, unless query_grad_sums_dstate
   void* dstate = nullptr;        // (heads, Dk, Dv)
   void* dz = nullptr;            // (heads, Dk)
 };

@@ -169,15 +169,6 @@ struct RowsTcConfig {
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
 };
 
-// Blocks the row kernels aim for (several per SM on any current GPU); each output row is computed
-// the same way whatever the grouping, so this only sets how often a state is re-read.
-constexpr int64_t kRowsTcTargetBlocks = 1024;
-
-// Row tiles per head a block walks over (its group): enough blocks in all for the target.
-inline int64_t rows_tc_groups(int64_t heads, int64_t row_tiles) {
-  return std::min(row_tiles, std::max<int64_t>(1, ceil_div(kRowsTcTargetBlocks, heads)));
-}
-
 // c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
 // n8 tiles at or past Dout stay 0. kPreSplit: ws holds W's hi parts and ws_lo (same layout) its lo
 // parts; else W is split here.
@@ -510,23 +501,13 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     constexpr int kD = decltype(head_dim)::value;
     using Cfg = RowsTcConfig<kD, kMode>;
     if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes>()) return;
-    const int64_t heads = p.B * p.H, groups = rows_tc_groups(heads, ceil_div(n, Cfg::kRows));
-    TokenReduceArgs ds;
-    at::Tensor partials;  // on the current stream: the allocator keeps it until the combine is done
-    if constexpr (Cfg::kFoldDs) {
-      ds = dstate_reduce_args(p, s);
-      ds.chunks = groups;
-      if (groups > 1) {
-        partials = at::empty({token_reduce_workspace(ds)},
-                             at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, p.device_index)));
-        ds.partials = partials.data_ptr();
-      }
-    }
-    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups, ds);
+    // Each output row is computed the same way whatever the grouping: it sets how often a state
+    // is re-read (and, with the fold, how dS is split into partials).
+    const int64_t heads = p.B * p.H, groups = row_groups(heads, ceil_div(n, Cfg::kRows));
+    const DstateFold fold = Cfg::kFoldDs ? DstateFold(p, s, groups) : DstateFold();
+    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if constexpr (Cfg::kFoldDs) {
-      if (groups > 1) launch_combine_chunks<float>(ds, stream);
-    }
+    fold.combine(stream);
     result = {true, Cfg::kFoldDs};
   };
   if (d <= 32) launch(std::integral_constant<int, 32>{});
