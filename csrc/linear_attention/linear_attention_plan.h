@@ -123,7 +123,7 @@ constexpr int64_t kRowsTargetBlocks = 1024;
 
 // Row tiles per head a block walks over (its group): enough blocks in all for the target.
 inline int64_t row_groups(int64_t heads, int64_t row_tiles) {
-  return std::min(row_tiles, std::max<int64_t>(1, (kRowsTargetBlocks + heads - 1) / heads));
+  return std::min(row_tiles, std::max<int64_t>(1, ceil_div(kRowsTargetBlocks, heads)));
 }
 
 // Whether the backward's QueryGrad kernel sums dS and dz itself (its head-dim 32 instantiations,

@@ -102,8 +102,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
   const int64_t row_tiles = ceil_div(N, Cfg::kRows), items = p.B * p.H * groups;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
-    const int64_t per_head = kFold ? groups : row_tiles;  // equal without the fold
-    const int64_t bh = item / per_head, b = bh / p.H, h = bh % p.H;
+    const int64_t bh = item / groups, b = bh / p.H, h = bh % p.H;
     const acc* const w = w_all + bh * Dk * Dv;
     if constexpr (kFold) {
 #pragma unroll
@@ -111,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
     }
 
     // Without the fold groups = row tiles: one tile per item, and no loop in the code.
-    int64_t tile = item % per_head;
+    int64_t tile = item % groups;
     do {
       const int64_t r0 = tile * Cfg::kRows;
       RegTile<acc, kTM, kTN> c;
@@ -164,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
           if (side && tid < kK) zs[tid] = k0 + tid < Din ? z_all[bh * Dk + k0 + tid] : acc(0);
           __syncthreads();
 
-  #pragma unroll 8
+#pragma unroll 8
           for (int k = 0; k < kK; ++k) c.fma(&xt[k * kXPitch + m0], &wt[k * kWPitch + n0]);
           if (side) {
             // phi(qn_i) . z: thread column tn takes k = tn, tn + kThreadCols, ... (balanced).
