@@ -7,7 +7,25 @@
 #include <cstdint>
 #include <limits>
 
+// Compiles a hot function once per ISA (AVX-512, AVX2 + FMA, baseline x86-64) and lets the loader
+// pick one (ifunc), so one build uses the CPU's widest vectors. GCC on x86-64 Linux; elsewhere the
+// one baseline build.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define SOLA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SOLA_CPU_CLONES
+#endif
+// For the helpers of SOLA_CPU_CLONES functions: inlined, so they compile with each clone's ISA.
+#define SOLA_CPU_INLINE [[gnu::always_inline]] inline
+
 namespace sola {
+
+// One 512-bit vector of acc (GCC / clang vector extension): loops over these run on whole vectors,
+// lowered to the widest registers the compiling clone has. Elements: kCpuVecLen.
+template <typename acc>
+using CpuVec [[gnu::vector_size(64)]] = acc;
+template <typename acc>
+constexpr int64_t kCpuVecLen = 64 / sizeof(acc);
 
 // exp(x) for float, within 2 ulp of std::exp over the normal range (Cephes' expf: x = n ln2 + r with
 // |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n built in the exponent bits). Branch-free: the edge

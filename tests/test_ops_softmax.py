@@ -115,6 +115,7 @@ SIZES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
     (2, 3, 7, 1, 256, 256, torch.float16),
     (1, 1, 33, 65, 111, 59, torch.bfloat16),  # one past a 32-query / 64-key tile
     (1, 1, 64, 129, 8, 8, torch.float32),
+    (1, 1, 65, 129, 40, 72, torch.float32),  # one past the CPU's 64 x 64 tiles; Dv 72 = 64 + a 16-column tail
 ]
 
 

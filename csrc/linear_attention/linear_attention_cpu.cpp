@@ -1,192 +1,228 @@
 // C++ CPU kernels of non-causal linear attention, forward and backward.
-// Parallel over batch*heads (and query/key chunks); each state entry is summed in a fixed order,
-// so results are deterministic. Accumulation in acc_t (fp32, fp64 for fp64 inputs).
+// Parallel over batch*heads (and query/key chunks of kRowChunk rows). The products run through
+// cpu::gemm on chunk tiles; each task's element-wise work (feature maps, normaliser, epilogues) is
+// compiled per ISA (SOLA_CPU_CLONES). Each state entry is summed in token order, so results are
+// deterministic. Accumulation in acc_t (fp32, fp64 for fp64 inputs).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "cpu_gemm.h"
+#include "cpu_math.h"
 #include "linear_attention/linear_attention.h"
 
 namespace sola {
 namespace {
 
-constexpr int64_t kRowChunk = 64;  // query / key rows per parallel task
+constexpr int64_t kRowChunk = 64;  // query / key rows per tile (and per parallel task)
 
-template <typename scalar_t, typename acc, FeatureMap FM>
-void load_phi(const scalar_t* x, int64_t d, acc* dst) {
-  for (int64_t a = 0; a < d; ++a) dst[a] = Phi<FM>::f(static_cast<acc>(x[a]));
+// Rows [n0, n1) of one head as acc, through phi when kPhi, into dst with row pitch ld (the columns
+// from d on are left as they are: the callers' zero padding).
+template <bool kPhi, FeatureMap FM, typename scalar_t, typename acc>
+SOLA_CPU_INLINE void load_rows(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int64_t d, acc* dst,
+                               int64_t ld) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* row = x.row<const scalar_t>(b, h, n);
+    acc* out = dst + (n - n0) * ld;
+    for (int64_t e = 0; e < d; ++e) out[e] = static_cast<acc>(row[e]);
+    if constexpr (kPhi)
+      for (int64_t e = 0; e < d; ++e) out[e] = Phi<FM>::f(out[e]);
+  }
+}
+
+// a[0, d) . b[0, d)
+template <typename acc>
+SOLA_CPU_INLINE acc dot(const acc* a, const acc* b, int64_t d) {
+  acc s = acc(0);
+  for (int64_t e = 0; e < d; ++e) s += a[e] * b[e];
+  return s;
+}
+
+// out = grad * scale * phi'(x) (exactly 0 where phi is flat) over one row of d columns.
+template <FeatureMap FM, typename scalar_t, typename acc>
+SOLA_CPU_INLINE void through_phi_row(const scalar_t* x, const acc* grad, acc scale, int64_t d, acc* out) {
+  for (int64_t e = 0; e < d; ++e) out[e] = through_phi(grad[e] * scale, Phi<FM>::df(static_cast<acc>(x[e])));
 }
 
 template <typename scalar_t, typename acc>
-void load(const scalar_t* x, int64_t d, acc* dst) {
-  for (int64_t a = 0; a < d; ++a) dst[a] = static_cast<acc>(x[a]);
+SOLA_CPU_INLINE void store_row(const acc* src, int64_t d, scalar_t* dst) {
+  for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(src[e]);
 }
 
-// y[0, n) += alpha * x[0, n): the building block of every product here (vectorises).
+// m (rows x cols, pitch ld) into a zero-padded copy with pitch ld_out, or its transpose.
 template <typename acc>
-void axpy(acc alpha, const acc* x, int64_t n, acc* y) {
-  for (int64_t e = 0; e < n; ++e) y[e] += alpha * x[e];
-}
-
-// dst (cols x rows) = src (rows x cols)^T
-template <typename acc>
-void transpose(const acc* src, int64_t rows, int64_t cols, acc* dst) {
+std::vector<acc> padded_copy(const acc* m, int64_t rows, int64_t cols, int64_t ld, int64_t ld_out, bool transpose) {
+  std::vector<acc> out((transpose ? cols : rows) * ld_out, acc(0));
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+    for (int64_t c = 0; c < cols; ++c) (transpose ? out[c * ld_out + r] : out[r * ld_out + c]) = m[r * ld + c];
+  return out;
 }
 
-// Runs fn(b, h, row_begin, row_end) over all heads and chunks of n rows, in parallel.
-template <typename Fn>
-void for_each_row_chunk(const LinearAttentionParams& p, int64_t n, const Fn& fn) {
-  const int64_t chunks = (n + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, p.B * p.H * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / chunks, c = t % chunks;
-      fn(bh / p.H, bh % p.H, c * kRowChunk, std::min(n, (c + 1) * kRowChunk));
-    }
-  });
+// Forward pass 1, one head: S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j).
+template <typename scalar_t, FeatureMap FM>
+SOLA_CPU_CLONES void state_of_head(const LinearAttentionParams& p, int64_t bh) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv);
+  std::vector<acc> fk(kRowChunk * Dk), fkn(kRowChunk * Dk), v(kRowChunk * Dv_p, acc(0)), S(Dk * Dv_p, acc(0));
+  acc* z = static_cast<acc*>(p.z) + bh * Dk;
+  std::fill(z, z + Dk, acc(0));
+  for (int64_t j0 = 0; j0 < p.Nk; j0 += kRowChunk) {
+    const int64_t j1 = std::min(p.Nk, j0 + kRowChunk), rows = j1 - j0;
+    load_rows<true, FM, scalar_t>(p.k, b, h, j0, j1, Dk, fk.data(), Dk);
+    load_rows<false, FM, scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv_p);
+    cpu::gemm_at(Dk, Dv_p, rows, fk.data(), Dk, v.data(), Dv_p, S.data(), Dv_p, true);  // S += phi(k)^T v
+    if (p.has_kn) load_rows<true, FM, scalar_t>(p.kn, b, h, j0, j1, Dk, fkn.data(), Dk);
+    const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t a = 0; a < Dk; ++a) z[a] += phi_kn[j * Dk + a];
+  }
+  const acc inv_nk = acc(1) / acc(p.Nk);
+  acc* state = static_cast<acc*>(p.state) + bh * Dk * Dv;
+  for (int64_t a = 0; a < Dk; ++a)
+    for (int64_t c = 0; c < Dv; ++c) state[a * Dv + c] = S[a * Dv_p + c] * inv_nk;
+  for (int64_t a = 0; a < Dk; ++a) z[a] *= inv_nk;
+}
+
+// Forward pass 2, query rows [i0, i1) of one head: out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps).
+template <typename scalar_t, FeatureMap FM>
+SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_t i0, int64_t i1) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv), rows = i1 - i0;
+  const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
+  const std::vector<acc> S = padded_copy(static_cast<const acc*>(p.state) + bh * Dk * Dv, Dk, Dv, Dv, Dv_p, false);
+  std::vector<acc> fq(kRowChunk * Dk), fqn(kRowChunk * Dk), num(kRowChunk * Dv_p);
+  load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
+  cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S.data(), Dv_p, num.data(), Dv_p, false);  // phi(q) S
+  if (p.normalize && p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, i0, i1, Dk, fqn.data(), Dk);
+  const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc inv_den = p.normalize ? acc(1) / (dot(phi_qn + r * Dk, z, Dk) + static_cast<acc>(p.eps)) : acc(1);
+    scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
+    for (int64_t c = 0; c < Dv; ++c) out[c] = static_cast<scalar_t>(num[r * Dv_p + c] * inv_den);
+  }
 }
 
 template <typename scalar_t, FeatureMap FM>
 void fwd(const LinearAttentionParams& p) {
-  using acc = acc_t<scalar_t>;
-  const int64_t Dk = p.Dk, Dv = p.Dv;
-  acc* state_all = static_cast<acc*>(p.state);
-  acc* z_all = static_cast<acc*>(p.z);
-  const acc inv_nk = acc(1) / acc(p.Nk);
-
-  // Pass 1: S = mean_j phi(k_j) v_j^T and z = mean_j phi(kn_j), one task per head.
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> fk(Dk), fkn(Dk), fv(Dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      acc* S = state_all + bh * Dk * Dv;
-      acc* z = z_all + bh * Dk;
-      std::fill(S, S + Dk * Dv, acc(0));
-      std::fill(z, z + Dk, acc(0));
-      for (int64_t j = 0; j < p.Nk; ++j) {
-        load_phi<scalar_t, acc, FM>(p.k.row<const scalar_t>(b, h, j), Dk, fk.data());
-        load(p.v.row<const scalar_t>(b, h, j), Dv, fv.data());
-        for (int64_t a = 0; a < Dk; ++a) axpy(fk[a], fv.data(), Dv, S + a * Dv);
-        if (p.has_kn) load_phi<scalar_t, acc, FM>(p.kn.row<const scalar_t>(b, h, j), Dk, fkn.data());
-        const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
-        for (int64_t a = 0; a < Dk; ++a) z[a] += phi_kn[a];
-      }
-      for (int64_t e = 0; e < Dk * Dv; ++e) S[e] *= inv_nk;
-      for (int64_t a = 0; a < Dk; ++a) z[a] *= inv_nk;
-    }
+    for (int64_t bh = begin; bh < end; ++bh) state_of_head<scalar_t, FM>(p, bh);
   });
-
-  // Pass 2: out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps).
-  for_each_row_chunk(p, p.Nq, [&](int64_t b, int64_t h, int64_t i0, int64_t i1) {
-    const acc* S = state_all + (b * p.H + h) * Dk * Dv;
-    const acc* z = z_all + (b * p.H + h) * Dk;
-    std::vector<acc> fq(Dk), fqn(Dk), num(Dv);
-    for (int64_t i = i0; i < i1; ++i) {
-      load_phi<scalar_t, acc, FM>(p.q.row<const scalar_t>(b, h, i), Dk, fq.data());
-      std::fill(num.begin(), num.end(), acc(0));
-      for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], S + a * Dv, Dv, num.data());
-      acc inv_den = acc(1);
-      if (p.normalize) {
-        if (p.has_qn) load_phi<scalar_t, acc, FM>(p.qn.row<const scalar_t>(b, h, i), Dk, fqn.data());
-        const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
-        acc den = acc(0);
-        for (int64_t a = 0; a < Dk; ++a) den += phi_qn[a] * z[a];
-        inv_den = acc(1) / (den + static_cast<acc>(p.eps));
-      }
-      scalar_t* out = p.out.row<scalar_t>(b, h, i);
-      for (int64_t c = 0; c < Dv; ++c) out[c] = static_cast<scalar_t>(num[c] * inv_den);
+  const int64_t chunks = (p.Nq + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, p.B * p.H * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = t % chunks * kRowChunk;
+      out_rows<scalar_t, FM>(p, t / chunks, i0, std::min(p.Nq, i0 + kRowChunk));
     }
   });
 }
 
+// The backward's per-head sums dS = sum_i phi(q_i) da_i^T (Dk x Dv_p) and its transpose
+// (Dv x Dk_p, for the key pass's dS v_j), dz = sum_i phi(qn_i) dd_i.
+template <typename acc>
+struct StateGrads {
+  int64_t Dk_p, Dv_p;
+  std::vector<acc> dS, dSt, dz;
+  explicit StateGrads(const LinearAttentionParams& p)
+      : Dk_p(cpu::padded_cols<acc>(p.Dk)), Dv_p(cpu::padded_cols<acc>(p.Dv)),
+        dS(p.B * p.H * p.Dk * Dv_p), dSt(p.B * p.H * p.Dv * Dk_p), dz(p.B * p.H * p.Dk) {}
+};
+
+// Backward pass 1 over the queries of one head (dS, dz summed in query order): dq, dqn, dS, dz.
+//   num_i = S^T phi(q_i), den_i = phi(qn_i) . z + eps, da_i = g_i / den_i, dd_i = -g_i . num_i / den_i^2
+//   dphi(q_i) = S da_i,  dphi(qn_i) = z dd_i
+template <typename scalar_t, FeatureMap FM>
+SOLA_CPU_CLONES void query_grads_of_head(const LinearAttentionParams& p, int64_t bh, StateGrads<acc_t<scalar_t>>& sg) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dk_p = sg.Dk_p, Dv_p = sg.Dv_p;
+  const acc* state = static_cast<const acc*>(p.state) + bh * Dk * Dv;
+  const std::vector<acc> S = padded_copy(state, Dk, Dv, Dv, Dv_p, false);
+  const std::vector<acc> St = padded_copy(state, Dk, Dv, Dv, Dk_p, true);
+  const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
+  acc* dS = sg.dS.data() + bh * Dk * Dv_p;
+  acc* dz = sg.dz.data() + bh * Dk;
+  std::fill(dS, dS + Dk * Dv_p, acc(0));
+  std::fill(dz, dz + Dk, acc(0));
+  std::vector<acc> fq(kRowChunk * Dk), fqn(kRowChunk * Dk), g(kRowChunk * Dv_p, acc(0)), num(kRowChunk * Dv_p);
+  std::vector<acc> da(kRowChunk * Dv_p), dfq(kRowChunk * Dk_p), dd(kRowChunk), dx(Dk), dxn(Dk);
+  for (int64_t i0 = 0; i0 < p.Nq; i0 += kRowChunk) {
+    const int64_t i1 = std::min(p.Nq, i0 + kRowChunk), rows = i1 - i0;
+    load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
+    load_rows<false, FM, scalar_t>(p.grad_out, b, h, i0, i1, Dv, g.data(), Dv_p);
+    if (p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, i0, i1, Dk, fqn.data(), Dk);
+    const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
+    cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S.data(), Dv_p, num.data(), Dv_p, false);  // num = phi(q) S
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc* g_row = g.data() + r * Dv_p;
+      acc den = acc(1);
+      dd[r] = acc(0);
+      if (p.normalize) {
+        den = dot(phi_qn + r * Dk, z, Dk) + static_cast<acc>(p.eps);
+        dd[r] = -dot(g_row, num.data() + r * Dv_p, Dv) / (den * den);
+      }
+      for (int64_t c = 0; c < Dv_p; ++c) da[r * Dv_p + c] = g_row[c] / den;  // padding: 0 / den
+    }
+    cpu::gemm(rows, Dk_p, Dv, da.data(), Dv_p, St.data(), Dk_p, dfq.data(), Dk_p, false);  // dphi(q) = da S^T
+    cpu::gemm_at(Dk, Dv_p, rows, fq.data(), Dk, da.data(), Dv_p, dS, Dv_p, true);        // dS += phi(q)^T da
+    for (int64_t r = 0; r < rows; ++r) {  // dq, dqn of row i0 + r (each loop vectorises)
+      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, i0 + r), dfq.data() + r * Dk_p, acc(1), Dk, dx.data());
+      if (p.normalize) {  // (has_qn only with normalize)
+        through_phi_row<FM>(p.qn.row<const scalar_t>(b, h, i0 + r), z, dd[r], Dk, dxn.data());
+        for (int64_t a = 0; a < Dk; ++a) dz[a] += phi_qn[r * Dk + a] * dd[r];
+        if (p.has_qn) store_row(dxn.data(), Dk, p.dqn.row<scalar_t>(b, h, i0 + r));
+        else
+          for (int64_t a = 0; a < Dk; ++a) dx[a] += dxn[a];
+      }
+      store_row(dx.data(), Dk, p.dq.row<scalar_t>(b, h, i0 + r));
+    }
+  }
+  acc* dSt = sg.dSt.data() + bh * Dv * Dk_p;
+  const std::vector<acc> t = padded_copy(dS, Dk, Dv, Dv_p, Dk_p, true);
+  std::copy(t.begin(), t.end(), dSt);
+}
+
+// Backward pass 2, key rows [j0, j1) of one head:
+//   dv_j = dS^T phi(k_j) / Nk,  dphi(k_j) = dS v_j / Nk,  dphi(kn_j) = dz / Nk
+template <typename scalar_t, FeatureMap FM>
+SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, int64_t j0, int64_t j1,
+                                    const StateGrads<acc_t<scalar_t>>& sg) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dk_p = sg.Dk_p, Dv_p = sg.Dv_p, rows = j1 - j0;
+  const acc* dS = sg.dS.data() + bh * Dk * Dv_p;
+  const acc* dSt = sg.dSt.data() + bh * Dv * Dk_p;
+  const acc* dz = sg.dz.data() + bh * Dk;
+  const acc inv_nk = acc(1) / acc(p.Nk);
+  std::vector<acc> fk(kRowChunk * Dk), v(kRowChunk * Dv), dv(kRowChunk * Dv_p), dfk(kRowChunk * Dk_p);
+  load_rows<true, FM, scalar_t>(p.k, b, h, j0, j1, Dk, fk.data(), Dk);
+  load_rows<false, FM, scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv);
+  cpu::gemm(rows, Dv_p, Dk, fk.data(), Dk, dS, Dv_p, dv.data(), Dv_p, false);   // phi(k) dS
+  cpu::gemm(rows, Dk_p, Dv, v.data(), Dv, dSt, Dk_p, dfk.data(), Dk_p, false);  // v dS^T
+  std::vector<acc> dx(Dk), dxn(Dk), dv_row(Dv);
+  for (int64_t r = 0; r < rows; ++r) {  // dk, dkn, dv of row j0 + r (each loop vectorises)
+    through_phi_row<FM>(p.k.row<const scalar_t>(b, h, j0 + r), dfk.data() + r * Dk_p, inv_nk, Dk, dx.data());
+    if (p.normalize) {  // (has_kn only with normalize)
+      through_phi_row<FM>(p.kn.row<const scalar_t>(b, h, j0 + r), dz, inv_nk, Dk, dxn.data());
+      if (p.has_kn) store_row(dxn.data(), Dk, p.dkn.row<scalar_t>(b, h, j0 + r));
+      else
+        for (int64_t a = 0; a < Dk; ++a) dx[a] += dxn[a];
+    }
+    store_row(dx.data(), Dk, p.dk.row<scalar_t>(b, h, j0 + r));
+    for (int64_t c = 0; c < Dv; ++c) dv_row[c] = dv[r * Dv_p + c] * inv_nk;
+    store_row(dv_row.data(), Dv, p.dv.row<scalar_t>(b, h, j0 + r));
+  }
+}
+
 template <typename scalar_t, FeatureMap FM>
 void bwd(const LinearAttentionParams& p) {
-  using acc = acc_t<scalar_t>;
-  const int64_t Dk = p.Dk, Dv = p.Dv;
-  const acc* state_all = static_cast<const acc*>(p.state);
-  const acc* z_all = static_cast<const acc*>(p.z);
-  const acc inv_nk = acc(1) / acc(p.Nk);
-  // dS = sum_i phi(q_i) da_i^T and dz = sum_i phi(qn_i) dd_i per head; dS also transposed
-  // (Dv x Dk) so the key pass's products over Dv are contiguous axpys.
-  std::vector<acc> dstate_all(p.B * p.H * Dk * Dv), dstate_t_all(p.B * p.H * Dv * Dk), dz_all(p.B * p.H * Dk);
-
-  // Pass 1 over queries, one task per head (dS, dz summed in query order): dq, dqn, dS, dz.
+  StateGrads<acc_t<scalar_t>> sg(p);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> fq(Dk), fqn(Dk), num(Dv), da(Dv), dfq(Dk), St(Dv * Dk);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      const acc* S = state_all + bh * Dk * Dv;
-      transpose(S, Dk, Dv, St.data());
-      const acc* z = z_all + bh * Dk;
-      acc* dS = dstate_all.data() + bh * Dk * Dv;
-      acc* dz = dz_all.data() + bh * Dk;
-      for (int64_t i = 0; i < p.Nq; ++i) {
-        const scalar_t* q = p.q.row<const scalar_t>(b, h, i);
-        const scalar_t* qn = p.qn.row<const scalar_t>(b, h, i);
-        const scalar_t* g = p.grad_out.row<const scalar_t>(b, h, i);
-        load_phi<scalar_t, acc, FM>(q, Dk, fq.data());
-        std::fill(num.begin(), num.end(), acc(0));
-        for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], S + a * Dv, Dv, num.data());
-        acc den = acc(1), dd = acc(0);
-        if (p.normalize) {
-          if (p.has_qn) load_phi<scalar_t, acc, FM>(qn, Dk, fqn.data());
-          else std::copy(fq.begin(), fq.end(), fqn.begin());
-          den = static_cast<acc>(p.eps);
-          for (int64_t a = 0; a < Dk; ++a) den += fqn[a] * z[a];
-          acc g_dot_num = acc(0);
-          for (int64_t c = 0; c < Dv; ++c) g_dot_num += static_cast<acc>(g[c]) * num[c];
-          dd = -g_dot_num / (den * den);
-        }
-        for (int64_t c = 0; c < Dv; ++c) da[c] = static_cast<acc>(g[c]) / den;
-        scalar_t* dq = p.dq.row<scalar_t>(b, h, i);
-        scalar_t* dqn = p.has_qn ? p.dqn.row<scalar_t>(b, h, i) : nullptr;
-        // dphi(q_i) = S da_i, and dS += phi(q_i) da_i^T.
-        std::fill(dfq.begin(), dfq.end(), acc(0));
-        for (int64_t c = 0; c < Dv; ++c) axpy(da[c], St.data() + c * Dk, Dk, dfq.data());
-        for (int64_t a = 0; a < Dk; ++a) axpy(fq[a], da.data(), Dv, dS + a * Dv);
-        for (int64_t a = 0; a < Dk; ++a) {
-          acc dq_a = through_phi(dfq[a], Phi<FM>::df(static_cast<acc>(q[a])));
-          if (p.normalize) {
-            const acc dqn_a = through_phi(z[a] * dd, Phi<FM>::df(static_cast<acc>(qn[a])));
-            dz[a] += fqn[a] * dd;
-            if (p.has_qn) dqn[a] = static_cast<scalar_t>(dqn_a);
-            else dq_a += dqn_a;
-          }
-          dq[a] = static_cast<scalar_t>(dq_a);
-        }
-      }
-      transpose(dS, Dk, Dv, dstate_t_all.data() + bh * Dv * Dk);
-    }
+    for (int64_t bh = begin; bh < end; ++bh) query_grads_of_head<scalar_t, FM>(p, bh, sg);
   });
-
-  // Pass 2 over keys: dv_j = dS^T phi(k_j) / Nk, dk_j = phi'(k_j) (dS v_j) / Nk (+ normaliser part).
-  for_each_row_chunk(p, p.Nk, [&](int64_t b, int64_t h, int64_t j0, int64_t j1) {
-    const acc* dS = dstate_all.data() + (b * p.H + h) * Dk * Dv;
-    const acc* dSt = dstate_t_all.data() + (b * p.H + h) * Dv * Dk;
-    const acc* dz = dz_all.data() + (b * p.H + h) * Dk;
-    std::vector<acc> fk(Dk), fv(Dv), dfk(Dk), dv(Dv);
-    for (int64_t j = j0; j < j1; ++j) {
-      const scalar_t* k = p.k.row<const scalar_t>(b, h, j);
-      const scalar_t* kn = p.kn.row<const scalar_t>(b, h, j);
-      load_phi<scalar_t, acc, FM>(k, Dk, fk.data());
-      load(p.v.row<const scalar_t>(b, h, j), Dv, fv.data());
-      // dv_j = dS^T phi(k_j), dphi(k_j) = dS v_j (both still to be divided by Nk).
-      std::fill(dv.begin(), dv.end(), acc(0));
-      std::fill(dfk.begin(), dfk.end(), acc(0));
-      for (int64_t a = 0; a < Dk; ++a) axpy(fk[a], dS + a * Dv, Dv, dv.data());
-      for (int64_t c = 0; c < Dv; ++c) axpy(fv[c], dSt + c * Dk, Dk, dfk.data());
-      scalar_t* dk = p.dk.row<scalar_t>(b, h, j);
-      scalar_t* dkn = p.has_kn ? p.dkn.row<scalar_t>(b, h, j) : nullptr;
-      for (int64_t a = 0; a < Dk; ++a) {
-        acc dk_a = through_phi(dfk[a] * inv_nk, Phi<FM>::df(static_cast<acc>(k[a])));
-        const acc dkn_a = p.normalize ? through_phi(dz[a] * inv_nk, Phi<FM>::df(static_cast<acc>(kn[a]))) : acc(0);
-        if (p.has_kn) dkn[a] = static_cast<scalar_t>(dkn_a);
-        else dk_a += dkn_a;
-        dk[a] = static_cast<scalar_t>(dk_a);
-      }
-      scalar_t* dv_out = p.dv.row<scalar_t>(b, h, j);
-      for (int64_t c = 0; c < Dv; ++c) dv_out[c] = static_cast<scalar_t>(dv[c] * inv_nk);
+  const int64_t chunks = (p.Nk + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, p.B * p.H * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j0 = t % chunks * kRowChunk;
+      key_grads_rows<scalar_t, FM>(p, t / chunks, j0, std::min(p.Nk, j0 + kRowChunk), sg);
     }
   });
 }
