@@ -88,13 +88,17 @@ def make_extension():
     # C++20 named, not left to torch: torch 2.11 (the GPU box's) would pick C++17, where
     # std::bit_cast (cpu_math.h) does not compile. No FP traps are ever enabled, and without
     # them GCC may if-convert the CPU kernels' selects (cpu_exp, feature maps) and vectorise those loops.
-    cxx_flags = ["-std=c++20", "-O3", "-fno-trapping-math"]
+    # OpenMP: at::parallel_for is an inline template that runs everything on one thread unless the
+    # caller is compiled with OpenMP (torch's ParallelOpenMP.h); the threads are then torch's own
+    # libgomp.so.1 (same soname, loaded once).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-std=c++20", "-O3", "-fno-trapping-math"] + openmp
     cpu_sources = sources("**/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME is None:
         print("sola_ops: building CPU kernels only", file=sys.stderr)
         return CppExtension("sola_ops._C", cpu_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     archs = cuda_arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     print(f"sola_ops: building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME}, archs {archs})", file=sys.stderr)
@@ -107,7 +111,8 @@ def make_extension():
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return CUDAExtension("sola_ops._C", cpu_sources + sources("**/*.cu"),
                          include_dirs=include_dirs + pip_nvidia_includes(),
-                         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines})
+                         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines},
+                         extra_link_args=openmp)
 
 
 setup(

@@ -27,35 +27,37 @@ SOLA_CPU_INLINE void gemm_block(int64_t k, const acc* a, int64_t lda, const acc*
     for (int w = 0; w < W; ++w) c[r * ldc + w] = t[r][w];
 }
 
-// R rows of C, its columns in the widest steps that fit (4, 2, then 1 vector).
-template <bool kAT, int R, typename acc>
-SOLA_CPU_INLINE void gemm_rows(int64_t n, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c,
+// Columns [0, W) of C, rows in blocks of R = 16 accumulator vectors' worth (4 rows at 4 vectors,
+// 8 at 2, 16 at 1: enough independent FMAs in flight), then of 4, then one at a time.
+template <bool kAT, int W, typename acc>
+SOLA_CPU_INLINE void gemm_cols(int64_t m, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c,
                                int64_t ldc, bool accumulate) {
-  constexpr int V = static_cast<int>(kColStep<acc>);
-  for (int64_t j = 0; j < n;) {
-    if (n - j >= 4 * V) {
-      gemm_block<kAT, R, 4 * V>(k, a, lda, b + j, ldb, c + j, ldc, accumulate);
-      j += 4 * V;
-    } else if (n - j >= 2 * V) {
-      gemm_block<kAT, R, 2 * V>(k, a, lda, b + j, ldb, c + j, ldc, accumulate);
-      j += 2 * V;
-    } else {
-      gemm_block<kAT, R, V>(k, a, lda, b + j, ldb, c + j, ldc, accumulate);
-      j += V;
-    }
-  }
+  constexpr int R = 16 * static_cast<int>(kColStep<acc>) / W;
+  const int64_t a_row_step = kAT ? 1 : lda;  // where A's row i starts
+  int64_t i = 0;
+  for (; i + R <= m; i += R) gemm_block<kAT, R, W>(k, a + i * a_row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  if constexpr (R > 4)
+    for (; i + 4 <= m; i += 4) gemm_block<kAT, 4, W>(k, a + i * a_row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i < m; ++i) gemm_block<kAT, 1, W>(k, a + i * a_row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
 }
 
-// Rows of C in blocks of R, the last ones one at a time.
+// C's columns in the widest steps that fit (4, 2, then 1 vector), each over all rows.
 template <bool kAT, typename acc>
 SOLA_CPU_CLONES void gemm_any(int64_t m, int64_t n, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb,
                               acc* c, int64_t ldc, bool accumulate) {
-  constexpr int R = 4;
-  const int64_t a_row_step = kAT ? 1 : lda;  // where A's row i starts
-  int64_t i = 0;
-  for (; i + R <= m; i += R)
-    gemm_rows<kAT, R>(n, k, a + i * a_row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
-  for (; i < m; ++i) gemm_rows<kAT, 1>(n, k, a + i * a_row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  constexpr int V = static_cast<int>(kColStep<acc>);
+  for (int64_t j = 0; j < n;) {
+    if (n - j >= 4 * V) {
+      gemm_cols<kAT, 4 * V>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate);
+      j += 4 * V;
+    } else if (n - j >= 2 * V) {
+      gemm_cols<kAT, 2 * V>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate);
+      j += 2 * V;
+    } else {
+      gemm_cols<kAT, V>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate);
+      j += V;
+    }
+  }
 }
 
 }  // namespace

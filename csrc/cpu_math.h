@@ -8,9 +8,10 @@
 #include <limits>
 
 // Compiles a hot function once per ISA (AVX-512, AVX2 + FMA, baseline x86-64) and lets the loader
-// pick one (ifunc), so one build uses the CPU's widest vectors. GCC on x86-64 Linux; elsewhere the
-// one baseline build.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// pick one (glibc ifunc), so one build uses the CPU's widest vectors. GCC 12+ on x86-64 glibc Linux;
+// elsewhere the one baseline build.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12
 #define SOLA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SOLA_CPU_CLONES

@@ -42,7 +42,8 @@ void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int6
 
 // One online-softmax step over a tile of scores s (rows x cols of q k^T, pitch kBlockN): s becomes
 // the probabilities exp(scale s - m_new) (0 in the columns past cols), o's rows (pitch ldo) are
-// rescaled by exp(m_old - m_new), and the running max m and sum l move on.
+// rescaled by exp(m_old - m_new), and the running max m moves on. The running sums stay per lane,
+// l[r * kCpuVecLen + e] (summed by the caller at the end), so no row pays a horizontal sum per tile.
 template <typename acc>
 SOLA_CPU_CLONES void online_softmax_step(acc* s, int64_t rows, int64_t cols, acc scale, acc* m, acc* l, acc* o,
                                          int64_t ldo) {
@@ -61,8 +62,10 @@ SOLA_CPU_CLONES void online_softmax_step(acc* s, int64_t rows, int64_t cols, acc
       std::memcpy(s_row + c0, &x, sizeof x);
       lane_max = lane_max < x ? x : lane_max;  // a NaN score never wins the max
     }
-    acc tile_max = kNegInf;
-    for (int64_t e = 0; e < L; ++e) tile_max = std::max(tile_max, lane_max[e]);
+    acc quarter_max[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // four short chains, not one of L
+    for (int64_t e = 0; e < L; e += 4)
+      for (int t = 0; t < 4; ++t) quarter_max[t] = std::max(quarter_max[t], lane_max[e + t]);
+    const acc tile_max = std::max(std::max(quarter_max[0], quarter_max[1]), std::max(quarter_max[2], quarter_max[3]));
     const acc m_new = std::max(m[r], tile_max);
     // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
     // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise.
@@ -74,17 +77,17 @@ SOLA_CPU_CLONES void online_softmax_step(acc* s, int64_t rows, int64_t cols, acc
     } else {
       for (int64_t c = 0; c < kBlockN; ++c) s_row[c] = cpu_exp(s_row[c] - m_new);
     }
-    CpuVec<acc> lane_sum = CpuVec<acc>{};
+    CpuVec<acc> lane_sum;
+    std::memcpy(&lane_sum, l + r * L, sizeof lane_sum);
+    lane_sum *= alpha;
     for (int64_t c0 = 0; c0 < kBlockN; c0 += L) {
       CpuVec<acc> x;
       std::memcpy(&x, s_row + c0, sizeof x);
       lane_sum += x;
     }
-    acc p_sum = acc(0);
-    for (int64_t e = 0; e < L; ++e) p_sum += lane_sum[e];
+    std::memcpy(l + r * L, &lane_sum, sizeof lane_sum);
     acc* o_row = o + r * ldo;
     for (int64_t e = 0; e < ldo; ++e) o_row[e] *= alpha;
-    l[r] = l[r] * alpha + p_sum;
     m[r] = m_new;
   }
 }
@@ -115,7 +118,7 @@ void fwd(const SoftmaxAttentionParams& p) {
 
   at::parallel_for(0, p.B * p.H * q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> q(kBlockM * Dk), kt(Dk * kBlockN), v(kBlockN * Dv_p), o(kBlockM * Dv_p);
-    std::vector<acc> s(kBlockM * kBlockN), m(kBlockM), l(kBlockM);
+    std::vector<acc> s(kBlockM * kBlockN), m(kBlockM), l(kBlockM * kCpuVecLen<acc>);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / p.H, h = bh % p.H;
       const int64_t i0 = (task % q_tiles) * kBlockM, i1 = std::min(p.Nq, i0 + kBlockM), rows = i1 - i0;
@@ -133,9 +136,11 @@ void fwd(const SoftmaxAttentionParams& p) {
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
-        const acc inv_l = acc(1) / l[r];
+        acc l_r = acc(0);
+        for (int64_t e = 0; e < kCpuVecLen<acc>; ++e) l_r += l[r * kCpuVecLen<acc> + e];
+        const acc inv_l = acc(1) / l_r;
         for (int64_t e = 0; e < Dv; ++e) out[e] = static_cast<scalar_t>(o[r * Dv_p + e] * inv_l);
-        lse_all[bh * p.Nq + i0 + r] = row_lse(m[r], l[r]);
+        lse_all[bh * p.Nq + i0 + r] = row_lse(m[r], l_r);
       }
     }
   });
