@@ -18,7 +18,8 @@ FLAGS="-std=c++20 -O1 -g -DSOLA_WITH_CUDA -DSOLA_HOST_EMULATION -I$HERE/include 
 rm -rf "$OUT" && mkdir -p "$OUT/obj"
 cp -r "$SRC" "$OUT/csrc"
 for f in $(find "$OUT/csrc" -name '*.cu' -o -name '*.cuh'); do "$PY" "$HERE/transform.py" "$f" "$f" > /dev/null; done
-# Objects of one op's CUDA (.cu) and CPU kernels plus its driver; emulated sources get emu.h.
+# Objects of one op's CUDA (.cu) and CPU kernels (with the CPU tile gemm) plus its driver; emulated
+# sources get emu.h.
 compile() {
   local f=$1 extra=""
   case $f in *.cu | *driver_*.cpp) extra="-x c++ -include $HERE/emu.h" ;; esac
@@ -27,7 +28,8 @@ compile() {
 objs=()
 for op in ${OPS:-softmax linear}; do
   mkdir -p "$OUT/obj/$op"
-  for f in "$OUT"/csrc/${op}_attention/*.cu "$OUT"/csrc/${op}_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$HERE/driver_$op.cpp"; do
+  for f in "$OUT"/csrc/${op}_attention/*.cu "$OUT"/csrc/${op}_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$OUT"/csrc/cpu_gemm.cpp \
+           "$HERE/driver_$op.cpp"; do
     while (($(jobs -rp | wc -l) >= ${JOBS:-$(nproc)})); do sleep 0.5; done  # ~0.7 GB per compile
     compile "$f" "$op" &
     objs+=("$OUT/obj/$op/$(basename "$f").o")
