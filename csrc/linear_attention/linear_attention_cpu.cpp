@@ -64,7 +64,8 @@ template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void state_of_head(const LinearAttentionParams& p, int64_t bh) {
   using acc = acc_t<scalar_t>;
   const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv);
-  std::vector<acc> fk(kRowChunk * Dk), fkn(kRowChunk * Dk), v(kRowChunk * Dv_p, acc(0)), S(Dk * Dv_p, acc(0));
+  const int64_t chunk = std::min(p.Nk, kRowChunk);  // buffers sized for what is there (tiny N: few rows)
+  std::vector<acc> fk(chunk * Dk), fkn(p.has_kn ? chunk * Dk : 0), v(chunk * Dv_p, acc(0)), S(Dk * Dv_p, acc(0));
   acc* z = static_cast<acc*>(p.z) + bh * Dk;
   std::fill(z, z + Dk, acc(0));
   for (int64_t j0 = 0; j0 < p.Nk; j0 += kRowChunk) {
@@ -90,10 +91,13 @@ SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_
   using acc = acc_t<scalar_t>;
   const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv), rows = i1 - i0;
   const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
-  const std::vector<acc> S = padded_copy(static_cast<const acc*>(p.state) + bh * Dk * Dv, Dk, Dv, Dv, Dv_p, false);
-  std::vector<acc> fq(kRowChunk * Dk), fqn(kRowChunk * Dk), num(kRowChunk * Dv_p);
+  const acc* state = static_cast<const acc*>(p.state) + bh * Dk * Dv;
+  // S as gemm's B: padded to whole vectors unless Dv already is.
+  const std::vector<acc> S_padded = Dv == Dv_p ? std::vector<acc>() : padded_copy(state, Dk, Dv, Dv, Dv_p, false);
+  const acc* S = Dv == Dv_p ? state : S_padded.data();
+  std::vector<acc> fq(rows * Dk), fqn(p.has_qn ? rows * Dk : 0), num(rows * Dv_p);
   load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
-  cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S.data(), Dv_p, num.data(), Dv_p, false);  // phi(q) S
+  cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S, Dv_p, num.data(), Dv_p, false);  // phi(q) S
   if (p.normalize && p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, i0, i1, Dk, fqn.data(), Dk);
   const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -143,8 +147,9 @@ SOLA_CPU_CLONES void query_grads_of_head(const LinearAttentionParams& p, int64_t
   acc* dz = sg.dz.data() + bh * Dk;
   std::fill(dS, dS + Dk * Dv_p, acc(0));
   std::fill(dz, dz + Dk, acc(0));
-  std::vector<acc> fq(kRowChunk * Dk), fqn(kRowChunk * Dk), g(kRowChunk * Dv_p, acc(0)), num(kRowChunk * Dv_p);
-  std::vector<acc> da(kRowChunk * Dv_p), dfq(kRowChunk * Dk_p), dd(kRowChunk), dx(Dk), dxn(Dk);
+  const int64_t chunk = std::min(p.Nq, kRowChunk);
+  std::vector<acc> fq(chunk * Dk), fqn(p.has_qn ? chunk * Dk : 0), g(chunk * Dv_p, acc(0)), num(chunk * Dv_p);
+  std::vector<acc> da(chunk * Dv_p), dfq(chunk * Dk_p), dd(chunk), dx(Dk), dxn(Dk);
   for (int64_t i0 = 0; i0 < p.Nq; i0 += kRowChunk) {
     const int64_t i1 = std::min(p.Nq, i0 + kRowChunk), rows = i1 - i0;
     load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
@@ -192,7 +197,7 @@ SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, 
   const acc* dSt = sg.dSt.data() + bh * Dv * Dk_p;
   const acc* dz = sg.dz.data() + bh * Dk;
   const acc inv_nk = acc(1) / acc(p.Nk);
-  std::vector<acc> fk(kRowChunk * Dk), v(kRowChunk * Dv), dv(kRowChunk * Dv_p), dfk(kRowChunk * Dk_p);
+  std::vector<acc> fk(rows * Dk), v(rows * Dv), dv(rows * Dv_p), dfk(rows * Dk_p);
   load_rows<true, FM, scalar_t>(p.k, b, h, j0, j1, Dk, fk.data(), Dk);
   load_rows<false, FM, scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv);
   cpu::gemm(rows, Dv_p, Dk, fk.data(), Dk, dS, Dv_p, dv.data(), Dv_p, false);   // phi(k) dS
