@@ -2,8 +2,6 @@
 // columns and B's rows. Plain C++ over compile-time widths, compiled once per ISA (SOLA_CPU_CLONES).
 #include "cpu_gemm.h"
 
-#include "cpu_math.h"
-
 namespace sola {
 namespace cpu {
 namespace {
@@ -32,7 +30,7 @@ SOLA_CPU_INLINE void gemm_block(int64_t k, const acc* a, int64_t lda, const acc*
 template <bool kAT, int W, typename acc>
 SOLA_CPU_INLINE void gemm_cols(int64_t m, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c,
                                int64_t ldc, bool accumulate) {
-  constexpr int R = 16 * static_cast<int>(kColStep<acc>) / W;
+  constexpr int R = 16 * static_cast<int>(kCpuVecLen<acc>) / W;
   const int64_t a_row_step = kAT ? 1 : lda;  // where A's row i starts
   int64_t i = 0;
   for (; i + R <= m; i += R) gemm_block<kAT, R, W>(k, a + i * a_row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
@@ -45,7 +43,7 @@ SOLA_CPU_INLINE void gemm_cols(int64_t m, int64_t k, const acc* a, int64_t lda, 
 template <bool kAT, typename acc>
 SOLA_CPU_CLONES void gemm_any(int64_t m, int64_t n, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb,
                               acc* c, int64_t ldc, bool accumulate) {
-  constexpr int V = static_cast<int>(kColStep<acc>);
+  constexpr int V = static_cast<int>(kCpuVecLen<acc>);
   for (int64_t j = 0; j < n;) {
     if (n - j >= 4 * V) {
       gemm_cols<kAT, 4 * V>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate);

@@ -3,21 +3,20 @@
 
 #include <cstdint>
 
+#include "cpu_math.h"
+
 namespace sola {
 namespace cpu {
 
-// Elements of one 512-bit vector: gemm works in column steps of this many, so its callers pad B's
-// and C's columns (and row pitches) to a multiple; C's padding columns get whatever B's hold.
-template <typename acc>
-constexpr int64_t kColStep = 64 / sizeof(acc);
-
+// gemm works in column steps of one 512-bit vector (kCpuVecLen elements), so its callers pad B's and
+// C's columns (and row pitches) to a multiple; C's padding columns get whatever B's hold.
 template <typename acc>
 constexpr int64_t padded_cols(int64_t n) {
-  return (n + kColStep<acc> - 1) / kColStep<acc> * kColStep<acc>;
+  return (n + kCpuVecLen<acc> - 1) / kCpuVecLen<acc> * kCpuVecLen<acc>;
 }
 
 // C[m][n] (+)= A[m][k] B[k][n], row-major with row pitches lda, ldb, ldc; n a multiple of
-// kColStep<acc>. Each entry sums over k in order 0, 1, ..., so results are deterministic.
+// kCpuVecLen<acc>. Each entry sums over k in order 0, 1, ..., so results are deterministic.
 // acc: float or double.
 template <typename acc>
 void gemm(int64_t m, int64_t n, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c,
