@@ -50,13 +50,11 @@ SOLA_CPU_INLINE void store_row(const acc* src, int64_t d, scalar_t* dst) {
   for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(src[e]);
 }
 
-// m (rows x cols, pitch ld) into a zero-padded copy with pitch ld_out, or its transpose.
+// m (rows x cols, pitch ld), or its transpose, into out with pitch ld_out (out's padding untouched).
 template <typename acc>
-std::vector<acc> padded_copy(const acc* m, int64_t rows, int64_t cols, int64_t ld, int64_t ld_out, bool transpose) {
-  std::vector<acc> out((transpose ? cols : rows) * ld_out, acc(0));
+void copy_padded(const acc* m, int64_t rows, int64_t cols, int64_t ld, bool transpose, acc* out, int64_t ld_out) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) (transpose ? out[c * ld_out + r] : out[r * ld_out + c]) = m[r * ld + c];
-  return out;
 }
 
 // Forward pass 1, one head: S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j).
@@ -93,7 +91,8 @@ SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_
   const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
   const acc* state = static_cast<const acc*>(p.state) + bh * Dk * Dv;
   // S as gemm's B: padded to whole vectors unless Dv already is.
-  const std::vector<acc> S_padded = Dv == Dv_p ? std::vector<acc>() : padded_copy(state, Dk, Dv, Dv, Dv_p, false);
+  std::vector<acc> S_padded(Dv == Dv_p ? 0 : Dk * Dv_p, acc(0));
+  if (Dv != Dv_p) copy_padded(state, Dk, Dv, Dv, false, S_padded.data(), Dv_p);
   const acc* S = Dv == Dv_p ? state : S_padded.data();
   std::vector<acc> fq(rows * Dk), fqn(p.has_qn ? rows * Dk : 0), num(rows * Dv_p);
   load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
@@ -140,8 +139,9 @@ SOLA_CPU_CLONES void query_grads_of_head(const LinearAttentionParams& p, int64_t
   using acc = acc_t<scalar_t>;
   const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dk_p = sg.Dk_p, Dv_p = sg.Dv_p;
   const acc* state = static_cast<const acc*>(p.state) + bh * Dk * Dv;
-  const std::vector<acc> S = padded_copy(state, Dk, Dv, Dv, Dv_p, false);
-  const std::vector<acc> St = padded_copy(state, Dk, Dv, Dv, Dk_p, true);
+  std::vector<acc> S(Dk * Dv_p, acc(0)), St(Dv * Dk_p, acc(0));
+  copy_padded(state, Dk, Dv, Dv, false, S.data(), Dv_p);
+  copy_padded(state, Dk, Dv, Dv, true, St.data(), Dk_p);
   const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
   acc* dS = sg.dS.data() + bh * Dk * Dv_p;
   acc* dz = sg.dz.data() + bh * Dk;
@@ -181,9 +181,7 @@ SOLA_CPU_CLONES void query_grads_of_head(const LinearAttentionParams& p, int64_t
       store_row(dx.data(), Dk, p.dq.row<scalar_t>(b, h, i0 + r));
     }
   }
-  acc* dSt = sg.dSt.data() + bh * Dv * Dk_p;
-  const std::vector<acc> t = padded_copy(dS, Dk, Dv, Dv_p, Dk_p, true);
-  std::copy(t.begin(), t.end(), dSt);
+  copy_padded(dS, Dk, Dv, Dv_p, true, sg.dSt.data() + bh * Dv * Dk_p, Dk_p);  // padding: 0 from StateGrads
 }
 
 // Backward pass 2, key rows [j0, j1) of one head:
