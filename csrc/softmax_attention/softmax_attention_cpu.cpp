@@ -146,62 +146,137 @@ void fwd(const SoftmaxAttentionParams& p) {
   });
 }
 
+// One backward task's tiles: a key tile (k; k^T, v^T for the scores) and a query tile (q, dO), and
+// their P / dS tile. Row pitches padded to whole vectors (cpu::gemm's column step); the padding stays 0.
+template <typename scalar_t>
+struct BwdTiles {
+  using acc = acc_t<scalar_t>;
+  const SoftmaxAttentionParams& p;
+  int64_t b, h, Dk_p, Dv_p;
+  std::vector<acc> q, g, k, kt, vt, s, dp;
+
+  explicit BwdTiles(const SoftmaxAttentionParams& params)
+      : p(params), b(0), h(0), Dk_p(cpu::padded_cols<acc>(p.Dk)), Dv_p(cpu::padded_cols<acc>(p.Dv)),
+        q(kBlockM * Dk_p), g(kBlockM * Dv_p), k(kBlockN * Dk_p), kt(p.Dk * kBlockN), vt(p.Dv * kBlockN),
+        s(kBlockM * kBlockN), dp(kBlockM * kBlockN) {}
+
+  void set_head(int64_t bh) {
+    b = bh / p.H;
+    h = bh % p.H;
+  }
+  void load_keys(int64_t j0, int64_t j1) {
+    load_tile<scalar_t>(p.k, b, h, j0, j1, p.Dk, k.data(), Dk_p);
+    load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, p.Dk, kt.data());
+    load_tile_transposed<scalar_t>(p.v, b, h, j0, j1, p.Dv, vt.data());
+  }
+  void load_queries(int64_t i0, int64_t i1) {
+    load_tile<scalar_t>(p.q, b, h, i0, i1, p.Dk, q.data(), Dk_p);
+    load_tile<scalar_t>(p.grad_out, b, h, i0, i1, p.Dv, g.data(), Dv_p);
+  }
+  // s = P, dp = dS * scale of the loaded tiles (rows x cols); lse, delta: the query tile's.
+  void probs(int64_t rows, int64_t cols, const acc* lse, const acc* delta) {
+    cpu::gemm(rows, kBlockN, p.Dk, q.data(), Dk_p, kt.data(), kBlockN, s.data(), kBlockN, false);   // q k^T
+    cpu::gemm(rows, kBlockN, p.Dv, g.data(), Dv_p, vt.data(), kBlockN, dp.data(), kBlockN, false);  // dO v^T
+    probs_and_dscores(s.data(), dp.data(), rows, cols, static_cast<acc>(p.scale), lse, delta);
+  }
+  void add_key_grads(int64_t rows, int64_t cols, acc* dk, acc* dv) {
+    cpu::gemm_at(cols, Dv_p, rows, s.data(), kBlockN, g.data(), Dv_p, dv, Dv_p, true);   // dv += P^T dO
+    cpu::gemm_at(cols, Dk_p, rows, dp.data(), kBlockN, q.data(), Dk_p, dk, Dk_p, true);  // dk += dS^T q
+  }
+  void add_query_grads(int64_t rows, int64_t cols, acc* dq) {
+    cpu::gemm(rows, Dk_p, cols, dp.data(), kBlockN, k.data(), Dk_p, dq, Dk_p, true);  // dq += dS k
+  }
+  // Rows [n0, n1) of a gradient buffer (pitch ld) into x's rows.
+  void store(const acc* src, int64_t ld, int64_t n0, int64_t n1, int64_t d, const View4& x) {
+    for (int64_t n = n0; n < n1; ++n) {
+      scalar_t* out = x.row<scalar_t>(b, h, n);
+      for (int64_t e = 0; e < d; ++e) out[e] = static_cast<scalar_t>(src[(n - n0) * ld + e]);
+    }
+  }
+};
+
+// delta_i = rowsum(dO_i * O_i) - grad_lse_i: the softmax Jacobian's correction term.
+template <typename scalar_t>
+void row_deltas(const SoftmaxAttentionParams& p) {
+  using acc = acc_t<scalar_t>;
+  acc* delta_all = static_cast<acc*>(p.delta);
+  const acc* grad_lse = static_cast<const acc*>(p.grad_lse);
+  at::parallel_for(0, p.B * p.H * p.Nq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / p.Nq, i = t % p.Nq, b = bh / p.H, h = bh % p.H;
+      const scalar_t* go = p.grad_out.row<const scalar_t>(b, h, i);
+      const scalar_t* o = p.out.row<const scalar_t>(b, h, i);
+      acc d = acc(0);
+      for (int64_t e = 0; e < p.Dv; ++e) d += static_cast<acc>(go[e]) * static_cast<acc>(o[e]);
+      delta_all[t] = grad_lse ? d - grad_lse[t] : d;
+    }
+  });
+}
+
+// With at least a head per thread, one task per head walks its key tiles once, summing dk, dv per
+// key tile and dq over all of them. With fewer heads than threads, one task per key tile (dk, dv)
+// and then one per query tile (dq), recomputing the scores a second time. Both sum every gradient
+// entry over the same tiles in the same order through the same gemm calls, so both give the same bits.
 template <typename scalar_t>
 void bwd(const SoftmaxAttentionParams& p) {
   using acc = acc_t<scalar_t>;
-  const int64_t Dk = p.Dk, Dv = p.Dv, Dk_p = cpu::padded_cols<acc>(Dk), Dv_p = cpu::padded_cols<acc>(Dv);
-  const acc scale = static_cast<acc>(p.scale);
   const acc* lse_all = static_cast<const acc*>(p.lse);
-  acc* delta_all = static_cast<acc*>(p.delta);
+  const acc* delta_all = static_cast<const acc*>(p.delta);
+  const int64_t heads = p.B * p.H, q_tiles = (p.Nq + kBlockM - 1) / kBlockM, k_tiles = (p.Nk + kBlockN - 1) / kBlockN;
+  const int64_t Dk_p = cpu::padded_cols<acc>(p.Dk), Dv_p = cpu::padded_cols<acc>(p.Dv);
+  row_deltas<scalar_t>(p);
 
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    // Row pitches padded to whole vectors (cpu::gemm's column step); the padding stays 0.
-    std::vector<acc> q(kBlockM * Dk_p), g(kBlockM * Dv_p), k(kBlockN * Dk_p), kt(Dk * kBlockN), vt(Dv * kBlockN);
-    std::vector<acc> s(kBlockM * kBlockN), dp(kBlockM * kBlockN), dk(kBlockN * Dk_p), dv(kBlockN * Dv_p);
-    std::vector<acc> dq(p.Nq * Dk_p);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      const acc* lse = lse_all + bh * p.Nq;
-      acc* delta = delta_all + bh * p.Nq;
-      // delta_i = rowsum(dO_i * O_i) - grad_lse_i: the softmax Jacobian's correction term.
-      const acc* grad_lse = p.grad_lse ? static_cast<const acc*>(p.grad_lse) + bh * p.Nq : nullptr;
-      for (int64_t i = 0; i < p.Nq; ++i) {
-        const scalar_t* go = p.grad_out.row<const scalar_t>(b, h, i);
-        const scalar_t* o = p.out.row<const scalar_t>(b, h, i);
-        acc d = acc(0);
-        for (int64_t e = 0; e < Dv; ++e) d += static_cast<acc>(go[e]) * static_cast<acc>(o[e]);
-        delta[i] = grad_lse ? d - grad_lse[i] : d;
+  // dk, dv of key rows [j0, j1) of head bh; with dq (all Nq rows) also dq += dS k.
+  auto key_tile = [&](BwdTiles<scalar_t>& t, int64_t bh, int64_t j0, acc* dk, acc* dv, acc* dq) {
+    const int64_t j1 = std::min(p.Nk, j0 + kBlockN), cols = j1 - j0;
+    t.set_head(bh);
+    t.load_keys(j0, j1);
+    std::fill(dk, dk + kBlockN * Dk_p, acc(0));
+    std::fill(dv, dv + kBlockN * Dv_p, acc(0));
+    for (int64_t i0 = 0; i0 < p.Nq; i0 += kBlockM) {
+      const int64_t i1 = std::min(p.Nq, i0 + kBlockM), rows = i1 - i0;
+      t.load_queries(i0, i1);
+      t.probs(rows, cols, lse_all + bh * p.Nq + i0, delta_all + bh * p.Nq + i0);
+      t.add_key_grads(rows, cols, dk, dv);
+      if (dq) t.add_query_grads(rows, cols, dq + i0 * Dk_p);
+    }
+    t.store(dk, Dk_p, j0, j1, p.Dk, p.dk);
+    t.store(dv, Dv_p, j0, j1, p.Dv, p.dv);
+  };
+
+  if (heads >= at::get_num_threads()) {
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      BwdTiles<scalar_t> t(p);
+      std::vector<acc> dk(kBlockN * Dk_p), dv(kBlockN * Dv_p), dq(p.Nq * Dk_p);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        std::fill(dq.begin(), dq.end(), acc(0));
+        for (int64_t j0 = 0; j0 < p.Nk; j0 += kBlockN) key_tile(t, bh, j0, dk.data(), dv.data(), dq.data());
+        t.store(dq.data(), Dk_p, 0, p.Nq, p.Dk, p.dq);
       }
+    });
+    return;
+  }
+  at::parallel_for(0, heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
+    BwdTiles<scalar_t> t(p);
+    std::vector<acc> dk(kBlockN * Dk_p), dv(kBlockN * Dv_p);
+    for (int64_t task = begin; task < end; ++task)
+      key_tile(t, task / k_tiles, task % k_tiles * kBlockN, dk.data(), dv.data(), nullptr);
+  });
+  at::parallel_for(0, heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    BwdTiles<scalar_t> t(p);
+    std::vector<acc> dq(kBlockM * Dk_p);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_tiles, i0 = task % q_tiles * kBlockM, i1 = std::min(p.Nq, i0 + kBlockM);
+      t.set_head(bh);
+      t.load_queries(i0, i1);
       std::fill(dq.begin(), dq.end(), acc(0));
       for (int64_t j0 = 0; j0 < p.Nk; j0 += kBlockN) {
-        const int64_t j1 = std::min(p.Nk, j0 + kBlockN), cols = j1 - j0;
-        load_tile<scalar_t>(p.k, b, h, j0, j1, Dk, k.data(), Dk_p);
-        load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, Dk, kt.data());
-        load_tile_transposed<scalar_t>(p.v, b, h, j0, j1, Dv, vt.data());
-        std::fill(dk.begin(), dk.end(), acc(0));
-        std::fill(dv.begin(), dv.end(), acc(0));
-        for (int64_t i0 = 0; i0 < p.Nq; i0 += kBlockM) {
-          const int64_t i1 = std::min(p.Nq, i0 + kBlockM), rows = i1 - i0;
-          load_tile<scalar_t>(p.q, b, h, i0, i1, Dk, q.data(), Dk_p);
-          load_tile<scalar_t>(p.grad_out, b, h, i0, i1, Dv, g.data(), Dv_p);
-          cpu::gemm(rows, kBlockN, Dk, q.data(), Dk_p, kt.data(), kBlockN, s.data(), kBlockN, false);   // q k^T
-          cpu::gemm(rows, kBlockN, Dv, g.data(), Dv_p, vt.data(), kBlockN, dp.data(), kBlockN, false);  // dO v^T
-          probs_and_dscores(s.data(), dp.data(), rows, cols, scale, lse + i0, delta + i0);
-          cpu::gemm_at(cols, Dv_p, rows, s.data(), kBlockN, g.data(), Dv_p, dv.data(), Dv_p, true);   // dv += P^T dO
-          cpu::gemm_at(cols, Dk_p, rows, dp.data(), kBlockN, q.data(), Dk_p, dk.data(), Dk_p, true);  // dk += dS^T q
-          cpu::gemm(rows, Dk_p, cols, dp.data(), kBlockN, k.data(), Dk_p, &dq[i0 * Dk_p], Dk_p, true);  // dq += dS k
-        }
-        for (int64_t j = j0; j < j1; ++j) {
-          scalar_t* dk_out = p.dk.row<scalar_t>(b, h, j);
-          scalar_t* dv_out = p.dv.row<scalar_t>(b, h, j);
-          for (int64_t e = 0; e < Dk; ++e) dk_out[e] = static_cast<scalar_t>(dk[(j - j0) * Dk_p + e]);
-          for (int64_t e = 0; e < Dv; ++e) dv_out[e] = static_cast<scalar_t>(dv[(j - j0) * Dv_p + e]);
-        }
+        const int64_t j1 = std::min(p.Nk, j0 + kBlockN);
+        t.load_keys(j0, j1);
+        t.probs(i1 - i0, j1 - j0, lse_all + bh * p.Nq + i0, delta_all + bh * p.Nq + i0);
+        t.add_query_grads(i1 - i0, j1 - j0, dq.data());
       }
-      for (int64_t i = 0; i < p.Nq; ++i) {
-        scalar_t* dq_out = p.dq.row<scalar_t>(b, h, i);
-        for (int64_t e = 0; e < Dk; ++e) dq_out[e] = static_cast<scalar_t>(dq[i * Dk_p + e]);
-      }
+      t.store(dq.data(), Dk_p, i0, i1, p.Dk, p.dq);
     }
   });
 }
