@@ -157,20 +157,15 @@ struct Phi<FeatureMap::Elu> {  // elu(x) + 1
   static SOLA_HD T df(T x) { return positive_or_exp<kFast>(x, T(1)); }
 
  private:
-  // x > 0 ? if_positive : exp(x). On the host fp32 computes exp for every x: a select of two values
-  // lets the CPU loops vectorise, where a branch around exp kept them scalar (fp64's libm exp stays
-  // behind the branch).
+  // x > 0 ? if_positive : exp(x). On the host exp is computed for every x: a select of two values lets
+  // the CPU loops vectorise, where a branch around exp kept them scalar.
   template <bool kFast, typename T>
   static SOLA_HD T positive_or_exp(T x, T if_positive) {
 #ifdef __CUDA_ARCH__
     return x > T(0) ? if_positive : kFast ? kernel_exp_fast(x) : kernel_exp(x);
 #else
-    if constexpr (std::is_same_v<T, float>) {
-      const T e = cpu_exp(x);
-      return x > T(0) ? if_positive : e;
-    } else {
-      return x > T(0) ? if_positive : cpu_exp(x);
-    }
+    const T e = cpu_exp(x);
+    return x > T(0) ? if_positive : e;
 #endif
   }
 };
