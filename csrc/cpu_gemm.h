@@ -27,5 +27,9 @@ template <typename acc>
 void gemm_at(int64_t m, int64_t n, int64_t k, const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c,
              int64_t ldc, bool accumulate);
 
+// The build gemm runs: "avx512", "avx2" or "baseline". The CPU's widest, unless SOLA_CPU_GEMM names a
+// narrower one (avx2, baseline: the tests run each build on any machine).
+const char* gemm_isa();
+
 }  // namespace cpu
 }  // namespace sola

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "cpu_gemm.h"
 
 TORCH_LIBRARY(sola_ops, m) {
   // Returns (out, state S (B, H, Dk, Dv), normaliser z (B, H, Dk)); S and z are saved for backward.
@@ -44,6 +45,7 @@ static py::dict build_info() {
   info["cuda_archs"] = py::list();
 #endif
   info["max_cuda_head_dim"] = kMaxCudaHeadDim;
+  info["cpu_gemm"] = sola::cpu::gemm_isa();
   return info;
 }
 

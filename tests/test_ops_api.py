@@ -456,6 +456,29 @@ def test_debug_nan_fill_env_var():
     assert res == {"1": "True", "0": "False"}
 
 
+
+CPU_GEMM_BUILDS = ["baseline", "avx2", "avx512"]  # narrowest first
+
+
+@pytest.mark.parametrize("build", ["avx2", "baseline"])
+def test_cpu_gemm_builds(build):
+    """The CPU kernels' gemm is built per ISA and a CPU runs its widest; SOLA_CPU_GEMM picks a narrower
+    one, so its results are checked here too: the awkward-size and gradcheck tests of both ops."""
+    widest = sola_ops.build_info()["cpu_gemm"]
+    if CPU_GEMM_BUILDS.index(build) > CPU_GEMM_BUILDS.index(widest):
+        pytest.skip(f"this CPU runs the {widest} build at most")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, SOLA_CPU_GEMM=build)
+    chosen = subprocess.run([sys.executable, "-c", "import sola_ops; print(sola_ops.build_info()['cpu_gemm'])"],
+                            env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    assert chosen == build
+    tests = [f"tests/test_ops_{op}.py::{name}" for op in OPS for name in ("test_awkward_sizes", "test_gradcheck")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", "cpu"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
 NAN_FILL_CASES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
     (2, 3, 33, 65, 59, 111, torch.float32),
     (1, 1, 1, 1, 8, 8, torch.float16),
