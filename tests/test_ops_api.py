@@ -26,8 +26,9 @@ def run_op(op, q, k, v, **kw):
 
 def test_build_info():
     info = sola_ops.build_info()
-    assert {"cpu", "cuda", "cuda_archs"} <= set(info)
+    assert {"cpu", "cuda", "cuda_archs", "cpu_gemm"} <= set(info)
     assert info["cpu"] is True
+    assert info["cpu_gemm"] in ("avx512", "avx2", "baseline")
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], list)
     if info["cuda"]:
