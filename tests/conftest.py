@@ -11,6 +11,7 @@ accumulates in fp32 like the kernels) but the "naive PyTorch" composite below, w
 feature maps and softmax all run in the input dtype. For fp64 inputs ref_lp == ref64, so fp64 is
 held to the floor alone.
 """
+import contextlib
 import math
 
 import pytest
@@ -35,6 +36,18 @@ def size_id(case):
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's CPU thread count set to n inside the block (the CPU kernels pick their tasks by it)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 # ---- devices --------------------------------------------------------------------------------

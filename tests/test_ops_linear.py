@@ -5,7 +5,7 @@ import torch
 
 import sola_ops
 from conftest import (DEVICES, DTYPES, FEATURE_MAPS, check_linear, leaf, make_qkv, randn,
-                      size_id, strided_like)
+                      size_id, strided_like, torch_threads)
 from sola_ops import reference
 
 
@@ -250,3 +250,27 @@ def test_relu_nan_stays_where_relu_is_active(device, dtype, poison):
             flat = (x <= 0) & ~x.isnan()
             assert (ours[flat] == 0).all(), f"d{name} is not 0 where relu is flat"
         assert torch.isfinite(ours[0, 1]).all(), f"d{name}: the NaN reached the other head"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_token_segments(dtype):
+    """With few heads the CPU kernels split each head's tokens into segments summed by separate tasks
+    (S, z in the forward, dS, dz in the backward), then add the segments in order: still the
+    reference's result, and the same bits on 1 and 3 threads."""
+    B, H, Nq, Nk, Dk, Dv = 1, 2, 2500, 3100, 24, 40  # 2 query and 3 key segments per head
+    q, k, v = make_qkv(B, H, Nq, Nk, Dk, Dv, dtype, "cpu", seed=8)
+    qn, kn = randn(q.shape, dtype, "cpu", seed=9), randn(k.shape, dtype, "cpu", seed=10)
+    g = randn((B, H, Nq, Dv), dtype, "cpu", seed=11)
+
+    def run():
+        ins = [leaf(t.clone()) for t in (q, k, v, qn, kn)]
+        out = sola_ops.linear_attention(*ins[:3], feature_map="elu", q_norm=ins[3], k_norm=ins[4])
+        return [out.detach()] + list(torch.autograd.grad(out, ins, g))
+
+    with torch_threads(1):
+        one = run()
+    with torch_threads(3):
+        three = run()
+        check_linear(q, k, v, feature_map="elu", q_norm=qn, k_norm=kn, grad_out=g)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dqn", "dkn"), one, three):
+        assert torch.equal(a, b), f"{name} differs between 1 and 3 threads"

@@ -1,6 +1,5 @@
 """sola_ops.softmax_attention against the fp64 reference (FlashAttention tolerance rule), lse, scale,
 fp64 gradcheck of the extension op, strided inputs, determinism. CPU always; CUDA when available."""
-import contextlib
 import math
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 import sola_ops
 from sola_ops import reference
 from conftest import (DEVICES, DTYPES, check_softmax, leaf, make_qkv, randn, requires_cuda, size_id,
-                      strided_like)
+                      strided_like, torch_threads)
 
 
 # ---- forward, lse and gradients vs the reference ---------------------------------------------------
@@ -315,16 +314,6 @@ def test_backward_deterministic(device, dtype):
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

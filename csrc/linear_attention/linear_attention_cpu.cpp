@@ -1,8 +1,10 @@
 // C++ CPU kernels of non-causal linear attention, forward and backward.
-// Parallel over batch*heads (and query/key chunks of kRowChunk rows). The products run through
-// cpu::gemm on chunk tiles; each task's element-wise work (feature maps, normaliser, epilogues) is
-// compiled per ISA (SOLA_CPU_CLONES). Each state entry is summed in token order, so results are
-// deterministic. Accumulation in acc_t (fp32, fp64 for fp64 inputs).
+// Parallel over batch*heads and token segments (the sums over tokens: S, z, dS, dz) or row chunks of
+// kRowChunk rows (out, dk, dv). The products run through cpu::gemm on chunk tiles; each task's
+// element-wise work (feature maps, normaliser, epilogues) is compiled per ISA (SOLA_CPU_CLONES). Each
+// state entry is summed in token order within a segment and the segments in order, with segments set
+// by the shapes alone, so results are deterministic on any machine and thread count. Accumulation in
+// acc_t (fp32, fp64 for fp64 inputs).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -16,6 +18,18 @@ namespace sola {
 namespace {
 
 constexpr int64_t kRowChunk = 64;  // query / key rows per tile (and per parallel task)
+
+// The tokens of a head split into segments, each summed by its own task, when there are too few heads
+// to fill a many-core CPU; no segment shorter than kMinSegmentRows. A function of the shapes only.
+struct TokenSegments {
+  static constexpr int64_t kTargetTasks = 64, kMinSegmentRows = 1024;
+  int64_t rows, count;  // rows per segment (whole chunks), segments per head
+  TokenSegments(int64_t heads, int64_t n) {
+    const int64_t wanted = std::min(ceil_div(kTargetTasks, heads), std::max<int64_t>(1, n / kMinSegmentRows));
+    rows = std::max<int64_t>(kRowChunk, ceil_div(ceil_div(n, wanted), kRowChunk) * kRowChunk);
+    count = std::max<int64_t>(1, ceil_div(n, rows));
+  }
+};
 
 // Rows [n0, n1) of one head as acc, through phi when kPhi, into dst with row pitch ld (the columns
 // from d on are left as they are: the callers' zero padding).
@@ -57,31 +71,57 @@ void copy_padded(const acc* m, int64_t rows, int64_t cols, int64_t ld, bool tran
     for (int64_t c = 0; c < cols; ++c) (transpose ? out[c * ld_out + r] : out[r * ld_out + c]) = m[r * ld + c];
 }
 
-// Forward pass 1, one head: S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j).
+// Forward pass 1, key rows [j0, j1) of one head: S += phi(k_j) v_j^T (Dk x Dv_p), z += phi(kn_j).
 template <typename scalar_t, FeatureMap FM>
-SOLA_CPU_CLONES void state_of_head(const LinearAttentionParams& p, int64_t bh) {
+SOLA_CPU_CLONES void state_of_rows(const LinearAttentionParams& p, int64_t bh, int64_t j0, int64_t j1,
+                                   acc_t<scalar_t>* S, acc_t<scalar_t>* z) {
   using acc = acc_t<scalar_t>;
   const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv);
-  const int64_t chunk = std::min(p.Nk, kRowChunk);  // buffers sized for what is there (tiny N: few rows)
-  std::vector<acc> fk(chunk * Dk), fkn(p.has_kn ? chunk * Dk : 0), v(chunk * Dv_p, acc(0)), S(Dk * Dv_p, acc(0));
-  acc* z = static_cast<acc*>(p.z) + bh * Dk;
-  std::fill(z, z + Dk, acc(0));
-  for (int64_t j0 = 0; j0 < p.Nk; j0 += kRowChunk) {
-    const int64_t j1 = std::min(p.Nk, j0 + kRowChunk), rows = j1 - j0;
-    load_rows<true, FM, scalar_t>(p.k, b, h, j0, j1, Dk, fk.data(), Dk);
-    load_rows<false, FM, scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv_p);
-    cpu::gemm_at(Dk, Dv_p, rows, fk.data(), Dk, v.data(), Dv_p, S.data(), Dv_p, true);  // S += phi(k)^T v
-    if (p.has_kn) load_rows<true, FM, scalar_t>(p.kn, b, h, j0, j1, Dk, fkn.data(), Dk);
+  const int64_t chunk = std::min(j1 - j0, kRowChunk);  // buffers sized for what is there (tiny N: few rows)
+  std::vector<acc> fk(chunk * Dk), fkn(p.has_kn ? chunk * Dk : 0), v(chunk * Dv_p, acc(0));
+  for (int64_t c0 = j0; c0 < j1; c0 += kRowChunk) {
+    const int64_t c1 = std::min(j1, c0 + kRowChunk), rows = c1 - c0;
+    load_rows<true, FM, scalar_t>(p.k, b, h, c0, c1, Dk, fk.data(), Dk);
+    load_rows<false, FM, scalar_t>(p.v, b, h, c0, c1, Dv, v.data(), Dv_p);
+    cpu::gemm_at(Dk, Dv_p, rows, fk.data(), Dk, v.data(), Dv_p, S, Dv_p, true);  // S += phi(k)^T v
+    if (p.has_kn) load_rows<true, FM, scalar_t>(p.kn, b, h, c0, c1, Dk, fkn.data(), Dk);
     const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
     for (int64_t j = 0; j < rows; ++j)
       for (int64_t a = 0; a < Dk; ++a) z[a] += phi_kn[j * Dk + a];
   }
-  const acc inv_nk = acc(1) / acc(p.Nk);
-  acc* state = static_cast<acc*>(p.state) + bh * Dk * Dv;
-  for (int64_t a = 0; a < Dk; ++a)
-    for (int64_t c = 0; c < Dv; ++c) state[a * Dv + c] = S[a * Dv_p + c] * inv_nk;
-  for (int64_t a = 0; a < Dk; ++a) z[a] *= inv_nk;
 }
+
+// Per-(head, segment) sums of a Dk x Dv_p matrix and a Dk vector (S and z; dS and dz), zeroed.
+template <typename acc>
+struct SegmentSums {
+  int64_t Dk, Dv_p, segments;
+  std::vector<acc> m, v;
+  SegmentSums(int64_t heads, int64_t segments_per_head, int64_t dk, int64_t dv_p)
+      : Dk(dk), Dv_p(dv_p), segments(segments_per_head), m(heads * segments * dk * dv_p, acc(0)),
+        v(heads * segments * dk, acc(0)) {}
+  acc* matrix(int64_t bh, int64_t seg) { return m.data() + (bh * segments + seg) * Dk * Dv_p; }
+  acc* vector(int64_t bh, int64_t seg) { return v.data() + (bh * segments + seg) * Dk; }
+  void zero() {
+    std::fill(m.begin(), m.end(), acc(0));
+    std::fill(v.begin(), v.end(), acc(0));
+  }
+  // Head bh's sums over its segments, in segment order, times scale: the matrix's first dv columns into
+  // out (row pitch ld) and, when out_t is given, transposed into out_t (row pitch ld_t); the vector
+  // into out_v.
+  void total(int64_t bh, int64_t dv, acc scale, acc* out, int64_t ld, acc* out_t, int64_t ld_t, acc* out_v) {
+    for (int64_t a = 0; a < Dk; ++a) {
+      for (int64_t c = 0; c < dv; ++c) {
+        acc sum = acc(0);
+        for (int64_t seg = 0; seg < segments; ++seg) sum += matrix(bh, seg)[a * Dv_p + c];
+        out[a * ld + c] = sum * scale;
+        if (out_t) out_t[c * ld_t + a] = sum * scale;
+      }
+      acc sum_v = acc(0);
+      for (int64_t seg = 0; seg < segments; ++seg) sum_v += vector(bh, seg)[a];
+      out_v[a] = sum_v * scale;
+    }
+  }
+};
 
 // Forward pass 2, query rows [i0, i1) of one head: out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps).
 template <typename scalar_t, FeatureMap FM>
@@ -108,11 +148,34 @@ SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_
 
 template <typename scalar_t, FeatureMap FM>
 void fwd(const LinearAttentionParams& p) {
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) state_of_head<scalar_t, FM>(p, bh);
+  using acc = acc_t<scalar_t>;
+  const int64_t heads = p.B * p.H;
+  const TokenSegments seg(heads, p.Nk);
+  const int64_t Dv_p = cpu::padded_cols<acc>(p.Dv);
+  const acc inv_nk = acc(1) / acc(p.Nk);
+  auto state = [&](int64_t bh) { return static_cast<acc*>(p.state) + bh * p.Dk * p.Dv; };
+  auto z = [&](int64_t bh) { return static_cast<acc*>(p.z) + bh * p.Dk; };
+  // S = sum / Nk, z = sum / Nk; with one segment a head a task's own sums, else kept until all are done.
+  SegmentSums<acc> sums(seg.count > 1 ? heads : 0, seg.count, p.Dk, Dv_p);
+  at::parallel_for(0, heads * seg.count, 1, [&](int64_t begin, int64_t end) {
+    SegmentSums<acc> own(1, 1, p.Dk, Dv_p);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / seg.count, s = t % seg.count, j0 = s * seg.rows, j1 = std::min(p.Nk, j0 + seg.rows);
+      if (seg.count > 1) {
+        state_of_rows<scalar_t, FM>(p, bh, j0, j1, sums.matrix(bh, s), sums.vector(bh, s));
+        continue;
+      }
+      own.zero();
+      state_of_rows<scalar_t, FM>(p, bh, j0, j1, own.matrix(0, 0), own.vector(0, 0));
+      own.total(0, p.Dv, inv_nk, state(bh), p.Dv, nullptr, 0, z(bh));
+    }
   });
+  if (seg.count > 1)
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) sums.total(bh, p.Dv, inv_nk, state(bh), p.Dv, nullptr, 0, z(bh));
+    });
   const int64_t chunks = (p.Nq + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, p.B * p.H * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = t % chunks * kRowChunk;
       out_rows<scalar_t, FM>(p, t / chunks, i0, std::min(p.Nq, i0 + kRowChunk));
@@ -131,30 +194,29 @@ struct StateGrads {
         dS(p.B * p.H * p.Dk * Dv_p), dSt(p.B * p.H * p.Dv * Dk_p), dz(p.B * p.H * p.Dk) {}
 };
 
-// Backward pass 1 over the queries of one head (dS, dz summed in query order): dq, dqn, dS, dz.
+// Backward pass 1, query rows [i0, i1) of one head: dq, dqn, and their sums dS += phi(q_i) da_i^T
+// (Dk x Dv_p), dz += phi(qn_i) dd_i, in query order.
 //   num_i = S^T phi(q_i), den_i = phi(qn_i) . z + eps, da_i = g_i / den_i, dd_i = -g_i . num_i / den_i^2
 //   dphi(q_i) = S da_i,  dphi(qn_i) = z dd_i
 template <typename scalar_t, FeatureMap FM>
-SOLA_CPU_CLONES void query_grads_of_head(const LinearAttentionParams& p, int64_t bh, StateGrads<acc_t<scalar_t>>& sg) {
+SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t bh, int64_t i0, int64_t i1,
+                                         acc_t<scalar_t>* dS, acc_t<scalar_t>* dz) {
   using acc = acc_t<scalar_t>;
-  const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dk_p = sg.Dk_p, Dv_p = sg.Dv_p;
+  const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv;
+  const int64_t Dk_p = cpu::padded_cols<acc>(Dk), Dv_p = cpu::padded_cols<acc>(Dv);
   const acc* state = static_cast<const acc*>(p.state) + bh * Dk * Dv;
   std::vector<acc> S(Dk * Dv_p, acc(0)), St(Dv * Dk_p, acc(0));
   copy_padded(state, Dk, Dv, Dv, false, S.data(), Dv_p);
   copy_padded(state, Dk, Dv, Dv, true, St.data(), Dk_p);
   const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
-  acc* dS = sg.dS.data() + bh * Dk * Dv_p;
-  acc* dz = sg.dz.data() + bh * Dk;
-  std::fill(dS, dS + Dk * Dv_p, acc(0));
-  std::fill(dz, dz + Dk, acc(0));
-  const int64_t chunk = std::min(p.Nq, kRowChunk);
+  const int64_t chunk = std::min(i1 - i0, kRowChunk);
   std::vector<acc> fq(chunk * Dk), fqn(p.has_qn ? chunk * Dk : 0), g(chunk * Dv_p, acc(0)), num(chunk * Dv_p);
   std::vector<acc> da(chunk * Dv_p), dfq(chunk * Dk_p), dd(chunk), dx(Dk), dxn(Dk);
-  for (int64_t i0 = 0; i0 < p.Nq; i0 += kRowChunk) {
-    const int64_t i1 = std::min(p.Nq, i0 + kRowChunk), rows = i1 - i0;
-    load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
-    load_rows<false, FM, scalar_t>(p.grad_out, b, h, i0, i1, Dv, g.data(), Dv_p);
-    if (p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, i0, i1, Dk, fqn.data(), Dk);
+  for (int64_t c0 = i0; c0 < i1; c0 += kRowChunk) {
+    const int64_t c1 = std::min(i1, c0 + kRowChunk), rows = c1 - c0;
+    load_rows<true, FM, scalar_t>(p.q, b, h, c0, c1, Dk, fq.data(), Dk);
+    load_rows<false, FM, scalar_t>(p.grad_out, b, h, c0, c1, Dv, g.data(), Dv_p);
+    if (p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, c0, c1, Dk, fqn.data(), Dk);
     const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
     cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S.data(), Dv_p, num.data(), Dv_p, false);  // num = phi(q) S
     for (int64_t r = 0; r < rows; ++r) {
@@ -169,19 +231,18 @@ SOLA_CPU_CLONES void query_grads_of_head(const LinearAttentionParams& p, int64_t
     }
     cpu::gemm(rows, Dk_p, Dv, da.data(), Dv_p, St.data(), Dk_p, dfq.data(), Dk_p, false);  // dphi(q) = da S^T
     cpu::gemm_at(Dk, Dv_p, rows, fq.data(), Dk, da.data(), Dv_p, dS, Dv_p, true);        // dS += phi(q)^T da
-    for (int64_t r = 0; r < rows; ++r) {  // dq, dqn of row i0 + r (each loop vectorises)
-      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, i0 + r), dfq.data() + r * Dk_p, acc(1), Dk, dx.data());
+    for (int64_t r = 0; r < rows; ++r) {  // dq, dqn of row c0 + r (each loop vectorises)
+      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, c0 + r), dfq.data() + r * Dk_p, acc(1), Dk, dx.data());
       if (p.normalize) {  // (has_qn only with normalize)
-        through_phi_row<FM>(p.qn.row<const scalar_t>(b, h, i0 + r), z, dd[r], Dk, dxn.data());
+        through_phi_row<FM>(p.qn.row<const scalar_t>(b, h, c0 + r), z, dd[r], Dk, dxn.data());
         for (int64_t a = 0; a < Dk; ++a) dz[a] += phi_qn[r * Dk + a] * dd[r];
-        if (p.has_qn) store_row(dxn.data(), Dk, p.dqn.row<scalar_t>(b, h, i0 + r));
+        if (p.has_qn) store_row(dxn.data(), Dk, p.dqn.row<scalar_t>(b, h, c0 + r));
         else
           for (int64_t a = 0; a < Dk; ++a) dx[a] += dxn[a];
       }
-      store_row(dx.data(), Dk, p.dq.row<scalar_t>(b, h, i0 + r));
+      store_row(dx.data(), Dk, p.dq.row<scalar_t>(b, h, c0 + r));
     }
   }
-  copy_padded(dS, Dk, Dv, Dv_p, true, sg.dSt.data() + bh * Dv * Dk_p, Dk_p);  // padding: 0 from StateGrads
 }
 
 // Backward pass 2, key rows [j0, j1) of one head:
@@ -217,12 +278,35 @@ SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, 
 
 template <typename scalar_t, FeatureMap FM>
 void bwd(const LinearAttentionParams& p) {
-  StateGrads<acc_t<scalar_t>> sg(p);
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) query_grads_of_head<scalar_t, FM>(p, bh, sg);
+  using acc = acc_t<scalar_t>;
+  const int64_t heads = p.B * p.H;
+  StateGrads<acc> sg(p);
+  const TokenSegments seg(heads, p.Nq);
+  // dS, dS^T (padding stays 0), dz of head bh from its segments' sums
+  auto finish = [&](SegmentSums<acc>& sums, int64_t index, int64_t bh) {
+    sums.total(index, p.Dv, acc(1), sg.dS.data() + bh * p.Dk * sg.Dv_p, sg.Dv_p, sg.dSt.data() + bh * p.Dv * sg.Dk_p,
+               sg.Dk_p, sg.dz.data() + bh * p.Dk);
+  };
+  SegmentSums<acc> sums(seg.count > 1 ? heads : 0, seg.count, p.Dk, sg.Dv_p);  // as in fwd
+  at::parallel_for(0, heads * seg.count, 1, [&](int64_t begin, int64_t end) {
+    SegmentSums<acc> own(1, 1, p.Dk, sg.Dv_p);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / seg.count, s = t % seg.count, i0 = s * seg.rows, i1 = std::min(p.Nq, i0 + seg.rows);
+      if (seg.count > 1) {
+        query_grads_of_rows<scalar_t, FM>(p, bh, i0, i1, sums.matrix(bh, s), sums.vector(bh, s));
+        continue;
+      }
+      own.zero();
+      query_grads_of_rows<scalar_t, FM>(p, bh, i0, i1, own.matrix(0, 0), own.vector(0, 0));
+      finish(own, 0, bh);
+    }
   });
+  if (seg.count > 1)
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) finish(sums, bh, bh);
+    });
   const int64_t chunks = (p.Nk + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, p.B * p.H * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j0 = t % chunks * kRowChunk;
       key_grads_rows<scalar_t, FM>(p, t / chunks, j0, std::min(p.Nk, j0 + kRowChunk), sg);
