@@ -317,22 +317,23 @@ def test_backward_deterministic(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_backward_same_bits_any_thread_count(dtype):
-    """The CPU backward runs one task per head, or (fewer heads than threads) one per key tile and one
-    per query tile; both sum in the same order, so the thread count never changes a bit."""
+def test_cpu_same_bits_any_thread_count(dtype):
+    """The CPU forward takes 64-256 query rows a task and the backward runs one task per head or (fewer
+    heads than threads) one per key tile and one per query tile, by the thread count; every sum runs in
+    the same order either way, so the thread count never changes a bit."""
     q, k, v = make_qkv(1, 2, 130, 70, 40, 24, dtype, "cpu", seed=4)
     g = randn((1, 2, 130, 24), dtype, "cpu", seed=6)
     g_lse = randn((1, 2, 130), torch.float64 if dtype == torch.float64 else torch.float32, "cpu", seed=7)
 
-    def grads():
+    def run():
         ins = [leaf(t.clone()) for t in (q, k, v)]
         out, lse = sola_ops.softmax_attention(*ins, return_lse=True)
-        return torch.autograd.grad((out, lse), ins, (g, g_lse))
+        return [out.detach(), lse.detach()] + list(torch.autograd.grad((out, lse), ins, (g, g_lse)))
 
     with torch_threads(1):
-        per_head = grads()
+        one = run()  # 256 query rows a forward task, a backward task per head
     with torch_threads(3):
-        per_tile = grads()
-        check_softmax(q, k, v)  # the per-tile path against the reference
-    for name, a, b in zip(("dq", "dk", "dv"), per_head, per_tile):
+        three = run()  # 64 rows a forward task, backward tasks per key tile and per query tile
+        check_softmax(q, k, v)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, three):
         assert torch.equal(a, b), f"{name} differs between 1 and 3 threads"

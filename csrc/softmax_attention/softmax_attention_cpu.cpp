@@ -1,6 +1,6 @@
 // C++ CPU kernels of non-causal softmax attention, forward and backward.
-// Tiled with an online softmax: the only score buffers are kBlockM x kBlockN tiles per task, never
-// Nq x Nk. The tile products run through cpu::gemm (register-blocked, one build per ISA), the
+// Tiled with an online softmax: the only score buffers are (up to 4 kBlockM) x kBlockN tiles per task,
+// never Nq x Nk. The tile products run through cpu::gemm (register-blocked, one build per ISA), the
 // softmax steps through SOLA_CPU_CLONES functions. The backward recomputes the scores from q, k and
 // the saved lse; each head is one task summing in a fixed order, so gradients are bitwise reproducible.
 #include <ATen/Parallel.h>
@@ -112,16 +112,20 @@ template <typename scalar_t>
 void fwd(const SoftmaxAttentionParams& p) {
   using acc = acc_t<scalar_t>;
   const int64_t Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv);
-  const int64_t q_tiles = (p.Nq + kBlockM - 1) / kBlockM;
+  // Query rows per task: up to 4 tiles, so each k / v tile loaded (and transposed) serves more rows,
+  // while there are still two tasks a thread. Every row's sums run the same way for any block.
+  int64_t block_m = 4 * kBlockM;
+  while (block_m > kBlockM && p.B * p.H * ceil_div(p.Nq, block_m) < 2 * at::get_num_threads()) block_m /= 2;
+  const int64_t q_tiles = ceil_div(p.Nq, block_m);
   const acc scale = static_cast<acc>(p.scale);
   acc* lse_all = static_cast<acc*>(p.lse);
 
   at::parallel_for(0, p.B * p.H * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q(kBlockM * Dk), kt(Dk * kBlockN), v(kBlockN * Dv_p), o(kBlockM * Dv_p);
-    std::vector<acc> s(kBlockM * kBlockN), m(kBlockM), l(kBlockM * kCpuVecLen<acc>);
+    std::vector<acc> q(block_m * Dk), kt(Dk * kBlockN), v(kBlockN * Dv_p), o(block_m * Dv_p);
+    std::vector<acc> s(block_m * kBlockN), m(block_m), l(block_m * kCpuVecLen<acc>);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / p.H, h = bh % p.H;
-      const int64_t i0 = (task % q_tiles) * kBlockM, i1 = std::min(p.Nq, i0 + kBlockM), rows = i1 - i0;
+      const int64_t i0 = (task % q_tiles) * block_m, i1 = std::min(p.Nq, i0 + block_m), rows = i1 - i0;
       load_tile<scalar_t>(p.q, b, h, i0, i1, Dk, q.data(), Dk);
       std::fill(o.begin(), o.end(), acc(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
