@@ -123,6 +123,33 @@ struct SegmentSums {
   }
 };
 
+// sum_rows(bh, n0, n1, matrix, vector) adds rows [n0, n1) of head bh into that segment's sums, over
+// every (head, segment) of n tokens in parallel; finish(sums, index, bh) then takes head bh's total
+// (segments added in order). A head of one segment is summed and finished in one task, keeping no sums.
+template <typename acc, typename SumRows, typename Finish>
+void sum_over_segments(int64_t heads, int64_t n, int64_t Dk, int64_t Dv_p, const SumRows& sum_rows,
+                       const Finish& finish) {
+  const TokenSegments seg(heads, n);
+  SegmentSums<acc> sums(seg.count > 1 ? heads : 0, seg.count, Dk, Dv_p);
+  at::parallel_for(0, heads * seg.count, 1, [&](int64_t begin, int64_t end) {
+    SegmentSums<acc> own(1, 1, Dk, Dv_p);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / seg.count, s = t % seg.count, n0 = s * seg.rows, n1 = std::min(n, n0 + seg.rows);
+      if (seg.count > 1) {
+        sum_rows(bh, n0, n1, sums.matrix(bh, s), sums.vector(bh, s));
+        continue;
+      }
+      own.zero();
+      sum_rows(bh, n0, n1, own.matrix(0, 0), own.vector(0, 0));
+      finish(own, 0, bh);
+    }
+  });
+  if (seg.count > 1)
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) finish(sums, bh, bh);
+    });
+}
+
 // Forward pass 2, query rows [i0, i1) of one head: out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps).
 template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_t i0, int64_t i1) {
@@ -150,30 +177,14 @@ template <typename scalar_t, FeatureMap FM>
 void fwd(const LinearAttentionParams& p) {
   using acc = acc_t<scalar_t>;
   const int64_t heads = p.B * p.H;
-  const TokenSegments seg(heads, p.Nk);
-  const int64_t Dv_p = cpu::padded_cols<acc>(p.Dv);
   const acc inv_nk = acc(1) / acc(p.Nk);
-  auto state = [&](int64_t bh) { return static_cast<acc*>(p.state) + bh * p.Dk * p.Dv; };
-  auto z = [&](int64_t bh) { return static_cast<acc*>(p.z) + bh * p.Dk; };
-  // S = sum / Nk, z = sum / Nk; with one segment a head a task's own sums, else kept until all are done.
-  SegmentSums<acc> sums(seg.count > 1 ? heads : 0, seg.count, p.Dk, Dv_p);
-  at::parallel_for(0, heads * seg.count, 1, [&](int64_t begin, int64_t end) {
-    SegmentSums<acc> own(1, 1, p.Dk, Dv_p);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / seg.count, s = t % seg.count, j0 = s * seg.rows, j1 = std::min(p.Nk, j0 + seg.rows);
-      if (seg.count > 1) {
-        state_of_rows<scalar_t, FM>(p, bh, j0, j1, sums.matrix(bh, s), sums.vector(bh, s));
-        continue;
-      }
-      own.zero();
-      state_of_rows<scalar_t, FM>(p, bh, j0, j1, own.matrix(0, 0), own.vector(0, 0));
-      own.total(0, p.Dv, inv_nk, state(bh), p.Dv, nullptr, 0, z(bh));
-    }
-  });
-  if (seg.count > 1)
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) sums.total(bh, p.Dv, inv_nk, state(bh), p.Dv, nullptr, 0, z(bh));
-    });
+  sum_over_segments<acc>(
+      heads, p.Nk, p.Dk, cpu::padded_cols<acc>(p.Dv),
+      [&](int64_t bh, int64_t j0, int64_t j1, acc* S, acc* z) { state_of_rows<scalar_t, FM>(p, bh, j0, j1, S, z); },
+      [&](SegmentSums<acc>& sums, int64_t index, int64_t bh) {  // S = sum / Nk, z = sum / Nk
+        sums.total(index, p.Dv, inv_nk, static_cast<acc*>(p.state) + bh * p.Dk * p.Dv, p.Dv, nullptr, 0,
+                   static_cast<acc*>(p.z) + bh * p.Dk);
+      });
   const int64_t chunks = (p.Nq + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -281,30 +292,15 @@ void bwd(const LinearAttentionParams& p) {
   using acc = acc_t<scalar_t>;
   const int64_t heads = p.B * p.H;
   StateGrads<acc> sg(p);
-  const TokenSegments seg(heads, p.Nq);
-  // dS, dS^T (padding stays 0), dz of head bh from its segments' sums
-  auto finish = [&](SegmentSums<acc>& sums, int64_t index, int64_t bh) {
-    sums.total(index, p.Dv, acc(1), sg.dS.data() + bh * p.Dk * sg.Dv_p, sg.Dv_p, sg.dSt.data() + bh * p.Dv * sg.Dk_p,
-               sg.Dk_p, sg.dz.data() + bh * p.Dk);
-  };
-  SegmentSums<acc> sums(seg.count > 1 ? heads : 0, seg.count, p.Dk, sg.Dv_p);  // as in fwd
-  at::parallel_for(0, heads * seg.count, 1, [&](int64_t begin, int64_t end) {
-    SegmentSums<acc> own(1, 1, p.Dk, sg.Dv_p);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / seg.count, s = t % seg.count, i0 = s * seg.rows, i1 = std::min(p.Nq, i0 + seg.rows);
-      if (seg.count > 1) {
-        query_grads_of_rows<scalar_t, FM>(p, bh, i0, i1, sums.matrix(bh, s), sums.vector(bh, s));
-        continue;
-      }
-      own.zero();
-      query_grads_of_rows<scalar_t, FM>(p, bh, i0, i1, own.matrix(0, 0), own.vector(0, 0));
-      finish(own, 0, bh);
-    }
-  });
-  if (seg.count > 1)
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) finish(sums, bh, bh);
-    });
+  sum_over_segments<acc>(
+      heads, p.Nq, p.Dk, sg.Dv_p,
+      [&](int64_t bh, int64_t i0, int64_t i1, acc* dS, acc* dz) {
+        query_grads_of_rows<scalar_t, FM>(p, bh, i0, i1, dS, dz);
+      },
+      [&](SegmentSums<acc>& sums, int64_t index, int64_t bh) {  // dS, dS^T (padding stays 0), dz
+        sums.total(index, p.Dv, acc(1), sg.dS.data() + bh * p.Dk * sg.Dv_p, sg.Dv_p,
+                   sg.dSt.data() + bh * p.Dv * sg.Dk_p, sg.Dk_p, sg.dz.data() + bh * p.Dk);
+      });
   const int64_t chunks = (p.Nk + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
