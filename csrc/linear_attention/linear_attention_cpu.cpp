@@ -105,19 +105,19 @@ struct SegmentSums {
     std::fill(m.begin(), m.end(), acc(0));
     std::fill(v.begin(), v.end(), acc(0));
   }
-  // Head bh's sums over its segments, in segment order, times scale: the matrix's first dv columns into
-  // out (row pitch ld) and, when out_t is given, transposed into out_t (row pitch ld_t); the vector
-  // into out_v.
-  void total(int64_t bh, int64_t dv, acc scale, acc* out, int64_t ld, acc* out_t, int64_t ld_t, acc* out_v) {
+  // Head entry `head`'s sums over its segments, in segment order, times scale: the matrix's first dv
+  // columns into out (row pitch ld) and, when out_t is given, transposed into out_t (row pitch ld_t);
+  // the vector into out_v.
+  void total(int64_t head, int64_t dv, acc scale, acc* out, int64_t ld, acc* out_t, int64_t ld_t, acc* out_v) {
     for (int64_t a = 0; a < Dk; ++a) {
       for (int64_t c = 0; c < dv; ++c) {
         acc sum = acc(0);
-        for (int64_t seg = 0; seg < segments; ++seg) sum += matrix(bh, seg)[a * Dv_p + c];
+        for (int64_t seg = 0; seg < segments; ++seg) sum += matrix(head, seg)[a * Dv_p + c];
         out[a * ld + c] = sum * scale;
         if (out_t) out_t[c * ld_t + a] = sum * scale;
       }
       acc sum_v = acc(0);
-      for (int64_t seg = 0; seg < segments; ++seg) sum_v += vector(bh, seg)[a];
+      for (int64_t seg = 0; seg < segments; ++seg) sum_v += vector(head, seg)[a];
       out_v[a] = sum_v * scale;
     }
   }

@@ -2,7 +2,8 @@
 // Tiled with an online softmax: the only score buffers are (up to 4 kBlockM) x kBlockN tiles per task,
 // never Nq x Nk. The tile products run through cpu::gemm (register-blocked, one build per ISA), the
 // softmax steps through SOLA_CPU_CLONES functions. The backward recomputes the scores from q, k and
-// the saved lse; each head is one task summing in a fixed order, so gradients are bitwise reproducible.
+// the saved lse; every gradient entry is summed over the same tiles in the same order whichever way the
+// tasks are split (per head, or per key tile and per query tile), so gradients are bitwise reproducible.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
