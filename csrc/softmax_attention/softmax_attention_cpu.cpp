@@ -1,6 +1,6 @@
 // C++ CPU kernels of non-causal softmax attention, forward and backward.
-// Tiled with an online softmax: the only score buffers are (up to 4 kBlockM) x kBlockN tiles per task,
-// never Nq x Nk. The tile products run through cpu::gemm (register-blocked, one build per ISA), the
+// Tiled with an online softmax: the only score buffers are kBlockM x kFwdBlockN (forward) or kBlockM x
+// kBlockN (backward) tiles per task, never Nq x Nk. The tile products run through cpu::gemm (register-blocked, one build per ISA), the
 // softmax steps through SOLA_CPU_CLONES functions. The backward recomputes the scores from q, k and
 // the saved lse; every gradient entry is summed over the same tiles in the same order whichever way the
 // tasks are split (per head, or per key tile and per query tile), so gradients are bitwise reproducible.
@@ -18,8 +18,9 @@
 namespace sola {
 namespace {
 
-constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // key rows per tile: the score tiles' row pitch
+constexpr int64_t kBlockM = 64;      // query rows per tile
+constexpr int64_t kBlockN = 64;      // the backward's key rows per tile: its score tiles' row pitch
+constexpr int64_t kFwdBlockN = 256;  // the forward's: a row's max, rescale and sums amortised over more keys
 
 // Copies rows [n0, n1) of one head into a dense acc-typed buffer of row pitch ld >= d (columns from d
 // on are left as they are: the callers' zero padding).
@@ -31,65 +32,83 @@ void load_tile(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int
   }
 }
 
-// The same rows transposed, d x kBlockN; the columns past n1 - n0 zero.
+// The same rows transposed, d x (n1 - n0) with row pitch ld; the columns past n1 - n0 zero.
 template <typename scalar_t, typename acc>
-void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int64_t d, acc* dst) {
-  if (n1 - n0 < kBlockN) std::fill(dst, dst + d * kBlockN, acc(0));
+void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int64_t d, acc* dst,
+                          int64_t ld) {
+  if (n1 - n0 < ld)
+    for (int64_t e = 0; e < d; ++e) std::fill(dst + e * ld + (n1 - n0), dst + (e + 1) * ld, acc(0));
   for (int64_t n = n0; n < n1; ++n) {
     const scalar_t* row = x.row<const scalar_t>(b, h, n);
-    for (int64_t e = 0; e < d; ++e) dst[e * kBlockN + (n - n0)] = static_cast<acc>(row[e]);
+    for (int64_t e = 0; e < d; ++e) dst[e * ld + (n - n0)] = static_cast<acc>(row[e]);
   }
 }
 
-// One online-softmax step over a tile of scores s (rows x cols of q k^T, pitch kBlockN): s becomes
-// the probabilities exp(scale s - m_new) (0 in the columns past cols), o's rows (pitch ldo) are
-// rescaled by exp(m_old - m_new), and the running max m moves on. The running sums stay per lane,
-// l[r * kCpuVecLen + e] (summed by the caller at the end), so no row pays a horizontal sum per tile.
+// The largest of kCpuVecLen lanes, by halves; a NaN lane never wins.
+template <typename acc>
+SOLA_CPU_INLINE acc max_of_lanes(acc* lanes) {
+  for (int64_t w = kCpuVecLen<acc> / 2; w > 0; w /= 2)
+    for (int64_t e = 0; e < w; ++e) lanes[e] = lanes[e] < lanes[e + w] ? lanes[e + w] : lanes[e];
+  return lanes[0];
+}
+
+// One online-softmax step over a tile of scores s (rows x cols of q k^T, row pitch kFwdBlockN; the
+// gemm filled cols_p = cols padded to whole vectors): s becomes the probabilities exp(scale s - m_new)
+// (0 in the columns past cols), o's rows (pitch ldo) are rescaled by exp(m_old - m_new) when the max
+// moved, and the running max m moves on. The running sums stay per lane, l[r * kCpuVecLen + e]
+// (summed by the caller at the end), so no row pays a horizontal sum per tile. The max runs on 32-byte
+// vectors: GCC lowers a 64-byte vector type's compares to scalar code without AVX-512.
 template <typename acc>
 SOLA_CPU_CLONES void online_softmax_step(acc* s, int64_t rows, int64_t cols, acc scale, acc* m, acc* l, acc* o,
                                          int64_t ldo) {
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
   constexpr int64_t L = kCpuVecLen<acc>;
+  const int64_t cols_p = cpu::padded_cols<acc>(cols), whole = cols / L * L;
   for (int64_t r = 0; r < rows; ++r) {
-    acc* s_row = s + r * kBlockN;
-    // Per-lane maxima (one vector), combined at the end, so the loop runs on whole vectors.
-    CpuVec<acc> lane_max = CpuVec<acc>{} + kNegInf;
-    for (int64_t c0 = 0; c0 < kBlockN; c0 += L) {
-      CpuVec<acc> x;
-      std::memcpy(&x, s_row + c0, sizeof x);
-      x *= scale;
-      if (c0 + L > cols)
-        for (int64_t e = 0; e < L; ++e) x[e] = c0 + e < cols ? x[e] : kNegInf;
-      std::memcpy(s_row + c0, &x, sizeof x);
-      lane_max = lane_max < x ? x : lane_max;  // a NaN score never wins the max
+    acc* s_row = s + r * kFwdBlockN;
+    acc lanes[L];
+    {
+      using Half [[gnu::vector_size(32)]] = acc;
+      Half lo = Half{} + kNegInf, hi = lo;
+      for (int64_t c0 = 0; c0 < whole; c0 += L) {
+        Half x_lo, x_hi;
+        std::memcpy(&x_lo, s_row + c0, sizeof x_lo);
+        std::memcpy(&x_hi, s_row + c0 + L / 2, sizeof x_hi);
+        x_lo *= scale;
+        x_hi *= scale;
+        std::memcpy(s_row + c0, &x_lo, sizeof x_lo);
+        std::memcpy(s_row + c0 + L / 2, &x_hi, sizeof x_hi);
+        lo = x_lo > lo ? x_lo : lo;  // a NaN score never wins the max
+        hi = x_hi > hi ? x_hi : hi;
+      }
+      std::memcpy(lanes, &lo, sizeof lo);
+      std::memcpy(lanes + L / 2, &hi, sizeof hi);
     }
-    acc quarter_max[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // four short chains, not one of L
-    for (int64_t e = 0; e < L; e += 4)
-      for (int t = 0; t < 4; ++t) quarter_max[t] = std::max(quarter_max[t], lane_max[e + t]);
-    const acc tile_max = std::max(std::max(quarter_max[0], quarter_max[1]), std::max(quarter_max[2], quarter_max[3]));
-    const acc m_new = std::max(m[r], tile_max);
+    for (int64_t c = whole; c < cols; ++c) {
+      s_row[c] *= scale;
+      lanes[c - whole] = std::max(lanes[c - whole], s_row[c]);
+    }
+    const acc m_new = std::max(m[r], max_of_lanes(lanes));
     // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
     // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise.
-    const bool none_yet = m_new == kNegInf;
-    const acc alpha = none_yet ? acc(0) : cpu_exp(m[r] - m_new);
-    // A NaN score still makes the row (and lse) NaN, like torch.
-    if (none_yet) {
-      for (int64_t c = 0; c < kBlockN; ++c) s_row[c] = std::isnan(s_row[c]) ? s_row[c] : acc(0);
+    if (m_new == kNegInf) {
+      for (int64_t c = 0; c < cols; ++c) s_row[c] = std::isnan(s_row[c]) ? s_row[c] : acc(0);
     } else {
-      for (int64_t c = 0; c < kBlockN; ++c) s_row[c] = cpu_exp(s_row[c] - m_new);
+      // Scaled scores are <= m_new exactly (no fused multiply-add: they were rounded and stored above).
+      for (int64_t c = 0; c < cols; ++c) s_row[c] = cpu_exp_nonpositive(s_row[c] - m_new);
     }
-    CpuVec<acc> lane_sum;
-    std::memcpy(&lane_sum, l + r * L, sizeof lane_sum);
-    lane_sum *= alpha;
-    for (int64_t c0 = 0; c0 < kBlockN; c0 += L) {
-      CpuVec<acc> x;
-      std::memcpy(&x, s_row + c0, sizeof x);
-      lane_sum += x;
+    std::fill(s_row + cols, s_row + cols_p, acc(0));  // the padding columns add nothing
+    std::memcpy(lanes, l + r * L, sizeof lanes);
+    if (m_new != m[r]) {  // the max moved: rescale what is summed so far
+      const acc alpha = m[r] == kNegInf ? acc(0) : cpu_exp_nonpositive(m[r] - m_new);
+      for (int64_t e = 0; e < L; ++e) lanes[e] *= alpha;
+      acc* o_row = o + r * ldo;
+      for (int64_t e = 0; e < ldo; ++e) o_row[e] *= alpha;
+      m[r] = m_new;
     }
-    std::memcpy(l + r * L, &lane_sum, sizeof lane_sum);
-    acc* o_row = o + r * ldo;
-    for (int64_t e = 0; e < ldo; ++e) o_row[e] *= alpha;
-    m[r] = m_new;
+    for (int64_t c0 = 0; c0 < cols_p; c0 += L)
+      for (int64_t e = 0; e < L; ++e) lanes[e] += s_row[c0 + e];
+    std::memcpy(l + r * L, lanes, sizeof lanes);
   }
 }
 
@@ -122,8 +141,8 @@ void fwd(const SoftmaxAttentionParams& p) {
   acc* lse_all = static_cast<acc*>(p.lse);
 
   at::parallel_for(0, p.B * p.H * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q(block_m * Dk), kt(Dk * kBlockN), v(kBlockN * Dv_p), o(block_m * Dv_p);
-    std::vector<acc> s(block_m * kBlockN), m(block_m), l(block_m * kCpuVecLen<acc>);
+    std::vector<acc> q(block_m * Dk), kt(Dk * kFwdBlockN), v(kFwdBlockN * Dv_p), o(block_m * Dv_p);
+    std::vector<acc> s(kBlockM * kFwdBlockN), m(block_m), l(block_m * kCpuVecLen<acc>);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / p.H, h = bh % p.H;
       const int64_t i0 = (task % q_tiles) * block_m, i1 = std::min(p.Nq, i0 + block_m), rows = i1 - i0;
@@ -131,13 +150,20 @@ void fwd(const SoftmaxAttentionParams& p) {
       std::fill(o.begin(), o.end(), acc(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
       std::fill(l.begin(), l.end(), acc(0));
-      for (int64_t j0 = 0; j0 < p.Nk; j0 += kBlockN) {
-        const int64_t j1 = std::min(p.Nk, j0 + kBlockN), cols = j1 - j0;
-        load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, Dk, kt.data());
+      for (int64_t j0 = 0; j0 < p.Nk; j0 += kFwdBlockN) {
+        const int64_t j1 = std::min(p.Nk, j0 + kFwdBlockN), cols = j1 - j0;
+        load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, Dk, kt.data(), kFwdBlockN);
         load_tile<scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv_p);
-        cpu::gemm(rows, kBlockN, Dk, q.data(), Dk, kt.data(), kBlockN, s.data(), kBlockN, false);  // q k^T
-        online_softmax_step(s.data(), rows, cols, scale, m.data(), l.data(), o.data(), Dv_p);
-        cpu::gemm(rows, Dv_p, cols, s.data(), kBlockN, v.data(), Dv_p, o.data(), Dv_p, true);  // o += P v
+        // The key tile serves the task's rows kBlockM at a time, so the score tile stays small.
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlockM) {
+          const int64_t sub = std::min(kBlockM, rows - r0);
+          cpu::gemm(sub, cpu::padded_cols<acc>(cols), Dk, q.data() + r0 * Dk, Dk, kt.data(), kFwdBlockN, s.data(),
+                    kFwdBlockN, false);  // q k^T
+          online_softmax_step(s.data(), sub, cols, scale, m.data() + r0, l.data() + r0 * kCpuVecLen<acc>,
+                              o.data() + r0 * Dv_p, Dv_p);
+          cpu::gemm(sub, Dv_p, cols, s.data(), kFwdBlockN, v.data(), Dv_p, o.data() + r0 * Dv_p, Dv_p,
+                    true);  // o += P v
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
@@ -171,8 +197,8 @@ struct BwdTiles {
   }
   void load_keys(int64_t j0, int64_t j1) {
     load_tile<scalar_t>(p.k, b, h, j0, j1, p.Dk, k.data(), Dk_p);
-    load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, p.Dk, kt.data());
-    load_tile_transposed<scalar_t>(p.v, b, h, j0, j1, p.Dv, vt.data());
+    load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, p.Dk, kt.data(), kBlockN);
+    load_tile_transposed<scalar_t>(p.v, b, h, j0, j1, p.Dv, vt.data(), kBlockN);
   }
   void load_queries(int64_t i0, int64_t i1) {
     load_tile<scalar_t>(p.q, b, h, i0, i1, p.Dk, q.data(), Dk_p);
