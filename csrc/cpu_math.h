@@ -23,10 +23,7 @@
 
 namespace sola {
 
-// One 512-bit vector of acc (GCC / clang vector extension): loops over these run on whole vectors,
-// lowered to the widest registers the compiling clone has. Elements: kCpuVecLen.
-template <typename acc>
-using CpuVec [[gnu::vector_size(64)]] = acc;
+// acc elements in 64 bytes, one AVX-512 vector: the CPU kernels' column step and lane count.
 template <typename acc>
 constexpr int64_t kCpuVecLen = 64 / sizeof(acc);
 
@@ -85,11 +82,14 @@ inline double cpu_exp_impl(double x) {
                                         2.08767569878681e-09,
                                         1.6059043836821613e-10};
   const double xc = x < kLo ? kLo : (!kNonPositive && x > kHi ? kHi : (x == x ? x : 0.0));
-  const double n = (xc * kLog2e + kRound) - kRound;
+  const double rounded = xc * kLog2e + kRound;  // n + 1.5 * 2^52: n sits in the low mantissa bits
+  const double n = rounded - kRound;
   const double r = (xc - n * kLn2Hi) - n * kLn2Lo;
   double er = kInvFactorial[13];
   for (int i = 12; i >= 0; --i) er = er * r + kInvFactorial[i];
-  const int64_t e = static_cast<int64_t>(n);
+  // n as an integer by subtracting bit patterns: AVX2 has no double -> int64 conversion, which kept
+  // the loops calling this scalar there.
+  const int64_t e = std::bit_cast<int64_t>(rounded) - std::bit_cast<int64_t>(kRound);
   if constexpr (kNonPositive) {
     const double y = er * std::bit_cast<double>((e + 1023) << 52);
     return x != x ? x : (x < kLo ? 0.0 : y);

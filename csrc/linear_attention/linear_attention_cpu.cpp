@@ -53,10 +53,20 @@ SOLA_CPU_INLINE acc dot(const acc* a, const acc* b, int64_t d) {
   return s;
 }
 
-// out = grad * scale * phi'(x) (exactly 0 where phi is flat) over one row of d columns.
+// phi'(x) given phi(x), which the caller has loaded: elu's is phi(x) itself where x <= 0 (NaN
+// included), so it costs no second exp.
+template <FeatureMap FM, typename acc>
+SOLA_CPU_INLINE acc dphi_given_phi(acc x, acc phi_x) {
+  if constexpr (FM == FeatureMap::Elu) return x > acc(0) ? acc(1) : phi_x;
+  else return Phi<FM>::df(x);
+}
+
+// out = grad * scale * phi'(x) (exactly 0 where phi is flat) over one row of d columns; phi_x: phi(x).
 template <FeatureMap FM, typename scalar_t, typename acc>
-SOLA_CPU_INLINE void through_phi_row(const scalar_t* x, const acc* grad, acc scale, int64_t d, acc* out) {
-  for (int64_t e = 0; e < d; ++e) out[e] = through_phi(grad[e] * scale, Phi<FM>::df(static_cast<acc>(x[e])));
+SOLA_CPU_INLINE void through_phi_row(const scalar_t* x, const acc* phi_x, const acc* grad, acc scale, int64_t d,
+                                     acc* out) {
+  for (int64_t e = 0; e < d; ++e)
+    out[e] = through_phi(grad[e] * scale, dphi_given_phi<FM>(static_cast<acc>(x[e]), phi_x[e]));
 }
 
 template <typename scalar_t, typename acc>
@@ -243,9 +253,10 @@ SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t
     cpu::gemm(rows, Dk_p, Dv, da.data(), Dv_p, St.data(), Dk_p, dfq.data(), Dk_p, false);  // dphi(q) = da S^T
     cpu::gemm_at(Dk, Dv_p, rows, fq.data(), Dk, da.data(), Dv_p, dS, Dv_p, true);        // dS += phi(q)^T da
     for (int64_t r = 0; r < rows; ++r) {  // dq, dqn of row c0 + r (each loop vectorises)
-      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, c0 + r), dfq.data() + r * Dk_p, acc(1), Dk, dx.data());
+      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, c0 + r), fq.data() + r * Dk, dfq.data() + r * Dk_p, acc(1),
+                          Dk, dx.data());
       if (p.normalize) {  // (has_qn only with normalize)
-        through_phi_row<FM>(p.qn.row<const scalar_t>(b, h, c0 + r), z, dd[r], Dk, dxn.data());
+        through_phi_row<FM>(p.qn.row<const scalar_t>(b, h, c0 + r), phi_qn + r * Dk, z, dd[r], Dk, dxn.data());
         for (int64_t a = 0; a < Dk; ++a) dz[a] += phi_qn[r * Dk + a] * dd[r];
         if (p.has_qn) store_row(dxn.data(), Dk, p.dqn.row<scalar_t>(b, h, c0 + r));
         else
@@ -267,16 +278,19 @@ SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, 
   const acc* dSt = sg.dSt.data() + bh * Dv * Dk_p;
   const acc* dz = sg.dz.data() + bh * Dk;
   const acc inv_nk = acc(1) / acc(p.Nk);
-  std::vector<acc> fk(rows * Dk), v(rows * Dv), dv(rows * Dv_p), dfk(rows * Dk_p);
+  std::vector<acc> fk(rows * Dk), fkn(p.has_kn ? rows * Dk : 0), v(rows * Dv), dv(rows * Dv_p), dfk(rows * Dk_p);
   load_rows<true, FM, scalar_t>(p.k, b, h, j0, j1, Dk, fk.data(), Dk);
+  if (p.has_kn) load_rows<true, FM, scalar_t>(p.kn, b, h, j0, j1, Dk, fkn.data(), Dk);
+  const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
   load_rows<false, FM, scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv);
   cpu::gemm(rows, Dv_p, Dk, fk.data(), Dk, dS, Dv_p, dv.data(), Dv_p, false);   // phi(k) dS
   cpu::gemm(rows, Dk_p, Dv, v.data(), Dv, dSt, Dk_p, dfk.data(), Dk_p, false);  // v dS^T
   std::vector<acc> dx(Dk), dxn(Dk), dv_row(Dv);
   for (int64_t r = 0; r < rows; ++r) {  // dk, dkn, dv of row j0 + r (each loop vectorises)
-    through_phi_row<FM>(p.k.row<const scalar_t>(b, h, j0 + r), dfk.data() + r * Dk_p, inv_nk, Dk, dx.data());
+    through_phi_row<FM>(p.k.row<const scalar_t>(b, h, j0 + r), fk.data() + r * Dk, dfk.data() + r * Dk_p, inv_nk,
+                        Dk, dx.data());
     if (p.normalize) {  // (has_kn only with normalize)
-      through_phi_row<FM>(p.kn.row<const scalar_t>(b, h, j0 + r), dz, inv_nk, Dk, dxn.data());
+      through_phi_row<FM>(p.kn.row<const scalar_t>(b, h, j0 + r), phi_kn + r * Dk, dz, inv_nk, Dk, dxn.data());
       if (p.has_kn) store_row(dxn.data(), Dk, p.dkn.row<scalar_t>(b, h, j0 + r));
       else
         for (int64_t a = 0; a < Dk; ++a) dx[a] += dxn[a];
