@@ -101,6 +101,21 @@ def test_awkward_sizes(device, B, H, Nq, Nk, Dk, Dv, dtype):
     check_linear(q, k, v, feature_map="elu")
 
 
+@pytest.mark.parametrize("dtype, lowest", [(torch.float32, -87.33), (torch.float64, -708.39)])
+def test_cpu_exp_accuracy(dtype, lowest):
+    """The CPU kernels' own exp (a vectorised polynomial, csrc/cpu_math.h) within 2 ulp of torch.exp
+    down to its underflow threshold, 0 below it, NaN kept. With one key k = 0, v = 1 and head dim 1,
+    linear attention (elu, normalize=False) returns phi(q) = exp(q) for q <= 0."""
+    x = torch.linspace(lowest, 0.0, 200_001, dtype=dtype)
+    edges = torch.tensor([-1e4, float("-inf"), float("nan")], dtype=dtype)
+    k, v = torch.zeros(1, 1, 1, 1, dtype=dtype), torch.ones(1, 1, 1, 1, dtype=dtype)
+    out = sola_ops.linear_attention(torch.cat([x, edges]).view(1, 1, -1, 1), k, v, normalize=False).view(-1)
+    expected = torch.exp(x.double())
+    rel = ((out[:-3].double() - expected).abs() / expected).max().item()
+    assert rel <= 2 * torch.finfo(dtype).eps, rel
+    assert out[-3] == 0 and out[-2] == 0 and out[-1].isnan()
+
+
 # ---- layouts --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -116,6 +116,7 @@ SIZES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
     (1, 1, 33, 65, 111, 59, torch.bfloat16),  # one past a 32-query / 64-key tile
     (1, 1, 64, 129, 8, 8, torch.float32),
     (1, 1, 65, 129, 40, 72, torch.float32),  # one past the CPU's 64 x 64 tiles; Dv 72 = 64 + a 16-column tail
+    (1, 2, 70, 257, 40, 24, torch.float32),  # one past the CPU forward's 256-key tile
 ]
 
 
