@@ -1,9 +1,10 @@
 // C++ CPU kernels of non-causal softmax attention, forward and backward.
 // Tiled with an online softmax: the only score buffers are kBlockM x kFwdBlockN (forward) or kBlockM x
-// kBlockN (backward) tiles per task, never Nq x Nk. The tile products run through cpu::gemm (register-blocked, one build per ISA), the
-// softmax steps through SOLA_CPU_CLONES functions. The backward recomputes the scores from q, k and
-// the saved lse; every gradient entry is summed over the same tiles in the same order whichever way the
-// tasks are split (per head, or per key tile and per query tile), so gradients are bitwise reproducible.
+// kBlockN (backward) tiles per task, never Nq x Nk. The tile products run through cpu::gemm
+// (register-blocked, one build per ISA), the softmax steps through SOLA_CPU_CLONES functions. The
+// backward recomputes the scores from q, k and the saved lse; every gradient entry is summed over the
+// same tiles in the same order whichever way the tasks are split (per head, or per key tile and per
+// query tile), so gradients are bitwise reproducible.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
