@@ -2,12 +2,14 @@
 # The one command a GPU box runs (no internet needed):
 #   1. build sola_ops in place against the box's torch: pip install --no-build-isolation -e .
 #      (TORCH_CUDA_ARCH_LIST from the GPU, MAX_JOBS = cores)
-#   2. the CUDA tests (pytest -m cuda tests), then the rest quickly (-m "not cuda and not slow")
+#   2. the CUDA tests (pytest -m cuda tests), then the API tests' CPU cases against the box's torch
+#      (the whole CPU suite takes minutes; CI runs it)
 #   3. compute-sanitizer memcheck and racecheck over scripts/sanitizer_driver.py
 #   4. bench/kernels.py and bench/models.py -> bench/results/<gpu-slug>.json, bench/plot.py -> PNGs
-#   5. scripts/perf_table.py: the README table
+#   5. the placement explorer (python -m sola_vision.explore --quick) -> bench/results/placements_*.csv/.png
+#   6. scripts/perf_table.py: the README table
 # Everything printed also goes to bench/results/<gpu-slug>.log. When $OUT is set, the JSON, the
-# log and the PNGs are copied there. A failing step does not stop the run; the exit status is 1
+# log, the PNGs and a tar of the explorer's CSV and PNG are copied there. A failing step does not stop the run; the exit status is 1
 # when any step failed, timed out or could not run.
 #
 #   bash scripts/gpu_check.sh            (or: make gpu-check)
@@ -150,7 +152,8 @@ main() {
     step "build_info" 60 190 "$PY" -c "import sola_ops; bi = sola_ops.build_info(); print('sola_ops build:', bi); assert bi['cuda'], 'no CUDA kernels were compiled'"
 
     step "tests: cuda" 150 170 bash "$SELF" __pytest -m cuda tests -q -p no:cacheprovider --maxfail=25
-    step "tests: rest (not slow)" 90 160 bash "$SELF" __pytest -m "not cuda and not slow" tests -q -p no:cacheprovider --maxfail=25
+    step "tests: API on CPU" 45 160 bash "$SELF" __pytest -m "not cuda and not slow" tests/test_ops_api.py \
+        -k "not cpu_gemm_builds" -q -p no:cacheprovider --maxfail=25
 
     if command -v compute-sanitizer >/dev/null 2>&1; then
         step "memcheck" 120 140 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
@@ -170,9 +173,12 @@ main() {
     ((kb > 270)) && kb=270
     step "kernel bench" 300 100 "$PY" bench/kernels.py $quick --strict --max-impl-s 30 --out "$JSON" \
         --budget-s "$((kb > 10 ? kb : 10))"
-    local mb=$((DEADLINE - $(now) - 60))
+    local mb=$((DEADLINE - $(now) - 110))
     ((mb > 120)) && mb=120
-    step "model bench" 150 30 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
+    step "model bench" 150 80 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
+    # issue 9's placement explorer on this GPU: tiny at 224, one softmax layer in stages 3-4
+    step "explorer" 60 20 "$PY" -m sola_vision.explore --model sola_vision_tiny --img-size 224 --quick \
+        --device cuda --out "$RESULTS"
 
     if "$PY" -c "import matplotlib" >/dev/null 2>&1; then
         step "plots" 60 5 "$PY" bench/plot.py "$JSON"
@@ -204,9 +210,11 @@ OUT_LOG=/dev/null
 main 2>&1 | tee "$LOG" "$OUT_LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-    # at most 8 files come back from $OUT: the JSON and the log (written there as the run went) and
-    # up to 5 PNGs
+    # at most 8 files come back from $OUT: the JSON and the log (written there as the run went), up
+    # to 5 PNGs and the explorer's CSV + PNG as one tar
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
+    explored=$(cd "$RESULTS" && ls placements_*"_$SLUG".csv placements_*"_$SLUG".png 2>/dev/null)
+    [ -n "$explored" ] && tar -cf "$OUT/${SLUG}_explore.tar" -C "$RESULTS" $explored
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
 fi
 exit "$rc"
