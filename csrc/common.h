@@ -158,13 +158,14 @@ struct Phi<FeatureMap::Elu> {  // elu(x) + 1
 
  private:
   // x > 0 ? if_positive : exp(x). On the host exp is computed for every x: a select of two values lets
-  // the CPU loops vectorise, where a branch around exp kept them scalar.
+  // the CPU loops vectorise, where a branch around exp kept them scalar. Its argument is min(x, 0)
+  // (NaN kept), so the exp without the overflow side serves.
   template <bool kFast, typename T>
   static SOLA_HD T positive_or_exp(T x, T if_positive) {
 #ifdef __CUDA_ARCH__
     return x > T(0) ? if_positive : kFast ? kernel_exp_fast(x) : kernel_exp(x);
 #else
-    const T e = cpu_exp(x);
+    const T e = cpu_exp_nonpositive(x > T(0) ? T(0) : x);
     return x > T(0) ? if_positive : e;
 #endif
   }

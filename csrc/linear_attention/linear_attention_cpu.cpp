@@ -45,12 +45,20 @@ SOLA_CPU_INLINE void load_rows(const View4& x, int64_t b, int64_t h, int64_t n0,
   }
 }
 
-// a[0, d) . b[0, d)
+// a[0, d) . b[0, d): per-lane sums over whole vectors, then the lanes by halves. Summed in order
+// (one running sum) the loop compiled to a chain of scalar adds, slower than the row's gemm.
 template <typename acc>
 SOLA_CPU_INLINE acc dot(const acc* a, const acc* b, int64_t d) {
-  acc s = acc(0);
-  for (int64_t e = 0; e < d; ++e) s += a[e] * b[e];
-  return s;
+  constexpr int64_t L = kCpuVecLen<acc>;
+  acc lanes[L] = {};
+  const int64_t whole = d / L * L;
+  for (int64_t e0 = 0; e0 < whole; e0 += L)
+    for (int64_t e = 0; e < L; ++e) lanes[e] += a[e0 + e] * b[e0 + e];
+  for (int64_t e = whole; e < d; ++e) lanes[e - whole] += a[e] * b[e];
+#pragma GCC unroll 8
+  for (int64_t w = L / 2; w > 0; w /= 2)
+    for (int64_t e = 0; e < w; ++e) lanes[e] += lanes[e + w];
+  return lanes[0];
 }
 
 // phi'(x) given phi(x), which the caller has loaded: elu's is phi(x) itself where x <= 0 (NaN
