@@ -1,6 +1,6 @@
 // C++ CPU kernels of non-causal softmax attention, forward and backward.
-// Tiled with an online softmax: the only score buffers are kBlockM x kFwdBlockN (forward) or kBlockM x
-// kBlockN (backward) tiles per task, never Nq x Nk. The tile products run through cpu::gemm
+// Tiled with an online softmax: the only score buffers are kFwdBlockN x kBlockM (forward, transposed)
+// or kBlockM x kBlockN (backward) tiles per task, never Nq x Nk. The tile products run through cpu::gemm
 // (register-blocked, one build per ISA), the softmax steps through SOLA_CPU_CLONES functions. The
 // backward recomputes the scores from q, k and the saved lse; every gradient entry is summed over the
 // same tiles in the same order whichever way the tasks are split (per head, or per key tile and per
@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -21,7 +20,7 @@ namespace {
 
 constexpr int64_t kBlockM = 64;      // query rows per tile
 constexpr int64_t kBlockN = 64;      // the backward's key rows per tile: its score tiles' row pitch
-constexpr int64_t kFwdBlockN = 256;  // the forward's: a row's max, rescale and sums amortised over more keys
+constexpr int64_t kFwdBlockN = 256;  // the forward's: a query's rescale amortised over more keys
 
 // Copies rows [n0, n1) of one head into a dense acc-typed buffer of row pitch ld >= d (columns from d
 // on are left as they are: the callers' zero padding).
@@ -45,72 +44,45 @@ void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int6
   }
 }
 
-// The largest of kCpuVecLen lanes, by halves; a NaN lane never wins.
+// One online-softmax step over a transposed score tile st (K Q^T: keys rows of `queries` columns padded
+// to whole vectors, row pitch kBlockM), so the max and the sums run down the columns, a lane per query,
+// with no reduction across lanes. st becomes the probabilities exp(scale s - m_new); o's rows (pitch
+// ldo) are rescaled by exp(m_old - m_new) where the max moved; the running max m and sum l move on.
 template <typename acc>
-SOLA_CPU_INLINE acc max_of_lanes(acc* lanes) {
-  for (int64_t w = kCpuVecLen<acc> / 2; w > 0; w /= 2)
-    for (int64_t e = 0; e < w; ++e) lanes[e] = lanes[e] < lanes[e + w] ? lanes[e + w] : lanes[e];
-  return lanes[0];
-}
-
-// One online-softmax step over a tile of scores s (rows x cols of q k^T, row pitch kFwdBlockN; the
-// gemm filled cols_p = cols padded to whole vectors): s becomes the probabilities exp(scale s - m_new)
-// (0 in the columns past cols), o's rows (pitch ldo) are rescaled by exp(m_old - m_new) when the max
-// moved, and the running max m moves on. The running sums stay per lane, l[r * kCpuVecLen + e]
-// (summed by the caller at the end), so no row pays a horizontal sum per tile. The max runs on 32-byte
-// vectors: GCC lowers a 64-byte vector type's compares to scalar code without AVX-512.
-template <typename acc>
-SOLA_CPU_CLONES void online_softmax_step(acc* s, int64_t rows, int64_t cols, acc scale, acc* m, acc* l, acc* o,
-                                         int64_t ldo) {
+SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries, acc scale, acc* m, acc* l,
+                                           acc* o, int64_t ldo) {
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
-  constexpr int64_t L = kCpuVecLen<acc>;
-  const int64_t cols_p = cpu::padded_cols<acc>(cols), whole = cols / L * L;
-  for (int64_t r = 0; r < rows; ++r) {
-    acc* s_row = s + r * kFwdBlockN;
-    acc lanes[L];
-    {
-      using Half [[gnu::vector_size(32)]] = acc;
-      Half lo = Half{} + kNegInf, hi = lo;
-      for (int64_t c0 = 0; c0 < whole; c0 += L) {
-        Half x_lo, x_hi;
-        std::memcpy(&x_lo, s_row + c0, sizeof x_lo);
-        std::memcpy(&x_hi, s_row + c0 + L / 2, sizeof x_hi);
-        x_lo *= scale;
-        x_hi *= scale;
-        std::memcpy(s_row + c0, &x_lo, sizeof x_lo);
-        std::memcpy(s_row + c0 + L / 2, &x_hi, sizeof x_hi);
-        lo = x_lo > lo ? x_lo : lo;  // a NaN score never wins the max
-        hi = x_hi > hi ? x_hi : hi;
-      }
-      std::memcpy(lanes, &lo, sizeof lo);
-      std::memcpy(lanes + L / 2, &hi, sizeof hi);
+  const int64_t qp = cpu::padded_cols<acc>(queries);
+  acc m_new[kBlockM];
+  for (int64_t c = 0; c < qp; ++c) m_new[c] = kNegInf;
+  for (int64_t j = 0; j < keys; ++j) {
+    acc* row = st + j * kBlockM;
+    for (int64_t c = 0; c < qp; ++c) {
+      const acc x = row[c] * scale;
+      row[c] = x;
+      m_new[c] = x > m_new[c] ? x : m_new[c];  // a NaN score never wins the max
     }
-    for (int64_t c = whole; c < cols; ++c) {
-      s_row[c] *= scale;
-      lanes[c - whole] = std::max(lanes[c - whole], s_row[c]);
-    }
-    const acc m_new = std::max(m[r], max_of_lanes(lanes));
-    // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
-    // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise.
-    if (m_new == kNegInf) {
-      for (int64_t c = 0; c < cols; ++c) s_row[c] = std::isnan(s_row[c]) ? s_row[c] : acc(0);
-    } else {
-      // Scaled scores are <= m_new exactly (no fused multiply-add: they were rounded and stored above).
-      for (int64_t c = 0; c < cols; ++c) s_row[c] = cpu_exp_nonpositive(s_row[c] - m_new);
-    }
-    std::fill(s_row + cols, s_row + cols_p, acc(0));  // the padding columns add nothing
-    std::memcpy(lanes, l + r * L, sizeof lanes);
-    if (m_new != m[r]) {  // the max moved: rescale what is summed so far
-      const acc alpha = m[r] == kNegInf ? acc(0) : cpu_exp_nonpositive(m[r] - m_new);
-      for (int64_t e = 0; e < L; ++e) lanes[e] *= alpha;
-      acc* o_row = o + r * ldo;
-      for (int64_t e = 0; e < ldo; ++e) o_row[e] *= alpha;
-      m[r] = m_new;
-    }
-    for (int64_t c0 = 0; c0 < cols_p; c0 += L)
-      for (int64_t e = 0; e < L; ++e) lanes[e] += s_row[c0 + e];
-    std::memcpy(l + r * L, lanes, sizeof lanes);
   }
+  for (int64_t c = 0; c < qp; ++c) m_new[c] = m[c] > m_new[c] ? m[c] : m_new[c];
+  // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
+  // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise. The scaled scores are <= m_new
+  // exactly (stored rounded above, no fused multiply-add).
+  for (int64_t j = 0; j < keys; ++j) {
+    acc* row = st + j * kBlockM;
+    for (int64_t c = 0; c < qp; ++c) {
+      const acc e = cpu_exp_nonpositive(row[c] - m_new[c]);
+      row[c] = m_new[c] == kNegInf ? (row[c] != row[c] ? row[c] : acc(0)) : e;
+    }
+  }
+  for (int64_t c = 0; c < queries; ++c) {
+    if (m_new[c] == m[c]) continue;
+    const acc alpha = m[c] == kNegInf ? acc(0) : cpu_exp_nonpositive(m[c] - m_new[c]);
+    l[c] *= alpha;
+    for (int64_t e = 0; e < ldo; ++e) o[c * ldo + e] *= alpha;
+    m[c] = m_new[c];
+  }
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t c = 0; c < qp; ++c) l[c] += st[j * kBlockM + c];
 }
 
 // The backward's tile step: s (q k^T) becomes P = exp(scale s - lse_i), dp (dO v^T) becomes
@@ -133,8 +105,9 @@ template <typename scalar_t>
 void fwd(const SoftmaxAttentionParams& p) {
   using acc = acc_t<scalar_t>;
   const int64_t Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv);
-  // Query rows per task: up to 4 tiles, so each k / v tile loaded (and transposed) serves more rows,
-  // while there are still two tasks a thread. Every row's sums run the same way for any block.
+  // Query rows per task: up to 4 tiles, so each k / v tile loaded serves more rows, while there are
+  // still two tasks a thread. Every row's sums run the same way for any block. The task's queries are
+  // transposed once (q^T), so the scores come out transposed (K q^T) with no key tile transposed.
   int64_t block_m = 4 * kBlockM;
   while (block_m > kBlockM && p.B * p.H * ceil_div(p.Nq, block_m) < 2 * at::get_num_threads()) block_m /= 2;
   const int64_t q_tiles = ceil_div(p.Nq, block_m);
@@ -142,37 +115,33 @@ void fwd(const SoftmaxAttentionParams& p) {
   acc* lse_all = static_cast<acc*>(p.lse);
 
   at::parallel_for(0, p.B * p.H * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q(block_m * Dk), kt(Dk * kFwdBlockN), v(kFwdBlockN * Dv_p), o(block_m * Dv_p);
-    std::vector<acc> s(kBlockM * kFwdBlockN), m(block_m), l(block_m * kCpuVecLen<acc>);
+    std::vector<acc> qt(Dk * block_m), k(kFwdBlockN * Dk), v(kFwdBlockN * Dv_p), o(block_m * Dv_p);
+    std::vector<acc> st(kFwdBlockN * kBlockM), m(block_m), l(block_m);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / p.H, h = bh % p.H;
       const int64_t i0 = (task % q_tiles) * block_m, i1 = std::min(p.Nq, i0 + block_m), rows = i1 - i0;
-      load_tile<scalar_t>(p.q, b, h, i0, i1, Dk, q.data(), Dk);
+      load_tile_transposed<scalar_t>(p.q, b, h, i0, i1, Dk, qt.data(), block_m);
       std::fill(o.begin(), o.end(), acc(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
       std::fill(l.begin(), l.end(), acc(0));
       for (int64_t j0 = 0; j0 < p.Nk; j0 += kFwdBlockN) {
-        const int64_t j1 = std::min(p.Nk, j0 + kFwdBlockN), cols = j1 - j0;
-        load_tile_transposed<scalar_t>(p.k, b, h, j0, j1, Dk, kt.data(), kFwdBlockN);
+        const int64_t j1 = std::min(p.Nk, j0 + kFwdBlockN), keys = j1 - j0;
+        load_tile<scalar_t>(p.k, b, h, j0, j1, Dk, k.data(), Dk);
         load_tile<scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv_p);
-        // The key tile serves the task's rows kBlockM at a time, so the score tile stays small.
         for (int64_t r0 = 0; r0 < rows; r0 += kBlockM) {
           const int64_t sub = std::min(kBlockM, rows - r0);
-          cpu::gemm(sub, cpu::padded_cols<acc>(cols), Dk, q.data() + r0 * Dk, Dk, kt.data(), kFwdBlockN, s.data(),
-                    kFwdBlockN, false);  // q k^T
-          online_softmax_step(s.data(), sub, cols, scale, m.data() + r0, l.data() + r0 * kCpuVecLen<acc>,
-                              o.data() + r0 * Dv_p, Dv_p);
-          cpu::gemm(sub, Dv_p, cols, s.data(), kFwdBlockN, v.data(), Dv_p, o.data() + r0 * Dv_p, Dv_p,
-                    true);  // o += P v
+          cpu::gemm(keys, cpu::padded_cols<acc>(sub), Dk, k.data(), Dk, qt.data() + r0, block_m, st.data(), kBlockM,
+                    false);  // K Q^T
+          online_softmax_step(st.data(), keys, sub, scale, m.data() + r0, l.data() + r0, o.data() + r0 * Dv_p, Dv_p);
+          cpu::gemm_at(sub, Dv_p, keys, st.data(), kBlockM, v.data(), Dv_p, o.data() + r0 * Dv_p, Dv_p,
+                       true);  // o += P v
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
-        acc l_r = acc(0);
-        for (int64_t e = 0; e < kCpuVecLen<acc>; ++e) l_r += l[r * kCpuVecLen<acc> + e];
-        const acc inv_l = acc(1) / l_r;
+        const acc inv_l = acc(1) / l[r];
         for (int64_t e = 0; e < Dv; ++e) out[e] = static_cast<scalar_t>(o[r * Dv_p + e] * inv_l);
-        lse_all[bh * p.Nq + i0 + r] = row_lse(m[r], l_r);
+        lse_all[bh * p.Nq + i0 + r] = row_lse(m[r], l[r]);
       }
     }
   });
