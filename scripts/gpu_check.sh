@@ -9,8 +9,8 @@
 #   5. the placement explorer (python -m sola_vision.explore --quick) -> bench/results/placements_*.csv/.png
 #   6. scripts/perf_table.py: the README table
 # Everything printed also goes to bench/results/<gpu-slug>.log. When $OUT is set, the JSON, the
-# log, the PNGs and a tar of the explorer's CSV and PNG are copied there. A failing step does not stop the run; the exit status is 1
-# when any step failed, timed out or could not run.
+# log, the PNGs and a tar of the explorer's CSV and PNG are copied there. A failing step does not
+# stop the run; the exit status is 1 when any step failed, timed out or could not run.
 #
 #   bash scripts/gpu_check.sh            (or: make gpu-check)
 #
@@ -68,6 +68,7 @@ RESULTS=bench/results
 JSON=$RESULTS/$SLUG.json
 LOG=$RESULTS/$SLUG.log
 mkdir -p "$RESULTS"
+STARTED=$(mktemp)  # files newer than this were written by this run
 
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sort -u | paste -sd ';' -)
@@ -213,8 +214,10 @@ if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
     # at most 8 files come back from $OUT: the JSON and the log (written there as the run went), up
     # to 5 PNGs and the explorer's CSV + PNG as one tar
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
-    explored=$(cd "$RESULTS" && ls placements_*"_$SLUG".csv placements_*"_$SLUG".png 2>/dev/null)
+    # the explorer names its files from torch's device name: take what it wrote during this run
+    explored=$(cd "$RESULTS" && find . -maxdepth 1 -name 'placements_*' -newer "$STARTED" -printf '%f\n')
     [ -n "$explored" ] && tar -cf "$OUT/${SLUG}_explore.tar" -C "$RESULTS" $explored
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
 fi
+rm -f "$STARTED"
 exit "$rc"
