@@ -50,7 +50,7 @@ void load_tile_transposed(const View4& x, int64_t b, int64_t h, int64_t n0, int6
 // ldo) are rescaled by exp(m_old - m_new) where the max moved; the running max m and sum l move on.
 template <typename acc>
 SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries, acc scale, acc* m, acc* l,
-                                           acc* o, int64_t ldo) {
+                                         acc* o, int64_t ldo) {
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
   const int64_t qp = cpu::padded_cols<acc>(queries);
   acc m_new[kBlockM];
@@ -67,11 +67,15 @@ SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries,
   // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
   // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise. The scaled scores are <= m_new
   // exactly (stored rounded above, no fused multiply-add).
+  // The tile's sums come with the exps (in key order) and join l after its rescale.
+  acc tile_sum[kBlockM];
+  for (int64_t c = 0; c < qp; ++c) tile_sum[c] = acc(0);
   for (int64_t j = 0; j < keys; ++j) {
     acc* row = st + j * kBlockM;
     for (int64_t c = 0; c < qp; ++c) {
       const acc e = cpu_exp_nonpositive(row[c] - m_new[c]);
       row[c] = m_new[c] == kNegInf ? (row[c] != row[c] ? row[c] : acc(0)) : e;
+      tile_sum[c] += row[c];
     }
   }
   for (int64_t c = 0; c < queries; ++c) {
@@ -81,8 +85,7 @@ SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries,
     for (int64_t e = 0; e < ldo; ++e) o[c * ldo + e] *= alpha;
     m[c] = m_new[c];
   }
-  for (int64_t j = 0; j < keys; ++j)
-    for (int64_t c = 0; c < qp; ++c) l[c] += st[j * kBlockM + c];
+  for (int64_t c = 0; c < qp; ++c) l[c] += tile_sum[c];
 }
 
 // The backward's tile step: s (q k^T) becomes P = exp(scale s - lse_i), dp (dO v^T) becomes
