@@ -1,4 +1,4 @@
-"""The contract around the kernels: build info, bad input and its errors, empty inputs, NaN/Inf,
+"""The contract around the kernels: build info, bad input and its errors, odd layouts, empty inputs, NaN/Inf,
 the NaN-fill debug mode, torch.library.opcheck and torch.compile(fullgraph=True)."""
 import os
 import subprocess
@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import sola_ops
-from conftest import DEVICES, FEATURE_MAPS, leaf, make_qkv, randn, requires_cuda, size_id, strided_like
+from conftest import (DEVICES, FEATURE_MAPS, check_linear, check_softmax, leaf, make_qkv, randn, requires_cuda,
+                      size_id, strided_like)
 from sola_ops import reference
 
 OPS = ["linear", "softmax"]
+CHECK = {"linear": check_linear, "softmax": check_softmax}  # op and gradients vs the fp64 reference
 
 
 def run_op(op, q, k, v, **kw):
@@ -259,6 +261,30 @@ def test_cuda_head_dim_limit(op):
     q, k, v = make_qkv(1, 1, 4, 5, 8, limit + 1, torch.float16, "cuda")
     with pytest.raises((ValueError, RuntimeError), match=r"v head dim"):
         run_op(op, q, k, v)
+
+
+# ---- layouts ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_head_dim_one(device, op):
+    """Dk = Dv = 1 with last-dim strides != 1 (a size-1 dim may have any stride)."""
+    q, k, v = make_qkv(1, 2, 5, 7, 1, 1, torch.float32, device, seed=12)
+    q = randn((1, 2, 5, 3), torch.float32, device, seed=13)[..., 1:2]
+    k = randn((1, 2, 7, 3), torch.float32, device, seed=14)[..., ::3]
+    assert q.stride(-1) == 1 and k.stride(-1) == 3
+    CHECK[op](q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_sdpa_layout_view(device, op):
+    """x.view(B, N, H, D).transpose(1, 2), as a projection's output is reshaped in a model."""
+    B, N, H, D = 2, 37, 3, 16
+    x = randn((B, N, 3 * H * D), torch.float32, device, seed=31)
+    q, k, v = (t.transpose(1, 2) for t in x.view(B, N, 3, H, D).unbind(2))
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    CHECK[op](q, k, v)
 
 
 # ---- empty inputs ------------------------------------------------------------------------------------------
