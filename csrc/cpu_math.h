@@ -9,9 +9,10 @@
 
 // Compiles a hot function once per ISA (AVX-512, AVX2 + FMA, baseline x86-64) and lets the loader
 // pick one (glibc ifunc), so one build uses the CPU's widest vectors. GCC 12+ on x86-64 glibc Linux
-// (SOLA_CPU_X86_DISPATCH); elsewhere the one baseline build.
+// (SOLA_CPU_X86_DISPATCH); elsewhere, or with SOLA_CPU_NO_CLONES (the emulator's ThreadSanitizer build:
+// an instrumented ifunc resolver runs before the TSan runtime is up and crashes), the one baseline build.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 12
+    __GNUC__ >= 12 && !defined(SOLA_CPU_NO_CLONES)
 #define SOLA_CPU_X86_DISPATCH 1
 #define SOLA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -8,7 +8,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SRC=${SRC:-$ROOT/csrc}
 SAN=""
-[ "${TSAN:-0}" = 1 ] && SAN="-fsanitize=thread"
+[ "${TSAN:-0}" = 1 ] && SAN="-fsanitize=thread -DSOLA_CPU_NO_CLONES"  # no ifunc clones: see cpu_math.h
 OUT=${OUT_DIR:-$ROOT/build/cuda_emulator${SAN:+_tsan}}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 TORCH=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
