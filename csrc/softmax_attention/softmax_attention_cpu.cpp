@@ -64,12 +64,12 @@ SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries,
     }
   }
   for (int64_t c = 0; c < qp; ++c) m_new[c] = m[c] > m_new[c] ? m[c] : m_new[c];
-  // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
-  // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise. The scaled scores are <= m_new
-  // exactly (stored rounded above, no fused multiply-add).
   // The tile's sums come with the exps (in key order) and join l after its rescale.
   acc tile_sum[kBlockM];
   for (int64_t c = 0; c < qp; ++c) tile_sum[c] = acc(0);
+  // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
+  // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise. The scaled scores are <= m_new
+  // exactly (stored rounded above, no fused multiply-add).
   for (int64_t j = 0; j < keys; ++j) {
     acc* row = st + j * kBlockM;
     for (int64_t c = 0; c < qp; ++c) {

@@ -2,14 +2,19 @@
 # Builds the CPU emulation of the CUDA kernels and their drivers (README.md).
 #   bash scripts/cuda_emulator/build.sh && build/cuda_emulator/driver all && build/cuda_emulator/driver_linear all
 # SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" builds one driver;
-# TSAN=1 builds with ThreadSanitizer into build/cuda_emulator_tsan (shared-memory races: README.md).
+# TSAN=1 builds with ThreadSanitizer into build/cuda_emulator_tsan (shared-memory races: README.md);
+# UBSAN=1 with UndefinedBehaviorSanitizer into build/cuda_emulator_ubsan (misaligned vector accesses).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SRC=${SRC:-$ROOT/csrc}
 SAN=""
-[ "${TSAN:-0}" = 1 ] && SAN="-fsanitize=thread -DSOLA_CPU_NO_CLONES"  # no ifunc clones: see cpu_math.h
-OUT=${OUT_DIR:-$ROOT/build/cuda_emulator${SAN:+_tsan}}
+SUFFIX=""
+[ "${TSAN:-0}" = 1 ] && SAN="-fsanitize=thread -DSOLA_CPU_NO_CLONES" SUFFIX=_tsan  # no ifunc clones: see cpu_math.h
+# UBSAN=1: misaligned typed (vector) accesses, which fault on the device, and signed overflow in
+# index arithmetic, which the device wraps silently; the first report aborts.
+[ "${UBSAN:-0}" = 1 ] && SAN="-fsanitize=undefined -fno-sanitize=vptr -fno-sanitize-recover=all" SUFFIX=_ubsan
+OUT=${OUT_DIR:-$ROOT/build/cuda_emulator$SUFFIX}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 TORCH=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 ABI=$("$PY" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')

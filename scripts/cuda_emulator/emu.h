@@ -73,6 +73,11 @@ inline void mark_unfenced(void* dst, unsigned char flag) {
   if (off >= 0 && off + 16 <= static_cast<ptrdiff_t>(g_unfenced.size())) std::memset(&g_unfenced[off], flag, 16);
 }
 inline void cp_async_16(void* dst, const void* src) {
+  // cp.async.cg of 16 bytes faults on the device unless both addresses are 16-byte aligned
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    std::fprintf(stderr, "cp.async: 16-byte copy from %p to %p is not 16-byte aligned\n", src, dst);
+    std::abort();
+  }
   std::memset(dst, 0xff, 16);
   tl_uncommitted.push_back({dst, src});
 }
