@@ -10,6 +10,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 SRC=${SRC:-$ROOT/csrc}
 SAN=""
 SUFFIX=""
+# one sanitizer per build: TSan and UBSan runtimes cannot be linked together
+[ "${TSAN:-0}" = 1 ] && [ "${UBSAN:-0}" = 1 ] && { echo "build.sh: TSAN=1 and UBSAN=1 cannot be combined" >&2; exit 2; }
 [ "${TSAN:-0}" = 1 ] && SAN="-fsanitize=thread -DSOLA_CPU_NO_CLONES" SUFFIX=_tsan  # no ifunc clones: see cpu_math.h
 # UBSAN=1: misaligned typed (vector) accesses, which fault on the device, and signed overflow in
 # index arithmetic, which the device wraps silently; the first report aborts.
