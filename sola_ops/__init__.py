@@ -86,14 +86,18 @@ def _as_float(x, name):
 
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The device types with kernels here. Others (meta under FlopCounterMode) never autocast: asking
+# torch.is_autocast_enabled about a type without autocast raises, and torch.amp.is_autocast_available
+# would say so but breaks torch.compile(fullgraph=True) on torch 2.11 (Dynamo cannot trace it).
+_KERNEL_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _autocast(q, *tensors):
     """What autocast does to torch SDPA (a lower-precision op): float16/bfloat16/float32 inputs go to
     the autocast dtype of their device type, float64 stays. All inputs must share q's device anyway,
-    so one look at q's decides (the common case, autocast off, costs two calls)."""
+    so one look at q's decides (the common case, autocast off, costs one call)."""
     device = q.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if device not in _KERNEL_DEVICE_TYPES or not torch.is_autocast_enabled(device):
         return (q, *tensors)
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_DTYPES else t for t in (q, *tensors))
