@@ -21,6 +21,8 @@
 #   TORCH_CUDA_ARCH_LIST  default: the visible GPUs' compute capability
 #   MAX_JOBS              default: nproc
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
+#   GPU_CHECK_SKIP        comma list of step names not to run, e.g. "memcheck,racecheck,explorer"
+#                         (a second call on a warm box re-running only what the first ran out of time for)
 # third_party/site (scripts/fetch_peers.sh), when present, goes on PYTHONPATH: the fla / flash_bla
 # peers of the linear-attention benchmark.
 set -u -o pipefail
@@ -94,7 +96,9 @@ main() {
         local t=$((cap < left ? cap : left))
         local s rc status
         s=$(now)
-        if ((t < 5)); then
+        if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+            status="skipped (GPU_CHECK_SKIP)"
+        elif ((t < 5)); then
             status="NOT RUN (time budget used up)"
             failed=$((failed + 1))
         else
@@ -152,7 +156,11 @@ main() {
     fi
     step "build_info" 60 190 "$PY" -c "import sola_ops; bi = sola_ops.build_info(); print('sola_ops build:', bi); assert bi['cuda'], 'no CUDA kernels were compiled'"
 
-    step "tests: cuda" 150 170 bash "$SELF" __pytest -m cuda tests -q -p no:cacheprovider --maxfail=25
+    # pytest-xdist, when there, spreads the CUDA tests over 6 processes on the one GPU: the tests'
+    # references and torch.compile are CPU-bound
+    local xdist=()
+    "$PY" -c "import xdist" >/dev/null 2>&1 && xdist=(-n 6)
+    step "tests: cuda" 150 170 bash "$SELF" __pytest -m cuda tests -q -p no:cacheprovider --maxfail=25 "${xdist[@]}"
     step "tests: API on CPU" 45 160 bash "$SELF" __pytest -m "not cuda and not slow" tests/test_ops_api.py \
         -k "not cpu_gemm_builds" -q -p no:cacheprovider --maxfail=25
 
