@@ -10,7 +10,7 @@ import math
 import torch
 
 from . import reference
-from ._ops import FEATURE_MAPS, _C, ops
+from ._ops import FEATURE_MAPS, _C, check_linear_args, check_qkv, ops
 
 __all__ = ["linear_attention", "softmax_attention", "reference", "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
@@ -30,11 +30,14 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     _check_tensors(q=q, k=k, v=v)
     _check_tensors(optional=True, q_norm=q_norm, k_norm=k_norm)
     eps = _as_float(eps, "eps")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
+    check_linear_args(q, k, v, q_norm, k_norm)
     out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), eps)
     return out
 
@@ -51,7 +54,10 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else 1.0
     scale = _as_float(scale, "scale")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     q, k, v = _autocast(q, k, v)
+    check_qkv(q, k, v)
     out, lse = ops.softmax_attention_fwd(q, k, v, scale)
     return (out, lse) if return_lse else out
 

@@ -61,8 +61,13 @@ def run_bwd(op_name, bwd, *args):
     return bwd(*args)
 
 
+# The CUDA kernels' largest head dim (kMaxCudaHeadDim in csrc/common.h).
+MAX_CUDA_HEAD_DIM = int(_C.build_info().get("max_cuda_head_dim", 256))
+
+
 def check_qkv(q, k, v):
-    """The shape rules of both ops (SDPA layout); the C++ ops enforce the same in eager mode."""
+    """The shape rules of both ops (SDPA layout). The C++ ops enforce the same; the public functions
+    check here first, so bad input is a ValueError raised from Python on every build and platform."""
     _check_tensor(q, "q", q)
     _check_tensor(k, "k", q)
     _check_tensor(v, "v", q)
@@ -75,18 +80,30 @@ def check_qkv(q, k, v):
         raise ValueError(f"v must have the sequence length of k ({k.shape[2]}), got {v.shape[2]}")
     if k.shape[2] < 1:
         raise ValueError(f"k must have at least one key (Nk >= 1), got shape {tuple(k.shape)}")
+    if q.shape[3] < 1 or v.shape[3] < 1:
+        raise ValueError(f"q and v need head dims >= 1, got {q.shape[3]} and {v.shape[3]}")
+    if q.device.type == "cuda":
+        for name, t in (("q", q), ("v", v)):
+            if t.shape[3] > MAX_CUDA_HEAD_DIM:
+                raise ValueError(f"{name} head dim {t.shape[3]} exceeds the CUDA kernels' maximum of "
+                                 f"{MAX_CUDA_HEAD_DIM}")
 
 
-# ---- linear attention ---------------------------------------------------------------------
-
-@torch.library.register_fake("sola_ops::linear_attention_fwd")
-def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps):
+def check_linear_args(q, k, v, q_norm, k_norm):
+    """check_qkv, and q_norm / k_norm (when given) like q / k."""
     check_qkv(q, k, v)
     for t, name, like in ((q_norm, "q_norm", q), (k_norm, "k_norm", k)):
         if t is not None:
             _check_tensor(t, name, q)
             if t.shape != like.shape:
                 raise ValueError(f"{name} must have the shape of {name[0]} {tuple(like.shape)}, got {tuple(t.shape)}")
+
+
+# ---- linear attention ---------------------------------------------------------------------
+
+@torch.library.register_fake("sola_ops::linear_attention_fwd")
+def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps):
+    check_linear_args(q, k, v, q_norm, k_norm)
     B, H, Nq, Dk = q.shape
     Dv = v.shape[3]
     acc = _acc_dtype(q.dtype)

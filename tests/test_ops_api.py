@@ -109,6 +109,36 @@ def test_bad_input(device, case):
         run_op(op, q, k, v, **kw)
 
 
+class _NoKernel:
+    """Stands in for torch.ops.sola_ops: any use of a C++ op fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"bad input reached the C++ op {name}")
+
+
+_BAD_NUMBERS = [("linear", "eps", float("nan")), ("linear", "eps", float("inf")), ("linear", "eps", -1e-6),
+                ("softmax", "scale", float("nan")), ("softmax", "scale", float("-inf"))]
+
+
+@pytest.mark.parametrize("case", range(len(_CASE_IDS)), ids=_CASE_IDS)
+def test_bad_input_rejected_before_the_kernel(monkeypatch, case):
+    """The public functions reject bad arguments in Python, before any C++ op runs: on the GPU box
+    (torch 2.11, GCC 13, 2026-12-04) an error thrown by our C++ checks crashed the process, so what
+    a user passes must never depend on one."""
+    cid, op, q, k, v, kw, match = _bad_cases("cpu")[case]
+    monkeypatch.setattr(sola_ops, "ops", _NoKernel())
+    with pytest.raises(ValueError, match=match):
+        run_op(op, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,name,value", _BAD_NUMBERS, ids=[f"{o}-{n}={v}" for o, n, v in _BAD_NUMBERS])
+def test_bad_number_is_value_error(device, op, name, value):
+    q, k, v = make_qkv(1, 2, 3, 4, 8, 8, torch.float32, device)
+    with pytest.raises(ValueError, match=rf"{name} must be finite"):
+        run_op(op, q, k, v, **{name: value})
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_bad_input_is_value_error(op):
     """The contract's error type for argument errors is ValueError (not a bare RuntimeError)."""

@@ -1,0 +1,112 @@
+"""Per-kernel Nsight Compute numbers for a few benchmark shapes: what bounds each sola_ops kernel.
+
+    python scripts/profile_kernels.py                    # every case, one ncu run each (~10 s a case)
+    python scripts/profile_kernels.py --cases linear_vision,softmax_long
+
+For each case ncu profiles one forward and one forward+backward call (after warm-up runs, between
+cudaProfilerStart/Stop) and this prints one line per kernel launch: duration, DRAM and SM throughput
+as % of peak, achieved occupancy, registers per thread, grid and block. The first GPU run (H200,
+2026-12-04) found linear attention at 10-23% of the copy bandwidth and softmax attention at
+0.5-0.9x cuDNN: this says which kernel and which limit. Needs a GPU and ncu on PATH.
+"""
+import argparse
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from collections import OrderedDict
+
+# name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set
+CASES = OrderedDict([
+    ("linear_vision", ("linear", "bfloat16", 128, 2, 3136, 32)),
+    ("linear_vision_fp32", ("linear", "float32", 128, 2, 3136, 32)),
+    ("linear_sweep", ("linear", "bfloat16", 8, 16, 16384, 64)),
+    ("softmax_vision", ("softmax", "bfloat16", 128, 4, 784, 64)),
+    ("softmax_vision_d32", ("softmax", "bfloat16", 128, 2, 3136, 32)),
+    ("softmax_long", ("softmax", "bfloat16", 8, 16, 4096, 64)),
+])
+METRICS = OrderedDict([
+    ("gpu__time_duration.sum", "ns"),
+    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "dram%"),
+    ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "sm%"),
+    ("sm__warps_active.avg.pct_of_peak_sustained_active", "occ%"),
+    ("launch__registers_per_thread", "regs"),
+    ("launch__grid_size", "grid"),
+    ("launch__block_size", "block"),
+])
+
+
+def drive(case):
+    """Runs under ncu: warm-up, then the profiled calls."""
+    import torch
+
+    import sola_ops
+    op, dtype, B, H, N, D = CASES[case]
+    fn = sola_ops.linear_attention if op == "linear" else sola_ops.softmax_attention
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=getattr(torch, dtype), generator=gen)
+               for _ in range(3))
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+
+    def fwd_bwd():
+        fn(qg, kg, vg).backward(torch.ones_like(q))
+
+    for _ in range(2):
+        with torch.no_grad():
+            fn(q, k, v)
+        fwd_bwd()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    with torch.no_grad():
+        fn(q, k, v)
+    fwd_bwd()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+def profile(case, ncu):
+    cmd = [ncu, "--profile-from-start", "off", "--csv", "--print-units", "base", "--metrics", ",".join(METRICS),
+           sys.executable, os.path.abspath(__file__), "--drive", case]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    rows = OrderedDict()  # launch ID -> {column: value}
+    text = out.stdout[out.stdout.find('"ID"'):] if '"ID"' in out.stdout else ""
+    for r in csv.DictReader(io.StringIO(text)):
+        launch = rows.setdefault(r["ID"], {"kernel": r["Kernel Name"]})
+        if r["Metric Name"] in METRICS:
+            launch[METRICS[r["Metric Name"]]] = r["Metric Value"]
+    if not rows:
+        print(f"  ncu gave no kernels (exit {out.returncode}): {(out.stderr or out.stdout)[-600:]}")
+        return
+    print(f"  {'kernel':<58} " + " ".join(f"{c:>9}" for c in METRICS.values()))
+    for launch in rows.values():
+        name = launch["kernel"].split("(")[0]
+        name = name if len(name) <= 58 else name[:27] + "..." + name[-28:]
+        print(f"  {name:<58} " + " ".join(f"{launch.get(c, '-'):>9}" for c in METRICS.values()))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of: {', '.join(CASES)}")
+    p.add_argument("--drive", help=argparse.SUPPRESS)  # internal: the process ncu profiles
+    args = p.parse_args()
+    if args.drive:
+        drive(args.drive)
+        return 0
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        print("profile_kernels: ncu is not on PATH", file=sys.stderr)
+        return 1
+    for case in args.cases.split(","):
+        if case not in CASES:
+            print(f"profile_kernels: unknown case {case!r}; known: {', '.join(CASES)}", file=sys.stderr)
+            return 1
+        op, dtype, B, H, N, D = CASES[case]
+        print(f"=== {case}: {op} {dtype} B={B} H={H} N={N} D={D}, one fwd then one fwd+bwd", flush=True)
+        profile(case, ncu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
