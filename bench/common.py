@@ -298,7 +298,7 @@ def measure_peaks(device, quick=False, tiny=False):
 
 def group_key(row):
     return (row["op"], row["pass"], row["dtype"], row["B"], row["H"], row["Nq"], row["Nk"], row["D"],
-            row.get("case"), row.get("model"), row.get("img_size"), row.get("features_only"))
+            row.get("case"), row.get("model"), row.get("img_size"), row.get("features_only"), row.get("cuda_graph"))
 
 
 def add_derived(rows, peak):

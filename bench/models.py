@@ -19,7 +19,11 @@ attn_impl="sola" and "torch" for attn_impl="torch"; pass fwd / fwd_bwd; dtype bf
 or float32; B = batch; H, Nq, Nk, D, GBps, TFLOPs null; ms = median time of one step (CUDA events,
 3 warm-up steps, 20 timed; CPU fewer); img_per_s = B / ms; peak_mem_MB = the peak memory allocated
 while the steps ran (parameters, optimizer state and activations included; null on CPU);
-ratio_to_best_baseline = torch's ms / this row's ms. Plus model, attn_impl, img_size, features_only.
+ratio_to_best_baseline = torch's ms / this row's ms. Plus model, attn_impl, img_size, features_only and
+cuda_graph: on CUDA every step is measured twice, eager and replayed from a CUDA graph (captured after
+warm-up; AdamW with capturable=True), which leaves out the Python and kernel-launch overhead: on the H200
+box that overhead was most of an eager forward of the tiny model (26-44 ms for 64 images at 224 px,
+whichever layers were softmax), so only the graph rows show what the kernels change (--no-graph: eager only).
 """
 import argparse
 import importlib.util
@@ -89,13 +93,59 @@ def load_models():
     return timm, None
 
 
-def run(device, args, rows, skipped):
+def cuda_graphed(step, device):
+    """step() captured in a CUDA graph (after warm-up runs on a side stream, as torch.cuda.graph asks);
+    returns the graph's replay: the same kernels without Python's and the launches' overhead, which on
+    the H200 box (2026-12-04) took most of an eager step of the tiny model."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
+def make_step(model, op, features_only, x, labels, autocast, capturable):
+    """The measured step: "model_fwd" (eval, no_grad) or "model_train" (zero_grad, forward, loss,
+    backward, AdamW step; capturable=True keeps the optimizer's state on the GPU for a CUDA graph)."""
+    if op == "model_fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast():
+                return model(x)
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=capturable)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            out = model(x)
+            if features_only:
+                loss = sum(f.float().mean() for f in out)
+            else:
+                loss = F.cross_entropy(out.float(), labels)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def run(device, args, rows, skipped, on_change=lambda: None):
+    """Measures every configuration; on_change() after each row or skip (the caller saves the JSON)."""
     timm, reason = load_models()
     cfgs = configs(device.type, args.quick)
     if timm is None:
         for op in MODEL_OPS:
             skipped.append({"op": op, "impl": None, "pass": None, "model": MODEL, "reason": reason})
         print(f"bench/models.py: skipped: {reason}", flush=True)
+        on_change()
         return
     reps = args.reps or (20 if device.type == "cuda" else (2 if args.quick else 3))
     warmup = 3 if device.type == "cuda" else 1
@@ -103,6 +153,8 @@ def run(device, args, rows, skipped):
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     dtype = "bfloat16" if amp_dtype is not None else "float32"
     gen = torch.Generator(device=device).manual_seed(0)
+    # CUDA: each step eager and as a CUDA graph replay (the GPU's time alone)
+    graph_modes = (False, True) if device.type == "cuda" and not args.no_graph else (False,)
 
     def autocast():
         if amp_dtype is None:
@@ -110,71 +162,67 @@ def run(device, args, rows, skipped):
         return torch.autocast(device.type, dtype=amp_dtype)
 
     for model_name, size, batch, features_only in cfgs:
-        for attn_impl in ATTN_IMPLS:
-            impl = "sola_ops" if attn_impl == "sola" else attn_impl
-            base = {"model": model_name, "attn_impl": attn_impl, "img_size": size, "features_only": features_only,
-                    "dtype": dtype, "B": batch, "case": "model"}
-            for op, pass_ in (("model_fwd", "fwd"), ("model_train", "fwd_bwd")):
-                def skip(why):
-                    skipped.append({"op": op, "impl": impl, "pass": pass_, **base, "reason": why})
-                    print(f"  skipped {op} {attn_impl} {size}px: {why}", flush=True)
+        for graph in graph_modes:
+            for attn_impl in ATTN_IMPLS:
+                impl = "sola_ops" if attn_impl == "sola" else attn_impl
+                base = {"model": model_name, "attn_impl": attn_impl, "img_size": size,
+                        "features_only": features_only, "cuda_graph": graph, "dtype": dtype, "B": batch,
+                        "case": "model"}
+                for op, pass_ in (("model_fwd", "fwd"), ("model_train", "fwd_bwd")):
+                    row = measure_one(timm, device, args, base, op, pass_, impl, gen, autocast, reps, warmup,
+                                      deadline, skipped)
+                    if row is not None:
+                        rows.append(row)
+                    on_change()
 
-                if deadline is not None and time.monotonic() > deadline:
-                    skip(f"time budget (--budget-s {args.budget_s:g}) used up")
-                    continue
-                model = opt = x = labels = None
-                try:
-                    model = timm.create_model(model_name, pretrained=False, attn_impl=attn_impl,
-                                              features_only=features_only).to(device)
-                    x = torch.randn(batch, 3, size, size, generator=gen, device=device)
-                    if op == "model_fwd":
-                        model.eval()
 
-                        def step():
-                            with torch.no_grad(), autocast():
-                                return model(x)
-                    else:
-                        model.train()
-                        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                        if not features_only:
-                            n_cls = getattr(model, "num_classes", 1000) or 1000
-                            labels = torch.randint(0, n_cls, (batch,), generator=gen, device=device)
+def measure_one(timm, device, args, base, op, pass_, impl, gen, autocast, reps, warmup, deadline, skipped):
+    """One row, or None after appending the reason to skipped."""
+    model_name, size, batch, features_only, graph = (base["model"], base["img_size"], base["B"],
+                                                     base["features_only"], base["cuda_graph"])
+    label = f"{op:<11} {base['attn_impl']:<5} {size:>4}px b{batch:<3} {'features' if features_only else 'cls':<8}" \
+            f"{' graph' if graph else ' eager'}"
 
-                        def step():
-                            opt.zero_grad(set_to_none=True)
-                            with autocast():
-                                out = model(x)
-                                if features_only:
-                                    loss = sum(f.float().mean() for f in out)
-                                else:
-                                    loss = F.cross_entropy(out.float(), labels)
-                            loss.backward()
-                            opt.step()
-                            return loss
+    def skip(why):
+        skipped.append({"op": op, "impl": impl, "pass": pass_, **base, "reason": why})
+        print(f"  skipped {label}: {why}", flush=True)
 
-                    t0 = time.perf_counter()
-                    step()
-                    C.sync(device)
-                    call_s = time.perf_counter() - t0
-                    if args.max_impl_s and call_s * (warmup + reps) > args.max_impl_s:
-                        skip(f"too slow: one step took {call_s:.2f} s (--max-impl-s {args.max_impl_s:g})")
-                        continue
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    ms, times = C.time_fn(step, device, reps, warmup)
-                    mem = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-                except Exception as e:  # noqa: BLE001 - OOM, a missing kernel, an API mismatch
-                    skip(C.short_reason(e))
-                    continue
-                finally:
-                    del model, opt, x, labels
-                    C.free_memory(device)
-                row = C.make_row(op=op, impl=impl, **{"pass": pass_}, dtype=dtype, B=batch, ms=C.sig(ms),
-                                 peak_mem_MB=mem)
-                row.update(base, img_per_s=C.sig(batch / (ms * 1e-3)), reps=len(times))
-                rows.append(row)
-                print(f"  {op:<11} {attn_impl:<5} {size:>4}px b{batch:<3} {'features' if features_only else 'cls':<8} "
-                      f"{ms:9.2f} ms {row['img_per_s']:9.1f} img/s", flush=True)
+    if deadline is not None and time.monotonic() > deadline:
+        skip(f"time budget (--budget-s {args.budget_s:g}) used up")
+        return None
+    model = x = labels = step = None
+    try:
+        model = timm.create_model(model_name, pretrained=False, attn_impl=base["attn_impl"],
+                                  features_only=features_only).to(device)
+        x = torch.randn(batch, 3, size, size, generator=gen, device=device)
+        if op == "model_train" and not features_only:
+            n_cls = getattr(model, "num_classes", 1000) or 1000
+            labels = torch.randint(0, n_cls, (batch,), generator=gen, device=device)
+        step = make_step(model, op, features_only, x, labels, autocast, capturable=graph)
+        t0 = time.perf_counter()
+        step()
+        C.sync(device)
+        call_s = time.perf_counter() - t0
+        if args.max_impl_s and call_s * (warmup + reps) > args.max_impl_s:
+            skip(f"too slow: one step took {call_s:.2f} s (--max-impl-s {args.max_impl_s:g})")
+            return None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if graph:
+            step = cuda_graphed(step, device)
+        ms, times = C.time_fn(step, device, reps, warmup)
+        mem = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    except Exception as e:  # noqa: BLE001 - OOM, a missing kernel, an API mismatch, a failed capture
+        skip(C.short_reason(e))
+        return None
+    finally:
+        del model, x, labels, step
+        C.free_memory(device)
+    row = C.make_row(op=op, impl=impl, **{"pass": pass_}, dtype=base["dtype"], B=batch, ms=C.sig(ms),
+                     peak_mem_MB=mem)
+    row.update(base, img_per_s=C.sig(batch / (ms * 1e-3)), reps=len(times))
+    print(f"  {label} {ms:9.2f} ms {row['img_per_s']:9.1f} img/s", flush=True)
+    return row
 
 
 def main(argv=None):
@@ -188,6 +236,7 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float)
     p.add_argument("--max-impl-s", type=float, default=None, help="default 120 on CUDA, 60 on CPU")
     p.add_argument("--no-table", action="store_true")
+    p.add_argument("--no-graph", action="store_true", help="CUDA: eager steps only (no CUDA graph rows)")
     args = p.parse_args(argv)
     device = C.pick_device(args.device)
     if args.max_impl_s is None:
@@ -195,8 +244,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     print(f"bench/models.py: {C.device_name(device)}, torch {torch.__version__}", flush=True)
     rows, skipped = [], []
-    run(device, args, rows, skipped)
-
     data = None
     if args.out and args.append and os.path.exists(args.out):
         import json
@@ -206,14 +253,21 @@ def main(argv=None):
         data["skipped"] = [s for s in data.get("skipped", []) if s.get("op") not in MODEL_OPS]
     if data is None:
         data = C.header(device, C.measure_peaks(device, quick=True), {"mode": "models"})
-    data["rows"] += C.add_derived(rows, data["peak"])
-    data["skipped"] += skipped
-    data.setdefault("meta", {})["models_elapsed_s"] = round(time.perf_counter() - t0, 1)
-    if args.out:
-        C.write_json(args.out, data)
+    kept_rows, kept_skipped = data["rows"], data["skipped"]
+
+    def save():  # after every row, so a run killed by a time limit keeps what it measured
+        data["rows"] = kept_rows + C.add_derived(rows, data["peak"])
+        data["skipped"] = kept_skipped + skipped
+        data.setdefault("meta", {})["models_elapsed_s"] = round(time.perf_counter() - t0, 1)
+        if args.out:
+            C.write_json(args.out, data)
+
+    run(device, args, rows, skipped, on_change=save)
+    save()
     if not args.no_table and rows:
         print()
-        C.table(sorted(rows, key=lambda r: (r["model"], r["features_only"], r["img_size"], r["op"], r["attn_impl"])))
+        C.table(sorted(rows, key=lambda r: (r["model"], r["features_only"], r["img_size"], r["cuda_graph"], r["op"],
+                                            r["attn_impl"])))
     print(f"{len(rows)} model rows, {len(skipped)} skipped, {time.perf_counter() - t0:.1f} s"
           + (f", written to {args.out}" if args.out else ""))
     return data

@@ -140,7 +140,7 @@ def _model_plot(data, rows, path):
         sel = [r for r in rows if r["op"] == op]
         configs = []
         for r in sel:
-            cfg = (r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only")))
+            cfg = (r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only")), bool(r.get("cuda_graph")))
             if cfg not in configs:
                 configs.append(cfg)
         impls = sorted({r.get("attn_impl") for r in sel})
@@ -149,13 +149,15 @@ def _model_plot(data, rows, path):
             xs, ys = [], []
             for i, cfg in enumerate(configs):
                 for r in sel:
-                    if r.get("attn_impl") == ai and (r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only"))) == cfg:
+                    if r.get("attn_impl") == ai and (r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only")),
+                                                     bool(r.get("cuda_graph"))) == cfg:
                         xs.append(i + (j - (len(impls) - 1) / 2) * width)
                         ys.append(r["img_per_s"])
             c = "tab:red" if ai == "sola" else "tab:blue"
             ax.bar(xs, ys, width, color=c, label=f"attn_impl={ai}")
         ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels([f"{m}\n{'features ' if fo else ''}{s}px b{b}" for m, s, b, fo in configs], fontsize=8)
+        ax.set_xticklabels([f"{m}\n{'features ' if fo else ''}{s}px b{b}{' graph' if g else ''}"
+                            for m, s, b, fo, g in configs], fontsize=8)
         ax.set(ylabel="img/s", title=op)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)

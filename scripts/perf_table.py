@@ -89,8 +89,9 @@ def render(data, current_sha=None, all_impls=False, path=None):
                 f"| {_f(ours and ours.get('peak_mem_MB'), '.0f')} / {_f(best and best.get('peak_mem_MB'), '.0f')} |")
         lines.append("")
     if models:
-        lines.append("| model | input | batch | step | dtype | sola img/s | torch img/s | speed-up | peak MB (sola / torch) |")
-        lines.append("|---|---|---:|---|---|---:|---:|---:|---:|")
+        lines.append("| model | input | batch | step | dtype | CUDA graph | sola img/s | torch img/s | speed-up "
+                     "| peak MB (sola / torch) |")
+        lines.append("|---|---|---:|---|---|---|---:|---:|---:|---:|")
         for _key, grp in _groups(models).items():
             r0 = grp[0]
             sola = next((r for r in grp if r.get("attn_impl") == "sola"), None)
@@ -98,8 +99,9 @@ def render(data, current_sha=None, all_impls=False, path=None):
             speed = (torch_["ms"] / sola["ms"]) if (sola and torch_) else None
             inp = f"{'features ' if r0.get('features_only') else ''}{r0.get('img_size')} px"
             step = "forward" if r0["op"] == "model_fwd" else "train step"
+            graph = "yes" if r0.get("cuda_graph") else "no"
             lines.append(f"| {r0.get('model')} | {inp} | {r0['B']} | {step} | {C.DTYPE_SHORT.get(r0['dtype'], r0['dtype'])} "
-                         f"| {_f(sola and sola.get('img_per_s'), '.1f')} | {_f(torch_ and torch_.get('img_per_s'), '.1f')} "
+                         f"| {graph} | {_f(sola and sola.get('img_per_s'), '.1f')} | {_f(torch_ and torch_.get('img_per_s'), '.1f')} "
                          f"| {_f(speed, '.2f')}{'×' if speed else ''} "
                          f"| {_f(sola and sola.get('peak_mem_MB'), '.0f')} / {_f(torch_ and torch_.get('peak_mem_MB'), '.0f')} |")
         lines.append("")
