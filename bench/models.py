@@ -93,23 +93,6 @@ def load_models():
     return timm, None
 
 
-def cuda_graphed(step, device):
-    """step() captured in a CUDA graph (after warm-up runs on a side stream, as torch.cuda.graph asks);
-    returns the graph's replay: the same kernels without Python's and the launches' overhead, which on
-    the H200 box (2026-12-04) took most of an eager step of the tiny model."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    torch.cuda.synchronize(device)
-    return graph.replay
-
-
 def make_step(model, op, features_only, x, labels, autocast, capturable):
     """The measured step: "model_fwd" (eval, no_grad) or "model_train" (zero_grad, forward, loss,
     backward, AdamW step; capturable=True keeps the optimizer's state on the GPU for a CUDA graph)."""
@@ -209,6 +192,7 @@ def measure_one(timm, device, args, base, op, pass_, impl, gen, autocast, reps, 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if graph:
+            from sola_vision.explore_measure import cuda_graphed  # the explorer times its steps the same way
             step = cuda_graphed(step, device)
         ms, times = C.time_fn(step, device, reps, warmup)
         mem = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None

@@ -24,7 +24,8 @@ added as reference rows. Every candidate is built from the model's own `layer_pa
                   measured, else GFLOPs
 
 Latency uses our kernels (--attn-impl sola), bf16 autocast on CUDA and fp32 on CPU, CUDA events (perf_counter
-on CPU), warm-up runs then the median. Output: a table on stdout, DIR/placements_<model>_<device>.csv (one row
+on CPU), warm-up runs then the median; on CUDA each step is replayed from a CUDA graph (--eager: as Python
+runs it), so the GPU's time is measured rather than the host's (CSV column timing). Output: a table on stdout, DIR/placements_<model>_<device>.csv (one row
 per pattern and image size) and a .png Pareto plot (cost vs softmax share, the default placement starred).
 """
 import argparse
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where latency is measured: --img-size only, or every size (default: all on CUDA, "
                         "main on CPU and with --quick)")
     p.add_argument("--no-latency", action="store_true", help="params and FLOPs only")
+    p.add_argument("--eager", action="store_true",
+                   help="CUDA: time the steps as Python runs them; by default each is replayed from a CUDA graph, "
+                        "without the Python and kernel-launch overhead that can bound a small model's eager step")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's own choice; 1 with --quick on CPU, which keeps "
                         "timings steady on a shared machine)")

@@ -102,7 +102,15 @@ def render_table(results: List[Result], args: argparse.Namespace) -> str:
 
 CSV_FIELDS = ["model", "pattern", "role", "n_softmax", "softmax_at", "params", "img_size", "flops_fwd", "gflops_fwd",
               "softmax_share_pct", "softmax_share_attn_pct", "softmax_flops", "attn_flops", "flops_method", "batch",
-              "fwd_ms", "train_ms", "fwd_peak_MB", "train_peak_MB", "pareto", "note", "device", "attn_impl", "dtype"]
+              "fwd_ms", "train_ms", "fwd_peak_MB", "train_peak_MB", "pareto", "note", "device", "attn_impl", "dtype",
+              "timing"]
+
+
+def timing_of(args: argparse.Namespace) -> str:
+    """How the latency columns were timed: "cuda_graph", "eager" (CUDA) or "cpu"."""
+    if args.device.type != "cuda":
+        return "cpu"
+    return "eager" if getattr(args, "eager", False) else "cuda_graph"
 
 
 def _round(x: Optional[float], digits: int = 5) -> Optional[float]:
@@ -133,6 +141,7 @@ def write_csv(path: str, results: List[Result], args: argparse.Namespace, device
                     "pareto": int(r.pareto) if s == args.img_size else "", "note": r.notes.get(s, ""),
                     "device": device_name, "attn_impl": args.attn_impl,
                     "dtype": "bfloat16" if args.device.type == "cuda" else "float32",
+                    "timing": timing_of(args),
                 })
 
 
