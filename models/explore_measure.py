@@ -155,7 +155,12 @@ def measure(r: Result, model: SoLAVision, size: int, args: argparse.Namespace) -
             model.train(name == "train")  # set once, outside the timed runs
             mem = peak_mb(step, args.device)
             if timing_of(args) == "cuda_graph":
-                step = cuda_graphed(step, args.device)
+                try:
+                    step = cuda_graphed(step, args.device)
+                except RuntimeError as e:  # a step that cannot be captured is still timed, eagerly
+                    if is_oom(e):
+                        raise
+                    r.notes[size] = f"{name} timed eagerly: CUDA graph capture failed ({str(e).splitlines()[0][:80]})"
             ms = time_ms(step, args.device, args.warmup, args.reps)
             getattr(r, f"{name}_ms")[size], getattr(r, f"{name}_mb")[size] = ms, mem
     except (torch.OutOfMemoryError, RuntimeError) as e:
