@@ -1,51 +1,84 @@
 """Raises each kind of error message our C++ argument checks build, by calling the ops directly.
 
 On the GPU box (torch 2.11.0+cu130, Python 3.12, GCC 13.3, 2026-12-04) the checks whose message holds a
-number or a shape crashed the process (SIGSEGV under c10::ValueError's construction, from
-sola::check_qkv), while one holding only a device name raised cleanly. The public functions now check in
-Python first; this probe tells whether the C++ path itself is sound. scripts/gpu_check.sh runs it and,
-when it crashes, runs it again under cuda-gdb for the native backtrace.
+number or a shape crashed the process (SIGSEGV under the throw in sola::check_qkv), while one holding only
+a device name raised cleanly. The public functions now check in Python first; this probe tells whether the
+C++ path itself is sound. Each case runs in a process of its own, so one crash hides no other; for the
+first case that crashes, the native backtrace comes from cuda-gdb (or gdb) when either is on PATH.
 
     python scripts/cxx_error_probe.py            # exit 0: every case raised ValueError
 """
-import faulthandler
+import shutil
+import subprocess
 import sys
 
 import torch
 
-import sola_ops  # noqa: F401  (registers torch.ops.sola_ops)
-
-ops = torch.ops.sola_ops
-
 
 def cases():
-    """(what the message holds, call) pairs."""
+    """[(what the message holds, call)]; the ops come from sola_ops once imported."""
+    import sola_ops  # noqa: F401  (registers torch.ops.sola_ops)
+    ops = torch.ops.sola_ops
     x = torch.randn(1, 2, 3, 8)
-    yield "text only", lambda: ops.linear_attention_fwd(x, x, x, None, None, "gelu", True, 1e-6)
-    yield "a double", lambda: ops.softmax_attention_fwd(x, x, x, float("nan"))
-    yield "an integer", lambda: ops.softmax_attention_fwd(x, x[..., :4], x, 1.0)
-    yield "a shape", lambda: ops.softmax_attention_fwd(x[0], x, x, 1.0)
+    out = [("text only", lambda: ops.linear_attention_fwd(x, x, x, None, None, "gelu", True, 1e-6)),
+           ("a double", lambda: ops.softmax_attention_fwd(x, x, x, float("nan"))),
+           ("an integer", lambda: ops.softmax_attention_fwd(x, x[..., :4], x, 1.0)),
+           ("a shape", lambda: ops.softmax_attention_fwd(x[0], x, x, 1.0))]
     if torch.cuda.is_available() and sola_ops.build_info()["cuda"]:
-        xc = x.cuda()
-        yield "a device name", lambda: ops.softmax_attention_fwd(xc, x, xc, 1.0)
-        y = torch.randn(1, 1, 4, 257, device="cuda")
-        yield "an integer (CUDA head dim)", lambda: ops.softmax_attention_fwd(y, y, y, 1.0)
+        xc, y = x.cuda(), torch.randn(1, 1, 4, 257, device="cuda")
+        out += [("a device name", lambda: ops.softmax_attention_fwd(xc, x, xc, 1.0)),
+                ("an integer (CUDA head dim)", lambda: ops.softmax_attention_fwd(y, y, y, 1.0))]
+    return out
+
+
+def run_case(index):
+    """In the child: exit 0 when the case raised ValueError, 1 otherwise."""
+    what, call = cases()[index]
+    try:
+        call()
+        print("no error")
+        return 1
+    except ValueError as e:
+        print(f"ValueError: {str(e).splitlines()[0][:100]}")
+        return 0
+    except Exception as e:  # noqa: BLE001 - the wrong kind of error is a failure to report
+        print(f"{type(e).__name__}: {str(e).splitlines()[0][:100]}")
+        return 1
+
+
+def backtrace(index):
+    """The native backtrace of a crashing case, from cuda-gdb or gdb."""
+    gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if gdb is None:
+        print("  (no cuda-gdb or gdb on PATH for a backtrace)")
+        return
+    cmd = [gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 16", "--args", sys.executable, __file__, "--case", str(index)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        print("  (the debugger timed out)")
+        return
+    for line in out.splitlines():
+        if line.startswith("#") or "SIG" in line:
+            print("  " + line[:300])
 
 
 def main():
-    faulthandler.enable()
-    failed = 0
-    for what, call in cases():
-        print(f"message with {what}: ", end="", flush=True)
-        try:
-            call()
-            print("no error (FAIL)")
-            failed += 1
-        except ValueError as e:
-            print(f"ValueError ok: {str(e).splitlines()[0][:100]}")
-        except Exception as e:  # noqa: BLE001 - the wrong kind of error is a failure to report
-            print(f"{type(e).__name__} (FAIL): {str(e).splitlines()[0][:100]}")
-            failed += 1
+    if len(sys.argv) == 3 and sys.argv[1] == "--case":
+        return run_case(int(sys.argv[2]))
+    failed, crashed = 0, []
+    for i, (what, _) in enumerate(cases()):
+        proc = subprocess.run([sys.executable, __file__, "--case", str(i)], capture_output=True, text=True, timeout=120)
+        if proc.returncode < 0:
+            verdict = f"CRASHED (signal {-proc.returncode})"
+            crashed.append(i)
+        else:
+            verdict = ("ok: " if proc.returncode == 0 else "FAILED: ") + (proc.stdout.strip().splitlines() or ["?"])[-1]
+        failed += proc.returncode != 0
+        print(f"message with {what}: {verdict}", flush=True)
+    if crashed:
+        print(f"backtrace of case {crashed[0]}:")
+        backtrace(crashed[0])
     print(f"cxx_error_probe: {failed} failure(s)")
     return 1 if failed else 0
 
