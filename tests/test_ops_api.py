@@ -277,6 +277,38 @@ def test_mixed_devices_cuda_cpu(op):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_graph_capture(op, dtype):
+    """Forward and backward replay from a CUDA graph (as in torch.compile's reduce-overhead mode and
+    bench/models.py) and give the eager call's bits: the kernels are deterministic."""
+    q, k, v = make_qkv(2, 3, 70, 50, 32, 24, dtype, "cuda", requires_grad=True)
+    dout = randn((2, 3, 70, 24), dtype, "cuda", seed=9)
+
+    def step():
+        out = run_op(op, q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    eager = [t.clone() for t in step()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in captured:
+        t.fill_(float("nan"))  # replay must write every element again
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, got, want in zip(("out", "dq", "dk", "dv"), captured, eager):
+        assert torch.equal(got, want), f"{name} from the graph replay differs from the eager call"
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("op", OPS)
 def test_cuda_head_dim_limit(op):
     """Head dims up to 256 run on CUDA; beyond the kernels' maximum is an error naming the argument."""
     limit = sola_ops.build_info().get("max_cuda_head_dim", 256)
