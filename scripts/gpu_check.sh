@@ -7,7 +7,7 @@
 #      (the whole CPU suite takes minutes; CI runs it)
 #   3. compute-sanitizer memcheck and racecheck over scripts/sanitizer_driver.py
 #   4. bench/kernels.py and bench/models.py -> bench/results/<gpu-slug>.json, bench/plot.py -> PNGs;
-#      the Triton peers last, alone: bench/kernels.py --ops linear -> bench/results/<gpu-slug>_peers.json
+#      the Triton peers at the very end, alone: bench/kernels.py --ops linear -> bench/results/<gpu-slug>_peers.json
 #   5. the placement explorer (python -m sola_vision.explore --quick) -> bench/results/placements_*.csv/.png
 #   6. scripts/perf_table.py: the README table
 # Everything printed also goes to bench/results/<gpu-slug>.log. When $OUT is set, the JSON, the
@@ -201,22 +201,23 @@ main() {
     ((mb > 100)) && mb=100
     step "model bench" 130 120 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
     # issue 9's placement explorer on this GPU: tiny at 224, one softmax layer in stages 3-4
-    step "explorer" 60 60 "$PY" -m sola_vision.explore --model sola_vision_tiny --img-size 224 --quick \
+    step "explorer" 60 70 "$PY" -m sola_vision.explore --model sola_vision_tiny --img-size 224 --quick \
         --device cuda --out "$RESULTS"
-    if [ -d "$PEERS" ]; then
-        step "peer bench" 60 30 "$PY" bench/kernels.py $quick --ops linear --impls sola_ops,flash_bla,fla \
-            --max-impl-s 20 -v --out "$PEERS_JSON" --budget-s 45
-    else
-        note "peer bench" "not run: no third_party/site (scripts/fetch_peers.sh)" 0
-    fi
 
     if "$PY" -c "import matplotlib" >/dev/null 2>&1; then
-        step "plots" 30 5 "$PY" bench/plot.py "$JSON"
+        step "plots" 30 40 "$PY" bench/plot.py "$JSON"
     else
         note "plots" "not run: no matplotlib here (python bench/plot.py $JSON elsewhere)" 0
     fi
     if [ -f "$JSON" ]; then
-        step "perf table" 30 0 "$PY" scripts/perf_table.py "$JSON"
+        step "perf table" 20 30 "$PY" scripts/perf_table.py "$JSON"
+    fi
+    # last, with what time is left: a stalled Triton compile can cost nothing else
+    if [ -d "$PEERS" ]; then
+        step "peer bench" 60 0 "$PY" bench/kernels.py $quick --ops linear --impls sola_ops,flash_bla,fla \
+            --max-impl-s 20 -v --out "$PEERS_JSON" --budget-s 45
+    else
+        note "peer bench" "not run: no third_party/site (scripts/fetch_peers.sh)" 0
     fi
 
     echo
