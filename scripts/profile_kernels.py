@@ -73,6 +73,8 @@ def profile(case, ncu):
     rows = OrderedDict()  # launch ID -> {column: value}
     text = out.stdout[out.stdout.find('"ID"'):] if '"ID"' in out.stdout else ""
     for r in csv.DictReader(io.StringIO(text)):
+        if not r.get("Kernel Name") or not r.get("Metric Name"):
+            continue  # ncu's own "==PROF==" lines between or after the CSV rows
         launch = rows.setdefault(r["ID"], {"kernel": r["Kernel Name"]})
         if r["Metric Name"] in METRICS:
             launch[METRICS[r["Metric Name"]]] = r["Metric Value"]
