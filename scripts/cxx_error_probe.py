@@ -54,7 +54,7 @@ def backtrace(index):
         return
     cmd = [gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 16", "--args", sys.executable, __file__, "--case", str(index)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=45).stdout
     except subprocess.TimeoutExpired:
         print("  (the debugger timed out)")
         return
@@ -68,7 +68,13 @@ def main():
         return run_case(int(sys.argv[2]))
     failed, crashed = 0, []
     for i, (what, _) in enumerate(cases()):
-        proc = subprocess.run([sys.executable, __file__, "--case", str(i)], capture_output=True, text=True, timeout=120)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--case", str(i)], capture_output=True, text=True,
+                                  timeout=40)
+        except subprocess.TimeoutExpired:
+            print(f"message with {what}: FAILED (no answer in 40 s)", flush=True)
+            failed += 1
+            continue
         if proc.returncode < 0:
             verdict = f"CRASHED (signal {-proc.returncode})"
             crashed.append(i)

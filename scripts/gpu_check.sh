@@ -214,7 +214,7 @@ main() {
     fi
     # last, with what time is left: a stalled Triton compile can cost nothing else
     if [ -d "$PEERS" ]; then
-        step "peer bench" 60 0 "$PY" bench/kernels.py $quick --ops linear --impls sola_ops,flash_bla,fla \
+        step "peer bench" 60 0 "$PY" bench/kernels.py $quick --ops linear --impls sola_ops,reference,flash_bla,fla \
             --max-impl-s 20 -v --out "$PEERS_JSON" --budget-s 45
     else
         note "peer bench" "not run: no third_party/site (scripts/fetch_peers.sh)" 0

@@ -67,9 +67,14 @@ def drive(case):
 
 
 def profile(case, ncu):
-    cmd = [ncu, "--profile-from-start", "off", "--csv", "--print-units", "base", "--metrics", ",".join(METRICS),
-           sys.executable, os.path.abspath(__file__), "--drive", case]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # --clock-control none: the GPU's own clocks, as bench/kernels.py timed it (ncu locks base clocks otherwise)
+    cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv", "--print-units", "base",
+           "--metrics", ",".join(METRICS), sys.executable, os.path.abspath(__file__), "--drive", case]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        print("  ncu gave no answer in 60 s")
+        return
     rows = OrderedDict()  # launch ID -> {column: value}
     text = out.stdout[out.stdout.find('"ID"'):] if '"ID"' in out.stdout else ""
     for r in csv.DictReader(io.StringIO(text)):

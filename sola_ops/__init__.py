@@ -30,7 +30,7 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     _check_tensors(q=q, k=k, v=v)
     _check_tensors(optional=True, q_norm=q_norm, k_norm=k_norm)
     eps = _as_float(eps, "eps")
-    if not (math.isfinite(eps) and eps >= 0):
+    if not (_finite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
@@ -54,7 +54,7 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else 1.0
     scale = _as_float(scale, "scale")
-    if not math.isfinite(scale):
+    if not _finite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v)
@@ -74,6 +74,12 @@ def _check_tensors(optional=False, **tensors):
         if t.is_nested or t.is_quantized or t.layout != torch.strided:
             kind = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout)
             raise ValueError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def _finite(x):
+    """math.isfinite, in comparisons that torch.compile can trace on a symbolic float (the default scale
+    of a dynamic head dim, a float argument that changes between calls)."""
+    return x == x and abs(x) != math.inf
 
 
 def _as_float(x, name):

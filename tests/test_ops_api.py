@@ -797,6 +797,26 @@ def test_compile_softmax(fresh_dynamo):
 
 
 @pytest.mark.slow
+def test_compile_symbolic_numbers(fresh_dynamo):
+    """fullgraph with dynamic shapes traces the argument checks on symbolic numbers: the default scale
+    1/sqrt(D) of a dynamic head dim, and eps / scale given as floats that change between calls."""
+    def smx(q, k, v, scale=None):
+        return sola_ops.softmax_attention(q, k, v, scale=scale)
+
+    def lin(q, k, v, eps):
+        return sola_ops.linear_attention(q, k, v, eps=eps)
+
+    smx_c, lin_c = (torch.compile(f, fullgraph=True, dynamic=True) for f in (smx, lin))
+    for D, x in ((8, 1e-6), (12, 1e-3), (16, 0.25)):
+        q, k, v = make_qkv(1, 2, 5, 7, D, D, torch.float32, seed=D)
+        torch.testing.assert_close(smx_c(q, k, v), smx(q, k, v))
+        torch.testing.assert_close(smx_c(q, k, v, x), smx(q, k, v, x))
+        torch.testing.assert_close(lin_c(q, k, v, x), lin(q, k, v, x))
+    with pytest.raises((ValueError, RuntimeError), match=r"eps must be finite"):
+        lin_c(q, k, v, float("nan"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_compile_autocast(op, fresh_dynamo):
     """fullgraph compile under autocast casts like eager (as SDPA's does); leaving autocast recompiles."""
