@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <type_traits>
 
@@ -30,12 +31,42 @@
 
 // Bad arguments raise ValueError naming the argument:
 //   SOLA_CHECK(q.dim() == 4, "q must be (B, H, N, D), got ", q.sizes());
-#define SOLA_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+// The message is built by error_text (below), not by c10::str's ostringstream: on the H200 box
+// (torch 2.11, GCC 13.3, 2026-12-04) a check whose message streamed a number crashed the process,
+// while one streaming only text and a device raised cleanly (scripts/cxx_error_probe.py).
+#define SOLA_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, ::sola::error_text(__VA_ARGS__))
 
 // Largest head dim the CUDA kernels take (DESIGN.md: at least 256).
 constexpr int64_t kMaxCudaHeadDim = 256;
 
 namespace sola {
+
+// ---- error messages without iostreams (SOLA_CHECK) ------------------------------------------------
+namespace detail {
+inline void append_text(std::string& s, const char* x) { s += x; }
+inline void append_text(std::string& s, const std::string& x) { s += x; }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+inline void append_text(std::string& s, T x) { s += std::to_string(x); }
+inline void append_text(std::string& s, double x) {  // as an ostream prints it: %g
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  s += buf;
+}
+inline void append_text(std::string& s, c10::ArrayRef<int64_t> x) {  // [2, 3, 8], as torch prints sizes
+  s += "[";
+  for (size_t i = 0; i < x.size(); ++i) s += (i ? ", " : "") + std::to_string(x[i]);
+  s += "]";
+}
+inline void append_text(std::string& s, const c10::Device& d) { s += d.str(); }
+inline void append_text(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+}  // namespace detail
+
+template <typename... Args>
+std::string error_text(const Args&... args) {
+  std::string s;
+  (detail::append_text(s, args), ...);
+  return s;
+}
 
 // fp16 / bf16: the dtypes the tensor-core kernels take.
 template <typename T>

@@ -4,10 +4,12 @@ On the GPU box (torch 2.11.0+cu130, Python 3.12, GCC 13.3, 2026-12-04) the check
 number or a shape crashed the process (SIGSEGV under the throw in sola::check_qkv), while one holding only
 a device name raised cleanly. The public functions now check in Python first; this probe tells whether the
 C++ path itself is sound. Each case runs in a process of its own, so one crash hides no other; for the
-first case that crashes, the native backtrace comes from cuda-gdb (or gdb) when either is on PATH.
+first case that crashes, the probe prints which libraries the extension's iostream calls bind to
+(LD_DEBUG=bindings) and the native backtrace from cuda-gdb (or gdb) when either is on PATH.
 
     python scripts/cxx_error_probe.py            # exit 0: every case raised ValueError
 """
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +46,29 @@ def run_case(index):
     except Exception as e:  # noqa: BLE001 - the wrong kind of error is a failure to report
         print(f"{type(e).__name__}: {str(e).splitlines()[0][:100]}")
         return 1
+
+
+def bindings(index):
+    """Which library the extension's iostream calls bind to, from ld.so (LD_DEBUG=bindings): a library
+    that exports its own copy of libstdc++'s symbols would take them over and could crash them."""
+    env = dict(os.environ, LD_DEBUG="bindings")
+    try:
+        err = subprocess.run([sys.executable, __file__, "--case", str(index)], capture_output=True, text=True,
+                             timeout=40, env=env).stderr
+    except subprocess.TimeoutExpired:
+        print("  (LD_DEBUG run timed out)")
+        return
+    std = ("`_ZNSt", "`_ZNKSt", "`_ZNSo", "`_ZNKSo", "`_ZSt", "`_ZTVNSt", "`_ZTTNSt")  # std:: symbols
+    ours = [line.split("binding file", 1)[-1].strip() for line in err.splitlines()
+            if "binding file" in line and "/_C." in line and any(p in line for p in std)]
+    # std symbols taken from another library than libstdc++ (a copy of its own), and the number formatters
+    odd = [line for line in ours if " to " in line
+           and not any(lib in line.split(" to ", 1)[1].split(" ", 1)[0] for lib in ("libstdc++", "/_C."))]
+    odd += [line for line in ours if "_M_insert" in line and line not in odd]
+    print(f"  {len(ours)} std:: bindings; those to another library than libstdc++ or the extension itself, "
+          "and the number formatters:")
+    for line in odd[:15]:
+        print("  " + line[:300])
 
 
 def backtrace(index):
@@ -83,6 +108,8 @@ def main():
         failed += proc.returncode != 0
         print(f"message with {what}: {verdict}", flush=True)
     if crashed:
+        print(f"iostream symbol bindings of sola_ops._C in case {crashed[0]}:")
+        bindings(crashed[0])
         print(f"backtrace of case {crashed[0]}:")
         backtrace(crashed[0])
     print(f"cxx_error_probe: {failed} failure(s)")

@@ -164,7 +164,7 @@ main() {
     step "build_info" 60 190 "$PY" -c "import sola_ops; bi = sola_ops.build_info(); print('sola_ops build:', bi); assert bi['cuda'], 'no CUDA kernels were compiled'"
     # the C++ checks' error path: on 2026-12-04 a message holding a number crashed there (SIGSEGV);
     # each case in a process of its own, and a backtrace of the first crash
-    step "C++ errors" 90 180 "$PY" scripts/cxx_error_probe.py
+    step "C++ errors" 120 180 "$PY" scripts/cxx_error_probe.py
 
     # pytest-xdist, when there, spreads the CUDA tests over 6 processes on the one GPU: the tests'
     # references and torch.compile are CPU-bound
