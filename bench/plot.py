@@ -133,24 +133,24 @@ def _bar_plot(data, op, rows, path):
     plt.close(fig)
 
 
+def _model_config(r):
+    """A model row's bar group: (model, img_size, batch, features_only, cuda_graph)."""
+    return r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only")), bool(r.get("cuda_graph"))
+
+
 def _model_plot(data, rows, path):
     ops = [o for o in ("model_fwd", "model_train") if any(r["op"] == o for r in rows)]
     fig, axes = plt.subplots(1, len(ops), figsize=(6.5 * len(ops), 4.2), squeeze=False, constrained_layout=True)
     for ax, op in zip(axes[0], ops):
         sel = [r for r in rows if r["op"] == op]
-        configs = []
-        for r in sel:
-            cfg = (r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only")), bool(r.get("cuda_graph")))
-            if cfg not in configs:
-                configs.append(cfg)
+        configs = list(dict.fromkeys(_model_config(r) for r in sel))
         impls = sorted({r.get("attn_impl") for r in sel})
         width = 0.8 / max(1, len(impls))
         for j, ai in enumerate(impls):
             xs, ys = [], []
             for i, cfg in enumerate(configs):
                 for r in sel:
-                    if r.get("attn_impl") == ai and (r.get("model"), r.get("img_size"), r["B"], bool(r.get("features_only")),
-                                                     bool(r.get("cuda_graph"))) == cfg:
+                    if r.get("attn_impl") == ai and _model_config(r) == cfg:
                         xs.append(i + (j - (len(impls) - 1) / 2) * width)
                         ys.append(r["img_per_s"])
             c = "tab:red" if ai == "sola" else "tab:blue"

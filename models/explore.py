@@ -25,8 +25,9 @@ added as reference rows. Every candidate is built from the model's own `layer_pa
 
 Latency uses our kernels (--attn-impl sola), bf16 autocast on CUDA and fp32 on CPU, CUDA events (perf_counter
 on CPU), warm-up runs then the median; on CUDA each step is replayed from a CUDA graph (--eager: as Python
-runs it), so the GPU's time is measured rather than the host's (CSV column timing). Output: a table on stdout, DIR/placements_<model>_<device>.csv (one row
-per pattern and image size) and a .png Pareto plot (cost vs softmax share, the default placement starred).
+runs it), so the GPU's time is measured rather than the host's (CSV column timing). Output: a table on
+stdout, DIR/placements_<model>_<device>.csv (one row per pattern and image size) and a .png Pareto plot
+(cost vs softmax share, the default placement starred).
 """
 import argparse
 import os

@@ -160,7 +160,8 @@ def measure(r: Result, model: SoLAVision, size: int, args: argparse.Namespace) -
                 except RuntimeError as e:  # a step that cannot be captured is still timed, eagerly
                     if is_oom(e):
                         raise
-                    r.notes[size] = f"{name} timed eagerly: CUDA graph capture failed ({str(e).splitlines()[0][:80]})"
+                    why = f"{name} timed eagerly: CUDA graph capture failed ({str(e).splitlines()[0][:80]})"
+                    r.notes[size] = f"{r.notes[size]}; {why}" if size in r.notes else why
             ms = time_ms(step, args.device, args.warmup, args.reps)
             getattr(r, f"{name}_ms")[size], getattr(r, f"{name}_mb")[size] = ms, mem
     except (torch.OutOfMemoryError, RuntimeError) as e:

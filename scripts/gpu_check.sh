@@ -12,7 +12,8 @@
 #   6. scripts/perf_table.py: the README table
 # Everything printed also goes to bench/results/<gpu-slug>.log. When $OUT is set, the JSON, the
 # log, the PNGs and <gpu-slug>_more.tar (the explorer's CSV and PNG, the peers' JSON) are copied
-# there. A failing step does not stop the run; the exit status is 1 when any step failed, timed out or could not run.
+# there. A failing step does not stop the run; the exit status is 1 when any step failed, timed out
+# or could not run.
 #
 #   bash scripts/gpu_check.sh            (or: make gpu-check)
 #
