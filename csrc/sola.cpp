@@ -18,6 +18,11 @@ TORCH_LIBRARY(sola_ops, m) {
   // Returns (dq, dk, dv). grad_lse: the gradient of lse, when it was differentiated.
   m.def("softmax_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, float scale, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
+  // Feature map + rotary embedding of x (B, H, N, D) by cos, sin (N, D / 2): returns (rot, feat),
+  // feat = phi(x) when with_features, else empty.
+  m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, str feature_map, bool with_features) -> (Tensor, Tensor)");
+  // Returns dx. grad_feat: the gradient of feat, when it was differentiated.
+  m.def("rope_bwd(Tensor grad_rot, Tensor? grad_feat, Tensor x, Tensor cos, Tensor sin, str feature_map) -> Tensor");
 }
 
 namespace sola {

@@ -82,7 +82,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AttentionMixer(nn.Module):
     """Shared part of both token mixers (so parameters do not depend on the layer pattern):
     q, k from one linear layer, v = the mixer input, 2-D RoPE on q and k, LePE (depthwise 3x3 on v).
-    Subclasses implement `attend(q, k, v, cos, sin)` on (B, heads, N, head_dim) tensors."""
+    Subclasses implement `attend(qk, v, height, width)`: qk (B, 2 heads, N, head_dim) holds q's heads
+    then k's, v (B, heads, N, head_dim). With attn_impl="sola" the feature map and RoPE run as one
+    fused kernel (`sola_ops.rope`) over q and k together; "torch" writes them as MLLA does."""
 
     letter = "?"
 
@@ -103,15 +105,28 @@ class AttentionMixer(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         N, nh, hd = H * W, self.num_heads, self.head_dim
-        q, k = self.qk(x).reshape(B, N, 2, nh, hd).unbind(2)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, N, hd) views, last dim contiguous
-        v = x.reshape(B, N, nh, hd).transpose(1, 2).to(q.dtype)
-        cos, sin = rope_2d_tables(H, W, hd, self.rope_base, x.device, q.dtype)
-        out = self.attend(q, k, v, cos, sin)
+        qk = self.qk(x).reshape(B, N, 2 * nh, hd).transpose(1, 2)  # a view, last dim contiguous
+        v = x.reshape(B, N, nh, hd).transpose(1, 2).to(qk.dtype)
+        out = self.attend(qk, v, H, W)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
-    def attend(self, q, k, v, cos, sin):
+    def rope(self, qk: torch.Tensor, height: int, width: int, feature_map: str = "identity"):
+        """(rope(phi(qk)), phi(qk)), each split into its q and k halves: ((q_rope, k_rope), (q, k))."""
+        if self.attn_impl == "sola":  # one kernel; the angles in fp32 (fp64 for fp64), as it computes
+            dtype = torch.float64 if qk.dtype == torch.float64 else torch.float32
+            cos, sin = rope_2d_tables(height, width, self.head_dim, self.rope_base, qk.device, dtype)
+            if feature_map == "identity":  # phi(qk) is qk: no second output to write
+                rot, feat = sola_ops.rope(qk, cos, sin), qk
+            else:
+                rot, feat = sola_ops.rope(qk, cos, sin, feature_map=feature_map, return_features=True)
+        else:
+            cos, sin = rope_2d_tables(height, width, self.head_dim, self.rope_base, qk.device, qk.dtype)
+            feat = F.elu(qk) + 1.0 if feature_map == "elu" else qk
+            rot = apply_rope(feat, cos, sin)
+        return rot.chunk(2, dim=1), feat.chunk(2, dim=1)
+
+    def attend(self, qk, v, height, width):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -126,9 +141,8 @@ class LinearAttention(AttentionMixer):
     letter = "L"
     eps = 1e-6
 
-    def attend(self, q, k, v, cos, sin):
-        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
-        q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def attend(self, qk, v, height, width):
+        (q_rope, k_rope), (q, k) = self.rope(qk, height, width, feature_map="elu")
         if self.attn_impl == "sola":
             return sola_ops.linear_attention(q_rope, k_rope, v, feature_map="identity", eps=self.eps,
                                              q_norm=q, k_norm=k)
@@ -144,8 +158,8 @@ class SoftmaxAttention(AttentionMixer):
 
     letter = "S"
 
-    def attend(self, q, k, v, cos, sin):
-        q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def attend(self, qk, v, height, width):
+        (q_rope, k_rope), _ = self.rope(qk, height, width)
         if self.attn_impl == "sola":
             return sola_ops.softmax_attention(q_rope, k_rope, v)
         return F.scaled_dot_product_attention(q_rope, k_rope, v)

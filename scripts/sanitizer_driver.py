@@ -1,4 +1,4 @@
-"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): both sola_ops ops, forward and
+"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): the sola_ops ops, forward and
 backward, on small awkward shapes in several dtypes, each checked against the fp64 reference on the
 CPU (so that no reference kernel runs on the GPU under the sanitizer).
 
@@ -118,6 +118,23 @@ def main():
                   reference.softmax_attention, [q, k, v], dtype, failures)
             check(f"linear transposed-layout {dt}", lambda q, k, v: sola_ops.linear_attention(t(q), t(k), t(v)),
                   reference.linear_attention, [q, k, v], dtype, failures)
+    # rope (feature map + rotary embedding), both outputs: a vision shape, an odd head dim through
+    # a slice (element loads, a partial last vector).
+    for dtype in dtypes:
+        for B, H, N, D, sl in ((2, 3, 77, 32, False), (1, 2, 9, 10, True)):
+            angles = randn(N, D // 2) * 3
+            cos, sin = angles.cos(), angles.sin()
+            dev = (cos.to(DEVICE), sin.to(DEVICE))
+
+            def fused(x, tables=dev, sl=sl):
+                x = x[..., 1:] if sl else x
+                return torch.cat(sola_ops.rope(x, *tables, feature_map="elu", return_features=True), -1)
+
+            def ref(x, tables=(cos.double(), sin.double()), sl=sl):
+                x = x[..., 1:] if sl else x
+                return torch.cat(reference.rope(x, *tables, feature_map="elu", return_features=True), -1)
+            check(f"rope elu {str(dtype).replace('torch.', '')} B={B} H={H} N={N} D={D}{' slice' if sl else ''}",
+                  fused, ref, [randn(B, H, N, D + sl)], dtype, failures)
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):

@@ -3,16 +3,18 @@
     out = sola_ops.linear_attention(q, k, v)            # q, k, v: (B, H, N, D)
     out = sola_ops.softmax_attention(q, k, v)
     out, lse = sola_ops.softmax_attention(q, k, v, return_lse=True)
+    rot = sola_ops.rope(x, cos, sin)                     # rotary embedding, x: (B, H, N, D)
 """
+
 import contextlib
 import math
 
 import torch
 
 from . import reference
-from ._ops import FEATURE_MAPS, _C, check_linear_args, check_qkv, ops
+from ._ops import FEATURE_MAPS, _C, check_linear_args, check_qkv, check_rope_args, ops
 
-__all__ = ["linear_attention", "softmax_attention", "reference", "build_info", "debug_nan_fill"]
+__all__ = ["linear_attention", "softmax_attention", "rope", "reference", "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
 
 
@@ -60,6 +62,30 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     check_qkv(q, k, v)
     out, lse = ops.softmax_attention_fwd(q, k, v, scale)
     return (out, lse) if return_lse else out
+
+
+def rope(x, cos, sin, *, feature_map="identity", return_features=False):
+    """Rotary position embedding of phi(x), with the feature map fused into the same pass:
+
+        f = phi(x),  rot[..., 2p]     = f[2p] cos[n, p] - f[2p+1] sin[n, p]
+                     rot[..., 2p + 1] = f[2p] sin[n, p] + f[2p+1] cos[n, p]
+
+    x (B, H, N, D), D even (any strides with the last dim contiguous); cos, sin (N, D / 2) of any
+    float dtype, used in fp32 (fp64 for fp64 x). Returns rot (B, H, N, D) in x's dtype, or with
+    return_features=True (rot, phi(x)): SoLA-Vision's linear layers rotate phi(q), phi(k) in the
+    numerator and take them unrotated in the normaliser (linear_attention's q_norm / k_norm).
+    feature_map as linear_attention's ("identity" by default). The angles are constants: cos and
+    sin get no gradient. Differentiable once (no double backward).
+    """
+    _check_tensors(x=x, cos=cos, sin=sin)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("cos and sin require grad, but rope takes them as constants and would not "
+                         "differentiate them; pass detached tables (or use sola_ops.reference.rope)")
+    check_rope_args(x, cos, sin)
+    rot, feat = ops.rope_fwd(x, cos, sin, feature_map, bool(return_features))
+    return (rot, feat) if return_features else rot
 
 
 def _check_tensors(optional=False, **tensors):

@@ -99,6 +99,25 @@ def check_linear_args(q, k, v, q_norm, k_norm):
                 raise ValueError(f"{name} must have the shape of {name[0]} {tuple(like.shape)}, got {tuple(t.shape)}")
 
 
+def check_rope_args(x, cos, sin):
+    """The shape rules of rope: x (B, H, N, D) with D even, cos and sin (N, D / 2) floating, on x's device."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[3] % 2:
+        raise ValueError(f"x must have an even head dim (channel pairs rotate), got {x.shape[3]}")
+    want = (x.shape[2], x.shape[3] // 2)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must be (N, D / 2) = {want} for x of shape {tuple(x.shape)}, got shape "
+                             f"{tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
 # ---- linear attention ---------------------------------------------------------------------
 
 @torch.library.register_fake("sola_ops::linear_attention_fwd")
@@ -176,3 +195,37 @@ def _softmax_attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("sola_ops::softmax_attention_fwd", _softmax_attention_backward,
                                 setup_context=_softmax_attention_setup_context)
+
+
+# ---- feature map + rotary embedding --------------------------------------------------------
+
+@torch.library.register_fake("sola_ops::rope_fwd")
+def _rope_fwd_fake(x, cos, sin, feature_map, with_features):
+    check_rope_args(x, cos, sin)
+    feat = torch.empty_like(x, memory_format=torch.contiguous_format) if with_features else x.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), feat
+
+
+@torch.library.register_fake("sola_ops::rope_bwd")
+def _rope_bwd_fake(grad_rot, grad_feat, x, cos, sin, feature_map):
+    check_rope_args(x, cos, sin)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    x, cos, sin, feature_map, with_features = inputs
+    ctx.save_for_backward(x, cos, sin)
+    ctx.feature_map, ctx.with_features = feature_map, with_features
+
+
+def _rope_backward(ctx, grad_rot, grad_feat):
+    # cos and sin are constants (the public function refuses tables that require grad).
+    x, cos, sin = ctx.saved_tensors
+    if grad_rot is None:
+        grad_rot = torch.zeros_like(x)
+    dx = run_bwd("rope", ops.rope_bwd, grad_rot, grad_feat if ctx.with_features else None, x, cos, sin,
+                 ctx.feature_map)
+    return dx, None, None, None, None
+
+
+torch.library.register_autograd("sola_ops::rope_fwd", _rope_backward, setup_context=_rope_setup_context)

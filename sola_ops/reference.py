@@ -44,3 +44,15 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhij,bhjd->bhid", torch.softmax(scores, dim=-1), v.to(acc)).to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def rope(x, cos, sin, *, feature_map="identity", return_features=False):
+    """rot = phi(x) with channel pairs (2p, 2p+1) rotated by the angles behind cos, sin (N, D / 2)."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    acc = _acc_dtype(x.dtype)
+    f = FEATURE_MAPS[feature_map](x.to(acc))
+    c, s = cos.to(acc), sin.to(acc)
+    f0, f1 = f[..., 0::2], f[..., 1::2]
+    rot = torch.stack((f0 * c - f1 * s, f0 * s + f1 * c), dim=-1).flatten(-2).to(x.dtype)
+    return (rot, f.to(x.dtype)) if return_features else rot

@@ -50,6 +50,14 @@ def torch_threads(n):
         torch.set_num_threads(saved)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests start and end with an empty Dynamo cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 # ---- devices --------------------------------------------------------------------------------
 
 def cuda_ok():

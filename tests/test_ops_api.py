@@ -742,13 +742,6 @@ def test_opcheck_softmax(case):
 
 # ---- torch.compile(fullgraph=True) ------------------------------------------------------------------------------
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _grads_vs_reference(out, ins, ref_out, ref_ins, g, tol):
     torch.testing.assert_close(out.double(), ref_out, **tol)
     ours = torch.autograd.grad(out, ins, g)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CPU emulation of the CUDA kernels and their drivers (README.md).
 #   bash scripts/cuda_emulator/build.sh && build/cuda_emulator/driver all && build/cuda_emulator/driver_linear all
-# SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" builds one driver;
+# SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" (or softmax, rope)
+# builds one driver;
 # TSAN=1 builds with ThreadSanitizer into build/cuda_emulator_tsan (shared-memory races: README.md);
 # UBSAN=1 with UndefinedBehaviorSanitizer into build/cuda_emulator_ubsan (misaligned vector accesses).
 set -euo pipefail
@@ -33,9 +34,11 @@ compile() {
   g++ $FLAGS $extra -c "$f" -o "$OUT/obj/$2/$(basename "$f").o"
 }
 objs=()
-for op in ${OPS:-softmax linear}; do
+for op in ${OPS:-softmax linear rope}; do
   mkdir -p "$OUT/obj/$op"
-  for f in "$OUT"/csrc/${op}_attention/*.cu "$OUT"/csrc/${op}_attention/*_cpu.cpp "$OUT"/csrc/common.cpp "$OUT"/csrc/cpu_gemm.cpp \
+  dir=$OUT/csrc/${op}_attention
+  [ -d "$dir" ] || dir=$OUT/csrc/$op  # csrc/rope
+  for f in "$dir"/*.cu "$dir"/*_cpu.cpp "$OUT"/csrc/common.cpp "$OUT"/csrc/cpu_gemm.cpp \
            "$HERE/driver_$op.cpp"; do
     while (($(jobs -rp | wc -l) >= ${JOBS:-$(nproc)})); do sleep 0.5; done  # ~0.7 GB per compile
     compile "$f" "$op" &
@@ -46,7 +49,7 @@ done
 wait
 for o in "${objs[@]}"; do [ -f "$o" ] || { echo "compile failed: $o" >&2; exit 1; }; done
 LIBS="-L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10 -ltorch -lpthread"
-for op in ${OPS:-softmax linear}; do
+for op in ${OPS:-softmax linear rope}; do
   exe=$OUT/driver_$op
   [ "$op" = softmax ] && exe=$OUT/driver  # the name the softmax notes use
   g++ $SAN "$OUT"/obj/$op/*.o -o "$exe" $LIBS

@@ -1,0 +1,48 @@
+// Feature map + rotary position embedding of (B, H, N, D) rows, fused into one pass (the token
+// mixers of SoLA-Vision rotate phi(q), phi(k) by 2-D RoPE and also need them unrotated):
+//   f = phi(x),  rot[2p] = f[2p] cos[n][p] - f[2p+1] sin[n][p],  rot[2p+1] = f[2p] sin[n][p] + f[2p+1] cos[n][p]
+// What the op layer hands to the CPU and CUDA kernels, and the per-pair math both share.
+#pragma once
+
+#include "common.h"
+
+namespace sola {
+
+struct RopeParams {
+  int64_t B = 0, H = 0, N = 0, D = 0;  // D even
+  // cos, sin: (N, D / 2) contiguous, accumulator-typed (fp32, fp64 for fp64 inputs).
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  FeatureMap feature_map = FeatureMap::Identity;
+  // Forward: x (last dim contiguous, any other strides) -> rot and, when feat.ptr is set, feat
+  // (both contiguous).
+  View4 x, rot, feat;
+  // Backward: grad_rot, grad_feat (grad_feat.ptr null when absent; strided like x) -> dx (contiguous).
+  View4 grad_rot, grad_feat, dx;
+  at::ScalarType dtype = at::ScalarType::Float;
+  c10::DeviceIndex device_index = -1;
+};
+
+void rope_fwd_cpu(const RopeParams& p);
+void rope_bwd_cpu(const RopeParams& p);
+#ifdef SOLA_WITH_CUDA
+void rope_fwd_cuda(const RopeParams& p);
+void rope_bwd_cuda(const RopeParams& p);
+#endif
+
+// One channel pair (f0, f1) = (phi(x0), phi(x1)) rotated by the angle whose cosine is c, sine s.
+template <typename acc>
+SOLA_HD void rotate_pair(acc f0, acc f1, acc c, acc s, acc& r0, acc& r1) {
+  r0 = f0 * c - f1 * s;
+  r1 = f0 * s + f1 * c;
+}
+
+// The gradient of phi(x) for one pair: the rotation transposed applied to (g0, g1), plus the
+// features' own gradient (h0, h1; 0 when they had none).
+template <typename acc>
+SOLA_HD void unrotate_pair(acc g0, acc g1, acc h0, acc h1, acc c, acc s, acc& d0, acc& d1) {
+  d0 = g0 * c + g1 * s + h0;
+  d1 = g1 * c - g0 * s + h1;
+}
+
+}  // namespace sola

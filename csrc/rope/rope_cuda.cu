@@ -1,0 +1,117 @@
+// CUDA kernels of the fused feature map + rotary embedding (rope.h), forward and backward.
+// Element-wise and memory-bound: each thread takes one 16-byte vector of a row (8 fp16/bf16, 4 fp32,
+// 2 fp64 elements: whole channel pairs, as D is even) and its cos / sin values, grid-stride over
+// every vector of every row. Misaligned views and a row's last partial vector take element loads.
+#include "cuda_utils.cuh"
+#include "linear_attention/linear_attention_device.cuh"
+#include "rope/rope.h"
+
+namespace sola {
+namespace {
+
+constexpr int kRopeThreads = 256;
+
+// Where thread-vector i of the problem lies: its row's (b, h, n) and first column.
+struct VecPos {
+  int64_t b, h, n;
+  int col;
+};
+
+template <int kV>
+__device__ __forceinline__ VecPos vec_pos(const RopeParams& p, int64_t i) {
+  const int64_t per_row = ceil_div(p.D, kV), row = i / per_row;
+  return {row / p.N / p.H, row / p.N % p.H, row % p.N, static_cast<int>(i % per_row) * kV};
+}
+
+// Alignment of everything a kernel touches per row, decided once per launch on the host.
+struct RopeAlignment {
+  bool x, a, b, out, table;  // forward: a = rot, b = feat; backward: a = grad_rot, b = grad_feat
+};
+
+template <typename scalar_t, FeatureMap FM>
+__global__ void __launch_bounds__(kRopeThreads) rope_fwd_kernel(const RopeParams p, const RopeAlignment al) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kV = kVec16<scalar_t>, kP = kV / 2;
+  const int64_t total = p.B * p.H * p.N * ceil_div(p.D, kV), half = p.D / 2;
+  const int64_t stride = int64_t(gridDim.x) * kRopeThreads;
+  for (int64_t i = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x; i < total; i += stride) {
+    const VecPos v = vec_pos<kV>(p, i);
+    const int D = static_cast<int>(p.D), pair0 = v.col / 2;
+    acc f[kV], c[kP], s[kP], r[kV];
+    la::load_cols<kV>(p.x.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.x, f);
+    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, pair0, static_cast<int>(half), al.table, c);
+    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, pair0, static_cast<int>(half), al.table, s);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) f[e] = Phi<FM>::f(f[e]);
+#pragma unroll
+    for (int j = 0; j < kP; ++j) rotate_pair(f[2 * j], f[2 * j + 1], c[j], s[j], r[2 * j], r[2 * j + 1]);
+    la::store_cols<kV>(p.rot.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.a, r);
+    if (p.feat.ptr) la::store_cols<kV>(p.feat.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.b, f);
+  }
+}
+
+template <typename scalar_t, FeatureMap FM>
+__global__ void __launch_bounds__(kRopeThreads) rope_bwd_kernel(const RopeParams p, const RopeAlignment al) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kV = kVec16<scalar_t>, kP = kV / 2;
+  const int64_t total = p.B * p.H * p.N * ceil_div(p.D, kV), half = p.D / 2;
+  const int64_t stride = int64_t(gridDim.x) * kRopeThreads;
+  for (int64_t i = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x; i < total; i += stride) {
+    const VecPos v = vec_pos<kV>(p, i);
+    const int D = static_cast<int>(p.D), pair0 = v.col / 2;
+    acc x[kV], g[kV], gf[kV], c[kP], s[kP], d[kV];
+    la::load_cols<kV>(p.x.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.x, x);
+    la::load_cols<kV>(p.grad_rot.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.a, g);
+    if (p.grad_feat.ptr) {
+      la::load_cols<kV>(p.grad_feat.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.b, gf);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kV; ++e) gf[e] = acc(0);
+    }
+    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, pair0, static_cast<int>(half), al.table, c);
+    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, pair0, static_cast<int>(half), al.table, s);
+#pragma unroll
+    for (int j = 0; j < kP; ++j)
+      unrotate_pair(g[2 * j], g[2 * j + 1], gf[2 * j], gf[2 * j + 1], c[j], s[j], d[2 * j], d[2 * j + 1]);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) d[e] = through_phi(d[e], Phi<FM>::df(x[e]));
+    la::store_cols<kV>(p.dx.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.out, d);
+  }
+}
+
+template <typename scalar_t>
+RopeAlignment alignment(const RopeParams& p, const View4& a, const View4& b, const View4& out) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kP = kVec16<scalar_t> / 2;
+  const bool table = p.D / 2 % kP == 0 && reinterpret_cast<uintptr_t>(p.cos) % (kP * sizeof(acc)) == 0 &&
+                     reinterpret_cast<uintptr_t>(p.sin) % (kP * sizeof(acc)) == 0;
+  constexpr int kV = kVec16<scalar_t>;
+  return {rows_aligned<scalar_t>(p.x, kV), rows_aligned<scalar_t>(a, kV), !b.ptr || rows_aligned<scalar_t>(b, kV),
+          !out.ptr || rows_aligned<scalar_t>(out, kV), table};
+}
+
+template <bool kBackward>
+void launch(const RopeParams& p) {
+  c10::cuda::CUDAGuard guard(p.device_index);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SOLA_DISPATCH_FLOATING(p.dtype, "rope_cuda", [&] {
+    const int64_t vectors = p.B * p.H * p.N * ceil_div(p.D, kVec16<scalar_t>);
+    const unsigned grid = grid_x(vectors, kRopeThreads);
+    SOLA_FEATURE_MAP_SWITCH(p.feature_map, kFM, [&] {
+      if constexpr (kBackward) {
+        rope_bwd_kernel<scalar_t, kFM><<<grid, kRopeThreads, 0, stream>>>(
+            p, alignment<scalar_t>(p, p.grad_rot, p.grad_feat, p.dx));
+      } else {
+        rope_fwd_kernel<scalar_t, kFM><<<grid, kRopeThreads, 0, stream>>>(p, alignment<scalar_t>(p, p.rot, p.feat, {}));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
+void rope_fwd_cuda(const RopeParams& p) { launch<false>(p); }
+void rope_bwd_cuda(const RopeParams& p) { launch<true>(p); }
+
+}  // namespace sola
