@@ -28,54 +28,43 @@ struct RopeAlignment {
   bool x, a, b, out, table;  // forward: a = rot, b = feat; backward: a = grad_rot, b = grad_feat
 };
 
-template <typename scalar_t, FeatureMap FM>
-__global__ void __launch_bounds__(kRopeThreads) rope_fwd_kernel(const RopeParams p, const RopeAlignment al) {
+// kBackward: dx from grad_rot (and grad_feat) and x; else rot (and feat) from x.
+template <typename scalar_t, FeatureMap FM, bool kBackward>
+__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, const RopeAlignment al) {
   using acc = acc_t<scalar_t>;
   constexpr int kV = kVec16<scalar_t>, kP = kV / 2;
   const int64_t total = p.B * p.H * p.N * ceil_div(p.D, kV), half = p.D / 2;
   const int64_t stride = int64_t(gridDim.x) * kRopeThreads;
+  const int D = static_cast<int>(p.D);
   for (int64_t i = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x; i < total; i += stride) {
     const VecPos v = vec_pos<kV>(p, i);
-    const int D = static_cast<int>(p.D), pair0 = v.col / 2;
-    acc f[kV], c[kP], s[kP], r[kV];
-    la::load_cols<kV>(p.x.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.x, f);
-    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, pair0, static_cast<int>(half), al.table, c);
-    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, pair0, static_cast<int>(half), al.table, s);
-#pragma unroll
-    for (int e = 0; e < kV; ++e) f[e] = Phi<FM>::f(f[e]);
-#pragma unroll
-    for (int j = 0; j < kP; ++j) rotate_pair(f[2 * j], f[2 * j + 1], c[j], s[j], r[2 * j], r[2 * j + 1]);
-    la::store_cols<kV>(p.rot.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.a, r);
-    if (p.feat.ptr) la::store_cols<kV>(p.feat.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.b, f);
-  }
-}
-
-template <typename scalar_t, FeatureMap FM>
-__global__ void __launch_bounds__(kRopeThreads) rope_bwd_kernel(const RopeParams p, const RopeAlignment al) {
-  using acc = acc_t<scalar_t>;
-  constexpr int kV = kVec16<scalar_t>, kP = kV / 2;
-  const int64_t total = p.B * p.H * p.N * ceil_div(p.D, kV), half = p.D / 2;
-  const int64_t stride = int64_t(gridDim.x) * kRopeThreads;
-  for (int64_t i = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x; i < total; i += stride) {
-    const VecPos v = vec_pos<kV>(p, i);
-    const int D = static_cast<int>(p.D), pair0 = v.col / 2;
-    acc x[kV], g[kV], gf[kV], c[kP], s[kP], d[kV];
+    acc x[kV], c[kP], s[kP], out[kV];
     la::load_cols<kV>(p.x.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.x, x);
-    la::load_cols<kV>(p.grad_rot.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.a, g);
-    if (p.grad_feat.ptr) {
-      la::load_cols<kV>(p.grad_feat.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.b, gf);
+    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, v.col / 2, static_cast<int>(half), al.table, c);
+    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, v.col / 2, static_cast<int>(half), al.table, s);
+    if constexpr (kBackward) {
+      acc g[kV], gf[kV];
+      la::load_cols<kV>(p.grad_rot.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.a, g);
+      if (p.grad_feat.ptr) {
+        la::load_cols<kV>(p.grad_feat.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.b, gf);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kV; ++e) gf[e] = acc(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kP; ++j)
+        unrotate_pair(g[2 * j], g[2 * j + 1], gf[2 * j], gf[2 * j + 1], c[j], s[j], out[2 * j], out[2 * j + 1]);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) out[e] = through_phi(out[e], Phi<FM>::df(x[e]));
+      la::store_cols<kV>(p.dx.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.out, out);
     } else {
 #pragma unroll
-      for (int e = 0; e < kV; ++e) gf[e] = acc(0);
+      for (int e = 0; e < kV; ++e) x[e] = Phi<FM>::f(x[e]);  // x now holds phi(x)
+#pragma unroll
+      for (int j = 0; j < kP; ++j) rotate_pair(x[2 * j], x[2 * j + 1], c[j], s[j], out[2 * j], out[2 * j + 1]);
+      la::store_cols<kV>(p.rot.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.a, out);
+      if (p.feat.ptr) la::store_cols<kV>(p.feat.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.b, x);
     }
-    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, pair0, static_cast<int>(half), al.table, c);
-    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, pair0, static_cast<int>(half), al.table, s);
-#pragma unroll
-    for (int j = 0; j < kP; ++j)
-      unrotate_pair(g[2 * j], g[2 * j + 1], gf[2 * j], gf[2 * j + 1], c[j], s[j], d[2 * j], d[2 * j + 1]);
-#pragma unroll
-    for (int e = 0; e < kV; ++e) d[e] = through_phi(d[e], Phi<FM>::df(x[e]));
-    la::store_cols<kV>(p.dx.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.out, d);
   }
 }
 
@@ -97,13 +86,10 @@ void launch(const RopeParams& p) {
   SOLA_DISPATCH_FLOATING(p.dtype, "rope_cuda", [&] {
     const int64_t vectors = p.B * p.H * p.N * ceil_div(p.D, kVec16<scalar_t>);
     const unsigned grid = grid_x(vectors, kRopeThreads);
+    const RopeAlignment al = kBackward ? alignment<scalar_t>(p, p.grad_rot, p.grad_feat, p.dx)
+                                       : alignment<scalar_t>(p, p.rot, p.feat, {});
     SOLA_FEATURE_MAP_SWITCH(p.feature_map, kFM, [&] {
-      if constexpr (kBackward) {
-        rope_bwd_kernel<scalar_t, kFM><<<grid, kRopeThreads, 0, stream>>>(
-            p, alignment<scalar_t>(p, p.grad_rot, p.grad_feat, p.dx));
-      } else {
-        rope_fwd_kernel<scalar_t, kFM><<<grid, kRopeThreads, 0, stream>>>(p, alignment<scalar_t>(p, p.rot, p.feat, {}));
-      }
+      rope_kernel<scalar_t, kFM, kBackward><<<grid, kRopeThreads, 0, stream>>>(p, al);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
