@@ -24,14 +24,15 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
-void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
+void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, const char* like_name) {
   SOLA_CHECK(t.dim() == 4, name, " must be 4-D (B, H, N, D), got shape ", t.sizes());
   const auto st = t.scalar_type();
   SOLA_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
              name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
   SOLA_CHECK(t.scalar_type() == q.scalar_type(),
-             name, " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-  SOLA_CHECK(t.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ", t.device());
+             name, " must have the dtype of ", like_name, " (", q.scalar_type(), "), got ", t.scalar_type());
+  SOLA_CHECK(t.device() == q.device(), name, " must be on the device of ", like_name, " (", q.device(), "), got ",
+             t.device());
   SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
 }
 

@@ -76,6 +76,10 @@ constexpr bool kIsHalfType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
+// acc_t as a run-time dtype: the state, z, lse and angle tables are fp32, fp64 for fp64 inputs.
+inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType acc_dtype(const at::Tensor& t) { return acc_dtype(t.scalar_type()); }
+
 // A (B, H, N, D) tensor whose last dim is contiguous; the other strides are free, so
 // x.view(B, N, H, D).transpose(1, 2) is read in place. 64-bit offsets throughout.
 struct View4 {
@@ -128,7 +132,8 @@ void set_debug_nan_fill(bool on);
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Every tensor argument of an op: rank 4, floating, same device and dtype as q.
-void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q);
+// like_name: what the messages call q ("x" for rope's gradients).
+void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, const char* like_name = "q");
 // q, k, v agree on B, H, Dk and N as SDPA layout requires; Nk >= 1.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 // CUDA kernels take head dims up to kMaxCudaHeadDim.

@@ -115,4 +115,15 @@ inline T cpu_exp_nonpositive(T x) {
   return cpu_exp_impl<true>(x);
 }
 
+// One row converted between the input dtype and acc: the CPU kernels' loads and stores.
+template <typename scalar_t, typename acc>
+SOLA_CPU_INLINE void load_row(const scalar_t* src, int64_t d, acc* dst) {
+  for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<acc>(src[e]);
+}
+
+template <typename scalar_t, typename acc>
+SOLA_CPU_INLINE void store_row(const acc* src, int64_t d, scalar_t* dst) {
+  for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+}
+
 }  // namespace sola

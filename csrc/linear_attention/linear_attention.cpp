@@ -7,10 +7,6 @@
 namespace sola {
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Checks every input and fills the shared part of the params; returns the inputs re-laid out
 // (last dim contiguous) through the out-arguments so they stay alive for the kernel.
 LinearAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v,

@@ -21,7 +21,7 @@ void linear_attention_bwd_cuda(const LinearAttentionParams& p) {
   const int64_t heads = p.B * p.H;
   // Scratch on the current stream, so the caching allocator keeps it until the kernels are done.
   const auto acc_options = at::TensorOptions()
-                               .dtype(p.dtype == at::kDouble ? at::kDouble : at::kFloat)
+                               .dtype(acc_dtype(p.dtype))
                                .device(at::Device(at::kCUDA, p.device_index));
   const bool fold = la::query_grad_sums_dstate(p);
   const int64_t per_query = fold ? 0 : heads * p.Nq;

@@ -37,9 +37,8 @@ template <bool kPhi, FeatureMap FM, typename scalar_t, typename acc>
 SOLA_CPU_INLINE void load_rows(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int64_t d, acc* dst,
                                int64_t ld) {
   for (int64_t n = n0; n < n1; ++n) {
-    const scalar_t* row = x.row<const scalar_t>(b, h, n);
     acc* out = dst + (n - n0) * ld;
-    for (int64_t e = 0; e < d; ++e) out[e] = static_cast<acc>(row[e]);
+    load_row(x.row<const scalar_t>(b, h, n), d, out);
     if constexpr (kPhi)
       for (int64_t e = 0; e < d; ++e) out[e] = Phi<FM>::f(out[e]);
   }
@@ -75,11 +74,6 @@ SOLA_CPU_INLINE void through_phi_row(const scalar_t* x, const acc* phi_x, const 
                                      acc* out) {
   for (int64_t e = 0; e < d; ++e)
     out[e] = through_phi(grad[e] * scale, dphi_given_phi<FM>(static_cast<acc>(x[e]), phi_x[e]));
-}
-
-template <typename scalar_t, typename acc>
-SOLA_CPU_INLINE void store_row(const acc* src, int64_t d, scalar_t* dst) {
-  for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(src[e]);
 }
 
 // m (rows x cols, pitch ld), or its transpose, into out with pitch ld_out (out's padding untouched).

@@ -14,7 +14,7 @@ void linear_attention_fwd_cuda(const LinearAttentionParams& p) {
   la::TokenReduceArgs state = la::state_reduce_args(p);
   // Partials on the current stream: the caching allocator keeps them until the kernels are done.
   const auto acc_options = at::TensorOptions()
-                               .dtype(p.dtype == at::kDouble ? at::kDouble : at::kFloat)
+                               .dtype(acc_dtype(p.dtype))
                                .device(at::Device(at::kCUDA, p.device_index));
   const at::Tensor partials = at::empty({la::token_reduce_workspace(state)}, acc_options);
   state.partials = partials.data_ptr();

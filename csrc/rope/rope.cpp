@@ -7,17 +7,10 @@
 namespace sola {
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // t (grad_rot, grad_feat) matches x: shape, dtype, device, dense.
 void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_attention_tensor(t, name, x, "x");
   SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
-  SOLA_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
-             t.scalar_type());
-  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
-  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
 }
 
 // A (N, D / 2) angle table as the kernels read it: accumulator-typed and contiguous (a copy only
@@ -35,7 +28,6 @@ at::Tensor angle_table(const at::Tensor& t, const char* name, const at::Tensor& 
 // Checks x, cos, sin and fills the shared part of the params; the re-laid-out tensors come back
 // through the out-arguments so they stay alive for the kernel.
 RopeParams make_params(at::Tensor& x, at::Tensor& cos, at::Tensor& sin, const std::string& feature_map) {
-  SOLA_CHECK(x.dim() == 4, "x must be 4-D (B, H, N, D), got shape ", x.sizes());
   SOLA_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be on a CPU or CUDA device, got ", x.device());
   check_attention_tensor(x, "x", x);
   SOLA_CHECK(x.size(3) % 2 == 0, "x must have an even head dim (channel pairs rotate), got ", x.size(3));

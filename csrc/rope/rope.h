@@ -30,6 +30,13 @@ void rope_fwd_cuda(const RopeParams& p);
 void rope_bwd_cuda(const RopeParams& p);
 #endif
 
+// Row r of the flattened (B, H, N) rows: its batch, head and token (the angle tables' row).
+struct RopeRow {
+  int64_t b, h, n;
+};
+
+SOLA_HD RopeRow rope_row(const RopeParams& p, int64_t r) { return {r / p.N / p.H, r / p.N % p.H, r % p.N}; }
+
 // One channel pair (f0, f1) = (phi(x0), phi(x1)) rotated by the angle whose cosine is c, sine s.
 template <typename acc>
 SOLA_HD void rotate_pair(acc f0, acc f1, acc c, acc s, acc& r0, acc& r1) {

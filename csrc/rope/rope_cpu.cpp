@@ -16,23 +16,13 @@ int64_t row_grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / 
 
 // A row's work goes through acc buffers in passes that each vectorise: the element-wise ones
 // (conversion, phi, phi') over contiguous columns, the pair rotation over interleaved ones.
-template <typename scalar_t, typename acc>
-SOLA_CPU_INLINE void load_row(const scalar_t* x, int64_t d, acc* out) {
-  for (int64_t e = 0; e < d; ++e) out[e] = static_cast<acc>(x[e]);
-}
-
-template <typename scalar_t, typename acc>
-SOLA_CPU_INLINE void store_row(const acc* src, int64_t d, scalar_t* out) {
-  for (int64_t e = 0; e < d; ++e) out[e] = static_cast<scalar_t>(src[e]);
-}
-
 template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void fwd_rows(const RopeParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t D = p.D, half = D / 2;
   std::vector<acc> f(D), rot(D);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r % p.N, b = r / p.N / p.H, h = r / p.N % p.H;
+    const auto [b, h, n] = rope_row(p, r);
     const acc* c = static_cast<const acc*>(p.cos) + n * half;
     const acc* s = static_cast<const acc*>(p.sin) + n * half;
     load_row(p.x.row<const scalar_t>(b, h, n), D, f.data());
@@ -49,7 +39,7 @@ SOLA_CPU_CLONES void bwd_rows(const RopeParams& p, int64_t r0, int64_t r1) {
   const int64_t D = p.D, half = D / 2;
   std::vector<acc> x(D), g(D), gf(D, acc(0)), d(D);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r % p.N, b = r / p.N / p.H, h = r / p.N % p.H;
+    const auto [b, h, n] = rope_row(p, r);
     const acc* c = static_cast<const acc*>(p.cos) + n * half;
     const acc* s = static_cast<const acc*>(p.sin) + n * half;
     load_row(p.x.row<const scalar_t>(b, h, n), D, x.data());

@@ -11,18 +11,6 @@ namespace {
 
 constexpr int kRopeThreads = 256;
 
-// Where thread-vector i of the problem lies: its row's (b, h, n) and first column.
-struct VecPos {
-  int64_t b, h, n;
-  int col;
-};
-
-template <int kV>
-__device__ __forceinline__ VecPos vec_pos(const RopeParams& p, int64_t i) {
-  const int64_t per_row = ceil_div(p.D, kV), row = i / per_row;
-  return {row / p.N / p.H, row / p.N % p.H, row % p.N, static_cast<int>(i % per_row) * kV};
-}
-
 // Alignment of everything a kernel touches per row, decided once per launch on the host.
 struct RopeAlignment {
   bool x, a, b, out, table;  // forward: a = rot, b = feat; backward: a = grad_rot, b = grad_feat
@@ -33,20 +21,22 @@ template <typename scalar_t, FeatureMap FM, bool kBackward>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, const RopeAlignment al) {
   using acc = acc_t<scalar_t>;
   constexpr int kV = kVec16<scalar_t>, kP = kV / 2;
-  const int64_t total = p.B * p.H * p.N * ceil_div(p.D, kV), half = p.D / 2;
+  const int64_t vectors_per_row = ceil_div(p.D, kV), total = p.B * p.H * p.N * vectors_per_row, half = p.D / 2;
   const int64_t stride = int64_t(gridDim.x) * kRopeThreads;
   const int D = static_cast<int>(p.D);
   for (int64_t i = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x; i < total; i += stride) {
-    const VecPos v = vec_pos<kV>(p, i);
+    // thread-vector i: columns col .. col + kV - 1 of row i / vectors_per_row
+    const RopeRow v = rope_row(p, i / vectors_per_row);
+    const int col = static_cast<int>(i % vectors_per_row) * kV;
     acc x[kV], c[kP], s[kP], out[kV];
-    la::load_cols<kV>(p.x.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.x, x);
-    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, v.col / 2, static_cast<int>(half), al.table, c);
-    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, v.col / 2, static_cast<int>(half), al.table, s);
+    la::load_cols<kV>(p.x.row<const scalar_t>(v.b, v.h, v.n), col, D, al.x, x);
+    la::load_cols<kP>(static_cast<const acc*>(p.cos) + v.n * half, col / 2, static_cast<int>(half), al.table, c);
+    la::load_cols<kP>(static_cast<const acc*>(p.sin) + v.n * half, col / 2, static_cast<int>(half), al.table, s);
     if constexpr (kBackward) {
       acc g[kV], gf[kV];
-      la::load_cols<kV>(p.grad_rot.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.a, g);
+      la::load_cols<kV>(p.grad_rot.row<const scalar_t>(v.b, v.h, v.n), col, D, al.a, g);
       if (p.grad_feat.ptr) {
-        la::load_cols<kV>(p.grad_feat.row<const scalar_t>(v.b, v.h, v.n), v.col, D, al.b, gf);
+        la::load_cols<kV>(p.grad_feat.row<const scalar_t>(v.b, v.h, v.n), col, D, al.b, gf);
       } else {
 #pragma unroll
         for (int e = 0; e < kV; ++e) gf[e] = acc(0);
@@ -56,14 +46,14 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
         unrotate_pair(g[2 * j], g[2 * j + 1], gf[2 * j], gf[2 * j + 1], c[j], s[j], out[2 * j], out[2 * j + 1]);
 #pragma unroll
       for (int e = 0; e < kV; ++e) out[e] = through_phi(out[e], Phi<FM>::df(x[e]));
-      la::store_cols<kV>(p.dx.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.out, out);
+      la::store_cols<kV>(p.dx.row<scalar_t>(v.b, v.h, v.n), col, D, al.out, out);
     } else {
 #pragma unroll
       for (int e = 0; e < kV; ++e) x[e] = Phi<FM>::f(x[e]);  // x now holds phi(x)
 #pragma unroll
       for (int j = 0; j < kP; ++j) rotate_pair(x[2 * j], x[2 * j + 1], c[j], s[j], out[2 * j], out[2 * j + 1]);
-      la::store_cols<kV>(p.rot.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.a, out);
-      if (p.feat.ptr) la::store_cols<kV>(p.feat.row<scalar_t>(v.b, v.h, v.n), v.col, D, al.b, x);
+      la::store_cols<kV>(p.rot.row<scalar_t>(v.b, v.h, v.n), col, D, al.a, out);
+      if (p.feat.ptr) la::store_cols<kV>(p.feat.row<scalar_t>(v.b, v.h, v.n), col, D, al.b, x);
     }
   }
 }

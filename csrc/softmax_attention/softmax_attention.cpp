@@ -9,10 +9,6 @@
 namespace sola {
 namespace {
 
-at::ScalarType lse_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 SoftmaxAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, double scale) {
   check_qkv(q, k, v);
   check_cuda_head_dims(q, v);
@@ -34,7 +30,7 @@ bool empty_problem(const SoftmaxAttentionParams& p) { return p.B == 0 || p.H == 
 std::tuple<at::Tensor, at::Tensor> softmax_attention_fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   SoftmaxAttentionParams p = make_params(q, k, v, scale);
   at::Tensor out = new_output({p.B, p.H, p.Nq, p.Dv}, q.options());
-  at::Tensor lse = new_output({p.B, p.H, p.Nq}, q.options().dtype(lse_dtype(q)));
+  at::Tensor lse = new_output({p.B, p.H, p.Nq}, q.options().dtype(acc_dtype(q)));
   p.out = make_view(out);
   p.lse = lse.data_ptr();
   if (empty_problem(p)) return {out, lse};
@@ -60,9 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_attention_bwd(at::Tensor 
              grad_out.sizes());
   check_attention_tensor(out, "out", q);
   SOLA_CHECK(out.sizes() == out_shape, "out must have the output's shape ", out_shape, ", got ", out.sizes());
-  SOLA_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == lse_dtype(q) &&
+  SOLA_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == acc_dtype(q) &&
                  lse.device() == q.device(),
-             "lse must be the forward's (B, H, Nq) ", lse_dtype(q), " log-sum-exp, got ", lse.sizes(), " ",
+             "lse must be the forward's (B, H, Nq) ", acc_dtype(q), " log-sum-exp, got ", lse.sizes(), " ",
              lse.scalar_type());
   at::Tensor grad_lse;
   if (grad_lse_opt.has_value() && grad_lse_opt->defined()) {

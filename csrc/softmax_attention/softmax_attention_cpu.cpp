@@ -26,10 +26,7 @@ constexpr int64_t kFwdBlockN = 256;  // the forward's: a query's rescale amortis
 // on are left as they are: the callers' zero padding).
 template <typename scalar_t, typename acc>
 void load_tile(const View4& x, int64_t b, int64_t h, int64_t n0, int64_t n1, int64_t d, acc* dst, int64_t ld) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const scalar_t* row = x.row<const scalar_t>(b, h, n);
-    for (int64_t e = 0; e < d; ++e) dst[(n - n0) * ld + e] = static_cast<acc>(row[e]);
-  }
+  for (int64_t n = n0; n < n1; ++n) load_row(x.row<const scalar_t>(b, h, n), d, dst + (n - n0) * ld);
 }
 
 // The same rows transposed, d x (n1 - n0) with row pitch ld; the columns past n1 - n0 zero.
@@ -192,10 +189,7 @@ struct BwdTiles {
   }
   // Rows [n0, n1) of a gradient buffer (pitch ld) into x's rows.
   void store(const acc* src, int64_t ld, int64_t n0, int64_t n1, int64_t d, const View4& x) {
-    for (int64_t n = n0; n < n1; ++n) {
-      scalar_t* out = x.row<scalar_t>(b, h, n);
-      for (int64_t e = 0; e < d; ++e) out[e] = static_cast<scalar_t>(src[(n - n0) * ld + e]);
-    }
+    for (int64_t n = n0; n < n1; ++n) store_row(src + (n - n0) * ld, d, x.row<scalar_t>(b, h, n));
   }
 };
 
