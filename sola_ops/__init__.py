@@ -12,7 +12,8 @@ import math
 import torch
 
 from . import reference
-from ._ops import FEATURE_MAPS, _C, check_linear_args, check_qkv, check_rope_args, ops
+from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
+from ._ops import _C, check_feature_map, check_linear_args, check_qkv, check_rope_args, ops
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "reference", "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
@@ -34,8 +35,7 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     eps = _as_float(eps, "eps")
     if not (_finite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    check_feature_map(feature_map)
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
@@ -78,8 +78,7 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     sin get no gradient. Differentiable once (no double backward).
     """
     _check_tensors(x=x, cos=cos, sin=sin)
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    check_feature_map(feature_map)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos and sin require grad, but rope takes them as constants and would not "
                          "differentiate them; pass detached tables (or use sola_ops.reference.rope)")

@@ -65,6 +65,11 @@ def run_bwd(op_name, bwd, *args):
 MAX_CUDA_HEAD_DIM = int(_C.build_info().get("max_cuda_head_dim", 256))
 
 
+def check_feature_map(feature_map):
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+
+
 def check_qkv(q, k, v):
     """The shape rules of both ops (SDPA layout). The C++ ops enforce the same; the public functions
     check here first, so bad input is a ValueError raised from Python on every build and platform."""
@@ -101,10 +106,7 @@ def check_linear_args(q, k, v, q_norm, k_norm):
 
 def check_rope_args(x, cos, sin):
     """The shape rules of rope: x (B, H, N, D) with D even, cos and sin (N, D / 2) floating, on x's device."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    _check_tensor(x, "x", x)
     if x.shape[3] % 2:
         raise ValueError(f"x must have an even head dim (channel pairs rotate), got {x.shape[3]}")
     want = (x.shape[2], x.shape[3] // 2)

@@ -12,17 +12,22 @@ FEATURE_MAPS = {
 }
 
 
+def _phi(feature_map):
+    """The feature map called feature_map."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    return FEATURE_MAPS[feature_map]
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None):
     """out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps), S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j)."""
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    phi = _phi(feature_map)
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
-    phi = FEATURE_MAPS[feature_map]
     acc = _acc_dtype(q.dtype)
     fq, fk, vv = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
     state = torch.einsum("bhnd,bhne->bhde", fk, vv) / k.shape[2]
@@ -48,10 +53,8 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
 
 def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     """rot = phi(x) with channel pairs (2p, 2p+1) rotated by the angles behind cos, sin (N, D / 2)."""
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
     acc = _acc_dtype(x.dtype)
-    f = FEATURE_MAPS[feature_map](x.to(acc))
+    f = _phi(feature_map)(x.to(acc))
     c, s = cos.to(acc), sin.to(acc)
     f0, f1 = f[..., 0::2], f[..., 1::2]
     rot = torch.stack((f0 * c - f1 * s, f0 * s + f1 * c), dim=-1).flatten(-2).to(x.dtype)
