@@ -288,12 +288,14 @@ def test_cuda_graph_capture(op, dtype):
         out = run_op(op, q, k, v)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    eager = [t.clone() for t in step()]
+    # Every eager call on a side stream, as torch.cuda.graph asks: a backward on the default stream
+    # would leave autograd's leaf nodes on the legacy stream, which the capture cannot wait on
+    # ("operation would make the legacy stream depend on a capturing blocking stream", pytorch#164302).
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
+        eager = [t.clone() for t in step()]
+        step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
