@@ -26,6 +26,9 @@
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
 #   GPU_CHECK_PROFILE     1: per-kernel ncu numbers after the kernel benchmark (scripts/profile_kernels.py,
 #                         ~60 s; e.g. with GPU_CHECK_SKIP=explorer)
+#   GPU_CHECK_PEER_S      seconds for the peer step (default 60; on 2026-12-04 fla / flash_bla compiled
+#                         for over 40 s before their first case, so 60 measured none: give it more
+#                         with GPU_CHECK_SKIP=explorer, or run the step alone)
 #   GPU_CHECK_SKIP        comma list of step names not to run, e.g. "memcheck,racecheck,explorer"
 #                         (a second call on a warm box re-running only what the first ran out of time for)
 # third_party/site (scripts/fetch_peers.sh), when present, goes on PYTHONPATH: the fla / flash_bla
@@ -215,8 +218,9 @@ main() {
     fi
     # last, with what time is left: a stalled Triton compile can cost nothing else
     if [ -d "$PEERS" ]; then
-        step "peer bench" 60 0 "$PY" bench/kernels.py $quick --ops linear --impls sola_ops,reference,flash_bla,fla \
-            --max-impl-s 20 -v --out "$PEERS_JSON" --budget-s 45
+        local peer_s=${GPU_CHECK_PEER_S:-60}
+        step "peer bench" "$peer_s" 0 "$PY" bench/kernels.py $quick --ops linear --impls sola_ops,reference,flash_bla,fla \
+            --max-impl-s "$((peer_s / 3))" -v --out "$PEERS_JSON" --budget-s "$((peer_s * 3 / 4))"
     else
         note "peer bench" "not run: no third_party/site (scripts/fetch_peers.sh)" 0
     fi

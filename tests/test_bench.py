@@ -259,6 +259,21 @@ def test_models_bench_skips_without_model(monkeypatch, tmp_path):
         assert json.load(f)["peak"]["copy_GBps"] > 0
 
 
+def test_model_breakdown_groups_the_step_time():
+    """bench/model_breakdown.py on CPU: both impls profiled, our ops grouped as sola_ops in the sola model
+    only, and the torch model's attention in sdpa / gemm instead."""
+    if models.load_models()[0] is None:
+        pytest.skip("timm or sola_vision not importable")
+    import model_breakdown as MB
+    groups = MB.measure(MB.parse_args(["--device", "cpu", "--img-size", "64", "--batch", "1"]))
+    assert set(groups) == {"sola", "torch"}
+    assert groups["sola"]["sola_ops"] > 0 and groups["torch"].get("sola_ops", 0.0) == 0.0
+    assert groups["torch"]["gemm"] > 0 and groups["sola"]["conv"] > 0
+    assert MB.group_of("void sola::la::token_reduce_tc_kernel<c10::BFloat16, 32>(sola::la::TokenReduceArgs)") == "sola_ops"
+    assert MB.group_of("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_TNT") == "gemm"
+    assert MB.group_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
+
+
 def test_gpu_check_script_parses():
     if not shutil.which("bash"):
         pytest.skip("no bash")

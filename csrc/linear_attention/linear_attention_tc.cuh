@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "cp_async.cuh"
 #include "cuda_utils.cuh"
 #include "mma_tf32.cuh"
 #include "linear_attention/linear_attention_cuda.cuh"
@@ -43,12 +44,17 @@ SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0,
 // shared memory kStage at a time as fp32 [token][column] tiles: A = phi(x)^T is read transposed
 // (a0 = x_tile[k + t][m + g]) and B = y as stored; both reads are conflict-free with the row pitch
 // kTile + 8. The side sum is kept per loading thread in fp32 and summed across threads in order.
+// The inputs arrive by cp.async into raw stages as stored, the next stage's copies in flight while
+// this one is mapped and multiplied (loads issued only after each barrier had left DRAM at 19% of
+// its bandwidth on an H200: 4-8 blocks per SM, each waiting for its own loads). A thread maps only
+// the vectors it copied itself, so the raw stages need no barrier of their own.
 template <typename scalar_t, int kTile>
 struct ReduceTcConfig {
   static constexpr int kWarps = kTile / 16;
   static constexpr int kBlockThreads = 32 * kWarps;  // 128 for the 64 tile, 64 for the 32 tile
   static constexpr int kNT = kTile / 8;
   static constexpr int kStage = 32;      // tokens per stage: 4 k8 steps
+  static constexpr int kRawStages = 2;   // copied as stored: the one being mapped and the next
   static constexpr int kLd = kTile + 8;  // = 8 (mod 32): reads at t * kLd + g hit 32 banks
   static constexpr int kVec = kVec16<scalar_t>;
   static constexpr int kVecsPerRow = kTile / kVec;
@@ -56,7 +62,29 @@ struct ReduceTcConfig {
   // Register cap 128: 512 threads per SM for the 64 tile, keeping loads in flight.
   static constexpr int kMinBlocks = 65536 / (128 * kBlockThreads);
   static_assert(kStage % kRowsPerPass == 0, "a stage must be whole load passes");
+  static_assert(kVec * sizeof(scalar_t) == 16, "a load vector is one 16-byte cp.async");
 };
+
+// Copies kV columns of a token row from col on into a raw stage slot: one cp.async for a whole
+// aligned vector, else element loads (a partial last vector, a misaligned view), 0 past n or when
+// the row is not one of the item's tokens.
+template <int kV, typename scalar_t>
+SOLA_DEVICE void copy_cols_async(scalar_t* slot, const scalar_t* row, int col, int n, bool aligned, bool live) {
+  if (live && aligned && col + kV <= n) {
+    cp_async_16(slot, row + col);
+    return;
+  }
+  Vec<scalar_t, kV> x;
+#pragma unroll
+  for (int e = 0; e < kV; ++e) x.v[e] = live && col + e < n ? row[col + e] : scalar_t(0);
+  *reinterpret_cast<Vec<scalar_t, kV>*>(slot) = x;
+}
+
+// slot = scales[idx] (one cp.async), or 1 without scales or when the row is not one of the item's tokens.
+SOLA_DEVICE void copy_scale_async(float* slot, const void* scales, int64_t idx, bool live) {
+  if (live && scales) cp_async_4(slot, static_cast<const float*>(scales) + idx);
+  else *slot = 1.f;
+}
 
 // grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads.
 template <typename scalar_t, int kTile>
@@ -64,10 +92,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
     token_reduce_tc_kernel(const TokenReduceArgs a) {
   using Cfg = ReduceTcConfig<scalar_t, kTile>;
   constexpr int kStage = Cfg::kStage, kLd = Cfg::kLd, kV = Cfg::kVec, kNT = Cfg::kNT;
-  constexpr int kRowsPerPass = Cfg::kRowsPerPass;
+  constexpr int kRowsPerPass = Cfg::kRowsPerPass, kPasses = kStage / kRowsPerPass;
   __shared__ __align__(16) float x_tile[kStage * kLd];  // phi(x) as tf32, 0 past Dm or the chunk
   __shared__ __align__(16) float y_tile[kStage * kLd];  // y * y_scale as tf32
   __shared__ float side_red[kRowsPerPass * kTile];     // side sums of the threads' load rows
+  // x, y and (own side) xs rows as stored, [token][column] per raw stage, and the rows' y and s scales
+  __shared__ __align__(16) scalar_t raw[Cfg::kRawStages][3][kStage * kTile];
+  __shared__ float raw_scale[Cfg::kRawStages][2][kStage];
 
   const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
   // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
@@ -87,13 +118,59 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
     for (int e = 0; e < kV; ++e) side_acc[e] = 0.f;
 
-    TokenRow<scalar_t> row(a, it, it.t_begin + lr, own_side);  // this thread's rows: lr, lr + kRowsPerPass, ..
-    for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kStage) {
-      __syncthreads();  // the previous stage has been consumed
+    // This thread's rows: lr, lr + kRowsPerPass, ..., copied into raw stage `stage`; the first
+    // thread of a row also copies its scales (read by all after the barrier).
+    TokenRow<scalar_t> row(a, it, it.t_begin + lr, own_side);
+    auto copy_stage = [&](int stage) {
 #pragma unroll
-      for (int r = lr; r < kStage; r += kRowsPerPass, row.step(a, kRowsPerPass)) {
+      for (int p = 0; p < kPasses; ++p, row.step(a, kRowsPerPass)) {
+        const int r = lr + p * kRowsPerPass, slot = r * kTile + lc;
+        const bool live = row.t < it.t_end;
+        copy_cols_async<kV>(&raw[stage][0][slot], row.x, it.mb + lc, a.Dm, al.x, live);
+        copy_cols_async<kV>(&raw[stage][1][slot], row.y, it.nb + lc, a.Dn, al.y, live);
+        if (own_side) copy_cols_async<kV>(&raw[stage][2][slot], row.xs, it.mb + lc, a.Dm, al.xs, live);
+        if (lc == 0) {
+          copy_scale_async(&raw_scale[stage][0][r], a.y_scale, row.scale_idx, live);
+          copy_scale_async(&raw_scale[stage][1][r], own_side ? a.s_scale : nullptr, row.scale_idx, live);
+        }
+      }
+      cp_async_commit();
+    };
+    copy_stage(0);
+    int stage = 0;
+    for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kStage, stage ^= 1) {
+      if (t0 + kStage < it.t_end) {  // uniform
+        copy_stage(stage ^ 1);  // its previous contents were mapped before the last barrier
+        cp_async_wait<1>();     // this stage's copies have landed
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // the previous stage has been consumed; every thread's copies are visible
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+        const int r = lr + p * kRowsPerPass, slot = r * kTile + lc;
         float xv[kV], yv[kV], sv[kV];
-        load_token<kV, scalar_t, true>(a, it, row, lc, own_side, al, xv, yv, sv);
+        if (t0 + r < it.t_end) {
+          using V = Vec<scalar_t, kV>;
+          // load_token's mapping: phi(x), y * y_scale, phi(xs) * s_scale
+          const V x = *reinterpret_cast<const V*>(&raw[stage][0][slot]), y = *reinterpret_cast<const V*>(&raw[stage][1][slot]);
+          const int valid = a.Dm - (it.mb + lc);
+          const float ys = raw_scale[stage][0][r], ss = raw_scale[stage][1][r];
+#pragma unroll
+          for (int e = 0; e < kV; ++e) xv[e] = static_cast<float>(x.v[e]), yv[e] = static_cast<float>(y.v[e]) * ys;
+          phi_cols<true>(a.fm, valid, xv);
+          if (own_side) {
+            const V xs = *reinterpret_cast<const V*>(&raw[stage][2][slot]);
+#pragma unroll
+            for (int e = 0; e < kV; ++e) sv[e] = static_cast<float>(xs.v[e]);
+            phi_cols<true>(a.fm, valid, sv);
+#pragma unroll
+            for (int e = 0; e < kV; ++e) sv[e] *= ss;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < kV; ++e) xv[e] = yv[e] = sv[e] = 0.f;
+        }
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
           if (it.side) side_acc[e] += own_side ? sv[e] : xv[e];
@@ -105,6 +182,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
       for (int k0 = 0; k0 < kStage; k0 += 8) mma_tokens_k8<kLd>(c, x_tile + k0 * kLd + m0, y_tile + k0 * kLd, kNT, lane);
     }
+    cp_async_wait_all();  // an item without tokens still committed its (empty) first stage
 
     const ReduceDst<float> dst = reduce_dst<float>(a, it);
 #pragma unroll

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cp_async.cuh"
 #include "wgmma.cuh"
 
 namespace sola {
@@ -249,46 +250,6 @@ SOLA_HD TileIndex tile_index(int64_t tile, int64_t rows, int64_t H, int64_t chun
 template <int kCols>
 SOLA_HD int64_t column_chunks(int64_t cols) {
   return ceil_div(cols, kCols);
-}
-
-// ---- async global -> shared copies ------------------------------------------------------------
-
-SOLA_HD void cp_async_16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#elif defined(SOLA_HOST_EMULATION)
-  ::emu::cp_async_16(smem, gmem);  // lands at this thread's wait, as on the GPU
-#else
-  std::memcpy(smem, gmem, 16);
-#endif
-}
-
-SOLA_HD void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#elif defined(SOLA_HOST_EMULATION)
-  ::emu::cp_async_commit();
-#endif
-}
-
-// Waits for this thread's copies; a __syncthreads() after it makes everyone's visible.
-SOLA_HD void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#elif defined(SOLA_HOST_EMULATION)
-  ::emu::cp_async_wait_all();
-#endif
-}
-
-// Waits for all but this thread's kPending most recently committed copy groups.
-template <int kPending>
-SOLA_HD void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#elif defined(SOLA_HOST_EMULATION)
-  ::emu::cp_async_wait_group(kPending);
-#endif
 }
 
 // 16 bytes of T (kVec16<T> elements): one cp.async piece, one vector load.

@@ -60,6 +60,7 @@ inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
 struct AsyncCopy {
   void* dst;
   const void* src;
+  int bytes;  // 16 (cp.async.cg) or 4 (cp.async.ca)
 };
 inline thread_local std::vector<AsyncCopy> tl_uncommitted;
 inline thread_local std::deque<std::vector<AsyncCopy>> tl_groups;
@@ -72,15 +73,17 @@ inline void mark_unfenced(void* dst, unsigned char flag) {
   const ptrdiff_t off = static_cast<unsigned char*>(dst) - g_dynamic_smem;
   if (off >= 0 && off + 16 <= static_cast<ptrdiff_t>(g_unfenced.size())) std::memset(&g_unfenced[off], flag, 16);
 }
-inline void cp_async_16(void* dst, const void* src) {
-  // cp.async.cg of 16 bytes faults on the device unless both addresses are 16-byte aligned
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-    std::fprintf(stderr, "cp.async: 16-byte copy from %p to %p is not 16-byte aligned\n", src, dst);
+inline void cp_async_bytes(void* dst, const void* src, int bytes) {
+  // cp.async faults on the device unless both addresses are aligned to the copy's size
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    std::fprintf(stderr, "cp.async: %d-byte copy from %p to %p is not %d-byte aligned\n", bytes, src, dst, bytes);
     std::abort();
   }
-  std::memset(dst, 0xff, 16);
-  tl_uncommitted.push_back({dst, src});
+  std::memset(dst, 0xff, bytes);
+  tl_uncommitted.push_back({dst, src, bytes});
 }
+inline void cp_async_16(void* dst, const void* src) { cp_async_bytes(dst, src, 16); }
+inline void cp_async_4(void* dst, const void* src) { cp_async_bytes(dst, src, 4); }
 inline void cp_async_commit() {
   tl_groups.push_back(std::move(tl_uncommitted));
   tl_uncommitted.clear();
@@ -89,8 +92,8 @@ inline void cp_async_commit() {
 inline void cp_async_wait_group(int pending) {
   for (; static_cast<int>(tl_groups.size()) > pending; tl_groups.pop_front())
     for (const AsyncCopy& c : tl_groups.front()) {
-      std::memcpy(c.dst, c.src, 16);
-      mark_unfenced(c.dst, 1);
+      std::memcpy(c.dst, c.src, c.bytes);
+      if (c.bytes == 16) mark_unfenced(c.dst, 1);
       tl_landed.push_back(c.dst);
     }
 }

@@ -1,0 +1,143 @@
+"""Where a SoLA-Vision step spends its time, attn_impl="sola" vs "torch": the profiler's kernel time per
+step, grouped by kind, so the model issue's speed-up can be traced to the ops that set it.
+
+    python bench/model_breakdown.py                                   # CUDA: tiny, 224 px, batch 128, bf16, train step
+    python bench/model_breakdown.py --step fwd --img-size 512 --batch 32 --features-only
+    python bench/model_breakdown.py --top 15                          # also the 15 longest kernels per impl
+
+On CUDA the times are the GPU kernels' (torch.profiler, CUDA activity), bf16 autocast as bench/models.py
+runs it; on CPU (small defaults: 224 px, batch 2, fp32) the self CPU time of each op, a smoke test of the
+grouping more than a measurement. Groups, by kernel or op name: sola_ops (our kernels), sdpa (PyTorch's
+attention kernels), gemm, conv, norm, optimizer, elementwise, reduce, other.
+"""
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import models as BM  # noqa: E402  (bench/models.py: the same models and steps as the model benchmark)
+
+# First match wins: conv before gemm (cuDNN's convolutions are implicit GEMMs), sdpa before the rest.
+GROUPS = (
+    ("sola_ops", ("sola::", "sola_ops", "void flash::")),
+    ("sdpa", ("fmha", "flash_fwd", "flash_bwd", "pytorch_flash", "sdpa", "scaled_dot_product", "attention")),
+    ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "matmul", "linear")),
+    ("norm", ("layer_norm", "batch_norm", "batchnorm", "welford", "bn_")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "aten::add", "aten::mul", "aten::silu",
+                     "aten::gelu", "aten::elu", "aten::cat", "aten::stack", "aten::sub", "aten::fill")),
+    ("reduce", ("reduce", "aten::sum", "aten::mean")),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def profile_step(step, device: torch.device, steps: int):
+    """{kernel or op name: (milliseconds per step, calls per step)} over `steps` runs of step()."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    times = {}
+    for e in prof.key_averages():
+        if cuda:
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0)
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue  # CPU-side entries: their device time is their kernels', counted once here
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            times[e.key] = (us / 1e3 / steps, e.count / steps)
+    return times
+
+
+def breakdown(times):
+    groups = defaultdict(float)
+    for name, (ms, _) in times.items():
+        groups[group_of(name)] += ms
+    return dict(groups)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=BM.MODEL)
+    p.add_argument("--step", choices=("train", "fwd"), default="train")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA, 2 on CPU")
+    p.add_argument("--features-only", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="profiled steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--top", type=int, default=0, help="also list the N longest kernels (ops) of each impl")
+    return p.parse_args(argv)
+
+
+def measure(args):
+    """{impl: {group: ms per step}} for attn_impl "sola" and "torch" (None without the models)."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch or (128 if cuda else 2)
+    steps = args.steps or (5 if cuda else 1)
+    timm, reason = BM.load_models()
+    if timm is None:
+        print(f"model_breakdown: {reason}")
+        return None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    op = "model_train" if args.step == "train" else "model_fwd"
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, generator=gen)
+    labels = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+
+    print(f"model_breakdown: {args.model} {args.step} step, {args.img_size} px, batch {batch}"
+          f"{', features_only' if args.features_only else ''}, {'bf16 autocast' if cuda else 'fp32'}, "
+          f"{'GPU kernel' if cuda else 'CPU op self'} time per step over {steps} profiled step(s) on {device}")
+    per_impl = {}
+    for impl in BM.ATTN_IMPLS:
+        torch.manual_seed(0)
+        kw = {"features_only": True} if args.features_only else {}
+        model = timm.create_model(args.model, attn_impl=impl, **kw).to(device)
+        step = BM.make_step(model, op, args.features_only, x, labels, lambda: amp, capturable=False)
+        for _ in range(2 if cuda else 1):  # warm-up: cuDNN's choices, the allocator, lazy module loads
+            step()
+        times = profile_step(step, device, steps)
+        per_impl[impl] = times
+        if args.top:
+            print(f"\n{impl}: the {args.top} longest ({'kernels' if cuda else 'ops'}), ms per step")
+            for name, (ms, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:args.top]:
+                print(f"  {ms:9.3f}  {calls:6.0f}x  {group_of(name):<11}  {name[:110]}")
+        del model, step
+
+    return {impl: breakdown(t) for impl, t in per_impl.items()}
+
+
+def main(argv=None):
+    groups = measure(parse_args(argv))
+    if groups is None:
+        return 1
+    names = [g for g, _ in GROUPS] + ["other"]
+    print(f"\n{'group':<12}" + "".join(f"{impl + ' ms':>12}" for impl in BM.ATTN_IMPLS) + f"{'torch - sola':>14}")
+    for g in names + ["total"]:
+        vals = [sum(groups[i].values()) if g == "total" else groups[i].get(g, 0.0) for i in BM.ATTN_IMPLS]
+        print(f"{g:<12}" + "".join(f"{v:12.3f}" for v in vals) + f"{vals[1] - vals[0]:14.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
