@@ -66,8 +66,8 @@ struct ReduceTcConfig {
 };
 
 // Copies kV columns of a token row from col on into a raw stage slot: one cp.async for a whole
-// aligned vector, else element loads (a partial last vector, a misaligned view), 0 past n or when
-// the row is not one of the item's tokens.
+// aligned vector, else load_cols' element loads (a partial last vector, a misaligned view; 0 past
+// n), all 0 when the row is not one of the item's tokens.
 template <int kV, typename scalar_t>
 SOLA_DEVICE void copy_cols_async(scalar_t* slot, const scalar_t* row, int col, int n, bool aligned, bool live) {
   if (live && aligned && col + kV <= n) {
@@ -75,8 +75,12 @@ SOLA_DEVICE void copy_cols_async(scalar_t* slot, const scalar_t* row, int col, i
     return;
   }
   Vec<scalar_t, kV> x;
+  if (live) {
+    load_cols<kV>(row, col, n, aligned, x.v);
+  } else {
 #pragma unroll
-  for (int e = 0; e < kV; ++e) x.v[e] = live && col + e < n ? row[col + e] : scalar_t(0);
+    for (int e = 0; e < kV; ++e) x.v[e] = scalar_t(0);
+  }
   *reinterpret_cast<Vec<scalar_t, kV>*>(slot) = x;
 }
 
