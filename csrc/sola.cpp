@@ -7,12 +7,14 @@
 
 TORCH_LIBRARY(sola_ops, m) {
   // Returns (out, state S (B, H, Dk, Dv), normaliser z (B, H, Dk)); S and z are saved for backward.
+  // rope_cos, rope_sin (N, Dk / 2): RoPE of phi(q), phi(k) in the numerator (linear_attention.h).
   m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, "
-        "str feature_map, bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
+        "str feature_map, bool normalize, float eps, Tensor? rope_cos=None, Tensor? rope_sin=None) "
+        "-> (Tensor, Tensor, Tensor)");
   // Returns (dq, dk, dv, dq_norm, dk_norm); dq_norm / dk_norm are empty when q_norm / k_norm are None.
   m.def("linear_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_norm, "
-        "Tensor? k_norm, Tensor state, Tensor z, str feature_map, bool normalize, float eps) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? k_norm, Tensor state, Tensor z, str feature_map, bool normalize, float eps, "
+        "Tensor? rope_cos=None, Tensor? rope_sin=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (out, lse (B, H, Nq)).
   m.def("softmax_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   // Returns (dq, dk, dv). grad_lse: the gradient of lse, when it was differentiated.

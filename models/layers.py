@@ -83,8 +83,9 @@ class AttentionMixer(nn.Module):
     """Shared part of both token mixers (so parameters do not depend on the layer pattern):
     q, k from one linear layer, v = the mixer input, 2-D RoPE on q and k, LePE (depthwise 3x3 on v).
     Subclasses implement `attend(qk, v, height, width)`: qk (B, 2 heads, N, head_dim) holds q's heads
-    then k's, v (B, heads, N, head_dim). With attn_impl="sola" the feature map and RoPE run as one
-    fused kernel (`sola_ops.rope`) over q and k together; "torch" writes them as MLLA does."""
+    then k's, v (B, heads, N, head_dim). With attn_impl="sola" the linear mixer's feature map and RoPE
+    run inside the attention kernels (`linear_attention(rope=...)`), the softmax mixer's RoPE as one
+    kernel (`sola_ops.rope`) over q and k together; "torch" writes them as MLLA does."""
 
     letter = "?"
 
@@ -111,11 +112,15 @@ class AttentionMixer(nn.Module):
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
+    def kernel_tables(self, qk: torch.Tensor, height: int, width: int):
+        """(cos, sin) as the sola_ops kernels compute with them: fp32 (fp64 for fp64 inputs)."""
+        dtype = torch.float64 if qk.dtype == torch.float64 else torch.float32
+        return rope_2d_tables(height, width, self.head_dim, self.rope_base, qk.device, dtype)
+
     def rope(self, qk: torch.Tensor, height: int, width: int, feature_map: str = "identity"):
         """(rope(phi(qk)), phi(qk)), each split into its q and k halves: ((q_rope, k_rope), (q, k))."""
-        if self.attn_impl == "sola":  # one kernel; the angles in fp32 (fp64 for fp64), as it computes
-            dtype = torch.float64 if qk.dtype == torch.float64 else torch.float32
-            cos, sin = rope_2d_tables(height, width, self.head_dim, self.rope_base, qk.device, dtype)
+        if self.attn_impl == "sola":  # one kernel
+            cos, sin = self.kernel_tables(qk, height, width)
             if feature_map == "identity":  # phi(qk) is qk: no second output to write
                 rot, feat = sola_ops.rope(qk, cos, sin), qk
             else:
@@ -142,11 +147,12 @@ class LinearAttention(AttentionMixer):
     eps = 1e-6
 
     def attend(self, qk, v, height, width):
-        (q_rope, k_rope), (q, k) = self.rope(qk, height, width, feature_map="elu")
-        if self.attn_impl == "sola":
-            return sola_ops.linear_attention(q_rope, k_rope, v, feature_map="identity", eps=self.eps,
-                                             q_norm=q, k_norm=k)
+        if self.attn_impl == "sola":  # feature map and RoPE inside the kernels: q, k read once each
+            q, k = qk.chunk(2, dim=1)
+            return sola_ops.linear_attention(q, k, v, feature_map="elu", eps=self.eps,
+                                             rope=self.kernel_tables(qk, height, width))
         # Plain PyTorch, as MLLA writes it.
+        (q_rope, k_rope), (q, k) = self.rope(qk, height, width, feature_map="elu")
         n = k.shape[-2]
         z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + self.eps)
         kv = (k_rope.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))

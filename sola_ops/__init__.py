@@ -13,13 +13,14 @@ import torch
 
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
-from ._ops import _C, check_feature_map, check_linear_args, check_qkv, check_rope_args, ops
+from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "reference", "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
 
 
-def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None):
+def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None,
+                     rope=None):
     """Non-causal linear attention in the mean form, with phi the feature map applied in-kernel:
 
         S = mean_j phi(k_j) v_j^T,  z = mean_j phi(kn_j)   (kn = k_norm if given else k)
@@ -29,6 +30,18 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv). feature_map is
     "elu" (elu(x) + 1), "relu" or "identity". State and sums are fp32 (fp64 for fp64 inputs).
     Under torch.autocast the inputs are cast as for SDPA. Differentiable once (no double backward).
+
+    rope=(cos, sin), each (N, Dk / 2) with N = Nq = Nk and Dk even: rotary position embedding fused
+    into the kernels, as MLLA / SoLA-Vision use it. The numerator takes phi(q_i), phi(k_j) with their
+    channel pairs (2p, 2p + 1) rotated by row i's / j's angles (as `sola_ops.rope` rotates), the
+    normaliser takes them unrotated; the same as
+
+        linear_attention(rope(q, cos, sin, feature_map=fm), rope(k, cos, sin, feature_map=fm), v,
+                         feature_map="identity", q_norm=phi(q), k_norm=phi(k))
+
+    without the four intermediate tensors (fp16 / bf16 on sm_80+ GPUs with Dk, Dv <= 128; elsewhere
+    the op runs those rope kernels itself). Not combined with q_norm / k_norm. The angles are
+    constants: cos and sin get no gradient.
     """
     _check_tensors(q=q, k=k, v=v)
     _check_tensors(optional=True, q_norm=q_norm, k_norm=k_norm)
@@ -38,10 +51,29 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     check_feature_map(feature_map)
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
+    rope_cos, rope_sin = _rope_tables(rope, q_norm, k_norm)
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
     check_linear_args(q, k, v, q_norm, k_norm)
-    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), eps)
+    if rope is not None:
+        check_linear_rope_args(q, k, rope_cos, rope_sin)
+    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), eps, rope_cos, rope_sin)
     return out
+
+
+def _rope_tables(rope, q_norm, k_norm):
+    """linear_attention's rope argument as (cos, sin), or (None, None)."""
+    if rope is None:
+        return None, None
+    if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+        raise TypeError(f"rope must be a (cos, sin) pair of tensors or None, got {type(rope).__name__}")
+    cos, sin = rope
+    _check_tensors(**{"rope[0] (cos)": cos, "rope[1] (sin)": sin})
+    if q_norm is not None or k_norm is not None:
+        raise ValueError("q_norm and k_norm cannot be combined with rope: the normaliser takes phi(q), phi(k) unrotated")
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("rope's cos and sin require grad, but linear_attention takes them as constants and would "
+                         "not differentiate them; pass detached tables (or use sola_ops.reference.linear_attention)")
+    return cos, sin
 
 
 def softmax_attention(q, k, v, *, scale=None, return_lse=False):

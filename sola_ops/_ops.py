@@ -104,27 +104,45 @@ def check_linear_args(q, k, v, q_norm, k_norm):
                 raise ValueError(f"{name} must have the shape of {name[0]} {tuple(like.shape)}, got {tuple(t.shape)}")
 
 
+def check_linear_rope_args(q, k, cos, sin):
+    """linear_attention's rope tables: both or neither; Nq == Nk, Dk even, (N, Dk / 2) each."""
+    if (cos is None) != (sin is None):
+        raise ValueError("rope_cos and rope_sin must be given together")
+    if cos is None:
+        return
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"rope needs as many queries as keys (one angle table for both), got Nq = {q.shape[2]} "
+                         f"and Nk = {k.shape[2]}")
+    if q.shape[3] % 2:
+        raise ValueError(f"rope needs an even head dim of q and k (channel pairs rotate), got {q.shape[3]}")
+    _check_tables(cos, sin, (q.shape[2], q.shape[3] // 2), q, "q", ("rope[0] (cos)", "rope[1] (sin)"))
+
+
+def _check_tables(cos, sin, want, x, x_name, names):
+    for name, t in zip(names, (cos, sin)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must be (N, D / 2) = {want} for {x_name} of shape {tuple(x.shape)}, got shape "
+                             f"{tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of {x_name} ({x.device}), got {t.device}")
+
+
 def check_rope_args(x, cos, sin):
     """The shape rules of rope: x (B, H, N, D) with D even, cos and sin (N, D / 2) floating, on x's device."""
     _check_tensor(x, "x", x)
     if x.shape[3] % 2:
         raise ValueError(f"x must have an even head dim (channel pairs rotate), got {x.shape[3]}")
-    want = (x.shape[2], x.shape[3] // 2)
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != want:
-            raise ValueError(f"{name} must be (N, D / 2) = {want} for x of shape {tuple(x.shape)}, got shape "
-                             f"{tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    _check_tables(cos, sin, (x.shape[2], x.shape[3] // 2), x, "x", ("cos", "sin"))
 
 
 # ---- linear attention ---------------------------------------------------------------------
 
 @torch.library.register_fake("sola_ops::linear_attention_fwd")
-def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps):
+def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos=None, rope_sin=None):
     check_linear_args(q, k, v, q_norm, k_norm)
+    check_linear_rope_args(q, k, rope_cos, rope_sin)
     B, H, Nq, Dk = q.shape
     Dv = v.shape[3]
     acc = _acc_dtype(q.dtype)
@@ -132,8 +150,10 @@ def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, 
 
 
 @torch.library.register_fake("sola_ops::linear_attention_bwd")
-def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feature_map, normalize, eps):
+def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feature_map, normalize, eps,
+                               rope_cos=None, rope_sin=None):
     check_qkv(q, k, v)
+    check_linear_rope_args(q, k, rope_cos, rope_sin)
     dq_norm = torch.empty_like(q, memory_format=torch.contiguous_format) if q_norm is not None else q.new_empty((0,))
     dk_norm = torch.empty_like(k, memory_format=torch.contiguous_format) if k_norm is not None else k.new_empty((0,))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -142,21 +162,23 @@ def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feat
 
 
 def _linear_attention_setup_context(ctx, inputs, output):
-    q, k, v, q_norm, k_norm, feature_map, normalize, eps = inputs
+    q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos, rope_sin = inputs
     _, state, z = output
     ctx.mark_non_differentiable(state, z)  # internal: saved for the backward only
-    ctx.save_for_backward(q, k, v, q_norm, k_norm, state, z)
+    ctx.save_for_backward(q, k, v, q_norm, k_norm, state, z, rope_cos, rope_sin)
     ctx.options = (feature_map, normalize, eps)
 
 
 def _linear_attention_backward(ctx, grad_out, _grad_state, _grad_z):
-    q, k, v, q_norm, k_norm, state, z = ctx.saved_tensors
+    # The rope tables are constants (the public function refuses tables that require grad).
+    q, k, v, q_norm, k_norm, state, z, rope_cos, rope_sin = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     dq, dk, dv, dq_norm, dk_norm = run_bwd("linear_attention", ops.linear_attention_bwd,
-                                           grad_out, q, k, v, q_norm, k_norm, state, z, *ctx.options)
+                                           grad_out, q, k, v, q_norm, k_norm, state, z, *ctx.options,
+                                           rope_cos, rope_sin)
     return (dq, dk, dv, dq_norm if q_norm is not None else None, dk_norm if k_norm is not None else None,
-            None, None, None)
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("sola_ops::linear_attention_fwd", _linear_attention_backward,

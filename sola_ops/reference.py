@@ -23,15 +23,20 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None):
-    """out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps), S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j)."""
+def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_norm=None, k_norm=None,
+                     rope=None):
+    """out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps), S = mean_j phi(k_j) v_j^T, z = mean_j phi(kn_j).
+    rope=(cos, sin): phi(q), phi(k) rotated in the numerator, unrotated in the normaliser."""
     phi = _phi(feature_map)
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
+    if rope is not None and (q_norm is not None or k_norm is not None):
+        raise ValueError("q_norm and k_norm cannot be combined with rope")
     acc = _acc_dtype(q.dtype)
     fq, fk, vv = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
-    state = torch.einsum("bhnd,bhne->bhde", fk, vv) / k.shape[2]
-    out = torch.einsum("bhnd,bhde->bhne", fq, state)
+    rq, rk = (fq, fk) if rope is None else (_rotate(fq, *rope), _rotate(fk, *rope))
+    state = torch.einsum("bhnd,bhne->bhde", rk, vv) / k.shape[2]
+    out = torch.einsum("bhnd,bhde->bhne", rq, state)
     if normalize:
         fqn = fq if q_norm is None else phi(q_norm.to(acc))
         fkn = fk if k_norm is None else phi(k_norm.to(acc))
@@ -55,7 +60,12 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     """rot = phi(x) with channel pairs (2p, 2p+1) rotated by the angles behind cos, sin (N, D / 2)."""
     acc = _acc_dtype(x.dtype)
     f = _phi(feature_map)(x.to(acc))
-    c, s = cos.to(acc), sin.to(acc)
-    f0, f1 = f[..., 0::2], f[..., 1::2]
-    rot = torch.stack((f0 * c - f1 * s, f0 * s + f1 * c), dim=-1).flatten(-2).to(x.dtype)
+    rot = _rotate(f, cos, sin).to(x.dtype)
     return (rot, f.to(x.dtype)) if return_features else rot
+
+
+def _rotate(f, cos, sin):
+    """f (..., N, D) with channel pairs (2p, 2p+1) rotated by the angles behind cos, sin (N, D / 2), in f's dtype."""
+    c, s = cos.to(f.dtype), sin.to(f.dtype)
+    f0, f1 = f[..., 0::2], f[..., 1::2]
+    return torch.stack((f0 * c - f1 * s, f0 * s + f1 * c), dim=-1).flatten(-2)

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "linear_attention/linear_attention.h"
+#include "rope/rope.h"
 
 namespace sola {
 namespace {
@@ -46,6 +47,42 @@ LinearAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v,
 
 bool empty_problem(const LinearAttentionParams& p) { return p.B == 0 || p.H == 0; }
 
+// The angle tables of linear_attention(rope=(cos, sin)), checked and accumulator-typed; none
+// without RoPE.
+struct RopeTables {
+  at::Tensor cos, sin;
+  bool given = false;
+};
+
+RopeTables rope_tables(const c10::optional<at::Tensor>& rope_cos, const c10::optional<at::Tensor>& rope_sin,
+                       const at::Tensor& q, const LinearAttentionParams& p) {
+  SOLA_CHECK(rope_cos.has_value() == rope_sin.has_value(), "rope_cos and rope_sin must be given together");
+  if (!rope_cos.has_value()) return {};
+  SOLA_CHECK(!p.has_qn && !p.has_kn,
+             "q_norm and k_norm cannot be combined with rope: the normaliser takes phi(q), phi(k) unrotated");
+  SOLA_CHECK(p.Nq == p.Nk, "rope needs as many queries as keys (one angle table for both), got Nq = ", p.Nq,
+             " and Nk = ", p.Nk);
+  SOLA_CHECK(p.Dk % 2 == 0, "rope needs an even head dim of q and k (channel pairs rotate), got ", p.Dk);
+  return {rope_angle_table(*rope_cos, "rope_cos", q, "q"), rope_angle_table(*rope_sin, "rope_sin", q, "q"), true};
+}
+
+// Whether the backend's kernels take the RoPE tables themselves; otherwise the op runs the rope
+// kernels first and hands linear attention the rotated and unrotated features (same result, up to
+// rounding the intermediates to the input dtype).
+bool rope_fused(const LinearAttentionParams& p, const at::Tensor& q) {
+#ifdef SOLA_WITH_CUDA
+  if (q.is_cuda()) return linear_attention_rope_fused_cuda(p);
+#endif
+  return false;
+}
+
+// rope(phi(x)) and, for the normaliser, phi(x).
+std::pair<at::Tensor, c10::optional<at::Tensor>> rope_features(const at::Tensor& x, const RopeTables& rope,
+                                                               const std::string& feature_map, bool normalize) {
+  auto [rot, feat] = rope_fwd(x, rope.cos, rope.sin, feature_map, normalize);
+  return {rot, normalize ? c10::optional<at::Tensor>(feat) : c10::nullopt};
+}
+
 void run_fwd(const LinearAttentionParams& p, const at::Tensor& q) {
   if (empty_problem(p)) return;
 #ifdef SOLA_WITH_CUDA
@@ -66,8 +103,16 @@ void run_bwd(const LinearAttentionParams& p, const at::Tensor& q) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(
     at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> q_norm,
-    c10::optional<at::Tensor> k_norm, std::string feature_map, bool normalize, double eps) {
+    c10::optional<at::Tensor> k_norm, std::string feature_map, bool normalize, double eps,
+    c10::optional<at::Tensor> rope_cos, c10::optional<at::Tensor> rope_sin) {
   LinearAttentionParams p = make_params(q, k, v, q_norm, k_norm, feature_map, normalize, eps);
+  const RopeTables rope = rope_tables(rope_cos, rope_sin, q, p);
+  if (rope.given && !rope_fused(p, q)) {
+    auto [q_rot, q_feat] = rope_features(q, rope, feature_map, normalize);
+    auto [k_rot, k_feat] = rope_features(k, rope, feature_map, normalize);
+    return linear_attention_fwd(q_rot, k_rot, v, q_feat, k_feat, "identity", normalize, eps, c10::nullopt, c10::nullopt);
+  }
+  if (rope.given) p.rope_cos = rope.cos.data_ptr(), p.rope_sin = rope.sin.data_ptr();
   at::Tensor out = new_output({p.B, p.H, p.Nq, p.Dv}, q.options());
   at::Tensor state = new_output({p.B, p.H, p.Dk, p.Dv}, q.options().dtype(acc_dtype(q)));
   at::Tensor z = new_output({p.B, p.H, p.Dk}, q.options().dtype(acc_dtype(q)));
@@ -81,8 +126,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd(
     at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> q_norm,
     c10::optional<at::Tensor> k_norm, at::Tensor state, at::Tensor z, std::string feature_map,
-    bool normalize, double eps) {
+    bool normalize, double eps, c10::optional<at::Tensor> rope_cos, c10::optional<at::Tensor> rope_sin) {
   LinearAttentionParams p = make_params(q, k, v, q_norm, k_norm, feature_map, normalize, eps);
+  const RopeTables rope = rope_tables(rope_cos, rope_sin, q, p);
+  if (rope.given && !rope_fused(p, q)) {  // the forward's composition, differentiated
+    auto [q_rot, q_feat] = rope_features(q, rope, feature_map, normalize);
+    auto [k_rot, k_feat] = rope_features(k, rope, feature_map, normalize);
+    auto [dq_rot, dk_rot, dv, dq_feat, dk_feat] = linear_attention_bwd(
+        grad_out, q_rot, k_rot, v, q_feat, k_feat, state, z, "identity", normalize, eps, c10::nullopt, c10::nullopt);
+    auto grad_feat = [&](const at::Tensor& d) { return normalize ? c10::optional<at::Tensor>(d) : c10::nullopt; };
+    const at::Tensor dq = rope_bwd(dq_rot, grad_feat(dq_feat), q, rope.cos, rope.sin, feature_map);
+    const at::Tensor dk = rope_bwd(dk_rot, grad_feat(dk_feat), k, rope.cos, rope.sin, feature_map);
+    return {dq, dk, dv, at::empty({0}, q.options()), at::empty({0}, k.options())};
+  }
+  if (rope.given) p.rope_cos = rope.cos.data_ptr(), p.rope_sin = rope.sin.data_ptr();
   check_attention_tensor(grad_out, "grad_out", q);
   SOLA_CHECK(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, p.Dv}),
              "grad_out must have the output's shape (", p.B, ", ", p.H, ", ", p.Nq, ", ", p.Dv, "), got ", grad_out.sizes());

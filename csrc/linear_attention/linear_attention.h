@@ -1,5 +1,7 @@
 // Non-causal linear attention: what the op layer hands to the CPU and CUDA kernels.
 //   S = mean_j phi(k_j) v_j^T,  z = mean_j phi(kn_j),  out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps)
+// With RoPE fused (rope_cos set): phi(q_i), phi(k_j) in the numerator are rotated by row i's / j's
+// angles (rope.h), the normaliser takes them unrotated (qn = q, kn = k).
 #pragma once
 
 #include "common.h"
@@ -20,6 +22,11 @@ struct LinearAttentionParams {
   // When has_qn is false the normaliser's gradient lands in dq (same for kn and dk).
   View4 grad_out, dq, dk, dv, dqn, dkn;
   FeatureMap feature_map = FeatureMap::Elu;
+  // Fused RoPE: fp32 angle tables (N, Dk / 2), N = Nq = Nk, contiguous; null without. Only the
+  // tensor-core kernels take them (linear_attention_rope_fused_cuda); elsewhere the op layer runs
+  // the rope kernels and passes the rotated and unrotated inputs as q, k and qn, kn.
+  const void* rope_cos = nullptr;
+  const void* rope_sin = nullptr;
   bool normalize = true;
   double eps = 1e-6;
   at::ScalarType dtype = at::ScalarType::Float;
@@ -32,6 +39,9 @@ void linear_attention_bwd_cpu(const LinearAttentionParams& p);
 #ifdef SOLA_WITH_CUDA
 void linear_attention_fwd_cuda(const LinearAttentionParams& p);
 void linear_attention_bwd_cuda(const LinearAttentionParams& p);
+// Whether the CUDA kernels take p's RoPE tables themselves: fp16 / bf16 on sm_80+ with a state of
+// at most 128 x 128 (the tensor-core kernels, their shared memory available on this device).
+bool linear_attention_rope_fused_cuda(const LinearAttentionParams& p);
 #endif
 
 }  // namespace sola

@@ -80,6 +80,7 @@ bool launch_rows(const LinearAttentionParams& p, const BwdScratch& s, int64_t d,
     const RowsLaunch tc = launch_rows_tc<scalar_t, kMode>(p, s, stream);
     if (tc.launched) return tc.summed_dstate;
   }
+  TORCH_INTERNAL_ASSERT(!p.rope_cos, "linear_attention: fused RoPE reached the SIMT row kernels");
   if constexpr (std::is_same_v<scalar_t, double>) {
     launch(std::integral_constant<int, 256>{});
   } else {

@@ -23,6 +23,10 @@ struct TokenReduceArgs {
   const void* s_scale = nullptr;  // acc per (head, token), or null for 1
   bool with_side = true;
   bool side_is_x = false;         // xs aliases x and s_scale is null: the side reuses the x tile
+  // Fused RoPE (tensor-core kernel only): x is rotated by token t's angles (fp32 (N, Dm / 2)),
+  // the side takes phi(x) unrotated (times s_scale); xs is not read.
+  const void* rope_cos = nullptr;
+  const void* rope_sin = nullptr;
   // Work split (plan_token_reduce).
   int tile = 64;                  // the block's square tile of M: 32 or 64
   int tiles_m = 1, tiles_n = 1;
@@ -151,6 +155,7 @@ inline TokenReduceArgs state_reduce_args(const LinearAttentionParams& p) {
   a.fm = p.feature_map;
   a.with_side = true;  // z is an output even with normalize=False
   a.side_is_x = !p.has_kn;
+  a.rope_cos = p.rope_cos, a.rope_sin = p.rope_sin;
   a.m_out = p.state, a.side_out = p.z;
   a.scale = 1.0 / static_cast<double>(p.Nk);
   plan_token_reduce(a, p.dtype == at::kDouble);
@@ -167,6 +172,7 @@ inline TokenReduceArgs dstate_reduce_args(const LinearAttentionParams& p, const 
   a.y_scale = s.inv_den, a.s_scale = s.dd;
   a.with_side = p.normalize;  // without it dd = 0 and dz is never read
   a.side_is_x = false;
+  a.rope_cos = p.rope_cos, a.rope_sin = p.rope_sin;
   a.m_out = s.dstate, a.side_out = s.dz;
   a.scale = 1.0;
   plan_token_reduce(a, p.dtype == at::kDouble);

@@ -10,6 +10,7 @@ void launch_token_reduce(const TokenReduceArgs& a, cudaStream_t stream) {
   const unsigned grid = grid_x(a.heads * a.chunks * a.tiles_m * a.tiles_n, 1);
   bool done = false;
   if constexpr (kIsHalfType<scalar_t>) done = launch_token_reduce_tc<scalar_t>(a, stream);
+  TORCH_INTERNAL_ASSERT(done || !a.rope_cos, "linear_attention: fused RoPE reached the SIMT token reduction");
   if constexpr (!std::is_same_v<scalar_t, double>) {  // fp64 plans the 64 tile only
     if (!done && a.tile == 32) {
       token_reduce_kernel<scalar_t, 32><<<grid, ReduceConfig<scalar_t, 32>::kBlockThreads, 0, stream>>>(a);

@@ -12,6 +12,7 @@
 #include "cp_async.cuh"
 #include "cuda_utils.cuh"
 #include "mma_tf32.cuh"
+#include "rope/rope.h"
 #include "linear_attention/linear_attention_cuda.cuh"
 #include "linear_attention/linear_attention_reduce.cuh"
 #include "linear_attention/linear_attention_rows.cuh"
@@ -63,6 +64,18 @@ struct ReduceTcConfig {
   static constexpr int kMinBlocks = 65536 / (128 * kBlockThreads);
   static_assert(kStage % kRowsPerPass == 0, "a stage must be whole load passes");
   static_assert(kVec * sizeof(scalar_t) == 16, "a load vector is one 16-byte cp.async");
+  // Dynamic shared memory, in this order: x_tile, y_tile (kStage x kLd fp32 each), side_red
+  // (kRowsPerPass x kTile fp32), raw_scale (stages x 2 x kStage fp32), then per raw stage the
+  // arrays x, y, xs as stored; with fused RoPE xs's place holds the stage's cos (fp32, kTile / 2
+  // per token: the same bytes) and one more array its sin. 47.6 KB without RoPE at the 64 tile
+  // (as the static arrays were), 55.8 KB with it (still 4 blocks per SM).
+  static constexpr int kRawElems = kStage * kTile;  // one raw array of a stage
+  static constexpr int kRawArrays = 3;              // x, y, xs (or cos); + sin with RoPE
+  static constexpr int kFloatsBeforeRaw = 2 * kStage * kLd + kRowsPerPass * kTile + kRawStages * 2 * kStage;
+  static constexpr int smem_bytes(bool rope) {
+    return 4 * kFloatsBeforeRaw + kRawStages * (kRawArrays + (rope ? 1 : 0)) * kRawElems * int(sizeof(scalar_t));
+  }
+  static_assert(kFloatsBeforeRaw % 4 == 0 && kRawElems * sizeof(scalar_t) % 16 == 0, "16-byte aligned arrays");
 };
 
 // Copies kV columns of a token row from col on into a raw stage slot: one cp.async for a whole
@@ -90,29 +103,41 @@ SOLA_DEVICE void copy_scale_async(float* slot, const void* scales, int64_t idx, 
   else *slot = 1.f;
 }
 
-// grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads.
-template <typename scalar_t, int kTile>
+// grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads,
+// dynamic shared memory smem_bytes(kRope). kRope: a.rope_cos is set (a template parameter: as a
+// run-time switch its few extra live values cost the 64 tile 36 bytes of spill at the 128 cap).
+template <typename scalar_t, int kTile, bool kRope>
 __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads, ReduceTcConfig<scalar_t, kTile>::kMinBlocks)
     token_reduce_tc_kernel(const TokenReduceArgs a) {
   using Cfg = ReduceTcConfig<scalar_t, kTile>;
-  constexpr int kStage = Cfg::kStage, kLd = Cfg::kLd, kV = Cfg::kVec, kNT = Cfg::kNT;
+  constexpr int kStage = Cfg::kStage, kLd = Cfg::kLd, kV = Cfg::kVec, kNT = Cfg::kNT, kRawElems = Cfg::kRawElems;
   constexpr int kRowsPerPass = Cfg::kRowsPerPass, kPasses = kStage / kRowsPerPass;
-  __shared__ __align__(16) float x_tile[kStage * kLd];  // phi(x) as tf32, 0 past Dm or the chunk
-  __shared__ __align__(16) float y_tile[kStage * kLd];  // y * y_scale as tf32
-  __shared__ float side_red[kRowsPerPass * kTile];     // side sums of the threads' load rows
-  // x, y and (own side) xs rows as stored, [token][column] per raw stage, and the rows' y and s scales
-  __shared__ __align__(16) scalar_t raw[Cfg::kRawStages][3][kStage * kTile];
-  __shared__ float raw_scale[Cfg::kRawStages][2][kStage];
+  SOLA_DYNAMIC_SMEM(smem_raw);
+  float* const x_tile = reinterpret_cast<float*>(smem_raw);  // phi(x) as tf32 (rotated with RoPE), 0 past Dm or the chunk
+  float* const y_tile = x_tile + kStage * kLd;                // y * y_scale as tf32
+  float* const side_red = y_tile + kStage * kLd;              // side sums of the threads' load rows
+  float* const raw_scale = side_red + kRowsPerPass * kTile;   // [stage][y, s][kStage] the rows' scales
+  // [stage][x, y, xs or cos, (sin)][kStage * kTile]: the rows as stored, [token][column]
+  scalar_t* const raw = reinterpret_cast<scalar_t*>(raw_scale + Cfg::kRawStages * 2 * kStage);
 
+  constexpr bool rope = kRope;
+  constexpr int raw_arrays = Cfg::kRawArrays + (kRope ? 1 : 0);
+  const int half = a.Dm / 2;
+  auto raw_at = [&](int stage, int array) { return raw + (stage * raw_arrays + array) * kRawElems; };
+  // With RoPE: the angles of the stage's tokens, [token][kTile / 2] fp32 in arrays 2 (cos) and 3 (sin).
+  auto table_at = [&](int stage, int array) { return reinterpret_cast<float*>(raw_at(stage, array)); };
   const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
   // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
   const int lr = tid / Cfg::kVecsPerRow, lc = (tid % Cfg::kVecsPerRow) * kV;
   const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
+  const bool table_al = rope && half % (kV / 2) == 0 && reinterpret_cast<uintptr_t>(a.rope_cos) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(a.rope_sin) % 16 == 0;
   const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
     const ReduceItem it = reduce_item(a, item);
-    const bool own_side = it.side && !a.side_is_x;
+    const bool own_side = it.side && !a.side_is_x && !rope;
+    const bool side_scaled = own_side || (rope && it.side);  // the side's rows take s_scale
     float c[kNT][4];
 #pragma unroll
     for (int n = 0; n < kNT; ++n)
@@ -130,12 +155,20 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
       for (int p = 0; p < kPasses; ++p, row.step(a, kRowsPerPass)) {
         const int r = lr + p * kRowsPerPass, slot = r * kTile + lc;
         const bool live = row.t < it.t_end;
-        copy_cols_async<kV>(&raw[stage][0][slot], row.x, it.mb + lc, a.Dm, al.x, live);
-        copy_cols_async<kV>(&raw[stage][1][slot], row.y, it.nb + lc, a.Dn, al.y, live);
-        if (own_side) copy_cols_async<kV>(&raw[stage][2][slot], row.xs, it.mb + lc, a.Dm, al.xs, live);
+        copy_cols_async<kV>(raw_at(stage, 0) + slot, row.x, it.mb + lc, a.Dm, al.x, live);
+        copy_cols_async<kV>(raw_at(stage, 1) + slot, row.y, it.nb + lc, a.Dn, al.y, live);
+        if (own_side) copy_cols_async<kV>(raw_at(stage, 2) + slot, row.xs, it.mb + lc, a.Dm, al.xs, live);
+        if constexpr (kRope) {  // the vector's kV / 2 channel pairs: 16 bytes of each table
+          const int64_t t_row = live ? row.t * half : 0;
+          const int pc = (it.mb + lc) / 2;
+          copy_cols_async<kV / 2>(table_at(stage, 2) + slot / 2, static_cast<const float*>(a.rope_cos) + t_row, pc,
+                                  half, table_al, live);
+          copy_cols_async<kV / 2>(table_at(stage, 3) + slot / 2, static_cast<const float*>(a.rope_sin) + t_row, pc,
+                                  half, table_al, live);
+        }
         if (lc == 0) {
-          copy_scale_async(&raw_scale[stage][0][r], a.y_scale, row.scale_idx, live);
-          copy_scale_async(&raw_scale[stage][1][r], own_side ? a.s_scale : nullptr, row.scale_idx, live);
+          copy_scale_async(&raw_scale[(stage * 2) * kStage + r], a.y_scale, row.scale_idx, live);
+          copy_scale_async(&raw_scale[(stage * 2 + 1) * kStage + r], side_scaled ? a.s_scale : nullptr, row.scale_idx, live);
         }
       }
       cp_async_commit();
@@ -157,19 +190,26 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
         if (t0 + r < it.t_end) {
           using V = Vec<scalar_t, kV>;
           // load_token's mapping: phi(x), y * y_scale, phi(xs) * s_scale
-          const V x = *reinterpret_cast<const V*>(&raw[stage][0][slot]), y = *reinterpret_cast<const V*>(&raw[stage][1][slot]);
+          const V x = *reinterpret_cast<const V*>(raw_at(stage, 0) + slot), y = *reinterpret_cast<const V*>(raw_at(stage, 1) + slot);
           const int valid = a.Dm - (it.mb + lc);
-          const float ys = raw_scale[stage][0][r], ss = raw_scale[stage][1][r];
+          const float ys = raw_scale[(stage * 2) * kStage + r], ss = raw_scale[(stage * 2 + 1) * kStage + r];
 #pragma unroll
           for (int e = 0; e < kV; ++e) xv[e] = static_cast<float>(x.v[e]), yv[e] = static_cast<float>(y.v[e]) * ys;
           phi_cols<true>(a.fm, valid, xv);
           if (own_side) {
-            const V xs = *reinterpret_cast<const V*>(&raw[stage][2][slot]);
+            const V xs = *reinterpret_cast<const V*>(raw_at(stage, 2) + slot);
 #pragma unroll
             for (int e = 0; e < kV; ++e) sv[e] = static_cast<float>(xs.v[e]);
             phi_cols<true>(a.fm, valid, sv);
 #pragma unroll
             for (int e = 0; e < kV; ++e) sv[e] *= ss;
+          } else if constexpr (kRope) {  // the side takes phi(x) unrotated; the product its rotation
+            const float* const cs = table_at(stage, 2) + slot / 2;
+            const float* const sn = table_at(stage, 3) + slot / 2;
+#pragma unroll
+            for (int e = 0; e < kV; ++e) sv[e] = xv[e] * ss;
+#pragma unroll
+            for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
           }
         } else {
 #pragma unroll
@@ -177,7 +217,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
         }
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
-          if (it.side) side_acc[e] += own_side ? sv[e] : xv[e];
+          if (it.side) side_acc[e] += side_scaled ? sv[e] : xv[e];
           x_tile[r * kLd + lc + e] = tf32::from_bits(tf32::round(xv[e]));
           y_tile[r * kLd + lc + e] = tf32::from_bits(tf32::round(yv[e]));
         }
@@ -320,6 +360,13 @@ __global__ void __launch_bounds__(128)
   const int g = lane / 4, t4 = lane % 4;
   const int lr = tid / kVpr, lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
   const FeatureMap fm = p.feature_map;
+  // Fused RoPE: q (Out, QueryGrad) or k (KeyGrad) rows rotated after phi, by row r's angles.
+  const float* const rope_cos = static_cast<const float*>(p.rope_cos);
+  const float* const rope_sin = static_cast<const float*>(p.rope_sin);
+  const bool rope = rope_cos != nullptr;
+  const int half = Dk / 2;
+  const bool table_al = rope && half % (kV / 2) == 0 && reinterpret_cast<uintptr_t>(rope_cos) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(rope_sin) % 16 == 0;
   // kFoldDs: this warp's dS tiles, rows ds_m0 .. + 15, columns 8 (ds_n0 + n) .. + 7.
   const int ds_m0 = 16 * (warp % Cfg::kDsMT), ds_n0 = kDsNT * (warp / Cfg::kDsMT);
 
@@ -347,8 +394,9 @@ __global__ void __launch_bounds__(128)
       for (int i = lane; i < kD; i += 32) dz_s[warp * kD + i] = 0.f;
     }
 
-    // xs = f(x) for the tile's rows (f = phi when x_phi), 0 past N and Din; with den also
-    // den_part = phi(qn) . z per load vector, from the unrounded fp32 values.
+    // xs = f(x) for the tile's rows (f = phi when x_phi, then rotated by the row's angles with
+    // fused RoPE), 0 past N and Din; with den also den_part = phi(qn) . z per load vector, from
+    // the unrounded (and unrotated) fp32 values.
     auto load_rows = [&](const View4& x, bool x_phi, int Din, bool den, int64_t r0) {
       const bool al = rows_aligned<scalar_t>(x, kV), qn_al = rows_aligned<scalar_t>(p.qn, kV);
 #pragma unroll
@@ -375,6 +423,13 @@ __global__ void __launch_bounds__(128)
           for (int e = 0; e < kV; ++e) part += sv[e] * zs[lc + e];
           den_part[r * kVpr + tid % kVpr] = part;
         }
+        if (rope && x_phi && row < N) {  // uniform but for the last tile's rows
+          float cs[kV / 2], sn[kV / 2];
+          load_cols<kV / 2>(rope_cos + row * half, lc / 2, half, table_al, cs);
+          load_cols<kV / 2>(rope_sin + row * half, lc / 2, half, table_al, sn);
+#pragma unroll
+          for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
+        }
 #pragma unroll
         for (int e = 0; e < kV; ++e) xs[r * kXLd + lc + e] = tf32::from_bits(tf32::round(xv[e]));
       }
@@ -383,6 +438,8 @@ __global__ void __launch_bounds__(128)
     float c[kNT][4];
     // The dq / dk epilogue at this lane's columns of fragment row half hh:
     //   dx = c * c_scale * phi'(x),  dxn = z * z_scale * phi'(xn)  (added to dx when xn is x).
+    // Fused RoPE (xn is x): dx = phi'(x) (R^T (c * c_scale) + z * z_scale), the lane's two columns
+    // being one channel pair.
     auto store_input_grads = [&](int hh, int64_t row, float c_scale, float z_scale, const View4& x, const View4& xn,
                                  const View4& dx, const View4& dxn, bool has_xn) {
       const bool x_al = rows_aligned<scalar_t>(x, 2), xn_al = rows_aligned<scalar_t>(xn, 2);
@@ -393,8 +450,17 @@ __global__ void __launch_bounds__(128)
         if (col >= Dk) continue;
         float xv[2], xnv[2], d[2], dn[2];
         load_cols<2>(x.row<const scalar_t>(b, h, row), col, Dk, x_al, xv);
-        load_cols<2>(xn.row<const scalar_t>(b, h, row), col, Dk, xn_al, xnv);
         dphi_cols<true>(fm, xv);
+        if (rope) {
+          const float gz0 = p.normalize ? zs[col] * z_scale : 0.f, gz1 = p.normalize ? zs[col + 1] * z_scale : 0.f;
+          unrotate_pair(c[n][2 * hh] * c_scale, c[n][2 * hh + 1] * c_scale, gz0, gz1, rope_cos[row * half + col / 2],
+                        rope_sin[row * half + col / 2], d[0], d[1]);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) d[j] = through_phi(d[j], xv[j]);
+          store_cols<2>(dx.row<scalar_t>(b, h, row), col, Dk, dx_al, d);
+          continue;
+        }
+        load_cols<2>(xn.row<const scalar_t>(b, h, row), col, Dk, xn_al, xnv);
         dphi_cols<true>(fm, xnv);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -456,9 +522,15 @@ __global__ void __launch_bounds__(128)
             if constexpr (kFoldDs) qv[n][0] = qv[n][1] = qnv[n][0] = qnv[n][1] = 0.f;
             if (!valid || col >= Dk) continue;
             load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv[n]);
-            load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv[n]);
             phi_cols<true>(fm, Dk - col, qv[n]);
-            phi_cols<true>(fm, Dk - col, qnv[n]);
+            if (rope) {  // phi(q) unrotated in the normaliser, rotated in the numerator (one pair)
+              qnv[n][0] = qv[n][0], qnv[n][1] = qv[n][1];
+              rotate_pair(qnv[n][0], qnv[n][1], rope_cos[row * half + col / 2], rope_sin[row * half + col / 2], qv[n][0],
+                          qv[n][1]);
+            } else {
+              load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv[n]);
+              phi_cols<true>(fm, Dk - col, qnv[n]);
+            }
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
               if (col + j >= Dk) continue;  // u is not 0 there when g holds an Inf
@@ -564,11 +636,21 @@ template <typename scalar_t>
 bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
   if (!sm80_or_newer()) return false;
   const unsigned grid = grid_x(a.heads * a.chunks * a.tiles_m * a.tiles_n, 1);
-  if (a.tile == 32) {
-    token_reduce_tc_kernel<scalar_t, 32><<<grid, ReduceTcConfig<scalar_t, 32>::kBlockThreads, 0, stream>>>(a);
-  } else {
-    token_reduce_tc_kernel<scalar_t, 64><<<grid, ReduceTcConfig<scalar_t, 64>::kBlockThreads, 0, stream>>>(a);
-  }
+  auto launch = [&](auto tile, auto rope) {
+    constexpr int kTile = decltype(tile)::value;
+    constexpr bool kRope = decltype(rope)::value;
+    using Cfg = ReduceTcConfig<scalar_t, kTile>;
+    // The RoPE layout at the 64 tile (55.8 KB) needs the opt-in past 48 KB.
+    TORCH_INTERNAL_ASSERT((allow_dynamic_smem<token_reduce_tc_kernel<scalar_t, kTile, kRope>, Cfg::smem_bytes(kRope)>()),
+                          "linear_attention: the tensor-core token reduction's shared memory exceeds the device's");
+    token_reduce_tc_kernel<scalar_t, kTile, kRope><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
+  };
+  auto with_tile = [&](auto rope) {
+    if (a.tile == 32) launch(std::integral_constant<int, 32>{}, rope);
+    else launch(std::integral_constant<int, 64>{}, rope);
+  };
+  if (a.rope_cos) with_tile(std::true_type{});
+  else with_tile(std::false_type{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

@@ -1,4 +1,5 @@
-// The forward's tensor-core row kernel (linear_attention_tc.cuh: out = phi(q) S / den), fp16 and bf16.
+// The forward's tensor-core row kernel (linear_attention_tc.cuh: out = phi(q) S / den), fp16 and bf16,
+// and where the tensor-core kernels take fused RoPE.
 #include "linear_attention/linear_attention_tc.cuh"
 
 namespace sola {
@@ -8,4 +9,26 @@ template RowsLaunch launch_rows_tc<at::Half, RowsMode::Out>(const LinearAttentio
 template RowsLaunch launch_rows_tc<at::BFloat16, RowsMode::Out>(const LinearAttentionParams&, const BwdScratch&, cudaStream_t);
 
 }  // namespace la
+
+// The conditions under which launch_token_reduce_tc and launch_rows_tc launch (every row mode,
+// so the forward and the backward both run fused).
+bool linear_attention_rope_fused_cuda(const LinearAttentionParams& p) {
+  c10::cuda::CUDAGuard guard(p.device_index);
+  if ((p.dtype != at::kHalf && p.dtype != at::kBFloat16) || !sm80_or_newer()) return false;
+  const int64_t d = std::max(p.Dk, p.Dv);
+  if (d > 128) return false;
+  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  auto fits = [&](auto head_dim) {
+    constexpr int kD = decltype(head_dim)::value;
+    using la::RowsMode, la::RowsTcConfig;
+    const int64_t rows = std::max({RowsTcConfig<kD, RowsMode::Out>::kSmemBytes, RowsTcConfig<kD, RowsMode::QueryGrad>::kSmemBytes,
+                                   RowsTcConfig<kD, RowsMode::KeyGrad>::kSmemBytes});
+    const int64_t reduce = la::ReduceTcConfig<at::Half, 64>::smem_bytes(true);
+    return std::max(rows, reduce) <= optin;
+  };
+  if (d <= 32) return fits(std::integral_constant<int, 32>{});
+  if (d <= 64) return fits(std::integral_constant<int, 64>{});
+  return fits(std::integral_constant<int, 128>{});
+}
+
 }  // namespace sola

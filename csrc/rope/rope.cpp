@@ -13,17 +13,19 @@ void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
   SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
 }
 
-// A (N, D / 2) angle table as the kernels read it: accumulator-typed and contiguous (a copy only
-// when it is not already).
-at::Tensor angle_table(const at::Tensor& t, const char* name, const at::Tensor& x) {
+}  // namespace
+
+at::Tensor rope_angle_table(const at::Tensor& t, const char* name, const at::Tensor& x, const char* like_name) {
   const int64_t N = x.size(2), half = x.size(3) / 2;
   SOLA_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == half, name, " must be (N, D / 2) = (", N, ", ", half,
-             ") for x of shape ", x.sizes(), ", got shape ", t.sizes());
+             ") for ", like_name, " of shape ", x.sizes(), ", got shape ", t.sizes());
   SOLA_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
-  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of ", like_name, " (", x.device(), "), got ", t.device());
   SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
   return t.to(acc_dtype(x)).contiguous();
 }
+
+namespace {
 
 // Checks x, cos, sin and fills the shared part of the params; the re-laid-out tensors come back
 // through the out-arguments so they stay alive for the kernel.
@@ -33,8 +35,8 @@ RopeParams make_params(at::Tensor& x, at::Tensor& cos, at::Tensor& sin, const st
   SOLA_CHECK(x.size(3) % 2 == 0, "x must have an even head dim (channel pairs rotate), got ", x.size(3));
   RopeParams p;
   p.feature_map = parse_feature_map(feature_map);
-  cos = angle_table(cos, "cos", x);
-  sin = angle_table(sin, "sin", x);
+  cos = rope_angle_table(cos, "cos", x);
+  sin = rope_angle_table(sin, "sin", x);
   x = last_dim_contiguous(x);
   p.B = x.size(0), p.H = x.size(1), p.N = x.size(2), p.D = x.size(3);
   p.x = make_view(x);
@@ -54,6 +56,8 @@ void run(const RopeParams& p, const at::Tensor& x, bool backward) {
   SOLA_CHECK(x.is_cpu(), "x is on ", x.device(), " but sola_ops was built without CUDA kernels");
   backward ? rope_bwd_cpu(p) : rope_fwd_cpu(p);
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rope_fwd(at::Tensor x, at::Tensor cos, at::Tensor sin, std::string feature_map,
                                             bool with_features) {
@@ -82,8 +86,6 @@ at::Tensor rope_bwd(at::Tensor grad_rot, c10::optional<at::Tensor> grad_feat, at
   run(p, x, true);
   return dx;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sola_ops, CPU, m) {
   m.impl("rope_fwd", &rope_fwd);

@@ -23,6 +23,16 @@ struct RopeParams {
   c10::DeviceIndex device_index = -1;
 };
 
+// The ops (checks, outputs, the backend's kernels); linear_attention's RoPE calls them where its
+// own kernels do not take the tables.
+std::tuple<at::Tensor, at::Tensor> rope_fwd(at::Tensor x, at::Tensor cos, at::Tensor sin, std::string feature_map,
+                                            bool with_features);
+at::Tensor rope_bwd(at::Tensor grad_rot, c10::optional<at::Tensor> grad_feat, at::Tensor x, at::Tensor cos,
+                    at::Tensor sin, std::string feature_map);
+// A (N, D / 2) angle table for x (B, H, N, D), checked (errors name it `name`), as the kernels read
+// it: accumulator-typed and contiguous (a copy only when it is not already).
+at::Tensor rope_angle_table(const at::Tensor& t, const char* name, const at::Tensor& x, const char* like_name = "x");
+
 void rope_fwd_cpu(const RopeParams& p);
 void rope_bwd_cpu(const RopeParams& p);
 #ifdef SOLA_WITH_CUDA

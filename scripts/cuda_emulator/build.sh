@@ -38,7 +38,9 @@ for op in ${OPS:-softmax linear rope}; do
   mkdir -p "$OUT/obj/$op"
   dir=$OUT/csrc/${op}_attention
   [ -d "$dir" ] || dir=$OUT/csrc/$op  # csrc/rope
-  for f in "$dir"/*.cu "$dir"/*_cpu.cpp "$OUT"/csrc/common.cpp "$OUT"/csrc/cpu_gemm.cpp \
+  extra_cpu=""
+  [ "$op" = linear ] && extra_cpu=$OUT/csrc/rope/rope_cpu.cpp  # the CPU side of the fused-RoPE cases
+  for f in "$dir"/*.cu "$dir"/*_cpu.cpp $extra_cpu "$OUT"/csrc/common.cpp "$OUT"/csrc/cpu_gemm.cpp \
            "$HERE/driver_$op.cpp"; do
     while (($(jobs -rp | wc -l) >= ${JOBS:-$(nproc)})); do sleep 0.5; done  # ~0.7 GB per compile
     compile "$f" "$op" &

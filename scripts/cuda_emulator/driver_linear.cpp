@@ -1,14 +1,17 @@
 // Runs the linear-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: out, S, z, then dq, dk, dv (dqn, dkn) from the same state, on awkward sizes, every dtype
 // (fp16/bf16 take the tensor-core kernels), each feature map, q_norm / k_norm, strided and
-// misaligned views, NaN inputs; a second backward must be bitwise equal.
-// Usage: driver_linear [quick|all|big|race|fold].
+// misaligned views, NaN inputs; a second backward must be bitwise equal. Fused RoPE (`rope` cases,
+// fp16 / bf16): the CUDA kernels take q, k and the angle tables, the CPU side composes the rope
+// kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
+// Usage: driver_linear [quick|all|big|race|fold|rope].
 #include <cmath>
 #include <cstdio>
 #include <string>
 
 #include "driver_common.h"
 #include "linear_attention/linear_attention.h"
+#include "rope/rope.h"
 
 using namespace sola;
 
@@ -16,14 +19,46 @@ struct Case {
   int64_t B = 1, H = 1, Nq = 7, Nk = 7, Dk = 32, Dv = 32;
   at::ScalarType dt = at::kBFloat16;
   FeatureMap fm = FeatureMap::Elu;
-  bool normalize = true, has_qn = false, has_kn = false, strided = false, poison = false;
+  bool normalize = true, has_qn = false, has_kn = false, strided = false, poison = false, rope = false;
 };
+
+// The rope tables (N, D / 2) of random angles, fp32 (what the op hands the kernels).
+static std::pair<at::Tensor, at::Tensor> rope_tables(int64_t N, int64_t D) {
+  const at::Tensor angles = at::randn({N, D / 2}, at::kFloat) * 3;
+  return {angles.cos(), angles.sin()};
+}
+
+// rope_cpu's forward (rot, and feat = phi(x)) or backward (dx from grad_rot, grad_feat), contiguous.
+static RopeParams rope_params(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, FeatureMap fm) {
+  RopeParams r;
+  r.B = x.size(0), r.H = x.size(1), r.N = x.size(2), r.D = x.size(3);
+  r.cos = cos.data_ptr(), r.sin = sin.data_ptr(), r.feature_map = fm, r.x = make_view(x);
+  r.dtype = x.scalar_type(), r.device_index = -1;
+  return r;
+}
+static std::pair<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                                  FeatureMap fm) {
+  at::Tensor rot = at::empty(x.sizes(), x.options()), feat = at::empty(x.sizes(), x.options());
+  RopeParams r = rope_params(x, cos, sin, fm);
+  r.rot = make_view(rot), r.feat = make_view(feat);
+  rope_fwd_cpu(r);
+  return {rot, feat};
+}
+static at::Tensor rope_grad_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, FeatureMap fm,
+                                const at::Tensor& grad_rot, const at::Tensor* grad_feat) {
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  RopeParams r = rope_params(x, cos, sin, fm);
+  r.grad_rot = make_view(grad_rot), r.dx = make_view(dx);
+  if (grad_feat) r.grad_feat = make_view(*grad_feat);
+  rope_bwd_cpu(r);
+  return dx;
+}
 
 static void linear_case(const Case& c) {
   char name[256];
-  std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d", (long)c.B, (long)c.H,
-                (long)c.Nq, (long)c.Nk, (long)c.Dk, (long)c.Dv, c10::toString(c.dt), (int)c.fm, c.normalize, c.has_qn,
-                c.has_kn, c.strided, c.poison);
+  std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d r%d", (long)c.B,
+                (long)c.H, (long)c.Nq, (long)c.Nk, (long)c.Dk, (long)c.Dv, c10::toString(c.dt), (int)c.fm, c.normalize,
+                c.has_qn, c.has_kn, c.strided, c.poison, c.rope);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor q = input(c.B, c.H, c.Nq, c.Dk, dt, c.strided), k = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided),
              v = input(c.B, c.H, c.Nk, c.Dv, dt, c.strided);
@@ -35,18 +70,31 @@ static void linear_case(const Case& c) {
   p.qn = c.has_qn ? make_view(qn) : p.q, p.kn = c.has_kn ? make_view(kn) : p.k;
   p.has_qn = c.has_qn, p.has_kn = c.has_kn;
   p.feature_map = c.fm, p.normalize = c.normalize, p.eps = 1e-6, p.dtype = dt, p.device_index = -1;
+  // rope: the CPU side (pc) runs on rope(phi(x)) and phi(x) with the identity map; p takes the tables.
+  LinearAttentionParams pc = p;
+  at::Tensor cos, sin, rq, fq, rk, fk;
+  if (c.rope) {
+    std::tie(cos, sin) = rope_tables(c.Nq, c.Dk);
+    std::tie(rq, fq) = rope_cpu(q, cos, sin, c.fm);
+    std::tie(rk, fk) = rope_cpu(k, cos, sin, c.fm);
+    pc.q = make_view(rq), pc.k = make_view(rk), pc.feature_map = FeatureMap::Identity;
+    pc.qn = c.normalize ? make_view(fq) : pc.q, pc.kn = c.normalize ? make_view(fk) : pc.k;
+    pc.has_qn = pc.has_kn = c.normalize;
+    p.rope_cos = cos.data_ptr(), p.rope_sin = sin.data_ptr();
+  }
 
   at::Tensor out[2], state[2], z[2];
   for (int r = 0; r < 2; ++r) {
     out[r] = nan_out({c.B, c.H, c.Nq, c.Dv}, dt), state[r] = nan_out({c.B, c.H, c.Dk, c.Dv}, acc);
     z[r] = nan_out({c.B, c.H, c.Dk}, acc);
-    LinearAttentionParams pr = p;
+    LinearAttentionParams pr = r == 0 ? pc : p;
     pr.out = make_view(out[r]), pr.state = state[r].data_ptr(), pr.z = z[r].data_ptr();
     if (r == 0) linear_attention_fwd_cpu(pr); else linear_attention_fwd_cuda(pr);
   }
   compare(std::string(name) + " out", out[1], out[0], dt, !c.poison);
   compare(std::string(name) + " S", state[1], state[0], dt, !c.poison);
-  compare(std::string(name) + " z", z[1], z[0], dt, !c.poison);
+  // without the normaliser the composition's z is the mean of rope(phi(k)), the fused one's of phi(k): unused
+  if (!c.rope || c.normalize) compare(std::string(name) + " z", z[1], z[0], dt, !c.poison);
 
   at::Tensor g = input(c.B, c.H, c.Nq, c.Dv, dt, c.strided);
   at::Tensor grads[3][5];  // CPU, CUDA, CUDA again: dq, dk, dv, dqn, dkn
@@ -54,12 +102,16 @@ static void linear_case(const Case& c) {
     at::Tensor* d = grads[r];
     d[0] = nan_out(q.sizes(), dt), d[1] = nan_out(k.sizes(), dt), d[2] = nan_out(v.sizes(), dt);
     d[3] = nan_out(q.sizes(), dt), d[4] = nan_out(k.sizes(), dt);
-    LinearAttentionParams pr = p;
+    LinearAttentionParams pr = r == 0 ? pc : p;
     pr.state = state[0].data_ptr(), pr.z = z[0].data_ptr(), pr.grad_out = make_view(g);
     pr.dq = make_view(d[0]), pr.dk = make_view(d[1]), pr.dv = make_view(d[2]);
-    if (c.has_qn) pr.dqn = make_view(d[3]);
-    if (c.has_kn) pr.dkn = make_view(d[4]);
+    if (pr.has_qn) pr.dqn = make_view(d[3]);
+    if (pr.has_kn) pr.dkn = make_view(d[4]);
     if (r == 0) linear_attention_bwd_cpu(pr); else linear_attention_bwd_cuda(pr);
+    if (r == 0 && c.rope) {  // d rope(phi(x)) and d phi(x) -> dx
+      d[0] = rope_grad_cpu(q, cos, sin, c.fm, d[0], c.normalize ? &d[3] : nullptr);
+      d[1] = rope_grad_cpu(k, cos, sin, c.fm, d[1], c.normalize ? &d[4] : nullptr);
+    }
   }
   const char* names[5] = {" dq", " dk", " dv", " dqn", " dkn"};
   for (int i = 0; i < 5; ++i) {
@@ -161,6 +213,32 @@ int main(int argc, char** argv) {
   }
   if (which == "all") {
     for (auto dt : fold_dts) fold_cases(dt);
+  }
+  // Fused RoPE (tensor-core kernels): every state bucket (32: QueryGrad sums dS; 64, 128: the token
+  // reduction over q and g), token chunks and row groups, partial table vectors (Dk 10, 20: half % 4
+  // != 0), Dk != Dv, strided views, relu / identity, no normaliser, NaN.
+  if (which == "rope" || which == "all") {
+    for (auto dt : tc_dts) {
+      Case c;
+      c.rope = true, c.Nq = c.Nk = 37;
+      run(c, dt);
+      c.Dk = c.Dv = 64, c.strided = true;
+      run(c, dt);
+      c.Dk = 128, c.Dv = 96, c.Nq = c.Nk = 70, c.strided = false;
+      run(c, dt);
+      c.Dk = 10, c.Dv = 6, c.Nq = c.Nk = 17, c.fm = FeatureMap::Relu;
+      run(c, dt);
+      c.Dk = 20, c.Dv = 40, c.fm = FeatureMap::Identity, c.normalize = false;
+      run(c, dt);
+      c = Case{};
+      c.rope = true, c.B = 2, c.H = 3, c.Nq = c.Nk = 1100;  // token chunks, QueryGrad row groups
+      run(c, dt);
+      c.Dk = c.Dv = 64;
+      run(c, dt);
+      c = Case{};
+      c.rope = true, c.B = 2, c.H = 2, c.Nq = c.Nk = 9, c.poison = true;
+      run(c, dt);
+    }
   }
   if (which == "big") {
     Case c;
