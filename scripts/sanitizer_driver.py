@@ -135,6 +135,23 @@ def main():
                 return torch.cat(reference.rope(x, *tables, feature_map="elu", return_features=True), -1)
             check(f"rope elu {str(dtype).replace('torch.', '')} B={B} H={H} N={N} D={D}{' slice' if sl else ''}",
                   fused, ref, [randn(B, H, N, D + sl)], dtype, failures)
+    # linear attention with RoPE fused (fp16 / bf16: the tensor-core kernels read the tables; fp32
+    # composes): head dims 32 (QueryGrad sums dS) and 64 (token reduction over q, g), a Dk whose
+    # table rows are not whole 16-byte vectors (10), the (B, N, 2H, D) head-slice views of the model.
+    for dtype in dtypes:
+        for B, H, N, Dk, Dv in ((2, 2, 77, 32, 32), (1, 2, 130, 64, 48), (1, 1, 21, 10, 8)):
+            angles = randn(N, Dk // 2) * 3
+            cos, sin = angles.cos(), angles.sin()
+            dev = (cos.to(DEVICE), sin.to(DEVICE))
+
+            def fused(q, k, v, tables=dev):
+                qk = torch.cat((q, k), 1).transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, 2H, D) memory
+                return sola_ops.linear_attention(qk[:, :q.shape[1]], qk[:, q.shape[1]:], v, rope=tables)
+
+            def ref(q, k, v, tables=(cos.double(), sin.double())):
+                return reference.linear_attention(q, k, v, rope=tables)
+            check(f"linear rope {str(dtype).replace('torch.', '')} B={B} H={H} N={N} Dk={Dk} Dv={Dv}",
+                  fused, ref, [randn(B, H, N, Dk), randn(B, H, N, Dk), randn(B, H, N, Dv)], dtype, failures)
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
