@@ -104,12 +104,15 @@ def check_linear_args(q, k, v, q_norm, k_norm):
                 raise ValueError(f"{name} must have the shape of {name[0]} {tuple(like.shape)}, got {tuple(t.shape)}")
 
 
-def check_linear_rope_args(q, k, cos, sin):
-    """linear_attention's rope tables: both or neither; Nq == Nk, Dk even, (N, Dk / 2) each."""
+def check_linear_rope_args(q, k, cos, sin, q_norm=None, k_norm=None):
+    """linear_attention's rope tables: both or neither, not with q_norm / k_norm; Nq == Nk, Dk even,
+    (N, Dk / 2) each."""
     if (cos is None) != (sin is None):
         raise ValueError("rope_cos and rope_sin must be given together")
     if cos is None:
         return
+    if q_norm is not None or k_norm is not None:
+        raise ValueError("q_norm and k_norm cannot be combined with rope: the normaliser takes phi(q), phi(k) unrotated")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"rope needs as many queries as keys (one angle table for both), got Nq = {q.shape[2]} "
                          f"and Nk = {k.shape[2]}")
@@ -142,7 +145,7 @@ def check_rope_args(x, cos, sin):
 @torch.library.register_fake("sola_ops::linear_attention_fwd")
 def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos=None, rope_sin=None):
     check_linear_args(q, k, v, q_norm, k_norm)
-    check_linear_rope_args(q, k, rope_cos, rope_sin)
+    check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
     B, H, Nq, Dk = q.shape
     Dv = v.shape[3]
     acc = _acc_dtype(q.dtype)
@@ -153,7 +156,7 @@ def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, 
 def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feature_map, normalize, eps,
                                rope_cos=None, rope_sin=None):
     check_qkv(q, k, v)
-    check_linear_rope_args(q, k, rope_cos, rope_sin)
+    check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
     dq_norm = torch.empty_like(q, memory_format=torch.contiguous_format) if q_norm is not None else q.new_empty((0,))
     dk_norm = torch.empty_like(k, memory_format=torch.contiguous_format) if k_norm is not None else k.new_empty((0,))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),

@@ -80,7 +80,7 @@ def test_awkward_sizes(device, dtype, B, H, N, Dk, Dv):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_matches_the_composition(device, dtype):
     """rope= is linear_attention(rope(phi(q)), rope(phi(k)), v, identity, q_norm=phi(q), k_norm=phi(k)):
     bitwise where the op composes (CPU, fp32 on CUDA), within the intermediates' rounding where fused."""
@@ -124,26 +124,42 @@ def test_model_layout(device, dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_backward_deterministic(dtype):
-    q, k, v = (leaf(t) for t in _qkv(4, 2, 700, 32, 32, dtype, "cuda", "elu", seed=1))
-    cos, sin = tables(700, 32, "cuda")
-    g = randn((4, 2, 700, 32), dtype, "cuda", seed=2)
+@pytest.mark.parametrize("D", [32, 64])  # 32: QueryGrad sums dS; 64: the token reduction over q, g (chunked)
+def test_cuda_backward_deterministic(dtype, D):
+    q, k, v = (leaf(t) for t in _qkv(4, 2, 700, D, D, dtype, "cuda", "elu", seed=1))
+    cos, sin = tables(700, D, "cuda")
+    g = randn((4, 2, 700, D), dtype, "cuda", seed=2)
     runs = [torch.autograd.grad(sola_ops.linear_attention(q, k, v, rope=(cos, sin)), (q, k, v), g) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_and_nan(device):
-    q, k, v = (leaf(t) for t in make_qkv(0, 2, 5, 5, 8, 8, torch.float32, device))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_and_nan(device, dtype):
+    q, k, v = (leaf(t) for t in make_qkv(0, 2, 5, 5, 8, 8, dtype, device))
     out = sola_ops.linear_attention(q, k, v, rope=tables(5, 8, device))
     assert out.shape == (0, 2, 5, 8)
     out.sum().backward()
     assert q.grad.shape == q.shape
-    q, k, v = make_qkv(2, 2, 5, 5, 8, 8, torch.float32, device)
+    q, k, v = make_qkv(2, 2, 5, 5, 8, 8, dtype, device)
     k[1, 1, 2, 3] = float("nan")
     out = sola_ops.linear_attention(q, k, v, rope=tables(5, 8, device))
     assert torch.isnan(out[1, 1]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 0]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_tables(device):
+    """Tables whose rows are whole 16-byte vectors but whose storage is not 16-byte aligned (element
+    loads), in fp64 (converted to fp32 by the op) and fp32 views at an odd offset."""
+    N, D = 33, 16
+    cos, sin = tables(N, D, device)
+    shifted = [torch.cat((t.new_zeros(1), t.flatten()))[1:].view(N, D // 2) for t in (cos, sin)]
+    assert shifted[0].data_ptr() % 16 and torch.equal(shifted[0], cos)
+    q, k, v = _qkv(2, 2, N, D, D, torch.bfloat16, device, "elu", seed=3)
+    want = sola_ops.linear_attention(q, k, v, rope=(cos, sin))
+    assert torch.equal(sola_ops.linear_attention(q, k, v, rope=tuple(shifted)), want)
+    check_rope_linear(q, k, v, *shifted)
 
 
 def test_bad_input():
@@ -179,16 +195,23 @@ def test_raw_op_checks():
         ops.linear_attention_fwd(q, k, v, None, None, "elu", True, 1e-6, cos, sin[:3])
     with pytest.raises(ValueError, match="as many queries as keys"):
         ops.linear_attention_fwd(q[:, :, :4], k, v, None, None, "elu", True, 1e-6, cos, sin)
+    # the fake (meta) implementation, which torch.compile traces, checks the same
+    meta = [t.to("meta") for t in (q, k, v, cos, sin)]
+    with pytest.raises(ValueError, match="cannot be combined with rope"):
+        ops.linear_attention_fwd(*meta[:3], None, meta[1], "elu", True, 1e-6, *meta[3:])
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        ops.linear_attention_fwd(meta[0][:, :, :4], *meta[1:3], None, None, "elu", True, 1e-6, *meta[3:])
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_opcheck(normalize):
-    q, k, v = make_qkv(2, 2, 6, 6, 8, 4, torch.float32, seed=1)
-    cos, sin = tables(6, 8)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,normalize", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+def test_opcheck(device, dtype, normalize):
+    q, k, v = make_qkv(2, 2, 6, 6, 8, 4, dtype, device, seed=1)
+    cos, sin = tables(6, 8, device)
     args = (leaf(q), leaf(k), leaf(v), None, None, "elu", normalize, 1e-6, cos, sin)
     torch.library.opcheck(ops.linear_attention_fwd.default, args)
     out, state, z = ops.linear_attention_fwd(q, k, v, None, None, "elu", normalize, 1e-6, cos, sin)
-    g = randn(out.shape, torch.float32, seed=4)
+    g = randn(out.shape, dtype, device, seed=4)
     torch.library.opcheck(ops.linear_attention_bwd.default,
                           (g, q, k, v, None, None, state, z, "elu", normalize, 1e-6, cos, sin))
 
