@@ -26,6 +26,8 @@
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
 #   GPU_CHECK_PROFILE     1: per-kernel ncu numbers after the kernel benchmark (scripts/profile_kernels.py,
 #                         ~60 s; e.g. with GPU_CHECK_SKIP=explorer)
+#   GPU_CHECK_BREAKDOWN   1: a model step's kernel time by kind, sola vs torch (bench/model_breakdown.py
+#                         --top 15, ~60 s) into bench/results/<gpu>_breakdown.txt, after the model bench
 #   GPU_CHECK_PEER_S      seconds for the peer step (default 60; on 2026-12-04 fla / flash_bla compiled
 #                         for over 40 s before their first case, so 60 measured none: give it more
 #                         with GPU_CHECK_SKIP=explorer, or run the step alone)
@@ -204,6 +206,10 @@ main() {
     local mb=$((DEADLINE - $(now) - 150))
     ((mb > 100)) && mb=100
     step "model bench" 130 120 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
+    if [ "${GPU_CHECK_BREAKDOWN:-0}" = 1 ]; then
+        step "model breakdown" 90 100 bash -c '"$1" bench/model_breakdown.py --top 15 > "$2"' _ "$PY" \
+            "$RESULTS/${SLUG}_breakdown.txt"
+    fi
     # issue 9's placement explorer on this GPU: tiny at 224, one softmax layer in stages 3-4
     step "explorer" 60 70 "$PY" -m sola_vision.explore --model sola_vision_tiny --img-size 224 --quick \
         --device cuda --out "$RESULTS"

@@ -666,8 +666,17 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     using Cfg = RowsTcConfig<kD, kMode>;
     if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes>()) return;
     // Each output row is computed the same way whatever the grouping: it sets how often a state
-    // is re-read (and, with the fold, how dS is split into partials).
-    const int64_t heads = p.B * p.H, groups = row_groups(heads, ceil_div(n, Cfg::kRows));
+    // is re-read (and, with the fold, how dS is split into partials, which must not depend on the
+    // GPU: row_groups' constant target). Without the fold the blocks are what the device holds at
+    // once: with the 1024 of row_groups a kernel at 7 blocks per SM on 132 SMs ran a second wave
+    // of 100 blocks, each walking its dozen tiles on an otherwise idle GPU.
+    const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, Cfg::kRows);
+    int64_t groups = row_groups(heads, row_tiles);
+    if constexpr (!Cfg::kFoldDs) {
+      const int64_t resident = int64_t(resident_blocks_per_sm<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kThreads>(Cfg::kSmemBytes)) *
+                               at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      groups = std::min(row_tiles, std::max<int64_t>(1, resident / heads));
+    }
     const DstateFold fold = Cfg::kFoldDs ? DstateFold(p, s, groups) : DstateFold();
     rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
