@@ -4,7 +4,7 @@
 // misaligned views, NaN inputs; a second backward must be bitwise equal. Fused RoPE (`rope` cases,
 // fp16 / bf16): the CUDA kernels take q, k and the angle tables, the CPU side composes the rope
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
-// Usage: driver_linear [quick|all|big|race|fold|rope].
+// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk].
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -239,6 +239,11 @@ int main(int argc, char** argv) {
       c.rope = true, c.B = 2, c.H = 2, c.Nq = c.Nk = 9, c.poison = true;
       run(c, dt);
     }
+  }
+  if (which == "rope_walk") {  // 128 heads of 600 rows: row blocks walk two tiles (QueryGrad's dS fold too)
+    Case c;
+    c.rope = true, c.B = 8, c.H = 16, c.Nq = c.Nk = 600;
+    for (auto dt : tc_dts) run(c, dt);
   }
   if (which == "big") {
     Case c;
