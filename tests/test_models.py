@@ -1,5 +1,6 @@
 """SoLA-Vision models (import package sola_vision): timm integration, layer patterns, sola vs torch
-attention agreement, features, FLOP counting, torch.compile. CPU only, small inputs."""
+attention agreement, features, FLOP counting, torch.compile. CPU, small inputs; one mixer test on CUDA
+(the fused-RoPE kernels), skipped without a GPU."""
 import math
 
 import pytest
@@ -236,6 +237,38 @@ def test_mixers_match_torch():
         g = torch.randn_like(ref)
         torch.testing.assert_close(torch.autograd.grad(out, xs[1], g)[0], torch.autograd.grad(ref, xs[0], g)[0],
                                    rtol=1e-10, atol=1e-10)
+
+
+@needs_sola
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_mixer_on_cuda(dtype):
+    """The linear mixer in a 16-bit dtype on CUDA, where linear_attention(rope=...) runs the fused
+    tensor-core kernels: output and gradients (input, qk weight) against the torch impl in fp64, within
+    twice the torch impl's own error in that dtype plus a small floor (the FlashAttention rule)."""
+    torch.manual_seed(0)
+    mixer = LinearAttention(64, 2, attn_impl="torch").double()
+    with torch.no_grad():
+        mixer.qk.weight.normal_(0, 0.3)
+    x = torch.randn(2, 14, 14, 64, dtype=torch.float64)
+    g = torch.randn(2, 14, 14, 64, dtype=torch.float64)
+
+    def run(impl, dt, device):
+        m = LinearAttention(64, 2, attn_impl=impl).to(device, dt)
+        m.load_state_dict(mixer.state_dict())
+        xi = x.to(device, dt).requires_grad_(True)
+        out = m(xi)
+        dx, dw = torch.autograd.grad(out, (xi, m.qk.weight), g.to(device, dt))
+        return [t.detach().double().cpu() for t in (out, dx, dw)]
+
+    ref = run("torch", torch.float64, "cpu")
+    lowp = run("torch", dtype, "cuda")
+    ours = run("sola", dtype, "cuda")
+    for name, a, lp, r in zip(("out", "dx", "d qk.weight"), ours, lowp, ref):
+        bound = 2 * (lp - r).abs().max().item() + 1e-3 * max(1.0, r.abs().max().item())
+        err = (a - r).abs().max().item()
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
 
 
 def test_linear_mixer_math():
