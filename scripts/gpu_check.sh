@@ -253,10 +253,10 @@ main 2>&1 | tee "$LOG" "$OUT_LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
     # at most 8 files come back from $OUT: the JSON and the log (written there as the run went), up
-    # to 5 PNGs, and one tar of the rest: the explorer's CSV + PNG and the peers' JSON
+    # to 5 PNGs, and one tar of the rest: the explorer's CSV + PNG, the peers' JSON, the model breakdown
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
     # the explorer names its files from torch's device name: take what it wrote during this run
-    more=$(cd "$RESULTS" && find . -maxdepth 1 \( -name 'placements_*' -o -name "${SLUG}_peers.json" \) \
+    more=$(cd "$RESULTS" && find . -maxdepth 1 \( -name 'placements_*' -o -name "${SLUG}_peers.json" -o -name "${SLUG}_breakdown.txt" \) \
         -newer "$STARTED" -printf '%f\n')
     [ -n "$more" ] && tar -cf "$OUT/${SLUG}_more.tar" -C "$RESULTS" $more
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
