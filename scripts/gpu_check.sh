@@ -25,7 +25,7 @@
 #   MAX_JOBS              default: nproc
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
 #   GPU_CHECK_PROFILE     1: per-kernel ncu numbers after the kernel benchmark (scripts/profile_kernels.py,
-#                         ~60 s; e.g. with GPU_CHECK_SKIP=explorer)
+#                         ~60 s; e.g. with GPU_CHECK_SKIP=explorer) into bench/results/<gpu>_profile.txt
 #   GPU_CHECK_BREAKDOWN   1: a model step's kernel time by kind, sola vs torch (bench/model_breakdown.py
 #                         --top 15, ~60 s) into bench/results/<gpu>_breakdown.txt, after the model bench
 #   GPU_CHECK_PEER_S      seconds for the peer step (default 60; on 2026-12-04 fla / flash_bla compiled
@@ -201,7 +201,8 @@ main() {
     step "kernel bench" 180 200 "$PY" bench/kernels.py $quick --strict --max-impl-s 30 --out "$JSON" \
         --impls "$OUR_IMPLS" --budget-s "$((kb > 10 ? kb : 10))"
     if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
-        step "profile" 120 150 "$PY" scripts/profile_kernels.py
+        step "profile" 120 150 bash -c '"$1" scripts/profile_kernels.py | tee "$2"; exit "${PIPESTATUS[0]}"' _ "$PY" \
+            "$RESULTS/${SLUG}_profile.txt"
     fi
     local mb=$((DEADLINE - $(now) - 150))
     ((mb > 100)) && mb=100
@@ -253,10 +254,11 @@ main 2>&1 | tee "$LOG" "$OUT_LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
     # at most 8 files come back from $OUT: the JSON and the log (written there as the run went), up
-    # to 5 PNGs, and one tar of the rest: the explorer's CSV + PNG, the peers' JSON, the model breakdown
+    # to 5 PNGs, and one tar of the rest: the explorer's CSV + PNG, the peers' JSON, the profile, the model breakdown
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
     # the explorer names its files from torch's device name: take what it wrote during this run
-    more=$(cd "$RESULTS" && find . -maxdepth 1 \( -name 'placements_*' -o -name "${SLUG}_peers.json" -o -name "${SLUG}_breakdown.txt" \) \
+    more=$(cd "$RESULTS" && find . -maxdepth 1 \( -name 'placements_*' -o -name "${SLUG}_peers.json" -o -name "${SLUG}_breakdown.txt" \
+        -o -name "${SLUG}_profile.txt" \) \
         -newer "$STARTED" -printf '%f\n')
     [ -n "$more" ] && tar -cf "$OUT/${SLUG}_more.tar" -C "$RESULTS" $more
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"
