@@ -205,7 +205,10 @@ def test_ddp_two_processes_match_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "sola_vision.train", *common, "--output", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the first traceback (the process that failed first) and the tail (torchrun's summary)
+    first = max(proc.stderr.find("Traceback"), 0)
+    assert proc.returncode == 0, (proc.stdout[-2000:] + "\n--- first traceback:\n" + proc.stderr[first:first + 4000]
+                                  + "\n--- stderr tail:\n" + proc.stderr[-2000:])
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
