@@ -51,16 +51,15 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     check_feature_map(feature_map)
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
-    rope_cos, rope_sin = _rope_tables(rope, q_norm, k_norm)
+    rope_cos, rope_sin = _rope_tables(rope)
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
     check_linear_args(q, k, v, q_norm, k_norm)
-    if rope is not None:
-        check_linear_rope_args(q, k, rope_cos, rope_sin)
+    check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
     out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), eps, rope_cos, rope_sin)
     return out
 
 
-def _rope_tables(rope, q_norm, k_norm):
+def _rope_tables(rope):
     """linear_attention's rope argument as (cos, sin), or (None, None)."""
     if rope is None:
         return None, None
@@ -68,8 +67,6 @@ def _rope_tables(rope, q_norm, k_norm):
         raise TypeError(f"rope must be a (cos, sin) pair of tensors or None, got {type(rope).__name__}")
     cos, sin = rope
     _check_tensors(**{"rope[0] (cos)": cos, "rope[1] (sin)": sin})
-    if q_norm is not None or k_norm is not None:
-        raise ValueError("q_norm and k_norm cannot be combined with rope: the normaliser takes phi(q), phi(k) unrotated")
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("rope's cos and sin require grad, but linear_attention takes them as constants and would "
                          "not differentiate them; pass detached tables (or use sola_ops.reference.linear_attention)")
