@@ -4,6 +4,7 @@
     out = sola_ops.softmax_attention(q, k, v)
     out, lse = sola_ops.softmax_attention(q, k, v, return_lse=True)
     rot = sola_ops.rope(x, cos, sin)                     # rotary embedding, x: (B, H, N, D)
+    y = sola_ops.depthwise_conv3x3(x, weight, bias)      # channels-last tokens, x: (B, H, W, C)
 """
 
 import contextlib
@@ -13,9 +14,11 @@ import torch
 
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
+from ._dwconv import check_dwconv_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
-__all__ = ["linear_attention", "softmax_attention", "rope", "reference", "build_info", "debug_nan_fill"]
+__all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "reference", "build_info",
+           "debug_nan_fill"]
 __version__ = "0.1.0"
 
 
@@ -114,6 +117,26 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     check_rope_args(x, cos, sin)
     rot, feat = ops.rope_fwd(x, cos, sin, feature_map, bool(return_features))
     return (rot, feat) if return_features else rot
+
+
+def depthwise_conv3x3(x, weight, bias=None, *, residual=False):
+    """Depthwise 3x3 convolution of channels-last tokens x (B, H, W, C): stride 1, zero padding 1, one
+    3x3 filter per channel. The same as nn.Conv2d(C, C, 3, padding=1, groups=C) applied to
+    x.permute(0, 3, 1, 2) and permuted back (its weight (C, 1, 3, 3) and bias (C,) go in as they are),
+    without layout copies or a cuDNN weight-gradient kernel; residual=True returns x + conv(x) (a
+    conditional position encoding) from the same pass.
+
+    x: any strides with the last dim contiguous (others are copied); float16, bfloat16, float32 or
+    float64, on CPU or CUDA. weight, bias: any float dtype, used in fp32 (fp64 for fp64 x); their
+    gradients come back in their own dtypes. Returns (B, H, W, C) in x's dtype (under autocast, the
+    autocast dtype, as for conv2d). Backward is deterministic (bitwise equal across runs); differentiable
+    once (no double backward).
+    """
+    _check_tensors(x=x, weight=weight)
+    _check_tensors(optional=True, bias=bias)
+    (x,) = _autocast(x)
+    check_dwconv_args(x, weight, bias)
+    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual))
 
 
 def _check_tensors(optional=False, **tensors):

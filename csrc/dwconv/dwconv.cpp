@@ -1,0 +1,139 @@
+// The depthwise_conv3x3 ops: check arguments, lay the taps out for the kernels, allocate outputs,
+// hand a params struct to the backend's kernels. Registered for CPU and (when built) CUDA.
+#include <torch/library.h>
+
+#include "dwconv/dwconv.h"
+
+namespace sola {
+namespace {
+
+void check_tokens(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  SOLA_CHECK(t.dim() == 4, name, " must be 4-D (B, H, W, C), channels last, got shape ", t.sizes());
+  const auto st = t.scalar_type();
+  SOLA_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+             name, " must be float16, bfloat16, float32 or float64, got ", st);
+  SOLA_CHECK(st == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ", st);
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+  SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+}
+
+void check_param(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  SOLA_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+}
+
+void check_weight(const at::Tensor& weight, const at::Tensor& x) {
+  const int64_t C = x.size(3);
+  const bool conv_shape = weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&
+                          weight.size(3) == 3;
+  const bool plain_shape = weight.dim() == 3 && weight.size(0) == C && weight.size(1) == 3 && weight.size(2) == 3;
+  SOLA_CHECK(conv_shape || plain_shape, "weight must be (C, 1, 3, 3) (a depthwise nn.Conv2d's) or (C, 3, 3) with C = ",
+             C, " channels of x, got shape ", weight.sizes());
+  check_param(weight, "weight", x);
+}
+
+// The kernels' taps (9, C), acc-typed: tap 3 dy + dx of every channel; residual adds 1 to the centre
+// tap (out = x + conv(x)); reversed flips them (the gradient of x convolves with the taps reversed).
+at::Tensor kernel_taps(const at::Tensor& weight, const at::Tensor& x, bool residual, bool reversed) {
+  at::Tensor t = weight.reshape({x.size(3), kDwTaps}).to(acc_dtype(x), /*non_blocking=*/false, /*copy=*/true);
+  if (residual) t.select(1, kDwTaps / 2).add_(1);
+  if (reversed) t = t.flip({1});
+  return t.t().contiguous();
+}
+
+DwconvParams make_params(const at::Tensor& x) {
+  DwconvParams p;
+  p.B = x.size(0), p.H = x.size(1), p.W = x.size(2), p.C = x.size(3);
+  p.x = make_view(x);
+  p.dtype = x.scalar_type();
+  p.device_index = x.is_cuda() ? x.device().index() : -1;
+  return p;
+}
+
+bool empty_problem(const at::Tensor& x) { return x.numel() == 0; }
+
+void run_conv(const DwconvParams& p, const at::Tensor& x) {
+#ifdef SOLA_WITH_CUDA
+  if (x.is_cuda()) return dwconv_cuda(p);
+#endif
+  SOLA_CHECK(x.is_cpu(), "x is on ", x.device(), " but sola_ops was built without CUDA kernels");
+  dwconv_cpu(p);
+}
+
+void run_wgrad(const DwconvParams& p, const at::Tensor& x) {
+#ifdef SOLA_WITH_CUDA
+  if (x.is_cuda()) return dwconv_wgrad_cuda(p);
+#endif
+  dwconv_wgrad_cpu(p);
+}
+
+// out = conv(src) with the given taps (and bias), contiguous.
+at::Tensor convolve(at::Tensor src, const at::Tensor& taps, const at::Tensor& bias) {
+  src = last_dim_contiguous(src);
+  at::Tensor out = new_output(src.sizes(), src.options());
+  if (empty_problem(src)) return out;
+  DwconvParams p = make_params(src);
+  p.taps = taps.data_ptr();
+  p.out = make_view(out);
+  if (bias.defined()) p.bias = bias.data_ptr();
+  run_conv(p, src);
+  return out;
+}
+
+void check_x(const at::Tensor& x) {
+  SOLA_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be on a CPU or CUDA device, got ", x.device());
+  check_tokens(x, "x", x);
+}
+
+}  // namespace
+
+at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual) {
+  check_x(x);
+  check_weight(weight, x);
+  at::Tensor bias_acc;
+  if (bias.has_value()) {
+    check_param(*bias, "bias", x);
+    SOLA_CHECK(bias->dim() == 1 && bias->size(0) == x.size(3), "bias must be (C,) with C = ", x.size(3),
+               " channels of x, got shape ", bias->sizes());
+    bias_acc = bias->to(acc_dtype(x)).contiguous();
+  }
+  return convolve(x, kernel_taps(weight, x, residual, false), bias_acc);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor grad_out, at::Tensor x,
+                                                                     at::Tensor weight, bool residual, bool with_bias) {
+  check_x(x);
+  check_weight(weight, x);
+  check_tokens(grad_out, "grad_out", x);
+  const at::Tensor dx = convolve(grad_out, kernel_taps(weight, x, residual, true), at::Tensor());
+  const int64_t C = x.size(3);
+  at::Tensor wgrad = at::zeros({kDwGradRows, C}, x.options().dtype(acc_dtype(x)));
+  if (!empty_problem(x)) {
+    x = last_dim_contiguous(x);
+    grad_out = last_dim_contiguous(grad_out);
+    DwconvParams p = make_params(x);
+    p.grad = make_view(grad_out);
+    p.wgrad = wgrad.data_ptr();
+    run_wgrad(p, x);
+  }
+  const at::Tensor dweight = wgrad.narrow(0, 0, kDwTaps).t().reshape(weight.sizes()).to(weight.scalar_type());
+  const at::Tensor dbias = with_bias ? wgrad.select(0, kDwTaps).to(weight.scalar_type(), false, /*copy=*/true)
+                                     : at::empty({0}, weight.options());
+  return {dx, dweight.contiguous(), dbias};
+}
+
+TORCH_LIBRARY_IMPL(sola_ops, CPU, m) {
+  m.impl("depthwise_conv3x3_fwd", &depthwise_conv3x3_fwd);
+  m.impl("depthwise_conv3x3_bwd", &depthwise_conv3x3_bwd);
+}
+
+#ifdef SOLA_WITH_CUDA
+TORCH_LIBRARY_IMPL(sola_ops, CUDA, m) {
+  m.impl("depthwise_conv3x3_fwd", &depthwise_conv3x3_fwd);
+  m.impl("depthwise_conv3x3_bwd", &depthwise_conv3x3_bwd);
+}
+#endif
+
+}  // namespace sola

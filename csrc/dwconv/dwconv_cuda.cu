@@ -1,0 +1,234 @@
+// CUDA kernels of the depthwise 3x3 convolution (dwconv.h). Memory-bound: each thread takes a
+// vector of channels (4 fp16 / bf16 / fp32, 2 fp64: an 8- or 16-byte access) at one column w and
+// walks kDwRows output rows down it, keeping its taps and a 3 x 3 window of input vectors in
+// registers: each step loads the next input row's three vectors (3 loads per output, not 9).
+// Adjacent threads take adjacent channel vectors, so a warp reads contiguous bytes of a row.
+// The weight gradient sums over every output position in a fixed order (deterministic): blocks
+// of kTx channel vectors x lanes reduce their lanes by a tree into one partial per block row,
+// and a second kernel sums the partials in order. C not a multiple of the vector, or misaligned
+// views, take the one-channel (scalar) kernels.
+#include "cuda_utils.cuh"
+#include "dwconv/dwconv.h"
+
+namespace sola {
+namespace {
+
+constexpr int kDwThreads = 256;
+constexpr int kDwRows = 8;  // output rows per thread: the 2 extra input rows a strip loads cost 25%
+constexpr int64_t kWgradBlocks = 512;  // fills an H100 / H200 at 2-4 blocks per SM
+
+template <typename scalar_t>
+constexpr int kDwVec = sizeof(scalar_t) == 8 ? 2 : 4;  // registers: 9 taps + 9 window vectors
+
+// dst = t[b, h, w, c .. c + kV) as acc, 0 outside the image (the zero padding).
+template <int kV, typename scalar_t, typename acc>
+SOLA_DEVICE void load_vec(const DwconvParams& p, const View4& t, int64_t b, int64_t h, int64_t w, int64_t c,
+                          acc (&dst)[kV]) {
+  if (h < 0 || h >= p.H || w < 0 || w >= p.W) {
+#pragma unroll
+    for (int e = 0; e < kV; ++e) dst[e] = acc(0);
+    return;
+  }
+  const Vec<scalar_t, kV> v = *reinterpret_cast<const Vec<scalar_t, kV>*>(t.row<const scalar_t>(b, h, w) + c);
+#pragma unroll
+  for (int e = 0; e < kV; ++e) dst[e] = static_cast<acc>(v.v[e]);
+}
+
+// Columns w - 1, w, w + 1 of input row h.
+template <int kV, typename scalar_t, typename acc>
+SOLA_DEVICE void load_window_row(const DwconvParams& p, const View4& t, int64_t b, int64_t h, int64_t w, int64_t c,
+                                 acc (&dst)[3][kV]) {
+#pragma unroll
+  for (int dx = 0; dx < 3; ++dx) load_vec<kV, scalar_t>(p, t, b, h, w + dx - 1, c, dst[dx]);
+}
+
+// A thread's work item i: channel c, column w, first row h0 of its strip, image b.
+struct DwItem {
+  int64_t b, h0, w, c;
+};
+
+template <int kV>
+SOLA_DEVICE DwItem dw_item(const DwconvParams& p, int64_t i) {
+  const int64_t vectors = p.C / kV, strips = ceil_div(p.H, kDwRows);
+  DwItem it;
+  it.c = i % vectors * kV;
+  i /= vectors;
+  it.w = i % p.W;
+  i /= p.W;
+  it.h0 = i % strips * kDwRows;
+  it.b = i / strips;
+  return it;
+}
+
+template <typename scalar_t, int kV>
+__global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p) {
+  using acc = acc_t<scalar_t>;
+  const int64_t total = p.B * ceil_div(p.H, kDwRows) * p.W * (p.C / kV);
+  const acc* taps = static_cast<const acc*>(p.taps);
+  const acc* bias = static_cast<const acc*>(p.bias);
+  for (int64_t i = int64_t(blockIdx.x) * kDwThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kDwThreads) {
+    const DwItem it = dw_item<kV>(p, i);
+    acc tap[kDwTaps][kV], b0[kV];
+#pragma unroll
+    for (int t = 0; t < kDwTaps; ++t)
+#pragma unroll
+      for (int e = 0; e < kV; ++e) tap[t][e] = taps[t * p.C + it.c + e];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) b0[e] = bias ? bias[it.c + e] : acc(0);
+    acc win[3][3][kV];  // input rows in rotation: output row h0 + j reads win[(j + dy) % 3], dy = 0, 1, 2
+    load_window_row<kV, scalar_t>(p, p.x, it.b, it.h0 - 1, it.w, it.c, win[0]);
+    load_window_row<kV, scalar_t>(p, p.x, it.b, it.h0, it.w, it.c, win[1]);
+#pragma unroll
+    for (int j = 0; j < kDwRows; ++j) {
+      const int64_t h = it.h0 + j;
+      if (h >= p.H) break;
+      load_window_row<kV, scalar_t>(p, p.x, it.b, h + 1, it.w, it.c, win[(j + 2) % 3]);
+      Vec<scalar_t, kV> o;
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        acc s = b0[e];
+#pragma unroll
+        for (int dy = 0; dy < 3; ++dy)
+#pragma unroll
+          for (int dx = 0; dx < 3; ++dx) s += tap[3 * dy + dx][e] * win[(j + dy) % 3][dx][e];
+        o.v[e] = static_cast<scalar_t>(s);
+      }
+      *reinterpret_cast<Vec<scalar_t, kV>*>(p.out.row<scalar_t>(it.b, h, it.w) + it.c) = o;
+    }
+  }
+}
+
+// Block layout of the weight gradient: tx channel vectors (a power of two up to 32) x lanes
+// position lanes, lanes = kDwThreads / tx (a power of two, for the tree).
+struct WgradLayout {
+  int tx;
+  int64_t tasks;  // (b, strip, w) per channel vector
+  unsigned partials;
+};
+
+// Lanes walk the tasks blockIdx.y * lanes + ty + k * gridDim.y * lanes; each block writes its
+// sums, tree-reduced over its lanes, as partial row blockIdx.y (10, C).
+template <typename scalar_t, int kV>
+__global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_kernel(const DwconvParams p, const WgradLayout l,
+                                                                  acc_t<scalar_t>* partials) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc red[kDwThreads * kV];
+  const int tx = threadIdx.x % l.tx, ty = threadIdx.x / l.tx, lanes = kDwThreads / l.tx;
+  const int64_t c = (int64_t(blockIdx.x) * l.tx + tx) * kV;
+  const bool active = c < p.C;
+  const int64_t strips = ceil_div(p.H, kDwRows);
+  acc sum[kDwGradRows][kV];
+#pragma unroll
+  for (int k = 0; k < kDwGradRows; ++k)
+#pragma unroll
+    for (int e = 0; e < kV; ++e) sum[k][e] = acc(0);
+  for (int64_t task = int64_t(blockIdx.y) * lanes + ty; active && task < l.tasks;
+       task += int64_t(gridDim.y) * lanes) {
+    const int64_t w = task % p.W, h0 = task / p.W % strips * kDwRows, b = task / p.W / strips;
+    acc win[3][3][kV];
+    load_window_row<kV, scalar_t>(p, p.x, b, h0 - 1, w, c, win[0]);
+    load_window_row<kV, scalar_t>(p, p.x, b, h0, w, c, win[1]);
+#pragma unroll
+    for (int j = 0; j < kDwRows; ++j) {
+      const int64_t h = h0 + j;
+      if (h >= p.H) break;
+      load_window_row<kV, scalar_t>(p, p.x, b, h + 1, w, c, win[(j + 2) % 3]);
+      acc g[kV];
+      load_vec<kV, scalar_t>(p, p.grad, b, h, w, c, g);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+#pragma unroll
+        for (int dy = 0; dy < 3; ++dy)
+#pragma unroll
+          for (int dx = 0; dx < 3; ++dx) sum[3 * dy + dx][e] += g[e] * win[(j + dy) % 3][dx][e];
+        sum[kDwTaps][e] += g[e];
+      }
+    }
+  }
+  acc* part = partials + int64_t(blockIdx.y) * kDwGradRows * p.C;
+#pragma unroll
+  for (int k = 0; k < kDwGradRows; ++k) {
+#pragma unroll
+    for (int e = 0; e < kV; ++e) red[threadIdx.x * kV + e] = sum[k][e];
+    __syncthreads();
+    for (int s = lanes / 2; s > 0; s /= 2) {
+      if (ty < s) {
+#pragma unroll
+        for (int e = 0; e < kV; ++e) red[threadIdx.x * kV + e] += red[(threadIdx.x + s * l.tx) * kV + e];
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int e = 0; e < kV; ++e) part[k * p.C + c + e] = red[threadIdx.x * kV + e];
+    }
+    __syncthreads();  // red is refilled for the next k
+  }
+}
+
+// wgrad[i] = sum of the partials' element i: one warp per element, lane l summing partials
+// l, l + 32, ... in order, then a butterfly (a fixed order too).
+template <typename acc>
+__global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_sum_kernel(const acc* partials, int64_t width,
+                                                                      unsigned count, acc* wgrad) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t i = warp_row0(); i < width; i += warp_row_stride()) {
+    acc s = acc(0);
+#pragma unroll 4
+    for (unsigned k = lane; k < count; k += kWarpSize) s += partials[k * width + i];
+    s = warp_sum(s);
+    if (lane == 0) wgrad[i] = s;
+  }
+}
+
+WgradLayout wgrad_layout(const DwconvParams& p, int64_t vectors) {
+  WgradLayout l;
+  l.tx = 1;
+  while (l.tx < 32 && l.tx < vectors) l.tx *= 2;
+  l.tasks = p.B * ceil_div(p.H, kDwRows) * p.W;
+  // About kWgradBlocks blocks, at most one per lane's task: a fixed count for a shape, whatever
+  // the GPU (it sets the sums' order).
+  const int64_t lanes = kDwThreads / l.tx, column_blocks = ceil_div(vectors, l.tx);
+  l.partials = static_cast<unsigned>(
+      std::clamp<int64_t>(ceil_div(kWgradBlocks, column_blocks), 1, std::max<int64_t>(1, ceil_div(l.tasks, lanes))));
+  return l;
+}
+
+}  // namespace
+
+void dwconv_cuda(const DwconvParams& p) {
+  c10::cuda::CUDAGuard guard(p.device_index);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_cuda", [&] {
+    constexpr int kV = kDwVec<scalar_t>;
+    const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.x, kV) && rows_aligned<scalar_t>(p.out, kV);
+    const unsigned grid = grid_x(p.B * ceil_div(p.H, kDwRows) * p.W * (vec ? p.C / kV : p.C), kDwThreads);
+    if (vec) dwconv_kernel<scalar_t, kV><<<grid, kDwThreads, 0, stream>>>(p);
+    else dwconv_kernel<scalar_t, 1><<<grid, kDwThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void dwconv_wgrad_cuda(const DwconvParams& p) {
+  c10::cuda::CUDAGuard guard(p.device_index);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_wgrad_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    constexpr int kV = kDwVec<scalar_t>;
+    const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.x, kV) && rows_aligned<scalar_t>(p.grad, kV);
+    const int64_t vectors = vec ? p.C / kV : p.C, width = kDwGradRows * p.C;
+    const WgradLayout l = wgrad_layout(p, vectors);
+    // Partials on the current stream: the caching allocator keeps them until the kernels are done.
+    const at::Tensor partials = at::empty({int64_t(l.partials) * width},
+                                          at::TensorOptions().dtype(acc_dtype(p.dtype)).device(at::Device(at::kCUDA, p.device_index)));
+    const dim3 grid(static_cast<unsigned>(ceil_div(vectors, l.tx)), l.partials);
+    if (vec) dwconv_wgrad_kernel<scalar_t, kV><<<grid, kDwThreads, 0, stream>>>(p, l, partials.data_ptr<acc>());
+    else dwconv_wgrad_kernel<scalar_t, 1><<<grid, kDwThreads, 0, stream>>>(p, l, partials.data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dwconv_wgrad_sum_kernel<acc><<<grid_x(width, kDwThreads / kWarpSize), kDwThreads, 0, stream>>>(
+        partials.data_ptr<acc>(), width, l.partials, static_cast<acc*>(p.wgrad));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace sola

@@ -1,0 +1,93 @@
+// Runs the depthwise 3x3 conv CUDA launchers (emulated on the CPU, see README.md) against the CPU
+// kernels: the convolution with and without bias (and with the residual's centre tap), the weight
+// gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
+// kernels, images smaller than a strip and taller than one, strided and misaligned views, NaN inputs,
+// and lanes that walk more than one task. Usage: driver_dwconv [all].
+#include <cstdio>
+#include <string>
+
+#include "driver_common.h"
+#include "dwconv/dwconv.h"
+
+using namespace sola;
+
+struct Case {
+  int64_t B = 2, H = 9, W = 7, C = 16;
+  at::ScalarType dt = at::kBFloat16;
+  bool bias = true, strided = false, misaligned = false, poison = false;
+};
+
+// (B, H, W, C) tokens: contiguous, or a view with the channel dim contiguous and the others not
+// (strided: H and W swapped in memory; misaligned: rows starting one element off 16 bytes).
+static at::Tensor tokens(const Case& c) {
+  if (c.strided) return at::randn({c.B, c.W, c.H, c.C}, at::kDouble).to(c.dt).transpose(1, 2);
+  if (c.misaligned) return at::randn({c.B, c.H, c.W, c.C + 1}, at::kDouble).to(c.dt).narrow(3, 1, c.C);
+  return at::randn({c.B, c.H, c.W, c.C}, at::kDouble).to(c.dt);
+}
+
+static void dwconv_case(const Case& c) {
+  char name[200];
+  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld %s b%d s%d m%d p%d", (long)c.B, (long)c.H, (long)c.W,
+                (long)c.C, c10::toString(c.dt), c.bias, c.strided, c.misaligned, c.poison);
+  const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor x = tokens(c), g = tokens(c);
+  if (c.poison) x.select(0, 0).select(0, c.H / 2).select(0, c.W / 2).select(0, c.C - 1).fill_(NAN);
+  const at::Tensor taps = at::randn({kDwTaps, c.C}, at::kDouble).to(acc);
+  const at::Tensor bias = at::randn({c.C}, at::kDouble).to(acc);
+
+  DwconvParams p;
+  p.B = c.B, p.H = c.H, p.W = c.W, p.C = c.C;
+  p.x = make_view(x), p.grad = make_view(g);
+  p.taps = taps.data_ptr(), p.bias = c.bias ? bias.data_ptr() : nullptr;
+  p.dtype = dt, p.device_index = -1;
+  at::Tensor out[2], wgrad[3];
+  for (int r = 0; r < 2; ++r) {  // 0: emulated CUDA, 1: CPU
+    out[r] = nan_out({c.B, c.H, c.W, c.C}, dt), wgrad[r] = nan_out({kDwGradRows, c.C}, acc);
+    p.out = make_view(out[r]), p.wgrad = wgrad[r].data_ptr();
+    if (r == 0) dwconv_cuda(p), dwconv_wgrad_cuda(p);
+    else dwconv_cpu(p), dwconv_wgrad_cpu(p);
+  }
+  wgrad[2] = nan_out({kDwGradRows, c.C}, acc);
+  p.wgrad = wgrad[2].data_ptr();
+  dwconv_wgrad_cuda(p);
+  const bool finite = !c.poison;
+  compare(std::string(name) + " out", out[0], out[1], dt, finite);
+  // The weight gradient sums B * H * W products: scale the tolerance by their count's square root.
+  compare(std::string(name) + " wgrad", wgrad[0] / std::sqrt(double(c.B * c.H * c.W)),
+          wgrad[1] / std::sqrt(double(c.B * c.H * c.W)), acc, finite);
+  if (!at::equal(wgrad[0].nan_to_num(0), wgrad[2].nan_to_num(0)))
+    std::printf("FAIL %s: two weight gradients differ\n", name), ++failures;
+}
+
+int main(int argc, char** argv) {
+  at::manual_seed(0);
+  const std::string which = argc > 1 ? argv[1] : "all";
+  if (which != "all") return std::printf("usage: driver_dwconv [all]\n"), 2;
+  const at::ScalarType dts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
+  for (auto dt : dts) {
+    for (int64_t C : {1, 3, 4, 16, 66, 200}) {  // scalar kernels where C is not a multiple of the vector
+      Case c;
+      c.dt = dt, c.C = C;
+      dwconv_case(c);
+    }
+    for (auto [H, W] : {std::pair<int64_t, int64_t>{1, 1}, {2, 5}, {8, 3}, {17, 1}, {3, 33}}) {
+      Case c;
+      c.dt = dt, c.H = H, c.W = W, c.bias = false;
+      dwconv_case(c);
+    }
+    Case c;
+    c.dt = dt, c.strided = true;
+    dwconv_case(c);
+    c = Case{};
+    c.dt = dt, c.misaligned = true, c.C = 24;
+    dwconv_case(c);
+    c = Case{};
+    c.dt = dt, c.poison = true;
+    dwconv_case(c);
+  }
+  Case walk;  // 33 column blocks leave 16 partials for 160 tasks of 8 lanes: lanes walk two tasks
+  walk.B = 2, walk.H = 8, walk.W = 80, walk.C = 1030;
+  dwconv_case(walk);
+  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,57 @@
+"""depthwise_conv3x3's argument checks, fake (meta) implementations and autograd; the op itself is in
+csrc/dwconv (schema in csrc/sola.cpp)."""
+import torch
+
+from ._ops import _FLOAT_DTYPES, ops, run_bwd
+
+
+def check_dwconv_args(x, weight, bias):
+    """x (B, H, W, C) float; weight (C, 1, 3, 3) or (C, 3, 3), bias (C,) or None, floating, on x's device."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, H, W, C), channels last, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    C = x.shape[3]
+    if tuple(weight.shape) not in ((C, 1, 3, 3), (C, 3, 3)):
+        raise ValueError(f"weight must be (C, 1, 3, 3) (a depthwise nn.Conv2d's) or (C, 3, 3) with C = {C} "
+                         f"channels of x, got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"bias must be (C,) with C = {C} channels of x, got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+@torch.library.register_fake("sola_ops::depthwise_conv3x3_fwd")
+def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual):
+    check_dwconv_args(x, weight, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
+def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias):
+    check_dwconv_args(x, weight, None)
+    dbias = weight.new_empty((x.shape[3],) if with_bias else (0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.residual = residual
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    with_bias = ctx.bias_dtype is not None
+    dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
+                                 with_bias)
+    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None
+
+
+torch.library.register_autograd("sola_ops::depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)
