@@ -11,11 +11,12 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("sola_vision needs timm: pip install timm (or pip install 'sola-ops[models]')") from e
 
-from .flops import flops, linear_attention_flops, softmax_attention_flops
+from .flops import depthwise_conv3x3_flops, flops, linear_attention_flops, softmax_attention_flops
 from .layers import LinearAttention, SoftmaxAttention, SoLABlock, apply_rope, rope_2d_tables
 from .sola_vision import VARIANTS, SoLAVision, parse_layer_pattern
 
 __all__ = [
     "SoLAVision", "SoLABlock", "LinearAttention", "SoftmaxAttention", "VARIANTS", "parse_layer_pattern",
     "apply_rope", "rope_2d_tables", "flops", "linear_attention_flops", "softmax_attention_flops",
+    "depthwise_conv3x3_flops",
 ]

@@ -5,7 +5,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 import sola_ops  # noqa: F401  (loads torch.ops.sola_ops.*)
 
-from .flops import linear_attention_flops, softmax_attention_flops
+from .flops import depthwise_conv3x3_flops, linear_attention_flops, softmax_attention_flops
 
 _ops = torch.ops.sola_ops
 
@@ -31,6 +31,15 @@ def softmax_attention_bwd_flop(grad_out, q, k, v, out=None, lse=None, scale=None
     return softmax_attention_flops(q, k, v, backward=True)
 
 
+def depthwise_conv3x3_fwd_flop(x, weight=None, bias=None, residual=False, *args, out_shape=None, **kwargs) -> int:
+    return depthwise_conv3x3_flops(x)
+
+
+def depthwise_conv3x3_bwd_flop(grad_out, x=None, weight=None, residual=False, with_bias=False, *args, out_shape=None,
+                               **kwargs) -> int:
+    return depthwise_conv3x3_flops(grad_out, backward=True)
+
+
 def _register(op, formula) -> None:
     if op not in flop_registry:  # importing twice (or sola_ops registering its own) must not fail
         register_flop_formula(op)(formula)
@@ -40,3 +49,5 @@ _register(_ops.linear_attention_fwd, linear_attention_fwd_flop)
 _register(_ops.linear_attention_bwd, linear_attention_bwd_flop)
 _register(_ops.softmax_attention_fwd, softmax_attention_fwd_flop)
 _register(_ops.softmax_attention_bwd, softmax_attention_bwd_flop)
+_register(_ops.depthwise_conv3x3_fwd, depthwise_conv3x3_fwd_flop)
+_register(_ops.depthwise_conv3x3_bwd, depthwise_conv3x3_bwd_flop)

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["flops", "linear_attention_flops", "softmax_attention_flops"]
+__all__ = ["flops", "linear_attention_flops", "softmax_attention_flops", "depthwise_conv3x3_flops"]
 
 
 def linear_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
@@ -32,6 +32,14 @@ def softmax_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_sh
     if backward:
         return 2 * B * H * Nq * Nk * (3 * Dk + 2 * Dv)
     return 2 * B * H * Nq * Nk * (Dk + Dv)
+
+
+def depthwise_conv3x3_flops(x_shape: Sequence[int], backward: bool = False) -> int:
+    """9 multiply-adds per output element (as torch counts a depthwise conv2d); the backward is two
+    such convolutions (input and weight gradients)."""
+    B, H, W, C = x_shape
+    fwd = 2 * 9 * B * H * W * C
+    return 2 * fwd if backward else fwd
 
 
 def flops(model: torch.nn.Module, img_size: Union[int, Sequence[int]] = 224, *, batch_size: int = 1,

@@ -1,7 +1,8 @@
 """Building blocks of SoLA-Vision: 2-D RoPE, the two token mixers, the block, conv stem/downsample.
 
-Tokens travel through the blocks as (B, H, W, C) ("NHWC"); the depthwise convs see them as
-channels-last NCHW views (`x.permute(0, 3, 1, 2)`), so no layout copies are made.
+Tokens travel through the blocks as (B, H, W, C) ("NHWC"). The blocks' depthwise 3x3 convs run as
+`sola_ops.depthwise_conv3x3` on them with attn_impl="sola" (the CPE's residual in the same pass), as
+nn.Conv2d on channels-last NCHW views (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way.
 """
 from collections import OrderedDict
 from typing import Tuple
@@ -110,7 +111,7 @@ class AttentionMixer(nn.Module):
         v = x.reshape(B, N, nh, hd).transpose(1, 2).to(qk.dtype)
         out = self.attend(qk, v, H, W)
         out = out.transpose(1, 2).reshape(B, H, W, C)
-        return out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return out + depthwise_conv(self.lepe, x, self.attn_impl)
 
     def kernel_tables(self, qk: torch.Tensor, height: int, width: int):
         """(cos, sin) as the sola_ops kernels compute with them: fp32 (fp64 for fp64 inputs)."""
@@ -176,9 +177,13 @@ MIXERS = {"L": LinearAttention, "S": SoftmaxAttention}
 
 # ---- block ----------------------------------------------------------------------------------
 
-def dwconv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Applies an NCHW conv to (B, H, W, C) tokens through channels-last views."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: bool = False) -> torch.Tensor:
+    """A depthwise 3x3 conv (its weight and bias) on (B, H, W, C) tokens, plus x when residual: one
+    sola_ops kernel for "sola", nn.Conv2d through channels-last views for "torch"."""
+    if attn_impl == "sola":
+        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=residual)
+    y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return x + y if residual else y
 
 
 class SoLABlock(nn.Module):
@@ -210,13 +215,14 @@ class SoLABlock(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + dwconv_nhwc(self.cpe1, x)
+        impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
+        x = depthwise_conv(self.cpe1, x, impl, residual=True)
         y = self.norm1(x)
         gate = self.act(self.act_proj(y))
-        y = self.act(dwconv_nhwc(self.dwc, self.in_proj(y)))
+        y = self.act(depthwise_conv(self.dwc, self.in_proj(y), impl))
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(y * gate))
-        x = x + dwconv_nhwc(self.cpe2, x)
+        x = depthwise_conv(self.cpe2, x, impl, residual=True)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 

@@ -7,6 +7,7 @@
 #      (the whole CPU suite takes minutes; CI runs it)
 #   3. compute-sanitizer memcheck and racecheck over scripts/sanitizer_driver.py
 #   4. bench/kernels.py and bench/models.py -> bench/results/<gpu-slug>.json, bench/plot.py -> PNGs;
+#      bench/dwconv.py (the blocks' depthwise convs, ours vs cuDNN) -> bench/results/<gpu-slug>_dwconv.json;
 #      the Triton peers at the very end, alone: bench/kernels.py --ops linear -> bench/results/<gpu-slug>_peers.json
 #   5. the placement explorer (python -m sola_vision.explore --quick) -> bench/results/placements_*.csv/.png
 #   6. scripts/perf_table.py: the README table
@@ -207,6 +208,8 @@ main() {
     local mb=$((DEADLINE - $(now) - 150))
     ((mb > 100)) && mb=100
     step "model bench" 130 120 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
+    # the blocks' depthwise convs, ours vs cuDNN (the model's other lever besides attention)
+    step "dwconv bench" 40 105 "$PY" bench/dwconv.py --out "$RESULTS/${SLUG}_dwconv.json"
     if [ "${GPU_CHECK_BREAKDOWN:-0}" = 1 ]; then
         step "model breakdown" 90 100 bash -c '"$1" bench/model_breakdown.py --top 15 > "$2"' _ "$PY" \
             "$RESULTS/${SLUG}_breakdown.txt"
@@ -254,11 +257,11 @@ main 2>&1 | tee "$LOG" "$OUT_LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
     # at most 8 files come back from $OUT: the JSON and the log (written there as the run went), up
-    # to 5 PNGs, and one tar of the rest: the explorer's CSV + PNG, the peers' JSON, the profile, the model breakdown
+    # to 5 PNGs, and one tar of the rest: the explorer's CSV + PNG, the peers' JSON, the profile, the model breakdown, the dwconv JSON
     for f in "$RESULTS/$SLUG"_*.png; do [ -f "$f" ] && cp -f "$f" "$OUT"/; done
     # the explorer names its files from torch's device name: take what it wrote during this run
     more=$(cd "$RESULTS" && find . -maxdepth 1 \( -name 'placements_*' -o -name "${SLUG}_peers.json" -o -name "${SLUG}_breakdown.txt" \
-        -o -name "${SLUG}_profile.txt" \) \
+        -o -name "${SLUG}_profile.txt" -o -name "${SLUG}_dwconv.json" \) \
         -newer "$STARTED" -printf '%f\n')
     [ -n "$more" ] && tar -cf "$OUT/${SLUG}_more.tar" -C "$RESULTS" $more
     echo "gpu_check: copied $(ls "$OUT" | wc -l) file(s) to \$OUT"

@@ -31,6 +31,7 @@ def _load(name, path):
 common = _load("bench_common", os.path.join(BENCH, "common.py"))
 kernels = _load("bench_kernels", os.path.join(BENCH, "kernels.py"))
 models = _load("bench_models", os.path.join(BENCH, "models.py"))
+dwconv = _load("bench_dwconv", os.path.join(BENCH, "dwconv.py"))
 perf_table = _load("perf_table", os.path.join(ROOT, "scripts", "perf_table.py"))
 
 E = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -278,3 +279,23 @@ def test_gpu_check_script_parses():
     if not shutil.which("bash"):
         pytest.skip("no bash")
     subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")], check=True)
+
+
+def test_dwconv_bench(tmp_path):
+    """bench/dwconv.py on CPU: both impls, both passes per shape, the same results, derived columns."""
+    out = tmp_path / "dw.json"
+    data = dwconv.main(["--device", "cpu", "--tiny", "--reps", "2", "--out", str(out)])
+    rows = data["rows"]
+    assert not data["skipped"], data["skipped"]
+    assert len(rows) == len(dwconv.TINY_SHAPES) * 2 * 2
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("sola_ops", "torch") for p in ("fwd", "fwd_bwd")}
+    for r in rows:
+        B, H, W, C = next(s for s in dwconv.TINY_SHAPES if s[0] == r["B"] and s[1] * s[2] == r["Nq"])
+        assert r["op"] == "depthwise_conv3x3" and r["D"] == C and r["img_hw"] == [H, W]
+        assert r["max_abs_diff_vs_torch"] < 1e-4  # fp32: ours and conv2d agree
+        tensors = 2 if r["pass"] == "fwd" else 5
+        assert r["GBps"] == pytest.approx(tensors * B * H * W * C * 4 / (r["ms"] * 1e-3) / 1e9, rel=1e-3)
+        if r["impl"] == "torch":
+            assert r["ratio_to_best_baseline"] == pytest.approx(1.0)
+    with open(out) as f:
+        assert json.load(f)["csrc_sha256"] == data["csrc_sha256"]

@@ -1,0 +1,104 @@
+"""Depthwise 3x3 conv on channels-last tokens, as SoLA-Vision's blocks run it (CPE: x + conv(x)):
+sola_ops.depthwise_conv3x3 against PyTorch's conv2d on the channels-last view (cuDNN on CUDA), forward
+and forward + backward (input, weight and bias gradients), under bf16 autocast with fp32 parameters
+as the model bench runs, on sola_vision_tiny's block shapes.
+
+    python bench/dwconv.py --out bench/results/nvidia-h200_dwconv.json     # CUDA: 224 px b128, 1024 px b8
+    python bench/dwconv.py --device cpu --tiny                                # a smoke test
+
+Rows follow DESIGN.md's format (op "depthwise_conv3x3", impl "sola_ops" or "torch", Nq = H * W tokens,
+D = channels, img_hw); GB/s counts the bytes a fused kernel must move: the forward reads x and writes out
+(2 tensors), the backward reads the gradient and x and writes dx (3 more). The baseline of
+ratio_to_best_baseline is "torch".
+"""
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import common as C  # noqa: E402
+
+# (B, H, W, C): sola_vision_tiny's four stages at 224 px, batch 128; stage 1 at 1024 px, batch 8.
+CUDA_SHAPES = [(128, 56, 56, 64), (128, 28, 28, 128), (128, 14, 14, 256), (128, 7, 7, 512), (8, 256, 256, 64)]
+CPU_SHAPES = [(8, 28, 28, 64), (8, 7, 7, 256)]
+TINY_SHAPES = [(2, 8, 8, 16), (2, 5, 7, 24)]
+
+
+def impls(sola_ops):
+    def torch_conv(x, conv):
+        return x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def ours(x, conv):
+        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=True)
+
+    return {"sola_ops": ours, "torch": torch_conv}
+
+
+def run(device, args, rows, skipped):
+    import sola_ops
+    dtype = C.DTYPES[args.dtype]
+    shapes = TINY_SHAPES if args.tiny else CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
+    reps = args.reps or (20 if device.type == "cuda" else 3)
+    # bf16 / fp16 as the model runs them: autocast, fp32 parameters (conv2d gets them cast, ours reads fp32)
+    low = dtype in (torch.float16, torch.bfloat16)
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if low else contextlib.nullcontext
+    for B, H, W, Ch in shapes:
+        conv = torch.nn.Conv2d(Ch, Ch, 3, padding=1, groups=Ch, device=device)
+        x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
+        g = torch.randn_like(x)
+        fns = impls(sola_ops)
+        with ctx():
+            outs = {name: fn(x, conv) for name, fn in fns.items()}
+        diff = (outs["sola_ops"].double() - outs["torch"].double()).abs().max().item()
+        for name, fn in fns.items():
+            xg = x.detach().requires_grad_(True)
+            params = [xg, conv.weight, conv.bias]
+            passes = {
+                "fwd": lambda: torch.no_grad()(fn)(x, conv),
+                "fwd_bwd": lambda: torch.autograd.grad(fn(xg, conv), params, g),
+            }
+            for pass_, step in passes.items():
+                try:
+                    ms, _ = C.time_fn(step, device, reps, warmup=3, ctx=ctx)
+                except RuntimeError as e:
+                    skipped.append({"op": "depthwise_conv3x3", "impl": name, "pass": pass_, "reason": C.short_reason(e)})
+                    continue
+                tensors = 2 if pass_ == "fwd" else 5
+                rows.append(C.make_row(op="depthwise_conv3x3", impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
+                                       Nq=H * W, D=Ch, ms=C.sig(ms), case="dwconv", img_hw=[H, W],
+                                       GBps=C.sig(tensors * x.numel() * x.element_size() / (ms * 1e-3) / 1e9),
+                                       max_abs_diff_vs_torch=C.sig(diff, 3)))
+                print(f"{name:<9} {pass_:<8} B={B} {H}x{W} C={Ch}: {ms:.4f} ms", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=sorted(C.DTYPES), help="default bfloat16 (CUDA), float32 (CPU)")
+    p.add_argument("--tiny", action="store_true", help="two tiny shapes (for the tests)")
+    p.add_argument("--reps", type=int)
+    p.add_argument("--out", help="write the results JSON here")
+    args = p.parse_args(argv)
+    device = C.pick_device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    peak = C.measure_peaks(device, quick=True, tiny=args.tiny)
+    data = C.header(device, peak, {"bench": "dwconv"})
+    run(device, args, data["rows"], data["skipped"])
+    C.add_derived(data["rows"], peak)
+    for r in data["rows"]:
+        print(f"{r['impl']:<9} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
+              f"{r['ms']:>9.4f} ms {r['GBps']:>8.1f} GB/s {C.fmt(r['pct_peak'], '5.1f')}% of copy  "
+              f"x{C.fmt(r['ratio_to_best_baseline'], '.2f')} vs torch")
+    if args.out:
+        C.write_json(args.out, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
