@@ -1,7 +1,8 @@
 // C++ CPU kernels of the depthwise 3x3 convolution (dwconv.h): the convolution, parallel over
 // output rows (b, h), and the weight gradient, summed per fixed chunk of rows and then over the
-// chunks in order (bitwise the same for any thread count). Rows go through acc buffers with a zero
-// column each side, so the loops over channels vectorise (compiled per ISA, SOLA_CPU_CLONES).
+// chunks in order (bitwise the same for any thread count). Input rows go through acc buffers with a
+// zero column each side, converted once per task, so the loops over channels vectorise (compiled per
+// ISA, SOLA_CPU_CLONES).
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -25,29 +26,60 @@ SOLA_CPU_INLINE void load_padded_row(const DwconvParams& p, const View4& t, int6
   for (int64_t w = 0; w < W; ++w) load_row(t.row<const scalar_t>(b, hh, w), C, dst + (w + 1) * C);
 }
 
+// The input rows h - 1, h, h + 1 of the output rows r0 .. r1 in turn, each row converted once: a row
+// continuing the previous one in its image reuses two of the three buffers.
+template <typename scalar_t, typename acc>
+class RowWindow {
+ public:
+  RowWindow(const DwconvParams& p, int64_t width) : p_(p), buf_(3 * width), width_(width) {}
+
+  // rows[dy] = input row h + dy - 1 of image b, zero-padded.
+  void move_to(int64_t b, int64_t h, const acc* (&rows)[3]) {
+    if (b == b_ && h == h_ + 1) {
+      top_ = (top_ + 1) % 3;
+      load_padded_row<scalar_t>(p_, p_.x, b, h + 1, slot(2));
+    } else {
+      for (int dy = 0; dy < 3; ++dy) load_padded_row<scalar_t>(p_, p_.x, b, h + dy - 1, slot(dy));
+    }
+    b_ = b, h_ = h;
+    for (int dy = 0; dy < 3; ++dy) rows[dy] = slot(dy);
+  }
+
+ private:
+  acc* slot(int dy) { return buf_.data() + (top_ + dy) % 3 * width_; }
+
+  const DwconvParams& p_;
+  std::vector<acc> buf_;
+  int64_t width_, b_ = -1, h_ = -1;
+  int top_ = 0;  // the buffer holding row h - 1
+};
+
+// out = bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass per row.
 template <typename scalar_t>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t W = p.W, C = p.C;
   const acc* taps = static_cast<const acc*>(p.taps);
   const acc* bias = static_cast<const acc*>(p.bias);
-  std::vector<acc> in((W + 2) * C), out(W * C);
+  RowWindow<scalar_t, acc> window(p, (W + 2) * C);
+  std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0));
+  const acc* const start = bias ? bias : zeros.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.H, h = r % p.H;
-    for (int64_t w = 0; w < W; ++w)
-      for (int64_t c = 0; c < C; ++c) out[w * C + c] = bias ? bias[c] : acc(0);
-    for (int dy = 0; dy < 3; ++dy) {
-      load_padded_row<scalar_t>(p, p.x, b, h + dy - 1, in.data());
-      for (int dx = 0; dx < 3; ++dx) {
-        const acc* tap = taps + (3 * dy + dx) * C;
-        for (int64_t w = 0; w < W; ++w) {
-          const acc* src = in.data() + (w + dx) * C;
-          acc* o = out.data() + w * C;
-          for (int64_t c = 0; c < C; ++c) o[c] += tap[c] * src[c];
-        }
+    const acc* in[3];
+    window.move_to(b, h, in);
+    for (int64_t w = 0; w < W; ++w) {
+      const acc* src[kDwTaps];
+      for (int t = 0; t < kDwTaps; ++t) src[t] = in[t / 3] + (w + t % 3) * C;
+#pragma GCC ivdep  // out, the taps and the input rows are separate buffers
+      for (int64_t c = 0; c < C; ++c) {  // the 9 products of a channel in registers, channels in vectors
+        acc o = start[c];
+#pragma GCC unroll 9
+        for (int t = 0; t < kDwTaps; ++t) o += taps[t * C + c] * src[t][c];
+        out[c] = o;
       }
+      store_row(out.data(), C, p.out.row<scalar_t>(b, h, w));
     }
-    for (int64_t w = 0; w < W; ++w) store_row(out.data() + w * C, C, p.out.row<scalar_t>(b, h, w));
   }
 }
 
@@ -56,25 +88,26 @@ template <typename scalar_t>
 SOLA_CPU_CLONES void wgrad_rows(const DwconvParams& p, int64_t r0, int64_t r1, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
   const int64_t W = p.W, C = p.C;
-  std::vector<acc> in((W + 2) * C), g(W * C);
+  RowWindow<scalar_t, acc> window(p, (W + 2) * C);
+  std::vector<acc> g(C);
   std::fill(part, part + kDwGradRows * C, acc(0));
+  acc* bias_sum = part + kDwTaps * C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.H, h = r % p.H;
-    for (int64_t w = 0; w < W; ++w) load_row(p.grad.row<const scalar_t>(b, h, w), C, g.data() + w * C);
-    for (int dy = 0; dy < 3; ++dy) {
-      load_padded_row<scalar_t>(p, p.x, b, h + dy - 1, in.data());
-      for (int dx = 0; dx < 3; ++dx) {
-        acc* sum = part + (3 * dy + dx) * C;
-        for (int64_t w = 0; w < W; ++w) {
-          const acc* src = in.data() + (w + dx) * C;
-          const acc* gw = g.data() + w * C;
-          for (int64_t c = 0; c < C; ++c) sum[c] += gw[c] * src[c];
-        }
+    const acc* in[3];
+    window.move_to(b, h, in);
+    for (int64_t w = 0; w < W; ++w) {
+      load_row(p.grad.row<const scalar_t>(b, h, w), C, g.data());
+      const acc* src[kDwTaps];
+      for (int t = 0; t < kDwTaps; ++t) src[t] = in[t / 3] + (w + t % 3) * C;
+#pragma GCC ivdep  // part, g and the input rows are separate buffers
+      for (int64_t c = 0; c < C; ++c) {
+        const acc gc = g[c];
+#pragma GCC unroll 9
+        for (int t = 0; t < kDwTaps; ++t) part[t * C + c] += gc * src[t][c];
+        bias_sum[c] += gc;
       }
     }
-    acc* bias_sum = part + kDwTaps * C;
-    for (int64_t w = 0; w < W; ++w)
-      for (int64_t c = 0; c < C; ++c) bias_sum[c] += g[w * C + c];
   }
 }
 

@@ -120,7 +120,6 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
   // [stage][x, y, xs or cos, (sin)][kStage * kTile]: the rows as stored, [token][column]
   scalar_t* const raw = reinterpret_cast<scalar_t*>(raw_scale + Cfg::kRawStages * 2 * kStage);
 
-  constexpr bool rope = kRope;
   constexpr int raw_arrays = Cfg::kRawArrays + (kRope ? 1 : 0);
   const int half = a.Dm / 2;
   auto raw_at = [&](int stage, int array) { return raw + (stage * raw_arrays + array) * kRawElems; };
@@ -130,14 +129,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
   // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
   const int lr = tid / Cfg::kVecsPerRow, lc = (tid % Cfg::kVecsPerRow) * kV;
   const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
-  const bool table_al = rope && half % (kV / 2) == 0 && reinterpret_cast<uintptr_t>(a.rope_cos) % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(a.rope_sin) % 16 == 0;
+  const bool table_al = kRope && rope_tables_aligned<float>(a.rope_cos, a.rope_sin, half, kV / 2);
   const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
     const ReduceItem it = reduce_item(a, item);
-    const bool own_side = it.side && !a.side_is_x && !rope;
-    const bool side_scaled = own_side || (rope && it.side);  // the side's rows take s_scale
+    const bool own_side = it.side && !a.side_is_x && !kRope;
+    const bool side_scaled = own_side || (kRope && it.side);  // the side's rows take s_scale
     float c[kNT][4];
 #pragma unroll
     for (int n = 0; n < kNT; ++n)
@@ -365,8 +363,7 @@ __global__ void __launch_bounds__(128)
   const float* const rope_sin = static_cast<const float*>(p.rope_sin);
   const bool rope = rope_cos != nullptr;
   const int half = Dk / 2;
-  const bool table_al = rope && half % (kV / 2) == 0 && reinterpret_cast<uintptr_t>(rope_cos) % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(rope_sin) % 16 == 0;
+  const bool table_al = rope && rope_tables_aligned<float>(rope_cos, rope_sin, half, kV / 2);
   // kFoldDs: this warp's dS tiles, rows ds_m0 .. + 15, columns 8 (ds_n0 + n) .. + 7.
   const int ds_m0 = 16 * (warp % Cfg::kDsMT), ds_n0 = kDsNT * (warp / Cfg::kDsMT);
 
@@ -655,6 +652,15 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
   return true;
 }
 
+// f(std::integral_constant<int, kD>{}) for the row kernels' head-dim bucket of d = max(Dk, Dv) <= 128:
+// 32, 64 or 128. One switch for the launcher and for the check of where RoPE is fused.
+template <typename F>
+auto with_rows_tc_bucket(int64_t d, F&& f) {
+  if (d <= 32) return f(std::integral_constant<int, 32>{});
+  if (d <= 64) return f(std::integral_constant<int, 64>{});
+  return f(std::integral_constant<int, 128>{});
+}
+
 template <typename scalar_t, RowsMode kMode>
 RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream) {
   const int64_t d = std::max(p.Dk, p.Dv), n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
@@ -683,9 +689,7 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     fold.combine(stream);
     result = {true, Cfg::kFoldDs};
   };
-  if (d <= 32) launch(std::integral_constant<int, 32>{});
-  else if (d <= 64) launch(std::integral_constant<int, 64>{});
-  else launch(std::integral_constant<int, 128>{});
+  with_rows_tc_bucket(d, launch);
   return result;
 }
 

@@ -26,9 +26,7 @@ bool linear_attention_rope_fused_cuda(const LinearAttentionParams& p) {
     const int64_t reduce = la::ReduceTcConfig<at::Half, 64>::smem_bytes(true);
     return std::max(rows, reduce) <= optin;
   };
-  if (d <= 32) return fits(std::integral_constant<int, 32>{});
-  if (d <= 64) return fits(std::integral_constant<int, 64>{});
-  return fits(std::integral_constant<int, 128>{});
+  return la::with_rows_tc_bucket(d, fits);
 }
 
 }  // namespace sola

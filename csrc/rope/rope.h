@@ -40,6 +40,15 @@ void rope_fwd_cuda(const RopeParams& p);
 void rope_bwd_cuda(const RopeParams& p);
 #endif
 
+// Whether the angle tables (cos, sin: rows of `half` acc values) can be read as vectors of `pairs`
+// values at pair offsets that are multiples of `pairs`: every row starts a whole vector and both
+// tables start on a vector boundary.
+template <typename acc>
+SOLA_HD bool rope_tables_aligned(const void* cos, const void* sin, int64_t half, int pairs) {
+  const auto bytes = static_cast<uintptr_t>(pairs) * sizeof(acc);
+  return half % pairs == 0 && reinterpret_cast<uintptr_t>(cos) % bytes == 0 && reinterpret_cast<uintptr_t>(sin) % bytes == 0;
+}
+
 // Row r of the flattened (B, H, N) rows: its batch, head and token (the angle tables' row).
 struct RopeRow {
   int64_t b, h, n;

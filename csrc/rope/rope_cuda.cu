@@ -60,11 +60,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
 
 template <typename scalar_t>
 RopeAlignment alignment(const RopeParams& p, const View4& a, const View4& b, const View4& out) {
-  using acc = acc_t<scalar_t>;
-  constexpr int kP = kVec16<scalar_t> / 2;
-  const bool table = p.D / 2 % kP == 0 && reinterpret_cast<uintptr_t>(p.cos) % (kP * sizeof(acc)) == 0 &&
-                     reinterpret_cast<uintptr_t>(p.sin) % (kP * sizeof(acc)) == 0;
   constexpr int kV = kVec16<scalar_t>;
+  const bool table = rope_tables_aligned<acc_t<scalar_t>>(p.cos, p.sin, p.D / 2, kV / 2);
   return {rows_aligned<scalar_t>(p.x, kV), rows_aligned<scalar_t>(a, kV), !b.ptr || rows_aligned<scalar_t>(b, kV),
           !out.ptr || rows_aligned<scalar_t>(out, kV), table};
 }
