@@ -1,4 +1,4 @@
-// The depthwise_conv3x3 ops: check arguments, lay the taps out for the kernels, allocate outputs,
+// The depthwise_conv3x3 ops: check arguments, hand the weight to the kernels as it is, allocate outputs,
 // hand a params struct to the backend's kernels. Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
@@ -34,25 +34,22 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x) {
   check_param(weight, "weight", x);
 }
 
-// The kernels' taps (9, C), acc-typed: tap 3 dy + dx of every channel; residual adds 1 to the centre
-// tap (out = x + conv(x)); reversed flips them (the gradient of x convolves with the taps reversed).
-at::Tensor kernel_taps(const at::Tensor& weight, const at::Tensor& x, bool residual, bool reversed) {
-  at::Tensor t = weight.reshape({x.size(3), kDwTaps}).to(acc_dtype(x), /*non_blocking=*/false, /*copy=*/true);
-  if (residual) t.select(1, kDwTaps / 2).add_(1);
-  if (reversed) t = t.flip({1});
-  return t.t().contiguous();
+// weight as the kernels read it: (C, 9) acc-typed and contiguous. A view of nn.Conv2d's fp32 weight
+// (autocast keeps parameters fp32), a copy only for other dtypes or layouts.
+at::Tensor kernel_weight(const at::Tensor& weight, const at::Tensor& x) {
+  return weight.reshape({x.size(3), kDwTaps}).to(acc_dtype(x)).contiguous();
 }
 
-DwconvParams make_params(const at::Tensor& x) {
+DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool residual) {
   DwconvParams p;
   p.B = x.size(0), p.H = x.size(1), p.W = x.size(2), p.C = x.size(3);
   p.x = make_view(x);
+  p.weight = weight.data_ptr();
+  p.residual = residual;
   p.dtype = x.scalar_type();
   p.device_index = x.is_cuda() ? x.device().index() : -1;
   return p;
 }
-
-bool empty_problem(const at::Tensor& x) { return x.numel() == 0; }
 
 void run_conv(const DwconvParams& p, const at::Tensor& x) {
 #ifdef SOLA_WITH_CUDA
@@ -69,13 +66,13 @@ void run_wgrad(const DwconvParams& p, const at::Tensor& x) {
   dwconv_wgrad_cpu(p);
 }
 
-// out = conv(src) with the given taps (and bias), contiguous.
-at::Tensor convolve(at::Tensor src, const at::Tensor& taps, const at::Tensor& bias) {
+// out = conv(src) (taps reversed: the input gradient's convolution), contiguous.
+at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed) {
   src = last_dim_contiguous(src);
   at::Tensor out = new_output(src.sizes(), src.options());
-  if (empty_problem(src)) return out;
-  DwconvParams p = make_params(src);
-  p.taps = taps.data_ptr();
+  if (src.numel() == 0) return out;
+  DwconvParams p = make_params(src, weight, residual);
+  p.reversed = reversed;
   p.out = make_view(out);
   if (bias.defined()) p.bias = bias.data_ptr();
   run_conv(p, src);
@@ -99,7 +96,7 @@ at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<
                " channels of x, got shape ", bias->sizes());
     bias_acc = bias->to(acc_dtype(x)).contiguous();
   }
-  return convolve(x, kernel_taps(weight, x, residual, false), bias_acc);
+  return convolve(x, kernel_weight(weight, x), bias_acc, residual, false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor grad_out, at::Tensor x,
@@ -107,21 +104,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor 
   check_x(x);
   check_weight(weight, x);
   check_tokens(grad_out, "grad_out", x);
-  const at::Tensor dx = convolve(grad_out, kernel_taps(weight, x, residual, true), at::Tensor());
-  const int64_t C = x.size(3);
-  at::Tensor wgrad = at::zeros({kDwGradRows, C}, x.options().dtype(acc_dtype(x)));
-  if (!empty_problem(x)) {
+  const at::Tensor w = kernel_weight(weight, x);
+  const at::Tensor dx = convolve(grad_out, w, at::Tensor(), residual, true);
+  const auto acc_options = x.options().dtype(acc_dtype(x));
+  at::Tensor dweight = new_output({x.size(3), kDwTaps}, acc_options);
+  at::Tensor dbias = with_bias ? new_output({x.size(3)}, acc_options) : at::empty({0}, weight.options());
+  if (x.numel() == 0) {
+    dweight.zero_();
+    dbias.zero_();
+  } else {
     x = last_dim_contiguous(x);
     grad_out = last_dim_contiguous(grad_out);
-    DwconvParams p = make_params(x);
+    DwconvParams p = make_params(x, w, residual);
     p.grad = make_view(grad_out);
-    p.wgrad = wgrad.data_ptr();
+    p.dweight = dweight.data_ptr();
+    if (with_bias) p.dbias = dbias.data_ptr();
     run_wgrad(p, x);
   }
-  const at::Tensor dweight = wgrad.narrow(0, 0, kDwTaps).t().reshape(weight.sizes()).to(weight.scalar_type());
-  const at::Tensor dbias = with_bias ? wgrad.select(0, kDwTaps).to(weight.scalar_type(), false, /*copy=*/true)
-                                     : at::empty({0}, weight.options());
-  return {dx, dweight.contiguous(), dbias};
+  // the gradients in the parameters' dtype (a copy only when it is not the accumulator's)
+  return {dx, dweight.reshape(weight.sizes()).to(weight.scalar_type()), dbias.to(weight.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(sola_ops, CPU, m) {

@@ -1,9 +1,10 @@
 // Depthwise 3x3 convolution of (B, H, W, C) tokens, stride 1, zero padding 1 ("same"): the CPE,
 // LePE and in-block convs of SoLA-Vision, in the layout its blocks keep (channels last, so no
 // NCHW copies), with an optional residual (out = x + conv(x), the CPE form):
-//   out[b, h, w, c] = bias[c] + sum_{dy, dx < 3} tap[3 dy + dx][c] * x[b, h + dy - 1, w + dx - 1, c]
-// The residual is a 1 added to the centre tap on the host, so the kernels only convolve; the
-// gradient of x is the same convolution of the output's gradient with the taps reversed.
+//   out[b, h, w, c] = bias[c] + sum_{dy, dx < 3} tap(c, 3 dy + dx) * x[b, h + dy - 1, w + dx - 1, c]
+// The residual is a 1 added to the centre tap, so the kernels only convolve; the gradient of x is
+// the same convolution of the output's gradient with the taps reversed. Both are flags the kernels
+// apply as they read the weight, which they take as nn.Conv2d keeps it: no per-call re-layout.
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
@@ -18,18 +19,37 @@ constexpr int kDwGradRows = kDwTaps + 1;
 struct DwconvParams {
   int64_t B = 0, H = 0, W = 0, C = 0;
   // Convolution: x (B, H, W, C) as a View4 over (b, h, w): channel dim contiguous, other strides
-  // free -> out (contiguous). taps (9, C) and bias (C) are acc-typed (fp32, fp64 for fp64) and
-  // contiguous; bias may be null.
+  // free -> out (contiguous). weight (C, 9): tap 3 dy + dx of channel c at weight[9 c + 3 dy + dx]
+  // (nn.Conv2d's (C, 1, 3, 3)), bias (C) or null; both acc-typed (fp32, fp64 for fp64) and contiguous.
   View4 x, out;
-  const void* taps = nullptr;
+  const void* weight = nullptr;
   const void* bias = nullptr;
-  // Weight gradient: sum over (b, h, w) of grad[b, h, w, c] * x[b, h + dy - 1, w + dx - 1, c] per
-  // tap, and of grad (the bias's), into wgrad (10, C) acc-typed, summed in a fixed order.
+  bool residual = false;  // 1 added to the centre tap: out = x + conv(x)
+  bool reversed = false;  // tap t read as tap 8 - t: the convolution that gives the input's gradient
+  // Weight gradient: sums over (b, h, w) of grad[b, h, w, c] * x[b, h + dy - 1, w + dx - 1, c] per tap
+  // into dweight (C, 9), and of grad into dbias (C; skipped when null), acc-typed, in a fixed order.
   View4 grad;
-  void* wgrad = nullptr;
+  void* dweight = nullptr;
+  void* dbias = nullptr;
   at::ScalarType dtype = at::ScalarType::Float;
   c10::DeviceIndex device_index = -1;
 };
+
+// Tap t of channel c as the kernels convolve with it (the centre, 4, is its own reverse).
+template <typename acc>
+SOLA_HD acc dw_tap(const DwconvParams& p, int64_t c, int t) {
+  const acc w = static_cast<const acc*>(p.weight)[c * kDwTaps + (p.reversed ? kDwTaps - 1 - t : t)];
+  return p.residual && t == kDwTaps / 2 ? w + acc(1) : w;
+}
+
+// Element i of the weight gradient's (10, C) sums: where it goes (tap-major order, as the kernels
+// sum it; null for the bias's when there is no dbias).
+template <typename acc>
+SOLA_HD acc* dw_grad_slot(const DwconvParams& p, int64_t i) {
+  const int64_t t = i / p.C, c = i % p.C;
+  if (t < kDwTaps) return static_cast<acc*>(p.dweight) + c * kDwTaps + t;
+  return p.dbias ? static_cast<acc*>(p.dbias) + c : nullptr;
+}
 
 // The op layer's entry points (schemas in sola.cpp).
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual);

@@ -59,8 +59,10 @@ template <typename scalar_t>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t W = p.W, C = p.C;
-  const acc* taps = static_cast<const acc*>(p.taps);
   const acc* bias = static_cast<const acc*>(p.bias);
+  std::vector<acc> taps(kDwTaps * C);  // tap-major, so the loop over channels reads them as vectors
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < kDwTaps; ++t) taps[t * C + c] = dw_tap<acc>(p, c, t);
   RowWindow<scalar_t, acc> window(p, (W + 2) * C);
   std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0));
   const acc* const start = bias ? bias : zeros.data();
@@ -130,12 +132,11 @@ void dwconv_wgrad_cpu(const DwconvParams& p) {
         wgrad_rows<scalar_t>(p, k * kRowsPerPartial, std::min(rows, (k + 1) * kRowsPerPartial),
                              partials.data() + k * width);
     });
-    acc* out = static_cast<acc*>(p.wgrad);
     at::parallel_for(0, width, 1024, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         acc s = acc(0);
         for (int64_t k = 0; k < chunks; ++k) s += partials[k * width + i];
-        out[i] = s;
+        if (acc* slot = dw_grad_slot<acc>(p, i)) *slot = s;
       }
     });
   });

@@ -64,7 +64,6 @@ template <typename scalar_t, int kV>
 __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p) {
   using acc = acc_t<scalar_t>;
   const int64_t total = p.B * ceil_div(p.H, kDwRows) * p.W * (p.C / kV);
-  const acc* taps = static_cast<const acc*>(p.taps);
   const acc* bias = static_cast<const acc*>(p.bias);
   for (int64_t i = int64_t(blockIdx.x) * kDwThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kDwThreads) {
     const DwItem it = dw_item<kV>(p, i);
@@ -72,7 +71,7 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
 #pragma unroll
     for (int t = 0; t < kDwTaps; ++t)
 #pragma unroll
-      for (int e = 0; e < kV; ++e) tap[t][e] = taps[t * p.C + it.c + e];
+      for (int e = 0; e < kV; ++e) tap[t][e] = dw_tap<acc>(p, it.c + e, t);
 #pragma unroll
     for (int e = 0; e < kV; ++e) b0[e] = bias ? bias[it.c + e] : acc(0);
     acc win[3][3][kV];  // input rows in rotation: output row h0 + j reads win[(j + dy) % 3], dy = 0, 1, 2
@@ -166,18 +165,20 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_kernel(const DwconvPa
   }
 }
 
-// wgrad[i] = sum of the partials' element i: one warp per element, lane l summing partials
-// l, l + 32, ... in order, then a butterfly (a fixed order too).
+// Element i of the weight gradient = sum of the partials' element i: one warp per element, lane l
+// summing partials l, l + 32, ... in order, then a butterfly (a fixed order too).
 template <typename acc>
-__global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_sum_kernel(const acc* partials, int64_t width,
-                                                                      unsigned count, acc* wgrad) {
+__global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_sum_kernel(const DwconvParams p, const acc* partials,
+                                                                      unsigned count) {
   const int lane = threadIdx.x % kWarpSize;
+  const int64_t width = kDwGradRows * p.C;
   for (int64_t i = warp_row0(); i < width; i += warp_row_stride()) {
     acc s = acc(0);
 #pragma unroll 4
     for (unsigned k = lane; k < count; k += kWarpSize) s += partials[k * width + i];
     s = warp_sum(s);
-    if (lane == 0) wgrad[i] = s;
+    acc* slot = dw_grad_slot<acc>(p, i);
+    if (lane == 0 && slot) *slot = s;
   }
 }
 
@@ -226,7 +227,7 @@ void dwconv_wgrad_cuda(const DwconvParams& p) {
     else dwconv_wgrad_kernel<scalar_t, 1><<<grid, kDwThreads, 0, stream>>>(p, l, partials.data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dwconv_wgrad_sum_kernel<acc><<<grid_x(width, kDwThreads / kWarpSize), kDwThreads, 0, stream>>>(
-        partials.data_ptr<acc>(), width, l.partials, static_cast<acc*>(p.wgrad));
+        p, partials.data_ptr<acc>(), l.partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -1,6 +1,6 @@
 // Runs the depthwise 3x3 conv CUDA launchers (emulated on the CPU, see README.md) against the CPU
-// kernels: the convolution with and without bias (and with the residual's centre tap), the weight
-// gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
+// kernels: the convolution with and without bias, the residual's centre tap and the reversed taps,
+// the weight gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
 // kernels, images smaller than a strip and taller than one, strided and misaligned views, NaN inputs,
 // and lanes that walk more than one task. Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
 #include <cstdio>
@@ -15,7 +15,7 @@ using namespace sola;
 struct Case {
   int64_t B = 2, H = 9, W = 7, C = 16;
   at::ScalarType dt = at::kBFloat16;
-  bool bias = true, strided = false, misaligned = false, poison = false;
+  bool bias = true, strided = false, misaligned = false, poison = false, residual = false, reversed = false;
 };
 
 // (B, H, W, C) tokens: contiguous, or a view with the channel dim contiguous and the others not
@@ -28,35 +28,38 @@ static at::Tensor tokens(const Case& c) {
 
 static void dwconv_case(const Case& c) {
   char name[200];
-  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld %s b%d s%d m%d p%d", (long)c.B, (long)c.H, (long)c.W,
-                (long)c.C, c10::toString(c.dt), c.bias, c.strided, c.misaligned, c.poison);
+  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld %s b%d s%d m%d p%d r%d f%d", (long)c.B, (long)c.H,
+                (long)c.W, (long)c.C, c10::toString(c.dt), c.bias, c.strided, c.misaligned, c.poison, c.residual,
+                c.reversed);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor x = tokens(c), g = tokens(c);
   if (c.poison) x.select(0, 0).select(0, c.H / 2).select(0, c.W / 2).select(0, c.C - 1).fill_(NAN);
-  const at::Tensor taps = at::randn({kDwTaps, c.C}, at::kDouble).to(acc);
+  const at::Tensor weight = at::randn({c.C, kDwTaps}, at::kDouble).to(acc);
   const at::Tensor bias = at::randn({c.C}, at::kDouble).to(acc);
 
   DwconvParams p;
   p.B = c.B, p.H = c.H, p.W = c.W, p.C = c.C;
   p.x = make_view(x), p.grad = make_view(g);
-  p.taps = taps.data_ptr(), p.bias = c.bias ? bias.data_ptr() : nullptr;
+  p.weight = weight.data_ptr(), p.bias = c.bias ? bias.data_ptr() : nullptr;
+  p.residual = c.residual, p.reversed = c.reversed;
   p.dtype = dt, p.device_index = -1;
-  at::Tensor out[2], wgrad[3];
-  for (int r = 0; r < 2; ++r) {  // 0: emulated CUDA, 1: CPU
-    out[r] = nan_out({c.B, c.H, c.W, c.C}, dt), wgrad[r] = nan_out({kDwGradRows, c.C}, acc);
-    p.out = make_view(out[r]), p.wgrad = wgrad[r].data_ptr();
-    if (r == 0) dwconv_cuda(p), dwconv_wgrad_cuda(p);
-    else dwconv_cpu(p), dwconv_wgrad_cpu(p);
+  at::Tensor out[3], dweight[3], dbias[3];
+  for (int r = 0; r < 3; ++r) {  // 0, 2: emulated CUDA (2: the weight gradient again), 1: CPU
+    out[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
+    dweight[r] = nan_out({c.C, kDwTaps}, acc), dbias[r] = nan_out({c.C}, acc);
+    p.out = make_view(out[r]), p.dweight = dweight[r].data_ptr(), p.dbias = c.bias ? dbias[r].data_ptr() : nullptr;
+    if (r == 1) dwconv_cpu(p), dwconv_wgrad_cpu(p);
+    else if (r == 0) dwconv_cuda(p), dwconv_wgrad_cuda(p);
+    else dwconv_wgrad_cuda(p);
   }
-  wgrad[2] = nan_out({kDwGradRows, c.C}, acc);
-  p.wgrad = wgrad[2].data_ptr();
-  dwconv_wgrad_cuda(p);
   const bool finite = !c.poison;
   compare(std::string(name) + " out", out[0], out[1], dt, finite);
   // The weight gradient sums B * H * W products: scale the tolerance by their count's square root.
-  compare(std::string(name) + " wgrad", wgrad[0] / std::sqrt(double(c.B * c.H * c.W)),
-          wgrad[1] / std::sqrt(double(c.B * c.H * c.W)), acc, finite);
-  if (!at::equal(wgrad[0].nan_to_num(0), wgrad[2].nan_to_num(0)))
+  const double n = std::sqrt(double(c.B * c.H * c.W));
+  compare(std::string(name) + " dweight", dweight[0] / n, dweight[1] / n, acc, finite);
+  if (c.bias) compare(std::string(name) + " dbias", dbias[0] / n, dbias[1] / n, acc, finite);
+  else if (!at::isnan(dbias[0]).all().item<bool>()) std::printf("FAIL %s: dbias written without bias\n", name), ++failures;
+  if (!at::equal(dweight[0].nan_to_num(0), dweight[2].nan_to_num(0)) || !at::equal(dbias[0].nan_to_num(0), dbias[2].nan_to_num(0)))
     std::printf("FAIL %s: two weight gradients differ\n", name), ++failures;
 }
 
@@ -87,6 +90,11 @@ int main(int argc, char** argv) {
     c = Case{};
     c.dt = dt, c.poison = true;
     dwconv_case(c);
+    for (int flags = 1; flags < 4; ++flags) {  // the residual's centre tap, the reversed taps, both
+      c = Case{};
+      c.dt = dt, c.residual = flags & 1, c.reversed = flags & 2, c.H = 11;
+      dwconv_case(c);
+    }
   }
   Case walk;  // 33 column blocks leave 16 partials for 160 tasks of 8 lanes: lanes walk two tasks
   walk.B = 2, walk.H = 8, walk.W = 80, walk.C = 1030;
