@@ -9,7 +9,7 @@ import torch
 timm = pytest.importorskip("timm")
 import sola_vision  # noqa: E402
 from sola_vision import SoLAVision, parse_layer_pattern  # noqa: E402
-from sola_vision.layers import LinearAttention, SoftmaxAttention, apply_rope, rope_2d_tables  # noqa: E402
+from sola_vision.layers import LinearAttention, SoftmaxAttention, SoLABlock, apply_rope, rope_2d_tables  # noqa: E402
 
 try:
     import sola_ops
@@ -266,6 +266,38 @@ def test_linear_mixer_on_cuda(dtype):
     lowp = run("torch", dtype, "cuda")
     ours = run("sola", dtype, "cuda")
     for name, a, lp, r in zip(("out", "dx", "d qk.weight"), ours, lowp, ref):
+        bound = 2 * (lp - r).abs().max().item() + 1e-3 * max(1.0, r.abs().max().item())
+        err = (a - r).abs().max().item()
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+@needs_sola
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_on_cuda(dtype):
+    """A whole block in a 16-bit dtype on CUDA (its CPEs, in-block conv and LePE on depthwise_conv3x3,
+    the linear mixer on the fused kernels): output and gradients (input, each conv's weight or bias)
+    against the torch impl in fp64, within twice the torch impl's own error in that dtype plus a floor."""
+    torch.manual_seed(0)
+    block = SoLABlock(64, 2, mixer="L", attn_impl="torch").double()
+    x = torch.randn(2, 14, 14, 64, dtype=torch.float64)
+    g = torch.randn(2, 14, 14, 64, dtype=torch.float64)
+
+    def run(impl, dt, device):
+        b = SoLABlock(64, 2, mixer="L", attn_impl=impl).to(device, dt)
+        b.load_state_dict(block.state_dict())
+        xi = x.to(device, dt).requires_grad_(True)
+        out = b(xi)
+        wanted = [xi, b.cpe1.weight, b.dwc.weight, b.attn.lepe.weight, b.cpe2.bias]
+        grads = torch.autograd.grad(out, wanted, g.to(device, dt))
+        return [t.detach().double().cpu() for t in (out, *grads)]
+
+    ref = run("torch", torch.float64, "cpu")
+    lowp = run("torch", dtype, "cuda")
+    ours = run("sola", dtype, "cuda")
+    names = ("out", "dx", "d cpe1.weight", "d dwc.weight", "d lepe.weight", "d cpe2.bias")
+    for name, a, lp, r in zip(names, ours, lowp, ref):
         bound = 2 * (lp - r).abs().max().item() + 1e-3 * max(1.0, r.abs().max().item())
         err = (a - r).abs().max().item()
         assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
