@@ -28,7 +28,8 @@ TORCH_LIBRARY(sola_ops, m) {
   // Depthwise 3x3 convolution of x (B, H, W, C), stride 1, zero padding 1; residual: x + conv(x).
   // weight (C, 1, 3, 3) or (C, 3, 3), bias (C) of any float dtype, computed in fp32 (fp64 for fp64 x).
   m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual) -> Tensor");
-  // Returns (dx, dweight, dbias) with dweight, dbias in weight's dtype; dbias empty unless with_bias.
+  // Returns (dx, dweight, dbias): dweight in weight's dtype, dbias (C) fp32 (fp64 for fp64 x), empty
+  // unless with_bias.
   m.def("depthwise_conv3x3_bwd(Tensor grad_out, Tensor x, Tensor weight, bool residual, bool with_bias) "
         "-> (Tensor, Tensor, Tensor)");
 }

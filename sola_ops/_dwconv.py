@@ -35,7 +35,8 @@ def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual):
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
 def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias):
     check_dwconv_args(x, weight, None)
-    dbias = weight.new_empty((x.shape[3],) if with_bias else (0,))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=acc)
     return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), dbias
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import sola_ops
 from sola_ops import reference
-from conftest import DEVICES, DTYPES, assert_fa_close, leaf, randn, torch_threads, upcast
+from conftest import DEVICES, DTYPES, assert_fa_close, leaf, randn, requires_cuda, torch_threads, upcast
 
 ops = torch.ops.sola_ops
 
@@ -130,6 +130,40 @@ def test_parameter_dtypes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bias_of_its_own_dtype(device):
+    """A bf16 weight with an fp32 bias: the bias gradient is summed and returned in fp32, not rounded
+    through the weight's dtype."""
+    x = leaf(randn((2, 7, 6, 8), torch.float32, device))
+    weight = leaf(params(8, device, torch.bfloat16)[0])
+    bias = leaf(randn((8,), torch.float32, device, seed=3))
+    g = randn(x.shape, torch.float32, device, seed=4)
+    dw, db = torch.autograd.grad(sola_ops.depthwise_conv3x3(x, weight, bias), (weight, bias), g)
+    assert dw.dtype == torch.bfloat16 and db.dtype == torch.float32
+    torch.testing.assert_close(db, g.sum((0, 1, 2)), rtol=1e-6, atol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,H,W,C", [(4, 16, 80, 1024), (2, 64, 1024, 1030)])
+def test_cuda_large_grids(B, H, W, C):
+    """Lanes of the weight gradient walking several tasks (C = 1024: few partials per column block),
+    and a one-channel kernel (C = 1030) with more items than its grid holds (grid-stride loops),
+    against PyTorch's conv2d in fp32 on the same GPU."""
+    x = leaf(randn((B, H, W, C), torch.bfloat16, "cuda"))
+    weight, bias = (leaf(t) for t in params(C, "cuda"))
+    g = randn(x.shape, torch.bfloat16, "cuda", seed=5)
+    out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=True)
+    grads = torch.autograd.grad(out, (x, weight, bias), g)
+    x32 = leaf(x.detach().float())
+    want = x32 + F.conv2d(x32.permute(0, 3, 1, 2), weight, bias, padding=1, groups=C).permute(0, 2, 3, 1)
+    wants = torch.autograd.grad(want, (x32, weight, bias), g.float())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("dx", "dweight", "dbias"), grads, wants):
+        scale = b.abs().max().item()
+        assert (a.float() - b).abs().max().item() <= 2e-2 * max(1.0, scale), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 4, 4, 8), (2, 0, 4, 8), (2, 4, 0, 8), (2, 4, 4, 0)])
 def test_empty(device, shape):
     x = leaf(randn(shape, torch.float32, device))
@@ -220,7 +254,8 @@ def test_opcheck(residual):
     weight, bias = params(8)
     torch.library.opcheck(ops.depthwise_conv3x3_fwd.default, (leaf(x), leaf(weight), leaf(bias), residual))
     g = randn(x.shape, torch.float32, seed=5)
-    torch.library.opcheck(ops.depthwise_conv3x3_bwd.default, (g, x, weight, residual, True))
+    for with_bias in (True, False):
+        torch.library.opcheck(ops.depthwise_conv3x3_bwd.default, (g, x, weight, residual, with_bias))
 
 
 def test_double_backward_is_an_error():

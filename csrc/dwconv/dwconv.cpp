@@ -104,25 +104,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor 
   check_x(x);
   check_weight(weight, x);
   check_tokens(grad_out, "grad_out", x);
+  grad_out = last_dim_contiguous(grad_out);  // once, for both kernels
   const at::Tensor w = kernel_weight(weight, x);
   const at::Tensor dx = convolve(grad_out, w, at::Tensor(), residual, true);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dweight = new_output({x.size(3), kDwTaps}, acc_options);
-  at::Tensor dbias = with_bias ? new_output({x.size(3)}, acc_options) : at::empty({0}, weight.options());
+  at::Tensor dbias = new_output({with_bias ? x.size(3) : 0}, acc_options);
   if (x.numel() == 0) {
     dweight.zero_();
     dbias.zero_();
   } else {
     x = last_dim_contiguous(x);
-    grad_out = last_dim_contiguous(grad_out);
     DwconvParams p = make_params(x, w, residual);
     p.grad = make_view(grad_out);
     p.dweight = dweight.data_ptr();
     if (with_bias) p.dbias = dbias.data_ptr();
     run_wgrad(p, x);
   }
-  // the gradients in the parameters' dtype (a copy only when it is not the accumulator's)
-  return {dx, dweight.reshape(weight.sizes()).to(weight.scalar_type()), dbias.to(weight.scalar_type())};
+  // dweight in the weight's dtype (a copy only when it is not the accumulator's); dbias stays in the
+  // accumulator's: the bias may have a dtype of its own, which autograd casts it to.
+  return {dx, dweight.reshape(weight.sizes()).to(weight.scalar_type()), dbias};
 }
 
 TORCH_LIBRARY_IMPL(sola_ops, CPU, m) {
