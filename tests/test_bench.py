@@ -269,9 +269,12 @@ def test_model_breakdown_groups_the_step_time():
     groups = MB.measure(MB.parse_args(["--device", "cpu", "--img-size", "64", "--batch", "1"]))
     assert set(groups) == {"sola", "torch"}
     assert groups["sola"]["sola_ops"] > 0 and groups["torch"].get("sola_ops", 0.0) == 0.0
+    assert groups["sola"]["sola_ops conv"] > 0 and groups["torch"].get("sola_ops conv", 0.0) == 0.0
     assert groups["torch"]["gemm"] > 0 and groups["sola"]["conv"] > 0
     assert MB.group_of("void sola::la::token_reduce_tc_kernel<c10::BFloat16, 32>(sola::la::TokenReduceArgs)") == "sola_ops"
     assert MB.group_of("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_TNT") == "gemm"
+    assert MB.group_of("void sola::(anonymous namespace)::dwconv_wgrad_kernel<c10::BFloat16, 4>(sola::DwconvParams)") \
+        == "sola_ops conv"
     assert MB.group_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
 
 
