@@ -45,7 +45,8 @@ def test_build_info():
 
 
 def test_ops_registered():
-    for name in ("linear_attention_fwd", "linear_attention_bwd", "softmax_attention_fwd", "softmax_attention_bwd"):
+    for name in ("linear_attention_fwd", "linear_attention_bwd", "softmax_attention_fwd", "softmax_attention_bwd",
+                 "rope_fwd", "rope_bwd", "depthwise_conv3x3_fwd", "depthwise_conv3x3_bwd"):
         assert hasattr(torch.ops.sola_ops, name)
         schema = str(getattr(torch.ops.sola_ops, name).default._schema)
         assert schema.startswith(f"sola_ops::{name}(")

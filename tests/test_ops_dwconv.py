@@ -176,6 +176,20 @@ def test_empty(device, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [12, 7])
+def test_every_output_written(device, C):
+    """With every output pre-filled with NaN (debug mode), out and all gradients come back finite
+    (C = 7: the one-channel kernels on CUDA)."""
+    x = leaf(randn((2, 10, 5, C), torch.bfloat16, device))
+    weight, bias = (leaf(t) for t in params(C, device))
+    with sola_ops.debug_nan_fill():
+        out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=True)
+        grads = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out))
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nan_stays_in_its_neighbourhood(device):
     x = randn((1, 6, 6, 4), torch.float32, device)
     x[0, 2, 3, 1] = float("nan")
