@@ -70,7 +70,7 @@ def test_dtypes(device, dtype, residual):
                                    (17, 2, 24)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_awkward_sizes(device, dtype, H, W, C):
-    """Images narrower and taller than a CUDA strip (8 rows), channels off the vector width."""
+    """Images narrower and taller than a CUDA strip (16 rows), channels off the vector width."""
     x = randn((2, H, W, C), dtype, device)
     weight, bias = params(C, device, dtype, bias=C % 2 == 0, shape4=C % 3 != 0)
     check_dwconv(x, weight, bias, residual=H % 2 == 1)
@@ -144,7 +144,7 @@ def test_bias_of_its_own_dtype(device):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("B,H,W,C", [(4, 16, 80, 1024), (2, 64, 1024, 1030)])
+@pytest.mark.parametrize("B,H,W,C", [(4, 32, 80, 1024), (2, 128, 1024, 1030)])
 def test_cuda_large_grids(B, H, W, C):
     """Lanes of the weight gradient walking several tasks (C = 1024: few partials per column block),
     and a one-channel kernel (C = 1030) with more items than its grid holds (grid-stride loops),
