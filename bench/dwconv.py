@@ -1,4 +1,5 @@
-"""Depthwise 3x3 conv on channels-last tokens, as SoLA-Vision's blocks run it (CPE: x + conv(x)):
+"""Depthwise 3x3 conv on channels-last tokens, as SoLA-Vision's blocks run it (the CPE: x + conv(x); the
+in-block conv: silu(conv(x))):
 sola_ops.depthwise_conv3x3 against PyTorch's conv2d on the channels-last view (cuDNN on CUDA), forward
 and forward + backward (input, weight and bias gradients), under bf16 autocast with fp32 parameters
 as the model bench runs, on sola_vision_tiny's block shapes.
@@ -7,12 +8,13 @@ as the model bench runs, on sola_vision_tiny's block shapes.
     python bench/dwconv.py --device cpu --tiny                                # a smoke test
 
 Rows follow DESIGN.md's format (op "depthwise_conv3x3", impl "sola_ops" or "torch", Nq = H * W tokens,
-D = channels, img_hw); GB/s counts the bytes a fused kernel must move: the forward reads x and writes out
-(2 tensors), the backward reads the gradient and x and writes dx (3 more). The baseline of
-ratio_to_best_baseline is "torch".
+D = channels, img_hw, case "dwconv_residual" or "dwconv_silu"); GB/s counts the bytes a fused kernel must
+move: the forward reads x and writes out (2 tensors), the backward reads the gradient and x and writes dx
+(3 more). The baseline of ratio_to_best_baseline is "torch".
 """
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
@@ -30,12 +32,18 @@ CPU_SHAPES = [(8, 28, 28, 64), (8, 7, 7, 256)]
 TINY_SHAPES = [(2, 8, 8, 16), (2, 5, 7, 24)]
 
 
-def impls(sola_ops):
+# The block's two forms: the CPE (x + conv(x)) and the in-block conv with its SiLU.
+FORMS = ("residual", "silu")
+
+
+def impls(sola_ops, form):
     def torch_conv(x, conv):
-        return x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + y if form == "residual" else torch.nn.functional.silu(y)
 
     def ours(x, conv):
-        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=True)
+        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=form == "residual",
+                                          activation="silu" if form == "silu" else None)
 
     return {"sola_ops": ours, "torch": torch_conv}
 
@@ -48,11 +56,11 @@ def run(device, args, rows, skipped):
     # bf16 / fp16 as the model runs them: autocast, fp32 parameters (conv2d gets them cast, ours reads fp32)
     low = dtype in (torch.float16, torch.bfloat16)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if low else contextlib.nullcontext
-    for B, H, W, Ch in shapes:
+    for (B, H, W, Ch), form in itertools.product(shapes, FORMS):
         conv = torch.nn.Conv2d(Ch, Ch, 3, padding=1, groups=Ch, device=device)
         x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
         g = torch.randn_like(x)
-        fns = impls(sola_ops)
+        fns = impls(sola_ops, form)
         with ctx():
             outs = {name: fn(x, conv) for name, fn in fns.items()}
         diff = (outs["sola_ops"].double() - outs["torch"].double()).abs().max().item()
@@ -71,10 +79,10 @@ def run(device, args, rows, skipped):
                     continue
                 tensors = 2 if pass_ == "fwd" else 5
                 rows.append(C.make_row(op="depthwise_conv3x3", impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
-                                       Nq=H * W, D=Ch, ms=C.sig(ms), case="dwconv", img_hw=[H, W],
+                                       Nq=H * W, D=Ch, ms=C.sig(ms), case=f"dwconv_{form}", img_hw=[H, W],
                                        GBps=C.sig(tensors * x.numel() * x.element_size() / (ms * 1e-3) / 1e9),
                                        max_abs_diff_vs_torch=C.sig(diff, 3)))
-                print(f"{name:<9} {pass_:<8} B={B} {H}x{W} C={Ch}: {ms:.4f} ms", flush=True)
+                print(f"{name:<9} {form:<8} {pass_:<8} B={B} {H}x{W} C={Ch}: {ms:.4f} ms", flush=True)
 
 
 def main(argv=None):
@@ -92,7 +100,7 @@ def main(argv=None):
     run(device, args, data["rows"], data["skipped"])
     C.add_derived(data["rows"], peak)
     for r in data["rows"]:
-        print(f"{r['impl']:<9} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
+        print(f"{r['impl']:<9} {r['case'][7:]:<8} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
               f"{r['ms']:>9.4f} ms {r['GBps']:>8.1f} GB/s {C.fmt(r['pct_peak'], '5.1f')}% of copy  "
               f"x{C.fmt(r['ratio_to_best_baseline'], '.2f')} vs torch")
     if args.out:

@@ -27,11 +27,13 @@ TORCH_LIBRARY(sola_ops, m) {
   m.def("rope_bwd(Tensor grad_rot, Tensor? grad_feat, Tensor x, Tensor cos, Tensor sin, str feature_map) -> Tensor");
   // Depthwise 3x3 convolution of x (B, H, W, C), stride 1, zero padding 1; residual: x + conv(x).
   // weight (C, 1, 3, 3) or (C, 3, 3), bias (C) of any float dtype, computed in fp32 (fp64 for fp64 x).
-  m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual) -> Tensor");
+  // activation: "none" or "silu" (silu(conv(x) + bias); not with residual).
+  m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual, str activation=\"none\") -> Tensor");
   // Returns (dx, dweight, dbias): dweight in weight's dtype, dbias (C) fp32 (fp64 for fp64 x), empty
   // unless with_bias.
-  m.def("depthwise_conv3x3_bwd(Tensor grad_out, Tensor x, Tensor weight, bool residual, bool with_bias) "
-        "-> (Tensor, Tensor, Tensor)");
+  // bias: needed with activation "silu" (the backward recomputes conv(x) + bias).
+  m.def("depthwise_conv3x3_bwd(Tensor grad_out, Tensor x, Tensor weight, bool residual, bool with_bias, "
+        "Tensor? bias=None, str activation=\"none\") -> (Tensor, Tensor, Tensor)");
 }
 
 namespace sola {

@@ -177,12 +177,15 @@ MIXERS = {"L": LinearAttention, "S": SoftmaxAttention}
 
 # ---- block ----------------------------------------------------------------------------------
 
-def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: bool = False) -> torch.Tensor:
-    """A depthwise 3x3 conv (its weight and bias) on (B, H, W, C) tokens, plus x when residual: one
-    sola_ops kernel for "sola", nn.Conv2d through channels-last views for "torch"."""
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: bool = False,
+                   silu: bool = False) -> torch.Tensor:
+    """A depthwise 3x3 conv (its weight and bias) on (B, H, W, C) tokens, then SiLU when silu, plus x
+    when residual: one sola_ops kernel for "sola", nn.Conv2d through channels-last views for "torch"."""
     if attn_impl == "sola":
-        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=residual)
+        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=residual,
+                                          activation="silu" if silu else None)
     y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    y = F.silu(y) if silu else y
     return x + y if residual else y
 
 
@@ -219,7 +222,7 @@ class SoLABlock(nn.Module):
         x = depthwise_conv(self.cpe1, x, impl, residual=True)
         y = self.norm1(x)
         gate = self.act(self.act_proj(y))
-        y = self.act(depthwise_conv(self.dwc, self.in_proj(y), impl))
+        y = depthwise_conv(self.dwc, self.in_proj(y), impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(y * gate))
         x = depthwise_conv(self.cpe2, x, impl, residual=True)

@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
-from ._dwconv import check_dwconv_args
+from ._dwconv import check_activation, check_dwconv_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "reference", "build_info",
@@ -119,12 +119,14 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     return (rot, feat) if return_features else rot
 
 
-def depthwise_conv3x3(x, weight, bias=None, *, residual=False):
+def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None):
     """Depthwise 3x3 convolution of channels-last tokens x (B, H, W, C): stride 1, zero padding 1, one
     3x3 filter per channel. The same as nn.Conv2d(C, C, 3, padding=1, groups=C) applied to
     x.permute(0, 3, 1, 2) and permuted back (its weight (C, 1, 3, 3) and bias (C,) go in as they are),
     without layout copies or a cuDNN weight-gradient kernel; residual=True returns x + conv(x) (a
-    conditional position encoding) from the same pass.
+    conditional position encoding) from the same pass; activation="silu" returns silu(conv(x) + bias)
+    (SoLA-Vision's in-block conv and its activation; its backward recomputes the sum from x rather
+    than keeping it), not combined with residual.
 
     x: any strides with the last dim contiguous (others are copied); float16, bfloat16, float32 or
     float64, on CPU or CUDA. weight, bias: any float dtype, used in fp32 (fp64 for fp64 x); their
@@ -136,7 +138,9 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False):
     _check_tensors(optional=True, bias=bias)
     (x,) = _autocast(x)
     check_dwconv_args(x, weight, bias)
-    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual))
+    activation = "none" if activation is None else activation
+    check_activation(activation, residual)
+    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation)
 
 
 def _check_tensors(optional=False, **tensors):

@@ -5,6 +5,16 @@ import torch
 from ._ops import _FLOAT_DTYPES, ops, run_bwd
 
 
+ACTIVATIONS = ("none", "silu")
+
+
+def check_activation(activation, residual):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'none' or 'silu', got {activation!r}")
+    if activation == "silu" and residual:
+        raise ValueError("residual and activation='silu' cannot be combined")
+
+
 def check_dwconv_args(x, weight, bias):
     """x (B, H, W, C) float; weight (C, 1, 3, 3) or (C, 3, 3), bias (C,) or None, floating, on x's device."""
     if x.dim() != 4:
@@ -27,32 +37,35 @@ def check_dwconv_args(x, weight, bias):
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_fwd")
-def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual):
+def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none"):
     check_dwconv_args(x, weight, bias)
+    check_activation(activation, residual)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
-def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias):
-    check_dwconv_args(x, weight, None)
+def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none"):
+    check_dwconv_args(x, weight, bias)
+    check_activation(activation, residual)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=acc)
     return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.residual = residual
+    x, weight, bias, residual, activation = inputs
+    # silu: the backward recomputes conv(x) + bias, so it needs the bias too
+    ctx.save_for_backward(x, weight, bias if activation == "silu" else None)
+    ctx.residual, ctx.activation = residual, activation
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
+    x, weight, bias = ctx.saved_tensors
     with_bias = ctx.bias_dtype is not None
     dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
-                                 with_bias)
-    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None
+                                 with_bias, bias, ctx.activation)
+    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None, None
 
 
 torch.library.register_autograd("sola_ops::depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)

@@ -290,7 +290,8 @@ def test_dwconv_bench(tmp_path):
     data = dwconv.main(["--device", "cpu", "--tiny", "--reps", "2", "--out", str(out)])
     rows = data["rows"]
     assert not data["skipped"], data["skipped"]
-    assert len(rows) == len(dwconv.TINY_SHAPES) * 2 * 2
+    assert len(rows) == len(dwconv.TINY_SHAPES) * len(dwconv.FORMS) * 2 * 2
+    assert {r["case"] for r in rows} == {"dwconv_residual", "dwconv_silu"}
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("sola_ops", "torch") for p in ("fwd", "fwd_bwd")}
     for r in rows:
         B, H, W, C = next(s for s in dwconv.TINY_SHAPES if s[0] == r["B"] and s[1] * s[2] == r["Nq"])

@@ -17,7 +17,7 @@ def params(C, device="cpu", dtype=torch.float32, bias=True, shape4=True, seed=11
     return weight, (randn((C,), dtype, device, seed=seed + 1) if bias else None)
 
 
-def dwconv_lowp(x, weight, bias=None, residual=False):
+def dwconv_lowp(x, weight, bias=None, residual=False, activation=None):
     """The convolution by plain PyTorch in x's dtype, every product and sum rounded (nine shifted
     multiply-adds on the zero-padded input)."""
     B, H, W, C = x.shape
@@ -27,21 +27,22 @@ def dwconv_lowp(x, weight, bias=None, residual=False):
     for dy in range(3):
         for dx in range(3):
             out = out + xp[:, dy:dy + H, dx:dx + W, :] * w[:, dy, dx]
+    out = F.silu(out) if activation == "silu" else out
     return out + x if residual else out
 
 
-def check_dwconv(x, weight, bias=None, residual=False, grad=True):
+def check_dwconv(x, weight, bias=None, residual=False, grad=True, activation=None):
     """out and, with grad, dx, dweight, dbias (from a random output gradient) against the fp64
     reference, with the FlashAttention rule (the weight gradients sum over every position)."""
     dtype = x.dtype
     x, weight = leaf(x, grad), leaf(weight, grad)
     bias = None if bias is None else leaf(bias, grad)
-    out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=residual)
+    out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=residual, activation=activation)
     assert out.dtype == dtype and out.shape == x.shape
     x64, w64, b64 = upcast([x, weight, bias])
-    out64 = reference.depthwise_conv3x3(x64, w64, b64, residual=residual)
+    out64 = reference.depthwise_conv3x3(x64, w64, b64, residual=residual, activation=activation)
     xlp, wlp, blp = upcast([x, weight, bias], dtype)
-    out_lp = dwconv_lowp(xlp, wlp, blp, residual)
+    out_lp = dwconv_lowp(xlp, wlp, blp, residual, activation)
     assert_fa_close(out, out64, out_lp, dtype, "dwconv out")
     if not grad:
         return out
@@ -63,6 +64,16 @@ def test_dtypes(device, dtype, residual):
     x = randn((2, 9, 7, 16), dtype, device)
     weight, bias = params(16, device, dtype)
     check_dwconv(x, weight, bias, residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu(device, dtype, bias):
+    """activation="silu": silu(conv(x) + bias), the backward recomputing the sum from x (and the bias)."""
+    x = randn((2, 19, 7, 16), dtype, device)
+    weight, b = params(16, device, dtype, bias=bias)
+    check_dwconv(x, weight, b, activation="silu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,11 +118,11 @@ def test_matches_conv2d(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("residual", [False, True])
-def test_gradcheck(device, residual):
+@pytest.mark.parametrize("residual,activation", [(False, None), (True, None), (False, "silu")])
+def test_gradcheck(device, residual, activation):
     x = leaf(randn((2, 5, 4, 3), torch.float64, device))
     weight, bias = (leaf(t) for t in params(3, device, torch.float64))
-    fn = lambda x, w, b: sola_ops.depthwise_conv3x3(x, w, b, residual=residual)  # noqa: E731
+    fn = lambda x, w, b: sola_ops.depthwise_conv3x3(x, w, b, residual=residual, activation=activation)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, weight, bias), eps=1e-6, atol=1e-8)
 
 
@@ -246,6 +257,10 @@ def test_bad_input():
             sola_ops.depthwise_conv3x3(*args)
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         sola_ops.depthwise_conv3x3(x, [1.0], bias)
+    with pytest.raises(ValueError, match="activation must be 'none' or 'silu'"):
+        sola_ops.depthwise_conv3x3(x, weight, bias, activation="gelu")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        sola_ops.depthwise_conv3x3(x, weight, bias, residual=True, activation="silu")
 
 
 def test_raw_op_checks():
@@ -260,16 +275,21 @@ def test_raw_op_checks():
         ops.depthwise_conv3x3_bwd(x[:1], x, weight, False, True)
     with pytest.raises(ValueError, match="grad_out must have the dtype of x"):
         ops.depthwise_conv3x3_bwd(x.double(), x, weight, False, True)
+    with pytest.raises(ValueError, match="activation must be"):
+        ops.depthwise_conv3x3_fwd(x, weight, bias, False, "relu")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ops.depthwise_conv3x3_bwd(x, x, weight, True, True, bias, "silu")
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_opcheck(residual):
+@pytest.mark.parametrize("residual,activation", [(False, "none"), (True, "none"), (False, "silu")])
+def test_opcheck(residual, activation):
     x = randn((2, 5, 6, 8), torch.float32)
     weight, bias = params(8)
-    torch.library.opcheck(ops.depthwise_conv3x3_fwd.default, (leaf(x), leaf(weight), leaf(bias), residual))
+    torch.library.opcheck(ops.depthwise_conv3x3_fwd.default, (leaf(x), leaf(weight), leaf(bias), residual, activation))
     g = randn(x.shape, torch.float32, seed=5)
     for with_bias in (True, False):
-        torch.library.opcheck(ops.depthwise_conv3x3_bwd.default, (g, x, weight, residual, with_bias))
+        torch.library.opcheck(ops.depthwise_conv3x3_bwd.default,
+                              (g, x, weight, residual, with_bias, bias if with_bias else None, activation))
 
 
 def test_double_backward_is_an_error():

@@ -66,15 +66,19 @@ void run_wgrad(const DwconvParams& p, const at::Tensor& x) {
   dwconv_wgrad_cpu(p);
 }
 
-// out = conv(src) (taps reversed: the input gradient's convolution), contiguous.
-at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed) {
+// The convolution of src (taps reversed: the input gradient's), through `epilogue`; contiguous.
+// SiluGrad reads the output's gradient from grad.
+at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed,
+                    DwEpilogue epilogue = DwEpilogue::Plain, const at::Tensor& grad = at::Tensor()) {
   src = last_dim_contiguous(src);
   at::Tensor out = new_output(src.sizes(), src.options());
   if (src.numel() == 0) return out;
   DwconvParams p = make_params(src, weight, residual);
   p.reversed = reversed;
+  p.epilogue = epilogue;
   p.out = make_view(out);
   if (bias.defined()) p.bias = bias.data_ptr();
+  if (grad.defined()) p.grad = make_view(grad);
   run_conv(p, src);
   return out;
 }
@@ -84,28 +88,47 @@ void check_x(const at::Tensor& x) {
   check_tokens(x, "x", x);
 }
 
+// activation "none" or "silu"; true for silu, which residual does not combine with.
+bool parse_activation(const std::string& activation, bool residual) {
+  SOLA_CHECK(activation == "none" || activation == "silu", "activation must be 'none' or 'silu', got '", activation,
+             "'");
+  const bool silu = activation == "silu";
+  SOLA_CHECK(!(silu && residual), "residual and activation='silu' cannot be combined");
+  return silu;
+}
+
+// bias as the kernels read it (acc-typed, contiguous), checked; undefined when absent.
+at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  if (!bias.has_value()) return at::Tensor();
+  check_param(*bias, "bias", x);
+  SOLA_CHECK(bias->dim() == 1 && bias->size(0) == x.size(3), "bias must be (C,) with C = ", x.size(3),
+             " channels of x, got shape ", bias->sizes());
+  return bias->to(acc_dtype(x)).contiguous();
+}
+
 }  // namespace
 
-at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual) {
+at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
+                                 std::string activation) {
   check_x(x);
   check_weight(weight, x);
-  at::Tensor bias_acc;
-  if (bias.has_value()) {
-    check_param(*bias, "bias", x);
-    SOLA_CHECK(bias->dim() == 1 && bias->size(0) == x.size(3), "bias must be (C,) with C = ", x.size(3),
-               " channels of x, got shape ", bias->sizes());
-    bias_acc = bias->to(acc_dtype(x)).contiguous();
-  }
-  return convolve(x, kernel_weight(weight, x), bias_acc, residual, false);
+  const bool silu = parse_activation(activation, residual);
+  return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false,
+                  silu ? DwEpilogue::Silu : DwEpilogue::Plain);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor grad_out, at::Tensor x,
-                                                                     at::Tensor weight, bool residual, bool with_bias) {
+                                                                     at::Tensor weight, bool residual, bool with_bias,
+                                                                     c10::optional<at::Tensor> bias,
+                                                                     std::string activation) {
   check_x(x);
   check_weight(weight, x);
   check_tokens(grad_out, "grad_out", x);
-  grad_out = last_dim_contiguous(grad_out);  // once, for both kernels
+  const bool silu = parse_activation(activation, residual);
+  grad_out = last_dim_contiguous(grad_out);  // once, for every kernel
   const at::Tensor w = kernel_weight(weight, x);
+  // With silu, the gradient of the sum first: g * silu'(conv(x) + bias), the sum recomputed from x.
+  if (silu) grad_out = convolve(x, w, kernel_bias(bias, x), false, false, DwEpilogue::SiluGrad, grad_out);
   const at::Tensor dx = convolve(grad_out, w, at::Tensor(), residual, true);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dweight = new_output({x.size(3), kDwTaps}, acc_options);

@@ -2,6 +2,7 @@
 // LePE and in-block convs of SoLA-Vision, in the layout its blocks keep (channels last, so no
 // NCHW copies), with an optional residual (out = x + conv(x), the CPE form):
 //   out[b, h, w, c] = bias[c] + sum_{dy, dx < 3} tap(c, 3 dy + dx) * x[b, h + dy - 1, w + dx - 1, c]
+// or, with activation "silu", silu of that (the block's in-block conv and its activation in one pass).
 // The residual is a 1 added to the centre tap, so the kernels only convolve; the gradient of x is
 // the same convolution of the output's gradient with the taps reversed. Both are flags the kernels
 // apply as they read the weight, which they take as nn.Conv2d keeps it: no per-call re-layout.
@@ -13,6 +14,11 @@
 namespace sola {
 
 constexpr int kDwTaps = 9;
+
+// What a convolution kernel writes for its sum s = bias + taps . window at each output position:
+// s, silu(s) (the block's in-block conv and its activation, one pass), or g * silu'(s) with g the
+// output's gradient there (the first step of that pair's backward, s recomputed from x).
+enum class DwEpilogue : int { Plain = 0, Silu = 1, SiluGrad = 2 };
 // The weight gradient's rows: the 9 taps' gradients, then the bias's (sum of the output grads).
 constexpr int kDwGradRows = kDwTaps + 1;
 
@@ -26,6 +32,7 @@ struct DwconvParams {
   const void* bias = nullptr;
   bool residual = false;  // 1 added to the centre tap: out = x + conv(x)
   bool reversed = false;  // tap t read as tap 8 - t: the convolution that gives the input's gradient
+  DwEpilogue epilogue = DwEpilogue::Plain;  // SiluGrad reads g from grad (strided like x)
   // Weight gradient: sums over (b, h, w) of grad[b, h, w, c] * x[b, h + dy - 1, w + dx - 1, c] per tap
   // into dweight (C, 9), and of grad into dbias (C; skipped when null), acc-typed, in a fixed order.
   View4 grad;
@@ -42,6 +49,37 @@ SOLA_HD acc dw_tap(const DwconvParams& p, int64_t c, int t) {
   return p.residual && t == kDwTaps / 2 ? w + acc(1) : w;
 }
 
+// Runs the lambda-like body with `constexpr DwEpilogue kEpi` bound to epi.
+#define SOLA_DW_EPILOGUE_SWITCH(epi, kEpi, ...)                             \
+  [&] {                                                                     \
+    switch (epi) {                                                          \
+      case ::sola::DwEpilogue::Silu: {                                      \
+        constexpr ::sola::DwEpilogue kEpi = ::sola::DwEpilogue::Silu;       \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+      case ::sola::DwEpilogue::SiluGrad: {                                  \
+        constexpr ::sola::DwEpilogue kEpi = ::sola::DwEpilogue::SiluGrad;   \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+      default: {                                                            \
+        constexpr ::sola::DwEpilogue kEpi = ::sola::DwEpilogue::Plain;      \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+    }                                                                       \
+  }()
+
+// The epilogue's value for the sum s (g: the output's gradient, for SiluGrad).
+template <DwEpilogue kEpi, typename acc>
+SOLA_HD acc dw_epilogue(acc s, acc g) {
+  if constexpr (kEpi == DwEpilogue::Plain) {
+    return s;
+  } else {
+    const acc sig = acc(1) / (acc(1) + kernel_exp(-s));
+    if constexpr (kEpi == DwEpilogue::Silu) return s * sig;
+    else return g * (sig * (acc(1) + s * (acc(1) - sig)));
+  }
+}
+
 // Element i of the weight gradient's (10, C) sums: where it goes (tap-major order, as the kernels
 // sum it; null for the bias's when there is no dbias).
 template <typename acc>
@@ -52,9 +90,12 @@ SOLA_HD acc* dw_grad_slot(const DwconvParams& p, int64_t i) {
 }
 
 // The op layer's entry points (schemas in sola.cpp).
-at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual);
+at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
+                                 std::string activation);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor grad_out, at::Tensor x,
-                                                                     at::Tensor weight, bool residual, bool with_bias);
+                                                                     at::Tensor weight, bool residual, bool with_bias,
+                                                                     c10::optional<at::Tensor> bias,
+                                                                     std::string activation);
 
 void dwconv_cpu(const DwconvParams& p);
 void dwconv_wgrad_cpu(const DwconvParams& p);

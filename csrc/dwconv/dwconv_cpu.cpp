@@ -54,8 +54,9 @@ class RowWindow {
   int top_ = 0;  // the buffer holding row h - 1
 };
 
-// out = bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass per row.
-template <typename scalar_t>
+// out = the epilogue of bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass
+// per row.
+template <typename scalar_t, DwEpilogue kEpi>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t W = p.W, C = p.C;
@@ -64,7 +65,7 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   for (int64_t c = 0; c < C; ++c)
     for (int t = 0; t < kDwTaps; ++t) taps[t * C + c] = dw_tap<acc>(p, c, t);
   RowWindow<scalar_t, acc> window(p, (W + 2) * C);
-  std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0));
+  std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0)), g(kEpi == DwEpilogue::SiluGrad ? C : 0);
   const acc* const start = bias ? bias : zeros.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.H, h = r % p.H;
@@ -79,6 +80,10 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
 #pragma GCC unroll 9
         for (int t = 0; t < kDwTaps; ++t) o += taps[t * C + c] * src[t][c];
         out[c] = o;
+      }
+      if constexpr (kEpi == DwEpilogue::SiluGrad) load_row(p.grad.row<const scalar_t>(b, h, w), C, g.data());
+      if constexpr (kEpi != DwEpilogue::Plain) {
+        for (int64_t c = 0; c < C; ++c) out[c] = dw_epilogue<kEpi>(out[c], kEpi == DwEpilogue::SiluGrad ? g[c] : acc(0));
       }
       store_row(out.data(), C, p.out.row<scalar_t>(b, h, w));
     }
@@ -118,7 +123,9 @@ SOLA_CPU_CLONES void wgrad_rows(const DwconvParams& p, int64_t r0, int64_t r1, a
 void dwconv_cpu(const DwconvParams& p) {
   SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_cpu", [&] {
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.W * p.C, 1));
-    at::parallel_for(0, p.B * p.H, grain, [&](int64_t r0, int64_t r1) { conv_rows<scalar_t>(p, r0, r1); });
+    SOLA_DW_EPILOGUE_SWITCH(p.epilogue, kEpi, [&] {
+      at::parallel_for(0, p.B * p.H, grain, [&](int64_t r0, int64_t r1) { conv_rows<scalar_t, kEpi>(p, r0, r1); });
+    });
   });
 }
 

@@ -6,7 +6,8 @@
 // The weight gradient sums over every output position in a fixed order (deterministic): blocks
 // of kTx channel vectors x lanes reduce their lanes by a tree into one partial per block row,
 // and a second kernel sums the partials in order. C not a multiple of the vector, or misaligned
-// views, take the one-channel (scalar) kernels.
+// views, take the one-channel (scalar) kernels. The convolution kernel ends in an epilogue (dwconv.h):
+// the sum, silu of it, or the output's gradient times silu' of it.
 #include "cuda_utils.cuh"
 #include "dwconv/dwconv.h"
 
@@ -69,7 +70,7 @@ SOLA_DEVICE DwItem dw_item(const DwconvParams& p, int64_t i, int64_t n0, bool na
   return it;
 }
 
-template <typename scalar_t, int kV>
+template <typename scalar_t, int kV, DwEpilogue kEpi>
 __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p) {
   using acc = acc_t<scalar_t>;
   const int64_t total = p.B * ceil_div(p.H, kDwRows) * p.W * (p.C / kV);
@@ -93,6 +94,8 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
       const int64_t h = it.h0 + j;
       if (h >= p.H) break;
       load_window_row<kV, scalar_t>(p, p.x, it.b, h + 1, it.w, c, win[(j + 2) % 3]);
+      acc g[kV];  // the output's gradient here (SiluGrad)
+      if constexpr (kEpi == DwEpilogue::SiluGrad) load_vec<kV, scalar_t>(p, p.grad, it.b, h, it.w, c, g);
       Vec<scalar_t, kV> o;
 #pragma unroll
       for (int e = 0; e < kV; ++e) {
@@ -101,7 +104,7 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
         for (int dy = 0; dy < 3; ++dy)
 #pragma unroll
           for (int dx = 0; dx < 3; ++dx) s += tap[3 * dy + dx][e] * win[(j + dy) % 3][dx][e];
-        o.v[e] = static_cast<scalar_t>(s);
+        o.v[e] = static_cast<scalar_t>(dw_epilogue<kEpi>(s, kEpi == DwEpilogue::SiluGrad ? g[e] : acc(0)));
       }
       *reinterpret_cast<Vec<scalar_t, kV>*>(p.out.row<scalar_t>(it.b, h, it.w) + c) = o;
     }
@@ -214,11 +217,14 @@ void dwconv_cuda(const DwconvParams& p) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_cuda", [&] {
     constexpr int kV = kDwVec<scalar_t>;
-    const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.x, kV) && rows_aligned<scalar_t>(p.out, kV);
+    const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.x, kV) && rows_aligned<scalar_t>(p.out, kV) &&
+                     (p.epilogue != DwEpilogue::SiluGrad || rows_aligned<scalar_t>(p.grad, kV));
     const unsigned grid = grid_x(p.B * ceil_div(p.H, kDwRows) * p.W * (vec ? p.C / kV : p.C), kDwThreads);
-    if (vec) dwconv_kernel<scalar_t, kV><<<grid, kDwThreads, 0, stream>>>(p);
-    else dwconv_kernel<scalar_t, 1><<<grid, kDwThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    SOLA_DW_EPILOGUE_SWITCH(p.epilogue, kEpi, [&] {
+      if (vec) dwconv_kernel<scalar_t, kV, kEpi><<<grid, kDwThreads, 0, stream>>>(p);
+      else dwconv_kernel<scalar_t, 1, kEpi><<<grid, kDwThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -1,5 +1,6 @@
 // Runs the depthwise 3x3 conv CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: the convolution with and without bias, the residual's centre tap and the reversed taps,
+// the silu epilogues (silu of the sum; the output's gradient times silu' of it),
 // the weight gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
 // kernels, images smaller than a strip and taller than one, strided and misaligned views, NaN inputs,
 // and lanes that walk more than one task. Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
@@ -16,6 +17,7 @@ struct Case {
   int64_t B = 2, H = 9, W = 7, C = 16;
   at::ScalarType dt = at::kBFloat16;
   bool bias = true, strided = false, misaligned = false, poison = false, residual = false, reversed = false;
+  DwEpilogue epilogue = DwEpilogue::Plain;
 };
 
 // (B, H, W, C) tokens: contiguous, or a view with the channel dim contiguous and the others not
@@ -28,9 +30,9 @@ static at::Tensor tokens(const Case& c) {
 
 static void dwconv_case(const Case& c) {
   char name[200];
-  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld %s b%d s%d m%d p%d r%d f%d", (long)c.B, (long)c.H,
+  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld %s b%d s%d m%d p%d r%d f%d e%d", (long)c.B, (long)c.H,
                 (long)c.W, (long)c.C, c10::toString(c.dt), c.bias, c.strided, c.misaligned, c.poison, c.residual,
-                c.reversed);
+                c.reversed, (int)c.epilogue);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor x = tokens(c), g = tokens(c);
   if (c.poison) x.select(0, 0).select(0, c.H / 2).select(0, c.W / 2).select(0, c.C - 1).fill_(NAN);
@@ -41,7 +43,7 @@ static void dwconv_case(const Case& c) {
   p.B = c.B, p.H = c.H, p.W = c.W, p.C = c.C;
   p.x = make_view(x), p.grad = make_view(g);
   p.weight = weight.data_ptr(), p.bias = c.bias ? bias.data_ptr() : nullptr;
-  p.residual = c.residual, p.reversed = c.reversed;
+  p.residual = c.residual, p.reversed = c.reversed, p.epilogue = c.epilogue;
   p.dtype = dt, p.device_index = -1;
   at::Tensor out[3], dweight[3], dbias[3];
   for (int r = 0; r < 3; ++r) {  // 0, 2: emulated CUDA (2: the weight gradient again), 1: CPU
@@ -93,6 +95,16 @@ int main(int argc, char** argv) {
     for (int flags = 1; flags < 4; ++flags) {  // the residual's centre tap, the reversed taps, both
       c = Case{};
       c.dt = dt, c.residual = flags & 1, c.reversed = flags & 2, c.H = 11;
+      dwconv_case(c);
+    }
+    for (auto epi : {DwEpilogue::Silu, DwEpilogue::SiluGrad}) {  // silu(s), g * silu'(s) (g read like x)
+      for (int64_t C : {16, 7}) {
+        c = Case{};
+        c.dt = dt, c.epilogue = epi, c.C = C, c.H = 21;
+        dwconv_case(c);
+      }
+      c = Case{};
+      c.dt = dt, c.epilogue = epi, c.misaligned = true, c.C = 24;
       dwconv_case(c);
     }
   }
