@@ -2,7 +2,7 @@
 csrc/dwconv (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
 
 
 ACTIVATIONS = ("none", "silu")
@@ -47,8 +47,7 @@ def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none"):
 def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none"):
     check_dwconv_args(x, weight, bias)
     check_activation(activation, residual)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=acc)
+    dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=_acc_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), dbias
 
 

@@ -7,14 +7,11 @@
 namespace sola {
 namespace {
 
+// t (x, grad_out) is (B, H, W, C) like x: rank (with the layout's name), then what every op's
+// tensors share (dtype, device, layout: check_attention_tensor), then x's shape.
 void check_tokens(const at::Tensor& t, const char* name, const at::Tensor& x) {
   SOLA_CHECK(t.dim() == 4, name, " must be 4-D (B, H, W, C), channels last, got shape ", t.sizes());
-  const auto st = t.scalar_type();
-  SOLA_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
-             name, " must be float16, bfloat16, float32 or float64, got ", st);
-  SOLA_CHECK(st == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ", st);
-  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
-  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+  check_attention_tensor(t, name, x, "x");
   SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
 }
 
@@ -125,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor 
   check_weight(weight, x);
   check_tokens(grad_out, "grad_out", x);
   const bool silu = parse_activation(activation, residual);
-  grad_out = last_dim_contiguous(grad_out);  // once, for every kernel
+  x = last_dim_contiguous(x);  // once each, for every kernel
+  grad_out = last_dim_contiguous(grad_out);
   const at::Tensor w = kernel_weight(weight, x);
   // With silu, the gradient of the sum first: g * silu'(conv(x) + bias), the sum recomputed from x.
   if (silu) grad_out = convolve(x, w, kernel_bias(bias, x), false, false, DwEpilogue::SiluGrad, grad_out);
@@ -137,7 +135,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor 
     dweight.zero_();
     dbias.zero_();
   } else {
-    x = last_dim_contiguous(x);
     DwconvParams p = make_params(x, w, residual);
     p.grad = make_view(grad_out);
     p.dweight = dweight.data_ptr();

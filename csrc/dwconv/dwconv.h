@@ -14,13 +14,13 @@
 namespace sola {
 
 constexpr int kDwTaps = 9;
+// The weight gradient's rows: the 9 taps' gradients, then the bias's (sum of the output grads).
+constexpr int kDwGradRows = kDwTaps + 1;
 
 // What a convolution kernel writes for its sum s = bias + taps . window at each output position:
 // s, silu(s) (the block's in-block conv and its activation, one pass), or g * silu'(s) with g the
 // output's gradient there (the first step of that pair's backward, s recomputed from x).
 enum class DwEpilogue : int { Plain = 0, Silu = 1, SiluGrad = 2 };
-// The weight gradient's rows: the 9 taps' gradients, then the bias's (sum of the output grads).
-constexpr int kDwGradRows = kDwTaps + 1;
 
 struct DwconvParams {
   int64_t B = 0, H = 0, W = 0, C = 0;
