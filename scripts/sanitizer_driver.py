@@ -38,6 +38,8 @@ SHAPES = [
     (1, 1, 70, 40, 96, 96),
 ]
 HEAD_DIMS_ONLY_SOFTMAX = [(1, 1, 40, 70, 256, 256)]
+# Key sequences long enough that the wgmma forward's ring of K / V stages wraps around.
+WGMMA_LONG_KEYS = [(1, 1, 130, 333, 128, 128), (1, 2, 70, 600, 64, 64)]
 
 
 def rel_err(a, b):
@@ -165,7 +167,7 @@ def main():
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
-        for B, H, Nq, Nk, Dk, Dv in shapes:
+        for B, H, Nq, Nk, Dk, Dv in shapes + WGMMA_LONG_KEYS:
             q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
             check(f"softmax wgmma {str(dtype).replace('torch.', '')} B={B} H={H} Nq={Nq} Nk={Nk} Dk={Dk} Dv={Dv}",
                   sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)

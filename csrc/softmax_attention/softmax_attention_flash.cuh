@@ -374,53 +374,76 @@ SOLA_DEVICE float (&flat(float (&c)[kG][kN / 8][4], int g))[kN / 2] {
   return reinterpret_cast<float(&)[kN / 2]>(c[g]);
 }
 
-// c[g] = A_g B^T over kD columns: A_g = rows a0 + 64 g .. of tile a, B^T = the first 8 kNT rows
-// of bt (both kD wide).
+// Issues c[g] = A_g B^T over kD columns (no commit, no wait): A_g = rows a0 + 64 g .. of tile a,
+// B^T = the first 8 kNT rows of bt (both kD wide). The caller fences c and runs wgmma::fence() first.
 template <typename T, int kD, int kG, int kNT>
-SOLA_DEVICE void wg_gemm_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
-#pragma unroll
-  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
-  wgmma::fence();
+SOLA_DEVICE void wg_issue_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
 #pragma unroll
   for (int g = 0; g < kG; ++g)
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
       wgmma::mma_ss<T, 8 * kNT>(flat<8 * kNT, kG>(c, g), wgmma::k_along_cols<kD>(a, a0 + kBlockRows * g, 16 * kk),
                                 wgmma::k_along_cols<kD>(bt, 0, 16 * kk), kk > 0);
-  wgmma::commit();
-  wgmma::wait<0>();
+}
+
+// Issues c[g] += X_g B (no commit, no wait): X_g = xf[g] (register A fragments of 8 kXT columns),
+// B = the first 8 kXT rows, columns col0 .. col0 + 8 kOT - 1 of tile b (kCols wide; K runs along
+// its rows). xf must stay unchanged until the wait.
+template <typename T, int kCols, int kG, int kXF, int kOT>
+SOLA_DEVICE void wg_issue_xb(float (&c)[kG][kOT][4], const FragA (&xf)[kG][kXF], const T* b, int col0) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXF; ++kk)
+      wgmma::mma_rs<T, 8 * kOT>(flat<8 * kOT, kG>(c, g), xf[g][kk].x, wgmma::k_along_rows<kCols>(b, 16 * kk, col0), 1);
+}
+
+template <int kG, int kNT>
+SOLA_DEVICE void operand_fence(float (&c)[kG][kNT][4]) {
 #pragma unroll
   for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kNT, kG>(c, g));
 }
+template <int kG, int kXF>
+SOLA_DEVICE void operand_fence(FragA (&xf)[kG][kXF]) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXF; ++kk) wgmma::operand_fence(xf[g][kk].x);
+}
 
-// c[g] += X_g B: X_g = x[g] (P, P^T, dS, dS^T rounded to T, as register A fragments), B = the first
-// 8 kXT rows, columns col0 .. col0 + 8 kOT - 1 of tile b (kCols wide; K runs along its rows).
+// xf[g][kk] = columns 16 kk .. of x[g] rounded to T (P, dS as register A fragments).
+template <typename T, int kG, int kXT>
+SOLA_DEVICE void pack_a(FragA (&xf)[kG][kXT / 2], const float (&x)[kG][kXT][4]) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int kk = 0; kk < kXT / 2; ++kk) xf[g][kk] = acc_to_a<T>(x[g], kk);
+}
+
+// c[g] = A_g B^T (wg_issue_abt), waited for.
+template <typename T, int kD, int kG, int kNT>
+SOLA_DEVICE void wg_gemm_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
+  operand_fence(c);
+  wgmma::fence();
+  wg_issue_abt<T, kD>(c, a, a0, bt);
+  wgmma::commit();
+  wgmma::wait<0>();
+  operand_fence(c);
+}
+
+// c[g] += X_g B with X_g = x[g] (P, P^T, dS, dS^T) rounded to T (wg_issue_xb), waited for.
 template <typename T, int kCols, int kG, int kXT, int kOT>
 SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const T* b, int col0) {
   FragA xf[kG][kXT / 2];  // all of them first: the wgmmas read them until the wait
-#pragma unroll
-  for (int g = 0; g < kG; ++g)
-#pragma unroll
-    for (int kk = 0; kk < kXT / 2; ++kk) {
-      xf[g][kk] = acc_to_a<T>(x[g], kk);
-      wgmma::operand_fence(xf[g][kk].x);
-    }
-#pragma unroll
-  for (int g = 0; g < kG; ++g) wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
+  pack_a<T>(xf, x);
+  operand_fence(xf);
+  operand_fence(c);
   wgmma::fence();
-#pragma unroll
-  for (int g = 0; g < kG; ++g)
-#pragma unroll
-    for (int kk = 0; kk < kXT / 2; ++kk)
-      wgmma::mma_rs<T, 8 * kOT>(flat<8 * kOT, kG>(c, g), xf[g][kk].x, wgmma::k_along_rows<kCols>(b, 16 * kk, col0), 1);
+  wg_issue_xb<T, kCols>(c, xf, b, col0);
   wgmma::commit();
   wgmma::wait<0>();
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    wgmma::operand_fence(flat<8 * kOT, kG>(c, g));
-#pragma unroll
-    for (int kk = 0; kk < kXT / 2; ++kk) wgmma::operand_fence(xf[g][kk].x);
-  }
+  operand_fence(c);
+  operand_fence(xf);
 }
 
 // ---- the two products of every flash kernel, per warp -------------------------------------------
@@ -461,11 +484,9 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
   constexpr int kLd = kD + kPad;
   if constexpr (kWg) {
     wg_gemm_abt<T, kD>(c, a, a0, bt);  // every column, `live` or not
-    return;
-  }
+  } else if constexpr (kIsHalfType<T>) {
 #pragma unroll
-  for (int g = 0; g < kG; ++g) zero(c[g]);
-  if constexpr (kIsHalfType<T>) {
+    for (int g = 0; g < kG; ++g) zero(c[g]);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       FragA af[kG];
@@ -483,7 +504,10 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
       }
     }
   } else {
-    for (int g = 0; g < kG; ++g) gemm_abt_simt<T, kD>(c[g], a, a0 + kWarpRows * g, bt, live, lane);
+    for (int g = 0; g < kG; ++g) {
+      zero(c[g]);
+      gemm_abt_simt<T, kD>(c[g], a, a0 + kWarpRows * g, bt, live, lane);
+    }
   }
 }
 

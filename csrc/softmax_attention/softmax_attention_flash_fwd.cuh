@@ -6,8 +6,8 @@
 // K of tile j+1 while P V_j is, so one buffer each suffices. Head dims pad up to 32/64/128/256;
 // wide outputs are split over blocks in column chunks (each recomputes S) so the accumulators
 // stay in registers.
-// Instantiated per dtype family: softmax_attention_flash_fwd_{tc,simt}.cu, and with the products
-// on Hopper's wgmma (kWg) in softmax_attention_flash_fwd_wgmma.cu.
+// Instantiated per dtype family: softmax_attention_flash_fwd_{tc,simt}.cu. Hopper's wgmma forward
+// (softmax_attention_flash_fwd_wg.cuh) shares the softmax step and the epilogue.
 #pragma once
 
 #include <algorithm>
@@ -21,14 +21,11 @@
 namespace sola {
 namespace flash {
 
-// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd). kWgmma: the products on Hopper's
-// warpgroup MMA (fp16 / bf16 up to head dim 128, sm_90a: softmax_attention_flash_fwd_wgmma.cu),
-// tiles in its core-matrix layout.
-template <typename T, int kD, int kGroups = 1, bool kWgmma = false>
+// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd).
+template <typename T, int kD, int kGroups = 1>
 struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
-  static_assert(!kWgmma || (kTensor && kD <= 128), "wgmma: fp16 / bf16 up to head dim 128");
   static constexpr int kBlockM = kBlockRows * kGroups;
   // Keys per step: 32 past head dim 64 on SIMT, and with two groups (S and O of both in registers).
   static constexpr int kBlockN = kD <= 64 || (kTensor && kGroups == 1) ? 64 : 32;
@@ -39,7 +36,7 @@ struct FwdTiles {
   static SOLA_HD int64_t tiles(const SoftmaxAttentionParams& p) {
     return p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks(p);
   }
-  static constexpr int kLd = kWgmma ? kD : kD + kPad, kLdV = kWgmma ? kDOut : kDOut + kPad;
+  static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
   static constexpr int kSmem = ((kBlockM + kBlockN) * kLd + kBlockN * kLdV) * static_cast<int>(sizeof(T)) +
                                kScratch * static_cast<int>(sizeof(acc));
@@ -49,9 +46,108 @@ struct FwdAligned {
   bool q, k, v;
 };
 
-template <typename T, int kD, int kG, bool kWg>
+// exp(scale * s - m) needs the max of the scaled scores; with scale >= 0 that is the max of the
+// raw scores, scaled once per row (rounding is monotonic). A negative scale negates the Q tile
+// instead (exactly: -q k^T = -(q k^T), and (-s)(-scale) = s scale). scale_units: |scale| in ExpUnits.
+template <typename T>
+SOLA_HD acc_t<T> scale_units(const SoftmaxAttentionParams& p) {
+  return static_cast<acc_t<T>>(p.scale < 0 ? -p.scale : p.scale) * ExpUnits<T>::kPerNat;
+}
+
+// Online softmax of one key tile for every row group: s (scores of rows lane/4 and lane/4 + 8 of
+// each group) becomes P in place, the running max m (in ExpUnits) and this lane's part of the
+// row sum l move on, and alpha gets the factor O must be scaled by. A NaN score never becomes the
+// max (fmax), so exp(NaN * scale - m) makes its row NaN, as in torch. kEdge: columns from `live`
+// on are keys past Nk (P = 0 there, without their exponentials).
+template <typename T, bool kEdge, int kG, int kNT, typename acc>
+SOLA_HD void online_softmax(acc (&s)[kG][kNT][4], acc (&m)[kG][2], acc (&l)[kG][2], acc (&alpha)[kG][2], int live,
+                            acc scale_u, int lane) {
+  using Exp = ExpUnits<T>;
+  constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    acc raw[2] = {kNegInf, kNegInf};  // max of this tile's raw scores per row
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (!kEdge || acc_col(n, e, lane) < live) raw[e >> 1] = std::fmax(raw[e >> 1], s[g][n][e]);
+    acc base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
+      raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 1));
+      raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 2));
+      const acc m_new = std::fmax(m[g][r], Exp::scaled(raw[r], scale_u));
+      // While a row has seen only -inf, subtract 0: exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
+      base[r] = m_new == kNegInf ? acc(0) : m_new;
+      // exp(0) = 1 exactly when the max stays, whatever the exp2 approximation gives at 0.
+      alpha[g][r] = m_new == m[g][r] ? acc(1) : Exp::exp(m[g][r] - base[r]);
+      l[g][r] *= alpha[g][r];
+      m[g][r] = m_new;
+    }
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      if (kEdge && 8 * n >= live) {  // past the keys: P = 0 without the exponentials
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[g][n][e] = acc(0);
+        continue;
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const acc pe = Exp::exp_scaled(s[g][n][e], scale_u, base[e >> 1]);
+        s[g][n][e] = !kEdge || acc_col(n, e, lane) < live ? pe : acc(0);
+        l[g][e >> 1] += s[g][n][e];
+      }
+    }
+  }
+}
+
+// o *= alpha per row. Once the running max settles, alpha is 1 for most tiles: the warp skips a
+// group's rescale (kOT x 4 multiplies per lane, 64 at head dim 128) unless some row's max moved.
+template <int kG, int kOT, typename acc>
+SOLA_HD void rescale(acc (&o)[kG][kOT][4], const acc (&alpha)[kG][2]) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    if (__any_sync(kFullMask, alpha[g][0] != acc(1) || alpha[g][1] != acc(1))) {
+#pragma unroll
+      for (int n = 0; n < kOT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[g][n][e] *= alpha[g][e >> 1];
+    }
+  }
+}
+
+// The epilogue: out = o / l for this lane's rows of the block at m0 (columns col0 ..) and, from
+// the first column chunk, lse. A row of only -inf scores has l = 0 and ends 0/0 = NaN with
+// lse = -inf, as torch.
+template <int kG, bool kWg, typename T, int kOT, typename acc>
+SOLA_HD void store_rows(const SoftmaxAttentionParams& p, const acc (&o)[kG][kOT][4], const acc (&m)[kG][2],
+                        const acc (&l)[kG][2], int64_t b, int64_t h, int64_t m0, int col0, int warp, int lane) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      acc sum = l[g][r];
+      sum += __shfl_xor_sync(kFullMask, sum, 1);
+      sum += __shfl_xor_sync(kFullMask, sum, 2);
+      const int64_t i = m0 + group_row<kG, kWg>(warp, g) + acc_row(2 * r, lane);
+      if (i >= p.Nq) continue;
+      T* out = p.out.row<T>(b, h, i);
+#pragma unroll
+      for (int n = 0; n < kOT; ++n)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          const int c = col0 + acc_col(n, e, lane);
+          if (c < p.Dv) out[c] = static_cast<T>(o[g][n][e] / sum);
+        }
+      if (col0 == 0 && lane % 4 == 0)
+        static_cast<acc*>(p.lse)[(b * p.H + h) * p.Nq + i] = row_lse(ExpUnits<T>::to_nat(m[g][r]), sum);
+    }
+}
+
+template <typename T, int kD, int kG>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
-  using Tiles = FwdTiles<T, kD, kG, kWg>;
+  using Tiles = FwdTiles<T, kD, kG>;
   using acc = typename Tiles::acc;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
   constexpr int kLd = Tiles::kLd, kLdV = Tiles::kLdV;
@@ -62,36 +158,27 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   T* sK = sQ + kBlockM * kLd;
   T* sV = sK + kBlockN * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  // Tiles written by this block's threads become visible to every warp (and to wgmma's reads).
-  auto publish = [] {
-    if constexpr (kWg) wgmma::async_proxy_fence();
-    __syncthreads();
-  };
   acc* scratch = reinterpret_cast<acc*>(sV + kBlockN * kLdV) + warp * kWarpRows * kScratchLd<acc, kBlockN>;
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
-  using Exp = ExpUnits<T>;
-  // exp(scale * s - m) needs the max of the scaled scores; with scale >= 0 that is the max of the
-  // raw scores, scaled once per row (rounding is monotonic). A negative scale negates the Q tile
-  // instead (exactly: -q k^T = -(q k^T), and (-s)(-scale) = s scale).
   const bool negate_q = p.scale < 0;
-  const acc scale_u = static_cast<acc>(negate_q ? -p.scale : p.scale) * Exp::kPerNat;
+  const acc scale_u = scale_units<T>(p);
   const int64_t full_blocks = p.Nk / kBlockN, n_blocks = ceil_div(p.Nk, kBlockN);
   const int64_t chunks = Tiles::chunks(p);
   const int64_t tiles = Tiles::tiles(p);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
-    const int64_t b = t.b, h = t.h, bh = t.bh, m0 = t.row0;
+    const int64_t b = t.b, h = t.h, m0 = t.row0;
     const int col0 = t.col0;
-    TileStream<kBlockN, kD, T, kWg> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
-    TileStream<kBlockN, kDOut, T, kWg> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
-    load_tile<kBlockM, kD, T, kWg>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
+    TileStream<kBlockN, kD, T> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
+    TileStream<kBlockN, kDOut, T> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
+    load_tile<kBlockM, kD, T>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
     keys.load(sK);
     cp_async_commit();
     cp_async_wait_all();
-    publish();
+    __syncthreads();
     if (negate_q) {
       negate_tile<kBlockM * kLd>(sQ, tid);
-      publish();
+      __syncthreads();
     }
 
     acc o[kG][kOT][4];
@@ -106,71 +193,25 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
     // One key tile. kEdge: the last tile, with keys past Nk (P = 0 there); full tiles skip the masking.
     auto key_step = [&](int64_t nb, auto edge) {
       constexpr bool kEdge = decltype(edge)::value;
-      const int64_t n0 = nb * kBlockN;
-      const int64_t valid = p.Nk - n0;
-      const int live = kEdge ? live_rows<kBlockN>(valid) : kBlockN;  // the products skip the rest
+      const int live = kEdge ? live_rows<kBlockN>(p.Nk - nb * kBlockN) : kBlockN;  // the products skip the rest
       values.load(sV);
       cp_async_commit();
 
       acc s[kG][kNT][4];
-      gemm_abt<T, kD, kWg>(s, sQ, product_row0<kG, kWg>(warp), sK, live, lane);
-
-      // Online softmax. A NaN score never becomes the max (fmax), so exp(NaN * scale - m) makes
-      // its row NaN, as in torch.
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        acc raw[2] = {kNegInf, kNegInf};  // max of this tile's raw scores per row
-#pragma unroll
-        for (int n = 0; n < kNT; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (!kEdge || acc_col(n, e, lane) < live) raw[e >> 1] = std::fmax(raw[e >> 1], s[g][n][e]);
-        acc base[2], alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
-          raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 1));
-          raw[r] = std::fmax(raw[r], __shfl_xor_sync(kFullMask, raw[r], 2));
-          const acc m_new = std::fmax(m[g][r], Exp::scaled(raw[r], scale_u));
-          // While a row has seen only -inf, subtract 0: exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
-          base[r] = m_new == kNegInf ? acc(0) : m_new;
-          // exp(0) = 1 exactly when the max stays, whatever the exp2 approximation gives at 0.
-          alpha[r] = m_new == m[g][r] ? acc(1) : Exp::exp(m[g][r] - base[r]);
-          l[g][r] *= alpha[r];
-          m[g][r] = m_new;
-        }
-        // Once the running max settles, alpha is 1 for most tiles: the warp skips the rescale of
-        // O (kOT x 4 multiplies per lane, 64 at head dim 128) unless some row's max moved.
-        if (__any_sync(kFullMask, alpha[0] != acc(1) || alpha[1] != acc(1))) {
-#pragma unroll
-          for (int n = 0; n < kOT; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[g][n][e] *= alpha[e >> 1];
-        }
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          if (kEdge && 8 * n >= live) {  // past the keys: P = 0 without the exponentials
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[g][n][e] = acc(0);
-            continue;
-          }
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const acc pe = Exp::exp_scaled(s[g][n][e], scale_u, base[e >> 1]);
-            s[g][n][e] = !kEdge || acc_col(n, e, lane) < live ? pe : acc(0);
-            l[g][e >> 1] += s[g][n][e];
-          }
-        }
-      }
+      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), sK, live, lane);
+      acc alpha[kG][2];
+      online_softmax<T, kEdge>(s, m, l, alpha, live, scale_u, lane);
+      rescale(o, alpha);
 
       cp_async_wait_all();
-      publish();  // V_j is in; every warp is done with K_j
+      __syncthreads();  // V_j is in; every warp is done with K_j
       if (nb + 1 < n_blocks) {
         keys.load(sK);
         cp_async_commit();
       }
-      gemm_xb<T, kDOut, kWg>(o, s, sV, 0, live, scratch, lane);
+      gemm_xb<T, kDOut>(o, s, sV, 0, live, scratch, lane);
       cp_async_wait_all();
-      publish();  // K_{j+1} is in; every warp is done with V_j
+      __syncthreads();  // K_{j+1} is in; every warp is done with V_j
     };
     if constexpr (Tiles::kTensor) {
       for (int64_t nb = 0; nb < full_blocks; ++nb) key_step(nb, std::false_type{});
@@ -179,52 +220,27 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       for (int64_t nb = 0; nb < n_blocks; ++nb) key_step(nb, std::true_type{});
     }
 
-#pragma unroll
-    for (int g = 0; g < kG; ++g)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        acc sum = l[g][r];
-        sum += __shfl_xor_sync(kFullMask, sum, 1);
-        sum += __shfl_xor_sync(kFullMask, sum, 2);
-        const int64_t i = m0 + group_row<kG, kWg>(warp, g) + acc_row(2 * r, lane);
-        if (i >= p.Nq) continue;
-        // A row of only -inf scores has l = 0 and ends 0/0 = NaN with lse = -inf, as torch.
-        T* out = p.out.row<T>(b, h, i);
-#pragma unroll
-        for (int n = 0; n < kOT; ++n)
-#pragma unroll
-          for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            const int c = col0 + acc_col(n, e, lane);
-            if (c < Dv) out[c] = static_cast<T>(o[g][n][e] / sum);
-          }
-        if (col0 == 0 && lane % 4 == 0) static_cast<acc*>(p.lse)[bh * p.Nq + i] = row_lse(Exp::to_nat(m[g][r]), sum);
-      }
+    store_rows<kG, false, T>(p, o, m, l, b, h, m0, col0, warp, lane);
   }
 }
 
-template <typename T, int kD, int kG, bool kWg = false>
+template <typename T, int kD, int kG>
 bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using Tiles = FwdTiles<T, kD, kG, kWg>;
-  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG, kWg>, Tiles::kSmem>()) return false;
+  using Tiles = FwdTiles<T, kD, kG>;
+  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG>, Tiles::kSmem>()) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
-  const int64_t tiles = Tiles::tiles(p);
-  fwd_kernel<T, kD, kG, kWg><<<grid_x(tiles, 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+  fwd_kernel<T, kD, kG><<<grid_x(Tiles::tiles(p), 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
-// kWg: the wgmma kernels (up to head dim 128; the caller checks flash_wgmma_enabled()).
-template <typename T, bool kWg = false>
+template <typename T>
 bool dispatch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    if constexpr (kWg && kD > 128) {
-      return false;
-    } else {
-      return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto groups) {
-        return launch_fwd<T, kD, decltype(groups)::value, kWg>(p, stream);
-      });
-    }
+    return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto groups) {
+      return launch_fwd<T, kD, decltype(groups)::value>(p, stream);
+    });
   });
 }
 

@@ -139,7 +139,11 @@ int main(int argc, char** argv) {
     softmax_case(1, 1, 100, 75, 96, 96, at::kBFloat16, 0.1, true);
     softmax_case(1, 1, 130, 64, 128, 128, at::kHalf, 0.09, false);
     softmax_case(2, 1, 70, 140, 64, 64, at::kBFloat16, 0.3, false, 1);
+    // Long key sequences: the forward's ring of K / V stages wraps around (10+ tiles).
+    softmax_case(1, 2, 70, 600, 64, 64, at::kBFloat16, 0.2, false);
+    softmax_case(1, 1, 130, 333, 128, 128, at::kHalf, 0.1, true);
     unsetenv("SOLA_FLASH_GROUPS");
+    softmax_case(2, 1, 40, 517, 32, 32, at::kHalf, 0.3, false);  // one group, 8 full tiles and an edge of 5
     unsetenv("SOLA_FLASH_WGMMA");
   }
   if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)

@@ -1,0 +1,171 @@
+// Flash forward on Hopper's warpgroup MMA (wgmma, sm_90a), fp16 / bf16, head dims up to 128.
+// A block is one warpgroup (4 warps) over 64 query rows per row group (two groups: 128 rows, the
+// 64-row M tiles of wgmma), the same tiling and softmax as the mma.sync kernel
+// (softmax_attention_flash_fwd.cuh), with two things the synchronous products could not do:
+// - Overlap. Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} (async), waits for S_j only,
+//   runs the online softmax of S_j while the tensor cores still work on P_{j-1} V_{j-1}, then
+//   waits for that product and rescales O. P_{j-1} waits in registers as bf16 / fp16 A fragments.
+// - A ring of kStages K / V tiles filled kAhead steps ahead by cp.async, one barrier per step
+//   (the mma.sync kernel has two, and its next tile is in flight for one product only).
+// Stage reuse: tile j + kAhead goes to the stage of tile j - 2, free once every warp has passed
+// the barrier of step j (each waited for P_{j-2} V_{j-2} in step j - 1), so kStages = kAhead + 2.
+// Instantiated in softmax_attention_flash_fwd_wgmma.cu.
+#pragma once
+
+#include "softmax_attention/softmax_attention_flash_fwd.cuh"
+
+namespace sola {
+namespace flash {
+
+template <typename T, int kD, int kGroups>
+struct WgFwdTiles {
+  static_assert(kIsHalfType<T> && kD <= 128, "wgmma: fp16 / bf16 up to head dim 128");
+  using Base = FwdTiles<T, kD, kGroups>;
+  static constexpr int kBlockM = Base::kBlockM, kBlockN = Base::kBlockN, kDOut = Base::kDOut;
+  static constexpr int kAhead = 2, kStages = kAhead + 2;
+  // Tiles in core-matrix layout (no padding): Q, then kStages x (K tile, V tile).
+  static constexpr int kStageElems = kBlockN * (kD + kDOut);
+  static constexpr int kSmem = (kBlockM * kD + kStages * kStageElems) * static_cast<int>(sizeof(T));
+};
+
+template <typename T, int kD, int kG>
+__global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
+  using Tiles = WgFwdTiles<T, kD, kG>;
+  using acc = float;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
+  constexpr int kAhead = Tiles::kAhead, kStages = Tiles::kStages;
+  constexpr int kNT = kBlockN / 8, kOT = kDOut / 8;  // n8 tiles of S and of O
+  constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
+  SOLA_DYNAMIC_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  auto stage_k = [&](int64_t j) { return sQ + kBlockM * kD + static_cast<int>(j % kStages) * Tiles::kStageElems; };
+  auto stage_v = [&](int64_t j) { return stage_k(j) + kBlockN * kD; };
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Tiles written by this block's threads (cp.async, or stores of zeros) become visible to the wgmmas.
+  auto publish = [] {
+    wgmma::async_proxy_fence();
+    __syncthreads();
+  };
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
+  const bool negate_q = p.scale < 0;
+  const acc scale_u = scale_units<T>(p);
+  const int64_t full_blocks = p.Nk / kBlockN, n_blocks = ceil_div(p.Nk, kBlockN);
+  const int64_t tiles = FwdTiles<T, kD, kG>::tiles(p);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, FwdTiles<T, kD, kG>::chunks(p));
+    const int64_t b = t.b, h = t.h, m0 = t.row0;
+    const int col0 = t.col0;
+    TileStream<kBlockN, kD, T, true> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
+    TileStream<kBlockN, kDOut, T, true> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
+    // Every thread commits one copy group per tile (empty past the last), so "tile j is in" is
+    // always "all but the newest kAhead - 1 groups".
+    auto load_next = [&](int64_t j) {
+      if (j < n_blocks) {
+        keys.load(stage_k(j));
+        values.load(stage_v(j));
+      }
+      cp_async_commit();
+    };
+    __syncthreads();  // the previous work item's last products are done with Q and the stages
+    load_tile<kBlockM, kD, T, true>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
+    cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < kAhead; ++j) load_next(j);
+    cp_async_wait<kAhead>();  // Q
+    publish();
+    if (negate_q) {
+      negate_tile<kBlockM * kD>(sQ, tid);
+      publish();
+    }
+
+    acc o[kG][kOT][4];
+    acc m[kG][2], l[kG][2];  // running max (ExpUnits) and this lane's part of the sum, rows lane/4 (+8)
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      zero(o[g]);
+      m[g][0] = m[g][1] = kNegInf;
+      l[g][0] = l[g][1] = acc(0);
+    }
+    FragA pf[kG][kNT / 2];  // P_{j-1}, read by the wgmmas of step j until its second wait
+
+    // Step j. kFirst: no P V to issue yet; kEdge: the last tile, keys from `live` on past Nk.
+    auto key_step = [&](int64_t j, auto first, auto edge) {
+      constexpr bool kFirst = decltype(first)::value, kEdge = decltype(edge)::value;
+      cp_async_wait<kAhead - 1>();  // tile j
+      publish();                    // tile j for everyone; every warp is done with tile j - 2
+      load_next(j + kAhead);
+
+      acc s[kG][kNT][4];
+      operand_fence(s);
+      operand_fence(o);
+      operand_fence(pf);
+      wgmma::fence();
+      wg_issue_abt<T, kD>(s, sQ, 0, stage_k(j));
+      wgmma::commit();
+      if constexpr (!kFirst) {
+        wg_issue_xb<T, kDOut>(o, pf, stage_v(j - 1), 0);
+        wgmma::commit();
+      }
+      wgmma::wait<kFirst ? 0 : 1>();  // S_j (P_{j-1} V_{j-1} may still run)
+      operand_fence(s);
+
+      const int live = kEdge ? live_rows<kBlockN>(p.Nk - j * kBlockN) : kBlockN;
+      acc alpha[kG][2];
+      online_softmax<T, kEdge>(s, m, l, alpha, live, scale_u, lane);
+
+      wgmma::wait<0>();  // P_{j-1} V_{j-1}: o and pf are free
+      operand_fence(o);
+      operand_fence(pf);
+      rescale(o, alpha);
+      pack_a<T>(pf, s);
+    };
+    if (n_blocks > 0) {
+      if (full_blocks == 0) {
+        key_step(0, std::true_type{}, std::true_type{});
+      } else {
+        key_step(0, std::true_type{}, std::false_type{});
+        for (int64_t j = 1; j < full_blocks; ++j) key_step(j, std::false_type{}, std::false_type{});
+        if (full_blocks < n_blocks) key_step(full_blocks, std::false_type{}, std::true_type{});
+      }
+      // The last P V. (Tiles past the keys were committed empty: nothing is left in flight.)
+      operand_fence(o);
+      operand_fence(pf);
+      wgmma::fence();
+      wg_issue_xb<T, kDOut>(o, pf, stage_v(n_blocks - 1), 0);
+      wgmma::commit();
+      wgmma::wait<0>();
+      operand_fence(o);
+      operand_fence(pf);
+    }
+    cp_async_wait<0>();  // the empty groups (nothing lands; the count starts over per work item)
+    store_rows<kG, true, T>(p, o, m, l, b, h, m0, col0, warp, lane);
+  }
+}
+
+template <typename T, int kD, int kG>
+bool launch_fwd_wg(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  using Tiles = WgFwdTiles<T, kD, kG>;
+  if (!allow_dynamic_smem<fwd_wg_kernel<T, kD, kG>, Tiles::kSmem>()) return false;
+  const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
+  fwd_wg_kernel<T, kD, kG><<<grid_x(FwdTiles<T, kD, kG>::tiles(p), 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+// Head dims up to 128 (false past them: the caller runs the mma.sync kernels).
+template <typename T>
+bool dispatch_fwd_wg(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  return SOLA_HEADDIM_SWITCH(std::max(p.Dk, p.Dv), kD, [&] {
+    if constexpr (kD > 128) {
+      return false;
+    } else {
+      const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto groups) {
+        return launch_fwd_wg<T, kD, decltype(groups)::value>(p, stream);
+      });
+    }
+  });
+}
+
+}  // namespace flash
+}  // namespace sola
