@@ -41,8 +41,11 @@ struct BwdTiles {
   static_assert(!kWgmma || (kTensor && kD <= 128), "wgmma: fp16 / bf16 up to head dim 128");
   static constexpr int kBlock = kBlockRows * kGroups;  // resident rows (keys or queries) of a block
   static constexpr int kStream = kStreamRows ? kStreamRows : kTensor || kD <= 64 ? 64 : 32;
-  // Gradient columns of one block: what fits in registers next to S and dP.
-  static constexpr int kDOut = std::min(kD, static_cast<int>(256 / sizeof(acc)));
+  // Gradient columns of one block: what fits in registers next to S and dP. Past them the blocks
+  // split the columns into chunks, each recomputing S and dP; wgmma needs no registers for B
+  // fragments, so there every column up to head dim 128 fits (one chunk: at kD 128 the backward
+  // runs 7 products per tile pair instead of 11).
+  static constexpr int kDOut = kWgmma ? kD : std::min(kD, static_cast<int>(256 / sizeof(acc)));
   // dkdv_kernel's chunks cover max(Dk, Dv) columns (dK and dV), dq_kernel's Dk.
   static SOLA_HD int64_t dkdv_chunks(const SoftmaxAttentionParams& p) {
     return column_chunks<kDOut>(p.Dk > p.Dv ? p.Dk : p.Dv);
@@ -362,7 +365,9 @@ bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
     } else {
       const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       return with_row_groups<T, kD>(p.Nk, p.B * p.H, sms, [&](auto key_groups) {
-        return with_row_groups<T, kD, 128>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
+        // dq_kernel: two groups up to kD 128 on mma.sync; on wgmma up to 64 (dQ of 128 columns
+        // for two groups would not fit in registers).
+        return with_row_groups<T, kD, kWg ? 64 : 128>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
           return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value, kWg>(p, stream);
         });
       });

@@ -2,12 +2,13 @@
 // group (16 per warp and group; two groups on tensor cores up to head dim 128 past 64 queries,
 // so each K / V fragment loaded feeds two mmas per warp) and walks over the keys in tiles:
 // S = Q K^T, online softmax in registers (running max m and sum l per row), then O += P V.
-// Scores never reach global memory. V of tile j is copied (cp.async) while S_j is computed and
-// K of tile j+1 while P V_j is, so one buffer each suffices. Head dims pad up to 32/64/128/256;
+// Scores never reach global memory. K / V tiles stream through a ring of 2-3 shared-memory stages
+// (KvRing), copied by cp.async one or two tiles ahead of the step using them, with one barrier
+// per step. Head dims pad up to 32/64/128/256;
 // wide outputs are split over blocks in column chunks (each recomputes S) so the accumulators
 // stay in registers.
 // Instantiated per dtype family: softmax_attention_flash_fwd_{tc,simt}.cu. Hopper's wgmma forward
-// (softmax_attention_flash_fwd_wg.cuh) shares the softmax step and the epilogue.
+// (softmax_attention_flash_fwd_wg.cuh) shares the ring, the softmax step and the epilogue.
 #pragma once
 
 #include <algorithm>
@@ -21,14 +22,56 @@
 namespace sola {
 namespace flash {
 
+struct FwdAligned {
+  bool q, k, v;
+};
+
+// The K / V tiles of one head's keys through a ring of kStages shared-memory stages, filled kAhead
+// tiles ahead by cp.async (kCore: wgmma's core-matrix layout, else rows padded by kPad). Every
+// thread commits one copy group per tile, empty past the last, so "tile j has landed" is always
+// "all but this thread's newest kAhead - 1 groups have" (wait_tile), whatever Nk.
+template <typename T, int kStages, int kAhead, int kBlockN, int kD, int kDOut, bool kCore = false>
+struct KvRing {
+  static constexpr int kLdK = kCore ? kD : kD + kPad, kLdV = kCore ? kDOut : kDOut + kPad;
+  static constexpr int kStageElems = kBlockN * (kLdK + kLdV);
+  TileStream<kBlockN, kD, T, kCore> keys;
+  TileStream<kBlockN, kDOut, T, kCore> values;
+  T* base;
+  int64_t n_blocks;
+
+  SOLA_HD KvRing(T* base_, const SoftmaxAttentionParams& p, const FwdAligned& al, int64_t b, int64_t h, int col0,
+                 int tid)
+      : keys(p.k, b, h, 0, p.Nk, 0, static_cast<int>(p.Dk), al.k, tid),
+        values(p.v, b, h, 0, p.Nk, col0, static_cast<int>(p.Dv), al.v, tid),
+        base(base_),
+        n_blocks(ceil_div(p.Nk, kBlockN)) {}
+  SOLA_HD T* k(int64_t j) const { return base + static_cast<int>(j % kStages) * kStageElems; }
+  SOLA_HD T* v(int64_t j) const { return k(j) + kBlockN * kLdK; }
+  // Copies tile j (tiles go in order) into its stage; commits a group either way.
+  SOLA_HD void load(int64_t j) {
+    if (j < n_blocks) {
+      keys.load(k(j));
+      values.load(v(j));
+    }
+    cp_async_commit();
+  }
+  SOLA_HD void load_first() {
+#pragma unroll
+    for (int j = 0; j < kAhead; ++j) load(j);
+  }
+  // This thread's copies of tile j have landed, when tiles up to j + kAhead - 1 were loaded.
+  static SOLA_HD void wait_tile() { cp_async_wait<kAhead - 1>(); }
+};
+
 // kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd).
 template <typename T, int kD, int kGroups = 1>
 struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
   static constexpr int kBlockM = kBlockRows * kGroups;
-  // Keys per step: 32 past head dim 64 on SIMT, and with two groups (S and O of both in registers).
-  static constexpr int kBlockN = kD <= 64 || (kTensor && kGroups == 1) ? 64 : 32;
+  // Keys per step: 64 on tensor cores up to head dim 64, else 32, so that S, O and the K / V
+  // ring leave as many blocks per SM as registers allow (2-4; SIMT: S and O of wide heads).
+  static constexpr int kBlockN = kTensor && kD <= 64 ? 64 : 32;
   // Output columns of one block: what fits in registers next to S.
   static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
   static SOLA_HD int64_t chunks(const SoftmaxAttentionParams& p) { return column_chunks<kDOut>(p.Dv); }
@@ -38,12 +81,15 @@ struct FwdTiles {
   }
   static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
   static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
-  static constexpr int kSmem = ((kBlockM + kBlockN) * kLd + kBlockN * kLdV) * static_cast<int>(sizeof(T)) +
-                               kScratch * static_cast<int>(sizeof(acc));
-};
-
-struct FwdAligned {
-  bool q, k, v;
+  static constexpr int smem_bytes(int stages) {
+    return (kBlockM * kLd + stages * kBlockN * (kLd + kLdV)) * static_cast<int>(sizeof(T)) +
+           kScratch * static_cast<int>(sizeof(acc));
+  }
+  // K / V stages: 3 (two tiles in flight) on tensor cores where two blocks still fit on an SM
+  // (228 KB, 1 KB reserved per block), else 2 (SIMT is bound by its FMAs, not by latency).
+  static constexpr int kStages = kTensor && smem_bytes(3) <= 113 * 1024 ? 3 : 2;
+  static constexpr int kSmem = smem_bytes(kStages);
+  using Ring = KvRing<T, kStages, kStages - 1, kBlockN, kD, kDOut>;
 };
 
 // exp(scale * s - m) needs the max of the scaled scores; with scale >= 0 that is the max of the
@@ -145,21 +191,25 @@ SOLA_HD void store_rows(const SoftmaxAttentionParams& p, const acc (&o)[kG][kOT]
     }
 }
 
+// One key tile per step over a ring of K / V stages (FwdTiles::Ring, kStages - 1 tiles in flight):
+// wait for tile j, one barrier (tile j is in for every warp, and every warp is done with step
+// j - 1, whose stage tile j + kStages - 1 then refills), S = Q K_j^T, online softmax, O += P V_j.
 template <typename T, int kD, int kG>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
   using Tiles = FwdTiles<T, kD, kG>;
+  using Ring = typename Tiles::Ring;
   using acc = typename Tiles::acc;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
-  constexpr int kLd = Tiles::kLd, kLdV = Tiles::kLdV;
+  constexpr int kLd = Tiles::kLd, kStages = Tiles::kStages;
   constexpr int kNT = kBlockN / 8, kOT = kDOut / 8;  // n8 tiles of S and of O
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
   SOLA_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBlockM * kLd;
-  T* sV = sK + kBlockN * kLd;
+  T* ring_base = sQ + kBlockM * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  acc* scratch = reinterpret_cast<acc*>(sV + kBlockN * kLdV) + warp * kWarpRows * kScratchLd<acc, kBlockN>;
-  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
+  acc* scratch =
+      reinterpret_cast<acc*>(ring_base + kStages * Ring::kStageElems) + warp * kWarpRows * kScratchLd<acc, kBlockN>;
+  const int Dk = static_cast<int>(p.Dk);
   const bool negate_q = p.scale < 0;
   const acc scale_u = scale_units<T>(p);
   const int64_t full_blocks = p.Nk / kBlockN, n_blocks = ceil_div(p.Nk, kBlockN);
@@ -169,12 +219,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, chunks);
     const int64_t b = t.b, h = t.h, m0 = t.row0;
     const int col0 = t.col0;
-    TileStream<kBlockN, kD, T> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
-    TileStream<kBlockN, kDOut, T> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
+    Ring ring(ring_base, p, al, b, h, col0, tid);
+    __syncthreads();  // every warp is done with the previous work item's tiles
     load_tile<kBlockM, kD, T>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
-    keys.load(sK);
     cp_async_commit();
-    cp_async_wait_all();
+    ring.load_first();
+    cp_async_wait<kStages - 1>();  // Q
     __syncthreads();
     if (negate_q) {
       negate_tile<kBlockM * kLd>(sQ, tid);
@@ -191,35 +241,27 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       l[g][0] = l[g][1] = acc(0);
     }
     // One key tile. kEdge: the last tile, with keys past Nk (P = 0 there); full tiles skip the masking.
-    auto key_step = [&](int64_t nb, auto edge) {
+    auto key_step = [&](int64_t j, auto edge) {
       constexpr bool kEdge = decltype(edge)::value;
-      const int live = kEdge ? live_rows<kBlockN>(p.Nk - nb * kBlockN) : kBlockN;  // the products skip the rest
-      values.load(sV);
-      cp_async_commit();
+      const int live = kEdge ? live_rows<kBlockN>(p.Nk - j * kBlockN) : kBlockN;  // the products skip the rest
+      ring.wait_tile();
+      __syncthreads();  // tile j is in for every warp; every warp is done with tile j - 1
+      ring.load(j + kStages - 1);
 
       acc s[kG][kNT][4];
-      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), sK, live, lane);
+      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), ring.k(j), live, lane);
       acc alpha[kG][2];
       online_softmax<T, kEdge>(s, m, l, alpha, live, scale_u, lane);
       rescale(o, alpha);
-
-      cp_async_wait_all();
-      __syncthreads();  // V_j is in; every warp is done with K_j
-      if (nb + 1 < n_blocks) {
-        keys.load(sK);
-        cp_async_commit();
-      }
-      gemm_xb<T, kDOut>(o, s, sV, 0, live, scratch, lane);
-      cp_async_wait_all();
-      __syncthreads();  // K_{j+1} is in; every warp is done with V_j
+      gemm_xb<T, kDOut>(o, s, ring.v(j), 0, live, scratch, lane);
     };
     if constexpr (Tiles::kTensor) {
-      for (int64_t nb = 0; nb < full_blocks; ++nb) key_step(nb, std::false_type{});
+      for (int64_t j = 0; j < full_blocks; ++j) key_step(j, std::false_type{});
       if (full_blocks < n_blocks) key_step(full_blocks, std::true_type{});
     } else {
-      for (int64_t nb = 0; nb < n_blocks; ++nb) key_step(nb, std::true_type{});
+      for (int64_t j = 0; j < n_blocks; ++j) key_step(j, std::true_type{});
     }
-
+    cp_async_wait<0>();  // the empty groups past the last tile
     store_rows<kG, false, T>(p, o, m, l, b, h, m0, col0, warp, lane);
   }
 }

@@ -1,12 +1,11 @@
 // Flash forward on Hopper's warpgroup MMA (wgmma, sm_90a), fp16 / bf16, head dims up to 128.
 // A block is one warpgroup (4 warps) over 64 query rows per row group (two groups: 128 rows, the
 // 64-row M tiles of wgmma), the same tiling and softmax as the mma.sync kernel
-// (softmax_attention_flash_fwd.cuh), with two things the synchronous products could not do:
+// (softmax_attention_flash_fwd.cuh), plus what asynchronous products allow:
 // - Overlap. Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} (async), waits for S_j only,
 //   runs the online softmax of S_j while the tensor cores still work on P_{j-1} V_{j-1}, then
 //   waits for that product and rescales O. P_{j-1} waits in registers as bf16 / fp16 A fragments.
-// - A ring of kStages K / V tiles filled kAhead steps ahead by cp.async, one barrier per step
-//   (the mma.sync kernel has two, and its next tile is in flight for one product only).
+// - A deeper ring of K / V stages (KvRing, as the mma.sync kernel's), filled kAhead tiles ahead.
 // Stage reuse: tile j + kAhead goes to the stage of tile j - 2, free once every warp has passed
 // the barrier of step j (each waited for P_{j-2} V_{j-2} in step j - 1), so kStages = kAhead + 2.
 // Instantiated in softmax_attention_flash_fwd_wgmma.cu.
@@ -21,32 +20,33 @@ template <typename T, int kD, int kGroups>
 struct WgFwdTiles {
   static_assert(kIsHalfType<T> && kD <= 128, "wgmma: fp16 / bf16 up to head dim 128");
   using Base = FwdTiles<T, kD, kGroups>;
-  static constexpr int kBlockM = Base::kBlockM, kBlockN = Base::kBlockN, kDOut = Base::kDOut;
+  static constexpr int kBlockM = Base::kBlockM, kDOut = Base::kDOut;
+  // Keys per step: 64, 32 past head dim 64 with two groups (S and O of both in registers).
+  static constexpr int kBlockN = kD <= 64 || kGroups == 1 ? 64 : 32;
   static constexpr int kAhead = 2, kStages = kAhead + 2;
-  // Tiles in core-matrix layout (no padding): Q, then kStages x (K tile, V tile).
-  static constexpr int kStageElems = kBlockN * (kD + kDOut);
-  static constexpr int kSmem = (kBlockM * kD + kStages * kStageElems) * static_cast<int>(sizeof(T));
+  // Tiles in core-matrix layout (no padding): Q, then the ring's kStages x (K tile, V tile).
+  using Ring = KvRing<T, kStages, kAhead, kBlockN, kD, kDOut, true>;
+  static constexpr int kSmem = (kBlockM * kD + kStages * Ring::kStageElems) * static_cast<int>(sizeof(T));
 };
 
 template <typename T, int kD, int kG>
 __global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
   using Tiles = WgFwdTiles<T, kD, kG>;
+  using Ring = typename Tiles::Ring;
   using acc = float;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
-  constexpr int kAhead = Tiles::kAhead, kStages = Tiles::kStages;
+  constexpr int kAhead = Tiles::kAhead;
   constexpr int kNT = kBlockN / 8, kOT = kDOut / 8;  // n8 tiles of S and of O
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
   SOLA_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  auto stage_k = [&](int64_t j) { return sQ + kBlockM * kD + static_cast<int>(j % kStages) * Tiles::kStageElems; };
-  auto stage_v = [&](int64_t j) { return stage_k(j) + kBlockN * kD; };
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // Tiles written by this block's threads (cp.async, or stores of zeros) become visible to the wgmmas.
   auto publish = [] {
     wgmma::async_proxy_fence();
     __syncthreads();
   };
-  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
+  const int Dk = static_cast<int>(p.Dk);
   const bool negate_q = p.scale < 0;
   const acc scale_u = scale_units<T>(p);
   const int64_t full_blocks = p.Nk / kBlockN, n_blocks = ceil_div(p.Nk, kBlockN);
@@ -55,22 +55,11 @@ __global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttention
     const TileIndex t = tile_index<kBlockM, kDOut>(tile, p.Nq, p.H, FwdTiles<T, kD, kG>::chunks(p));
     const int64_t b = t.b, h = t.h, m0 = t.row0;
     const int col0 = t.col0;
-    TileStream<kBlockN, kD, T, true> keys(p.k, b, h, 0, p.Nk, 0, Dk, al.k, tid);
-    TileStream<kBlockN, kDOut, T, true> values(p.v, b, h, 0, p.Nk, col0, Dv, al.v, tid);
-    // Every thread commits one copy group per tile (empty past the last), so "tile j is in" is
-    // always "all but the newest kAhead - 1 groups".
-    auto load_next = [&](int64_t j) {
-      if (j < n_blocks) {
-        keys.load(stage_k(j));
-        values.load(stage_v(j));
-      }
-      cp_async_commit();
-    };
+    Ring ring(sQ + kBlockM * kD, p, al, b, h, col0, tid);
     __syncthreads();  // the previous work item's last products are done with Q and the stages
     load_tile<kBlockM, kD, T, true>(sQ, p.q, b, h, m0, p.Nq - m0, 0, Dk, al.q, tid);
     cp_async_commit();
-#pragma unroll
-    for (int j = 0; j < kAhead; ++j) load_next(j);
+    ring.load_first();
     cp_async_wait<kAhead>();  // Q
     publish();
     if (negate_q) {
@@ -91,19 +80,19 @@ __global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttention
     // Step j. kFirst: no P V to issue yet; kEdge: the last tile, keys from `live` on past Nk.
     auto key_step = [&](int64_t j, auto first, auto edge) {
       constexpr bool kFirst = decltype(first)::value, kEdge = decltype(edge)::value;
-      cp_async_wait<kAhead - 1>();  // tile j
-      publish();                    // tile j for everyone; every warp is done with tile j - 2
-      load_next(j + kAhead);
+      ring.wait_tile();
+      publish();  // tile j for everyone; every warp is done with tile j - 2
+      ring.load(j + kAhead);
 
       acc s[kG][kNT][4];
       operand_fence(s);
       operand_fence(o);
       operand_fence(pf);
       wgmma::fence();
-      wg_issue_abt<T, kD>(s, sQ, 0, stage_k(j));
+      wg_issue_abt<T, kD>(s, sQ, 0, ring.k(j));
       wgmma::commit();
       if constexpr (!kFirst) {
-        wg_issue_xb<T, kDOut>(o, pf, stage_v(j - 1), 0);
+        wg_issue_xb<T, kDOut>(o, pf, ring.v(j - 1), 0);
         wgmma::commit();
       }
       wgmma::wait<kFirst ? 0 : 1>();  // S_j (P_{j-1} V_{j-1} may still run)
@@ -131,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttention
       operand_fence(o);
       operand_fence(pf);
       wgmma::fence();
-      wg_issue_xb<T, kDOut>(o, pf, stage_v(n_blocks - 1), 0);
+      wg_issue_xb<T, kDOut>(o, pf, ring.v(n_blocks - 1), 0);
       wgmma::commit();
       wgmma::wait<0>();
       operand_fence(o);
