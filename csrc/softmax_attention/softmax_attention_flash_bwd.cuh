@@ -164,6 +164,45 @@ SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], 
   }
 }
 
+// wgmma: c1 = A1 B1^T and c2 = A2 B2^T (A from rows 64 g of a1 / a2) issued as one batch and
+// waited for once: S and dP (or S^T and dP^T) in one round trip of the tensor cores, not two.
+template <typename T, int kD, int kG, int kNT>
+SOLA_DEVICE void wg_gemm_abt2(float (&c1)[kG][kNT][4], const T* a1, const T* b1, float (&c2)[kG][kNT][4], const T* a2,
+                              const T* b2) {
+  operand_fence(c1);
+  operand_fence(c2);
+  wgmma::fence();
+  wg_issue_abt<T, kD>(c1, a1, 0, b1);
+  wg_issue_abt<T, kD>(c2, a2, 0, b2);
+  wgmma::commit();
+  wgmma::wait<0>();
+  operand_fence(c1);
+  operand_fence(c2);
+}
+
+// wgmma: c1 += X1 B1 and c2 += X2 B2 (X rounded to T as register A fragments, B tiles kCols wide
+// from column col0) as one batch, waited for once: dV and dK in one round trip.
+template <typename T, int kCols, int kG, int kXT, int kOT>
+SOLA_DEVICE void wg_gemm_xb2(float (&c1)[kG][kOT][4], const float (&x1)[kG][kXT][4], const T* b1,
+                             float (&c2)[kG][kOT][4], const float (&x2)[kG][kXT][4], const T* b2, int col0) {
+  FragA f1[kG][kXT / 2], f2[kG][kXT / 2];  // all first: the wgmmas read them until the wait
+  pack_a<T>(f1, x1);
+  pack_a<T>(f2, x2);
+  operand_fence(f1);
+  operand_fence(f2);
+  operand_fence(c1);
+  operand_fence(c2);
+  wgmma::fence();
+  wg_issue_xb<T, kCols>(c1, f1, b1, col0);
+  wg_issue_xb<T, kCols>(c2, f2, b2, col0);
+  wgmma::commit();
+  wgmma::wait<0>();
+  operand_fence(c1);
+  operand_fence(c2);
+  operand_fence(f1);
+  operand_fence(f2);
+}
+
 struct BwdAligned {
   bool q, k, v, grad_out;
 };
@@ -240,19 +279,34 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
       // P^T and dP^T, then dS^T: this warp's 16 keys per group x kStream queries. lse and delta
       // belong to the query (column): one shared-memory read serves every group.
       acc pt[kG][kST][4], dpt[kG][kST][4];
-      gemm_abt<T, kD, kWg>(pt, sK, a0, sQ, live, lane);
+      auto exp_pt = [&] {
 #pragma unroll
-      for (int n = 0; n < kST; ++n)
+        for (int n = 0; n < kST; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const acc lse_c = lse[acc_col(n, e, lane)];
+          for (int e = 0; e < 4; ++e) {
+            const acc lse_c = lse[acc_col(n, e, lane)];
 #pragma unroll
-          for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
-        }
-      gemm_xb<T, kD, kWg>(dv, pt, sG, t.col0, live, smem.scratch, lane);
-      grad_scores<T, kD, kWg>(dpt, pt, sV, a0, sG, live, lane,
-                              [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; });
-      gemm_xb<T, kD, kWg>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
+            for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
+          }
+      };
+      auto delta_c = [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; };
+      if constexpr (kWg) {  // two batches of two products: S^T, dP^T; then dV, dK
+        wg_gemm_abt2<T, kD>(pt, sK, sQ, dpt, sV, sG);
+        exp_pt();
+#pragma unroll
+        for (int g = 0; g < kG; ++g)
+#pragma unroll
+          for (int n = 0; n < kST; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dpt[g][n][e] = pt[g][n][e] * (dpt[g][n][e] - delta_c(g, n, e));
+        wg_gemm_xb2<T, kD>(dv, pt, sG, dk, dpt, sQ, t.col0);
+      } else {
+        gemm_abt<T, kD>(pt, sK, a0, sQ, live, lane);
+        exp_pt();
+        gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
+        grad_scores<T, kD, false>(dpt, pt, sV, a0, sG, live, lane, delta_c);
+        gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
+      }
     };
     pipeline<Tiles::kStages, kStream, false, kWg>(p.Nq, load, compute);
 #pragma unroll
@@ -314,7 +368,12 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
       const T* sV = smem.streamed(stage, 1);
       // P and dP, then dS: this warp's 16 queries per group x kStream keys.
       acc s[kG][kST][4], dp[kG][kST][4];
-      gemm_abt<T, kD, kWg>(s, sQ, a0, sK, live, lane);
+      auto delta_r = [&](int g, int, int e) { return delta[g][e >> 1]; };
+      if constexpr (kWg) {
+        wg_gemm_abt2<T, kD>(s, sQ, sK, dp, sG, sV);  // S and dP in one batch
+      } else {
+        gemm_abt<T, kD>(s, sQ, a0, sK, live, lane);
+      }
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
 #pragma unroll
       for (int n = 0; n < kST; ++n)
@@ -325,7 +384,16 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
             const bool in_range = !kEdge || acc_col(n, e, lane) < live;
             s[g][n][e] = in_range ? Exp::exp_scaled(s[g][n][e], scale_u, lse[g][e >> 1]) : acc(0);
           }
-      grad_scores<T, kD, kWg>(dp, s, sG, a0, sV, live, lane, [&](int g, int, int e) { return delta[g][e >> 1]; });
+      if constexpr (kWg) {
+#pragma unroll
+        for (int g = 0; g < kG; ++g)
+#pragma unroll
+          for (int n = 0; n < kST; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[g][n][e] = s[g][n][e] * (dp[g][n][e] - delta_r(g, n, e));
+      } else {
+        grad_scores<T, kD, false>(dp, s, sG, a0, sV, live, lane, delta_r);
+      }
       gemm_xb<T, kD, kWg>(dq, dp, sK, t.col0, live, smem.scratch, lane);
     };
     pipeline<Tiles::kStages, kStream, true, kWg>(p.Nk, load, compute);
