@@ -63,8 +63,9 @@ struct KvRing {
   static SOLA_HD void wait_tile() { cp_async_wait<kAhead - 1>(); }
 };
 
-// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd).
-template <typename T, int kD, int kGroups = 1>
+// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd). kDeep: 3 K / V stages on tensor
+// cores (launch_fwd takes 2 where 3 would cost blocks per SM on the device); SIMT always has 2.
+template <typename T, int kD, int kGroups = 1, bool kDeep = true>
 struct FwdTiles {
   using acc = acc_t<T>;
   static constexpr bool kTensor = kIsHalfType<T>;
@@ -85,9 +86,8 @@ struct FwdTiles {
     return (kBlockM * kLd + stages * kBlockN * (kLd + kLdV)) * static_cast<int>(sizeof(T)) +
            kScratch * static_cast<int>(sizeof(acc));
   }
-  // K / V stages: 3 (two tiles in flight) on tensor cores where two blocks still fit on an SM
-  // (228 KB, 1 KB reserved per block), else 2 (SIMT is bound by its FMAs, not by latency).
-  static constexpr int kStages = kTensor && smem_bytes(3) <= 113 * 1024 ? 3 : 2;
+  // K / V stages: 3 (two tiles in flight) on tensor cores, else 2 (SIMT is bound by its FMAs).
+  static constexpr int kStages = kTensor && kDeep ? 3 : 2;
   static constexpr int kSmem = smem_bytes(kStages);
   using Ring = KvRing<T, kStages, kStages - 1, kBlockN, kD, kDOut>;
 };
@@ -194,9 +194,9 @@ SOLA_HD void store_rows(const SoftmaxAttentionParams& p, const acc (&o)[kG][kOT]
 // One key tile per step over a ring of K / V stages (FwdTiles::Ring, kStages - 1 tiles in flight):
 // wait for tile j, one barrier (tile j is in for every warp, and every warp is done with step
 // j - 1, whose stage tile j + kStages - 1 then refills), S = Q K_j^T, online softmax, O += P V_j.
-template <typename T, int kD, int kG>
+template <typename T, int kD, int kG, bool kDeep>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionParams p, const FwdAligned al) {
-  using Tiles = FwdTiles<T, kD, kG>;
+  using Tiles = FwdTiles<T, kD, kG, kDeep>;
   using Ring = typename Tiles::Ring;
   using acc = typename Tiles::acc;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kDOut = Tiles::kDOut;
@@ -266,14 +266,27 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   }
 }
 
-template <typename T, int kD, int kG>
-bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using Tiles = FwdTiles<T, kD, kG>;
-  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG>, Tiles::kSmem>()) return false;
+template <typename T, int kD, int kG, bool kDeep>
+bool launch_fwd_stages(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  using Tiles = FwdTiles<T, kD, kG, kDeep>;
+  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG, kDeep>, Tiles::kSmem>()) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
-  fwd_kernel<T, kD, kG><<<grid_x(Tiles::tiles(p), 1), kThreads, Tiles::kSmem, stream>>>(p, al);
+  fwd_kernel<T, kD, kG, kDeep><<<grid_x(Tiles::tiles(p), 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+// Where two blocks of the deep ring need more than 81 KiB each (kD 128 with two groups, kD 256),
+// an SM with less than twice that (A100: 164 KB; sm_86 / sm_89: 100 KB) takes 2 stages, so
+// blocks per SM hold (and kD 256 still fits sm_86's 99 KB per block); H100 / H200 keep 3.
+template <typename T, int kD, int kG>
+bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  using Deep = FwdTiles<T, kD, kG, true>;
+  if constexpr (Deep::kTensor && Deep::kSmem > 81 * 1024) {
+    const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
+    if (2 * (static_cast<size_t>(Deep::kSmem) + 1024) > per_sm) return launch_fwd_stages<T, kD, kG, false>(p, stream);
+  }
+  return launch_fwd_stages<T, kD, kG, true>(p, stream);
 }
 
 template <typename T>

@@ -21,8 +21,9 @@ struct WgFwdTiles {
   static_assert(kIsHalfType<T> && kD <= 128, "wgmma: fp16 / bf16 up to head dim 128");
   using Base = FwdTiles<T, kD, kGroups>;
   static constexpr int kBlockM = Base::kBlockM, kDOut = Base::kDOut;
-  // Keys per step: 64, 32 past head dim 64 with two groups (S and O of both in registers).
-  static constexpr int kBlockN = kD <= 64 || kGroups == 1 ? 64 : 32;
+  // Keys per step: 64, 32 past head dim 64 (two groups: S and O of both in registers; one group:
+  // a ring of 64-key stages would take 144 KB, one block per SM).
+  static constexpr int kBlockN = kD <= 64 ? 64 : 32;
   static constexpr int kAhead = 2, kStages = kAhead + 2;
   // Tiles in core-matrix layout (no padding): Q, then the ring's kStages x (K tile, V tile).
   using Ring = KvRing<T, kStages, kAhead, kBlockN, kD, kDOut, true>;

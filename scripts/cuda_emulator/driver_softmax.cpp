@@ -7,6 +7,8 @@
 #include <initializer_list>
 #include <string>
 
+#include <ATen/cuda/CUDAContext.h>  // the emulator's device properties (emu::g_prop)
+
 #include "driver_common.h"
 #include "softmax_attention/softmax_attention.h"
 
@@ -145,6 +147,16 @@ int main(int argc, char** argv) {
     unsetenv("SOLA_FLASH_GROUPS");
     softmax_case(2, 1, 40, 517, 32, 32, at::kHalf, 0.3, false);  // one group, 8 full tiles and an edge of 5
     unsetenv("SOLA_FLASH_WGMMA");
+  }
+  if (which == "all" || which == "shallow") {  // an A100's 164 KB per SM: 2 K / V stages where 3 cost blocks
+    emu::g_prop.sharedMemPerMultiprocessor = 167936;
+    setenv("SOLA_FLASH_GROUPS", "2", 1);
+    for (auto dt : {at::kHalf, at::kBFloat16}) {
+      softmax_case(1, 1, 130, 333, 128, 128, dt, 0.1, true);  // kD 128, two groups
+      softmax_case(1, 1, 40, 300, 256, 200, dt, 0.07, false);  // kD 256
+    }
+    unsetenv("SOLA_FLASH_GROUPS");
+    emu::g_prop.sharedMemPerMultiprocessor = 233472;
   }
   if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)
     const at::ScalarType hts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};

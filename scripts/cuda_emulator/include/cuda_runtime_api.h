@@ -1,6 +1,11 @@
 #pragma once
 // One SM, so the small grids of the driver's cases still take the two-group flash kernels.
-struct cudaDeviceProp { int major = 9, minor = 0; int multiProcessorCount = 1; size_t sharedMemPerBlockOptin = 232448; };
+// An H100 / H200's shared memory (the driver's "shallow" cases set an A100's 164 KB per SM).
+struct cudaDeviceProp {
+  int major = 9, minor = 0;
+  int multiProcessorCount = 1;
+  size_t sharedMemPerBlockOptin = 232448, sharedMemPerMultiprocessor = 233472;
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 using cudaError_t = int;
 template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
