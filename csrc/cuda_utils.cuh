@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 namespace sola {
 
@@ -24,10 +25,14 @@ constexpr int kRowThreads = kRowWarps * kWarpSize;
 // below CUDA's 2^31 - 1 (any cap would do; this one is plenty to fill a GPU).
 constexpr int64_t kMaxGridX = 65535;
 
-// Blocks for `work` items at `per_block` items per block; at least 1, at most kMaxGridX.
+// Blocks for `work` items at `per_block` items per block; at least 1, at most kMaxGridX, or at most
+// SOLA_MAX_GRID when that environment variable is set (a test hook: with a small cap every block walks
+// several work items of its grid-stride loop, as on a GPU grids past kMaxGridX blocks do).
 inline unsigned grid_x(int64_t work, int64_t per_block) {
+  int64_t cap = kMaxGridX;
+  if (const char* s = std::getenv("SOLA_MAX_GRID")) cap = std::clamp<int64_t>(std::strtol(s, nullptr, 10), 1, kMaxGridX);
   const int64_t blocks = (work + per_block - 1) / per_block;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxGridX)));
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 
 // Tensor-core kernels (mma.sync, ldmatrix, cp.async) need sm_80 or newer.
