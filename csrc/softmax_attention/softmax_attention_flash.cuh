@@ -420,17 +420,6 @@ SOLA_DEVICE void pack_a(FragA (&xf)[kG][kXT / 2], const float (&x)[kG][kXT][4]) 
     for (int kk = 0; kk < kXT / 2; ++kk) xf[g][kk] = acc_to_a<T>(x[g], kk);
 }
 
-// c[g] = A_g B^T (wg_issue_abt), waited for.
-template <typename T, int kD, int kG, int kNT>
-SOLA_DEVICE void wg_gemm_abt(float (&c)[kG][kNT][4], const T* a, int a0, const T* bt) {
-  operand_fence(c);
-  wgmma::fence();
-  wg_issue_abt<T, kD>(c, a, a0, bt);
-  wgmma::commit();
-  wgmma::wait<0>();
-  operand_fence(c);
-}
-
 // c[g] += X_g B with X_g = x[g] (P, P^T, dS, dS^T) rounded to T (wg_issue_xb), waited for.
 template <typename T, int kCols, int kG, int kXT, int kOT>
 SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const T* b, int col0) {
@@ -476,15 +465,12 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 // a0 + 16 g + 15 of tile a, B^T = the first 8 kNT rows of tile bt (both leading dim kD + kPad).
 // Q K^T, K Q^T, dO V^T, V dO^T. On tensor cores each B fragment loaded serves every group.
 // `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them stay 0
-// (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. With kWg the
-// product runs on wgmma (wg_gemm_abt: a0 is the warpgroup's first row, groups 64 rows apart;
-// every column computed).
-template <typename T, int kD, bool kWg = false, int kG, int kNT, typename acc>
+// (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. (The wgmma
+// kernels issue these products themselves, batched: wg_issue_abt.)
+template <typename T, int kD, int kG, int kNT, typename acc>
 SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
   constexpr int kLd = kD + kPad;
-  if constexpr (kWg) {
-    wg_gemm_abt<T, kD>(c, a, a0, bt);  // every column, `live` or not
-  } else if constexpr (kIsHalfType<T>) {
+  if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int g = 0; g < kG; ++g) zero(c[g]);
 #pragma unroll

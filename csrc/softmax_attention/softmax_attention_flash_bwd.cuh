@@ -148,19 +148,26 @@ SOLA_HD acc (&one_group(acc (&x)[kG][kNT][4], int g))[1][kNT][4] {
   return *reinterpret_cast<acc(*)[1][kNT][4]>(&x[g]);
 }
 
+// ds[g] = p[g] * (ds[g] - delta(g, n, e)) for group g, ds holding dP (or dP^T): dS (dS^T).
+template <int kNT, typename acc, typename Delta>
+SOLA_HD void grad_from_dp(acc (&ds)[kNT][4], const acc (&p)[kNT][4], int g, Delta delta) {
+#pragma unroll
+  for (int n = 0; n < kNT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ds[n][e] = p[n][e] * (ds[n][e] - delta(g, n, e));
+}
+
 // ds = p * (dP - delta(g, n, e)) with dP = A_g B^T (gemm_abt), one group at a time so that only
 // one group's dP tile is live next to every group's p: dS from P (dq_kernel), dS^T from P^T (dkdv).
-// a0: product_row0 (group g starts kGroupStride<kWg> g rows further).
-template <typename T, int kD, bool kWg, int kG, int kNT, typename acc, typename Delta>
+// mma.sync / SIMT only (the wgmma kernels batch both groups' dP with P: wg_gemm_abt2).
+// a0: product_row0 (group g starts kWarpRows g rows further).
+template <typename T, int kD, int kG, int kNT, typename acc, typename Delta>
 SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], const T* a, int a0, const T* bt,
                              int live, int lane, Delta delta) {
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    gemm_abt<T, kD, kWg>(one_group(ds, g), a, a0 + kGroupStride<kWg> * g, bt, live, lane);
-#pragma unroll
-    for (int n = 0; n < kNT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ds[g][n][e] = p[g][n][e] * (ds[g][n][e] - delta(g, n, e));
+    gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane);
+    grad_from_dp(ds[g], p[g], g, delta);
   }
 }
 
@@ -294,17 +301,13 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         wg_gemm_abt2<T, kD>(pt, sK, sQ, dpt, sV, sG);
         exp_pt();
 #pragma unroll
-        for (int g = 0; g < kG; ++g)
-#pragma unroll
-          for (int n = 0; n < kST; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dpt[g][n][e] = pt[g][n][e] * (dpt[g][n][e] - delta_c(g, n, e));
+        for (int g = 0; g < kG; ++g) grad_from_dp(dpt[g], pt[g], g, delta_c);
         wg_gemm_xb2<T, kD>(dv, pt, sG, dk, dpt, sQ, t.col0);
       } else {
         gemm_abt<T, kD>(pt, sK, a0, sQ, live, lane);
         exp_pt();
         gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
-        grad_scores<T, kD, false>(dpt, pt, sV, a0, sG, live, lane, delta_c);
+        grad_scores<T, kD>(dpt, pt, sV, a0, sG, live, lane, delta_c);
         gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
       }
     };
@@ -386,13 +389,9 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
           }
       if constexpr (kWg) {
 #pragma unroll
-        for (int g = 0; g < kG; ++g)
-#pragma unroll
-          for (int n = 0; n < kST; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[g][n][e] = s[g][n][e] * (dp[g][n][e] - delta_r(g, n, e));
+        for (int g = 0; g < kG; ++g) grad_from_dp(dp[g], s[g], g, delta_r);
       } else {
-        grad_scores<T, kD, false>(dp, s, sG, a0, sV, live, lane, delta_r);
+        grad_scores<T, kD>(dp, s, sG, a0, sV, live, lane, delta_r);
       }
       gemm_xb<T, kD, kWg>(dq, dp, sK, t.col0, live, smem.scratch, lane);
     };
