@@ -54,17 +54,17 @@ bool allow_dynamic_smem() {
   return true;
 }
 
-// Blocks of kKernel (kThreads threads, smem_bytes of dynamic shared memory) that one SM holds at
+// Blocks of kKernel (kThreads threads, kSmemBytes of dynamic shared memory) that one SM holds at
 // once, at least 1. Asked once per device and cached: the query costs host time per launch.
-template <auto kKernel, int kThreads>
-int resident_blocks_per_sm(int smem_bytes) {
+template <auto kKernel, int kThreads, int kSmemBytes>
+int resident_blocks_per_sm() {
   static std::atomic<int> cached[64] = {};  // 0: not asked yet (devices past 63 ask every time)
   const int device = c10::cuda::current_device();
   if (device < 64) {
     if (const int n = cached[device].load(std::memory_order_relaxed)) return n;
   }
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, smem_bytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, kSmemBytes));
   n = std::max(n, 1);
   if (device < 64) cached[device].store(n, std::memory_order_relaxed);
   return n;

@@ -287,6 +287,28 @@ struct RowsTcConfig {
   static constexpr int kSmemBytes = 4 * (kRows * kXLd + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow + kFoldFloats);
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
+
+  // Staged tiles (kD 32): every input row of a tile (Out: q, qn; QueryGrad: g, q, qn; KeyGrad: k,
+  // v, kn; qn / kn only when given) and with fused RoPE its angles arrive by cp.async into one of
+  // two stages, the next tile's copies in flight while this one is multiplied; the epilogues read
+  // their operands there too. The first profile (H200) had these kernels at 9-24% of DRAM
+  // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. At kD 64
+  // and 128 two stages would cost blocks per SM (the state already takes 37-70 KB), so those load
+  // as before.
+  static constexpr bool kStaged = kD == 32;
+  static constexpr int kStages = 2;
+  static constexpr int kRawLd = kD + 8;      // 16-bit values; 16-byte rows, fragment reads hit 32 banks
+  static constexpr int kTabLd = kD / 2 + 4;  // fp32 angles, same
+  static constexpr int kRawBytes = kRows * kRawLd * 2, kTabBytes = kRows * kTabLd * 4;
+  static constexpr int kInputs = kMode == RowsMode::Out ? 2 : 3;  // the last one: qn or kn
+  // Dynamic shared memory for the inputs given: the arrays above, then per stage the raw inputs
+  // and the cos, sin tables (5 KB each at kD 32). With RoPE and no qn / kn, as the models call it:
+  // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3).
+  static constexpr int smem_bytes(bool has_xn, bool rope) {
+    if (!kStaged) return kSmemBytes;
+    return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));
+  }
+  static_assert(kSmemBytes % 16 == 0 && kRawBytes % 16 == 0 && kTabBytes % 16 == 0, "16-byte aligned arrays");
 };
 
 // c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
@@ -329,16 +351,17 @@ SOLA_DEVICE float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem kSmemBytes.
-// kFoldDs: ds = dstate_reduce_args with chunks = groups (block group c sums chunk c's partial).
+// grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem
+// smem_bytes(has_xn, rope). kFoldDs: ds = dstate_reduce_args with chunks = groups (block group c
+// sums chunk c's partial).
 template <typename scalar_t, int kD, RowsMode kMode>
 __global__ void __launch_bounds__(128)
     rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups, const TokenReduceArgs ds) {
   using Cfg = RowsTcConfig<kD, kMode>;
   constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
-  constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads;
-  constexpr bool kPreSplit = Cfg::kPreSplit, kFoldDs = Cfg::kFoldDs;
-  constexpr int kDsNT = Cfg::kDsNT;
+  constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads, kRawLd = Cfg::kRawLd, kTabLd = Cfg::kTabLd;
+  constexpr bool kPreSplit = Cfg::kPreSplit, kFoldDs = Cfg::kFoldDs, kStaged = Cfg::kStaged;
+  constexpr int kDsNT = Cfg::kDsNT, kInputs = Cfg::kInputs;
   constexpr bool kQueries = kMode != RowsMode::KeyGrad;
   SOLA_DYNAMIC_SMEM(smem_raw);
   float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32
@@ -367,9 +390,64 @@ __global__ void __launch_bounds__(128)
   // kFoldDs: this warp's dS tiles, rows ds_m0 .. + 15, columns 8 (ds_n0 + n) .. + 7.
   const int ds_m0 = 16 * (warp % Cfg::kDsMT), ds_n0 = kDsNT * (warp / Cfg::kDsMT);
 
+  // The tile's inputs, numbered as staged: Out q, qn; QueryGrad g, q, qn; KeyGrad k, v, kn. kX is q
+  // or k (the feature map's input). qn / kn are staged only when given; without them the normaliser
+  // reads input kX (p.qn / p.kn are then views of q / k).
+  constexpr int kX = kMode == RowsMode::QueryGrad ? 1 : 0;
+  const bool has_xn = kMode == RowsMode::KeyGrad ? p.has_kn : p.has_qn;
+  const int n_inputs = has_xn ? kInputs : kInputs - 1, xn_input = has_xn ? kInputs - 1 : kX;
+  const View4& x_view = kMode == RowsMode::KeyGrad ? p.k : p.q;
+  const View4& xn_view = kMode == RowsMode::KeyGrad ? p.kn : p.qn;
+  // kStaged: stage st's input i at raw + (st * n_inputs + i) * kRows * kRawLd, [row][kRawLd] as
+  // stored; with RoPE its cos and sin at tab + (2 st + 0 / 1) * kRows * kTabLd.
+  scalar_t* const raw = reinterpret_cast<scalar_t*>(smem_raw + Cfg::kSmemBytes);
+  float* const tab = reinterpret_cast<float*>(raw + Cfg::kStages * n_inputs * kRows * kRawLd);
+
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
     const int64_t bh = item / groups, b = bh / p.H, h = bh % p.H;
-    __syncthreads();  // the previous item is done with ws and zs
+    const int64_t first_tile = item % groups;
+    // Row r of the tile at r0 of input i (tensor view x): the staged copy, or the tensor's row.
+    auto in_row = [&](int stage, int i, const View4& x, int64_t r0, int r) -> const scalar_t* {
+      if constexpr (kStaged) return raw + ((stage * n_inputs + i) * kRows + r) * kRawLd;
+      else return x.row<const scalar_t>(b, h, r0 + r);
+    };
+    auto in_aligned = [&](const View4& x, int vec) { return kStaged || rows_aligned<scalar_t>(x, vec); };
+    // Row r's RoPE angles (cos, or sin when `sine`), half of them, fp32.
+    auto angles = [&](int stage, bool sine, int64_t r0, int r) -> const float* {
+      if constexpr (kStaged) return tab + ((2 * stage + (sine ? 1 : 0)) * kRows + r) * kTabLd;
+      else return (sine ? rope_sin : rope_cos) + (r0 + r) * half;
+    };
+    const bool angles_al = kStaged || table_al;
+    // kStaged: copies the tile at r0 into `stage` (0 past N and past each input's width), one group.
+    auto stage_tile = [&](int stage, int64_t r0) {
+      auto input = [&](int i, const View4& x, int width) {
+        if (i >= n_inputs) return;  // uniform: qn / kn not given
+        const bool al = rows_aligned<scalar_t>(x, kV);
+#pragma unroll
+        for (int r = lr; r < kRows; r += Cfg::kRowsPerPass) {
+          const bool live = r0 + r < N;
+          scalar_t* const slot = raw + ((stage * n_inputs + i) * kRows + r) * kRawLd + lc;
+          copy_cols_async<kV>(slot, live ? x.row<const scalar_t>(b, h, r0 + r) : nullptr, lc, width, al, live);
+        }
+      };
+      if constexpr (kMode == RowsMode::Out) input(0, p.q, Dk), input(1, p.qn, Dk);
+      else if constexpr (kMode == RowsMode::QueryGrad) input(0, p.grad_out, Dv), input(1, p.q, Dk), input(2, p.qn, Dk);
+      else input(0, p.k, Dk), input(1, p.v, Dv), input(2, p.kn, Dk);
+      if (rope) {  // a load vector's kV / 2 channel pairs: 16 bytes of each table
+#pragma unroll
+        for (int r = lr; r < kRows; r += Cfg::kRowsPerPass) {
+          const bool live = r0 + r < N;
+          const int64_t t_row = live ? (r0 + r) * half : 0;
+          float* const slot = tab + (2 * stage * kRows + r) * kTabLd + lc / 2;
+          copy_cols_async<kV / 2>(slot, rope_cos + t_row, lc / 2, half, table_al, live);
+          copy_cols_async<kV / 2>(slot + kRows * kTabLd, rope_sin + t_row, lc / 2, half, table_al, live);
+        }
+      }
+      cp_async_commit();
+    };
+
+    __syncthreads();  // the previous item is done with ws, zs and the stages
+    if constexpr (kStaged) stage_tile(0, first_tile * kRows);  // lands while the state is loaded
     const float* const w = w_all + bh * Dk * Dv;
     for (int i = tid; i < kD * kD; i += kThreads) {
       const int k = i / kD, n = i % kD;
@@ -391,25 +469,26 @@ __global__ void __launch_bounds__(128)
       for (int i = lane; i < kD; i += 32) dz_s[warp * kD + i] = 0.f;
     }
 
-    // xs = f(x) for the tile's rows (f = phi when x_phi, then rotated by the row's angles with
-    // fused RoPE), 0 past N and Din; with den also den_part = phi(qn) . z per load vector, from
-    // the unrounded (and unrotated) fp32 values.
-    auto load_rows = [&](const View4& x, bool x_phi, int Din, bool den, int64_t r0) {
-      const bool al = rows_aligned<scalar_t>(x, kV), qn_al = rows_aligned<scalar_t>(p.qn, kV);
+    int stage = 0;  // kStaged: the stage holding this tile
+    // xs = f(x) for the tile's rows from input i (f = phi when x_phi, then rotated by the row's
+    // angles with fused RoPE), 0 past N and Din; with den also den_part = phi(qn) . z per load
+    // vector, from the unrounded (and unrotated) fp32 values.
+    auto load_rows = [&](int i, const View4& x, bool x_phi, int Din, bool den, int64_t r0) {
+      const bool al = in_aligned(x, kV), qn_al = in_aligned(p.qn, kV);
 #pragma unroll
       for (int r = lr; r < kRows; r += Cfg::kRowsPerPass) {
-        const int64_t row = r0 + r;
+        const bool live = r0 + r < N;
         float xv[kV], sv[kV];
-        if (row < N) {
-          load_cols<kV>(x.row<const scalar_t>(b, h, row), lc, Din, al, xv);
+        if (live) {
+          load_cols<kV>(in_row(stage, i, x, r0, r), lc, Din, al, xv);
           if (x_phi) phi_cols<true>(fm, Din - lc, xv);
         } else {
 #pragma unroll
           for (int e = 0; e < kV; ++e) xv[e] = 0.f;
         }
         if (den) {
-          if (p.has_qn && row < N) {
-            load_cols<kV>(p.qn.row<const scalar_t>(b, h, row), lc, Din, qn_al, sv);
+          if (p.has_qn && live) {
+            load_cols<kV>(in_row(stage, xn_input, p.qn, r0, r), lc, Din, qn_al, sv);
             phi_cols<true>(fm, Din - lc, sv);
           } else {
 #pragma unroll
@@ -420,10 +499,10 @@ __global__ void __launch_bounds__(128)
           for (int e = 0; e < kV; ++e) part += sv[e] * zs[lc + e];
           den_part[r * kVpr + tid % kVpr] = part;
         }
-        if (rope && x_phi && row < N) {  // uniform but for the last tile's rows
+        if (rope && x_phi && live) {  // uniform but for the last tile's rows
           float cs[kV / 2], sn[kV / 2];
-          load_cols<kV / 2>(rope_cos + row * half, lc / 2, half, table_al, cs);
-          load_cols<kV / 2>(rope_sin + row * half, lc / 2, half, table_al, sn);
+          load_cols<kV / 2>(angles(stage, false, r0, r), lc / 2, half, angles_al, cs);
+          load_cols<kV / 2>(angles(stage, true, r0, r), lc / 2, half, angles_al, sn);
 #pragma unroll
           for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
         }
@@ -433,31 +512,34 @@ __global__ void __launch_bounds__(128)
     };
 
     float c[kNT][4];
-    // The dq / dk epilogue at this lane's columns of fragment row half hh:
+    // The dq / dk epilogue at this lane's columns of fragment row half hh (tile row rl, row r0 + rl):
     //   dx = c * c_scale * phi'(x),  dxn = z * z_scale * phi'(xn)  (added to dx when xn is x).
     // Fused RoPE (xn is x): dx = phi'(x) (R^T (c * c_scale) + z * z_scale), the lane's two columns
     // being one channel pair.
-    auto store_input_grads = [&](int hh, int64_t row, float c_scale, float z_scale, const View4& x, const View4& xn,
-                                 const View4& dx, const View4& dxn, bool has_xn) {
-      const bool x_al = rows_aligned<scalar_t>(x, 2), xn_al = rows_aligned<scalar_t>(xn, 2);
+    auto store_input_grads = [&](int hh, int64_t r0, int rl, float c_scale, float z_scale, const View4& dx,
+                                 const View4& dxn) {
+      const int64_t row = r0 + rl;
+      const bool x_al = in_aligned(x_view, 2), xn_al = in_aligned(xn_view, 2);
       const bool dx_al = rows_aligned<scalar_t>(dx, 2), dxn_al = rows_aligned<scalar_t>(dxn, 2);
+      const scalar_t* const x_row = in_row(stage, kX, x_view, r0, rl);
+      const scalar_t* const xn_row = in_row(stage, xn_input, xn_view, r0, rl);
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         const int col = 8 * n + 2 * t4;
         if (col >= Dk) continue;
         float xv[2], xnv[2], d[2], dn[2];
-        load_cols<2>(x.row<const scalar_t>(b, h, row), col, Dk, x_al, xv);
+        load_cols<2>(x_row, col, Dk, x_al, xv);
         dphi_cols<true>(fm, xv);
         if (rope) {
           const float gz0 = p.normalize ? zs[col] * z_scale : 0.f, gz1 = p.normalize ? zs[col + 1] * z_scale : 0.f;
-          unrotate_pair(c[n][2 * hh] * c_scale, c[n][2 * hh + 1] * c_scale, gz0, gz1, rope_cos[row * half + col / 2],
-                        rope_sin[row * half + col / 2], d[0], d[1]);
+          unrotate_pair(c[n][2 * hh] * c_scale, c[n][2 * hh + 1] * c_scale, gz0, gz1, angles(stage, false, r0, rl)[col / 2],
+                        angles(stage, true, r0, rl)[col / 2], d[0], d[1]);
 #pragma unroll
           for (int j = 0; j < 2; ++j) d[j] = through_phi(d[j], xv[j]);
           store_cols<2>(dx.row<scalar_t>(b, h, row), col, Dk, dx_al, d);
           continue;
         }
-        load_cols<2>(xn.row<const scalar_t>(b, h, row), col, Dk, xn_al, xnv);
+        load_cols<2>(xn_row, col, Dk, xn_al, xnv);
         dphi_cols<true>(fm, xnv);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -469,12 +551,21 @@ __global__ void __launch_bounds__(128)
         if (has_xn) store_cols<2>(dxn.row<scalar_t>(b, h, row), col, Dk, dxn_al, dn);
       }
     };
-    for (int64_t tile = item % groups; tile < row_tiles; tile += groups) {
+    for (int64_t tile = first_tile; tile < row_tiles; tile += groups, stage ^= kStaged ? 1 : 0) {
       const int64_t r0 = tile * kRows;
-      __syncthreads();  // xs and den_part are free (and ws, zs written, on the first tile)
+      __syncthreads();  // xs, den_part and the other stage are free (and ws, zs written, on the first tile)
+      if constexpr (kStaged) {
+        if (tile + groups < row_tiles) {  // uniform
+          stage_tile(stage ^ 1, r0 + groups * kRows);
+          cp_async_wait<1>();  // this tile's copies have landed
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();  // and every thread's are visible
+      }
       if constexpr (kMode == RowsMode::Out) {
         const bool side = p.normalize;
-        load_rows(p.q, true, Dk, side, r0);
+        load_rows(0, p.q, true, Dk, side, r0);
         __syncthreads();
         rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);
         const bool out_al = rows_aligned<scalar_t>(p.out, 2);
@@ -498,10 +589,10 @@ __global__ void __launch_bounds__(128)
           }
         }
       } else if constexpr (kMode == RowsMode::QueryGrad) {
-        load_rows(p.grad_out, false, Dv, false, r0);
+        load_rows(0, p.grad_out, false, Dv, false, r0);
         __syncthreads();
         rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // u = S g
-        const bool q_al = rows_aligned<scalar_t>(p.q, 2), qn_al = rows_aligned<scalar_t>(p.qn, 2);
+        const bool q_al = in_aligned(p.q, 2), qn_al = in_aligned(p.qn, 2);
         float* const inv_den_out = static_cast<float*>(s.inv_den);
         float* const dd_out = static_cast<float*>(s.dd);
         float dz_part[kNT][2];  // kFoldDs: phi(qn_i) dd_i summed over this lane's two rows
@@ -510,6 +601,8 @@ __global__ void __launch_bounds__(128)
           const int rl = m0 + g + 8 * hh;
           const int64_t row = r0 + rl;
           const bool valid = row < N;  // every lane takes part in the shuffles
+          const scalar_t* const q_row = in_row(stage, kX, p.q, r0, rl);
+          const scalar_t* const qn_row = in_row(stage, xn_input, p.qn, r0, rl);
           // g . num = phi(q) . u and den = phi(qn) . z over this lane's columns, then the row's.
           float g_num = 0.f, den = 0.f;
           float qv[kNT][2], qnv[kNT][2];  // phi(q), phi(qn) at this lane's columns, 0 outside
@@ -518,14 +611,14 @@ __global__ void __launch_bounds__(128)
             const int col = 8 * n + 2 * t4;
             if constexpr (kFoldDs) qv[n][0] = qv[n][1] = qnv[n][0] = qnv[n][1] = 0.f;
             if (!valid || col >= Dk) continue;
-            load_cols<2>(p.q.row<const scalar_t>(b, h, row), col, Dk, q_al, qv[n]);
+            load_cols<2>(q_row, col, Dk, q_al, qv[n]);
             phi_cols<true>(fm, Dk - col, qv[n]);
             if (rope) {  // phi(q) unrotated in the normaliser, rotated in the numerator (one pair)
               qnv[n][0] = qv[n][0], qnv[n][1] = qv[n][1];
-              rotate_pair(qnv[n][0], qnv[n][1], rope_cos[row * half + col / 2], rope_sin[row * half + col / 2], qv[n][0],
-                          qv[n][1]);
+              rotate_pair(qnv[n][0], qnv[n][1], angles(stage, false, r0, rl)[col / 2], angles(stage, true, r0, rl)[col / 2],
+                          qv[n][0], qv[n][1]);
             } else {
-              load_cols<2>(p.qn.row<const scalar_t>(b, h, row), col, Dk, qn_al, qnv[n]);
+              load_cols<2>(qn_row, col, Dk, qn_al, qnv[n]);
               phi_cols<true>(fm, Dk - col, qnv[n]);
             }
 #pragma unroll
@@ -556,7 +649,7 @@ __global__ void __launch_bounds__(128)
             if (t4 == 0) inv_den_out[bh * N + row] = inv, dd_out[bh * N + row] = dd;
           }
           // dphi(q_i) = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
-          store_input_grads(hh, row, inv, dd, p.q, p.qn, p.dq, p.dqn, p.has_qn);
+          store_input_grads(hh, r0, rl, inv, dd, p.dq, p.dqn);
         }
         if constexpr (kFoldDs) {
           if (p.normalize) {  // uniform; sum the warp's 16 rows (8 row lanes x 2), fixed order
@@ -582,7 +675,7 @@ __global__ void __launch_bounds__(128)
         }
       } else {  // KeyGrad: dv, then dk for the same rows
         const float inv_nk = 1.f / static_cast<float>(p.Nk);
-        load_rows(p.k, true, Dk, false, r0);
+        load_rows(0, p.k, true, Dk, false, r0);
         __syncthreads();
         rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);  // dS^T phi(k_j)
         const bool dv_al = rows_aligned<scalar_t>(p.dv, 2);
@@ -598,13 +691,13 @@ __global__ void __launch_bounds__(128)
           }
         }
         __syncthreads();  // xs is reloaded with v
-        load_rows(p.v, false, Dv, false, r0);
+        load_rows(1, p.v, false, Dv, false, r0);
         __syncthreads();
         rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // dS v_j
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int64_t row = r0 + m0 + g + 8 * hh;
-          if (row < N) store_input_grads(hh, row, inv_nk, inv_nk, p.k, p.kn, p.dk, p.dkn, p.has_kn);
+          const int rl = m0 + g + 8 * hh;
+          if (r0 + rl < N) store_input_grads(hh, r0, rl, inv_nk, inv_nk, p.dk, p.dkn);
         }
       }
     }
@@ -667,10 +760,12 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
   if (d > 128 || !sm80_or_newer()) return {};  // 256-wide states take the SIMT kernel
   if (n == 0) return {true, false};
   RowsLaunch result;
-  auto launch = [&](auto head_dim) {
+  // kSmem: the dynamic shared memory for the inputs given (has_xn: qn / kn; RoPE tables).
+  auto launch = [&](auto head_dim, auto has_xn, auto rope) {
     constexpr int kD = decltype(head_dim)::value;
     using Cfg = RowsTcConfig<kD, kMode>;
-    if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kSmemBytes>()) return;
+    constexpr int kSmem = Cfg::smem_bytes(decltype(has_xn)::value, decltype(rope)::value);
+    if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::smem_bytes(true, true)>()) return;
     // Each output row is computed the same way whatever the grouping: it sets how often a state
     // is re-read (and, with the fold, how dS is split into partials, which must not depend on the
     // GPU: row_groups' constant target). Without the fold the blocks are what the device holds at
@@ -679,17 +774,25 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, Cfg::kRows);
     int64_t groups = row_groups(heads, row_tiles);
     if constexpr (!Cfg::kFoldDs) {
-      const int64_t resident = int64_t(resident_blocks_per_sm<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kThreads>(Cfg::kSmemBytes)) *
+      const int64_t resident = int64_t(resident_blocks_per_sm<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kThreads, kSmem>()) *
                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       groups = std::min(row_tiles, std::max<int64_t>(1, resident / heads));
     }
     const DstateFold fold = Cfg::kFoldDs ? DstateFold(p, s, groups) : DstateFold();
-    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, s, groups, fold.args);
+    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     fold.combine(stream);
     result = {true, Cfg::kFoldDs};
   };
-  with_rows_tc_bucket(d, launch);
+  const bool has_xn = kMode == RowsMode::KeyGrad ? p.has_kn : p.has_qn;
+  auto with_rope = [&](auto head_dim, auto xn) {
+    if (p.rope_cos) launch(head_dim, xn, std::true_type{});
+    else launch(head_dim, xn, std::false_type{});
+  };
+  with_rows_tc_bucket(d, [&](auto head_dim) {
+    if (has_xn) with_rope(head_dim, std::true_type{});
+    else with_rope(head_dim, std::false_type{});
+  });
   return result;
 }
 

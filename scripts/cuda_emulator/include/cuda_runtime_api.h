@@ -1,4 +1,5 @@
 #pragma once
+#include <cstdlib>
 // One SM, so the small grids of the driver's cases still take the two-group flash kernels.
 // An H100 / H200's shared memory (the driver's "shallow" cases set an A100's 164 KB per SM).
 struct cudaDeviceProp {
@@ -10,8 +11,10 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 using cudaError_t = int;
 template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
 // As many resident blocks as the row kernels aimed for before they asked (1024 on the one SM), so
-// the driver's cases keep blocks that walk several row tiles.
+// the driver's cases keep blocks that walk several row tiles; EMU_BLOCKS_PER_SM=n answers n (1: the
+// row kernels' blocks each walk all of their head's tiles, as a big batch on a GPU does).
 template <class F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int, size_t) {
-  *n = 1024;
+  const char* s = std::getenv("EMU_BLOCKS_PER_SM");
+  *n = s ? std::atoi(s) : 1024;
   return 0;
 }
