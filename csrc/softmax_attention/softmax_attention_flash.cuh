@@ -411,6 +411,19 @@ SOLA_DEVICE void operand_fence(FragA (&xf)[kG][kXF]) {
     for (int kk = 0; kk < kXF; ++kk) wgmma::operand_fence(xf[g][kk].x);
 }
 
+// One batch of wgmmas (issue()), committed and waited for at once. The register operands regs (A
+// fragments, accumulators) are fenced before the issue and after the wait, so the compiler neither
+// moves their values while the tensor cores read them nor reads the accumulators early.
+template <typename Issue, typename... Regs>
+SOLA_DEVICE void wg_batch(Issue&& issue, Regs&... regs) {
+  (operand_fence(regs), ...);
+  wgmma::fence();
+  issue();
+  wgmma::commit();
+  wgmma::wait<0>();
+  (operand_fence(regs), ...);
+}
+
 // xf[g][kk] = columns 16 kk .. of x[g] rounded to T (P, dS as register A fragments).
 template <typename T, int kG, int kXT>
 SOLA_DEVICE void pack_a(FragA (&xf)[kG][kXT / 2], const float (&x)[kG][kXT][4]) {
@@ -425,14 +438,7 @@ template <typename T, int kCols, int kG, int kXT, int kOT>
 SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const T* b, int col0) {
   FragA xf[kG][kXT / 2];  // all of them first: the wgmmas read them until the wait
   pack_a<T>(xf, x);
-  operand_fence(xf);
-  operand_fence(c);
-  wgmma::fence();
-  wg_issue_xb<T, kCols>(c, xf, b, col0);
-  wgmma::commit();
-  wgmma::wait<0>();
-  operand_fence(c);
-  operand_fence(xf);
+  wg_batch([&] { wg_issue_xb<T, kCols>(c, xf, b, col0); }, xf, c);
 }
 
 // ---- the two products of every flash kernel, per warp -------------------------------------------

@@ -176,15 +176,12 @@ SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], 
 template <typename T, int kD, int kG, int kNT>
 SOLA_DEVICE void wg_gemm_abt2(float (&c1)[kG][kNT][4], const T* a1, const T* b1, float (&c2)[kG][kNT][4], const T* a2,
                               const T* b2) {
-  operand_fence(c1);
-  operand_fence(c2);
-  wgmma::fence();
-  wg_issue_abt<T, kD>(c1, a1, 0, b1);
-  wg_issue_abt<T, kD>(c2, a2, 0, b2);
-  wgmma::commit();
-  wgmma::wait<0>();
-  operand_fence(c1);
-  operand_fence(c2);
+  wg_batch(
+      [&] {
+        wg_issue_abt<T, kD>(c1, a1, 0, b1);
+        wg_issue_abt<T, kD>(c2, a2, 0, b2);
+      },
+      c1, c2);
 }
 
 // wgmma: c1 += X1 B1 and c2 += X2 B2 (X rounded to T as register A fragments, B tiles kCols wide
@@ -195,19 +192,12 @@ SOLA_DEVICE void wg_gemm_xb2(float (&c1)[kG][kOT][4], const float (&x1)[kG][kXT]
   FragA f1[kG][kXT / 2], f2[kG][kXT / 2];  // all first: the wgmmas read them until the wait
   pack_a<T>(f1, x1);
   pack_a<T>(f2, x2);
-  operand_fence(f1);
-  operand_fence(f2);
-  operand_fence(c1);
-  operand_fence(c2);
-  wgmma::fence();
-  wg_issue_xb<T, kCols>(c1, f1, b1, col0);
-  wg_issue_xb<T, kCols>(c2, f2, b2, col0);
-  wgmma::commit();
-  wgmma::wait<0>();
-  operand_fence(c1);
-  operand_fence(c2);
-  operand_fence(f1);
-  operand_fence(f2);
+  wg_batch(
+      [&] {
+        wg_issue_xb<T, kCols>(c1, f1, b1, col0);
+        wg_issue_xb<T, kCols>(c2, f2, b2, col0);
+      },
+      f1, f2, c1, c2);
 }
 
 struct BwdAligned {

@@ -118,14 +118,7 @@ __global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttention
         if (full_blocks < n_blocks) key_step(full_blocks, std::false_type{}, std::true_type{});
       }
       // The last P V. (Tiles past the keys were committed empty: nothing is left in flight.)
-      operand_fence(o);
-      operand_fence(pf);
-      wgmma::fence();
-      wg_issue_xb<T, kDOut>(o, pf, ring.v(n_blocks - 1), 0);
-      wgmma::commit();
-      wgmma::wait<0>();
-      operand_fence(o);
-      operand_fence(pf);
+      wg_batch([&] { wg_issue_xb<T, kDOut>(o, pf, ring.v(n_blocks - 1), 0); }, o, pf);
     }
     cp_async_wait<0>();  // the empty groups (nothing lands; the count starts over per work item)
     store_rows<kG, true, T>(p, o, m, l, b, h, m0, col0, warp, lane);
