@@ -235,24 +235,29 @@ SOLA_HD T through_phi(T grad, T dphi) {
 
 // ---- static switches (flash-attention's static_switch.h style) -------------------------------
 
-// Runs the lambda-like body with `constexpr FeatureMap kFM` bound to fm.
-#define SOLA_FEATURE_MAP_SWITCH(fm, kFM, ...)                                   \
-  [&] {                                                                         \
-    switch (fm) {                                                               \
-      case ::sola::FeatureMap::Elu: {                                           \
-        constexpr ::sola::FeatureMap kFM = ::sola::FeatureMap::Elu;             \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-      case ::sola::FeatureMap::Relu: {                                          \
-        constexpr ::sola::FeatureMap kFM = ::sola::FeatureMap::Relu;            \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-      default: {                                                                \
-        constexpr ::sola::FeatureMap kFM = ::sola::FeatureMap::Identity;        \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-    }                                                                           \
+// Runs the lambda-like body with `constexpr auto kName` bound to value: case A, case B, or Other
+// for anything else (the three-way enums: feature maps, dwconv epilogues).
+#define SOLA_SWITCH3(value, kName, A, B, Other, ...) \
+  [&] {                                              \
+    switch (value) {                                 \
+      case A: {                                      \
+        constexpr auto kName = A;                    \
+        return __VA_ARGS__();                        \
+      }                                              \
+      case B: {                                      \
+        constexpr auto kName = B;                    \
+        return __VA_ARGS__();                        \
+      }                                              \
+      default: {                                     \
+        constexpr auto kName = Other;                \
+        return __VA_ARGS__();                        \
+      }                                              \
+    }                                                \
   }()
+
+// Runs the lambda-like body with `constexpr FeatureMap kFM` bound to fm.
+#define SOLA_FEATURE_MAP_SWITCH(fm, kFM, ...) \
+  SOLA_SWITCH3(fm, kFM, ::sola::FeatureMap::Elu, ::sola::FeatureMap::Relu, ::sola::FeatureMap::Identity, __VA_ARGS__)
 
 // Binds `constexpr int kHeadDim` to the smallest bucket (32, 64, 128, 256) holding d.
 #define SOLA_HEADDIM_SWITCH(d, kHeadDim, ...)          \

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 
 namespace sola {
 
@@ -38,19 +39,22 @@ inline unsigned grid_x(int64_t work, int64_t per_block) {
 // Tensor-core kernels (mma.sync, ldmatrix, cp.async) need sm_80 or newer.
 inline bool sm80_or_newer() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
 
-// Lets kKernel take kBytes of dynamic shared memory (past 48 KB that needs an opt-in); false,
+// Lets kKernel take `bytes` of dynamic shared memory (past 48 KB that needs an opt-in); false,
 // changing nothing, when the device has less. The attribute sticks to the kernel on each device,
-// so it is set once per device: a cudaFuncSetAttribute per launch costs host time that small
-// shapes notice.
-template <auto kKernel, int kBytes>
-bool allow_dynamic_smem() {
-  if (kBytes > static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)) return false;
-  static std::atomic<uint64_t> set_on{0};  // bit d: set on device d (devices past 63 set it every time)
+// so it is raised only when a launch needs more than was set there (a cudaFuncSetAttribute per
+// launch costs host time that small shapes notice); a kernel whose size depends on its inputs
+// (the linear row kernels) keeps the largest size asked for.
+template <auto kKernel>
+bool allow_dynamic_smem(int bytes) {
+  if (bytes > static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)) return false;
+  static std::atomic<int> set_to[64] = {};  // the size set on device d (devices past 63 set it every time)
+  static std::mutex raising;                // a smaller size must not overwrite a larger one
   const int device = c10::cuda::current_device();
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (set_on.load(std::memory_order_acquire) & bit) return true;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-  set_on.fetch_or(bit, std::memory_order_release);
+  if (device < 64 && set_to[device].load(std::memory_order_acquire) >= bytes) return true;
+  std::lock_guard<std::mutex> lock(raising);
+  if (device < 64 && set_to[device].load(std::memory_order_acquire) >= bytes) return true;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (device < 64) set_to[device].store(bytes, std::memory_order_release);
   return true;
 }
 

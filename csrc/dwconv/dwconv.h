@@ -50,23 +50,9 @@ SOLA_HD acc dw_tap(const DwconvParams& p, int64_t c, int t) {
 }
 
 // Runs the lambda-like body with `constexpr DwEpilogue kEpi` bound to epi.
-#define SOLA_DW_EPILOGUE_SWITCH(epi, kEpi, ...)                             \
-  [&] {                                                                     \
-    switch (epi) {                                                          \
-      case ::sola::DwEpilogue::Silu: {                                      \
-        constexpr ::sola::DwEpilogue kEpi = ::sola::DwEpilogue::Silu;       \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-      case ::sola::DwEpilogue::SiluGrad: {                                  \
-        constexpr ::sola::DwEpilogue kEpi = ::sola::DwEpilogue::SiluGrad;   \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-      default: {                                                            \
-        constexpr ::sola::DwEpilogue kEpi = ::sola::DwEpilogue::Plain;      \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-    }                                                                       \
-  }()
+#define SOLA_DW_EPILOGUE_SWITCH(epi, kEpi, ...)                                                                  \
+  SOLA_SWITCH3(epi, kEpi, ::sola::DwEpilogue::Silu, ::sola::DwEpilogue::SiluGrad, ::sola::DwEpilogue::Plain, \
+               __VA_ARGS__)
 
 // The epilogue's value for the sum s (g: the output's gradient, for SiluGrad).
 template <DwEpilogue kEpi, typename acc>

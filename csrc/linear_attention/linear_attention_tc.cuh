@@ -288,14 +288,14 @@ struct RowsTcConfig {
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
 
-  // Staged tiles (kD 32): every input row of a tile (Out: q, qn; QueryGrad: g, q, qn; KeyGrad: k,
+  // Staged tiles (kStaged): every input row of a tile (Out: q, qn; QueryGrad: g, q, qn; KeyGrad: k,
   // v, kn; qn / kn only when given) and with fused RoPE its angles arrive by cp.async into one of
   // two stages, the next tile's copies in flight while this one is multiplied; the epilogues read
   // their operands there too. The first profile (H200) had these kernels at 9-24% of DRAM
-  // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. At kD 64
-  // and 128 two stages would cost blocks per SM (the state already takes 37-70 KB), so those load
-  // as before.
-  static constexpr bool kStaged = kD == 32;
+  // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. Out at
+  // kD 64 stages too (73 KB without RoPE: still 3 blocks per SM); the backward at kD 64 and all of
+  // kD 128 would lose blocks per SM (their states take 37-70 KB), so those load as before.
+  static constexpr bool kStaged = kD == 32 || (kD == 64 && kMode == RowsMode::Out);
   static constexpr int kStages = 2;
   static constexpr int kRawLd = kD + 8;      // 16-bit values; 16-byte rows, fragment reads hit 32 banks
   static constexpr int kTabLd = kD / 2 + 4;  // fp32 angles, same
@@ -731,7 +731,7 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
     constexpr bool kRope = decltype(rope)::value;
     using Cfg = ReduceTcConfig<scalar_t, kTile>;
     // The RoPE layout at the 64 tile (55.8 KB) needs the opt-in past 48 KB.
-    TORCH_INTERNAL_ASSERT((allow_dynamic_smem<token_reduce_tc_kernel<scalar_t, kTile, kRope>, Cfg::smem_bytes(kRope)>()),
+    TORCH_INTERNAL_ASSERT((allow_dynamic_smem<token_reduce_tc_kernel<scalar_t, kTile, kRope>>(Cfg::smem_bytes(kRope))),
                           "linear_attention: the tensor-core token reduction's shared memory exceeds the device's");
     token_reduce_tc_kernel<scalar_t, kTile, kRope><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
   };
@@ -765,7 +765,7 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     constexpr int kD = decltype(head_dim)::value;
     using Cfg = RowsTcConfig<kD, kMode>;
     constexpr int kSmem = Cfg::smem_bytes(decltype(has_xn)::value, decltype(rope)::value);
-    if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::smem_bytes(true, true)>()) return;
+    if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>>(kSmem)) return;
     // Each output row is computed the same way whatever the grouping: it sets how often a state
     // is re-read (and, with the fold, how dS is split into partials, which must not depend on the
     // GPU: row_groups' constant target). Without the fold the blocks are what the device holds at

@@ -21,9 +21,10 @@ bool linear_attention_rope_fused_cuda(const LinearAttentionParams& p) {
   auto fits = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
     using la::RowsMode, la::RowsTcConfig;
-    const int64_t rows = std::max({RowsTcConfig<kD, RowsMode::Out>::smem_bytes(true, true),
-                                   RowsTcConfig<kD, RowsMode::QueryGrad>::smem_bytes(true, true),
-                                   RowsTcConfig<kD, RowsMode::KeyGrad>::smem_bytes(true, true)});
+    // RoPE comes without q_norm / k_norm (rope_tables checks it).
+    const int64_t rows = std::max({RowsTcConfig<kD, RowsMode::Out>::smem_bytes(false, true),
+                                   RowsTcConfig<kD, RowsMode::QueryGrad>::smem_bytes(false, true),
+                                   RowsTcConfig<kD, RowsMode::KeyGrad>::smem_bytes(false, true)});
     const int64_t reduce = la::ReduceTcConfig<at::Half, 64>::smem_bytes(true);
     return std::max(rows, reduce) <= optin;
   };

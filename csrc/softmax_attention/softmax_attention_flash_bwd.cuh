@@ -397,8 +397,8 @@ template <typename T, int kD, int kGK, int kGQ, bool kWg>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using KeyTiles = KeyBlockTiles<T, kD, kGK, kWg>;
   using QueryTiles = QueryBlockTiles<T, kD, kGQ, kWg>;
-  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK, kWg>, KeyTiles::kSmem>() ||
-      !allow_dynamic_smem<dq_kernel<T, kD, kGQ, kWg>, QueryTiles::kSmem>())
+  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK, kWg>>(KeyTiles::kSmem) ||
+      !allow_dynamic_smem<dq_kernel<T, kD, kGQ, kWg>>(QueryTiles::kSmem))
     return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};

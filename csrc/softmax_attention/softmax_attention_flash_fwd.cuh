@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
 template <typename T, int kD, int kG, bool kDeep>
 bool launch_fwd_stages(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = FwdTiles<T, kD, kG, kDeep>;
-  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG, kDeep>, Tiles::kSmem>()) return false;
+  if (!allow_dynamic_smem<fwd_kernel<T, kD, kG, kDeep>>(Tiles::kSmem)) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
   fwd_kernel<T, kD, kG, kDeep><<<grid_x(Tiles::tiles(p), 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) fwd_wg_kernel(const SoftmaxAttention
 template <typename T, int kD, int kG>
 bool launch_fwd_wg(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Tiles = WgFwdTiles<T, kD, kG>;
-  if (!allow_dynamic_smem<fwd_wg_kernel<T, kD, kG>, Tiles::kSmem>()) return false;
+  if (!allow_dynamic_smem<fwd_wg_kernel<T, kD, kG>>(Tiles::kSmem)) return false;
   const FwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v)};
   fwd_wg_kernel<T, kD, kG><<<grid_x(FwdTiles<T, kD, kG>::tiles(p), 1), kThreads, Tiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
