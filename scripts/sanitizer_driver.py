@@ -140,9 +140,11 @@ def main():
                   fused, ref, [randn(B, H, N, D + sl)], dtype, failures)
     # linear attention with RoPE fused (fp16 / bf16: the tensor-core kernels read the tables; fp32
     # composes): head dims 32 (QueryGrad sums dS) and 64 (token reduction over q, g), a Dk whose
-    # table rows are not whole 16-byte vectors (10), the (B, N, 2H, D) head-slice views of the model.
+    # table rows are not whole 16-byte vectors (10), the (B, N, 2H, D) head-slice views of the model;
+    # 768 heads of 200 rows: more heads than an H100 / H200 holds blocks at once, so each row block
+    # walks all 4 tiles of its head through both cp.async stages (the staged row tiles).
     for dtype in dtypes:
-        for B, H, N, Dk, Dv in ((2, 2, 77, 32, 32), (1, 2, 130, 64, 48), (1, 1, 21, 10, 8)):
+        for B, H, N, Dk, Dv in ((2, 2, 77, 32, 32), (1, 2, 130, 64, 48), (1, 1, 21, 10, 8), (8, 96, 200, 32, 32)):
             angles = randn(N, Dk // 2) * 3
             cos, sin = angles.cos(), angles.sin()
             dev = (cos.to(DEVICE), sin.to(DEVICE))

@@ -121,6 +121,16 @@ def test_model_layout(device, dtype):
     check_rope_linear(q, k, v, cos, sin)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [32, 64])
+def test_blocks_walk_row_tiles(device, D):
+    """768 heads of 200 rows in bf16: more heads than a GPU holds row blocks at once, so each block of
+    the tensor-core row kernels walks all 4 row tiles of its head, the next tile's inputs arriving
+    in the second cp.async stage while one is multiplied (kD 32; Out also at kD 64)."""
+    q, k, v = _qkv(8, 96, 200, D, D, torch.bfloat16, device, "elu", seed=7)
+    check_rope_linear(q, k, v, *tables(200, D, device))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
