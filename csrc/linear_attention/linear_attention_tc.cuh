@@ -402,19 +402,21 @@ __global__ void __launch_bounds__(128)
   // stored; with RoPE its cos and sin at tab + (2 st + 0 / 1) * kRows * kTabLd.
   scalar_t* const raw = reinterpret_cast<scalar_t*>(smem_raw + Cfg::kSmemBytes);
   float* const tab = reinterpret_cast<float*>(raw + Cfg::kStages * n_inputs * kRows * kRawLd);
+  auto stage_row = [&](int stage, int i, int r) { return raw + ((stage * n_inputs + i) * kRows + r) * kRawLd; };
+  auto stage_angles = [&](int stage, bool sine, int r) { return tab + ((2 * stage + (sine ? 1 : 0)) * kRows + r) * kTabLd; };
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
     const int64_t bh = item / groups, b = bh / p.H, h = bh % p.H;
     const int64_t first_tile = item % groups;
     // Row r of the tile at r0 of input i (tensor view x): the staged copy, or the tensor's row.
     auto in_row = [&](int stage, int i, const View4& x, int64_t r0, int r) -> const scalar_t* {
-      if constexpr (kStaged) return raw + ((stage * n_inputs + i) * kRows + r) * kRawLd;
+      if constexpr (kStaged) return stage_row(stage, i, r);
       else return x.row<const scalar_t>(b, h, r0 + r);
     };
     auto in_aligned = [&](const View4& x, int vec) { return kStaged || rows_aligned<scalar_t>(x, vec); };
     // Row r's RoPE angles (cos, or sin when `sine`), half of them, fp32.
     auto angles = [&](int stage, bool sine, int64_t r0, int r) -> const float* {
-      if constexpr (kStaged) return tab + ((2 * stage + (sine ? 1 : 0)) * kRows + r) * kTabLd;
+      if constexpr (kStaged) return stage_angles(stage, sine, r);
       else return (sine ? rope_sin : rope_cos) + (r0 + r) * half;
     };
     const bool angles_al = kStaged || table_al;
@@ -426,7 +428,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int r = lr; r < kRows; r += Cfg::kRowsPerPass) {
           const bool live = r0 + r < N;
-          scalar_t* const slot = raw + ((stage * n_inputs + i) * kRows + r) * kRawLd + lc;
+          scalar_t* const slot = stage_row(stage, i, r) + lc;
           copy_cols_async<kV>(slot, live ? x.row<const scalar_t>(b, h, r0 + r) : nullptr, lc, width, al, live);
         }
       };
@@ -438,9 +440,8 @@ __global__ void __launch_bounds__(128)
         for (int r = lr; r < kRows; r += Cfg::kRowsPerPass) {
           const bool live = r0 + r < N;
           const int64_t t_row = live ? (r0 + r) * half : 0;
-          float* const slot = tab + (2 * stage * kRows + r) * kTabLd + lc / 2;
-          copy_cols_async<kV / 2>(slot, rope_cos + t_row, lc / 2, half, table_al, live);
-          copy_cols_async<kV / 2>(slot + kRows * kTabLd, rope_sin + t_row, lc / 2, half, table_al, live);
+          copy_cols_async<kV / 2>(stage_angles(stage, false, r) + lc / 2, rope_cos + t_row, lc / 2, half, table_al, live);
+          copy_cols_async<kV / 2>(stage_angles(stage, true, r) + lc / 2, rope_sin + t_row, lc / 2, half, table_al, live);
         }
       }
       cp_async_commit();
@@ -516,13 +517,12 @@ __global__ void __launch_bounds__(128)
     //   dx = c * c_scale * phi'(x),  dxn = z * z_scale * phi'(xn)  (added to dx when xn is x).
     // Fused RoPE (xn is x): dx = phi'(x) (R^T (c * c_scale) + z * z_scale), the lane's two columns
     // being one channel pair.
-    auto store_input_grads = [&](int hh, int64_t r0, int rl, float c_scale, float z_scale, const View4& dx,
-                                 const View4& dxn) {
+    // x_row, xn_row: the row's in_row of x and xn.
+    const bool x_al = in_aligned(x_view, 2), xn_al = in_aligned(xn_view, 2);
+    auto store_input_grads = [&](int hh, int64_t r0, int rl, const scalar_t* x_row, const scalar_t* xn_row,
+                                 float c_scale, float z_scale, const View4& dx, const View4& dxn) {
       const int64_t row = r0 + rl;
-      const bool x_al = in_aligned(x_view, 2), xn_al = in_aligned(xn_view, 2);
       const bool dx_al = rows_aligned<scalar_t>(dx, 2), dxn_al = rows_aligned<scalar_t>(dxn, 2);
-      const scalar_t* const x_row = in_row(stage, kX, x_view, r0, rl);
-      const scalar_t* const xn_row = in_row(stage, xn_input, xn_view, r0, rl);
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         const int col = 8 * n + 2 * t4;
@@ -592,7 +592,6 @@ __global__ void __launch_bounds__(128)
         load_rows(0, p.grad_out, false, Dv, false, r0);
         __syncthreads();
         rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // u = S g
-        const bool q_al = in_aligned(p.q, 2), qn_al = in_aligned(p.qn, 2);
         float* const inv_den_out = static_cast<float*>(s.inv_den);
         float* const dd_out = static_cast<float*>(s.dd);
         float dz_part[kNT][2];  // kFoldDs: phi(qn_i) dd_i summed over this lane's two rows
@@ -611,14 +610,14 @@ __global__ void __launch_bounds__(128)
             const int col = 8 * n + 2 * t4;
             if constexpr (kFoldDs) qv[n][0] = qv[n][1] = qnv[n][0] = qnv[n][1] = 0.f;
             if (!valid || col >= Dk) continue;
-            load_cols<2>(q_row, col, Dk, q_al, qv[n]);
+            load_cols<2>(q_row, col, Dk, x_al, qv[n]);
             phi_cols<true>(fm, Dk - col, qv[n]);
             if (rope) {  // phi(q) unrotated in the normaliser, rotated in the numerator (one pair)
               qnv[n][0] = qv[n][0], qnv[n][1] = qv[n][1];
               rotate_pair(qnv[n][0], qnv[n][1], angles(stage, false, r0, rl)[col / 2], angles(stage, true, r0, rl)[col / 2],
                           qv[n][0], qv[n][1]);
             } else {
-              load_cols<2>(qn_row, col, Dk, qn_al, qnv[n]);
+              load_cols<2>(qn_row, col, Dk, xn_al, qnv[n]);
               phi_cols<true>(fm, Dk - col, qnv[n]);
             }
 #pragma unroll
@@ -649,7 +648,7 @@ __global__ void __launch_bounds__(128)
             if (t4 == 0) inv_den_out[bh * N + row] = inv, dd_out[bh * N + row] = dd;
           }
           // dphi(q_i) = u_i / den_i; the normaliser adds z dd_i through phi'(qn).
-          store_input_grads(hh, r0, rl, inv, dd, p.dq, p.dqn);
+          store_input_grads(hh, r0, rl, q_row, qn_row, inv, dd, p.dq, p.dqn);
         }
         if constexpr (kFoldDs) {
           if (p.normalize) {  // uniform; sum the warp's 16 rows (8 row lanes x 2), fixed order
@@ -697,7 +696,9 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int rl = m0 + g + 8 * hh;
-          if (r0 + rl < N) store_input_grads(hh, r0, rl, inv_nk, inv_nk, p.dk, p.dkn);
+          if (r0 + rl < N)
+            store_input_grads(hh, r0, rl, in_row(stage, kX, p.k, r0, rl), in_row(stage, xn_input, p.kn, r0, rl), inv_nk,
+                              inv_nk, p.dk, p.dkn);
         }
       }
     }
