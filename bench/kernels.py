@@ -8,6 +8,8 @@
 Impls (DESIGN.md names), each run on the same q, k, v of a case:
   linear_attention (elu feature map, normalize=True, eps=1e-6, the mean form):
     sola_ops     sola_ops.linear_attention
+    sola_ops_unstaged  the same with SOLA_LINEAR_UNSTAGED=1 (the row kernels without staged tiles,
+                 to time the staging in the same run); ours, so never a baseline
     reference    sola_ops.reference.linear_attention (the PyTorch composite, fp32 accumulation)
     einsum_fp32  as EfficientViT / MLLA write it: q, k, v cast to fp32, phi = elu + 1,
                  kv = einsum('bhnd,bhne->bhde', k, v) / N, z = k.mean(2),
@@ -336,13 +338,22 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl("sola_ops_wgmma", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_WGMMA", "1"),
                     note="the forward on wgmma; the backward as sola_ops")
 
+    def sola_unstaged():
+        """linear_attention with SOLA_LINEAR_UNSTAGED=1: the tensor-core row kernels as before staging."""
+        if sola_ops is None:
+            return Impl("sola_ops_unstaged", unavailable=sola_reason)
+        if device.type != "cuda":
+            return Impl("sola_ops_unstaged", unavailable="the staged row kernels are CUDA kernels")
+        return Impl("sola_ops_unstaged", fn=sola_ops.linear_attention,
+                    ctx=lambda: _env("SOLA_LINEAR_UNSTAGED", "1"), note="row kernels without staged tiles")
+
     def sdpa(name, backend):
         if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
             return Impl(name, unavailable=f"{backend.name}: a CUDA-only SDPA backend")
         return Impl(name, fn=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                     ctx=lambda: sdpa_kernel(backend))
 
-    linear = [sola("linear_attention"), Impl("reference", fn=ref.linear_attention),
+    linear = [sola("linear_attention"), sola_unstaged(), Impl("reference", fn=ref.linear_attention),
               Impl("einsum_fp32", fn=einsum_fp32), _flash_bla_impl(device), _fla_impl(device)]
     softmax = [sola("softmax_attention"), sola_wgmma(),
                sdpa("sdpa_flash", SDPBackend.FLASH_ATTENTION),

@@ -174,6 +174,15 @@ def main():
             check(f"softmax wgmma {str(dtype).replace('torch.', '')} B={B} H={H} Nq={Nq} Nk={Nk} Dk={Dk} Dv={Dv}",
                   sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)
     del os.environ["SOLA_FLASH_WGMMA"]
+    # The linear row kernels without staged tiles (SOLA_LINEAR_UNSTAGED=1: bench/kernels.py's
+    # sola_ops_unstaged), head dims 32 and 64, rows past one tile.
+    os.environ["SOLA_LINEAR_UNSTAGED"] = "1"
+    for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
+        for B, H, N, D in ((2, 2, 77, 32), (4, 8, 200, 64)):
+            check(f"linear unstaged {str(dtype).replace('torch.', '')} B={B} H={H} N={N} D={D}",
+                  sola_ops.linear_attention, reference.linear_attention,
+                  [randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)], dtype, failures)
+    del os.environ["SOLA_LINEAR_UNSTAGED"]
     for B, H, Nq, Nk, Dk, Dv in HEAD_DIMS_ONLY_SOFTMAX:
         q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
         check(f"softmax bfloat16 D={Dk}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v],

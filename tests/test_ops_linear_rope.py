@@ -133,6 +133,34 @@ def test_blocks_walk_row_tiles(device, D):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("D", [32, 64])
+@pytest.mark.parametrize("inputs", ["rope", "norms"])
+def test_cuda_unstaged_rows_same_bits(D, inputs, monkeypatch):
+    """SOLA_LINEAR_UNSTAGED=1 (bench/kernels.py's sola_ops_unstaged) runs the row kernels without
+    staged tiles: the same arithmetic from other buffers, so out and the gradients keep their bits.
+    768 heads of 200 rows: the blocks walk all their head's tiles. With RoPE, or with q_norm / k_norm
+    (staged as a third input)."""
+    q, k, v = (leaf(t) for t in _qkv(8, 96, 200, D, D, torch.bfloat16, "cuda", "elu", seed=3))
+    if inputs == "rope":
+        kw = dict(rope=tables(200, D, "cuda"))
+    else:
+        kw = dict(q_norm=leaf(randn(q.shape, q.dtype, "cuda", seed=5)),
+                  k_norm=leaf(randn(k.shape, k.dtype, "cuda", seed=6)))
+    grads_of = (q, k, v) + tuple(t for t in kw.values() if isinstance(t, torch.Tensor))
+    g = randn(v.shape, v.dtype, "cuda", seed=4)
+
+    def run():
+        out = sola_ops.linear_attention(q, k, v, **kw)
+        return (out,) + torch.autograd.grad(out, grads_of, g)
+
+    staged = run()
+    monkeypatch.setenv("SOLA_LINEAR_UNSTAGED", "1")
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dqn", "dkn"), staged, run()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [32, 64])  # 32: QueryGrad sums dS; 64: the token reduction over q, g (chunked)
 def test_cuda_backward_deterministic(dtype, D):

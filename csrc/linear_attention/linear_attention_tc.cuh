@@ -8,6 +8,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cp_async.cuh"
 #include "cuda_utils.cuh"
@@ -254,10 +256,10 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 // per block rather than once per row tile. Per tile the A rows (phi(q), g, phi(k) or v) are loaded
 // with 16-byte loads, mapped in fp32, rounded to tf32 into [row][column] (pitch kD + 4: reads at
 // g * pitch + t hit 32 banks); each warp multiplies its 16 rows by the whole state (kD / 8
-// accumulator tiles) as hi + lo tf32 parts. Up to kD = 64 the parts are split once per state into
-// two smem arrays (split per tile, they cost ~10 issue slots per mma pair, more than the row
-// kernels can spare at head dim 32); at 128 a second array would halve the blocks per SM, so the
-// state is split on the fly. Epilogues work on the accumulator fragments: a row's 4 owning lanes
+// accumulator tiles) as hi + lo tf32 parts. At kD 32, and at 64 where the smem allows, the parts
+// are split once per state into two smem arrays (split per tile, they cost ~10 issue slots per mma
+// pair, more than the row kernels can spare at head dim 32); elsewhere (kD 128, and the staged kD 64
+// backward) a second array would cost blocks per SM, so the state is split on the fly. Epilogues work on the accumulator fragments: a row's 4 owning lanes
 // sum their parts with two xor shuffles (identical in all four).
 //
 // QueryGrad at kD = 32 also sums dS = sum_i phi(q_i) (g_i / den_i)^T and dz = sum_i phi(qn_i) dd_i
@@ -266,7 +268,10 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 // tf32(phi(q_i) / den_i) in qs next to g in xs; the four warps then split the kD x kD product
 // qs^T xs (16 x 8 tiles, K = the tile's rows) as the token reduction does. dz stays fp32 on
 // unrounded values: per lane, then xor shuffles over the 8 row lanes, then per warp in smem.
-template <int kD, RowsMode kMode>
+//
+// kStage false: the kernels as before staging (below), for SOLA_LINEAR_UNSTAGED=1
+// (rows_staging_enabled): the benchmark times both in one run until the staging is measured.
+template <int kD, RowsMode kMode, bool kStage = true>
 struct RowsTcConfig {
   static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
   static constexpr int kNT = kD / 8;
@@ -274,7 +279,19 @@ struct RowsTcConfig {
   // Out reads the state as B (W[k + t][n + g], pitch = 8 mod 32 conflict-free); QueryGrad reads it
   // transposed (W[n + g][k + t], pitch = 4 mod 32); KeyGrad both (its dv product takes 2-way conflicts).
   static constexpr int kWLd = kMode == RowsMode::Out ? kD + 8 : kD + 4;
-  static constexpr bool kPreSplit = kD <= 64;
+  // Staged tiles (kStaged): every input row of a tile (Out: q, qn; QueryGrad: g, q, qn; KeyGrad: k,
+  // v, kn; qn / kn only when given) and with fused RoPE its angles arrive by cp.async into one of
+  // two stages, the next tile's copies in flight while this one is multiplied; the epilogues read
+  // their operands there too. The first profile (H200) had these kernels at 9-24% of DRAM
+  // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. kD 32 and
+  // 64; at 64 the backward splits the state on the fly (kPreSplit false) to pay for the stages:
+  // 72 KB without RoPE, 3 blocks per SM as before. kD 128's states take 37-70 KB: it loads as before.
+  static constexpr bool kStaged = kStage && kD <= 64;
+  // Blocks per SM the registers must allow at kD 32 / 64: 3, as their smem does (Out at kD 32: 4,
+  // and its 123 registers fit). With the bound at 128 threads alone ptxas held some of these kernels
+  // to 128 registers and spilled (nvcc 13.0: QueryGrad kD 32 unstaged 52 bytes, staged kD 64 14).
+  static constexpr int kMinBlocks = kD == 128 ? 1 : 3;
+  static constexpr bool kPreSplit = kD <= 32 || (kD == 64 && (!kStaged || kMode == RowsMode::Out));
   static constexpr int kWArrays = kPreSplit ? 2 : 1;  // ws (hi, or all of it) and ws_lo
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
@@ -288,14 +305,6 @@ struct RowsTcConfig {
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
 
-  // Staged tiles (kStaged): every input row of a tile (Out: q, qn; QueryGrad: g, q, qn; KeyGrad: k,
-  // v, kn; qn / kn only when given) and with fused RoPE its angles arrive by cp.async into one of
-  // two stages, the next tile's copies in flight while this one is multiplied; the epilogues read
-  // their operands there too. The first profile (H200) had these kernels at 9-24% of DRAM
-  // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. Out at
-  // kD 64 stages too (73 KB without RoPE: still 3 blocks per SM); the backward at kD 64 and all of
-  // kD 128 would lose blocks per SM (their states take 37-70 KB), so those load as before.
-  static constexpr bool kStaged = kD == 32 || (kD == 64 && kMode == RowsMode::Out);
   static constexpr int kStages = 2;
   static constexpr int kRawLd = kD + 8;      // 16-bit values; 16-byte rows, fragment reads hit 32 banks
   static constexpr int kTabLd = kD / 2 + 4;  // fp32 angles, same
@@ -303,7 +312,8 @@ struct RowsTcConfig {
   static constexpr int kInputs = kMode == RowsMode::Out ? 2 : 3;  // the last one: qn or kn
   // Dynamic shared memory for the inputs given: the arrays above, then per stage the raw inputs
   // and the cos, sin tables (5 KB each at kD 32). With RoPE and no qn / kn, as the models call it:
-  // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3).
+  // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3) at kD 32; at kD 64 Out 109 KB,
+  // QueryGrad and KeyGrad 108 KB (2).
   static constexpr int smem_bytes(bool has_xn, bool rope) {
     if (!kStaged) return kSmemBytes;
     return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));
@@ -354,10 +364,10 @@ SOLA_DEVICE float quad_sum(float x) {
 // grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem
 // smem_bytes(has_xn, rope). kFoldDs: ds = dstate_reduce_args with chunks = groups (block group c
 // sums chunk c's partial).
-template <typename scalar_t, int kD, RowsMode kMode>
-__global__ void __launch_bounds__(128)
+template <typename scalar_t, int kD, RowsMode kMode, bool kStage>
+__global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kStage>::kMinBlocks))
     rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups, const TokenReduceArgs ds) {
-  using Cfg = RowsTcConfig<kD, kMode>;
+  using Cfg = RowsTcConfig<kD, kMode, kStage>;
   constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
   constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads, kRawLd = Cfg::kRawLd, kTabLd = Cfg::kTabLd;
   constexpr bool kPreSplit = Cfg::kPreSplit, kFoldDs = Cfg::kFoldDs, kStaged = Cfg::kStaged;
@@ -755,6 +765,13 @@ auto with_rows_tc_bucket(int64_t d, F&& f) {
   return f(std::integral_constant<int, 128>{});
 }
 
+// SOLA_LINEAR_UNSTAGED=1 runs the kD 32 / 64 row kernels as before staging (RowsTcConfig kStage
+// false; read per launch): a benchmark hook, bench/kernels.py's sola_ops_unstaged.
+inline bool rows_staging_enabled() {
+  const char* unstaged = std::getenv("SOLA_LINEAR_UNSTAGED");
+  return unstaged == nullptr || std::strcmp(unstaged, "1") != 0;
+}
+
 template <typename scalar_t, RowsMode kMode>
 RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, cudaStream_t stream) {
   const int64_t d = std::max(p.Dk, p.Dv), n = kMode == RowsMode::KeyGrad ? p.Nk : p.Nq;
@@ -762,11 +779,13 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
   if (n == 0) return {true, false};
   RowsLaunch result;
   // kSmem: the dynamic shared memory for the inputs given (has_xn: qn / kn; RoPE tables).
-  auto launch = [&](auto head_dim, auto has_xn, auto rope) {
+  auto launch = [&](auto head_dim, auto has_xn, auto rope, auto stage) {
     constexpr int kD = decltype(head_dim)::value;
-    using Cfg = RowsTcConfig<kD, kMode>;
+    constexpr bool kStage = decltype(stage)::value;
+    using Cfg = RowsTcConfig<kD, kMode, kStage>;
+    constexpr auto kKernel = rows_tc_kernel<scalar_t, kD, kMode, kStage>;
     constexpr int kSmem = Cfg::smem_bytes(decltype(has_xn)::value, decltype(rope)::value);
-    if (!allow_dynamic_smem<rows_tc_kernel<scalar_t, kD, kMode>>(kSmem)) return;
+    if (!allow_dynamic_smem<kKernel>(kSmem)) return;
     // Each output row is computed the same way whatever the grouping: it sets how often a state
     // is re-read (and, with the fold, how dS is split into partials, which must not depend on the
     // GPU: row_groups' constant target). Without the fold the blocks are what the device holds at
@@ -775,24 +794,33 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     const int64_t heads = p.B * p.H, row_tiles = ceil_div(n, Cfg::kRows);
     int64_t groups = row_groups(heads, row_tiles);
     if constexpr (!Cfg::kFoldDs) {
-      const int64_t resident = int64_t(resident_blocks_per_sm<rows_tc_kernel<scalar_t, kD, kMode>, Cfg::kThreads, kSmem>()) *
+      const int64_t resident = int64_t(resident_blocks_per_sm<kKernel, Cfg::kThreads, kSmem>()) *
                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       groups = std::min(row_tiles, std::max<int64_t>(1, resident / heads));
     }
     const DstateFold fold = Cfg::kFoldDs ? DstateFold(p, s, groups) : DstateFold();
-    rows_tc_kernel<scalar_t, kD, kMode><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(p, s, groups, fold.args);
+    rows_tc_kernel<scalar_t, kD, kMode, kStage><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(
+        p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     fold.combine(stream);
     result = {true, Cfg::kFoldDs};
   };
-  const bool has_xn = kMode == RowsMode::KeyGrad ? p.has_kn : p.has_qn;
-  auto with_rope = [&](auto head_dim, auto xn) {
-    if (p.rope_cos) launch(head_dim, xn, std::true_type{});
-    else launch(head_dim, xn, std::false_type{});
+  // f(std::true_type or std::false_type) for a runtime flag.
+  auto with_flag = [](bool flag, auto&& f) {
+    if (flag) f(std::true_type{});
+    else f(std::false_type{});
   };
+  const bool has_xn = kMode == RowsMode::KeyGrad ? p.has_kn : p.has_qn, staged = rows_staging_enabled();
   with_rows_tc_bucket(d, [&](auto head_dim) {
-    if (has_xn) with_rope(head_dim, std::true_type{});
-    else with_rope(head_dim, std::false_type{});
+    // Only the buckets that stage have an unstaged twin.
+    constexpr bool kCanStage = RowsTcConfig<decltype(head_dim)::value, kMode>::kStaged;
+    with_flag(has_xn, [&](auto xn) {
+      with_flag(p.rope_cos != nullptr, [&](auto rope) {
+        with_flag(kCanStage && staged, [&](auto stage) {
+          if constexpr (kCanStage || !decltype(stage)::value) launch(head_dim, xn, rope, stage);
+        });
+      });
+    });
   });
   return result;
 }

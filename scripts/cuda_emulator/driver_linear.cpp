@@ -4,9 +4,12 @@
 // misaligned views, NaN inputs; a second backward must be bitwise equal. Fused RoPE (`rope` cases,
 // fp16 / bf16): the CUDA kernels take q, k and the angle tables, the CPU side composes the rope
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
+// Every CUDA result is also computed with SOLA_LINEAR_UNSTAGED=1 (the row kernels without staged
+// tiles) and must be bitwise equal.
 // Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk].
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "driver_common.h"
@@ -54,6 +57,22 @@ static at::Tensor rope_grad_cpu(const at::Tensor& x, const at::Tensor& cos, cons
   return dx;
 }
 
+// The CUDA launchers with the row kernels unstaged (SOLA_LINEAR_UNSTAGED=1).
+template <typename F>
+static void unstaged(F&& f) {
+  setenv("SOLA_LINEAR_UNSTAGED", "1", 1);
+  f();
+  unsetenv("SOLA_LINEAR_UNSTAGED");
+}
+
+// FAIL unless a and b hold the same bits (NaN where the other has NaN).
+static void expect_same_bits(const std::string& what, const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() && !at::equal(a.nan_to_num(7), b.nan_to_num(7))) {
+    std::printf("FAIL %s\n", what.c_str());
+    ++failures;
+  }
+}
+
 static void linear_case(const Case& c) {
   char name[256];
   std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d r%d", (long)c.B,
@@ -83,22 +102,25 @@ static void linear_case(const Case& c) {
     p.rope_cos = cos.data_ptr(), p.rope_sin = sin.data_ptr();
   }
 
-  at::Tensor out[2], state[2], z[2];
-  for (int r = 0; r < 2; ++r) {
+  at::Tensor out[3], state[3], z[3];  // CPU, CUDA, CUDA unstaged
+  for (int r = 0; r < 3; ++r) {
     out[r] = nan_out({c.B, c.H, c.Nq, c.Dv}, dt), state[r] = nan_out({c.B, c.H, c.Dk, c.Dv}, acc);
     z[r] = nan_out({c.B, c.H, c.Dk}, acc);
     LinearAttentionParams pr = r == 0 ? pc : p;
     pr.out = make_view(out[r]), pr.state = state[r].data_ptr(), pr.z = z[r].data_ptr();
-    if (r == 0) linear_attention_fwd_cpu(pr); else linear_attention_fwd_cuda(pr);
+    if (r == 0) linear_attention_fwd_cpu(pr);
+    else if (r == 1) linear_attention_fwd_cuda(pr);
+    else unstaged([&] { linear_attention_fwd_cuda(pr); });
   }
+  expect_same_bits(std::string(name) + " out: staged and unstaged rows differ", out[2], out[1]);
   compare(std::string(name) + " out", out[1], out[0], dt, !c.poison);
   compare(std::string(name) + " S", state[1], state[0], dt, !c.poison);
   // without the normaliser the composition's z is the mean of rope(phi(k)), the fused one's of phi(k): unused
   if (!c.rope || c.normalize) compare(std::string(name) + " z", z[1], z[0], dt, !c.poison);
 
   at::Tensor g = input(c.B, c.H, c.Nq, c.Dv, dt, c.strided);
-  at::Tensor grads[3][5];  // CPU, CUDA, CUDA again: dq, dk, dv, dqn, dkn
-  for (int r = 0; r < 3; ++r) {
+  at::Tensor grads[4][5];  // CPU, CUDA, CUDA again, CUDA unstaged: dq, dk, dv, dqn, dkn
+  for (int r = 0; r < 4; ++r) {
     at::Tensor* d = grads[r];
     d[0] = nan_out(q.sizes(), dt), d[1] = nan_out(k.sizes(), dt), d[2] = nan_out(v.sizes(), dt);
     d[3] = nan_out(q.sizes(), dt), d[4] = nan_out(k.sizes(), dt);
@@ -107,7 +129,9 @@ static void linear_case(const Case& c) {
     pr.dq = make_view(d[0]), pr.dk = make_view(d[1]), pr.dv = make_view(d[2]);
     if (pr.has_qn) pr.dqn = make_view(d[3]);
     if (pr.has_kn) pr.dkn = make_view(d[4]);
-    if (r == 0) linear_attention_bwd_cpu(pr); else linear_attention_bwd_cuda(pr);
+    if (r == 0) linear_attention_bwd_cpu(pr);
+    else if (r < 3) linear_attention_bwd_cuda(pr);
+    else unstaged([&] { linear_attention_bwd_cuda(pr); });
     if (r == 0 && c.rope) {  // d rope(phi(x)) and d phi(x) -> dx
       d[0] = rope_grad_cpu(q, cos, sin, c.fm, d[0], c.normalize ? &d[3] : nullptr);
       d[1] = rope_grad_cpu(k, cos, sin, c.fm, d[1], c.normalize ? &d[4] : nullptr);
@@ -117,10 +141,8 @@ static void linear_case(const Case& c) {
   for (int i = 0; i < 5; ++i) {
     if ((i == 3 && !c.has_qn) || (i == 4 && !c.has_kn)) continue;
     compare(std::string(name) + names[i], grads[1][i], grads[0][i], dt, !c.poison);
-    if (grads[1][i].numel() && !at::equal(grads[1][i].nan_to_num(7), grads[2][i].nan_to_num(7))) {
-      std::printf("FAIL %s%s: backward not bitwise reproducible\n", name, names[i]);
-      ++failures;
-    }
+    expect_same_bits(std::string(name) + names[i] + ": backward not bitwise reproducible", grads[2][i], grads[1][i]);
+    expect_same_bits(std::string(name) + names[i] + ": staged and unstaged rows differ", grads[3][i], grads[1][i]);
   }
   if (c.poison && c.B * c.H > 1 && c.Nq > 0) {
     if (!at::isfinite(out[1].flatten(0, 1)[0]).all().item<bool>()) {
