@@ -9,7 +9,8 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
   linear_attention (elu feature map, normalize=True, eps=1e-6, the mean form):
     sola_ops     sola_ops.linear_attention
     sola_ops_unstaged  the same with SOLA_LINEAR_UNSTAGED=1 (the row kernels without staged tiles,
-                 to time the staging in the same run); ours, so never a baseline
+                 to time the staging in the same run; fp16 / bf16 at D <= 64, where they stage);
+                 ours, so never a baseline
     reference    sola_ops.reference.linear_attention (the PyTorch composite, fp32 accumulation)
     einsum_fp32  as EfficientViT / MLLA write it: q, k, v cast to fp32, phi = elu + 1,
                  kv = einsum('bhnd,bhne->bhde', k, v) / N, z = k.mean(2),
@@ -227,6 +228,7 @@ class Impl:
     unavailable: str = None                 # reason, when the impl cannot run at all here
     same_function: bool = True
     note: str = None
+    applies: object = None                  # applies(case) -> bool: the cases it runs on (None: all)
 
 
 @contextlib.contextmanager
@@ -345,7 +347,8 @@ def make_impls(device, sola_ops, ref, sola_reason):
         if device.type != "cuda":
             return Impl("sola_ops_unstaged", unavailable="the staged row kernels are CUDA kernels")
         return Impl("sola_ops_unstaged", fn=sola_ops.linear_attention,
-                    ctx=lambda: _env("SOLA_LINEAR_UNSTAGED", "1"), note="row kernels without staged tiles")
+                    ctx=lambda: _env("SOLA_LINEAR_UNSTAGED", "1"), note="row kernels without staged tiles",
+                    applies=lambda case: case.dtype in ("float16", "bfloat16") and case.D <= 64)
 
     def sdpa(name, backend):
         if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -416,7 +419,7 @@ class Runner:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def run_case(self, case, impls):
-        ready = [i for i in impls if i.unavailable is None]
+        ready = [i for i in impls if i.unavailable is None and (i.applies is None or i.applies(case))]
         if not ready:
             return
         if self.fatal:

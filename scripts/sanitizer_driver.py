@@ -144,7 +144,8 @@ def main():
     # 768 heads of 200 rows: more heads than an H100 / H200 holds blocks at once, so each row block
     # walks all 4 tiles of its head through both cp.async stages (the staged row tiles).
     for dtype in dtypes:
-        for B, H, N, Dk, Dv in ((2, 2, 77, 32, 32), (1, 2, 130, 64, 48), (1, 1, 21, 10, 8), (8, 96, 200, 32, 32)):
+        for B, H, N, Dk, Dv in ((2, 2, 77, 32, 32), (1, 2, 130, 64, 48), (1, 1, 21, 10, 8), (8, 96, 200, 32, 32),
+                                (8, 96, 200, 64, 64)):
             angles = randn(N, Dk // 2) * 3
             cos, sin = angles.cos(), angles.sin()
             dev = (cos.to(DEVICE), sin.to(DEVICE))
@@ -174,15 +175,21 @@ def main():
             check(f"softmax wgmma {str(dtype).replace('torch.', '')} B={B} H={H} Nq={Nq} Nk={Nk} Dk={Dk} Dv={Dv}",
                   sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)
     del os.environ["SOLA_FLASH_WGMMA"]
-    # The linear row kernels without staged tiles (SOLA_LINEAR_UNSTAGED=1: bench/kernels.py's
-    # sola_ops_unstaged), head dims 32 and 64, rows past one tile.
-    os.environ["SOLA_LINEAR_UNSTAGED"] = "1"
+    # The staged row tiles with q_norm / k_norm (a third staged input) at head dim 64, 768 heads so
+    # blocks walk their tiles; then the row kernels without staged tiles (SOLA_LINEAR_UNSTAGED=1:
+    # bench/kernels.py's sola_ops_unstaged) on that case and plain ones at head dim 32.
+    def normed(fn):
+        return lambda q, k, v, qn, kn: fn(q, k, v, q_norm=qn, k_norm=kn)
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
-        for B, H, N, D in ((2, 2, 77, 32), (4, 8, 200, 64)):
-            check(f"linear unstaged {str(dtype).replace('torch.', '')} B={B} H={H} N={N} D={D}",
-                  sola_ops.linear_attention, reference.linear_attention,
-                  [randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)], dtype, failures)
-    del os.environ["SOLA_LINEAR_UNSTAGED"]
+        dt = str(dtype).replace("torch.", "")
+        for unstaged in ("", "unstaged "):
+            os.environ["SOLA_LINEAR_UNSTAGED"] = "1" if unstaged else "0"
+            check(f"linear {unstaged}q_norm/k_norm {dt} B=8 H=96 N=200 D=64", normed(sola_ops.linear_attention),
+                  normed(reference.linear_attention), [randn(8, 96, 200, 64) for _ in range(5)], dtype, failures)
+        for B, H, N, D in ((2, 2, 77, 32), (8, 96, 200, 32)):
+            check(f"linear unstaged {dt} B={B} H={H} N={N} D={D}", sola_ops.linear_attention,
+                  reference.linear_attention, [randn(B, H, N, D) for _ in range(3)], dtype, failures)
+    os.environ.pop("SOLA_LINEAR_UNSTAGED", None)
     for B, H, Nq, Nk, Dk, Dv in HEAD_DIMS_ONLY_SOFTMAX:
         q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
         check(f"softmax bfloat16 D={Dk}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v],

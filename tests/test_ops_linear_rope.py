@@ -126,7 +126,7 @@ def test_model_layout(device, dtype):
 def test_blocks_walk_row_tiles(device, D):
     """768 heads of 200 rows in bf16: more heads than a GPU holds row blocks at once, so each block of
     the tensor-core row kernels walks all 4 row tiles of its head, the next tile's inputs arriving
-    in the second cp.async stage while one is multiplied (kD 32; Out also at kD 64)."""
+    in the second cp.async stage while one is multiplied (kD 32 and 64)."""
     q, k, v = _qkv(8, 96, 200, D, D, torch.bfloat16, device, "elu", seed=7)
     check_rope_linear(q, k, v, *tables(200, D, device))
 
@@ -156,7 +156,7 @@ def test_cuda_unstaged_rows_same_bits(D, inputs, monkeypatch):
     staged = run()
     monkeypatch.setenv("SOLA_LINEAR_UNSTAGED", "1")
     for name, a, b in zip(("out", "dq", "dk", "dv", "dqn", "dkn"), staged, run()):
-        assert torch.equal(a, b), name
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
 
 
 @pytest.mark.cuda

@@ -285,7 +285,8 @@ struct RowsTcConfig {
   // their operands there too. The first profile (H200) had these kernels at 9-24% of DRAM
   // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. kD 32 and
   // 64; at 64 the backward splits the state on the fly (kPreSplit false) to pay for the stages:
-  // 72 KB without RoPE, 3 blocks per SM as before. kD 128's states take 37-70 KB: it loads as before.
+  // 72 KiB without RoPE, 3 blocks per SM on an H100 as before (2 on an A100). kD 128's state takes
+  // 66-68 KiB: it loads as before.
   static constexpr bool kStaged = kStage && kD <= 64;
   // Blocks per SM the registers must allow at kD 32 / 64: 3, as their smem does (Out at kD 32: 4,
   // and its 123 registers fit). With the bound at 128 threads alone ptxas held some of these kernels
@@ -312,8 +313,8 @@ struct RowsTcConfig {
   static constexpr int kInputs = kMode == RowsMode::Out ? 2 : 3;  // the last one: qn or kn
   // Dynamic shared memory for the inputs given: the arrays above, then per stage the raw inputs
   // and the cos, sin tables (5 KB each at kD 32). With RoPE and no qn / kn, as the models call it:
-  // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3) at kD 32; at kD 64 Out 109 KB,
-  // QueryGrad and KeyGrad 108 KB (2).
+  // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3) at kD 32; at kD 64 Out 112 KB,
+  // QueryGrad and KeyGrad 111 KB (2).
   static constexpr int smem_bytes(bool has_xn, bool rope) {
     if (!kStaged) return kSmemBytes;
     return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));

@@ -57,7 +57,8 @@ static at::Tensor rope_grad_cpu(const at::Tensor& x, const at::Tensor& cos, cons
   return dx;
 }
 
-// The CUDA launchers with the row kernels unstaged (SOLA_LINEAR_UNSTAGED=1).
+// The CUDA launchers with the row kernels unstaged (SOLA_LINEAR_UNSTAGED=1); main() clears the
+// variable, so the other runs are staged.
 template <typename F>
 static void unstaged(F&& f) {
   setenv("SOLA_LINEAR_UNSTAGED", "1", 1);
@@ -65,9 +66,15 @@ static void unstaged(F&& f) {
   unsetenv("SOLA_LINEAR_UNSTAGED");
 }
 
-// FAIL unless a and b hold the same bits (NaN where the other has NaN).
+// a's bits as integers of its width.
+static at::Tensor bits(const at::Tensor& a) {
+  const size_t width = a.element_size();
+  return a.contiguous().view(width == 2 ? at::kShort : width == 4 ? at::kInt : at::kLong);
+}
+
+// FAIL unless a and b hold the same bits.
 static void expect_same_bits(const std::string& what, const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() && !at::equal(a.nan_to_num(7), b.nan_to_num(7))) {
+  if (a.numel() && !at::equal(bits(a), bits(b))) {
     std::printf("FAIL %s\n", what.c_str());
     ++failures;
   }
@@ -159,6 +166,7 @@ static void linear_case(const Case& c) {
 
 int main(int argc, char** argv) {
   at::manual_seed(0);
+  unsetenv("SOLA_LINEAR_UNSTAGED");
   const std::string which = argc > 1 ? argv[1] : "all";
   const at::ScalarType all_dts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
   const at::ScalarType tc_dts[] = {at::kHalf, at::kBFloat16};
@@ -262,9 +270,16 @@ int main(int argc, char** argv) {
       run(c, dt);
     }
   }
-  if (which == "rope_walk") {  // 128 heads of 600 rows: row blocks walk two tiles (QueryGrad's dS fold too)
+  // 128 heads of 600 rows: row blocks walk two tiles (QueryGrad's dS fold too); with
+  // EMU_BLOCKS_PER_SM=1 all ten. kD 32 and 64 with RoPE, and kD 64 with q_norm / k_norm (a third
+  // staged input).
+  if (which == "rope_walk") {
     Case c;
     c.rope = true, c.B = 8, c.H = 16, c.Nq = c.Nk = 600;
+    for (auto dt : tc_dts) run(c, dt);
+    c.Dk = c.Dv = 64;
+    for (auto dt : tc_dts) run(c, dt);
+    c.rope = false, c.has_qn = c.has_kn = true;
     for (auto dt : tc_dts) run(c, dt);
   }
   if (which == "big") {
