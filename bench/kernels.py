@@ -8,9 +8,11 @@
 Impls (DESIGN.md names), each run on the same q, k, v of a case:
   linear_attention (elu feature map, normalize=True, eps=1e-6, the mean form):
     sola_ops     sola_ops.linear_attention
-    sola_ops_unstaged  the same with SOLA_LINEAR_UNSTAGED=1 (the row kernels without staged tiles,
-                 to time the staging in the same run; fp16 / bf16 at D <= 64, where they stage);
-                 ours, so never a baseline
+    sola_ops_unstaged, sola_ops_presplit
+                 the same with SOLA_LINEAR_ROWS=unstaged (the row kernels without staged tiles) or
+                 staged_presplit (the D 64 backward staged with its state pre-split, 2 blocks per
+                 SM): the row-kernel variants timed in the same run; fp16 / bf16 at D <= 64 (presplit:
+                 D 64), where they differ; ours, so never baselines
     reference    sola_ops.reference.linear_attention (the PyTorch composite, fp32 accumulation)
     einsum_fp32  as EfficientViT / MLLA write it: q, k, v cast to fp32, phi = elu + 1,
                  kv = einsum('bhnd,bhne->bhde', k, v) / N, z = k.mean(2),
@@ -340,15 +342,15 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl("sola_ops_wgmma", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_WGMMA", "1"),
                     note="the forward on wgmma; the backward as sola_ops")
 
-    def sola_unstaged():
-        """linear_attention with SOLA_LINEAR_UNSTAGED=1: the tensor-core row kernels as before staging."""
+    def sola_rows(name, variant, note, dims):
+        """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,
+        on fp16 / bf16 cases with D in dims (where it differs from the default)."""
         if sola_ops is None:
-            return Impl("sola_ops_unstaged", unavailable=sola_reason)
+            return Impl(name, unavailable=sola_reason)
         if device.type != "cuda":
-            return Impl("sola_ops_unstaged", unavailable="the staged row kernels are CUDA kernels")
-        return Impl("sola_ops_unstaged", fn=sola_ops.linear_attention,
-                    ctx=lambda: _env("SOLA_LINEAR_UNSTAGED", "1"), note="row kernels without staged tiles",
-                    applies=lambda case: case.dtype in ("float16", "bfloat16") and case.D <= 64)
+            return Impl(name, unavailable="the row-kernel variants are CUDA kernels")
+        return Impl(name, fn=sola_ops.linear_attention, ctx=lambda: _env("SOLA_LINEAR_ROWS", variant), note=note,
+                    applies=lambda case: case.dtype in ("float16", "bfloat16") and case.D in dims)
 
     def sdpa(name, backend):
         if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -356,7 +358,10 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl(name, fn=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                     ctx=lambda: sdpa_kernel(backend))
 
-    linear = [sola("linear_attention"), sola_unstaged(), Impl("reference", fn=ref.linear_attention),
+    linear = [sola("linear_attention"),
+              sola_rows("sola_ops_unstaged", "unstaged", "row kernels without staged tiles", (32, 64)),
+              sola_rows("sola_ops_presplit", "staged_presplit", "D 64 backward staged, state pre-split", (64,)),
+              Impl("reference", fn=ref.linear_attention),
               Impl("einsum_fp32", fn=einsum_fp32), _flash_bla_impl(device), _fla_impl(device)]
     softmax = [sola("softmax_attention"), sola_wgmma(),
                sdpa("sdpa_flash", SDPBackend.FLASH_ATTENTION),

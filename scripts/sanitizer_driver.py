@@ -176,20 +176,28 @@ def main():
                   sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)
     del os.environ["SOLA_FLASH_WGMMA"]
     # The staged row tiles with q_norm / k_norm (a third staged input) at head dim 64, 768 heads so
-    # blocks walk their tiles; then the row kernels without staged tiles (SOLA_LINEAR_UNSTAGED=1:
-    # bench/kernels.py's sola_ops_unstaged) on that case and plain ones at head dim 32.
+    # blocks walk their tiles, in each variant of the row kernels (SOLA_LINEAR_ROWS: bench/kernels.py's
+    # sola_ops_unstaged, sola_ops_presplit); unstaged also plain cases at head dim 32.
     def normed(fn):
         return lambda q, k, v, qn, kn: fn(q, k, v, q_norm=qn, k_norm=kn)
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
         dt = str(dtype).replace("torch.", "")
-        for unstaged in ("", "unstaged "):
-            os.environ["SOLA_LINEAR_UNSTAGED"] = "1" if unstaged else "0"
-            check(f"linear {unstaged}q_norm/k_norm {dt} B=8 H=96 N=200 D=64", normed(sola_ops.linear_attention),
+        angles = randn(200, 32) * 3
+        cos, sin = angles.cos(), angles.sin()
+        for variant in ("staged", "unstaged", "staged_presplit"):
+            os.environ["SOLA_LINEAR_ROWS"] = variant
+            check(f"linear {variant} q_norm/k_norm {dt} B=8 H=96 N=200 D=64", normed(sola_ops.linear_attention),
                   normed(reference.linear_attention), [randn(8, 96, 200, 64) for _ in range(5)], dtype, failures)
+            if variant != "staged":  # staged: the RoPE cases above
+                check(f"linear {variant} rope {dt} B=8 H=96 N=200 D=64",
+                      partial(sola_ops.linear_attention, rope=(cos.to(DEVICE), sin.to(DEVICE))),
+                      partial(reference.linear_attention, rope=(cos.double(), sin.double())),
+                      [randn(8, 96, 200, 64) for _ in range(3)], dtype, failures)
+        os.environ["SOLA_LINEAR_ROWS"] = "unstaged"
         for B, H, N, D in ((2, 2, 77, 32), (8, 96, 200, 32)):
             check(f"linear unstaged {dt} B={B} H={H} N={N} D={D}", sola_ops.linear_attention,
                   reference.linear_attention, [randn(B, H, N, D) for _ in range(3)], dtype, failures)
-    os.environ.pop("SOLA_LINEAR_UNSTAGED", None)
+    os.environ.pop("SOLA_LINEAR_ROWS", None)
     for B, H, Nq, Nk, Dk, Dv in HEAD_DIMS_ONLY_SOFTMAX:
         q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
         check(f"softmax bfloat16 D={Dk}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v],

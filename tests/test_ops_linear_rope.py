@@ -135,11 +135,12 @@ def test_blocks_walk_row_tiles(device, D):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("D", [32, 64])
 @pytest.mark.parametrize("inputs", ["rope", "norms"])
-def test_cuda_unstaged_rows_same_bits(D, inputs, monkeypatch):
-    """SOLA_LINEAR_UNSTAGED=1 (bench/kernels.py's sola_ops_unstaged) runs the row kernels without
-    staged tiles: the same arithmetic from other buffers, so out and the gradients keep their bits.
-    768 heads of 200 rows: the blocks walk all their head's tiles. With RoPE, or with q_norm / k_norm
-    (staged as a third input)."""
+@pytest.mark.parametrize("variant", ["unstaged", "staged_presplit"])
+def test_cuda_row_variants_same_bits(D, inputs, variant, monkeypatch):
+    """SOLA_LINEAR_ROWS=unstaged / staged_presplit (bench/kernels.py's sola_ops_unstaged /
+    sola_ops_presplit) run other variants of the row kernels: the same arithmetic from other buffers,
+    so out and the gradients keep their bits. 768 heads of 200 rows: the blocks walk all their head's
+    tiles. With RoPE, or with q_norm / k_norm (staged as a third input)."""
     q, k, v = (leaf(t) for t in _qkv(8, 96, 200, D, D, torch.bfloat16, "cuda", "elu", seed=3))
     if inputs == "rope":
         kw = dict(rope=tables(200, D, "cuda"))
@@ -154,7 +155,7 @@ def test_cuda_unstaged_rows_same_bits(D, inputs, monkeypatch):
         return (out,) + torch.autograd.grad(out, grads_of, g)
 
     staged = run()
-    monkeypatch.setenv("SOLA_LINEAR_UNSTAGED", "1")
+    monkeypatch.setenv("SOLA_LINEAR_ROWS", variant)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dqn", "dkn"), staged, run()):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
 

@@ -269,9 +269,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 // qs^T xs (16 x 8 tiles, K = the tile's rows) as the token reduction does. dz stays fp32 on
 // unrounded values: per lane, then xor shuffles over the 8 row lanes, then per warp in smem.
 //
-// kStage false: the kernels as before staging (below), for SOLA_LINEAR_UNSTAGED=1
-// (rows_staging_enabled): the benchmark times both in one run until the staging is measured.
-template <int kD, RowsMode kMode, bool kStage = true>
+// kVariant (rows_variant(): SOLA_LINEAR_ROWS) picks how the row kernels load their tiles, so the
+// benchmark can time the choices in one run until the staging is measured: Staged (the default,
+// below), Unstaged (as before staging), StagedPreSplit (the kD 64 backward staged with the state
+// pre-split: 2 blocks per SM instead of 3, for fewer issue slots per tile).
+enum class RowsVariant : int { Staged = 0, Unstaged = 1, StagedPreSplit = 2 };
+
+template <int kD, RowsMode kMode, RowsVariant kVariant = RowsVariant::Staged>
 struct RowsTcConfig {
   static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
   static constexpr int kNT = kD / 8;
@@ -287,12 +291,17 @@ struct RowsTcConfig {
   // 64; at 64 the backward splits the state on the fly (kPreSplit false) to pay for the stages:
   // 72 KiB without RoPE, 3 blocks per SM on an H100 as before (2 on an A100). kD 128's state takes
   // 66-68 KiB: it loads as before.
-  static constexpr bool kStaged = kStage && kD <= 64;
+  static constexpr bool kStaged = kVariant != RowsVariant::Unstaged && kD <= 64;
   // Blocks per SM the registers must allow at kD 32 / 64: 3, as their smem does (Out at kD 32: 4,
   // and its 123 registers fit). With the bound at 128 threads alone ptxas held some of these kernels
   // to 128 registers and spilled (nvcc 13.0: QueryGrad kD 32 unstaged 52 bytes, staged kD 64 14).
   static constexpr int kMinBlocks = kD == 128 ? 1 : 3;
-  static constexpr bool kPreSplit = kD <= 32 || (kD == 64 && (!kStaged || kMode == RowsMode::Out));
+  static constexpr bool kPreSplit =
+      kD <= 32 || (kD == 64 && (!kStaged || kMode == RowsMode::Out || kVariant == RowsVariant::StagedPreSplit));
+  // The variant whose kernel is this one's (the others' instantiations would repeat it).
+  static constexpr RowsVariant kCanonical = !kStaged ? RowsVariant::Unstaged
+                                            : kD == 64 && kMode != RowsMode::Out ? kVariant
+                                                                                  : RowsVariant::Staged;
   static constexpr int kWArrays = kPreSplit ? 2 : 1;  // ws (hi, or all of it) and ws_lo
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
@@ -365,10 +374,10 @@ SOLA_DEVICE float quad_sum(float x) {
 // grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem
 // smem_bytes(has_xn, rope). kFoldDs: ds = dstate_reduce_args with chunks = groups (block group c
 // sums chunk c's partial).
-template <typename scalar_t, int kD, RowsMode kMode, bool kStage>
-__global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kStage>::kMinBlocks))
+template <typename scalar_t, int kD, RowsMode kMode, RowsVariant kVariant>
+__global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinBlocks))
     rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups, const TokenReduceArgs ds) {
-  using Cfg = RowsTcConfig<kD, kMode, kStage>;
+  using Cfg = RowsTcConfig<kD, kMode, kVariant>;
   constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
   constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads, kRawLd = Cfg::kRawLd, kTabLd = Cfg::kTabLd;
   constexpr bool kPreSplit = Cfg::kPreSplit, kFoldDs = Cfg::kFoldDs, kStaged = Cfg::kStaged;
@@ -766,11 +775,17 @@ auto with_rows_tc_bucket(int64_t d, F&& f) {
   return f(std::integral_constant<int, 128>{});
 }
 
-// SOLA_LINEAR_UNSTAGED=1 runs the kD 32 / 64 row kernels as before staging (RowsTcConfig kStage
-// false; read per launch): a benchmark hook, bench/kernels.py's sola_ops_unstaged.
-inline bool rows_staging_enabled() {
-  const char* unstaged = std::getenv("SOLA_LINEAR_UNSTAGED");
-  return unstaged == nullptr || std::strcmp(unstaged, "1") != 0;
+// SOLA_LINEAR_ROWS=unstaged or staged_presplit (read per launch) picks the row kernels' variant
+// (RowsVariant); unset or anything else: Staged. A benchmark hook: bench/kernels.py's
+// sola_ops_unstaged and sola_ops_presplit.
+template <RowsVariant kVariant>
+using VariantC = std::integral_constant<RowsVariant, kVariant>;
+
+inline RowsVariant rows_variant() {
+  const char* asked = std::getenv("SOLA_LINEAR_ROWS");
+  if (asked != nullptr && std::strcmp(asked, "unstaged") == 0) return RowsVariant::Unstaged;
+  if (asked != nullptr && std::strcmp(asked, "staged_presplit") == 0) return RowsVariant::StagedPreSplit;
+  return RowsVariant::Staged;
 }
 
 template <typename scalar_t, RowsMode kMode>
@@ -780,11 +795,11 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
   if (n == 0) return {true, false};
   RowsLaunch result;
   // kSmem: the dynamic shared memory for the inputs given (has_xn: qn / kn; RoPE tables).
-  auto launch = [&](auto head_dim, auto has_xn, auto rope, auto stage) {
+  auto launch = [&](auto head_dim, auto has_xn, auto rope, auto variant) {
     constexpr int kD = decltype(head_dim)::value;
-    constexpr bool kStage = decltype(stage)::value;
-    using Cfg = RowsTcConfig<kD, kMode, kStage>;
-    constexpr auto kKernel = rows_tc_kernel<scalar_t, kD, kMode, kStage>;
+    constexpr RowsVariant kVariant = decltype(variant)::value;
+    using Cfg = RowsTcConfig<kD, kMode, kVariant>;
+    constexpr auto kKernel = rows_tc_kernel<scalar_t, kD, kMode, kVariant>;
     constexpr int kSmem = Cfg::smem_bytes(decltype(has_xn)::value, decltype(rope)::value);
     if (!allow_dynamic_smem<kKernel>(kSmem)) return;
     // Each output row is computed the same way whatever the grouping: it sets how often a state
@@ -800,7 +815,7 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
       groups = std::min(row_tiles, std::max<int64_t>(1, resident / heads));
     }
     const DstateFold fold = Cfg::kFoldDs ? DstateFold(p, s, groups) : DstateFold();
-    rows_tc_kernel<scalar_t, kD, kMode, kStage><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(
+    rows_tc_kernel<scalar_t, kD, kMode, kVariant><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(
         p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     fold.combine(stream);
@@ -811,15 +826,20 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
     if (flag) f(std::true_type{});
     else f(std::false_type{});
   };
-  const bool has_xn = kMode == RowsMode::KeyGrad ? p.has_kn : p.has_qn, staged = rows_staging_enabled();
+  const bool has_xn = kMode == RowsMode::KeyGrad ? p.has_kn : p.has_qn;
+  const RowsVariant asked = rows_variant();
   with_rows_tc_bucket(d, [&](auto head_dim) {
-    // Only the buckets that stage have an unstaged twin.
-    constexpr bool kCanStage = RowsTcConfig<decltype(head_dim)::value, kMode>::kStaged;
+    constexpr int kD = decltype(head_dim)::value;
     with_flag(has_xn, [&](auto xn) {
       with_flag(p.rope_cos != nullptr, [&](auto rope) {
-        with_flag(kCanStage && staged, [&](auto stage) {
-          if constexpr (kCanStage || !decltype(stage)::value) launch(head_dim, xn, rope, stage);
-        });
+        // Only the canonical variants are instantiated (Unstaged alone at kD 128, no StagedPreSplit
+        // but for the kD 64 backward).
+        auto as = [&](auto variant) {
+          launch(head_dim, xn, rope, VariantC<RowsTcConfig<kD, kMode, decltype(variant)::value>::kCanonical>{});
+        };
+        if (asked == RowsVariant::Unstaged) as(VariantC<RowsVariant::Unstaged>{});
+        else if (asked == RowsVariant::StagedPreSplit) as(VariantC<RowsVariant::StagedPreSplit>{});
+        else as(VariantC<RowsVariant::Staged>{});
       });
     });
   });

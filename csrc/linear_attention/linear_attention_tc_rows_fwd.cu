@@ -20,11 +20,15 @@ bool linear_attention_rope_fused_cuda(const LinearAttentionParams& p) {
   const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   auto fits = [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
-    using la::RowsMode, la::RowsTcConfig;
-    // RoPE comes without q_norm / k_norm (rope_tables checks it).
+    using la::RowsMode, la::RowsTcConfig, la::RowsVariant;
+    // RoPE comes without q_norm / k_norm (rope_tables checks it). Every variant must fit (the
+    // unstaged ones are smaller): a kernel that cannot launch has no unfused fallback with RoPE.
+    constexpr RowsVariant kPreSplit = RowsVariant::StagedPreSplit;
     const int64_t rows = std::max({RowsTcConfig<kD, RowsMode::Out>::smem_bytes(false, true),
                                    RowsTcConfig<kD, RowsMode::QueryGrad>::smem_bytes(false, true),
-                                   RowsTcConfig<kD, RowsMode::KeyGrad>::smem_bytes(false, true)});
+                                   RowsTcConfig<kD, RowsMode::KeyGrad>::smem_bytes(false, true),
+                                   RowsTcConfig<kD, RowsMode::QueryGrad, kPreSplit>::smem_bytes(false, true),
+                                   RowsTcConfig<kD, RowsMode::KeyGrad, kPreSplit>::smem_bytes(false, true)});
     const int64_t reduce = la::ReduceTcConfig<at::Half, 64>::smem_bytes(true);
     return std::max(rows, reduce) <= optin;
   };

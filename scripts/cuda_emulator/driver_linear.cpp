@@ -4,8 +4,8 @@
 // misaligned views, NaN inputs; a second backward must be bitwise equal. Fused RoPE (`rope` cases,
 // fp16 / bf16): the CUDA kernels take q, k and the angle tables, the CPU side composes the rope
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
-// Every CUDA result is also computed with SOLA_LINEAR_UNSTAGED=1 (the row kernels without staged
-// tiles) and must be bitwise equal.
+// Every CUDA result is also computed with the row kernels' other variants (SOLA_LINEAR_ROWS=unstaged;
+// the backward also staged_presplit) and must be bitwise equal.
 // Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk].
 #include <cmath>
 #include <cstdio>
@@ -57,13 +57,13 @@ static at::Tensor rope_grad_cpu(const at::Tensor& x, const at::Tensor& cos, cons
   return dx;
 }
 
-// The CUDA launchers with the row kernels unstaged (SOLA_LINEAR_UNSTAGED=1); main() clears the
-// variable, so the other runs are staged.
+// The CUDA launchers with the row kernels' variant SOLA_LINEAR_ROWS=variant; main() clears the
+// variable, so the other runs take the default.
 template <typename F>
-static void unstaged(F&& f) {
-  setenv("SOLA_LINEAR_UNSTAGED", "1", 1);
+static void with_rows(const char* variant, F&& f) {
+  setenv("SOLA_LINEAR_ROWS", variant, 1);
   f();
-  unsetenv("SOLA_LINEAR_UNSTAGED");
+  unsetenv("SOLA_LINEAR_ROWS");
 }
 
 // a's bits as integers of its width.
@@ -117,7 +117,7 @@ static void linear_case(const Case& c) {
     pr.out = make_view(out[r]), pr.state = state[r].data_ptr(), pr.z = z[r].data_ptr();
     if (r == 0) linear_attention_fwd_cpu(pr);
     else if (r == 1) linear_attention_fwd_cuda(pr);
-    else unstaged([&] { linear_attention_fwd_cuda(pr); });
+    else with_rows("unstaged", [&] { linear_attention_fwd_cuda(pr); });
   }
   expect_same_bits(std::string(name) + " out: staged and unstaged rows differ", out[2], out[1]);
   compare(std::string(name) + " out", out[1], out[0], dt, !c.poison);
@@ -126,8 +126,8 @@ static void linear_case(const Case& c) {
   if (!c.rope || c.normalize) compare(std::string(name) + " z", z[1], z[0], dt, !c.poison);
 
   at::Tensor g = input(c.B, c.H, c.Nq, c.Dv, dt, c.strided);
-  at::Tensor grads[4][5];  // CPU, CUDA, CUDA again, CUDA unstaged: dq, dk, dv, dqn, dkn
-  for (int r = 0; r < 4; ++r) {
+  at::Tensor grads[5][5];  // CPU, CUDA, CUDA again, CUDA unstaged, CUDA presplit: dq, dk, dv, dqn, dkn
+  for (int r = 0; r < 5; ++r) {
     at::Tensor* d = grads[r];
     d[0] = nan_out(q.sizes(), dt), d[1] = nan_out(k.sizes(), dt), d[2] = nan_out(v.sizes(), dt);
     d[3] = nan_out(q.sizes(), dt), d[4] = nan_out(k.sizes(), dt);
@@ -138,7 +138,7 @@ static void linear_case(const Case& c) {
     if (pr.has_kn) pr.dkn = make_view(d[4]);
     if (r == 0) linear_attention_bwd_cpu(pr);
     else if (r < 3) linear_attention_bwd_cuda(pr);
-    else unstaged([&] { linear_attention_bwd_cuda(pr); });
+    else with_rows(r == 3 ? "unstaged" : "staged_presplit", [&] { linear_attention_bwd_cuda(pr); });
     if (r == 0 && c.rope) {  // d rope(phi(x)) and d phi(x) -> dx
       d[0] = rope_grad_cpu(q, cos, sin, c.fm, d[0], c.normalize ? &d[3] : nullptr);
       d[1] = rope_grad_cpu(k, cos, sin, c.fm, d[1], c.normalize ? &d[4] : nullptr);
@@ -150,6 +150,7 @@ static void linear_case(const Case& c) {
     compare(std::string(name) + names[i], grads[1][i], grads[0][i], dt, !c.poison);
     expect_same_bits(std::string(name) + names[i] + ": backward not bitwise reproducible", grads[2][i], grads[1][i]);
     expect_same_bits(std::string(name) + names[i] + ": staged and unstaged rows differ", grads[3][i], grads[1][i]);
+    expect_same_bits(std::string(name) + names[i] + ": staged and presplit rows differ", grads[4][i], grads[1][i]);
   }
   if (c.poison && c.B * c.H > 1 && c.Nq > 0) {
     if (!at::isfinite(out[1].flatten(0, 1)[0]).all().item<bool>()) {
@@ -166,7 +167,7 @@ static void linear_case(const Case& c) {
 
 int main(int argc, char** argv) {
   at::manual_seed(0);
-  unsetenv("SOLA_LINEAR_UNSTAGED");
+  unsetenv("SOLA_LINEAR_ROWS");
   const std::string which = argc > 1 ? argv[1] : "all";
   const at::ScalarType all_dts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
   const at::ScalarType tc_dts[] = {at::kHalf, at::kBFloat16};
