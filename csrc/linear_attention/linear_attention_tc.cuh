@@ -259,8 +259,9 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 // accumulator tiles) as hi + lo tf32 parts. At kD 32, and at 64 where the smem allows, the parts
 // are split once per state into two smem arrays (split per tile, they cost ~10 issue slots per mma
 // pair, more than the row kernels can spare at head dim 32); elsewhere (kD 128, and the staged kD 64
-// backward) a second array would cost blocks per SM, so the state is split on the fly. Epilogues work on the accumulator fragments: a row's 4 owning lanes
-// sum their parts with two xor shuffles (identical in all four).
+// backward) a second array would cost blocks per SM, so the state is split on the fly. Epilogues
+// work on the accumulator fragments: a row's 4 owning lanes sum their parts with two xor shuffles
+// (identical in all four).
 //
 // QueryGrad at kD = 32 also sums dS = sum_i phi(q_i) (g_i / den_i)^T and dz = sum_i phi(qn_i) dd_i
 // over the rows it walks (kFoldDs), one partial per block, so the backward does not read q and g a
@@ -775,12 +776,12 @@ auto with_rows_tc_bucket(int64_t d, F&& f) {
   return f(std::integral_constant<int, 128>{});
 }
 
-// SOLA_LINEAR_ROWS=unstaged or staged_presplit (read per launch) picks the row kernels' variant
-// (RowsVariant); unset or anything else: Staged. A benchmark hook: bench/kernels.py's
-// sola_ops_unstaged and sola_ops_presplit.
 template <RowsVariant kVariant>
 using VariantC = std::integral_constant<RowsVariant, kVariant>;
 
+// SOLA_LINEAR_ROWS=unstaged or staged_presplit (read per launch) picks the row kernels' variant
+// (RowsVariant); unset or anything else: Staged. A benchmark hook: bench/kernels.py's
+// sola_ops_unstaged and sola_ops_presplit.
 inline RowsVariant rows_variant() {
   const char* asked = std::getenv("SOLA_LINEAR_ROWS");
   if (asked != nullptr && std::strcmp(asked, "unstaged") == 0) return RowsVariant::Unstaged;
