@@ -26,7 +26,7 @@
 #   MAX_JOBS              default: nproc
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
 #   GPU_CHECK_PROFILE     1: per-kernel ncu numbers after the kernel benchmark (scripts/profile_kernels.py,
-#                         ~60 s; e.g. with GPU_CHECK_SKIP=explorer) into bench/results/<gpu>_profile.txt
+#                         ~90 s; e.g. with GPU_CHECK_SKIP=explorer) into bench/results/<gpu>_profile.txt
 #   GPU_CHECK_BREAKDOWN   1: a model step's kernel time by kind, sola vs torch (bench/model_breakdown.py
 #                         --top 15, ~60 s) into bench/results/<gpu>_breakdown.txt, after the model bench
 #   GPU_CHECK_PEER_S      seconds for the peer step (default 60; on 2026-12-04 fla / flash_bla compiled

@@ -18,11 +18,15 @@ import subprocess
 import sys
 from collections import OrderedDict
 
-# name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set
+# name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set, and optionally the linear row
+# kernels' variant (SOLA_LINEAR_ROWS: bench/kernels.py's sola_ops_unstaged / sola_ops_presplit)
 CASES = OrderedDict([
     ("linear_vision", ("linear", "bfloat16", 128, 2, 3136, 32)),
+    ("linear_vision_unstaged", ("linear", "bfloat16", 128, 2, 3136, 32, "unstaged")),
     ("linear_vision_fp32", ("linear", "float32", 128, 2, 3136, 32)),
     ("linear_sweep", ("linear", "bfloat16", 8, 16, 16384, 64)),
+    ("linear_sweep_unstaged", ("linear", "bfloat16", 8, 16, 16384, 64, "unstaged")),
+    ("linear_sweep_presplit", ("linear", "bfloat16", 8, 16, 16384, 64, "staged_presplit")),
     ("softmax_vision", ("softmax", "bfloat16", 128, 4, 784, 64)),
     ("softmax_vision_d32", ("softmax", "bfloat16", 128, 2, 3136, 32)),
     ("softmax_long", ("softmax", "bfloat16", 8, 16, 4096, 64)),
@@ -43,7 +47,9 @@ def drive(case):
     import torch
 
     import sola_ops
-    op, dtype, B, H, N, D = CASES[case]
+    op, dtype, B, H, N, D = CASES[case][:6]
+    if len(CASES[case]) > 6:
+        os.environ["SOLA_LINEAR_ROWS"] = CASES[case][6]
     fn = sola_ops.linear_attention if op == "linear" else sola_ops.softmax_attention
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=getattr(torch, dtype), generator=gen)
@@ -109,8 +115,9 @@ def main():
         if case not in CASES:
             print(f"profile_kernels: unknown case {case!r}; known: {', '.join(CASES)}", file=sys.stderr)
             return 1
-        op, dtype, B, H, N, D = CASES[case]
-        print(f"=== {case}: {op} {dtype} B={B} H={H} N={N} D={D}, one fwd then one fwd+bwd", flush=True)
+        op, dtype, B, H, N, D = CASES[case][:6]
+        rows = f", SOLA_LINEAR_ROWS={CASES[case][6]}" if len(CASES[case]) > 6 else ""
+        print(f"=== {case}: {op} {dtype} B={B} H={H} N={N} D={D}{rows}, one fwd then one fwd+bwd", flush=True)
         profile(case, ncu)
     return 0
 
