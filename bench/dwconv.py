@@ -1,16 +1,16 @@
 """Depthwise 3x3 conv on channels-last tokens, as SoLA-Vision's blocks run it (the CPE: x + conv(x); the
-in-block conv: silu(conv(x))):
+in-block conv: silu(conv(x))) and its downsamples do (relu(conv(x)) at stride 2, on the expanded tensor):
 sola_ops.depthwise_conv3x3 against PyTorch's conv2d on the channels-last view (cuDNN on CUDA), forward
 and forward + backward (input, weight and bias gradients), under bf16 autocast with fp32 parameters
-as the model bench runs, on sola_vision_tiny's block shapes.
+as the model bench runs, on sola_vision_tiny's block and downsample shapes.
 
     python bench/dwconv.py --out bench/results/nvidia-h200_dwconv.json     # CUDA: 224 px b128, 1024 px b8
     python bench/dwconv.py --device cpu --tiny                                # a smoke test
 
 Rows follow DESIGN.md's format (op "depthwise_conv3x3", impl "sola_ops" or "torch", Nq = H * W tokens,
-D = channels, img_hw, case "dwconv_residual" or "dwconv_silu"); GB/s counts the bytes a fused kernel must
-move: the forward reads x and writes out (2 tensors), the backward reads the gradient and x and writes dx
-(3 more). The baseline of ratio_to_best_baseline is "torch".
+D = channels, img_hw (the input's), case "dwconv_residual", "dwconv_silu" or "dwconv_downsample"); GB/s counts
+the bytes a fused kernel must move: the forward reads x and writes out, the backward reads the gradient and
+x (and out, for relu's mask) and writes dx. The baseline of ratio_to_best_baseline is "torch".
 """
 import argparse
 import contextlib
@@ -26,43 +26,59 @@ if HERE not in sys.path:
 
 import common as C  # noqa: E402
 
-# (B, H, W, C): sola_vision_tiny's four stages at 224 px, batch 128; stage 1 at 1024 px, batch 8.
+# (B, H, W, C): sola_vision_tiny's four stages at 224 px, batch 128; stage 1 at 1024 px, batch 8. The
+# downsamples' convs take the stage's input expanded to 4x the next stage's width.
 CUDA_SHAPES = [(128, 56, 56, 64), (128, 28, 28, 128), (128, 14, 14, 256), (128, 7, 7, 512), (8, 256, 256, 64)]
+CUDA_DOWNSAMPLE_SHAPES = [(128, 56, 56, 512), (128, 28, 28, 1024), (128, 14, 14, 2048), (8, 256, 256, 512)]
 CPU_SHAPES = [(8, 28, 28, 64), (8, 7, 7, 256)]
+CPU_DOWNSAMPLE_SHAPES = [(8, 28, 28, 256)]
 TINY_SHAPES = [(2, 8, 8, 16), (2, 5, 7, 24)]
 
-
-# The block's two forms: the CPE (x + conv(x)) and the in-block conv with its SiLU.
-FORMS = ("residual", "silu")
+# The block's two forms, the CPE (x + conv(x)) and the in-block conv with its SiLU, and the downsample's
+# stride-2 conv with its ReLU: form -> (stride, residual, activation).
+FORMS = {"residual": (1, True, None), "silu": (1, False, "silu"), "downsample": (2, False, "relu")}
+ACTIVATIONS = {None: lambda y: y, "silu": torch.nn.functional.silu, "relu": torch.relu}
 
 
 def impls(sola_ops, form):
+    stride, residual, activation = FORMS[form]
+
     def torch_conv(x, conv):
-        y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + y if form == "residual" else torch.nn.functional.silu(y)
+        y = ACTIVATIONS[activation](conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x + y if residual else y
 
     def ours(x, conv):
-        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=form == "residual",
-                                          activation="silu" if form == "silu" else None)
+        return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=residual, activation=activation,
+                                          stride=stride)
 
     return {"sola_ops": ours, "torch": torch_conv}
 
 
-def run(device, args, rows, skipped):
+def cases(device, tiny):
+    """(shape, form) pairs to time."""
+    if tiny:
+        return list(itertools.product(TINY_SHAPES, FORMS))
+    cuda = device.type == "cuda"
+    block, down = (CUDA_SHAPES, CUDA_DOWNSAMPLE_SHAPES) if cuda else (CPU_SHAPES, CPU_DOWNSAMPLE_SHAPES)
+    return list(itertools.product(block, ("residual", "silu"))) + [(shape, "downsample") for shape in down]
+
+
+def run(device, args, data):
+    """Times every case into data's rows (written to args.out after each case: a killed run keeps them)."""
+    rows, skipped = data["rows"], data["skipped"]
     import sola_ops
     dtype = C.DTYPES[args.dtype]
-    shapes = TINY_SHAPES if args.tiny else CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
     reps = args.reps or (20 if device.type == "cuda" else 3)
     # bf16 / fp16 as the model runs them: autocast, fp32 parameters (conv2d gets them cast, ours reads fp32)
     low = dtype in (torch.float16, torch.bfloat16)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if low else contextlib.nullcontext
-    for (B, H, W, Ch), form in itertools.product(shapes, FORMS):
-        conv = torch.nn.Conv2d(Ch, Ch, 3, padding=1, groups=Ch, device=device)
+    for (B, H, W, Ch), form in cases(device, args.tiny):
+        conv = torch.nn.Conv2d(Ch, Ch, 3, stride=FORMS[form][0], padding=1, groups=Ch, device=device)
         x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
-        g = torch.randn_like(x)
         fns = impls(sola_ops, form)
         with ctx():
             outs = {name: fn(x, conv) for name, fn in fns.items()}
+        g = torch.randn_like(outs["torch"])
         diff = (outs["sola_ops"].double() - outs["torch"].double()).abs().max().item()
         for name, fn in fns.items():
             xg = x.detach().requires_grad_(True)
@@ -77,12 +93,17 @@ def run(device, args, rows, skipped):
                 except RuntimeError as e:
                     skipped.append({"op": "depthwise_conv3x3", "impl": name, "pass": pass_, "reason": C.short_reason(e)})
                     continue
-                tensors = 2 if pass_ == "fwd" else 5
+                out_elems = outs[name].numel()
+                elems = x.numel() + out_elems  # forward: x in, out out
+                if pass_ == "fwd_bwd":  # backward: the gradient, x (and out for relu's mask) in, dx out
+                    elems += out_elems * (2 if form == "downsample" else 1) + 2 * x.numel()
                 rows.append(C.make_row(op="depthwise_conv3x3", impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
                                        Nq=H * W, D=Ch, ms=C.sig(ms), case=f"dwconv_{form}", img_hw=[H, W],
-                                       GBps=C.sig(tensors * x.numel() * x.element_size() / (ms * 1e-3) / 1e9),
+                                       GBps=C.sig(elems * x.element_size() / (ms * 1e-3) / 1e9),
                                        max_abs_diff_vs_torch=C.sig(diff, 3)))
-                print(f"{name:<9} {form:<8} {pass_:<8} B={B} {H}x{W} C={Ch}: {ms:.4f} ms", flush=True)
+                print(f"{name:<9} {form:<10} {pass_:<8} B={B} {H}x{W} C={Ch}: {ms:.4f} ms", flush=True)
+        if args.out:
+            C.write_json(args.out, data)
 
 
 def main(argv=None):
@@ -97,10 +118,10 @@ def main(argv=None):
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     peak = C.measure_peaks(device, quick=True, tiny=args.tiny)
     data = C.header(device, peak, {"bench": "dwconv"})
-    run(device, args, data["rows"], data["skipped"])
+    run(device, args, data)
     C.add_derived(data["rows"], peak)
     for r in data["rows"]:
-        print(f"{r['impl']:<9} {r['case'][7:]:<8} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
+        print(f"{r['impl']:<9} {r['case'][7:]:<10} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
               f"{r['ms']:>9.4f} ms {r['GBps']:>8.1f} GB/s {C.fmt(r['pct_peak'], '5.1f')}% of copy  "
               f"x{C.fmt(r['ratio_to_best_baseline'], '.2f')} vs torch")
     if args.out:

@@ -27,13 +27,16 @@ TORCH_LIBRARY(sola_ops, m) {
   m.def("rope_bwd(Tensor grad_rot, Tensor? grad_feat, Tensor x, Tensor cos, Tensor sin, str feature_map) -> Tensor");
   // Depthwise 3x3 convolution of x (B, H, W, C), stride 1, zero padding 1; residual: x + conv(x).
   // weight (C, 1, 3, 3) or (C, 3, 3), bias (C) of any float dtype, computed in fp32 (fp64 for fp64 x).
-  // activation: "none" or "silu" (silu(conv(x) + bias); not with residual).
-  m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual, str activation=\"none\") -> Tensor");
+  // activation: "none", "silu" or "relu" (of conv(x) + bias; not with residual). stride 1 or 2
+  // (residual: 1); the output is (B, ceil(H / stride), ceil(W / stride), C).
+  m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual, str activation=\"none\", "
+        "int stride=1) -> Tensor");
   // Returns (dx, dweight, dbias): dweight in weight's dtype, dbias (C) fp32 (fp64 for fp64 x), empty
   // unless with_bias.
-  // bias: needed with activation "silu" (the backward recomputes conv(x) + bias).
+  // bias: needed with activation "silu" (the backward recomputes conv(x) + bias); out (the forward's
+  // result): needed with "relu" (its gradient is masked where out is 0).
   m.def("depthwise_conv3x3_bwd(Tensor grad_out, Tensor x, Tensor weight, bool residual, bool with_bias, "
-        "Tensor? bias=None, str activation=\"none\") -> (Tensor, Tensor, Tensor)");
+        "Tensor? bias=None, str activation=\"none\", int stride=1, Tensor? out=None) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace sola {

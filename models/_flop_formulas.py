@@ -32,7 +32,7 @@ def softmax_attention_bwd_flop(grad_out, q, k, v, out=None, lse=None, scale=None
 
 
 def depthwise_conv3x3_fwd_flop(x, weight=None, bias=None, residual=False, *args, out_shape=None, **kwargs) -> int:
-    return depthwise_conv3x3_flops(x)
+    return depthwise_conv3x3_flops(x if out_shape is None else out_shape)  # per output: stride 2 has fewer
 
 
 def depthwise_conv3x3_bwd_flop(grad_out, x=None, weight=None, residual=False, with_bias=False, *args, out_shape=None,

@@ -34,10 +34,10 @@ def softmax_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_sh
     return 2 * B * H * Nq * Nk * (Dk + Dv)
 
 
-def depthwise_conv3x3_flops(x_shape: Sequence[int], backward: bool = False) -> int:
-    """9 multiply-adds per output element (as torch counts a depthwise conv2d); the backward is two
-    such convolutions (input and weight gradients)."""
-    B, H, W, C = x_shape
+def depthwise_conv3x3_flops(out_shape: Sequence[int], backward: bool = False) -> int:
+    """9 multiply-adds per output element (as torch counts a depthwise conv2d) of the (B, OH, OW, C)
+    output; the backward is two such convolutions (input and weight gradients)."""
+    B, H, W, C = out_shape
     fwd = 2 * 9 * B * H * W * C
     return 2 * fwd if backward else fwd
 

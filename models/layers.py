@@ -1,8 +1,9 @@
 """Building blocks of SoLA-Vision: 2-D RoPE, the two token mixers, the block, conv stem/downsample.
 
-Tokens travel through the blocks as (B, H, W, C) ("NHWC"). The blocks' depthwise 3x3 convs run as
-`sola_ops.depthwise_conv3x3` on them with attn_impl="sola" (the CPE's residual in the same pass), as
-nn.Conv2d on channels-last NCHW views (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way.
+Tokens travel through the blocks as (B, H, W, C) ("NHWC"). The blocks' depthwise 3x3 convs (and the
+downsample's stride-2 one) run as `sola_ops.depthwise_conv3x3` on them with attn_impl="sola" (the CPE's
+residual, the activations in the same pass), as nn.Conv2d on channels-last NCHW views
+(`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way.
 """
 from collections import OrderedDict
 from typing import Tuple
@@ -266,11 +267,15 @@ class Stem(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 inverted bottleneck between stages: 1x1 expand (to 4x out), 3x3 depthwise /2, 1x1 project + BN."""
+    """Stride-2 inverted bottleneck between stages: 1x1 expand (to 4x out), 3x3 depthwise /2, 1x1 project + BN.
+    With attn_impl="sola" the depthwise conv and its ReLU run as one `sola_ops.depthwise_conv3x3` on the
+    channels-last view (the expanded tensor is the largest of the stage: 4x its width at twice its
+    resolution), else as nn.Conv2d; same weights either way."""
 
-    def __init__(self, in_chs: int, out_chs: int, ratio: float = 4.0):
+    def __init__(self, in_chs: int, out_chs: int, ratio: float = 4.0, attn_impl: str = "sola"):
         super().__init__()
         hidden = int(out_chs * ratio)
+        self.attn_impl = check_attn_impl(attn_impl)
         self.conv = nn.Sequential(
             ConvLayer(in_chs, hidden, 1, norm=False),
             ConvLayer(hidden, hidden, 3, stride=2, groups=hidden, norm=False),
@@ -278,4 +283,9 @@ class Downsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        if self.attn_impl != "sola":
+            return self.conv(x)
+        expand, depthwise, project = self.conv
+        x = expand(x).permute(0, 2, 3, 1)  # channels-last NCHW in, so (B, H, W, C) contiguous
+        x = sola_ops.depthwise_conv3x3(x, depthwise.conv.weight, depthwise.conv.bias, stride=2, activation="relu")
+        return project(x.permute(0, 3, 1, 2))

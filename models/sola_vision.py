@@ -51,7 +51,8 @@ class SoLAStage(nn.Module):
     def __init__(self, in_dim: int, dim: int, num_heads: int, pattern: str, downsample: bool,
                  drop_path: Sequence[float], **block_kwargs):
         super().__init__()
-        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.downsample = (Downsample(in_dim, dim, attn_impl=block_kwargs.get("attn_impl", "sola")) if downsample
+                           else nn.Identity())
         self.blocks = nn.Sequential(*[SoLABlock(dim, num_heads, mixer=letter, drop_path=dp, **block_kwargs)
                                       for letter, dp in zip(pattern, drop_path)])
         self.grad_checkpointing = False
@@ -134,14 +135,14 @@ class SoLAVision(nn.Module):
 
     @property
     def attn_impl(self) -> str:
-        impls = {m.attn_impl for m in self.modules() if isinstance(m, AttentionMixer)}
+        impls = {m.attn_impl for m in self.modules() if isinstance(m, (AttentionMixer, Downsample))}
         return impls.pop() if len(impls) == 1 else "mixed"
 
     def set_attn_impl(self, attn_impl: str) -> "SoLAVision":
         """Runs the same weights with the sola_ops kernels ("sola") or plain PyTorch ("torch")."""
         check_attn_impl(attn_impl)
         for m in self.modules():
-            if isinstance(m, AttentionMixer):
+            if isinstance(m, (AttentionMixer, Downsample)):  # mixers (the blocks follow them), downsamples
                 m.attn_impl = attn_impl
         return self
 

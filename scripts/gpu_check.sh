@@ -7,7 +7,7 @@
 #      (the whole CPU suite takes minutes; CI runs it)
 #   3. compute-sanitizer memcheck and racecheck over scripts/sanitizer_driver.py
 #   4. bench/kernels.py and bench/models.py -> bench/results/<gpu-slug>.json, bench/plot.py -> PNGs;
-#      bench/dwconv.py (the blocks' depthwise convs, ours vs cuDNN) -> bench/results/<gpu-slug>_dwconv.json;
+#      bench/dwconv.py (the blocks' and downsamples' depthwise convs, ours vs cuDNN) -> bench/results/<gpu-slug>_dwconv.json;
 #      the Triton peers at the very end, alone: bench/kernels.py --ops linear -> bench/results/<gpu-slug>_peers.json
 #   5. the placement explorer (python -m sola_vision.explore --quick) -> bench/results/placements_*.csv/.png
 #   6. scripts/perf_table.py: the README table
@@ -208,8 +208,8 @@ main() {
     local mb=$((DEADLINE - $(now) - 150))
     ((mb > 100)) && mb=100
     step "model bench" 130 120 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
-    # the blocks' depthwise convs, ours vs cuDNN (the model's other lever besides attention)
-    step "dwconv bench" 40 105 "$PY" bench/dwconv.py --out "$RESULTS/${SLUG}_dwconv.json"
+    # the blocks' and downsamples' depthwise convs, ours vs cuDNN (the model's other lever besides attention)
+    step "dwconv bench" 60 105 "$PY" bench/dwconv.py --out "$RESULTS/${SLUG}_dwconv.json"
     if [ "${GPU_CHECK_BREAKDOWN:-0}" = 1 ]; then
         step "model breakdown" 90 100 bash -c '"$1" bench/model_breakdown.py --top 15 > "$2"' _ "$PY" \
             "$RESULTS/${SLUG}_breakdown.txt"

@@ -119,28 +119,29 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     return (rot, feat) if return_features else rot
 
 
-def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None):
-    """Depthwise 3x3 convolution of channels-last tokens x (B, H, W, C): stride 1, zero padding 1, one
-    3x3 filter per channel. The same as nn.Conv2d(C, C, 3, padding=1, groups=C) applied to
+def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1):
+    """Depthwise 3x3 convolution of channels-last tokens x (B, H, W, C): zero padding 1, stride 1 or 2,
+    one 3x3 filter per channel. The same as nn.Conv2d(C, C, 3, stride, padding=1, groups=C) applied to
     x.permute(0, 3, 1, 2) and permuted back (its weight (C, 1, 3, 3) and bias (C,) go in as they are),
-    without layout copies or a cuDNN weight-gradient kernel; residual=True returns x + conv(x) (a
-    conditional position encoding) from the same pass; activation="silu" returns silu(conv(x) + bias)
-    (SoLA-Vision's in-block conv and its activation; its backward recomputes the sum from x rather
-    than keeping it), not combined with residual.
+    without layout copies or a cuDNN weight-gradient kernel. residual=True returns x + conv(x) (a
+    conditional position encoding) from the same pass (stride 1 only). activation="silu" / "relu"
+    returns silu / relu of conv(x) + bias (SoLA-Vision's in-block conv and its activation, its
+    downsample's stride-2 conv and its ReLU); silu's backward recomputes the sum from x rather than
+    keeping it, relu's masks the gradient with the output. Neither combines with residual.
 
     x: any strides with the last dim contiguous (others are copied); float16, bfloat16, float32 or
     float64, on CPU or CUDA. weight, bias: any float dtype, used in fp32 (fp64 for fp64 x); their
-    gradients come back in their own dtypes. Returns (B, H, W, C) in x's dtype (under autocast, the
-    autocast dtype, as for conv2d). Backward is deterministic (bitwise equal across runs); differentiable
-    once (no double backward).
+    gradients come back in their own dtypes. Returns (B, ceil(H / stride), ceil(W / stride), C) in x's
+    dtype (under autocast, the autocast dtype, as for conv2d). Backward is deterministic (bitwise equal
+    across runs); differentiable once (no double backward).
     """
     _check_tensors(x=x, weight=weight)
     _check_tensors(optional=True, bias=bias)
     (x,) = _autocast(x)
     check_dwconv_args(x, weight, bias)
     activation = "none" if activation is None else activation
-    check_activation(activation, residual)
-    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation)
+    check_activation(activation, residual, stride)
+    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation, stride)
 
 
 def _check_tensors(optional=False, **tensors):

@@ -5,14 +5,24 @@ import torch
 from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
 
 
-ACTIVATIONS = ("none", "silu")
+ACTIVATIONS = ("none", "silu", "relu")
 
 
-def check_activation(activation, residual):
+def check_activation(activation, residual, stride=1):
+    """activation one of ACTIVATIONS, stride 1 or 2 (an int), residual only without either."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be 'none' or 'silu', got {activation!r}")
-    if activation == "silu" and residual:
-        raise ValueError("residual and activation='silu' cannot be combined")
+        raise ValueError(f"activation must be 'none', 'silu' or 'relu', got {activation!r}")
+    if type(stride) is not int or stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    if activation != "none" and residual:
+        raise ValueError(f"residual and activation={activation!r} cannot be combined")
+    if residual and stride != 1:
+        raise ValueError(f"residual needs stride 1 (out = x + conv(x)), got stride {stride}")
+
+
+def output_shape(x, stride):
+    B, H, W, C = x.shape
+    return (B, (H + stride - 1) // stride, (W + stride - 1) // stride, C)
 
 
 def check_dwconv_args(x, weight, bias):
@@ -37,34 +47,38 @@ def check_dwconv_args(x, weight, bias):
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_fwd")
-def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none"):
+def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", stride=1):
     check_dwconv_args(x, weight, bias)
-    check_activation(activation, residual)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    check_activation(activation, residual, stride)
+    return x.new_empty(output_shape(x, stride))
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
-def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none"):
+def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none", stride=1,
+                                out=None):
     check_dwconv_args(x, weight, bias)
-    check_activation(activation, residual)
+    check_activation(activation, residual, stride)
+    if activation == "relu" and out is None:
+        raise ValueError("activation='relu' needs out (the forward's result) for its backward")
     dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=_acc_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation = inputs
-    # silu: the backward recomputes conv(x) + bias, so it needs the bias too
-    ctx.save_for_backward(x, weight, bias if activation == "silu" else None)
-    ctx.residual, ctx.activation = residual, activation
+    x, weight, bias, residual, activation, stride = inputs
+    # silu: the backward recomputes conv(x) + bias, so it needs the bias too; relu: the output's mask
+    # (the next layer keeps the output anyway, so saving it costs no memory)
+    ctx.save_for_backward(x, weight, bias if activation == "silu" else None, output if activation == "relu" else None)
+    ctx.residual, ctx.activation, ctx.stride = residual, activation, stride
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
+    x, weight, bias, out = ctx.saved_tensors
     with_bias = ctx.bias_dtype is not None
     dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
-                                 with_bias, bias, ctx.activation)
-    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None, None
+                                 with_bias, bias, ctx.activation, ctx.stride, out)
+    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None, None, None
 
 
 torch.library.register_autograd("sola_ops::depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)

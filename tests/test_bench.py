@@ -291,14 +291,20 @@ def test_dwconv_bench(tmp_path):
     rows = data["rows"]
     assert not data["skipped"], data["skipped"]
     assert len(rows) == len(dwconv.TINY_SHAPES) * len(dwconv.FORMS) * 2 * 2
-    assert {r["case"] for r in rows} == {"dwconv_residual", "dwconv_silu"}
+    assert {r["case"] for r in rows} == {"dwconv_residual", "dwconv_silu", "dwconv_downsample"}
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("sola_ops", "torch") for p in ("fwd", "fwd_bwd")}
     for r in rows:
         B, H, W, C = next(s for s in dwconv.TINY_SHAPES if s[0] == r["B"] and s[1] * s[2] == r["Nq"])
         assert r["op"] == "depthwise_conv3x3" and r["D"] == C and r["img_hw"] == [H, W]
         assert r["max_abs_diff_vs_torch"] < 1e-4  # fp32: ours and conv2d agree
-        tensors = 2 if r["pass"] == "fwd" else 5
-        assert r["GBps"] == pytest.approx(tensors * B * H * W * C * 4 / (r["ms"] * 1e-3) / 1e9, rel=1e-3)
+        # elements moved, in x's size: stride 1 reads x, writes out (+ reads g, x, writes dx);
+        # the downsample's out and g are a quarter-ish of x (ceil(H / 2) x ceil(W / 2)), relu reads out too
+        x_elems = B * H * W * C
+        out_elems = B * -(-H // 2) * -(-W // 2) * C if r["case"] == "dwconv_downsample" else x_elems
+        elems = x_elems + out_elems
+        if r["pass"] == "fwd_bwd":
+            elems += out_elems * (2 if r["case"] == "dwconv_downsample" else 1) + 2 * x_elems
+        assert r["GBps"] == pytest.approx(elems * 4 / (r["ms"] * 1e-3) / 1e9, rel=1e-3)
         if r["impl"] == "torch":
             assert r["ratio_to_best_baseline"] == pytest.approx(1.0)
     with open(out) as f:

@@ -466,27 +466,29 @@ def test_flops_one_softmax_layer():
 
 
 def torch_depthwise_overcount(model, img_size):
-    """What FlopCounterMode counts for the backward of the blocks' depthwise 3x3 convs (the ones the
-    sola path runs as sola_ops.depthwise_conv3x3) beyond two convolutions' worth: torch 2.x counts a
-    grouped conv's weight gradient as if it were ungrouped, C times too many; 0 once torch counts right."""
+    """What FlopCounterMode counts for the backward of the depthwise 3x3 convs (the blocks' and the
+    downsamples' stride-2 ones, which the sola path runs as sola_ops.depthwise_conv3x3) beyond two
+    convolutions' worth: torch 2.x counts a grouped conv's weight gradient as if it were ungrouped, C
+    times too many; 0 once torch counts right."""
     from torch.utils.flop_counter import FlopCounterMode
     shapes = []
-    hooks = [m.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
-             for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("cpe1", "dwc", "cpe2", "lepe")]
+    hooks = [m.register_forward_hook(lambda m, args, out: shapes.append((m.stride, tuple(args[0].shape))))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels]
     try:
         with torch.no_grad():
             model.eval()(torch.randn(1, 3, *img_size))
     finally:
         for h in hooks:
             h.remove()
-    assert len(shapes) == 4 * sum(len(stage.blocks) for stage in model.stages)
+    assert len(shapes) == 4 * sum(len(stage.blocks) for stage in model.stages) + len(model.stages) - 1
     extra = 0
-    for B, C, H, W in shapes:
-        conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=C, device="meta")
+    for stride, (B, C, H, W) in shapes:
+        conv = torch.nn.Conv2d(C, C, 3, stride=stride, padding=1, groups=C, device="meta")
         x = torch.randn(B, C, H, W, device="meta", requires_grad=True)
         with FlopCounterMode(display=False) as fc:
-            conv(x).sum().backward()
-        extra += fc.get_total_flops() - 3 * sola_vision.depthwise_conv3x3_flops((B, H, W, C))
+            out = conv(x)
+            out.sum().backward()
+        extra += fc.get_total_flops() - 3 * sola_vision.depthwise_conv3x3_flops(out.permute(0, 2, 3, 1).shape)
     return extra
 
 

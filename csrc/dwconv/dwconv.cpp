@@ -7,12 +7,28 @@
 namespace sola {
 namespace {
 
-// t (x, grad_out) is (B, H, W, C) like x: rank (with the layout's name), then what every op's
-// tensors share (dtype, device, layout: check_attention_tensor), then x's shape.
+// t (x, grad_out, out) is (B, H, W, C) tokens: rank (with the layout's name), then what every op's
+// tensors share with x (dtype, device, layout: check_attention_tensor).
 void check_tokens(const at::Tensor& t, const char* name, const at::Tensor& x) {
   SOLA_CHECK(t.dim() == 4, name, " must be 4-D (B, H, W, C), channels last, got shape ", t.sizes());
   check_attention_tensor(t, name, x, "x");
-  SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+}
+
+// The output's shape for x at `stride`: (B, ceil(H / stride), ceil(W / stride), C).
+std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t stride) {
+  return {x.size(0), ceil_div(x.size(1), stride), ceil_div(x.size(2), stride), x.size(3)};
+}
+
+// grad_out and the forward's out (relu) have the output's shape.
+void check_output_shaped(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t stride) {
+  check_tokens(t, name, x);
+  const std::vector<int64_t> want = output_sizes(x, stride);
+  if (stride == 1) {
+    SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  } else {
+    SOLA_CHECK(t.sizes() == at::IntArrayRef(want), name, " must have the output's shape (B, OH, OW, C) = ", want,
+               " at stride ", stride, ", got ", t.sizes());
+  }
 }
 
 void check_param(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -37,9 +53,11 @@ at::Tensor kernel_weight(const at::Tensor& weight, const at::Tensor& x) {
   return weight.reshape({x.size(3), kDwTaps}).to(acc_dtype(x)).contiguous();
 }
 
-DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool residual) {
+DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool residual, int64_t stride) {
   DwconvParams p;
   p.B = x.size(0), p.H = x.size(1), p.W = x.size(2), p.C = x.size(3);
+  p.stride = static_cast<int>(stride);
+  p.OH = ceil_div(p.H, stride), p.OW = ceil_div(p.W, stride);
   p.x = make_view(x);
   p.weight = weight.data_ptr();
   p.residual = residual;
@@ -63,14 +81,14 @@ void run_wgrad(const DwconvParams& p, const at::Tensor& x) {
   dwconv_wgrad_cpu(p);
 }
 
-// The convolution of src (taps reversed: the input gradient's), through `epilogue`; contiguous.
-// SiluGrad reads the output's gradient from grad.
+// The convolution of src at stride (taps reversed: the input gradient's at stride 1), through
+// `epilogue`; contiguous. SiluGrad reads the output's gradient from grad.
 at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed,
-                    DwEpilogue epilogue = DwEpilogue::Plain, const at::Tensor& grad = at::Tensor()) {
+                    int64_t stride, DwEpilogue epilogue = DwEpilogue::Plain, const at::Tensor& grad = at::Tensor()) {
   src = last_dim_contiguous(src);
-  at::Tensor out = new_output(src.sizes(), src.options());
-  if (src.numel() == 0) return out;
-  DwconvParams p = make_params(src, weight, residual);
+  at::Tensor out = new_output(output_sizes(src, stride), src.options());
+  if (out.numel() == 0) return out;
+  DwconvParams p = make_params(src, weight, residual, stride);
   p.reversed = reversed;
   p.epilogue = epilogue;
   p.out = make_view(out);
@@ -80,18 +98,37 @@ at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& 
   return out;
 }
 
+// The input gradient at stride 2: the transposed convolution of grad (B, OH, OW, C) into x's shape.
+at::Tensor convolve_transposed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
+  at::Tensor out = new_output(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  DwconvParams p = make_params(x, weight, false, 2);
+  p.grad = make_view(grad);
+  p.out = make_view(out);
+#ifdef SOLA_WITH_CUDA
+  if (x.is_cuda()) {
+    dwconv_transposed_cuda(p);
+    return out;
+  }
+#endif
+  dwconv_transposed_cpu(p);
+  return out;
+}
+
 void check_x(const at::Tensor& x) {
   SOLA_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be on a CPU or CUDA device, got ", x.device());
   check_tokens(x, "x", x);
 }
 
-// activation "none" or "silu"; true for silu, which residual does not combine with.
-bool parse_activation(const std::string& activation, bool residual) {
-  SOLA_CHECK(activation == "none" || activation == "silu", "activation must be 'none' or 'silu', got '", activation,
-             "'");
-  const bool silu = activation == "silu";
-  SOLA_CHECK(!(silu && residual), "residual and activation='silu' cannot be combined");
-  return silu;
+// activation "none", "silu" or "relu" as the forward's epilogue; residual only without one, at stride 1.
+DwEpilogue parse_activation(const std::string& activation, bool residual, int64_t stride) {
+  SOLA_CHECK(activation == "none" || activation == "silu" || activation == "relu",
+             "activation must be 'none', 'silu' or 'relu', got '", activation, "'");
+  SOLA_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  SOLA_CHECK(!(residual && activation != "none"), "residual and activation='", activation, "' cannot be combined");
+  SOLA_CHECK(!(residual && stride != 1), "residual needs stride 1 (out = x + conv(x)), got stride ", stride);
+  if (activation == "silu") return DwEpilogue::Silu;
+  return activation == "relu" ? DwEpilogue::Relu : DwEpilogue::Plain;
 }
 
 // bias as the kernels read it (acc-typed, contiguous), checked; undefined when absent.
@@ -106,28 +143,34 @@ at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& 
 }  // namespace
 
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
-                                 std::string activation) {
+                                 std::string activation, int64_t stride) {
   check_x(x);
   check_weight(weight, x);
-  const bool silu = parse_activation(activation, residual);
-  return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false,
-                  silu ? DwEpilogue::Silu : DwEpilogue::Plain);
+  const DwEpilogue epilogue = parse_activation(activation, residual, stride);
+  return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false, stride, epilogue);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor grad_out, at::Tensor x,
-                                                                     at::Tensor weight, bool residual, bool with_bias,
-                                                                     c10::optional<at::Tensor> bias,
-                                                                     std::string activation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
+    at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
+    c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out) {
   check_x(x);
   check_weight(weight, x);
-  check_tokens(grad_out, "grad_out", x);
-  const bool silu = parse_activation(activation, residual);
+  const DwEpilogue epilogue = parse_activation(activation, residual, stride);
+  check_output_shaped(grad_out, "grad_out", x, stride);
   x = last_dim_contiguous(x);  // once each, for every kernel
   grad_out = last_dim_contiguous(grad_out);
   const at::Tensor w = kernel_weight(weight, x);
-  // With silu, the gradient of the sum first: g * silu'(conv(x) + bias), the sum recomputed from x.
-  if (silu) grad_out = convolve(x, w, kernel_bias(bias, x), false, false, DwEpilogue::SiluGrad, grad_out);
-  const at::Tensor dx = convolve(grad_out, w, at::Tensor(), residual, true);
+  // The gradient of the sum first. relu: g where the forward's out > 0, else 0 (torch's ReLU backward).
+  // silu: g * silu'(conv(x) + bias), the sum recomputed from x.
+  if (epilogue == DwEpilogue::Relu) {
+    SOLA_CHECK(out.has_value(), "activation='relu' needs out (the forward's result) for its backward");
+    check_output_shaped(*out, "out", x, stride);
+    grad_out = at::threshold_backward(grad_out, *out, 0);
+  } else if (epilogue == DwEpilogue::Silu) {
+    grad_out = convolve(x, w, kernel_bias(bias, x), false, false, stride, DwEpilogue::SiluGrad, grad_out);
+  }
+  const at::Tensor dx = stride == 1 ? convolve(grad_out, w, at::Tensor(), residual, true, 1)
+                                    : convolve_transposed(grad_out, x, w);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dweight = new_output({x.size(3), kDwTaps}, acc_options);
   at::Tensor dbias = new_output({with_bias ? x.size(3) : 0}, acc_options);
@@ -135,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor 
     dweight.zero_();
     dbias.zero_();
   } else {
-    DwconvParams p = make_params(x, w, residual);
+    DwconvParams p = make_params(x, w, residual, stride);
     p.grad = make_view(grad_out);
     p.dweight = dweight.data_ptr();
     if (with_bias) p.dbias = dbias.data_ptr();

@@ -1,11 +1,14 @@
-// Depthwise 3x3 convolution of (B, H, W, C) tokens, stride 1, zero padding 1 ("same"): the CPE,
-// LePE and in-block convs of SoLA-Vision, in the layout its blocks keep (channels last, so no
-// NCHW copies), with an optional residual (out = x + conv(x), the CPE form):
-//   out[b, h, w, c] = bias[c] + sum_{dy, dx < 3} tap(c, 3 dy + dx) * x[b, h + dy - 1, w + dx - 1, c]
-// or, with activation "silu", silu of that (the block's in-block conv and its activation in one pass).
-// The residual is a 1 added to the centre tap, so the kernels only convolve; the gradient of x is
-// the same convolution of the output's gradient with the taps reversed. Both are flags the kernels
-// apply as they read the weight, which they take as nn.Conv2d keeps it: no per-call re-layout.
+// Depthwise 3x3 convolution of (B, H, W, C) tokens, zero padding 1, stride s = 1 or 2: the CPE,
+// LePE and in-block convs of SoLA-Vision (s = 1) and its downsample's conv (s = 2), in the layout its
+// blocks keep (channels last, so no NCHW copies), with an optional residual (out = x + conv(x), the
+// CPE form, s = 1):
+//   out[b, h, w, c] = bias[c] + sum_{dy, dx < 3} tap(c, 3 dy + dx) * x[b, s h + dy - 1, s w + dx - 1, c]
+// for h < OH = ceil(H / s), w < OW = ceil(W / s), or, with activation "silu" / "relu", that of it
+// (the block's in-block conv and its activation in one pass; the downsample's conv and its ReLU).
+// The residual is a 1 added to the centre tap, so the kernels only convolve; at s = 1 the gradient of
+// x is the same convolution of the output's gradient with the taps reversed. Both are flags the
+// kernels apply as they read the weight, which they take as nn.Conv2d keeps it: no per-call
+// re-layout. At s = 2 the gradient of x is its own kernel (the transposed convolution).
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
@@ -18,23 +21,28 @@ constexpr int kDwTaps = 9;
 constexpr int kDwGradRows = kDwTaps + 1;
 
 // What a convolution kernel writes for its sum s = bias + taps . window at each output position:
-// s, silu(s) (the block's in-block conv and its activation, one pass), or g * silu'(s) with g the
-// output's gradient there (the first step of that pair's backward, s recomputed from x).
-enum class DwEpilogue : int { Plain = 0, Silu = 1, SiluGrad = 2 };
+// s, silu(s) (the block's in-block conv and its activation, one pass), g * silu'(s) with g the
+// output's gradient there (the first step of that pair's backward, s recomputed from x), or relu(s)
+// (its backward needs only the output: the op layer masks the gradient with it).
+enum class DwEpilogue : int { Plain = 0, Silu = 1, SiluGrad = 2, Relu = 3 };
 
 struct DwconvParams {
   int64_t B = 0, H = 0, W = 0, C = 0;
+  int stride = 1;
+  int64_t OH = 0, OW = 0;  // the output's rows and columns: ceil(H / stride), ceil(W / stride)
   // Convolution: x (B, H, W, C) as a View4 over (b, h, w): channel dim contiguous, other strides
-  // free -> out (contiguous). weight (C, 9): tap 3 dy + dx of channel c at weight[9 c + 3 dy + dx]
+  // free -> out (B, OH, OW, C, contiguous). The transposed one (the input gradient at stride 2):
+  // grad (B, OH, OW, C) -> out (B, H, W, C). weight (C, 9): tap 3 dy + dx of channel c at weight[9 c + 3 dy + dx]
   // (nn.Conv2d's (C, 1, 3, 3)), bias (C) or null; both acc-typed (fp32, fp64 for fp64) and contiguous.
   View4 x, out;
   const void* weight = nullptr;
   const void* bias = nullptr;
   bool residual = false;  // 1 added to the centre tap: out = x + conv(x)
   bool reversed = false;  // tap t read as tap 8 - t: the convolution that gives the input's gradient
-  DwEpilogue epilogue = DwEpilogue::Plain;  // SiluGrad reads g from grad (strided like x)
-  // Weight gradient: sums over (b, h, w) of grad[b, h, w, c] * x[b, h + dy - 1, w + dx - 1, c] per tap
-  // into dweight (C, 9), and of grad into dbias (C; skipped when null), acc-typed, in a fixed order.
+  DwEpilogue epilogue = DwEpilogue::Plain;  // SiluGrad reads g from grad (B, OH, OW, C)
+  // Weight gradient: sums over the output positions (b, h, w) of grad[b, h, w, c] *
+  // x[b, s h + dy - 1, s w + dx - 1, c] per tap into dweight (C, 9), and of grad into dbias (C;
+  // skipped when null), acc-typed, in a fixed order.
   View4 grad;
   void* dweight = nullptr;
   void* dbias = nullptr;
@@ -50,15 +58,34 @@ SOLA_HD acc dw_tap(const DwconvParams& p, int64_t c, int t) {
 }
 
 // Runs the lambda-like body with `constexpr DwEpilogue kEpi` bound to epi.
-#define SOLA_DW_EPILOGUE_SWITCH(epi, kEpi, ...)                                                                  \
-  SOLA_SWITCH3(epi, kEpi, ::sola::DwEpilogue::Silu, ::sola::DwEpilogue::SiluGrad, ::sola::DwEpilogue::Plain, \
-               __VA_ARGS__)
+#define SOLA_DW_EPILOGUE_SWITCH(epi, kEpi, ...)                                                                    \
+  [&] {                                                                                                          \
+    if ((epi) == ::sola::DwEpilogue::Relu) {                                                                     \
+      constexpr auto kEpi = ::sola::DwEpilogue::Relu;                                                            \
+      return __VA_ARGS__();                                                                                      \
+    }                                                                                                            \
+    return SOLA_SWITCH3(epi, kEpi, ::sola::DwEpilogue::Silu, ::sola::DwEpilogue::SiluGrad,                      \
+                        ::sola::DwEpilogue::Plain, __VA_ARGS__);                                                 \
+  }()
+
+// Runs the lambda-like body with `constexpr int kS` bound to the stride (1 or 2).
+#define SOLA_DW_STRIDE_SWITCH(stride, kS, ...) \
+  [&] {                                       \
+    if ((stride) == 2) {                      \
+      constexpr int kS = 2;                   \
+      return __VA_ARGS__();                   \
+    }                                         \
+    constexpr int kS = 1;                     \
+    return __VA_ARGS__();                     \
+  }()
 
 // The epilogue's value for the sum s (g: the output's gradient, for SiluGrad).
 template <DwEpilogue kEpi, typename acc>
 SOLA_HD acc dw_epilogue(acc s, acc g) {
   if constexpr (kEpi == DwEpilogue::Plain) {
     return s;
+  } else if constexpr (kEpi == DwEpilogue::Relu) {
+    return s > acc(0) ? s : (s == s ? acc(0) : s);  // NaN stays NaN, as torch.relu
   } else {
     const acc sig = acc(1) / (acc(1) + kernel_exp(-s));
     if constexpr (kEpi == DwEpilogue::Silu) return s * sig;
@@ -77,16 +104,17 @@ SOLA_HD acc* dw_grad_slot(const DwconvParams& p, int64_t i) {
 
 // The op layer's entry points (schemas in sola.cpp).
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
-                                 std::string activation);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(at::Tensor grad_out, at::Tensor x,
-                                                                     at::Tensor weight, bool residual, bool with_bias,
-                                                                     c10::optional<at::Tensor> bias,
-                                                                     std::string activation);
+                                 std::string activation, int64_t stride);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
+    at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
+    c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out);
 
 void dwconv_cpu(const DwconvParams& p);
+void dwconv_transposed_cpu(const DwconvParams& p);
 void dwconv_wgrad_cpu(const DwconvParams& p);
 #ifdef SOLA_WITH_CUDA
 void dwconv_cuda(const DwconvParams& p);
+void dwconv_transposed_cuda(const DwconvParams& p);
 void dwconv_wgrad_cuda(const DwconvParams& p);
 #endif
 

@@ -1,6 +1,7 @@
 // C++ CPU kernels of the depthwise 3x3 convolution (dwconv.h): the convolution, parallel over
-// output rows (b, h), and the weight gradient, summed per fixed chunk of rows and then over the
-// chunks in order (bitwise the same for any thread count). Input rows go through acc buffers with a
+// output rows (b, h), the transposed one (the input gradient at stride 2), and the weight gradient,
+// summed per fixed chunk of rows and then over the chunks in order (bitwise the same for any thread
+// count). Input rows go through acc buffers with a
 // zero column each side, converted once per task, so the loops over channels vectorise (compiled per
 // ISA, SOLA_CPU_CLONES).
 #include <ATen/Parallel.h>
@@ -26,54 +27,65 @@ SOLA_CPU_INLINE void load_padded_row(const DwconvParams& p, const View4& t, int6
   for (int64_t w = 0; w < W; ++w) load_row(t.row<const scalar_t>(b, hh, w), C, dst + (w + 1) * C);
 }
 
-// The input rows h - 1, h, h + 1 of the output rows r0 .. r1 in turn, each row converted once: a row
-// continuing the previous one in its image reuses two of the three buffers.
+// The input rows s h - 1, s h, s h + 1 of output row h (stride s) for the output rows of a task in
+// turn, each input row converted once: rows the previous output row of the image also read (two at
+// stride 1, one at stride 2) stay in their buffers.
 template <typename scalar_t, typename acc>
 class RowWindow {
  public:
   RowWindow(const DwconvParams& p, int64_t width) : p_(p), buf_(3 * width), width_(width) {}
 
-  // rows[dy] = input row h + dy - 1 of image b, zero-padded.
+  // rows[dy] = input row s h + dy - 1 of image b, zero-padded.
   void move_to(int64_t b, int64_t h, const acc* (&rows)[3]) {
-    if (b == b_ && h == h_ + 1) {
-      top_ = (top_ + 1) % 3;
-      load_padded_row<scalar_t>(p_, p_.x, b, h + 1, slot(2));
-    } else {
-      for (int dy = 0; dy < 3; ++dy) load_padded_row<scalar_t>(p_, p_.x, b, h + dy - 1, slot(dy));
+    const int64_t top = p_.stride * h - 1;
+    bool kept[3] = {false, false, false};
+    int slot_of[3] = {-1, -1, -1};
+    for (int dy = 0; dy < 3; ++dy)
+      for (int k = 0; k < 3; ++k)
+        if (b_[k] == b && row_[k] == top + dy) slot_of[dy] = k, kept[k] = true;
+    for (int dy = 0; dy < 3; ++dy) {
+      if (slot_of[dy] >= 0) continue;
+      int k = 0;
+      while (kept[k]) ++k;
+      load_padded_row<scalar_t>(p_, p_.x, b, top + dy, buf_.data() + k * width_);
+      b_[k] = b, row_[k] = top + dy, kept[k] = true, slot_of[dy] = k;
     }
-    b_ = b, h_ = h;
-    for (int dy = 0; dy < 3; ++dy) rows[dy] = slot(dy);
+    for (int dy = 0; dy < 3; ++dy) rows[dy] = buf_.data() + slot_of[dy] * width_;
   }
 
  private:
-  acc* slot(int dy) { return buf_.data() + (top_ + dy) % 3 * width_; }
-
   const DwconvParams& p_;
   std::vector<acc> buf_;
-  int64_t width_, b_ = -1, h_ = -1;
-  int top_ = 0;  // the buffer holding row h - 1
+  int64_t width_;
+  int64_t b_[3] = {-1, -1, -1}, row_[3] = {0, 0, 0};  // what each buffer holds
 };
 
+// src[t] = the input vector of tap t for output column w: rows[dy] at padded column s w + dx.
+template <typename acc>
+SOLA_CPU_INLINE void tap_sources(const DwconvParams& p, const acc* const (&rows)[3], int64_t w, const acc* (&src)[kDwTaps]) {
+  for (int t = 0; t < kDwTaps; ++t) src[t] = rows[t / 3] + (p.stride * w + t % 3) * p.C;
+}
+
 // out = the epilogue of bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass
-// per row.
+// per output row (r = b * OH + h).
 template <typename scalar_t, DwEpilogue kEpi>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
-  const int64_t W = p.W, C = p.C;
+  const int64_t C = p.C;
   const acc* bias = static_cast<const acc*>(p.bias);
   std::vector<acc> taps(kDwTaps * C);  // tap-major, so the loop over channels reads them as vectors
   for (int64_t c = 0; c < C; ++c)
     for (int t = 0; t < kDwTaps; ++t) taps[t * C + c] = dw_tap<acc>(p, c, t);
-  RowWindow<scalar_t, acc> window(p, (W + 2) * C);
+  RowWindow<scalar_t, acc> window(p, (p.W + 2) * C);
   std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0)), g(kEpi == DwEpilogue::SiluGrad ? C : 0);
   const acc* const start = bias ? bias : zeros.data();
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / p.H, h = r % p.H;
+    const int64_t b = r / p.OH, h = r % p.OH;
     const acc* in[3];
     window.move_to(b, h, in);
-    for (int64_t w = 0; w < W; ++w) {
+    for (int64_t w = 0; w < p.OW; ++w) {
       const acc* src[kDwTaps];
-      for (int t = 0; t < kDwTaps; ++t) src[t] = in[t / 3] + (w + t % 3) * C;
+      tap_sources(p, in, w, src);
 #pragma GCC ivdep  // out, the taps and the input rows are separate buffers
       for (int64_t c = 0; c < C; ++c) {  // the 9 products of a channel in registers, channels in vectors
         acc o = start[c];
@@ -90,23 +102,54 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   }
 }
 
+// The input gradient at stride 2 for input rows r0 .. r1 (r = b * H + i): input (i, j) sums tap
+// (dy, dx) times g[(i + 1 - dy) / 2][(j + 1 - dx) / 2] over the taps where both are whole and inside
+// the output, dy and dx descending (the CUDA kernel's order).
+template <typename scalar_t>
+SOLA_CPU_CLONES void transposed_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
+  using acc = acc_t<scalar_t>;
+  const int64_t C = p.C;
+  std::vector<acc> taps(kDwTaps * C), out(C), g(C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < kDwTaps; ++t) taps[t * C + c] = dw_tap<acc>(p, c, t);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.H, i = r % p.H;
+    for (int64_t j = 0; j < p.W; ++j) {
+      std::fill(out.begin(), out.end(), acc(0));
+      for (int dy = 2; dy >= 0; --dy) {
+        const int64_t m2 = i + 1 - dy;
+        if (m2 % 2 || m2 < 0 || m2 / 2 >= p.OH) continue;
+        for (int dx = 2; dx >= 0; --dx) {
+          const int64_t n2 = j + 1 - dx;
+          if (n2 % 2 || n2 < 0 || n2 / 2 >= p.OW) continue;
+          load_row(p.grad.row<const scalar_t>(b, m2 / 2, n2 / 2), C, g.data());
+          const acc* tap = taps.data() + (3 * dy + dx) * C;
+#pragma GCC ivdep
+          for (int64_t c = 0; c < C; ++c) out[c] += tap[c] * g[c];
+        }
+      }
+      store_row(out.data(), C, p.out.row<scalar_t>(b, i, j));
+    }
+  }
+}
+
 // part (10, C) = the weight gradient's sums over output rows r0 .. r1.
 template <typename scalar_t>
 SOLA_CPU_CLONES void wgrad_rows(const DwconvParams& p, int64_t r0, int64_t r1, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
-  const int64_t W = p.W, C = p.C;
-  RowWindow<scalar_t, acc> window(p, (W + 2) * C);
+  const int64_t C = p.C;
+  RowWindow<scalar_t, acc> window(p, (p.W + 2) * C);
   std::vector<acc> g(C);
   std::fill(part, part + kDwGradRows * C, acc(0));
   acc* bias_sum = part + kDwTaps * C;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / p.H, h = r % p.H;
+    const int64_t b = r / p.OH, h = r % p.OH;
     const acc* in[3];
     window.move_to(b, h, in);
-    for (int64_t w = 0; w < W; ++w) {
+    for (int64_t w = 0; w < p.OW; ++w) {
       load_row(p.grad.row<const scalar_t>(b, h, w), C, g.data());
       const acc* src[kDwTaps];
-      for (int t = 0; t < kDwTaps; ++t) src[t] = in[t / 3] + (w + t % 3) * C;
+      tap_sources(p, in, w, src);
 #pragma GCC ivdep  // part, g and the input rows are separate buffers
       for (int64_t c = 0; c < C; ++c) {
         const acc gc = g[c];
@@ -122,17 +165,24 @@ SOLA_CPU_CLONES void wgrad_rows(const DwconvParams& p, int64_t r0, int64_t r1, a
 
 void dwconv_cpu(const DwconvParams& p) {
   SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_cpu", [&] {
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.W * p.C, 1));
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.OW * p.C, 1));
     SOLA_DW_EPILOGUE_SWITCH(p.epilogue, kEpi, [&] {
-      at::parallel_for(0, p.B * p.H, grain, [&](int64_t r0, int64_t r1) { conv_rows<scalar_t, kEpi>(p, r0, r1); });
+      at::parallel_for(0, p.B * p.OH, grain, [&](int64_t r0, int64_t r1) { conv_rows<scalar_t, kEpi>(p, r0, r1); });
     });
+  });
+}
+
+void dwconv_transposed_cpu(const DwconvParams& p) {
+  SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_transposed_cpu", [&] {
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.W * p.C, 1));
+    at::parallel_for(0, p.B * p.H, grain, [&](int64_t r0, int64_t r1) { transposed_rows<scalar_t>(p, r0, r1); });
   });
 }
 
 void dwconv_wgrad_cpu(const DwconvParams& p) {
   SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_wgrad_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const int64_t rows = p.B * p.H, chunks = ceil_div(rows, kRowsPerPartial), width = kDwGradRows * p.C;
+    const int64_t rows = p.B * p.OH, chunks = ceil_div(rows, kRowsPerPartial), width = kDwGradRows * p.C;
     std::vector<acc> partials(chunks * width);
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k)

@@ -1,7 +1,7 @@
 // Runs the depthwise 3x3 conv CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: the convolution with and without bias, the residual's centre tap and the reversed taps,
-// the silu epilogues (silu of the sum; the output's gradient times silu' of it),
-// the weight gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
+// the epilogues (silu of the sum; the output's gradient times silu' of it; relu), stride 1 and 2, the
+// transposed convolution (the input gradient at stride 2), the weight gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
 // kernels, images smaller than a strip and taller than one, strided and misaligned views, NaN inputs,
 // and lanes that walk more than one task. Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
 #include <cstdio>
@@ -15,6 +15,7 @@ using namespace sola;
 
 struct Case {
   int64_t B = 2, H = 9, W = 7, C = 16;
+  int stride = 1;
   at::ScalarType dt = at::kBFloat16;
   bool bias = true, strided = false, misaligned = false, poison = false, residual = false, reversed = false;
   DwEpilogue epilogue = DwEpilogue::Plain;
@@ -22,42 +23,51 @@ struct Case {
 
 // (B, H, W, C) tokens: contiguous, or a view with the channel dim contiguous and the others not
 // (strided: H and W swapped in memory; misaligned: rows starting one element off 16 bytes).
-static at::Tensor tokens(const Case& c) {
-  if (c.strided) return at::randn({c.B, c.W, c.H, c.C}, at::kDouble).to(c.dt).transpose(1, 2);
-  if (c.misaligned) return at::randn({c.B, c.H, c.W, c.C + 1}, at::kDouble).to(c.dt).narrow(3, 1, c.C);
-  return at::randn({c.B, c.H, c.W, c.C}, at::kDouble).to(c.dt);
+static at::Tensor tokens(const Case& c, int64_t H, int64_t W) {
+  if (c.strided) return at::randn({c.B, W, H, c.C}, at::kDouble).to(c.dt).transpose(1, 2);
+  if (c.misaligned) return at::randn({c.B, H, W, c.C + 1}, at::kDouble).to(c.dt).narrow(3, 1, c.C);
+  return at::randn({c.B, H, W, c.C}, at::kDouble).to(c.dt);
 }
 
 static void dwconv_case(const Case& c) {
   char name[200];
-  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld %s b%d s%d m%d p%d r%d f%d e%d", (long)c.B, (long)c.H,
-                (long)c.W, (long)c.C, c10::toString(c.dt), c.bias, c.strided, c.misaligned, c.poison, c.residual,
-                c.reversed, (int)c.epilogue);
+  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld /%d %s b%d s%d m%d p%d r%d f%d e%d", (long)c.B,
+                (long)c.H, (long)c.W, (long)c.C, c.stride, c10::toString(c.dt), c.bias, c.strided, c.misaligned,
+                c.poison, c.residual, c.reversed, (int)c.epilogue);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor x = tokens(c), g = tokens(c);
+  const int64_t OH = ceil_div(c.H, c.stride), OW = ceil_div(c.W, c.stride);
+  at::Tensor x = tokens(c, c.H, c.W), g = tokens(c, OH, OW);
   if (c.poison) x.select(0, 0).select(0, c.H / 2).select(0, c.W / 2).select(0, c.C - 1).fill_(NAN);
   const at::Tensor weight = at::randn({c.C, kDwTaps}, at::kDouble).to(acc);
   const at::Tensor bias = at::randn({c.C}, at::kDouble).to(acc);
 
   DwconvParams p;
   p.B = c.B, p.H = c.H, p.W = c.W, p.C = c.C;
+  p.stride = c.stride, p.OH = OH, p.OW = OW;
   p.x = make_view(x), p.grad = make_view(g);
   p.weight = weight.data_ptr(), p.bias = c.bias ? bias.data_ptr() : nullptr;
   p.residual = c.residual, p.reversed = c.reversed, p.epilogue = c.epilogue;
   p.dtype = dt, p.device_index = -1;
-  at::Tensor out[3], dweight[3], dbias[3];
+  at::Tensor out[3], dx[2], dweight[3], dbias[3];
   for (int r = 0; r < 3; ++r) {  // 0, 2: emulated CUDA (2: the weight gradient again), 1: CPU
-    out[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
+    out[r] = nan_out({c.B, OH, OW, c.C}, dt);
     dweight[r] = nan_out({c.C, kDwTaps}, acc), dbias[r] = nan_out({c.C}, acc);
     p.out = make_view(out[r]), p.dweight = dweight[r].data_ptr(), p.dbias = c.bias ? dbias[r].data_ptr() : nullptr;
     if (r == 1) dwconv_cpu(p), dwconv_wgrad_cpu(p);
     else if (r == 0) dwconv_cuda(p), dwconv_wgrad_cuda(p);
     else dwconv_wgrad_cuda(p);
+    if (r < 2 && c.stride == 2) {  // the transposed convolution of g, into x's shape
+      dx[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
+      p.out = make_view(dx[r]);
+      if (r == 1) dwconv_transposed_cpu(p);
+      else dwconv_transposed_cuda(p);
+    }
   }
   const bool finite = !c.poison;
   compare(std::string(name) + " out", out[0], out[1], dt, finite);
-  // The weight gradient sums B * H * W products: scale the tolerance by their count's square root.
-  const double n = std::sqrt(double(c.B * c.H * c.W));
+  if (c.stride == 2) compare(std::string(name) + " transposed", dx[0], dx[1], dt, true);
+  // The weight gradient sums B * OH * OW products: scale the tolerance by their count's square root.
+  const double n = std::sqrt(double(c.B * OH * OW));
   compare(std::string(name) + " dweight", dweight[0] / n, dweight[1] / n, acc, finite);
   if (c.bias) compare(std::string(name) + " dbias", dbias[0] / n, dbias[1] / n, acc, finite);
   else if (!at::isnan(dbias[0]).all().item<bool>()) std::printf("FAIL %s: dbias written without bias\n", name), ++failures;
@@ -108,8 +118,38 @@ int main(int argc, char** argv) {
       dwconv_case(c);
     }
   }
+  for (auto dt : dts) {  // stride 2: the downsample's conv, its relu, and the transposed convolution
+    for (int64_t C : {1, 3, 16, 66}) {
+      Case c;
+      c.dt = dt, c.C = C, c.stride = 2;
+      dwconv_case(c);
+    }
+    for (auto [H, W] : {std::pair<int64_t, int64_t>{1, 1}, {2, 1}, {1, 2}, {2, 5}, {8, 3}, {37, 9}, {3, 33}}) {
+      Case c;  // 37 rows: 19 output rows, past a 16-row strip
+      c.dt = dt, c.H = H, c.W = W, c.bias = false, c.stride = 2;
+      dwconv_case(c);
+    }
+    for (int layout = 0; layout < 3; ++layout) {
+      Case c;
+      c.dt = dt, c.stride = 2, c.strided = layout == 0, c.misaligned = layout == 1, c.poison = layout == 2;
+      c.C = c.misaligned ? 24 : 16;
+      dwconv_case(c);
+    }
+    for (auto epi : {DwEpilogue::Relu, DwEpilogue::Silu, DwEpilogue::SiluGrad}) {
+      for (int64_t C : {16, 7}) {
+        Case c;
+        c.dt = dt, c.epilogue = epi, c.C = C, c.H = 21, c.W = 10, c.stride = 2;
+        dwconv_case(c);
+      }
+    }
+    Case relu;  // relu at stride 1 too
+    relu.dt = dt, relu.epilogue = DwEpilogue::Relu, relu.H = 19;
+    dwconv_case(relu);
+  }
   Case walk;  // 33 column blocks leave 16 partials for 160 tasks of 8 lanes: lanes walk two tasks
   walk.B = 2, walk.H = 8, walk.W = 80, walk.C = 1030;
+  if (!quick) dwconv_case(walk);
+  walk.H = 16, walk.W = 160, walk.stride = 2;  // the same tasks at stride 2
   if (!quick) dwconv_case(walk);
   std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
   return failures ? 1 : 0;
