@@ -1,5 +1,5 @@
-// Building blocks of the flash softmax kernels (fp16/bf16 on tensor cores): mma.sync m16n8k16
-// with fp32 accumulators, fragment loads from padded shared-memory tiles, the accumulator -> A
+// Building blocks of the flash softmax kernels (fp16/bf16 on tensor cores, fp32 on them in 3xTF32):
+// mma.sync m16n8k16 (m16n8k8 tf32) with fp32 accumulators, fragment loads from padded shared-memory tiles, the accumulator -> A
 // operand repack that feeds P and dS to the next product straight from registers, and async
 // global -> shared tile copies.
 //
@@ -27,6 +27,7 @@
 
 #include "common.h"
 #include "cp_async.cuh"
+#include "mma_tf32.cuh"
 #include "wgmma.cuh"
 
 namespace sola {
@@ -441,9 +442,120 @@ SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4]
   wg_batch([&] { wg_issue_xb<T, kCols>(c, xf, b, col0); }, xf, c);
 }
 
+// ---- fp32 on tensor cores: 3xTF32 -------------------------------------------------------------
+// An fp32 product as three tf32 mma.sync m16n8k8 (mma_tf32.cuh): a b ~ ah bh + ah bl + al bh with
+// x = xh + xl split into tf32 parts; the dropped al bl and the rounding of xl cost ~2^-21 relative,
+// fp32-level accuracy at tensor-core speed (CUTLASS's "FastF32", which SDPA's efficient backend runs
+// for fp32). The accumulators have the m16n8k16 C layout (the same as m16n8k8's), so masking, the
+// softmax and the epilogues are shared. Fragments: a 16-byte row of 4 fp32 is a row of one of
+// ldmatrix's 8x8 16-bit matrices, so a non-transposed ldmatrix.x4 gives lane (g, t) element [g][t]
+// of four 8x4 fp32 blocks: A and, for A B^T, B as they stand. X B (P V, ...) takes x's accumulator
+// pairs (columns 2t, 2t + 1) as A's k slots t and t + 4, so B's rows are read in that order (b0 =
+// row 2t, b1 = row 2t + 1: the sum over k is the same), element by element.
+
+// fp32 operands for the 3xTF32 mma (SIMT for fp64).
+template <typename T>
+constexpr bool kTf32x3 = std::is_same_v<T, float>;
+template <typename T>
+constexpr bool kSimt = !kIsHalfType<T> && !kTf32x3<T>;
+
+template <int kN>
+struct Tf32Frag {
+  uint32_t hi[kN], lo[kN];
+};
+
+// x = hi + lo: hi its top tf32 bits (truncated, so lo keeps x's sign), lo the rest rounded to tf32.
+// lo of a finite nonzero x is never 0 (FLT_MIN with x's sign instead, which adds nothing next to any
+// hi of the other operand short of 1e38): an inf in the other operand then meets lo as inf * hi
+// does, with the same sign, not as inf * 0 = NaN, and infinities come out as fp32 FMAs give them.
+// x = 0 keeps lo = 0 (0 * inf is NaN either way; a P of 0 must add exactly nothing). An inf or NaN x
+// goes whole into hi, lo 0.
+template <int kN>
+SOLA_HD Tf32Frag<kN> split_tf32(const uint32_t (&x)[kN]) {
+  Tf32Frag<kN> f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const uint32_t u = x[i], hi = u & 0xffffe000u;
+    if ((u & 0x7f800000u) == 0x7f800000u) {
+      f.hi[i] = u, f.lo[i] = 0u;
+      continue;
+    }
+    const uint32_t lo = tf32::round(tf32::from_bits(u) - tf32::from_bits(hi));
+    f.hi[i] = hi;
+    f.lo[i] = (lo & 0x7fffffffu) || !(u & 0x7fffffffu) ? lo : (u & 0x80000000u) | 0x00800000u;
+  }
+  return f;
+}
+
+// d += a b in 3xTF32, the small terms first.
+SOLA_HD void mma_3xtf32(float (&d)[4], const Tf32Frag<4>& a, const Tf32Frag<2>& b) {
+  tf32::mma_1688(d, a.lo, b.hi);
+  tf32::mma_1688(d, a.hi, b.lo);
+  tf32::mma_1688(d, a.hi, b.hi);
+}
+
+// 3xTF32 c[g][16 x 8 kNT] = A_g B^T (gemm_abt's contract): k in steps of 8, B fragments of n8 tile
+// pairs loaded once for every group.
+template <int kD, int kG, int kNT>
+SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const float* bt, int live, int lane) {
+  constexpr int kLd = kD + kPad;
+  const int i = lane / 8;
+#pragma unroll
+  for (int g = 0; g < kG; ++g) zero(c[g]);
+#pragma unroll
+  for (int kk = 0; kk < kD / 8; ++kk) {
+    Tf32Frag<4> af[kG];
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {  // matrices: rows +0 / +8 (i % 2), columns +0 / +4 (i / 2)
+      uint32_t r[4];
+      ldmatrix_x4<false>(r, a + (a0 + kWarpRows * g + lane % 8 + 8 * (i % 2)) * kLd + 8 * kk + 4 * (i / 2));
+      af[g] = split_tf32(r);
+    }
+#pragma unroll
+    for (int n = 0; n < kNT; n += 2) {
+      if (8 * n >= live) continue;
+      uint32_t r[4];  // matrices: columns +0 / +4 (i % 2) of n8 tiles n, n + 1 (i / 2)
+      ldmatrix_x4<false>(r, bt + (8 * n + lane % 8 + 8 * (i / 2)) * kLd + 8 * kk + 4 * (i % 2));
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      const Tf32Frag<2> bf0 = split_tf32(b0), bf1 = split_tf32(b1);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        mma_3xtf32(c[g][n], af[g], bf0);
+        mma_3xtf32(c[g][n + 1], af[g], bf1);
+      }
+    }
+  }
+}
+
+// 3xTF32 c[g][16 x 8 kOT] += X_g B (gemm_xb's contract; x 0 past `live` up to the next multiple of 8).
+template <int kD, int kG, int kXT, int kOT>
+SOLA_HD void gemm_xb_tf32(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const float* b, int col0, int live,
+                          int lane) {
+  constexpr int kLd = kD + kPad;
+#pragma unroll
+  for (int kk = 0; kk < kXT; ++kk) {  // rows 8 kk .. 8 kk + 7 of b
+    if (8 * kk >= live) continue;
+    Tf32Frag<4> xf[kG];
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {  // k slot t: column 2t, slot t + 4: column 2t + 1
+      const float* e = x[g][kk];
+      const uint32_t r[4] = {tf32::bits(e[0]), tf32::bits(e[2]), tf32::bits(e[1]), tf32::bits(e[3])};
+      xf[g] = split_tf32(r);
+    }
+    const float* row = b + (8 * kk + 2 * (lane % 4)) * kLd + col0 + lane / 4;  // b0: row 2t, b1: row 2t + 1
+#pragma unroll
+    for (int n = 0; n < kOT; ++n) {
+      const uint32_t r[2] = {tf32::bits(row[8 * n]), tf32::bits(row[kLd + 8 * n])};
+      const Tf32Frag<2> bf = split_tf32(r);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) mma_3xtf32(c[g][n], xf[g], bf);
+    }
+  }
+}
+
 // ---- the two products of every flash kernel, per warp -------------------------------------------
 
-// SIMT c[16 x 8 kNT] += A B^T for one group of 16 rows (gemm_abt). This lane's rows g, g+8 of A
+// SIMT (fp64) c[16 x 8 kNT] += A B^T for one group of 16 rows (gemm_abt). This lane's rows g, g+8 of A
 // and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
 template <typename T, int kD, int kNT, typename acc>
 SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
@@ -472,7 +584,8 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 // Q K^T, K Q^T, dO V^T, V dO^T. On tensor cores each B fragment loaded serves every group.
 // `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them stay 0
 // (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. (The wgmma
-// kernels issue these products themselves, batched: wg_issue_abt.)
+// kernels issue these products themselves, batched: wg_issue_abt.) fp16 / bf16 on tensor cores,
+// fp32 on them in 3xTF32, fp64 on SIMT.
 template <typename T, int kD, int kG, int kNT, typename acc>
 SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
   constexpr int kLd = kD + kPad;
@@ -495,6 +608,8 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
         }
       }
     }
+  } else if constexpr (kTf32x3<T>) {
+    gemm_abt_tf32<kD>(c, a, a0, bt, live, lane);
   } else {
     for (int g = 0; g < kG; ++g) {
       zero(c[g]);
@@ -507,7 +622,7 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
 template <typename acc, int kCols>
 constexpr int kScratchLd = kCols + kVec16<acc>;
 
-// SIMT c[16 x 8 kOT] += X B for one group (gemm_xb): X goes through `scratch`, this warp's
+// SIMT (fp64) c[16 x 8 kOT] += X B for one group (gemm_xb): X goes through `scratch`, this warp's
 // 16 x kScratchLd shared-memory rows.
 template <typename T, int kD, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, int live, acc* scratch,
@@ -541,11 +656,11 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 
 // c[g][16 x 8 kOT] += X_g B for kG groups: X_g = the warp's 16 x 8 kXT accumulator tile x[g] (P,
 // P^T, dS or dS^T), B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading
-// dim kD + kPad). P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T)
-// and load each B fragment once for every group; SIMT goes through `scratch`, this warp's
-// 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b that exist; the
-// columns of x past them must be 0 up to the next multiple of 16 (8 on SIMT fp64, 4 fp32).
-// kWg: on wgmma (wg_gemm_xb; b in core-matrix layout, scratch and live unused).
+// dim kD + kPad). P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T, or
+// split for 3xTF32) and load each B fragment once for every group; SIMT (fp64) goes through
+// `scratch`, this warp's 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b
+// that exist; the columns of x past them must be 0 up to the next multiple of 16 (8 for fp32 and
+// fp64). kWg: on wgmma (wg_gemm_xb; b in core-matrix layout, scratch and live unused).
 template <typename T, int kD, bool kWg = false, int kG, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, int live,
                          acc* scratch, int lane) {
@@ -569,6 +684,8 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const
         }
       }
     }
+  } else if constexpr (kTf32x3<T>) {
+    gemm_xb_tf32<kD>(c, x, b, col0, live, lane);
   } else {
     for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, live, scratch, lane);
   }

@@ -59,7 +59,7 @@ struct BwdTiles {
     return p.B * p.H * ceil_div(p.Nq, kBlock) * dq_chunks(p);
   }
   static constexpr int kLd = kWgmma ? kD : kD + kPad;
-  static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
+  static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
   // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
   // (dkdv_kernel); the SIMT scratch.
   static constexpr int smem_bytes(int stages) {

@@ -81,7 +81,7 @@ struct FwdTiles {
     return p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks(p);
   }
   static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
-  static constexpr int kScratch = kTensor ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
+  static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
   static constexpr int smem_bytes(int stages) {
     return (kBlockM * kLd + stages * kBlockN * (kLd + kLdV)) * static_cast<int>(sizeof(T)) +
            kScratch * static_cast<int>(sizeof(acc));
