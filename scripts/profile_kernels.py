@@ -30,6 +30,7 @@ CASES = OrderedDict([
     ("softmax_vision", ("softmax", "bfloat16", 128, 4, 784, 64)),
     ("softmax_vision_d32", ("softmax", "bfloat16", 128, 2, 3136, 32)),
     ("softmax_long", ("softmax", "bfloat16", 8, 16, 4096, 64)),
+    ("softmax_vision_fp32", ("softmax", "float32", 128, 4, 784, 64)),  # 3xTF32 (session 27)
 ])
 METRICS = OrderedDict([
     ("gpu__time_duration.sum", "ns"),

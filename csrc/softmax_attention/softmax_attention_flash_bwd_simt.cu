@@ -1,4 +1,4 @@
-// Flash backward, fp32/fp64 on the FMA pipes in true fp32 / fp64 (softmax_attention_flash_bwd.cuh).
+// Flash backward, fp32 on the tensor cores in 3xTF32 and fp64 on the FMA pipes (softmax_attention_flash_bwd.cuh).
 #include "softmax_attention/softmax_attention_flash_bwd.cuh"
 
 namespace sola {

@@ -1,4 +1,4 @@
-// Flash forward, fp32/fp64 on the FMA pipes in true fp32 / fp64 (softmax_attention_flash_fwd.cuh).
+// Flash forward, fp32 on the tensor cores in 3xTF32 and fp64 on the FMA pipes (softmax_attention_flash_fwd.cuh).
 #include "softmax_attention/softmax_attention_flash_fwd.cuh"
 
 namespace sola {
