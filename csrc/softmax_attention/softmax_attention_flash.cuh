@@ -38,9 +38,12 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kWarpRows = 16;
 constexpr int kBlockRows = kWarps * kWarpRows;
-// Shared-memory rows are padded by 8 elements (16 bytes): the 8 rows a fragment load touches
-// then start in different banks, and rows stay 16-byte aligned for cp.async.
-constexpr int kPad = 8;
+// Shared-memory rows are padded by 16 bytes (8 elements; 4 for fp32, 8 for fp64's SIMT): a row
+// stride of an odd number of 16-byte units, so the 8 rows a fragment load touches start in
+// different banks, and rows stay 16-byte aligned for cp.async. (fp32 padded by 8 had rows r and
+// r + 4 of each ldmatrix in the same banks: 2 wavefronts per fragment.)
+template <typename T>
+constexpr int kPad = std::is_same_v<T, float> ? 4 : 8;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -269,7 +272,7 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 }
 
 // Consecutive kRows x kCols tiles (kCols a multiple of 8) of rows row0, row0 + kRows, .. of
-// x(b, h), columns col0 .., copied to shared tiles with leading dim kCols + kPad: element [r][c]
+// x(b, h), columns col0 .., copied to shared tiles with leading dim kCols + kPad<T>: element [r][c]
 // is x(b, h, row)[col0 + c] for the first `rows` rows from row0 and col0 + c < cols, else 0.
 // A thread copies the same column piece of every kRowsPerPass-th row, so it keeps one source
 // address and steps it (a 64-bit b * sb + h * sh + row * sn per piece cost ~45 instructions,
@@ -284,7 +287,7 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 // stores cover all 8 bank groups of a core matrix (row-major pieces would hit 4 of them twice).
 template <int kRows, int kCols, typename T, bool kCore = false>
 struct TileStream {
-  static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCore ? kCols : kCols + kPad;
+  static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCore ? kCols : kCols + kPad<T>;
   static_assert(kThreads % kPieces == 0 && kRows % (kThreads / kPieces) == 0, "a tile must be whole passes");
   static_assert(!kCore || (16 % kPieces == 0 && kV == 8), "core-matrix tiles: 16-bit, 32 to 128 columns");
   // Rows one pass covers; a multiple of 8 in the core layout, where rows r and r + kRowsPerPass are
@@ -444,14 +447,15 @@ SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4]
 
 // ---- fp32 on tensor cores: 3xTF32 -------------------------------------------------------------
 // An fp32 product as three tf32 mma.sync m16n8k8 (mma_tf32.cuh): a b ~ ah bh + ah bl + al bh with
-// x = xh + xl split into tf32 parts; the dropped al bl and the rounding of xl cost ~2^-21 relative,
-// fp32-level accuracy at tensor-core speed (CUTLASS's "FastF32", which SDPA's efficient backend runs
+// x = xh + xl split into tf32 parts; the dropped al bl and the rounding of xl cost up to ~2^-20
+// relative (xh truncated: |xl| < 2^-10 |x|), fp32-level accuracy at tensor-core speed (CUTLASS's "FastF32", which SDPA's efficient backend runs
 // for fp32). The accumulators have the m16n8k16 C layout (the same as m16n8k8's), so masking, the
 // softmax and the epilogues are shared. Fragments: a 16-byte row of 4 fp32 is a row of one of
 // ldmatrix's 8x8 16-bit matrices, so a non-transposed ldmatrix.x4 gives lane (g, t) element [g][t]
 // of four 8x4 fp32 blocks: A and, for A B^T, B as they stand. X B (P V, ...) takes x's accumulator
 // pairs (columns 2t, 2t + 1) as A's k slots t and t + 4, so B's rows are read in that order (b0 =
-// row 2t, b1 = row 2t + 1: the sum over k is the same), element by element.
+// row 2t, b1 = row 2t + 1: the sum over k is the same), element by element (banks 8t + g with
+// fp32's row stride: no conflicts).
 
 // fp32 operands for the 3xTF32 mma (SIMT for fp64).
 template <typename T>
@@ -468,8 +472,10 @@ struct Tf32Frag {
 // lo of a finite nonzero x is never 0 (FLT_MIN with x's sign instead, which adds nothing next to any
 // hi of the other operand short of 1e38): an inf in the other operand then meets lo as inf * hi
 // does, with the same sign, not as inf * 0 = NaN, and infinities come out as fp32 FMAs give them.
-// x = 0 keeps lo = 0 (0 * inf is NaN either way; a P of 0 must add exactly nothing). An inf or NaN x
-// goes whole into hi, lo 0.
+// x = 0 keeps lo = 0 (0 * inf is NaN either way; a P of 0 must add exactly nothing). An inf goes
+// whole into hi, lo 0; a NaN as the canonical one (the tensor cores would read a NaN whose payload
+// sits in the low 13 bits as an inf). A subnormal x below 2^-136 has hi = 0 and meets an inf as
+// 0 * inf = NaN (fp32 gives +-inf): far below any attention input.
 template <int kN>
 SOLA_HD Tf32Frag<kN> split_tf32(const uint32_t (&x)[kN]) {
   Tf32Frag<kN> f;
@@ -477,7 +483,7 @@ SOLA_HD Tf32Frag<kN> split_tf32(const uint32_t (&x)[kN]) {
   for (int i = 0; i < kN; ++i) {
     const uint32_t u = x[i], hi = u & 0xffffe000u;
     if ((u & 0x7f800000u) == 0x7f800000u) {
-      f.hi[i] = u, f.lo[i] = 0u;
+      f.hi[i] = (u & 0x007fffffu) ? 0x7fffffffu : u, f.lo[i] = 0u;
       continue;
     }
     const uint32_t lo = tf32::round(tf32::from_bits(u) - tf32::from_bits(hi));
@@ -498,7 +504,7 @@ SOLA_HD void mma_3xtf32(float (&d)[4], const Tf32Frag<4>& a, const Tf32Frag<2>& 
 // pairs loaded once for every group.
 template <int kD, int kG, int kNT>
 SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const float* bt, int live, int lane) {
-  constexpr int kLd = kD + kPad;
+  constexpr int kLd = kD + kPad<float>;
   const int i = lane / 8;
 #pragma unroll
   for (int g = 0; g < kG; ++g) zero(c[g]);
@@ -531,7 +537,7 @@ SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const
 template <int kD, int kG, int kXT, int kOT>
 SOLA_HD void gemm_xb_tf32(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const float* b, int col0, int live,
                           int lane) {
-  constexpr int kLd = kD + kPad;
+  constexpr int kLd = kD + kPad<float>;
 #pragma unroll
   for (int kk = 0; kk < kXT; ++kk) {  // rows 8 kk .. 8 kk + 7 of b
     if (8 * kk >= live) continue;
@@ -559,7 +565,7 @@ SOLA_HD void gemm_xb_tf32(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], 
 // and, per n8 tile, rows 2t, 2t+1 of B^T; 16-byte loads along k.
 template <typename T, int kD, int kNT, typename acc>
 SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
-  constexpr int kLd = kD + kPad;
+  constexpr int kLd = kD + kPad<T>;
   const T* a_lo = a + (a0 + lane / 4) * kLd;
   const T* b_lane = bt + 2 * (lane % 4) * kLd;
   for (int k = 0; k < kD; k += kVec16<T>) {
@@ -580,7 +586,7 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 }
 
 // c[g][16 x 8 kNT] = A_g B^T over kD columns for kG groups of 16 rows: A_g = rows a0 + 16 g ..
-// a0 + 16 g + 15 of tile a, B^T = the first 8 kNT rows of tile bt (both leading dim kD + kPad).
+// a0 + 16 g + 15 of tile a, B^T = the first 8 kNT rows of tile bt (both leading dim kD + kPad<T>).
 // Q K^T, K Q^T, dO V^T, V dO^T. On tensor cores each B fragment loaded serves every group.
 // `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them stay 0
 // (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. (The wgmma
@@ -588,7 +594,7 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 // fp32 on them in 3xTF32, fp64 on SIMT.
 template <typename T, int kD, int kG, int kNT, typename acc>
 SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
-  constexpr int kLd = kD + kPad;
+  constexpr int kLd = kD + kPad<T>;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
     for (int g = 0; g < kG; ++g) zero(c[g]);
@@ -627,7 +633,7 @@ constexpr int kScratchLd = kCols + kVec16<acc>;
 template <typename T, int kD, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T* b, int col0, int live, acc* scratch,
                               int lane) {
-  constexpr int kLd = kD + kPad;
+  constexpr int kLd = kD + kPad<T>;
   constexpr int kLdX = kScratchLd<acc, 8 * kXT>;
 #pragma unroll
   for (int n = 0; n < kXT; ++n)
@@ -656,7 +662,7 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 
 // c[g][16 x 8 kOT] += X_g B for kG groups: X_g = the warp's 16 x 8 kXT accumulator tile x[g] (P,
 // P^T, dS or dS^T), B = rows 0 .. 8 kXT - 1, columns col0 .. col0 + 8 kOT - 1 of tile b (leading
-// dim kD + kPad). P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T, or
+// dim kD + kPad<T>). P V, P^T dO, dS^T Q, dS K. Tensor cores take x from registers (rounded to T, or
 // split for 3xTF32) and load each B fragment once for every group; SIMT (fp64) goes through
 // `scratch`, this warp's 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b
 // that exist; the columns of x past them must be 0 up to the next multiple of 16 (8 for fp32 and
@@ -664,7 +670,7 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 template <typename T, int kD, bool kWg = false, int kG, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, int live,
                          acc* scratch, int lane) {
-  constexpr int kLd = kD + kPad;
+  constexpr int kLd = kD + kPad<T>;
   if constexpr (kWg) {
     wg_gemm_xb<T, kD>(c, x, b, col0);
   } else if constexpr (kIsHalfType<T>) {
@@ -694,7 +700,7 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const
 // Bytes of a row-padded shared-memory tile of `rows` x kCols.
 template <typename T, int kCols>
 constexpr int tile_bytes(int rows) {
-  return rows * (kCols + kPad) * static_cast<int>(sizeof(T));
+  return rows * (kCols + kPad<T>) * static_cast<int>(sizeof(T));
 }
 
 }  // namespace flash

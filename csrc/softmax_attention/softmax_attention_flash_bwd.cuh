@@ -1,5 +1,5 @@
 // Flash backward of non-causal softmax attention, one tiling for all dtypes (tensor cores for
-// fp16/bf16, SIMT for fp32/fp64; softmax_attention_flash.cuh). The probabilities
+// fp16/bf16, 3xTF32 on them for fp32, SIMT for fp64; softmax_attention_flash.cuh). The probabilities
 // are recomputed from q, k and the saved lse: P = exp(scale q k^T - lse), dP = dO V^T,
 // dS = P (dP - delta) with delta = rowsum(dO * O) computed beforehand. Two kernels, each owning
 // its output rows, so nothing is accumulated across blocks and the result is bitwise reproducible:
@@ -58,7 +58,7 @@ struct BwdTiles {
   static SOLA_HD int64_t dq_tiles(const SoftmaxAttentionParams& p) {
     return p.B * p.H * ceil_div(p.Nq, kBlock) * dq_chunks(p);
   }
-  static constexpr int kLd = kWgmma ? kD : kD + kPad;
+  static constexpr int kLd = kWgmma ? kD : kD + kPad<T>;
   static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
   // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
   // (dkdv_kernel); the SIMT scratch.

@@ -27,12 +27,12 @@ struct FwdAligned {
 };
 
 // The K / V tiles of one head's keys through a ring of kStages shared-memory stages, filled kAhead
-// tiles ahead by cp.async (kCore: wgmma's core-matrix layout, else rows padded by kPad). Every
+// tiles ahead by cp.async (kCore: wgmma's core-matrix layout, else rows padded by kPad<T>). Every
 // thread commits one copy group per tile, empty past the last, so "tile j has landed" is always
 // "all but this thread's newest kAhead - 1 groups have" (wait_tile), whatever Nk.
 template <typename T, int kStages, int kAhead, int kBlockN, int kD, int kDOut, bool kCore = false>
 struct KvRing {
-  static constexpr int kLdK = kCore ? kD : kD + kPad, kLdV = kCore ? kDOut : kDOut + kPad;
+  static constexpr int kLdK = kCore ? kD : kD + kPad<T>, kLdV = kCore ? kDOut : kDOut + kPad<T>;
   static constexpr int kStageElems = kBlockN * (kLdK + kLdV);
   TileStream<kBlockN, kD, T, kCore> keys;
   TileStream<kBlockN, kDOut, T, kCore> values;
@@ -80,7 +80,7 @@ struct FwdTiles {
   static SOLA_HD int64_t tiles(const SoftmaxAttentionParams& p) {
     return p.B * p.H * ceil_div(p.Nq, kBlockM) * chunks(p);
   }
-  static constexpr int kLd = kD + kPad, kLdV = kDOut + kPad;
+  static constexpr int kLd = kD + kPad<T>, kLdV = kDOut + kPad<T>;
   static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
   static constexpr int smem_bytes(int stages) {
     return (kBlockM * kLd + stages * kBlockN * (kLd + kLdV)) * static_cast<int>(sizeof(T)) +

@@ -1,7 +1,7 @@
 // CUDA forward of non-causal softmax attention. On sm_80+ the flash kernel runs
-// (softmax_attention_flash_fwd.cuh: tensor cores for fp16/bf16, SIMT for fp32/fp64). GPUs before
-// sm_80 and tiles beyond the device's shared memory (fp64 at head dims past 128) take the row
-// kernel here: one warp per query row walks over all keys
+// (softmax_attention_flash_fwd.cuh: tensor cores for fp16/bf16, 3xTF32 on them for fp32, SIMT for
+// fp64). GPUs before sm_80 and tiles beyond the device's shared memory (fp64 at head dims past 128)
+// take the row kernel here: one warp per query row walks over all keys
 // with an online softmax (running max m, running sum l), so memory is O(rows * D) and no score
 // matrix exists. Lanes hold q_i and the output accumulator in slots d = lane + 32 * t.
 #include <limits>
