@@ -160,13 +160,18 @@ def main():
                   fused, ref, [randn(B, H, N, Dk), randn(B, H, N, Dk), randn(B, H, N, Dv)], dtype, failures)
     # depthwise 3x3 conv (+ residual): a block shape taking the vector kernels (C = 64, rows past one
     # strip), and a slice with an odd channel count (the one-channel kernels); weight and bias grads too.
+    # Stride 2 with relu (the downsample's conv; its input gradient is the transposed kernel) on odd
+    # sizes, 37 rows giving 19 output rows (past one strip).
     for dtype in dtypes:
-        for B, H, W, Ch, sl in ((2, 19, 7, 64, False), (1, 5, 3, 7, True)):
-            def dw(x, w, b, sl=sl, fn=sola_ops.depthwise_conv3x3):
-                return fn(x[..., 1:] if sl else x, w, b, residual=True)
-            check(f"dwconv {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch}{' slice' if sl else ''}", dw,
-                  partial(dw, fn=reference.depthwise_conv3x3), [randn(B, H, W, Ch + sl), randn(Ch, 1, 3, 3), randn(Ch)],
-                  dtype, failures)
+        for B, H, W, Ch, sl, stride in ((2, 19, 7, 64, False, 1), (1, 5, 3, 7, True, 1), (2, 37, 9, 64, False, 2),
+                                        (1, 6, 5, 7, True, 2)):
+            def dw(x, w, b, sl=sl, stride=stride, fn=sola_ops.depthwise_conv3x3):
+                if stride == 1:
+                    return fn(x[..., 1:] if sl else x, w, b, residual=True)
+                return fn(x[..., 1:] if sl else x, w, b, activation="relu", stride=2)
+            check(f"dwconv {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} /{stride}{' slice' if sl else ''}",
+                  dw, partial(dw, fn=reference.depthwise_conv3x3),
+                  [randn(B, H, W, Ch + sl), randn(Ch, 1, 3, 3), randn(Ch)], dtype, failures)
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
