@@ -72,8 +72,9 @@ struct BwdTiles {
   static constexpr int kSmem = smem_bytes(kStages);
   // Blocks per SM the register allocation must allow (0: ptxas decides): 3 on tensor cores up to
   // head dim 64 with one row group (left alone ptxas took 164-224 registers there: 2 blocks for
-  // dkdv at 64), 2 with two (255 registers).
-  static constexpr int kMinBlocks = kGroups == 2 ? 2 : kTensor && kD <= 64 ? 3 : 0;
+  // dkdv at 64), 2 with two (255 registers); 1 for fp32 at head dim 256 (left alone ptxas held
+  // dq_kernel to 128 registers and spilled 60 bytes; with 1 it takes 145, no spill).
+  static constexpr int kMinBlocks = kGroups == 2 ? 2 : kTensor && kD <= 64 ? 3 : kTf32x3<T> && kD > 128 ? 1 : 0;
 };
 
 // dkdv_kernel's tiles. With two groups past head dim 32 it streams 32 queries per step: its dK
