@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
-from ._dwconv import check_activation, check_dwconv_args
+from ._dwconv import check_activation, check_dwconv_args, check_stride
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "reference", "build_info",
@@ -140,6 +140,7 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     (x,) = _autocast(x)
     check_dwconv_args(x, weight, bias)
     activation = "none" if activation is None else activation
+    stride = check_stride(stride)
     check_activation(activation, residual, stride)
     return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation, stride)
 

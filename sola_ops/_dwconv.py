@@ -1,5 +1,7 @@
 """depthwise_conv3x3's argument checks, fake (meta) implementations and autograd; the op itself is in
 csrc/dwconv (schema in csrc/sola.cpp)."""
+import operator
+
 import torch
 
 from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
@@ -8,12 +10,22 @@ from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
 ACTIVATIONS = ("none", "silu", "relu")
 
 
+def check_stride(stride):
+    """stride as a Python int: 1 or 2 (any integer type, not a bool or a float)."""
+    try:
+        value = operator.index(stride)
+    except TypeError:
+        value = None
+    if isinstance(stride, bool) or value not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r} ({type(stride).__name__})")
+    return value
+
+
 def check_activation(activation, residual, stride=1):
     """activation one of ACTIVATIONS, stride 1 or 2 (an int), residual only without either."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be 'none', 'silu' or 'relu', got {activation!r}")
-    if type(stride) is not int or stride not in (1, 2):
-        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    stride = check_stride(stride)
     if activation != "none" and residual:
         raise ValueError(f"residual and activation={activation!r} cannot be combined")
     if residual and stride != 1:
