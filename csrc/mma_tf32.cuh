@@ -81,6 +81,49 @@ SOLA_HD void mma_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 #endif
 }
 
+// ---- 3xTF32: fp32 products on the tensor cores ------------------------------------------------
+// a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi in three mmas; the dropped a_lo b_lo and the rounding of lo
+// cost up to ~2^-20 relative (hi truncated: |lo| < 2^-10 |x|): fp32-level accuracy.
+
+// x (as bits) = hi + lo for 3xTF32, unlike `split` exact enough for fp32 results and for their
+// infinities: hi its top tf32 bits (truncated, so lo keeps x's sign), lo the rest rounded to tf32.
+// lo of a finite nonzero x is never 0 (FLT_MIN with x's sign instead, which adds nothing next to any
+// hi of the other operand short of 1e38): an inf in the other operand then meets lo as inf * hi
+// does, with the same sign, not as inf * 0 = NaN, and infinities come out as fp32 FMAs give them.
+// x = 0 keeps lo = 0 (0 * inf is NaN either way; a product with 0 must add exactly nothing). An inf
+// goes whole into hi, lo 0; a NaN as the canonical one (the tensor cores would read a NaN whose
+// payload sits in the low 13 bits as an inf). A subnormal x below 2^-136 has hi = 0 and meets an inf
+// as 0 * inf = NaN (fp32 gives +-inf).
+SOLA_HD Split split3(uint32_t u) {
+  if ((u & 0x7f800000u) == 0x7f800000u) return {(u & 0x007fffffu) ? 0x7fffffffu : u, 0u};
+  const uint32_t hi = u & 0xffffe000u, lo = round(from_bits(u) - from_bits(hi));
+  return {hi, (lo & 0x7fffffffu) || !(u & 0x7fffffffu) ? lo : (u & 0x80000000u) | 0x00800000u};
+}
+
+// A fragment's registers split by split3.
+template <int kN>
+struct Frag {
+  uint32_t hi[kN], lo[kN];
+};
+
+template <int kN>
+SOLA_HD Frag<kN> split3(const uint32_t (&x)[kN]) {
+  Frag<kN> f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const Split s = split3(x[i]);
+    f.hi[i] = s.hi, f.lo[i] = s.lo;
+  }
+  return f;
+}
+
+// d += a b in 3xTF32, the small terms first.
+SOLA_HD void mma_3x(float (&d)[4], const Frag<4>& a, const Frag<2>& b) {
+  mma_1688(d, a.lo, b.hi);
+  mma_1688(d, a.hi, b.lo);
+  mma_1688(d, a.hi, b.hi);
+}
+
 // Row and column (within a warp's 16 x 8 tile) of accumulator element e.
 SOLA_HD int acc_row(int e, int lane) { return lane / 4 + 8 * (e >> 1); }
 SOLA_HD int acc_col(int e, int lane) { return 2 * (lane % 4) + (e & 1); }

@@ -133,17 +133,20 @@ class SoLAVision(nn.Module):
 
     # ---- attention implementation --------------------------------------------------------------
 
+    def _impl_modules(self):
+        """The modules with an attn_impl: token mixers (their blocks' convs follow them), downsamples."""
+        return (m for m in self.modules() if isinstance(m, (AttentionMixer, Downsample)))
+
     @property
     def attn_impl(self) -> str:
-        impls = {m.attn_impl for m in self.modules() if isinstance(m, (AttentionMixer, Downsample))}
+        impls = {m.attn_impl for m in self._impl_modules()}
         return impls.pop() if len(impls) == 1 else "mixed"
 
     def set_attn_impl(self, attn_impl: str) -> "SoLAVision":
         """Runs the same weights with the sola_ops kernels ("sola") or plain PyTorch ("torch")."""
         check_attn_impl(attn_impl)
-        for m in self.modules():
-            if isinstance(m, (AttentionMixer, Downsample)):  # mixers (the blocks follow them), downsamples
-                m.attn_impl = attn_impl
+        for m in self._impl_modules():
+            m.attn_impl = attn_impl
         return self
 
     # ---- timm interface --------------------------------------------------------------------

@@ -60,6 +60,16 @@ class RowWindow {
   int64_t b_[3] = {-1, -1, -1}, row_[3] = {0, 0, 0};  // what each buffer holds
 };
 
+// The taps as the kernels convolve with them (dw_tap), tap-major ((9, C)): the loops over channels
+// read them as vectors.
+template <typename acc>
+std::vector<acc> tap_major(const DwconvParams& p) {
+  std::vector<acc> taps(kDwTaps * p.C);
+  for (int64_t c = 0; c < p.C; ++c)
+    for (int t = 0; t < kDwTaps; ++t) taps[t * p.C + c] = dw_tap<acc>(p, c, t);
+  return taps;
+}
+
 // src[t] = the input vector of tap t for output column w: rows[dy] at padded column s w + dx.
 template <typename acc>
 SOLA_CPU_INLINE void tap_sources(const DwconvParams& p, const acc* const (&rows)[3], int64_t w, const acc* (&src)[kDwTaps]) {
@@ -73,9 +83,7 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t C = p.C;
   const acc* bias = static_cast<const acc*>(p.bias);
-  std::vector<acc> taps(kDwTaps * C);  // tap-major, so the loop over channels reads them as vectors
-  for (int64_t c = 0; c < C; ++c)
-    for (int t = 0; t < kDwTaps; ++t) taps[t * C + c] = dw_tap<acc>(p, c, t);
+  const std::vector<acc> taps = tap_major<acc>(p);
   RowWindow<scalar_t, acc> window(p, (p.W + 2) * C);
   std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0)), g(kEpi == DwEpilogue::SiluGrad ? C : 0);
   const acc* const start = bias ? bias : zeros.data();
@@ -109,9 +117,8 @@ template <typename scalar_t>
 SOLA_CPU_CLONES void transposed_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t C = p.C;
-  std::vector<acc> taps(kDwTaps * C), out(C), g(C);
-  for (int64_t c = 0; c < C; ++c)
-    for (int t = 0; t < kDwTaps; ++t) taps[t * C + c] = dw_tap<acc>(p, c, t);
+  const std::vector<acc> taps = tap_major<acc>(p);
+  std::vector<acc> out(C), g(C);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.H, i = r % p.H;
     for (int64_t j = 0; j < p.W; ++j) {

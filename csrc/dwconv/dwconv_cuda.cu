@@ -38,6 +38,15 @@ SOLA_DEVICE void load_vec(const View4& t, int64_t rows, int64_t cols, int64_t b,
   for (int e = 0; e < kV; ++e) dst[e] = static_cast<acc>(v.v[e]);
 }
 
+// The 9 taps of channels c .. c + kV as the kernels convolve with them (dw_tap).
+template <int kV, typename acc>
+SOLA_DEVICE void load_taps(const DwconvParams& p, int64_t c, acc (&tap)[kDwTaps][kV]) {
+#pragma unroll
+  for (int t = 0; t < kDwTaps; ++t)
+#pragma unroll
+    for (int e = 0; e < kV; ++e) tap[t][e] = dw_tap<acc>(p, c + e, t);
+}
+
 template <int kV, typename scalar_t>
 SOLA_DEVICE void store_vec(const View4& t, int64_t b, int64_t h, int64_t w, int64_t c,
                            const acc_t<scalar_t> (&src)[kV]) {
@@ -113,10 +122,7 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
     const DwItem it = dw_item(p.OH, p.OW, i, p.C / kV, narrow);
     const int64_t c = it.r0 * kV;  // the vector's first channel
     acc tap[kDwTaps][kV], b0[kV];
-#pragma unroll
-    for (int t = 0; t < kDwTaps; ++t)
-#pragma unroll
-      for (int e = 0; e < kV; ++e) tap[t][e] = dw_tap<acc>(p, c + e, t);
+    load_taps(p, c, tap);
 #pragma unroll
     for (int e = 0; e < kV; ++e) b0[e] = bias ? bias[c + e] : acc(0);
     acc win[3][3][kV];
@@ -160,10 +166,7 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_transposed_kernel(const Dwc
     const DwItem it = dw_item(p.OH, p.OW, i, p.C / kV, narrow);
     const int64_t c = it.r0 * kV, n = it.w, b = it.b;
     acc t[kDwTaps][kV];
-#pragma unroll
-    for (int k = 0; k < kDwTaps; ++k)
-#pragma unroll
-      for (int e = 0; e < kV; ++e) t[k][e] = dw_tap<acc>(p, c + e, k);
+    load_taps(p, c, t);
     acc g[2][2][kV];  // g[m + r % 2][n + col], rows in rotation
     load_vec<kV, scalar_t>(p.grad, p.OH, p.OW, b, it.h0, n, c, g[0][0]);
     load_vec<kV, scalar_t>(p.grad, p.OH, p.OW, b, it.h0, n + 1, c, g[0][1]);

@@ -1,7 +1,7 @@
 // Building blocks of the flash softmax kernels (fp16/bf16 on tensor cores, fp32 on them in 3xTF32):
-// mma.sync m16n8k16 (m16n8k8 tf32) with fp32 accumulators, fragment loads from padded shared-memory tiles, the accumulator -> A
-// operand repack that feeds P and dS to the next product straight from registers, and async
-// global -> shared tile copies.
+// mma.sync m16n8k16 (m16n8k8 tf32) with fp32 accumulators, fragment loads from padded shared-memory
+// tiles, the accumulator -> A operand repack that feeds P and dS to the next product straight from
+// registers, and async global -> shared tile copies.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4,
 // two 16-bit values per 32-bit register, the lower column / row in the low half:
@@ -446,9 +446,8 @@ SOLA_DEVICE void wg_gemm_xb(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4]
 }
 
 // ---- fp32 on tensor cores: 3xTF32 -------------------------------------------------------------
-// An fp32 product as three tf32 mma.sync m16n8k8 (mma_tf32.cuh): a b ~ ah bh + ah bl + al bh with
-// x = xh + xl split into tf32 parts; the dropped al bl and the rounding of xl cost up to ~2^-20
-// relative (xh truncated: |xl| < 2^-10 |x|), fp32-level accuracy at tensor-core speed (CUTLASS's "FastF32", which SDPA's efficient backend runs
+// An fp32 product as three tf32 mma.sync m16n8k8 (mma_tf32.cuh: tf32::split3, tf32::mma_3x),
+// fp32-level accuracy at tensor-core speed (CUTLASS's "FastF32", which SDPA's efficient backend runs
 // for fp32). The accumulators have the m16n8k16 C layout (the same as m16n8k8's), so masking, the
 // softmax and the epilogues are shared. Fragments: a 16-byte row of 4 fp32 is a row of one of
 // ldmatrix's 8x8 16-bit matrices, so a non-transposed ldmatrix.x4 gives lane (g, t) element [g][t]
@@ -463,43 +462,6 @@ constexpr bool kTf32x3 = std::is_same_v<T, float>;
 template <typename T>
 constexpr bool kSimt = !kIsHalfType<T> && !kTf32x3<T>;
 
-template <int kN>
-struct Tf32Frag {
-  uint32_t hi[kN], lo[kN];
-};
-
-// x = hi + lo: hi its top tf32 bits (truncated, so lo keeps x's sign), lo the rest rounded to tf32.
-// lo of a finite nonzero x is never 0 (FLT_MIN with x's sign instead, which adds nothing next to any
-// hi of the other operand short of 1e38): an inf in the other operand then meets lo as inf * hi
-// does, with the same sign, not as inf * 0 = NaN, and infinities come out as fp32 FMAs give them.
-// x = 0 keeps lo = 0 (0 * inf is NaN either way; a P of 0 must add exactly nothing). An inf goes
-// whole into hi, lo 0; a NaN as the canonical one (the tensor cores would read a NaN whose payload
-// sits in the low 13 bits as an inf). A subnormal x below 2^-136 has hi = 0 and meets an inf as
-// 0 * inf = NaN (fp32 gives +-inf): far below any attention input.
-template <int kN>
-SOLA_HD Tf32Frag<kN> split_tf32(const uint32_t (&x)[kN]) {
-  Tf32Frag<kN> f;
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-    const uint32_t u = x[i], hi = u & 0xffffe000u;
-    if ((u & 0x7f800000u) == 0x7f800000u) {
-      f.hi[i] = (u & 0x007fffffu) ? 0x7fffffffu : u, f.lo[i] = 0u;
-      continue;
-    }
-    const uint32_t lo = tf32::round(tf32::from_bits(u) - tf32::from_bits(hi));
-    f.hi[i] = hi;
-    f.lo[i] = (lo & 0x7fffffffu) || !(u & 0x7fffffffu) ? lo : (u & 0x80000000u) | 0x00800000u;
-  }
-  return f;
-}
-
-// d += a b in 3xTF32, the small terms first.
-SOLA_HD void mma_3xtf32(float (&d)[4], const Tf32Frag<4>& a, const Tf32Frag<2>& b) {
-  tf32::mma_1688(d, a.lo, b.hi);
-  tf32::mma_1688(d, a.hi, b.lo);
-  tf32::mma_1688(d, a.hi, b.hi);
-}
-
 // 3xTF32 c[g][16 x 8 kNT] = A_g B^T (gemm_abt's contract): k in steps of 8, B fragments of n8 tile
 // pairs loaded once for every group.
 template <int kD, int kG, int kNT>
@@ -510,12 +472,12 @@ SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const
   for (int g = 0; g < kG; ++g) zero(c[g]);
 #pragma unroll
   for (int kk = 0; kk < kD / 8; ++kk) {
-    Tf32Frag<4> af[kG];
+    tf32::Frag<4> af[kG];
 #pragma unroll
     for (int g = 0; g < kG; ++g) {  // matrices: rows +0 / +8 (i % 2), columns +0 / +4 (i / 2)
       uint32_t r[4];
       ldmatrix_x4<false>(r, a + (a0 + kWarpRows * g + lane % 8 + 8 * (i % 2)) * kLd + 8 * kk + 4 * (i / 2));
-      af[g] = split_tf32(r);
+      af[g] = tf32::split3(r);
     }
 #pragma unroll
     for (int n = 0; n < kNT; n += 2) {
@@ -523,11 +485,11 @@ SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const
       uint32_t r[4];  // matrices: columns +0 / +4 (i % 2) of n8 tiles n, n + 1 (i / 2)
       ldmatrix_x4<false>(r, bt + (8 * n + lane % 8 + 8 * (i / 2)) * kLd + 8 * kk + 4 * (i % 2));
       const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      const Tf32Frag<2> bf0 = split_tf32(b0), bf1 = split_tf32(b1);
+      const tf32::Frag<2> bf0 = tf32::split3(b0), bf1 = tf32::split3(b1);
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
-        mma_3xtf32(c[g][n], af[g], bf0);
-        mma_3xtf32(c[g][n + 1], af[g], bf1);
+        tf32::mma_3x(c[g][n], af[g], bf0);
+        tf32::mma_3x(c[g][n + 1], af[g], bf1);
       }
     }
   }
@@ -541,20 +503,20 @@ SOLA_HD void gemm_xb_tf32(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], 
 #pragma unroll
   for (int kk = 0; kk < kXT; ++kk) {  // rows 8 kk .. 8 kk + 7 of b
     if (8 * kk >= live) continue;
-    Tf32Frag<4> xf[kG];
+    tf32::Frag<4> xf[kG];
 #pragma unroll
     for (int g = 0; g < kG; ++g) {  // k slot t: column 2t, slot t + 4: column 2t + 1
       const float* e = x[g][kk];
       const uint32_t r[4] = {tf32::bits(e[0]), tf32::bits(e[2]), tf32::bits(e[1]), tf32::bits(e[3])};
-      xf[g] = split_tf32(r);
+      xf[g] = tf32::split3(r);
     }
     const float* row = b + (8 * kk + 2 * (lane % 4)) * kLd + col0 + lane / 4;  // b0: row 2t, b1: row 2t + 1
 #pragma unroll
     for (int n = 0; n < kOT; ++n) {
       const uint32_t r[2] = {tf32::bits(row[8 * n]), tf32::bits(row[kLd + 8 * n])};
-      const Tf32Frag<2> bf = split_tf32(r);
+      const tf32::Frag<2> bf = tf32::split3(r);
 #pragma unroll
-      for (int g = 0; g < kG; ++g) mma_3xtf32(c[g][n], xf[g], bf);
+      for (int g = 0; g < kG; ++g) tf32::mma_3x(c[g][n], xf[g], bf);
     }
   }
 }
