@@ -2,15 +2,17 @@
 in-block conv: silu(conv(x))) and its downsamples do (relu(conv(x)) at stride 2, on the expanded tensor):
 sola_ops.depthwise_conv3x3 against PyTorch's conv2d on the channels-last view (cuDNN on CUDA), forward
 and forward + backward (input, weight and bias gradients), under bf16 autocast with fp32 parameters
-as the model bench runs, on sola_vision_tiny's block and downsample shapes.
+as the model bench runs, on sola_vision_tiny's block and downsample shapes. Also the blocks' LayerNorm:
+sola_ops.layer_norm (bf16 in, bf16 out) against nn.LayerNorm under autocast (fp32 out, as torch runs it).
 
     python bench/dwconv.py --out bench/results/nvidia-h200_dwconv.json     # CUDA: 224 px b128, 1024 px b8
     python bench/dwconv.py --device cpu --tiny                                # a smoke test
 
-Rows follow DESIGN.md's format (op "depthwise_conv3x3", impl "sola_ops" or "torch", Nq = H * W tokens,
-D = channels, img_hw (the input's), case "dwconv_residual", "dwconv_silu" or "dwconv_downsample"); GB/s counts
-the bytes a fused kernel must move: the forward reads x and writes out, the backward reads the gradient and
-x (and out, for relu's mask) and writes dx. The baseline of ratio_to_best_baseline is "torch".
+Rows follow DESIGN.md's format (op "depthwise_conv3x3" or "layer_norm", impl "sola_ops" or "torch", Nq = H * W
+tokens, D = channels, img_hw (the input's), case "dwconv_residual", "dwconv_silu", "dwconv_downsample" or
+"layer_norm"); GB/s counts the bytes a fused kernel must move in x's dtype: the forward reads x and writes out,
+the backward reads the gradient and x (and out, for relu's mask) and writes dx. The baseline of
+ratio_to_best_baseline is "torch".
 """
 import argparse
 import contextlib
@@ -40,7 +42,17 @@ FORMS = {"residual": (1, True, None), "silu": (1, False, "silu"), "downsample": 
 ACTIVATIONS = {None: lambda y: y, "silu": torch.nn.functional.silu, "relu": torch.relu}
 
 
+def make_module(form, channels, device):
+    """The layer whose parameters a form uses: the depthwise conv, or the LayerNorm."""
+    if form == "layer_norm":
+        return torch.nn.LayerNorm(channels, device=device)
+    return torch.nn.Conv2d(channels, channels, 3, stride=FORMS[form][0], padding=1, groups=channels, device=device)
+
+
 def impls(sola_ops, form):
+    if form == "layer_norm":
+        return {"sola_ops": lambda x, norm: sola_ops.layer_norm(x, norm.weight, norm.bias, norm.eps),
+                "torch": lambda x, norm: norm(x)}
     stride, residual, activation = FORMS[form]
 
     def torch_conv(x, conv):
@@ -57,10 +69,11 @@ def impls(sola_ops, form):
 def cases(device, tiny):
     """(shape, form) pairs to time."""
     if tiny:
-        return list(itertools.product(TINY_SHAPES, FORMS))
+        return list(itertools.product(TINY_SHAPES, (*FORMS, "layer_norm")))
     cuda = device.type == "cuda"
     block, down = (CUDA_SHAPES, CUDA_DOWNSAMPLE_SHAPES) if cuda else (CPU_SHAPES, CPU_DOWNSAMPLE_SHAPES)
-    return list(itertools.product(block, ("residual", "silu"))) + [(shape, "downsample") for shape in down]
+    return (list(itertools.product(block, ("residual", "silu"))) + [(shape, "downsample") for shape in down] +
+            [(shape, "layer_norm") for shape in block])
 
 
 def run(device, args, data):
@@ -73,32 +86,34 @@ def run(device, args, data):
     low = dtype in (torch.float16, torch.bfloat16)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if low else contextlib.nullcontext
     for (B, H, W, Ch), form in cases(device, args.tiny):
-        conv = torch.nn.Conv2d(Ch, Ch, 3, stride=FORMS[form][0], padding=1, groups=Ch, device=device)
+        module = make_module(form, Ch, device)
+        op = "layer_norm" if form == "layer_norm" else "depthwise_conv3x3"
         x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
         fns = impls(sola_ops, form)
         with ctx():
-            outs = {name: fn(x, conv) for name, fn in fns.items()}
+            outs = {name: fn(x, module) for name, fn in fns.items()}
         g = torch.randn_like(outs["torch"])
         diff = (outs["sola_ops"].double() - outs["torch"].double()).abs().max().item()
         for name, fn in fns.items():
             xg = x.detach().requires_grad_(True)
-            params = [xg, conv.weight, conv.bias]
+            params = [xg, *module.parameters()]
             passes = {
-                "fwd": lambda: torch.no_grad()(fn)(x, conv),
-                "fwd_bwd": lambda: torch.autograd.grad(fn(xg, conv), params, g),
+                "fwd": lambda: torch.no_grad()(fn)(x, module),
+                "fwd_bwd": lambda: torch.autograd.grad(fn(xg, module), params, g),
             }
             for pass_, step in passes.items():
                 try:
                     ms, _ = C.time_fn(step, device, reps, warmup=3, ctx=ctx)
                 except RuntimeError as e:
-                    skipped.append({"op": "depthwise_conv3x3", "impl": name, "pass": pass_, "reason": C.short_reason(e)})
+                    skipped.append({"op": op, "impl": name, "pass": pass_, "reason": C.short_reason(e)})
                     continue
                 out_elems = outs[name].numel()
                 elems = x.numel() + out_elems  # forward: x in, out out
                 if pass_ == "fwd_bwd":  # backward: the gradient, x (and out for relu's mask) in, dx out
                     elems += out_elems * (2 if form == "downsample" else 1) + 2 * x.numel()
-                rows.append(C.make_row(op="depthwise_conv3x3", impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
-                                       Nq=H * W, D=Ch, ms=C.sig(ms), case=f"dwconv_{form}", img_hw=[H, W],
+                case = form if form == "layer_norm" else f"dwconv_{form}"
+                rows.append(C.make_row(op=op, impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
+                                       Nq=H * W, D=Ch, ms=C.sig(ms), case=case, img_hw=[H, W],
                                        GBps=C.sig(elems * x.element_size() / (ms * 1e-3) / 1e9),
                                        max_abs_diff_vs_torch=C.sig(diff, 3)))
                 print(f"{name:<9} {form:<10} {pass_:<8} B={B} {H}x{W} C={Ch}: {ms:.4f} ms", flush=True)
@@ -121,7 +136,7 @@ def main(argv=None):
     run(device, args, data)
     C.add_derived(data["rows"], peak)
     for r in data["rows"]:
-        print(f"{r['impl']:<9} {r['case'][7:]:<10} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
+        print(f"{r['impl']:<9} {r['case'].removeprefix('dwconv_'):<10} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
               f"{r['ms']:>9.4f} ms {r['GBps']:>8.1f} GB/s {C.fmt(r['pct_peak'], '5.1f')}% of copy  "
               f"x{C.fmt(r['ratio_to_best_baseline'], '.2f')} vs torch")
     if args.out:

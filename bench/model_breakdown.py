@@ -8,8 +8,8 @@ step, grouped by kind, so the model issue's speed-up can be traced to the ops th
 On CUDA the times are the GPU kernels' (torch.profiler, CUDA activity), bf16 autocast as bench/models.py
 runs it; on CPU (small defaults: 224 px, batch 2, fp32) the self CPU time of each op, a smoke test of the
 grouping more than a measurement. Groups, by kernel or op name: sola_ops conv (our depthwise convs),
-sola_ops (our other kernels), sdpa (PyTorch's
-attention kernels), gemm, conv, norm, optimizer, elementwise, reduce, other.
+sola_ops norm (our LayerNorm), sola_ops (our other kernels), sdpa (PyTorch's attention kernels), gemm,
+conv, norm, optimizer, elementwise, reduce, other.
 """
 import argparse
 import os
@@ -27,6 +27,8 @@ import models as BM  # noqa: E402  (bench/models.py: the same models and steps a
 # First match wins: conv before gemm (cuDNN's convolutions are implicit GEMMs), sdpa before the rest.
 GROUPS = (
     ("sola_ops conv", ("dwconv", "depthwise_conv3x3")),  # our depthwise convs, apart from our attention
+    ("sola_ops norm", ("sola_ops::layer_norm", "ln_fwd_kernel", "ln_bwd_kernel", "ln_column_kernel",
+                       "ln_partials_sum_kernel")),  # our LayerNorm (torch's goes to "norm")
     ("sola_ops", ("sola::", "sola_ops", "void flash::")),
     ("sdpa", ("fmha", "flash_fwd", "flash_bwd", "pytorch_flash", "sdpa", "scaled_dot_product", "attention")),
     ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")),

@@ -3,7 +3,8 @@
 Tokens travel through the blocks as (B, H, W, C) ("NHWC"). The blocks' depthwise 3x3 convs (and the
 downsample's stride-2 one) run as `sola_ops.depthwise_conv3x3` on them with attn_impl="sola" (the CPE's
 residual, the activations in the same pass), as nn.Conv2d on channels-last NCHW views
-(`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way.
+(`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The blocks' LayerNorms run as
+`sola_ops.layer_norm` with "sola" (in the tokens' dtype under autocast), as nn.LayerNorm with "torch".
 """
 from collections import OrderedDict
 from typing import Tuple
@@ -190,6 +191,15 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: b
     return x + y if residual else y
 
 
+def layer_norm(norm: nn.Module, x: torch.Tensor, attn_impl: str) -> torch.Tensor:
+    """norm(x) over the channels. For "sola" an nn.LayerNorm runs as one sola_ops kernel in x's dtype:
+    under autocast torch runs layer_norm in fp32 (a cast of x in, an fp32 output, then a cast back per
+    consumer), about a sixth of the bytes a bf16 training step moves. Other norm layers run as they are."""
+    if attn_impl == "sola" and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        return sola_ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)
+
+
 class SoLABlock(nn.Module):
     """MLLA block with a swappable token mixer (`mixer`: "L" linear, "S" softmax), on (B, H, W, C):
 
@@ -221,13 +231,13 @@ class SoLABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
         x = depthwise_conv(self.cpe1, x, impl, residual=True)
-        y = self.norm1(x)
+        y = layer_norm(self.norm1, x, impl)
         gate = self.act(self.act_proj(y))
         y = depthwise_conv(self.dwc, self.in_proj(y), impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(y * gate))
         x = depthwise_conv(self.cpe2, x, impl, residual=True)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mlp(layer_norm(self.norm2, x, impl)))
         return x
 
 

@@ -172,6 +172,16 @@ def main():
             check(f"dwconv {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} /{stride}{' slice' if sl else ''}",
                   dw, partial(dw, fn=reference.depthwise_conv3x3),
                   [randn(B, H, W, Ch + sl), randn(Ch, 1, 3, 3), randn(Ch)], dtype, failures)
+    # LayerNorm: the register-cached vector kernel (C = 64, 300 rows: teams of 8 threads, several blocks),
+    # a slice with an odd width (the scalar kernel), and 1030-wide rows (read per pass, the column kernel
+    # for the weight and bias gradients).
+    for dtype in dtypes:
+        for rows, Ch, sl in ((300, 64, False), (37, 7, True), (40, 1030, False)):
+            def ln(x, w, b, sl=sl, fn=sola_ops.layer_norm):
+                return fn(x[..., 1:] if sl else x, w, b)
+            check(f"layer_norm {str(dtype).replace('torch.', '')} rows={rows} C={Ch}{' slice' if sl else ''}",
+                  ln, partial(ln, fn=reference.layer_norm), [randn(rows, Ch + sl), randn(Ch), randn(Ch)], dtype,
+                  failures)
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):

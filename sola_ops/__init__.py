@@ -5,6 +5,7 @@
     out, lse = sola_ops.softmax_attention(q, k, v, return_lse=True)
     rot = sola_ops.rope(x, cos, sin)                     # rotary embedding, x: (B, H, N, D)
     y = sola_ops.depthwise_conv3x3(x, weight, bias)      # channels-last tokens, x: (B, H, W, C)
+    y = sola_ops.layer_norm(x, weight, bias)              # over the last dim, output in x's dtype
 """
 
 import contextlib
@@ -15,10 +16,11 @@ import torch
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
 from ._dwconv import check_activation, check_dwconv_args, check_stride
+from ._layer_norm import check_layer_norm_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
-__all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "reference", "build_info",
-           "debug_nan_fill"]
+__all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "layer_norm", "reference",
+           "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
 
 
@@ -143,6 +145,24 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     stride = check_stride(stride)
     check_activation(activation, residual, stride)
     return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation, stride)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dim of x (..., C): F.layer_norm(x, (C,), weight, bias, eps), statistics,
+    weight and bias in fp32 (fp64 for fp64 x), the output in x's dtype. Under autocast torch runs
+    layer_norm in fp32 and returns fp32 (each consumer then casts it back); this op keeps x's dtype, as
+    a fused LayerNorm does: a bf16 x is read once and written once, and so is its gradient.
+
+    x: float16, bfloat16, float32 or float64, any shape with a last dim >= 1 (non-contiguous x is
+    copied), on CPU or CUDA. weight, bias: (C,) of any float dtype, or None; their gradients come back in
+    their own dtypes. Backward is deterministic (bitwise equal across runs); differentiable once (no
+    double backward).
+    """
+    _check_tensors(x=x)
+    _check_tensors(optional=True, weight=weight, bias=bias)
+    eps = _as_float(eps, "eps")
+    check_layer_norm_args(x, weight, bias, eps)
+    return ops.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
 def _check_tensors(optional=False, **tensors):

@@ -85,3 +85,11 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     elif activation == "relu":
         out = torch.relu(out)
     return (out + xa if residual else out).to(x.dtype)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm over the last dim in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    out = torch.nn.functional.layer_norm(x.to(acc), (x.shape[-1],), None if weight is None else weight.to(acc),
+                                         None if bias is None else bias.to(acc), eps)
+    return out.to(x.dtype)

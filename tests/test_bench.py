@@ -270,12 +270,17 @@ def test_model_breakdown_groups_the_step_time():
     assert set(groups) == {"sola", "torch"}
     assert groups["sola"]["sola_ops"] > 0 and groups["torch"].get("sola_ops", 0.0) == 0.0
     assert groups["sola"]["sola_ops conv"] > 0 and groups["torch"].get("sola_ops conv", 0.0) == 0.0
+    assert groups["sola"]["sola_ops norm"] > 0 and groups["torch"].get("sola_ops norm", 0.0) == 0.0
     assert groups["torch"]["gemm"] > 0 and groups["sola"]["conv"] > 0
     assert MB.group_of("void sola::la::token_reduce_tc_kernel<c10::BFloat16, 32>(sola::la::TokenReduceArgs)") == "sola_ops"
     assert MB.group_of("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_TNT") == "gemm"
     assert MB.group_of("void sola::(anonymous namespace)::dwconv_wgrad_kernel<c10::BFloat16, 4>(sola::DwconvParams)") \
         == "sola_ops conv"
     assert MB.group_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert MB.group_of("void sola::(anonymous namespace)::ln_bwd_kernel<c10::BFloat16, 8, 2>(sola::LayerNormParams, "
+                       "int, float*)") == "sola_ops norm"
+    assert MB.group_of("sola_ops::layer_norm_fwd") == "sola_ops norm"
+    assert MB.group_of("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>") == "norm"
 
 
 def test_gpu_check_script_parses():
@@ -285,18 +290,20 @@ def test_gpu_check_script_parses():
 
 
 def test_dwconv_bench(tmp_path):
-    """bench/dwconv.py on CPU: both impls, both passes per shape, the same results, derived columns."""
+    """bench/dwconv.py on CPU: both impls, both passes per shape and form (the three conv forms and the
+    LayerNorm), the same results, derived columns."""
     out = tmp_path / "dw.json"
     data = dwconv.main(["--device", "cpu", "--tiny", "--reps", "2", "--out", str(out)])
     rows = data["rows"]
     assert not data["skipped"], data["skipped"]
-    assert len(rows) == len(dwconv.TINY_SHAPES) * len(dwconv.FORMS) * 2 * 2
-    assert {r["case"] for r in rows} == {"dwconv_residual", "dwconv_silu", "dwconv_downsample"}
+    assert len(rows) == len(dwconv.TINY_SHAPES) * (len(dwconv.FORMS) + 1) * 2 * 2
+    assert {r["case"] for r in rows} == {"dwconv_residual", "dwconv_silu", "dwconv_downsample", "layer_norm"}
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("sola_ops", "torch") for p in ("fwd", "fwd_bwd")}
     for r in rows:
         B, H, W, C = next(s for s in dwconv.TINY_SHAPES if s[0] == r["B"] and s[1] * s[2] == r["Nq"])
-        assert r["op"] == "depthwise_conv3x3" and r["D"] == C and r["img_hw"] == [H, W]
-        assert r["max_abs_diff_vs_torch"] < 1e-4  # fp32: ours and conv2d agree
+        assert r["op"] == ("layer_norm" if r["case"] == "layer_norm" else "depthwise_conv3x3")
+        assert r["D"] == C and r["img_hw"] == [H, W]
+        assert r["max_abs_diff_vs_torch"] < 1e-4  # fp32: ours and torch's agree
         # elements moved, in x's size: stride 1 reads x, writes out (+ reads g, x, writes dx);
         # the downsample's out and g are a quarter-ish of x (ceil(H / 2) x ceil(W / 2)), relu reads out too
         x_elems = B * H * W * C

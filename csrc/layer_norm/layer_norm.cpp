@@ -1,0 +1,138 @@
+// The layer_norm ops: check arguments, make x rows x C contiguous, hand weight and bias to the kernels
+// acc-typed, allocate outputs, hand a params struct to the backend's kernels. Registered for CPU and
+// (when built) CUDA.
+#include <torch/library.h>
+
+#include "layer_norm/layer_norm.h"
+
+namespace sola {
+namespace {
+
+void check_x(const at::Tensor& x) {
+  SOLA_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be on a CPU or CUDA device, got ", x.device());
+  SOLA_CHECK(x.layout() == at::kStrided, "x must be a dense (strided) tensor");
+  const auto st = x.scalar_type();
+  SOLA_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+             "x must be float16, bfloat16, float32 or float64, got ", st);
+  SOLA_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "x must have a last dim of at least 1 (the normalised features), got "
+             "shape ", x.sizes());
+}
+
+// t (grad_out) has x's shape, dtype and device.
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  SOLA_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
+             t.scalar_type());
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+}
+
+// weight or bias as the kernels read it: (C) acc-typed and contiguous (a view of an fp32 parameter,
+// a copy only for other dtypes or layouts); undefined when absent.
+at::Tensor kernel_param(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
+  if (!t.has_value()) return at::Tensor();
+  const int64_t C = x.size(-1);
+  SOLA_CHECK(at::isFloatingType(t->scalar_type()), name, " must be a floating-point tensor, got ", t->scalar_type());
+  SOLA_CHECK(t->device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t->device());
+  SOLA_CHECK(t->layout() == at::kStrided, name, " must be a dense (strided) tensor");
+  SOLA_CHECK(t->dim() == 1 && t->size(0) == C, name, " must be (C,) with C = ", C, " features of x, got shape ",
+             t->sizes());
+  return t->to(acc_dtype(x)).contiguous();
+}
+
+// mean or rstd: x's shape without its last dim, acc-typed.
+void check_stat(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  const at::IntArrayRef want = x.sizes().slice(0, x.dim() - 1);
+  SOLA_CHECK(t.sizes() == want, name, " must have x's shape without its last dim ", want, ", got ", t.sizes());
+  SOLA_CHECK(t.scalar_type() == acc_dtype(x), name, " must be ", acc_dtype(x), " for ", x.scalar_type(), " x, got ",
+             t.scalar_type());
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+}
+
+LayerNormParams make_params(const at::Tensor& x, const at::Tensor& weight) {
+  LayerNormParams p;
+  p.C = x.size(-1);
+  p.rows = x.numel() / p.C;
+  p.x = x.data_ptr();
+  if (weight.defined()) p.weight = weight.data_ptr();
+  p.dtype = x.scalar_type();
+  p.device_index = x.is_cuda() ? x.device().index() : -1;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10::optional<at::Tensor> weight,
+                                                              c10::optional<at::Tensor> bias, double eps) {
+  check_x(x);
+  SOLA_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
+  const at::Tensor w = kernel_param(weight, "weight", x), b = kernel_param(bias, "bias", x);
+  x = x.contiguous();
+  at::Tensor out = new_output(x.sizes(), x.options());
+  const auto stat_options = x.options().dtype(acc_dtype(x));
+  at::Tensor mean = new_output(x.sizes().slice(0, x.dim() - 1), stat_options);
+  at::Tensor rstd = new_output(x.sizes().slice(0, x.dim() - 1), stat_options);
+  if (x.numel() == 0) return {out, mean, rstd};
+  LayerNormParams p = make_params(x, w);
+  if (b.defined()) p.bias = b.data_ptr();
+  p.out = out.data_ptr(), p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
+  p.eps = eps;
+#ifdef SOLA_WITH_CUDA
+  if (x.is_cuda()) {
+    layer_norm_fwd_cuda(p);
+    return {out, mean, rstd};
+  }
+#endif
+  SOLA_CHECK(x.is_cpu(), "x is on ", x.device(), " but sola_ops was built without CUDA kernels");
+  layer_norm_fwd_cpu(p);
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_out, at::Tensor x,
+                                                              c10::optional<at::Tensor> weight, at::Tensor mean,
+                                                              at::Tensor rstd, bool with_bias) {
+  check_x(x);
+  check_like_x(grad_out, "grad_out", x);
+  check_stat(mean, "mean", x);
+  check_stat(rstd, "rstd", x);
+  const at::Tensor w = kernel_param(weight, "weight", x);
+  x = x.contiguous(), grad_out = grad_out.contiguous(), mean = mean.contiguous(), rstd = rstd.contiguous();
+  const int64_t C = x.size(-1);
+  const auto acc_options = x.options().dtype(acc_dtype(x));
+  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dweight = new_output({w.defined() ? C : 0}, acc_options);
+  at::Tensor dbias = new_output({with_bias ? C : 0}, acc_options);
+  if (x.numel() == 0) {
+    dweight.zero_();
+    dbias.zero_();
+    return {dx, dweight, dbias};
+  }
+  LayerNormParams p = make_params(x, w);
+  p.grad = grad_out.data_ptr();
+  p.out = dx.data_ptr();
+  p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
+  if (w.defined()) p.dweight = dweight.data_ptr();
+  if (with_bias) p.dbias = dbias.data_ptr();
+#ifdef SOLA_WITH_CUDA
+  if (x.is_cuda()) {
+    layer_norm_bwd_cuda(p);
+    return {dx, dweight, dbias};
+  }
+#endif
+  layer_norm_bwd_cpu(p);
+  return {dx, dweight, dbias};
+}
+
+TORCH_LIBRARY_IMPL(sola_ops, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}
+
+#ifdef SOLA_WITH_CUDA
+TORCH_LIBRARY_IMPL(sola_ops, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}
+#endif
+
+}  // namespace sola

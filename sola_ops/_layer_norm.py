@@ -1,0 +1,62 @@
+"""layer_norm's argument checks, fake (meta) implementations and autograd; the op itself is in
+csrc/layer_norm (schema in csrc/sola.cpp)."""
+import torch
+
+from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
+
+
+def check_layer_norm_args(x, weight, bias, eps):
+    """x (..., C) float with C >= 1; weight, bias (C,) or None, floating, on x's device; eps a finite number >= 0."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a last dim of at least 1 (the normalised features), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must be (C,) with C = {C} features of x, got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if not (eps == eps and abs(eps) != float("inf") and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+
+
+@torch.library.register_fake("sola_ops::layer_norm_fwd")
+def _layer_norm_fwd_fake(x, weight, bias, eps):
+    check_layer_norm_args(x, weight, bias, eps)
+    stats = x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("sola_ops::layer_norm_bwd")
+def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_bias):
+    check_layer_norm_args(x, weight, None, 0.0)
+    acc = _acc_dtype(x.dtype)
+    C = x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((C if weight is not None else 0,), dtype=acc), x.new_empty((C if with_bias else 0,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    with_bias = ctx.bias_dtype is not None
+    dx, dweight, dbias = run_bwd("layer_norm", ops.layer_norm_bwd, grad_out, x, weight, mean, rstd, with_bias)
+    # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
+    dweight = dweight.to(ctx.weight_dtype) if weight is not None else None
+    dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+    return dx, dweight, dbias, None
+
+
+torch.library.register_autograd("sola_ops::layer_norm_fwd", _backward, setup_context=_setup_context)
