@@ -24,6 +24,10 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+void check_cpu_build(const at::Tensor& t, const char* name) {
+  SOLA_CHECK(t.is_cpu(), name, " is on ", t.device(), " but sola_ops was built without CUDA kernels");
+}
+
 void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, const char* like_name) {
   SOLA_CHECK(t.dim() == 4, name, " must be 4-D (B, H, N, D), got shape ", t.sizes());
   const auto st = t.scalar_type();

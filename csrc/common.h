@@ -131,6 +131,16 @@ bool debug_nan_fill();
 void set_debug_nan_fill(bool on);
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// A CPU-only build given a tensor on another device (CUDA): an error naming the argument.
+void check_cpu_build(const at::Tensor& t, const char* name);
+
+// Runs kernel_cuda(p) for a CUDA tensor t, else kernel_cpu(p): every op's backend dispatch.
+#ifdef SOLA_WITH_CUDA
+#define SOLA_RUN_KERNEL(t, name, kernel, p) ((t).is_cuda() ? kernel##_cuda(p) : kernel##_cpu(p))
+#else
+#define SOLA_RUN_KERNEL(t, name, kernel, p) (::sola::check_cpu_build(t, name), kernel##_cpu(p))
+#endif
+
 // Every tensor argument of an op: rank 4, floating, same device and dtype as q.
 // like_name: what the messages call q ("x" for rope's gradients).
 void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, const char* like_name = "q");

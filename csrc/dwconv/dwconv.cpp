@@ -66,21 +66,6 @@ DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool res
   return p;
 }
 
-void run_conv(const DwconvParams& p, const at::Tensor& x) {
-#ifdef SOLA_WITH_CUDA
-  if (x.is_cuda()) return dwconv_cuda(p);
-#endif
-  SOLA_CHECK(x.is_cpu(), "x is on ", x.device(), " but sola_ops was built without CUDA kernels");
-  dwconv_cpu(p);
-}
-
-void run_wgrad(const DwconvParams& p, const at::Tensor& x) {
-#ifdef SOLA_WITH_CUDA
-  if (x.is_cuda()) return dwconv_wgrad_cuda(p);
-#endif
-  dwconv_wgrad_cpu(p);
-}
-
 // The convolution of src at stride (taps reversed: the input gradient's at stride 1), through
 // `epilogue`; contiguous. SiluGrad reads the output's gradient from grad.
 at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed,
@@ -94,7 +79,7 @@ at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& 
   p.out = make_view(out);
   if (bias.defined()) p.bias = bias.data_ptr();
   if (grad.defined()) p.grad = make_view(grad);
-  run_conv(p, src);
+  SOLA_RUN_KERNEL(src, "x", dwconv, p);
   return out;
 }
 
@@ -105,13 +90,7 @@ at::Tensor convolve_transposed(const at::Tensor& grad, const at::Tensor& x, cons
   DwconvParams p = make_params(x, weight, false, 2);
   p.grad = make_view(grad);
   p.out = make_view(out);
-#ifdef SOLA_WITH_CUDA
-  if (x.is_cuda()) {
-    dwconv_transposed_cuda(p);
-    return out;
-  }
-#endif
-  dwconv_transposed_cpu(p);
+  SOLA_RUN_KERNEL(x, "x", dwconv_transposed, p);
   return out;
 }
 
@@ -182,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     p.grad = make_view(grad_out);
     p.dweight = dweight.data_ptr();
     if (with_bias) p.dbias = dbias.data_ptr();
-    run_wgrad(p, x);
+    SOLA_RUN_KERNEL(x, "x", dwconv_wgrad, p);
   }
   // dweight in the weight's dtype (a copy only when it is not the accumulator's); dbias stays in the
   // accumulator's: the bias may have a dtype of its own, which autograd casts it to.

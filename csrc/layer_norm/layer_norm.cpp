@@ -77,14 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10:
   if (b.defined()) p.bias = b.data_ptr();
   p.out = out.data_ptr(), p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
   p.eps = eps;
-#ifdef SOLA_WITH_CUDA
-  if (x.is_cuda()) {
-    layer_norm_fwd_cuda(p);
-    return {out, mean, rstd};
-  }
-#endif
-  SOLA_CHECK(x.is_cpu(), "x is on ", x.device(), " but sola_ops was built without CUDA kernels");
-  layer_norm_fwd_cpu(p);
+  SOLA_RUN_KERNEL(x, "x", layer_norm_fwd, p);
   return {out, mean, rstd};
 }
 
@@ -113,13 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_ou
   p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
   if (w.defined()) p.dweight = dweight.data_ptr();
   if (with_bias) p.dbias = dbias.data_ptr();
-#ifdef SOLA_WITH_CUDA
-  if (x.is_cuda()) {
-    layer_norm_bwd_cuda(p);
-    return {dx, dweight, dbias};
-  }
-#endif
-  layer_norm_bwd_cpu(p);
+  SOLA_RUN_KERNEL(x, "x", layer_norm_bwd, p);
   return {dx, dweight, dbias};
 }
 

@@ -87,20 +87,12 @@ std::pair<at::Tensor, c10::optional<at::Tensor>> rope_features(const at::Tensor&
 
 void run_fwd(const LinearAttentionParams& p, const at::Tensor& q) {
   if (empty_problem(p)) return;
-#ifdef SOLA_WITH_CUDA
-  if (q.is_cuda()) return linear_attention_fwd_cuda(p);
-#endif
-  SOLA_CHECK(q.is_cpu(), "q is on ", q.device(), " but sola_ops was built without CUDA kernels");
-  linear_attention_fwd_cpu(p);
+  SOLA_RUN_KERNEL(q, "q", linear_attention_fwd, p);
 }
 
 void run_bwd(const LinearAttentionParams& p, const at::Tensor& q) {
   if (empty_problem(p)) return;
-#ifdef SOLA_WITH_CUDA
-  if (q.is_cuda()) return linear_attention_bwd_cuda(p);
-#endif
-  SOLA_CHECK(q.is_cpu(), "q is on ", q.device(), " but sola_ops was built without CUDA kernels");
-  linear_attention_bwd_cpu(p);
+  SOLA_RUN_KERNEL(q, "q", linear_attention_bwd, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(

@@ -50,11 +50,7 @@ bool empty_problem(const RopeParams& p) { return p.B == 0 || p.H == 0 || p.N == 
 
 void run(const RopeParams& p, const at::Tensor& x, bool backward) {
   if (empty_problem(p)) return;
-#ifdef SOLA_WITH_CUDA
-  if (x.is_cuda()) return backward ? rope_bwd_cuda(p) : rope_fwd_cuda(p);
-#endif
-  SOLA_CHECK(x.is_cpu(), "x is on ", x.device(), " but sola_ops was built without CUDA kernels");
-  backward ? rope_bwd_cpu(p) : rope_fwd_cpu(p);
+  backward ? SOLA_RUN_KERNEL(x, "x", rope_bwd, p) : SOLA_RUN_KERNEL(x, "x", rope_fwd, p);
 }
 
 }  // namespace

@@ -34,14 +34,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_attention_fwd(at::Tensor q, at::Tenso
   p.out = make_view(out);
   p.lse = lse.data_ptr();
   if (empty_problem(p)) return {out, lse};
-#ifdef SOLA_WITH_CUDA
-  if (q.is_cuda()) {
-    softmax_attention_fwd_cuda(p);
-    return {out, lse};
-  }
-#endif
-  SOLA_CHECK(q.is_cpu(), "q is on ", q.device(), " but sola_ops was built without CUDA kernels");
-  softmax_attention_fwd_cpu(p);
+  SOLA_RUN_KERNEL(q, "q", softmax_attention_fwd, p);
   return {out, lse};
 }
 
@@ -81,14 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_attention_bwd(at::Tensor 
   p.grad_lse = grad_lse.defined() ? grad_lse.data_ptr() : nullptr;
   p.dq = make_view(dq), p.dk = make_view(dk), p.dv = make_view(dv);
   if (empty_problem(p)) return {dq, dk, dv};
-#ifdef SOLA_WITH_CUDA
-  if (q.is_cuda()) {
-    softmax_attention_bwd_cuda(p);
-    return {dq, dk, dv};
-  }
-#endif
-  SOLA_CHECK(q.is_cpu(), "q is on ", q.device(), " but sola_ops was built without CUDA kernels");
-  softmax_attention_bwd_cpu(p);
+  SOLA_RUN_KERNEL(q, "q", softmax_attention_bwd, p);
   return {dq, dk, dv};
 }
 
