@@ -202,7 +202,7 @@ main() {
     step "kernel bench" 180 200 "$PY" bench/kernels.py $quick --strict --max-impl-s 30 --out "$JSON" \
         --impls "$OUR_IMPLS" --budget-s "$((kb > 10 ? kb : 10))"
     if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
-        step "profile" 120 150 bash -c '"$1" scripts/profile_kernels.py | tee "$2"; exit "${PIPESTATUS[0]}"' _ "$PY" \
+        step "profile" 150 150 bash -c '"$1" scripts/profile_kernels.py | tee "$2"; exit "${PIPESTATUS[0]}"' _ "$PY" \
             "$RESULTS/${SLUG}_profile.txt"
     fi
     local mb=$((DEADLINE - $(now) - 150))

@@ -19,7 +19,9 @@ import sys
 from collections import OrderedDict
 
 # name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set, and optionally the linear row
-# kernels' variant (SOLA_LINEAR_ROWS: bench/kernels.py's sola_ops_unstaged / sola_ops_presplit)
+# kernels' variant (SOLA_LINEAR_ROWS: bench/kernels.py's sola_ops_unstaged / sola_ops_presplit). The block
+# ops take x (B, H, N, D) as the model runs them (fp32 parameters): "layer_norm" over D; "dwconv" on
+# (B, H, W = N, C = D) tokens, the CPE (x + conv(x)), or at stride 2 with its ReLU (the downsample's).
 CASES = OrderedDict([
     ("linear_vision", ("linear", "bfloat16", 128, 2, 3136, 32)),
     ("linear_vision_unstaged", ("linear", "bfloat16", 128, 2, 3136, 32, "unstaged")),
@@ -31,6 +33,9 @@ CASES = OrderedDict([
     ("softmax_vision_d32", ("softmax", "bfloat16", 128, 2, 3136, 32)),
     ("softmax_long", ("softmax", "bfloat16", 8, 16, 4096, 64)),
     ("softmax_vision_fp32", ("softmax", "float32", 128, 4, 784, 64)),  # 3xTF32 (session 27)
+    ("layer_norm_stage1", ("layer_norm", "bfloat16", 128, 56, 56, 64)),  # session 28
+    ("dwconv_stage1", ("dwconv", "bfloat16", 128, 56, 56, 64)),
+    ("dwconv_downsample", ("dwconv_s2", "bfloat16", 128, 56, 56, 512)),
 ])
 METRICS = OrderedDict([
     ("gpu__time_duration.sum", "ns"),
@@ -51,15 +56,20 @@ def drive(case):
     op, dtype, B, H, N, D = CASES[case][:6]
     if len(CASES[case]) > 6:
         os.environ["SOLA_LINEAR_ROWS"] = CASES[case][6]
-    fn = sola_ops.linear_attention if op == "linear" else sola_ops.softmax_attention
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=getattr(torch, dtype), generator=gen)
                for _ in range(3))
+    w, b = torch.randn(D, device="cuda") + 1, torch.randn(D, device="cuda")  # fp32 parameters
+    w3 = torch.randn(D, 1, 3, 3, device="cuda")
+    fn = {"linear": sola_ops.linear_attention, "softmax": sola_ops.softmax_attention,
+          "layer_norm": lambda x, *_: sola_ops.layer_norm(x, w, b),
+          "dwconv": lambda x, *_: sola_ops.depthwise_conv3x3(x, w3, b, residual=True),
+          "dwconv_s2": lambda x, *_: sola_ops.depthwise_conv3x3(x, w3, b, activation="relu", stride=2)}[op]
     qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
 
     def fwd_bwd():
-        fn(qg, kg, vg).backward(torch.ones_like(q))
-
+        out = fn(qg, kg, vg)
+        out.backward(torch.ones_like(out))
     for _ in range(2):
         with torch.no_grad():
             fn(q, k, v)
