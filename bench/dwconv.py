@@ -92,14 +92,15 @@ def run(device, args, data):
         fns = impls(sola_ops, form)
         with ctx():
             outs = {name: fn(x, module) for name, fn in fns.items()}
-        g = torch.randn_like(outs["torch"])
+        g = torch.randn_like(outs["torch"])  # in each impl's output dtype (torch's LayerNorm: fp32 under autocast)
         diff = (outs["sola_ops"].double() - outs["torch"].double()).abs().max().item()
         for name, fn in fns.items():
             xg = x.detach().requires_grad_(True)
             params = [xg, *module.parameters()]
+            g_out = g.to(outs[name].dtype)
             passes = {
                 "fwd": lambda: torch.no_grad()(fn)(x, module),
-                "fwd_bwd": lambda: torch.autograd.grad(fn(xg, module), params, g),
+                "fwd_bwd": lambda: torch.autograd.grad(fn(xg, module), params, g_out),
             }
             for pass_, step in passes.items():
                 try:

@@ -40,10 +40,10 @@ TORCH_LIBRARY(sola_ops, m) {
   // LayerNorm over x's last dim C: returns (out in x's dtype, mean, rstd), mean / rstd of x's shape
   // without its last dim, fp32 (fp64 for fp64 x). weight, bias (C) of any float dtype, or None.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  // Returns (dx, dweight, dbias): dweight (C) when weight is given, dbias (C) when with_bias, both fp32
-  // (fp64 for fp64 x); empty otherwise.
-  m.def("layer_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool with_bias) "
-        "-> (Tensor, Tensor, Tensor)");
+  // Returns (dx, dweight, dbias): dweight (C) when with_weight (needs weight), dbias (C) when with_bias,
+  // both fp32 (fp64 for fp64 x); empty otherwise.
+  m.def("layer_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool with_weight, "
+        "bool with_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace sola {

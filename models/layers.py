@@ -194,8 +194,9 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: b
 def layer_norm(norm: nn.Module, x: torch.Tensor, attn_impl: str) -> torch.Tensor:
     """norm(x) over the channels. For "sola" an nn.LayerNorm runs as one sola_ops kernel in x's dtype:
     under autocast torch runs layer_norm in fp32 (a cast of x in, an fp32 output, then a cast back per
-    consumer), about a sixth of the bytes a bf16 training step moves. Other norm layers run as they are."""
-    if attn_impl == "sola" and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+    consumer), about a sixth of the bytes a bf16 training step moves. Other norm layers run as they are
+    (subclasses too: timm's LayerNorm2d normalises another dim)."""
+    if attn_impl == "sola" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
         return sola_ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
 

@@ -33,12 +33,14 @@ def _layer_norm_fwd_fake(x, weight, bias, eps):
 
 
 @torch.library.register_fake("sola_ops::layer_norm_bwd")
-def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_bias):
+def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_weight, with_bias):
     check_layer_norm_args(x, weight, None, 0.0)
+    if with_weight and weight is None:
+        raise ValueError("with_weight needs weight (dweight sums grad_out * xhat)")
     acc = _acc_dtype(x.dtype)
     C = x.shape[-1]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((C if weight is not None else 0,), dtype=acc), x.new_empty((C if with_bias else 0,), dtype=acc))
+            x.new_empty((C if with_weight else 0,), dtype=acc), x.new_empty((C if with_bias else 0,), dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
@@ -51,10 +53,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    with_bias = ctx.bias_dtype is not None
-    dx, dweight, dbias = run_bwd("layer_norm", ops.layer_norm_bwd, grad_out, x, weight, mean, rstd, with_bias)
+    # A frozen weight or bias (no grad wanted) costs the kernels no sums.
+    with_weight = ctx.weight_dtype is not None and ctx.needs_input_grad[1]
+    with_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    dx, dweight, dbias = run_bwd("layer_norm", ops.layer_norm_bwd, grad_out, x, weight, mean, rstd, with_weight,
+                                 with_bias)
     # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
-    dweight = dweight.to(ctx.weight_dtype) if weight is not None else None
+    dweight = dweight.to(ctx.weight_dtype) if with_weight else None
     dbias = dbias.to(ctx.bias_dtype) if with_bias else None
     return dx, dweight, dbias, None
 

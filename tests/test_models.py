@@ -244,6 +244,29 @@ def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
 
 
 @needs_sola
+def test_sola_runs_the_block_layer_norms_on_sola_ops(monkeypatch):
+    """attn_impl="sola" runs both LayerNorms of every block through sola_ops.layer_norm with the norms'
+    own parameters, "torch" none; the final LayerNorm2d (NCHW, a subclass) stays nn's."""
+    calls = []
+    real = sola_ops.layer_norm
+
+    def counting(x, weight=None, bias=None, eps=1e-5):
+        calls.append((x.shape[-1], weight, bias, eps))
+        return real(x, weight, bias, eps)
+    monkeypatch.setattr(sola_ops, "layer_norm", counting)
+    model = tiny(attn_impl="torch").eval()
+    norms = [m for stage in model.stages for block in stage.blocks for m in (block.norm1, block.norm2)]
+    with torch.no_grad():
+        model(image(1, 64, 64))
+        assert calls == []
+        model.set_attn_impl("sola")
+        model(image(1, 64, 64))
+    assert len(calls) == len(norms)
+    for (C, weight, bias, eps), norm in zip(calls, norms):
+        assert C == norm.normalized_shape[0] and weight is norm.weight and bias is norm.bias and eps == norm.eps
+
+
+@needs_sola
 def test_mixers_match_torch():
     """Each mixer alone, including a layout where v (the mixer input) is non-contiguous."""
     torch.manual_seed(0)

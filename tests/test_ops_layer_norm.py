@@ -315,6 +315,31 @@ def test_gradcheck(device, affine, shape):
     assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [64, 1000])
+def test_frozen_parameters(device, C):
+    """A weight or bias that does not require grad gets none (the kernels skip its sums); the other
+    gradients are bitwise those of the run where every parameter requires grad."""
+    x = leaf(randn((300, C), torch.bfloat16, device))
+    weight, bias = (leaf(t) for t in params(C, device))
+    g = randn(x.shape, torch.bfloat16, device, seed=5)
+    full = torch.autograd.grad(sola_ops.layer_norm(x, weight, bias), (x, weight, bias), g)
+    for frozen in ("weight", "bias"):
+        w = weight.detach() if frozen == "weight" else weight
+        b = bias.detach() if frozen == "bias" else bias
+        out = sola_ops.layer_norm(x, w, b)
+        trained = (x, b) if frozen == "weight" else (x, w)
+        grads = torch.autograd.grad(out, trained, g)
+        want = (full[0], full[2]) if frozen == "weight" else (full[0], full[1])
+        for got, ref in zip(grads, want):
+            assert torch.equal(got, ref), frozen
+        # autograd asks nothing of a frozen parameter: its grad is None, not zeros
+        w2, b2 = weight.detach().clone(), bias.detach().clone().requires_grad_(frozen == "weight")
+        x2 = x.detach().clone().requires_grad_(True)
+        sola_ops.layer_norm(x2, w2, b2).backward(g)
+        assert w2.grad is None and (b2.grad is None) == (frozen == "bias")
+
+
 def det_shape(device, C):
     """Enough rows for several CPU chunks (64 rows each) / CUDA blocks of partial weight-gradient sums."""
     if device == "cuda":
@@ -501,11 +526,12 @@ def test_raw_op_checks():
         (lambda: ops.layer_norm_fwd(x, weight.int(), bias, 1e-5), "weight must be a floating-point"),
         (lambda: ops.layer_norm_fwd(x, weight, bias, -1.0), "eps must be a finite number >= 0"),
         (lambda: ops.layer_norm_fwd(x, weight, bias, float("nan")), "eps must be a finite number >= 0"),
-        (lambda: ops.layer_norm_bwd(x[:1], x, weight, mean, rstd, True), "grad_out must have the shape of x"),
-        (lambda: ops.layer_norm_bwd(x.double(), x, weight, mean, rstd, True), "grad_out must have the dtype of x"),
-        (lambda: ops.layer_norm_bwd(x, x, weight, mean[:1], rstd, True), "mean must have x's shape"),
-        (lambda: ops.layer_norm_bwd(x, x, weight, mean, rstd.double(), True), "rstd must be"),
-        (lambda: ops.layer_norm_bwd(x, x, weight[:3], mean, rstd, True), r"weight must be \(C,\)"),
+        (lambda: ops.layer_norm_bwd(x[:1], x, weight, mean, rstd, True, True), "grad_out must have the shape of x"),
+        (lambda: ops.layer_norm_bwd(x.double(), x, weight, mean, rstd, True, True), "grad_out must have the dtype of x"),
+        (lambda: ops.layer_norm_bwd(x, x, weight, mean[:1], rstd, True, True), "mean must have x's shape"),
+        (lambda: ops.layer_norm_bwd(x, x, weight, mean, rstd.double(), True, True), "rstd must be"),
+        (lambda: ops.layer_norm_bwd(x, x, weight[:3], mean, rstd, True, True), r"weight must be \(C,\)"),
+        (lambda: ops.layer_norm_bwd(x, x, None, mean, rstd, True, True), "with_weight needs weight"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -527,8 +553,9 @@ def test_opcheck(case):
     torch.library.opcheck(ops.layer_norm_fwd.default, fwd_args)
     _, mean, rstd = ops.layer_norm_fwd(x, weight, bias, 1e-5)
     g = randn(x.shape, dtype, seed=4)
-    for with_bias in (True, False):
-        torch.library.opcheck(ops.layer_norm_bwd.default, (g, x, weight, mean, rstd, with_bias))
+    for with_weight in ((True, False) if weight is not None else (False,)):
+        for with_bias in (True, False):
+            torch.library.opcheck(ops.layer_norm_bwd.default, (g, x, weight, mean, rstd, with_weight, with_bias))
 
 
 @pytest.mark.parametrize("affine", ["weight+bias", "none"])

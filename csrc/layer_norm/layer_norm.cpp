@@ -83,17 +83,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_out, at::Tensor x,
                                                               c10::optional<at::Tensor> weight, at::Tensor mean,
-                                                              at::Tensor rstd, bool with_bias) {
+                                                              at::Tensor rstd, bool with_weight, bool with_bias) {
   check_x(x);
   check_like_x(grad_out, "grad_out", x);
   check_stat(mean, "mean", x);
   check_stat(rstd, "rstd", x);
   const at::Tensor w = kernel_param(weight, "weight", x);
+  SOLA_CHECK(!with_weight || w.defined(), "with_weight needs weight (dweight sums grad_out * xhat)");
   x = x.contiguous(), grad_out = grad_out.contiguous(), mean = mean.contiguous(), rstd = rstd.contiguous();
   const int64_t C = x.size(-1);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dx = new_output(x.sizes(), x.options());
-  at::Tensor dweight = new_output({w.defined() ? C : 0}, acc_options);
+  at::Tensor dweight = new_output({with_weight ? C : 0}, acc_options);
   at::Tensor dbias = new_output({with_bias ? C : 0}, acc_options);
   if (x.numel() == 0) {
     dweight.zero_();
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_ou
   p.grad = grad_out.data_ptr();
   p.out = dx.data_ptr();
   p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
-  if (w.defined()) p.dweight = dweight.data_ptr();
+  if (with_weight) p.dweight = dweight.data_ptr();
   if (with_bias) p.dbias = dbias.data_ptr();
   SOLA_RUN_KERNEL(x, "x", layer_norm_bwd, p);
   return {dx, dweight, dbias};

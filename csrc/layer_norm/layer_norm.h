@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10:
                                                               c10::optional<at::Tensor> bias, double eps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_out, at::Tensor x,
                                                               c10::optional<at::Tensor> weight, at::Tensor mean,
-                                                              at::Tensor rstd, bool with_bias);
+                                                              at::Tensor rstd, bool with_weight, bool with_bias);
 
 void layer_norm_fwd_cpu(const LayerNormParams& p);
 void layer_norm_bwd_cpu(const LayerNormParams& p);

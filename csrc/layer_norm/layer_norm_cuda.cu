@@ -17,8 +17,9 @@ constexpr int kLnThreads = 256;
 // Elements of a row each thread keeps in registers (kLnCache / kV vectors): 512-wide rows at 32
 // threads a row. The backward's weight and bias sums take twice as many registers again.
 constexpr int kLnCache = 16;
-// The backward's blocks at most: one partial each, so a count set by the shape alone (the sums'
-// order), about 4 waves of an H100 / H200 at 2 blocks per SM.
+// The backward's blocks at most: one partial each, so a count set by the shape (and whether the rows
+// are 16-byte aligned: the vector and scalar kernels split rows differently), not by the GPU; it sets
+// the sums' order. About 4 waves of an H100 / H200 at 2 blocks per SM.
 constexpr unsigned kLnBwdBlocks = 1024;
 // The column kernel's rows per partial, at least (rows past the register cache).
 constexpr int64_t kLnColumnRows = 64;
@@ -228,8 +229,9 @@ __global__ void __launch_bounds__(kLnThreads) ln_bwd_kernel(const LayerNormParam
   }
   if constexpr (kChunks > 0) {
     if (!partials) return;  // the whole block agrees: no barrier is skipped by part of it
-    // Column c's sums over the block's teams, in team order, one pass for dw, one for db.
-    __shared__ acc red[kLnThreads][kSlots * kV];
+    // Column c's sums over the block's teams, in team order, one pass for dw, one for db. Rows padded
+    // by one element: a 16-element stride would put a warp's writes in a few banks.
+    __shared__ acc red[kLnThreads][kSlots * kV + 1];
     acc* part = partials + int64_t(blockIdx.x) * 2 * p.C;
     for (int pass = 0; pass < 2; ++pass) {
 #pragma unroll

@@ -38,7 +38,7 @@ static void ln_case(const Case& c) {
   p.rows = c.rows, p.C = c.C, p.eps = 1e-5, p.dtype = dt, p.device_index = -1;
   p.x = x.data_ptr(), p.grad = nullptr;
   p.weight = c.weight ? weight.data_ptr() : nullptr, p.bias = c.bias ? bias.data_ptr() : nullptr;
-  at::Tensor out[2], mean[2], rstd[2], dx[2], dweight[3], dbias[3];
+  at::Tensor out[2], mean[2], rstd[2], dx[3], dweight[3], dbias[3];
   for (int r = 0; r < 2; ++r) {  // 0: emulated CUDA, 1: CPU
     out[r] = c.misaligned ? rows_of(c).fill_(NAN) : nan_out({c.rows, c.C}, dt);
     mean[r] = nan_out({c.rows}, acc), rstd[r] = nan_out({c.rows}, acc);
