@@ -4,6 +4,7 @@ step, grouped by kind, so the model issue's speed-up can be traced to the ops th
     python bench/model_breakdown.py                                   # CUDA: tiny, 224 px, batch 128, bf16, train step
     python bench/model_breakdown.py --step fwd --img-size 512 --batch 32 --features-only
     python bench/model_breakdown.py --top 15                          # also the 15 longest kernels per impl
+    python bench/model_breakdown.py --ops 25                          # the 25 longest ops, with their GB/s
 
 On CUDA the times are the GPU kernels' (torch.profiler, CUDA activity), bf16 autocast as bench/models.py
 runs it; on CPU (small defaults: 224 px, batch 2, fp32) the self CPU time of each op, a smoke test of the
@@ -73,6 +74,72 @@ def profile_step(step, device: torch.device, steps: int):
     return times
 
 
+def op_name(func) -> str:
+    """The profiler's name of a dispatched op: "aten::mm", "sola_ops::layer_norm_fwd"."""
+    return func._schema.name
+
+
+def op_bytes(step):
+    """{op name: bytes per step} over one run of step(): each op's tensor inputs and outputs (a lower
+    bound on what it moves; views move nothing), as a TorchDispatchMode sees the ops below autograd and
+    autocast (the casts included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    class CountBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = defaultdict(float)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = tree_flatten(out)[0]
+            if not func.is_view and any(isinstance(t, torch.Tensor) for t in outs):
+                self.bytes[op_name(func)] += nbytes(tree_flatten((args, kwargs))[0]) + nbytes(outs)
+            return out
+
+    with CountBytes() as counter:
+        step()
+    return dict(counter.bytes)
+
+
+def op_times(step, device: torch.device, steps: int):
+    """{op name: (milliseconds per step, calls per step)}: the device time of the kernels each op launched
+    itself (self time; its own CPU time on CPU), over `steps` runs of step()."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    times = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            continue  # the kernels themselves: counted under the ops that launched them
+        us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+        if us > 0:
+            times[e.key] = (us / 1e3 / steps, e.count / steps)
+    return times
+
+
+def op_efficiency(step, device: torch.device, steps: int):
+    """{op name: (ms per step, calls per step, GB per step)} for the ops with time and bytes."""
+    moved = op_bytes(step)
+    return {name: (ms, calls, moved[name] / 1e9) for name, (ms, calls) in op_times(step, device, steps).items()
+            if name in moved}
+
+
+def print_op_table(effs, top: int):
+    print(f"  {'ms':>9} {'calls':>7} {'GB':>8} {'GB/s':>8}  op")
+    for name, (ms, calls, gb) in sorted(effs.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {ms:9.3f} {calls:7.0f} {gb:8.3f} {gb / (ms * 1e-3):8.1f}  {name}")
+
+
 def breakdown(times):
     groups = defaultdict(float)
     for name, (ms, _) in times.items():
@@ -90,6 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--features-only", action="store_true")
     p.add_argument("--steps", type=int, default=None, help="profiled steps (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--top", type=int, default=0, help="also list the N longest kernels (ops) of each impl")
+    p.add_argument("--ops", type=int, default=0, help="also list the N ops with the most time, with their GB/s")
     return p.parse_args(argv)
 
 
@@ -126,6 +194,10 @@ def measure(args):
             print(f"\n{impl}: the {args.top} longest ({'kernels' if cuda else 'ops'}), ms per step")
             for name, (ms, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:args.top]:
                 print(f"  {ms:9.3f}  {calls:6.0f}x  {group_of(name):<11}  {name[:110]}")
+        if args.ops:
+            print(f"\n{impl}: the {args.ops} ops with the most {'device' if cuda else 'CPU'} time per step, the bytes "
+                  "they move (inputs + outputs) and the GB/s that gives")
+            print_op_table(op_efficiency(step, device, steps), args.ops)
         del model, step
 
     return {impl: breakdown(t) for impl, t in per_impl.items()}

@@ -283,6 +283,26 @@ def test_model_breakdown_groups_the_step_time():
     assert MB.group_of("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>") == "norm"
 
 
+def test_model_breakdown_op_bytes():
+    """--ops: each op's time joined with the bytes of its tensor inputs and outputs over one step; views
+    (a transpose) move nothing and are not listed."""
+    import model_breakdown as MB
+    import sola_ops
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    m = torch.randn(16, 32)
+
+    def step():
+        y = sola_ops.layer_norm(x, w) @ m.t()
+        y.sum().backward()
+    effs = MB.op_efficiency(step, torch.device("cpu"), 2)
+    ms, calls, gb = effs["sola_ops::layer_norm_fwd"]
+    # x and weight in; out, mean and rstd out (fp32)
+    assert ms > 0 and calls == 1 and gb * 1e9 == 64 * 32 * 4 + 32 * 4 + 64 * 32 * 4 + 2 * 64 * 4
+    assert effs["sola_ops::layer_norm_bwd"][2] > 0 and effs["aten::mm"][1] >= 1
+    assert "aten::t" not in effs and "aten::transpose" not in effs
+
+
 def test_gpu_check_script_parses():
     if not shutil.which("bash"):
         pytest.skip("no bash")
