@@ -272,7 +272,10 @@ class Stem(nn.Module):
                                    ConvLayer(4 * dim, dim, 1, bias=False, act=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
+        # A channels-last copy of the image (none if it is one already): the convs then run in cuDNN's
+        # NHWC layout, the one its tensor-core kernels take, and stage 0 gets its (B, H, W, C) tokens
+        # contiguous, the layout every stage keeps (features_only runs this module directly).
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         x = self.conv2(x) + x
         return self.conv3(x)
 

@@ -266,6 +266,23 @@ def test_sola_runs_the_block_layer_norms_on_sola_ops(monkeypatch):
         assert C == norm.normalized_shape[0] and weight is norm.weight and bias is norm.bias and eps == norm.eps
 
 
+def test_stem_runs_channels_last():
+    """The stem takes a channels-last copy of an NCHW image, so stage 0's (B, H, W, C) tokens come out
+    contiguous (no layout copy in its first conv) in every forward, features_only's included."""
+    seen = []
+    for features_only in (False, True):
+        model = tiny(attn_impl="torch", **({"features_only": True} if features_only else {})).eval()
+        stem = model.stem
+        hook = stem.register_forward_hook(lambda m, inp, out: seen.append(out))
+        with torch.no_grad():
+            model(image(1, 64, 64))
+        hook.remove()
+    assert len(seen) == 2
+    for out in seen:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert out.permute(0, 2, 3, 1).is_contiguous()
+
+
 @needs_sola
 def test_mixers_match_torch():
     """Each mixer alone, including a layout where v (the mixer input) is non-contiguous."""
