@@ -172,6 +172,7 @@ def measure(args):
         print(f"model_breakdown: {reason}")
         return None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    torch.backends.cudnn.benchmark = True  # as bench/models.py (and timm's train.py)
     op = "model_train" if args.step == "train" else "model_fwd"
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, generator=gen)

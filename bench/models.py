@@ -17,7 +17,7 @@ AdamW step: zero_grad, forward, loss, backward, step; cross-entropy on random la
 classifier, the sum of the feature maps' means for features_only); impl "sola_ops" for
 attn_impl="sola" and "torch" for attn_impl="torch"; pass fwd / fwd_bwd; dtype bfloat16 (autocast)
 or float32; B = batch; H, Nq, Nk, D, GBps, TFLOPs null; ms = median time of one step (CUDA events,
-3 warm-up steps, 20 timed; CPU fewer); img_per_s = B / ms; peak_mem_MB = the peak memory allocated
+3 warm-up steps, 20 timed; CPU fewer; torch.backends.cudnn.benchmark on, as timm's train.py); img_per_s = B / ms; peak_mem_MB = the peak memory allocated
 while the steps ran (parameters, optimizer state and activations included; null on CPU);
 ratio_to_best_baseline = torch's ms / this row's ms. Plus model, attn_impl, img_size, features_only and
 cuda_graph: on CUDA every step is measured twice, eager and replayed from a CUDA graph (captured after
@@ -132,6 +132,9 @@ def run(device, args, rows, skipped, on_change=lambda: None):
         return
     reps = args.reps or (20 if device.type == "cuda" else (2 if args.quick else 3))
     warmup = 3 if device.type == "cuda" else 1
+    # As timm's train.py runs: fixed shapes, so cuDNN times its algorithms once (on the warm-up steps)
+    # for the stem's and the downsamples' convs instead of taking its heuristics' first pick.
+    torch.backends.cudnn.benchmark = True
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     dtype = "bfloat16" if amp_dtype is not None else "float32"
@@ -236,7 +239,7 @@ def main(argv=None):
         data["rows"] = [r for r in data.get("rows", []) if r.get("op") not in MODEL_OPS]
         data["skipped"] = [s for s in data.get("skipped", []) if s.get("op") not in MODEL_OPS]
     if data is None:
-        data = C.header(device, C.measure_peaks(device, quick=True), {"mode": "models"})
+        data = C.header(device, C.measure_peaks(device, quick=True), {"mode": "models", "cudnn_benchmark": True})
     kept_rows, kept_skipped = data["rows"], data["skipped"]
 
     def save():  # after every row, so a run killed by a time limit keeps what it measured

@@ -220,6 +220,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parser.parse_args(argv)
     check_args(parser, args)
     ctx = init_distributed(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN picks its conv algorithms once, as timm's train.py
     try:
         os.makedirs(args.output, exist_ok=True)
         trainer = Trainer(args, ctx)
