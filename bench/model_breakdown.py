@@ -134,10 +134,12 @@ def op_efficiency(step, device: torch.device, steps: int):
             if name in moved}
 
 
-def print_op_table(effs, top: int):
-    print(f"  {'ms':>9} {'calls':>7} {'GB':>8} {'GB/s':>8}  op")
+def print_op_table(effs, top: int, copy_gbps: float):
+    """The top ops by time; % copy: their GB/s against a large device copy's (bench/common.py)."""
+    print(f"  {'ms':>9} {'calls':>7} {'GB':>8} {'GB/s':>8} {'% copy':>7}  op")
     for name, (ms, calls, gb) in sorted(effs.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"  {ms:9.3f} {calls:7.0f} {gb:8.3f} {gb / (ms * 1e-3):8.1f}  {name}")
+        gbps = gb / (ms * 1e-3)
+        print(f"  {ms:9.3f} {calls:7.0f} {gb:8.3f} {gbps:8.1f} {100 * gbps / copy_gbps:7.1f}  {name}")
 
 
 def breakdown(times):
@@ -182,6 +184,9 @@ def measure(args):
           f"{', features_only' if args.features_only else ''}, {'bf16 autocast' if cuda else 'fp32'}, "
           f"{'GPU kernel' if cuda else 'CPU op self'} time per step over {steps} profiled step(s) on {device}")
     per_impl = {}
+    copy_gbps = BM.C.measure_peaks(device, quick=True)["copy_GBps"] if args.ops else None
+    if args.ops:
+        print(f"model_breakdown: a device copy moves {copy_gbps:.0f} GB/s (read + write)")
     for impl in BM.ATTN_IMPLS:
         torch.manual_seed(0)
         kw = {"features_only": True} if args.features_only else {}
@@ -198,7 +203,7 @@ def measure(args):
         if args.ops:
             print(f"\n{impl}: the {args.ops} ops with the most {'device' if cuda else 'CPU'} time per step, the bytes "
                   "they move (inputs + outputs) and the GB/s that gives")
-            print_op_table(op_efficiency(step, device, steps), args.ops)
+            print_op_table(op_efficiency(step, device, steps), args.ops, copy_gbps)
         del model, step
 
     return {impl: breakdown(t) for impl, t in per_impl.items()}
