@@ -28,8 +28,8 @@ import models as BM  # noqa: E402  (bench/models.py: the same models and steps a
 # First match wins: conv before gemm (cuDNN's convolutions are implicit GEMMs), sdpa before the rest.
 GROUPS = (
     ("sola_ops conv", ("dwconv", "depthwise_conv3x3")),  # our depthwise convs, apart from our attention
-    ("sola_ops norm", ("sola_ops::layer_norm", "ln_fwd_kernel", "ln_bwd_kernel", "ln_column_kernel",
-                       "ln_partials_sum_kernel")),  # our LayerNorm (torch's goes to "norm")
+    # our LayerNorm (torch's goes to "norm"); the partials' sum kernel it shares with the dwconv is "sola_ops"
+    ("sola_ops norm", ("sola_ops::layer_norm", "ln_fwd_kernel", "ln_bwd_kernel", "ln_column_kernel")),
     ("sola_ops", ("sola::", "sola_ops", "void flash::")),
     ("sdpa", ("fmha", "flash_fwd", "flash_bwd", "pytorch_flash", "sdpa", "scaled_dot_product", "attention")),
     ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")),
@@ -51,27 +51,30 @@ def group_of(name: str) -> str:
 
 
 def profile_step(step, device: torch.device, steps: int):
-    """{kernel or op name: (milliseconds per step, calls per step)} over `steps` runs of step()."""
+    """(kernels, ops) over `steps` runs of step(), each {name: (milliseconds per step, calls per step)}.
+    CUDA: kernels are the GPU kernels' times; ops the device time of the kernels each op launched itself
+    (self time), so nothing counts twice. CPU: both are the ops' self CPU times."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    times = {}
+    kernels, ops = {}, {}
     for e in prof.key_averages():
+        on_device = getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
         if cuda:
-            us = getattr(e, "self_device_time_total", None)
-            if us is None:
-                us = getattr(e, "self_cuda_time_total", 0)
-            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-                continue  # CPU-side entries: their device time is their kernels', counted once here
+            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
         else:
             us = e.self_cpu_time_total
         if us > 0:
-            times[e.key] = (us / 1e3 / steps, e.count / steps)
-    return times
+            entry = (us / 1e3 / steps, e.count / steps)
+            if on_device or not cuda:
+                kernels[e.key] = entry
+            if not on_device:
+                ops[e.key] = entry
+    return kernels, ops
 
 
 def op_name(func) -> str:
@@ -106,32 +109,11 @@ def op_bytes(step):
     return dict(counter.bytes)
 
 
-def op_times(step, device: torch.device, steps: int):
-    """{op name: (milliseconds per step, calls per step)}: the device time of the kernels each op launched
-    itself (self time; its own CPU time on CPU), over `steps` runs of step()."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    times = {}
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            continue  # the kernels themselves: counted under the ops that launched them
-        us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if cuda else e.self_cpu_time_total
-        if us > 0:
-            times[e.key] = (us / 1e3 / steps, e.count / steps)
-    return times
-
-
-def op_efficiency(step, device: torch.device, steps: int):
-    """{op name: (ms per step, calls per step, GB per step)} for the ops with time and bytes."""
+def op_efficiency(step, op_times):
+    """{op name: (ms per step, calls per step, GB per step)}: op_times (profile_step's ops) joined with
+    the bytes each op moves over one more run of step()."""
     moved = op_bytes(step)
-    return {name: (ms, calls, moved[name] / 1e9) for name, (ms, calls) in op_times(step, device, steps).items()
-            if name in moved}
+    return {name: (ms, calls, moved[name] / 1e9) for name, (ms, calls) in op_times.items() if name in moved}
 
 
 def print_op_table(effs, top: int, copy_gbps: float):
@@ -194,7 +176,7 @@ def measure(args):
         step = BM.make_step(model, op, args.features_only, x, labels, lambda: amp, capturable=False)
         for _ in range(2 if cuda else 1):  # warm-up: cuDNN's choices, the allocator, lazy module loads
             step()
-        times = profile_step(step, device, steps)
+        times, ops = profile_step(step, device, steps)
         per_impl[impl] = times
         if args.top:
             print(f"\n{impl}: the {args.top} longest ({'kernels' if cuda else 'ops'}), ms per step")
@@ -203,7 +185,7 @@ def measure(args):
         if args.ops:
             print(f"\n{impl}: the {args.ops} ops with the most {'device' if cuda else 'CPU'} time per step, the bytes "
                   "they move (inputs + outputs) and the GB/s that gives")
-            print_op_table(op_efficiency(step, device, steps), args.ops, copy_gbps)
+            print_op_table(op_efficiency(step, ops), args.ops, copy_gbps)
         del model, step
 
     return {impl: breakdown(t) for impl, t in per_impl.items()}
