@@ -24,6 +24,12 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+void check_param(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  SOLA_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+}
+
 void check_cpu_build(const at::Tensor& t, const char* name) {
   SOLA_CHECK(t.is_cpu(), name, " is on ", t.device(), " but sola_ops was built without CUDA kernels");
 }

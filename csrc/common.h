@@ -131,6 +131,9 @@ bool debug_nan_fill();
 void set_debug_nan_fill(bool on);
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// A parameter tensor (weight, bias) of an op on x: floating (any float dtype), on x's device, dense.
+void check_param(const at::Tensor& t, const char* name, const at::Tensor& x);
+
 // A CPU-only build given a tensor on another device (CUDA): an error naming the argument.
 void check_cpu_build(const at::Tensor& t, const char* name);
 

@@ -91,6 +91,34 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+// ---- ordered sums of per-block partials ----------------------------------------------------------
+// Element i (< width) of a deterministic reduction = the sum of partials[k * width + i] over the count
+// partials k, in order: one warp per element, lane l summing partials l, l + 32, ..., then a butterfly
+// (a fixed order too), so the bits depend on the partials alone. slot(i) (a functor: lambdas would need
+// --extended-lambda) says where element i goes; null: nowhere.
+constexpr int kSumPartialsThreads = 256;
+
+template <typename acc, typename Slot>
+__global__ void __launch_bounds__(kSumPartialsThreads) sum_partials_kernel(const acc* partials, unsigned count,
+                                                                           int64_t width, Slot slot) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t i = warp_row0(); i < width; i += warp_row_stride()) {
+    acc s = acc(0);
+#pragma unroll 4
+    for (unsigned k = lane; k < count; k += kWarpSize) s += partials[k * width + i];
+    s = warp_sum(s);
+    acc* dst = slot(i);
+    if (lane == 0 && dst) *dst = s;
+  }
+}
+
+template <typename acc, typename Slot>
+void sum_partials(const acc* partials, unsigned count, int64_t width, Slot slot, cudaStream_t stream) {
+  sum_partials_kernel<acc, Slot><<<grid_x(width, kSumPartialsThreads / kWarpSize), kSumPartialsThreads, 0, stream>>>(
+      partials, count, width, slot);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ---- lane-slot vectors ------------------------------------------------------------------------
 // A warp holds a vector x[0, n) as x[lane + 32 * t] in slot t of each lane; slots at or past n
 // hold 0, so dot products over all slots need no mask.

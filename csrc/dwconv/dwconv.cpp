@@ -31,12 +31,6 @@ void check_output_shaped(const at::Tensor& t, const char* name, const at::Tensor
   }
 }
 
-void check_param(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  SOLA_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
-  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
-  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
-}
-
 void check_weight(const at::Tensor& weight, const at::Tensor& x) {
   const int64_t C = x.size(3);
   const bool conv_shape = weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&

@@ -265,22 +265,12 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_kernel(const DwconvPa
   }
 }
 
-// Element i of the weight gradient = sum of the partials' element i: one warp per element, lane l
-// summing partials l, l + 32, ... in order, then a butterfly (a fixed order too).
+// Where element i of the weight gradient's (10, C) sums goes (sum_partials' slot).
 template <typename acc>
-__global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_sum_kernel(const DwconvParams p, const acc* partials,
-                                                                      unsigned count) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t width = kDwGradRows * p.C;
-  for (int64_t i = warp_row0(); i < width; i += warp_row_stride()) {
-    acc s = acc(0);
-#pragma unroll 4
-    for (unsigned k = lane; k < count; k += kWarpSize) s += partials[k * width + i];
-    s = warp_sum(s);
-    acc* slot = dw_grad_slot<acc>(p, i);
-    if (lane == 0 && slot) *slot = s;
-  }
-}
+struct WgradSlot {
+  DwconvParams p;
+  __device__ acc* operator()(int64_t i) const { return dw_grad_slot<acc>(p, i); }
+};
 
 WgradLayout wgrad_layout(const DwconvParams& p, int64_t vectors) {
   WgradLayout l;
@@ -346,9 +336,7 @@ void dwconv_wgrad_cuda(const DwconvParams& p) {
       else dwconv_wgrad_kernel<scalar_t, 1, kS><<<grid, kDwThreads, 0, stream>>>(p, l, partials.data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    dwconv_wgrad_sum_kernel<acc><<<grid_x(width, kDwThreads / kWarpSize), kDwThreads, 0, stream>>>(
-        p, partials.data_ptr<acc>(), l.partials);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_partials(partials.data_ptr<acc>(), l.partials, width, WgradSlot<acc>{p}, stream);
   });
 }
 

@@ -32,9 +32,7 @@ void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
 at::Tensor kernel_param(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
   if (!t.has_value()) return at::Tensor();
   const int64_t C = x.size(-1);
-  SOLA_CHECK(at::isFloatingType(t->scalar_type()), name, " must be a floating-point tensor, got ", t->scalar_type());
-  SOLA_CHECK(t->device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t->device());
-  SOLA_CHECK(t->layout() == at::kStrided, name, " must be a dense (strided) tensor");
+  check_param(*t, name, x);
   SOLA_CHECK(t->dim() == 1 && t->size(0) == C, name, " must be (C,) with C = ", C, " features of x, got shape ",
              t->sizes());
   return t->to(acc_dtype(x)).contiguous();

@@ -271,21 +271,17 @@ __global__ void __launch_bounds__(kLnThreads) ln_column_kernel(const LayerNormPa
   part[c] = dw, part[p.C + c] = db;
 }
 
-// dweight[c], dbias[c] = the sums of the count partials' elements, in order: one warp per element,
-// lane l summing partials l, l + 32, ..., then a butterfly (a fixed order too).
+// Where element i of the partials' (2, C) sums goes: dweight[i], then dbias[i - C] (sum_partials' slot).
 template <typename acc>
-__global__ void __launch_bounds__(kLnThreads) ln_partials_sum_kernel(const LayerNormParams p, const acc* partials,
-                                                                     unsigned count) {
-  const int lane = threadIdx.x % kWarpSize;
-  for (int64_t i = warp_row0(); i < 2 * p.C; i += warp_row_stride()) {
-    acc s = acc(0);
-#pragma unroll 4
-    for (unsigned k = lane; k < count; k += kWarpSize) s += partials[k * 2 * p.C + i];
-    s = warp_sum(s);
-    acc* dst = static_cast<acc*>(i < p.C ? p.dweight : p.dbias);
-    if (lane == 0 && dst) dst[i % p.C] = s;
+struct ParamGradSlot {
+  acc* dweight;
+  acc* dbias;
+  int64_t C;
+  __device__ acc* operator()(int64_t i) const {
+    acc* dst = i < C ? dweight : dbias;
+    return dst ? dst + i % C : nullptr;
   }
-}
+};
 
 // How the kernels split a row: the vector width (kV or 1), threads per row, register chunks needed.
 struct RowSplit {
@@ -371,8 +367,8 @@ void layer_norm_bwd_cuda(const LayerNormParams& p) {
       ln_column_kernel<scalar_t><<<columns, kLnThreads, 0, stream>>>(p, step, part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    ln_partials_sum_kernel<acc><<<grid_x(2 * p.C, kLnThreads / kWarpSize), kLnThreads, 0, stream>>>(p, part, count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_partials(part, count, 2 * p.C,
+                 ParamGradSlot<acc>{static_cast<acc*>(p.dweight), static_cast<acc*>(p.dbias), p.C}, stream);
   });
 }
 
