@@ -33,6 +33,23 @@ def _check_tensor(t, name, q):
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
 
 
+def _heads_interleaved(like):
+    """csrc/heads_layout.h's rule: like is (B, N, H, D) in memory (a linear layer's output reshaped and
+    transposed), with more than one head and one token; the C++ ops copy a view whose last dim is not
+    contiguous (and any empty one) to a contiguous tensor first, so those count as contiguous."""
+    return (like is not None and like.dim() == 4 and like.numel() > 0 and like.shape[1] > 1 and like.shape[2] > 1
+            and like.stride(1) < like.stride(2) and (like.shape[3] <= 1 or like.stride(3) == 1))
+
+
+def _new_like_heads(like, shape):
+    """A new (B, H, N, D) tensor of like's dtype and device in like's layout (_heads_interleaved): what
+    the ops allocate for an output or an input's gradient."""
+    B, H, N, D = shape
+    if _heads_interleaved(like):
+        return like.new_empty((B, N, H, D)).transpose(1, 2)
+    return like.new_empty((B, H, N, D))
+
+
 class _FirstOrderOnly(torch.autograd.Function):
     """A _bwd op run while autograd records (create_graph=True). The kernels have no derivative of
     their own, so the gradients get a node whose backward raises: a second-order gradient is an error
@@ -149,7 +166,8 @@ def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, 
     B, H, Nq, Dk = q.shape
     Dv = v.shape[3]
     acc = _acc_dtype(q.dtype)
-    return (q.new_empty((B, H, Nq, Dv)), q.new_empty((B, H, Dk, Dv), dtype=acc), q.new_empty((B, H, Dk), dtype=acc))
+    return (_new_like_heads(q, (B, H, Nq, Dv)), q.new_empty((B, H, Dk, Dv), dtype=acc),
+            q.new_empty((B, H, Dk), dtype=acc))
 
 
 @torch.library.register_fake("sola_ops::linear_attention_bwd")
@@ -157,11 +175,9 @@ def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feat
                                rope_cos=None, rope_sin=None):
     check_qkv(q, k, v)
     check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
-    dq_norm = torch.empty_like(q, memory_format=torch.contiguous_format) if q_norm is not None else q.new_empty((0,))
-    dk_norm = torch.empty_like(k, memory_format=torch.contiguous_format) if k_norm is not None else k.new_empty((0,))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), dq_norm, dk_norm)
+    dq_norm = _new_like_heads(q_norm, q.shape) if q_norm is not None else q.new_empty((0,))
+    dk_norm = _new_like_heads(k_norm, k.shape) if k_norm is not None else k.new_empty((0,))
+    return _new_like_heads(q, q.shape), _new_like_heads(k, k.shape), _new_like_heads(v, v.shape), dq_norm, dk_norm
 
 
 def _linear_attention_setup_context(ctx, inputs, output):
@@ -194,13 +210,13 @@ torch.library.register_autograd("sola_ops::linear_attention_fwd", _linear_attent
 def _softmax_attention_fwd_fake(q, k, v, scale):
     check_qkv(q, k, v)
     B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+    return _new_like_heads(q, (B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("sola_ops::softmax_attention_bwd")
 def _softmax_attention_bwd_fake(grad_out, q, k, v, out, lse, scale, grad_lse=None):
     check_qkv(q, k, v)
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return tuple(_new_like_heads(t, t.shape) for t in (q, k, v))
 
 
 def _softmax_attention_setup_context(ctx, inputs, output):
@@ -229,14 +245,14 @@ torch.library.register_autograd("sola_ops::softmax_attention_fwd", _softmax_atte
 @torch.library.register_fake("sola_ops::rope_fwd")
 def _rope_fwd_fake(x, cos, sin, feature_map, with_features):
     check_rope_args(x, cos, sin)
-    feat = torch.empty_like(x, memory_format=torch.contiguous_format) if with_features else x.new_empty((0,))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), feat
+    feat = _new_like_heads(x, x.shape) if with_features else x.new_empty((0,))
+    return _new_like_heads(x, x.shape), feat
 
 
 @torch.library.register_fake("sola_ops::rope_bwd")
 def _rope_bwd_fake(grad_rot, grad_feat, x, cos, sin, feature_map):
     check_rope_args(x, cos, sin)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _new_like_heads(x, x.shape)
 
 
 def _rope_setup_context(ctx, inputs, output):

@@ -352,6 +352,76 @@ def test_sdpa_layout_view(device, op):
     CHECK[op](q, k, v)
 
 
+def _interleaved_qkv(device, B=2, N=37, H=3, D=16, dtype=torch.float32):
+    """q, k, v as a model gets them from one projection: (B, N, 3, H, D) unbound and transposed."""
+    x = randn((B, N, 3 * H * D), dtype, device, seed=41)
+    return [leaf(t.transpose(1, 2)) for t in x.view(B, N, 3, H, D).unbind(2)]
+
+
+def _fake_like(ts):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    return mode, [mode.from_tensor(t) for t in ts]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_outputs_take_the_heads_interleaved_layout(device, op):
+    """A (B, N, H, D)-in-memory q gives an output, and q, k, v gradients, in that layout, so the model's
+    out.transpose(1, 2).reshape(B, N, H * D) is a view; every element written (NaN-fill mode), values
+    as the reference's; the fake implementation gives the same strides."""
+    q, k, v = _interleaved_qkv(device)
+    with sola_ops.debug_nan_fill(True):
+        out = run_op(op, q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), randn(out.shape, torch.float32, device, seed=5))
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    for t, g in zip((q, k, v), grads):
+        assert g.transpose(1, 2).is_contiguous() and not g.isnan().any(), g.stride()
+    assert not out.isnan().any()
+    CHECK[op](q, k, v)
+    fwd = torch.ops.sola_ops.linear_attention_fwd if op == "linear" else torch.ops.sola_ops.softmax_attention_fwd
+    args = (None, None, "elu", True, 1e-6) if op == "linear" else (0.25,)
+    mode, fakes = _fake_like((q.detach(), k.detach(), v.detach()))
+    with mode:
+        fake_out = fwd(*fakes, *args)[0]
+    assert fake_out.stride() == fwd(q.detach(), k.detach(), v.detach(), *args)[0].stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(2, 1, 5, 8), (2, 3, 1, 8), (1, 3, 5, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_outputs_of_other_layouts_are_contiguous(device, op, shape):
+    """Contiguous inputs, strided views of another kind, and a single head or token (where both layouts
+    coincide) give contiguous outputs and gradients."""
+    B, H, N, D = shape
+    base = randn((B, N, H, 2 * D), torch.float32, device, seed=7)
+    cases = {"contiguous": randn(shape, torch.float32, device, seed=8),
+             "heads_interleaved": base[..., :D].transpose(1, 2)}
+    for name, t in cases.items():
+        q = leaf(t)
+        k, v = leaf(t.clone()), leaf(t.clone())
+        out = run_op(op, q, k, v)
+        dq, = torch.autograd.grad(out, (q,), torch.ones_like(out))
+        if name == "contiguous" or H == 1 or N == 1:
+            assert out.is_contiguous() and dq.is_contiguous(), (name, out.stride(), dq.stride())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_outputs_take_the_heads_interleaved_layout(device):
+    B, N, H, D = 2, 9, 4, 8
+    x = leaf(randn((B, N, H, 2 * D), torch.float32, device, seed=3)[..., :D].transpose(1, 2))
+    cos, sin = randn((N, D // 2), torch.float32, device, seed=1), randn((N, D // 2), torch.float32, device, seed=2)
+    rot, feat = sola_ops.rope(x, cos, sin, feature_map="elu", return_features=True)
+    dx, = torch.autograd.grad((rot, feat), (x,), (torch.ones_like(rot), torch.ones_like(feat)))
+    for t in (rot, feat, dx):
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
+    torch.testing.assert_close(rot, sola_ops.rope(x.contiguous(), cos, sin, feature_map="elu"))
+    mode, (fx, fc, fs) = _fake_like((x.detach(), cos, sin))
+    with mode:
+        frot, ffeat = torch.ops.sola_ops.rope_fwd(fx, fc, fs, "elu", True)
+    assert frot.stride() == ffeat.stride() == rot.stride()
+
+
 # ---- empty inputs ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -711,7 +781,7 @@ def _opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("case", ["plain", "norms", "k_norm_identity", "unnormalized", "strided_fp64"])
+@pytest.mark.parametrize("case", ["plain", "norms", "k_norm_identity", "unnormalized", "strided_fp64", "interleaved"])
 def test_opcheck_linear(case):
     ops = torch.ops.sola_ops
     dtype = torch.float64 if case == "strided_fp64" else torch.float32
@@ -721,6 +791,8 @@ def test_opcheck_linear(case):
         q, k = strided_like(q, "transposed"), strided_like(k, "slice")
     qn = randn(q.shape, dtype, seed=2) if case == "norms" else None
     kn = randn(k.shape, dtype, seed=3, positive=True) if case in ("norms", "k_norm_identity") else None
+    if case == "interleaved":  # outputs and gradients in the inputs' (B, N, H, D) layout, q_norm / k_norm too
+        q, k, v, qn, kn = (t.detach().transpose(1, 2) for t in randn((2, 5, 5, 2, 4), dtype, seed=5).unbind(2))
     normalize = case != "unnormalized"
     fwd_args = [leaf(t) if t is not None else None for t in (q, k, v, qn, kn)] + [fm, normalize, 1e-6]
     _opcheck(ops.linear_attention_fwd.default, tuple(fwd_args))
@@ -729,11 +801,13 @@ def test_opcheck_linear(case):
     _opcheck(ops.linear_attention_bwd.default, (g, q, k, v, qn, kn, state, z, fm, normalize, 1e-6))
 
 
-@pytest.mark.parametrize("case", ["plain", "scale0", "strided_fp64", "bf16"])
+@pytest.mark.parametrize("case", ["plain", "scale0", "strided_fp64", "bf16", "interleaved"])
 def test_opcheck_softmax(case):
     ops = torch.ops.sola_ops
     dtype = {"strided_fp64": torch.float64, "bf16": torch.bfloat16}.get(case, torch.float32)
     q, k, v = make_qkv(2, 2, 5, 7, 4, 3, dtype, seed=1)
+    if case == "interleaved":  # outputs and gradients in the inputs' (B, N, H, D) layout
+        q, k, v = (t.transpose(1, 2) for t in randn((2, 5, 3, 2, 4), dtype, seed=5).unbind(2))
     if case == "strided_fp64":
         q, v = strided_like(q, "transposed"), strided_like(v, "lastdim")
     scale = 0.0 if case == "scale0" else 0.6

@@ -2,6 +2,7 @@
 // backend's kernels. Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
+#include "heads_layout.h"
 #include "linear_attention/linear_attention.h"
 #include "rope/rope.h"
 
@@ -107,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(
     return linear_attention_fwd(q_rot, k_rot, v, q_feat, k_feat, "identity", normalize, eps, c10::nullopt, c10::nullopt);
   }
   if (rope.given) p.rope_cos = rope.cos.data_ptr(), p.rope_sin = rope.sin.data_ptr();
-  at::Tensor out = new_output({p.B, p.H, p.Nq, p.Dv}, q.options());
+  at::Tensor out = new_output_like({p.B, p.H, p.Nq, p.Dv}, q.options(), q);
   at::Tensor state = new_output({p.B, p.H, p.Dk, p.Dv}, q.options().dtype(acc_dtype(q)));
   at::Tensor z = new_output({p.B, p.H, p.Dk}, q.options().dtype(acc_dtype(q)));
   p.out = make_view(out);
@@ -150,11 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
   p.grad_out = make_view(grad_out);
   p.state = state.data_ptr();
   p.z = z.data_ptr();
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
-  at::Tensor dq_norm = p.has_qn ? new_output(q.sizes(), q.options()) : at::empty({0}, q.options());
-  at::Tensor dk_norm = p.has_kn ? new_output(k.sizes(), k.options()) : at::empty({0}, k.options());
+  at::Tensor dq = new_output_like(q.sizes(), q.options(), q);
+  at::Tensor dk = new_output_like(k.sizes(), k.options(), k);
+  at::Tensor dv = new_output_like(v.sizes(), v.options(), v);
+  at::Tensor dq_norm = p.has_qn ? new_output_like(q.sizes(), q.options(), *q_norm) : at::empty({0}, q.options());
+  at::Tensor dk_norm = p.has_kn ? new_output_like(k.sizes(), k.options(), *k_norm) : at::empty({0}, k.options());
   p.dq = make_view(dq), p.dk = make_view(dk), p.dv = make_view(dv);
   if (p.has_qn) p.dqn = make_view(dq_norm);
   if (p.has_kn) p.dkn = make_view(dk_norm);

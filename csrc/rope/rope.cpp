@@ -2,6 +2,7 @@
 // Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
+#include "heads_layout.h"
 #include "rope/rope.h"
 
 namespace sola {
@@ -58,8 +59,8 @@ void run(const RopeParams& p, const at::Tensor& x, bool backward) {
 std::tuple<at::Tensor, at::Tensor> rope_fwd(at::Tensor x, at::Tensor cos, at::Tensor sin, std::string feature_map,
                                             bool with_features) {
   RopeParams p = make_params(x, cos, sin, feature_map);
-  at::Tensor rot = new_output(x.sizes(), x.options());
-  at::Tensor feat = with_features ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor rot = new_output_like(x.sizes(), x.options(), x);
+  at::Tensor feat = with_features ? new_output_like(x.sizes(), x.options(), x) : at::empty({0}, x.options());
   p.rot = make_view(rot);
   if (with_features) p.feat = make_view(feat);
   run(p, x, false);
@@ -77,7 +78,7 @@ at::Tensor rope_bwd(at::Tensor grad_rot, c10::optional<at::Tensor> grad_feat, at
     grad_feat = last_dim_contiguous(*grad_feat);
     p.grad_feat = make_view(*grad_feat);
   }
-  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dx = new_output_like(x.sizes(), x.options(), x);
   p.dx = make_view(dx);
   run(p, x, true);
   return dx;

@@ -4,6 +4,7 @@
 
 #include <optional>
 
+#include "heads_layout.h"
 #include "softmax_attention/softmax_attention.h"
 
 namespace sola {
@@ -29,7 +30,7 @@ bool empty_problem(const SoftmaxAttentionParams& p) { return p.B == 0 || p.H == 
 
 std::tuple<at::Tensor, at::Tensor> softmax_attention_fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   SoftmaxAttentionParams p = make_params(q, k, v, scale);
-  at::Tensor out = new_output({p.B, p.H, p.Nq, p.Dv}, q.options());
+  at::Tensor out = new_output_like({p.B, p.H, p.Nq, p.Dv}, q.options(), q);
   at::Tensor lse = new_output({p.B, p.H, p.Nq}, q.options().dtype(acc_dtype(q)));
   p.out = make_view(out);
   p.lse = lse.data_ptr();
@@ -66,9 +67,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_attention_bwd(at::Tensor 
   out = last_dim_contiguous(out);
   lse = lse.contiguous();
   at::Tensor delta = at::empty_like(lse);
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
+  at::Tensor dq = new_output_like(q.sizes(), q.options(), q);
+  at::Tensor dk = new_output_like(k.sizes(), k.options(), k);
+  at::Tensor dv = new_output_like(v.sizes(), v.options(), v);
   p.grad_out = make_view(grad_out), p.out = make_view(out);
   p.lse = lse.data_ptr(), p.delta = delta.data_ptr();
   p.grad_lse = grad_lse.defined() ? grad_lse.data_ptr() : nullptr;
