@@ -82,6 +82,10 @@ def op_name(func) -> str:
     return func._schema.name
 
 
+# Views that do not say so (is_view is False): reshape's copy-free result
+VIEW_LIKE = ("aten::_unsafe_view",)
+
+
 def op_bytes(step):
     """{op name: bytes per step} over one run of step(): each op's tensor inputs and outputs (a lower
     bound on what it moves; views move nothing), as a TorchDispatchMode sees the ops below autograd and
@@ -100,7 +104,7 @@ def op_bytes(step):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             outs = tree_flatten(out)[0]
-            if not func.is_view and any(isinstance(t, torch.Tensor) for t in outs):
+            if not func.is_view and op_name(func) not in VIEW_LIKE and any(isinstance(t, torch.Tensor) for t in outs):
                 self.bytes[op_name(func)] += nbytes(tree_flatten((args, kwargs))[0]) + nbytes(outs)
             return out
 

@@ -112,6 +112,7 @@ class AttentionMixer(nn.Module):
         qk = self.qk(x).reshape(B, N, 2 * nh, hd).transpose(1, 2)  # a view, last dim contiguous
         v = x.reshape(B, N, nh, hd).transpose(1, 2).to(qk.dtype)
         out = self.attend(qk, v, H, W)
+        # a view for sola_ops' outputs, which take the layout of q (here (B, N, nh, hd) in memory)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return out + depthwise_conv(self.lepe, x, self.attn_impl)
 
@@ -141,6 +142,16 @@ class AttentionMixer(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, attn_impl={self.attn_impl!r}"
 
 
+def split_qk(qk: torch.Tensor):
+    """q and k, (B, nh, N, hd) views of qk, the (B, 2 nh, N, hd) view of the qk linear's (B, N, 2 nh hd)
+    output. Split through unbind, whose backward stacks the gradients of q and k into (B, N, 2, nh, hd):
+    the linear's own layout, so its backward takes them as they are. (chunk's backward concatenates them
+    along the heads, which the linear's backward would then copy once more.)"""
+    B, heads, N, hd = qk.shape
+    q, k = qk.transpose(1, 2).reshape(B, N, 2, heads // 2, hd).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
 class LinearAttention(AttentionMixer):
     """MLLA's linear attention: phi = elu + 1 on q, k; RoPE-rotated phi(q), phi(k) in the numerator,
     unrotated in the normaliser; out_i = phi(q)_i^T S / (phi(q)_i^T z + eps) with the mean-form state
@@ -151,7 +162,7 @@ class LinearAttention(AttentionMixer):
 
     def attend(self, qk, v, height, width):
         if self.attn_impl == "sola":  # feature map and RoPE inside the kernels: q, k read once each
-            q, k = qk.chunk(2, dim=1)
+            q, k = split_qk(qk)
             return sola_ops.linear_attention(q, k, v, feature_map="elu", eps=self.eps,
                                              rope=self.kernel_tables(qk, height, width))
         # Plain PyTorch, as MLLA writes it.
@@ -229,12 +240,23 @@ class SoLABlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
+    def in_and_act_proj(self, y: torch.Tensor, impl: str):
+        """(in_proj(y), act_proj(y)). For "sola" one GEMM over the two layers' stacked weights: y is read
+        once, and its gradient is one GEMM's output rather than the sum of two. The halves are channel
+        slices of one (B, H, W, 2C) tensor, which the depthwise conv and SiLU read in place."""
+        a, b = self.in_proj, self.act_proj
+        if impl != "sola" or not (type(a) is type(b) is nn.Linear) or a.bias is None or b.bias is None:
+            return a(y), b(y)
+        both = F.linear(y, torch.cat((a.weight, b.weight)), torch.cat((a.bias, b.bias)))
+        return both.split(a.out_features, dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
         x = depthwise_conv(self.cpe1, x, impl, residual=True)
         y = layer_norm(self.norm1, x, impl)
-        gate = self.act(self.act_proj(y))
-        y = depthwise_conv(self.dwc, self.in_proj(y), impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
+        y, gate = self.in_and_act_proj(y, impl)
+        gate = self.act(gate)
+        y = depthwise_conv(self.dwc, y, impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(y * gate))
         x = depthwise_conv(self.cpe2, x, impl, residual=True)

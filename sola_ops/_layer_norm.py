@@ -46,6 +46,8 @@ def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_weight, with_bias
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
     _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)  # internal: saved for the backward only
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for them
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -53,6 +55,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
+    if grad_out is None:  # not reached through the public function, whose only output is out
+        grad_out = torch.zeros_like(x)
     # A frozen weight or bias (no grad wanted) costs the kernels no sums.
     with_weight = ctx.weight_dtype is not None and ctx.needs_input_grad[1]
     with_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]

@@ -184,6 +184,7 @@ def _linear_attention_setup_context(ctx, inputs, output):
     q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos, rope_sin = inputs
     _, state, z = output
     ctx.mark_non_differentiable(state, z)  # internal: saved for the backward only
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for state and z
     ctx.save_for_backward(q, k, v, q_norm, k_norm, state, z, rope_cos, rope_sin)
     ctx.options = (feature_map, normalize, eps)
 
@@ -223,6 +224,7 @@ def _softmax_attention_setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_materialize_grads(False)  # an unused lse's gradient stays None: the kernels skip it, no zeros read
     ctx.scale = scale
 
 
@@ -258,6 +260,7 @@ def _rope_bwd_fake(grad_rot, grad_feat, x, cos, sin, feature_map):
 def _rope_setup_context(ctx, inputs, output):
     x, cos, sin, feature_map, with_features = inputs
     ctx.save_for_backward(x, cos, sin)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None rather than zeros
     ctx.feature_map, ctx.with_features = feature_map, with_features
 
 

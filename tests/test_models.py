@@ -283,6 +283,46 @@ def test_stem_runs_channels_last():
         assert out.permute(0, 2, 3, 1).is_contiguous()
 
 
+def _aten_ops(fn):
+    """The aten ops fn() dispatches, in order (forward and backward, below autograd)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        fn()
+    return rec.names
+
+
+@needs_sola
+@pytest.mark.parametrize("mixer", ["L", "S"])
+def test_sola_block_moves_no_layout_copies(mixer):
+    """A "sola" block's training step copies no tensor to change its layout: the attention outputs come
+    in the (B, N, H, D) layout their reshape wants, the gradients of q, k (stacked by unbind) and v in the
+    projections' layouts, and in_proj / act_proj run as one GEMM. "torch" (MLLA's code) copies the
+    attention output and its q, k, v gradients. Nor does autograd zero-fill the gradients of the ops'
+    unused outputs (LayerNorm's statistics, the attention state, an unused lse)."""
+    torch.manual_seed(0)
+    counts = {}
+    for impl in ("torch", "sola"):
+        block = SoLABlock(64, 2, mixer=mixer, attn_impl=impl)
+        x = torch.randn(2, 6, 5, 64, requires_grad=True)
+        ops = _aten_ops(lambda: block(x).square().sum().backward())
+        counts[impl] = {name: ops.count(name) for name in ("aten::clone", "aten::zeros", "aten::mm", "aten::addmm")}
+    assert counts["torch"]["aten::clone"] >= 2, counts
+    assert counts["sola"]["aten::clone"] == 0 and counts["sola"]["aten::zeros"] == 0, counts
+    # one GEMM fewer forward (in_proj + act_proj) and one fewer for y's gradient backward
+    assert counts["sola"]["aten::addmm"] + counts["sola"]["aten::mm"] < \
+        counts["torch"]["aten::addmm"] + counts["torch"]["aten::mm"], counts
+
+
 @needs_sola
 def test_mixers_match_torch():
     """Each mixer alone, including a layout where v (the mixer input) is non-contiguous."""
