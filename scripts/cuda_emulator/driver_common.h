@@ -15,6 +15,13 @@ inline at::Tensor input(int64_t B, int64_t H, int64_t N, int64_t D, at::ScalarTy
 }
 inline at::Tensor nan_out(at::IntArrayRef s, at::ScalarType dt) { return at::full(s, NAN, at::TensorOptions().dtype(dt)); }
 
+// A NaN-filled (B, H, N, D) output, (B, N, H, D) in memory when interleaved: the layout the ops give the
+// outputs and gradients of a heads-interleaved input (csrc/heads_layout.h).
+inline at::Tensor nan_out(at::IntArrayRef s, at::ScalarType dt, bool interleaved) {
+  if (!interleaved) return nan_out(s, dt);
+  return nan_out({s[0], s[2], s[1], s[3]}, dt).transpose(1, 2);
+}
+
 inline double tol(at::ScalarType dt) {
   return dt == at::kDouble ? 1e-11 : dt == at::kFloat ? 2e-5 : dt == at::kHalf ? 4e-3 : 3e-2;
 }

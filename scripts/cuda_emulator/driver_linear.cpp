@@ -111,7 +111,8 @@ static void linear_case(const Case& c) {
 
   at::Tensor out[3], state[3], z[3];  // CPU, CUDA, CUDA unstaged
   for (int r = 0; r < 3; ++r) {
-    out[r] = nan_out({c.B, c.H, c.Nq, c.Dv}, dt), state[r] = nan_out({c.B, c.H, c.Dk, c.Dv}, acc);
+    out[r] = nan_out({c.B, c.H, c.Nq, c.Dv}, dt, c.strided && r > 0);  // CUDA: the ops' layout
+    state[r] = nan_out({c.B, c.H, c.Dk, c.Dv}, acc);
     z[r] = nan_out({c.B, c.H, c.Dk}, acc);
     LinearAttentionParams pr = r == 0 ? pc : p;
     pr.out = make_view(out[r]), pr.state = state[r].data_ptr(), pr.z = z[r].data_ptr();
@@ -129,8 +130,9 @@ static void linear_case(const Case& c) {
   at::Tensor grads[5][5];  // CPU, CUDA, CUDA again, CUDA unstaged, CUDA presplit: dq, dk, dv, dqn, dkn
   for (int r = 0; r < 5; ++r) {
     at::Tensor* d = grads[r];
-    d[0] = nan_out(q.sizes(), dt), d[1] = nan_out(k.sizes(), dt), d[2] = nan_out(v.sizes(), dt);
-    d[3] = nan_out(q.sizes(), dt), d[4] = nan_out(k.sizes(), dt);
+    const bool il = c.strided && r > 0;
+    d[0] = nan_out(q.sizes(), dt, il), d[1] = nan_out(k.sizes(), dt, il), d[2] = nan_out(v.sizes(), dt, il);
+    d[3] = nan_out(q.sizes(), dt, il), d[4] = nan_out(k.sizes(), dt, il);
     LinearAttentionParams pr = r == 0 ? pc : p;
     pr.state = state[0].data_ptr(), pr.z = z[0].data_ptr(), pr.grad_out = make_view(g);
     pr.dq = make_view(d[0]), pr.dk = make_view(d[1]), pr.dv = make_view(d[2]);
@@ -206,6 +208,8 @@ int main(int argc, char** argv) {
       c.Nq = 17, c.Nk = 113;
       run(c, dt);
       c.Dk = c.Dv = 64, c.has_qn = c.has_kn = true, c.strided = true;
+      run(c, dt);
+      c.B = 2, c.H = 3;  // strided with several heads: outputs in the ops' heads-interleaved layout
       run(c, dt);
     }
   }

@@ -35,7 +35,7 @@ void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int6
   p.scale = scale, p.dtype = dt, p.device_index = -1;
   at::Tensor out[2], lse[2];
   for (int r = 0; r < 2; ++r) {
-    out[r] = nan_out({B, H, Nq, Dv}, dt), lse[r] = nan_out({B, H, Nq}, acc);
+    out[r] = nan_out({B, H, Nq, Dv}, dt, strided && r == 1), lse[r] = nan_out({B, H, Nq}, acc);  // CUDA: the ops' layout
     SoftmaxAttentionParams pr = p;
     pr.out = make_view(out[r]), pr.lse = lse[r].data_ptr();
     if (r == 0) softmax_attention_fwd_cpu(pr); else softmax_attention_fwd_cuda(pr);
@@ -48,7 +48,8 @@ void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int6
   p.grad_lse = grad_lse ? glse.data_ptr() : nullptr;
   at::Tensor dq[2], dk[2], dv[2], delta[2];
   for (int r = 0; r < 2; ++r) {
-    dq[r] = nan_out(q.sizes(), dt), dk[r] = nan_out(k.sizes(), dt), dv[r] = nan_out(v.sizes(), dt);
+    const bool il = strided && r == 1;
+    dq[r] = nan_out(q.sizes(), dt, il), dk[r] = nan_out(k.sizes(), dt, il), dv[r] = nan_out(v.sizes(), dt, il);
     delta[r] = nan_out({B, H, Nq}, acc);
     SoftmaxAttentionParams pr = p;
     pr.out = make_view(out[0]), pr.lse = lse[0].data_ptr(), pr.delta = delta[r].data_ptr();
