@@ -3,16 +3,19 @@ in-block conv: silu(conv(x))) and its downsamples do (relu(conv(x)) at stride 2,
 sola_ops.depthwise_conv3x3 against PyTorch's conv2d on the channels-last view (cuDNN on CUDA), forward
 and forward + backward (input, weight and bias gradients), under bf16 autocast with fp32 parameters
 as the model bench runs, on sola_vision_tiny's block and downsample shapes. Also the blocks' LayerNorm:
-sola_ops.layer_norm (bf16 in, bf16 out) against nn.LayerNorm under autocast (fp32 out, as torch runs it).
+sola_ops.layer_norm (bf16 in, bf16 out) against nn.LayerNorm under autocast (fp32 out, as torch runs it),
+and their gated output y * SiLU(gate): sola_ops.silu_mul against x * F.silu(gate), the gate a channel slice
+gate[..., C:] of one (B, H, W, 2C) projection as the blocks pass it (read in place by both).
 
     python bench/dwconv.py --out bench/results/nvidia-h200_dwconv.json     # CUDA: 224 px b128, 1024 px b8
     python bench/dwconv.py --device cpu --tiny                                # a smoke test
 
-Rows follow DESIGN.md's format (op "depthwise_conv3x3" or "layer_norm", impl "sola_ops" or "torch", Nq = H * W
-tokens, D = channels, img_hw (the input's), case "dwconv_residual", "dwconv_silu", "dwconv_downsample" or
-"layer_norm"); GB/s counts the bytes a fused kernel must move in x's dtype: the forward reads x and writes out,
-the backward reads the gradient and x (and out, for relu's mask) and writes dx. The baseline of
-ratio_to_best_baseline is "torch".
+Rows follow DESIGN.md's format (op "depthwise_conv3x3", "layer_norm" or "silu_mul", impl "sola_ops" or "torch",
+Nq = H * W tokens, D = channels, img_hw (the input's), case "dwconv_residual", "dwconv_silu", "dwconv_downsample",
+"layer_norm" or "silu_mul"); GB/s counts the bytes a fused kernel must move in x's dtype: the forward reads x
+and writes out, the backward reads the gradient and x (and out, for relu's mask) and writes dx; silu_mul's
+forward reads x and gate and writes out, its backward reads the gradient, x and gate and writes dx and dgate.
+The baseline of ratio_to_best_baseline is "torch".
 """
 import argparse
 import contextlib
@@ -42,10 +45,25 @@ FORMS = {"residual": (1, True, None), "silu": (1, False, "silu"), "downsample": 
 ACTIVATIONS = {None: lambda y: y, "silu": torch.nn.functional.silu, "relu": torch.relu}
 
 
-def make_module(form, channels, device):
-    """The layer whose parameters a form uses: the depthwise conv, or the LayerNorm."""
+class Gate(torch.nn.Module):
+    """silu_mul's gate as the blocks pass it: the act_proj half gate[..., C:] of one (B, H, W, 2C) projection,
+    a channel slice at row stride 2C, held as a parameter (a leaf keeping those strides) so both impls
+    differentiate it without a slice backward."""
+
+    def __init__(self, shape, device, dtype):
+        super().__init__()
+        B, H, W, C = shape
+        both = (torch.randn(B, H, W, 2 * C, device=device, dtype=torch.float32) * 3).to(dtype)
+        self.gate = torch.nn.Parameter(both[..., C:])
+
+
+def make_module(form, shape, device, dtype):
+    """The layer whose parameters a form uses: the depthwise conv, the LayerNorm, or silu_mul's gate."""
+    channels = shape[3]
     if form == "layer_norm":
         return torch.nn.LayerNorm(channels, device=device)
+    if form == "silu_mul":
+        return Gate(shape, device, dtype)
     return torch.nn.Conv2d(channels, channels, 3, stride=FORMS[form][0], padding=1, groups=channels, device=device)
 
 
@@ -53,6 +71,9 @@ def impls(sola_ops, form):
     if form == "layer_norm":
         return {"sola_ops": lambda x, norm: sola_ops.layer_norm(x, norm.weight, norm.bias, norm.eps),
                 "torch": lambda x, norm: norm(x)}
+    if form == "silu_mul":
+        return {"sola_ops": lambda x, g: sola_ops.silu_mul(x, g.gate),
+                "torch": lambda x, g: x * torch.nn.functional.silu(g.gate)}
     stride, residual, activation = FORMS[form]
 
     def torch_conv(x, conv):
@@ -69,11 +90,12 @@ def impls(sola_ops, form):
 def cases(device, tiny):
     """(shape, form) pairs to time."""
     if tiny:
-        return list(itertools.product(TINY_SHAPES, (*FORMS, "layer_norm")))
+        return list(itertools.product(TINY_SHAPES, (*FORMS, "layer_norm", "silu_mul")))
     cuda = device.type == "cuda"
     block, down = (CUDA_SHAPES, CUDA_DOWNSAMPLE_SHAPES) if cuda else (CPU_SHAPES, CPU_DOWNSAMPLE_SHAPES)
+    stages = CUDA_SHAPES[:4] if cuda else CPU_SHAPES  # silu_mul: the four 224 px stages
     return (list(itertools.product(block, ("residual", "silu"))) + [(shape, "downsample") for shape in down] +
-            [(shape, "layer_norm") for shape in block])
+            [(shape, "layer_norm") for shape in block] + [(shape, "silu_mul") for shape in stages])
 
 
 def run(device, args, data):
@@ -86,8 +108,8 @@ def run(device, args, data):
     low = dtype in (torch.float16, torch.bfloat16)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if low else contextlib.nullcontext
     for (B, H, W, Ch), form in cases(device, args.tiny):
-        module = make_module(form, Ch, device)
-        op = "layer_norm" if form == "layer_norm" else "depthwise_conv3x3"
+        module = make_module(form, (B, H, W, Ch), device, dtype)
+        op = form if form in ("layer_norm", "silu_mul") else "depthwise_conv3x3"
         x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
         fns = impls(sola_ops, form)
         with ctx():
@@ -112,7 +134,9 @@ def run(device, args, data):
                 elems = x.numel() + out_elems  # forward: x in, out out
                 if pass_ == "fwd_bwd":  # backward: the gradient, x (and out for relu's mask) in, dx out
                     elems += out_elems * (2 if form == "downsample" else 1) + 2 * x.numel()
-                case = form if form == "layer_norm" else f"dwconv_{form}"
+                if form == "silu_mul":  # and gate in; backward: gate in, dgate out
+                    elems += x.numel() * (3 if pass_ == "fwd_bwd" else 1)
+                case = form if form in ("layer_norm", "silu_mul") else f"dwconv_{form}"
                 rows.append(C.make_row(op=op, impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
                                        Nq=H * W, D=Ch, ms=C.sig(ms), case=case, img_hw=[H, W],
                                        GBps=C.sig(elems * x.element_size() / (ms * 1e-3) / 1e9),

@@ -44,6 +44,10 @@ TORCH_LIBRARY(sola_ops, m) {
   // both fp32 (fp64 for fp64 x); empty otherwise.
   m.def("layer_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool with_weight, "
         "bool with_bias) -> (Tensor, Tensor, Tensor)");
+  // x * silu(gate), fused (csrc/silu_mul): x and gate of one shape and dtype, the output contiguous.
+  m.def("silu_mul_fwd(Tensor x, Tensor gate) -> Tensor");
+  // Returns (dx, dgate) = (grad_out * silu(gate), grad_out * x * silu'(gate)), contiguous.
+  m.def("silu_mul_bwd(Tensor grad_out, Tensor x, Tensor gate) -> (Tensor, Tensor)");
 }
 
 namespace sola {

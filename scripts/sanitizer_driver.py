@@ -182,6 +182,17 @@ def main():
             check(f"layer_norm {str(dtype).replace('torch.', '')} rows={rows} C={Ch}{' slice' if sl else ''}",
                   ln, partial(ln, fn=reference.layer_norm), [randn(rows, Ch + sl), randn(Ch), randn(Ch)], dtype,
                   failures)
+    # silu_mul: the model's gate, a channel slice y[..., :C] of a (B, H, W, 2C) tensor read in place (C = 64:
+    # the 16-byte vector kernels at row stride 2C), an odd width (C = 7: the element kernels), and rows one
+    # element off alignment (y[..., 1:C + 1]: element kernels on a multiple-of-8 width), many rows past
+    # one block.
+    for dtype in dtypes:
+        for B, H, W, Ch, start in ((2, 9, 7, 64, 0), (1, 5, 3, 7, 0), (3, 11, 13, 24, 1)):
+            def sm(x, y, Ch=Ch, start=start, fn=sola_ops.silu_mul):
+                return fn(x, y[..., start:start + Ch])
+            check(f"silu_mul {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} gate=y[..., {start}:]",
+                  sm, partial(sm, fn=reference.silu_mul), [randn(B, H, W, Ch), randn(B, H, W, 2 * Ch) * 3], dtype,
+                  failures)
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):

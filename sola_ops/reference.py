@@ -93,3 +93,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     out = torch.nn.functional.layer_norm(x.to(acc), (x.shape[-1],), None if weight is None else weight.to(acc),
                                          None if bias is None else bias.to(acc), eps)
     return out.to(x.dtype)
+
+
+def silu_mul(x, gate):
+    """x * F.silu(gate) in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    return (x.to(acc) * torch.nn.functional.silu(gate.to(acc))).to(x.dtype)

@@ -1,0 +1,105 @@
+// The silu_mul ops: check arguments, read each input in place when it is a rows view (else copy it),
+// allocate contiguous outputs, hand a params struct to the backend's kernels. Registered for CPU and
+// (when built) CUDA.
+#include <torch/library.h>
+
+#include "silu_mul/silu_mul.h"
+
+namespace sola {
+namespace {
+
+void check_x(const at::Tensor& x) {
+  SOLA_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be on a CPU or CUDA device, got ", x.device());
+  SOLA_CHECK(x.layout() == at::kStrided, "x must be a dense (strided) tensor");
+  const auto st = x.scalar_type();
+  SOLA_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+             "x must be float16, bfloat16, float32 or float64, got ", st);
+  SOLA_CHECK(x.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
+}
+
+// t (gate, grad_out) has x's shape (no broadcasting), dtype and device.
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), " (no broadcasting), got ",
+             t.sizes());
+  SOLA_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
+             t.scalar_type());
+  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+}
+
+// The row stride of t as (rows, C) rows: the last dim contiguous and every leading dim of size > 1 at
+// the stride of one row times the rows inside it (so a channel slice y[..., :C] of a (..., 2C) tensor
+// qualifies, at row stride 2C); -1 when t is no such view.
+int64_t row_stride(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  if (t.size(d - 1) > 1 && t.stride(d - 1) != 1) return -1;
+  int64_t stride = -1, inner_rows = 1;
+  for (int64_t i = d - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (stride < 0) stride = t.stride(i);  // the innermost leading dim that counts
+    if (t.stride(i) != stride * inner_rows) return -1;
+    inner_rows *= t.size(i);
+  }
+  return stride < 0 ? t.size(d - 1) : stride;  // one row: any stride will do
+}
+
+// t as the kernels read it: itself when it is a rows view, else a contiguous copy; stride: its row stride.
+at::Tensor as_rows(const at::Tensor& t, int64_t& stride) {
+  stride = row_stride(t);
+  if (stride >= 0) return t;
+  stride = t.size(-1);
+  return t.contiguous();
+}
+
+SiluMulParams make_params(at::Tensor& x, at::Tensor& gate) {
+  SiluMulParams p;
+  p.C = x.size(-1);
+  p.rows = x.numel() / p.C;
+  x = as_rows(x, p.x_stride);
+  gate = as_rows(gate, p.gate_stride);
+  p.x = x.data_ptr(), p.gate = gate.data_ptr();
+  p.dtype = x.scalar_type();
+  p.device_index = x.is_cuda() ? x.device().index() : -1;
+  return p;
+}
+
+}  // namespace
+
+at::Tensor silu_mul_fwd(at::Tensor x, at::Tensor gate) {
+  check_x(x);
+  check_like_x(gate, "gate", x);
+  at::Tensor out = new_output(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  SiluMulParams p = make_params(x, gate);
+  p.out = out.data_ptr();
+  SOLA_RUN_KERNEL(x, "x", silu_mul_fwd, p);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_mul_bwd(at::Tensor grad_out, at::Tensor x, at::Tensor gate) {
+  check_x(x);
+  check_like_x(gate, "gate", x);
+  check_like_x(grad_out, "grad_out", x);
+  at::Tensor dx = new_output(x.sizes(), x.options()), dgate = new_output(x.sizes(), x.options());
+  if (x.numel() == 0) return {dx, dgate};
+  SiluMulParams p = make_params(x, gate);
+  grad_out = as_rows(grad_out, p.grad_stride);
+  p.grad = grad_out.data_ptr();
+  p.out = dx.data_ptr(), p.dgate = dgate.data_ptr();
+  SOLA_RUN_KERNEL(x, "x", silu_mul_bwd, p);
+  return {dx, dgate};
+}
+
+TORCH_LIBRARY_IMPL(sola_ops, CPU, m) {
+  m.impl("silu_mul_fwd", &silu_mul_fwd);
+  m.impl("silu_mul_bwd", &silu_mul_bwd);
+}
+
+#ifdef SOLA_WITH_CUDA
+TORCH_LIBRARY_IMPL(sola_ops, CUDA, m) {
+  m.impl("silu_mul_fwd", &silu_mul_fwd);
+  m.impl("silu_mul_bwd", &silu_mul_bwd);
+}
+#endif
+
+}  // namespace sola

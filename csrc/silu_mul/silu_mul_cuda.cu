@@ -1,0 +1,118 @@
+// CUDA kernels of silu_mul (silu_mul.h). Memory-bound and elementwise: each thread takes one (row,
+// vector) item of a grid-stride loop over rows x C / kV, kV elements a 16-byte vector, so adjacent
+// threads read adjacent bytes of a row and every input (x, gate, grad: rows views at any row stride) is
+// read once, every output written once. A row start or row stride off 16 bytes, or C not a multiple of
+// kV, takes the same kernels with kV = 1 (element loads). Indices are 64-bit; the grid is capped
+// (grid_x), so any rows x C fits.
+#include "cuda_utils.cuh"
+#include "silu_mul/silu_mul.h"
+
+namespace sola {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <int kV, typename scalar_t, typename acc>
+__device__ __forceinline__ void load_vec(const scalar_t* src, acc (&dst)[kV]) {
+  const Vec<scalar_t, kV> v = *reinterpret_cast<const Vec<scalar_t, kV>*>(src);
+#pragma unroll
+  for (int e = 0; e < kV; ++e) dst[e] = static_cast<acc>(v.v[e]);
+}
+
+template <int kV, typename scalar_t, typename acc>
+__device__ __forceinline__ void store_vec(const acc (&src)[kV], scalar_t* dst) {
+  Vec<scalar_t, kV> v;
+#pragma unroll
+  for (int e = 0; e < kV; ++e) v.v[e] = static_cast<scalar_t>(src[e]);
+  *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = v;
+}
+
+// Item i of the grid-stride loop: element offsets of its vector in an input of row stride `stride`
+// (at) and in a contiguous output (out).
+struct Item {
+  int64_t r, c;
+  __device__ Item(int64_t i, int64_t nv, int kV) : r(i / nv), c((i - r * nv) * kV) {}
+  __device__ int64_t at(int64_t stride) const { return r * stride + c; }
+  __device__ int64_t out(int64_t C) const { return r * C + c; }
+};
+
+template <typename scalar_t, int kV>
+__global__ void __launch_bounds__(kThreads) silu_mul_fwd_kernel(const SiluMulParams p) {
+  using acc = acc_t<scalar_t>;
+  const int64_t nv = p.C / kV, items = p.rows * nv;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items; i += int64_t(gridDim.x) * kThreads) {
+    const Item it(i, nv, kV);
+    acc x[kV], g[kV];
+    load_vec<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
+    load_vec<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) x[e] = silu_mul_value(x[e], g[e]);
+    store_vec<kV>(x, static_cast<scalar_t*>(p.out) + it.out(p.C));
+  }
+}
+
+template <typename scalar_t, int kV>
+__global__ void __launch_bounds__(kThreads) silu_mul_bwd_kernel(const SiluMulParams p) {
+  using acc = acc_t<scalar_t>;
+  const int64_t nv = p.C / kV, items = p.rows * nv;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items; i += int64_t(gridDim.x) * kThreads) {
+    const Item it(i, nv, kV);
+    acc grad[kV], x[kV], g[kV];
+    load_vec<kV>(static_cast<const scalar_t*>(p.grad) + it.at(p.grad_stride), grad);
+    load_vec<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
+    load_vec<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) silu_mul_grads(grad[e], x[e], g[e], x[e], g[e]);  // (dx, dgate) in place
+    store_vec<kV>(x, static_cast<scalar_t*>(p.out) + it.out(p.C));
+    store_vec<kV>(g, static_cast<scalar_t*>(p.dgate) + it.out(p.C));
+  }
+}
+
+// Whether the 16-byte vector kernels may run: C a multiple of the vector, every row of every tensor
+// starting on a 16-byte boundary (pointer and row stride).
+template <typename scalar_t>
+bool vector_ok(const SiluMulParams& p) {
+  constexpr int kV = kVec16<scalar_t>;
+  const auto aligned = [](const void* ptr, int64_t stride) {
+    return !ptr || (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % kV == 0);
+  };
+  return p.C % kV == 0 && aligned(p.x, p.x_stride) && aligned(p.gate, p.gate_stride) &&
+         aligned(p.grad, p.grad_stride) && aligned(p.out, p.C) && aligned(p.dgate, p.C);
+}
+
+// Runs body with `constexpr int kVec`: the 16-byte vector width when vector_ok, else 1.
+#define SOLA_SILU_MUL_VEC_SWITCH(p, scalar_t, kVec, ...) \
+  [&] {                                                  \
+    if (vector_ok<scalar_t>(p)) {                        \
+      constexpr int kVec = kVec16<scalar_t>;             \
+      return __VA_ARGS__();                              \
+    }                                                    \
+    constexpr int kVec = 1;                              \
+    return __VA_ARGS__();                                \
+  }()
+
+}  // namespace
+
+void silu_mul_fwd_cuda(const SiluMulParams& p) {
+  c10::cuda::CUDAGuard guard(p.device_index);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SOLA_DISPATCH_FLOATING(p.dtype, "silu_mul_fwd_cuda", [&] {
+    SOLA_SILU_MUL_VEC_SWITCH(p, scalar_t, kVec, [&] {
+      silu_mul_fwd_kernel<scalar_t, kVec><<<grid_x(p.rows * (p.C / kVec), kThreads), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void silu_mul_bwd_cuda(const SiluMulParams& p) {
+  c10::cuda::CUDAGuard guard(p.device_index);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SOLA_DISPATCH_FLOATING(p.dtype, "silu_mul_bwd_cuda", [&] {
+    SOLA_SILU_MUL_VEC_SWITCH(p, scalar_t, kVec, [&] {
+      silu_mul_bwd_kernel<scalar_t, kVec><<<grid_x(p.rows * (p.C / kVec), kThreads), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace sola

@@ -1,0 +1,156 @@
+// Runs the silu_mul CUDA launchers (emulated on the CPU, see README.md) against the CPU kernels: out, then
+// dx and dgate, every dtype, widths on and off each dtype's 16-byte vector (the vector and element
+// kernels), inputs read in place at other row strides (the model's channel slices, a row broadcast at
+// stride 0, a slice one element in: misaligned), contiguous inputs one element off alignment, NaN / inf /
+// saturating values, grids capped so every thread walks several items. Emulated, both sides take the
+// host's exp (kernel_exp), so they must agree bitwise. Usage: driver_silu_mul [all | quick] (quick: bf16).
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "driver_common.h"
+#include "silu_mul/silu_mul.h"
+
+using namespace sola;
+
+// How x, gate and grad are laid out as (rows, C) rows.
+enum class Layout {
+  Contiguous,  // rows of C
+  Misaligned,  // rows of C, the tensor one element past a 16-byte boundary (element kernels)
+  Slice,       // x = y[:, C:], gate = y[:, :C] of a (rows, 2C) y: row stride 2C; grad contiguous
+  OddSlice,    // each a [:, 1:C + 1] slice of a (rows, C + 1) tensor: stride C + 1, misaligned rows
+  Broadcast,   // gate one row at stride 0; x and grad contiguous
+};
+const char* layout_name(Layout l) {
+  const char* names[] = {"contiguous", "misaligned", "slice", "odd_slice", "broadcast"};
+  return names[static_cast<int>(l)];
+}
+
+struct Case {
+  int64_t rows = 37, C = 64;
+  at::ScalarType dt = at::kBFloat16;
+  Layout layout = Layout::Contiguous;
+  bool special = false;   // NaN, +-inf and saturating values in x, gate and grad
+  const char* max_grid = nullptr;  // SOLA_MAX_GRID for the launches
+};
+
+struct Rows {
+  at::Tensor t;  // the (rows, C) view (keeps its storage alive)
+  int64_t stride;
+};
+
+static Rows contiguous_rows(const Case& c, int64_t offset) {
+  const at::Tensor buf = (at::randn({c.rows * c.C + offset}, at::kDouble) * 2).to(c.dt);
+  return {buf.narrow(0, offset, c.rows * c.C).view({c.rows, c.C}), c.C};
+}
+
+static Rows slice_rows(const Case& c, int64_t width, int64_t start) {
+  const at::Tensor y = (at::randn({c.rows, width}, at::kDouble) * 2).to(c.dt);
+  return {y.narrow(1, start, c.C), width};
+}
+
+// Special values at spread-out elements (every 5th), so vector lanes and element loads both see them.
+static void add_special(at::Tensor t, int seed) {
+  const double values[] = {NAN, INFINITY, -INFINITY, 100.0, -100.0, -89.0, 0.0, -1.28};
+  at::Tensor flat = t.reshape({-1}).clone();
+  for (int64_t i = seed; i < flat.numel(); i += 5) flat[i].fill_(values[(i / 5 + seed) % 8]);
+  t.copy_(flat.view(t.sizes()));
+}
+
+static void silu_mul_case(const Case& c) {
+  char name[200];
+  std::snprintf(name, sizeof name, "silu_mul rows%ld C%ld %s %s s%d grid%s", (long)c.rows, (long)c.C,
+                c10::toString(c.dt), layout_name(c.layout), c.special, c.max_grid ? c.max_grid : "-");
+  Rows x, gate, grad;
+  switch (c.layout) {
+    case Layout::Contiguous:
+      x = contiguous_rows(c, 0), gate = contiguous_rows(c, 0), grad = contiguous_rows(c, 0);
+      break;
+    case Layout::Misaligned:
+      x = contiguous_rows(c, 1), gate = contiguous_rows(c, 1), grad = contiguous_rows(c, 1);
+      break;
+    case Layout::Slice: {
+      const at::Tensor y = (at::randn({c.rows, 2 * c.C}, at::kDouble) * 2).to(c.dt);
+      x = {y.narrow(1, c.C, c.C), 2 * c.C}, gate = {y.narrow(1, 0, c.C), 2 * c.C}, grad = contiguous_rows(c, 0);
+      break;
+    }
+    case Layout::OddSlice:
+      x = slice_rows(c, c.C + 1, 1), gate = slice_rows(c, c.C + 1, 1), grad = slice_rows(c, c.C + 1, 1);
+      break;
+    case Layout::Broadcast: {
+      const at::Tensor row = (at::randn({c.C}, at::kDouble) * 2).to(c.dt);
+      x = contiguous_rows(c, 0), gate = {row.expand({c.rows, c.C}), 0}, grad = contiguous_rows(c, 0);
+      break;
+    }
+  }
+  if (c.special) {
+    add_special(x.t, 0), add_special(grad.t, 2);
+    if (c.layout != Layout::Broadcast) add_special(gate.t, 1);
+    else add_special(gate.t.select(0, 0), 1);  // its one row
+  }
+  if (c.max_grid) setenv("SOLA_MAX_GRID", c.max_grid, 1);
+
+  SiluMulParams p;
+  p.rows = c.rows, p.C = c.C, p.dtype = c.dt, p.device_index = -1;
+  p.x = x.t.data_ptr(), p.x_stride = x.stride;
+  p.gate = gate.t.data_ptr(), p.gate_stride = gate.stride;
+  at::Tensor out[2], dx[2], dgate[2];
+  for (int r = 0; r < 2; ++r) {  // 0: emulated CUDA, 1: CPU
+    out[r] = nan_out({c.rows, c.C}, c.dt), dx[r] = nan_out({c.rows, c.C}, c.dt), dgate[r] = nan_out({c.rows, c.C}, c.dt);
+    p.grad = nullptr, p.grad_stride = 0, p.out = out[r].data_ptr(), p.dgate = nullptr;
+    if (r == 0) silu_mul_fwd_cuda(p);
+    else silu_mul_fwd_cpu(p);
+    p.grad = grad.t.data_ptr(), p.grad_stride = grad.stride, p.out = dx[r].data_ptr(), p.dgate = dgate[r].data_ptr();
+    if (r == 0) silu_mul_bwd_cuda(p);
+    else silu_mul_bwd_cpu(p);
+  }
+  if (c.max_grid) unsetenv("SOLA_MAX_GRID");
+  const bool finite = !c.special;
+  const char* what[] = {" out", " dx", " dgate"};
+  const at::Tensor* got[] = {&out[0], &dx[0], &dgate[0]};
+  const at::Tensor* want[] = {&out[1], &dx[1], &dgate[1]};
+  for (int i = 0; i < 3; ++i) {
+    const int before = failures;
+    compare(name + std::string(what[i]), *got[i], *want[i], c.dt, finite);
+    // Both sides run the same host math here: bitwise equal, NaN where NaN.
+    const at::Tensor a = *got[i], b = *want[i];
+    if (failures == before && !at::equal(at::where(a.isnan(), at::zeros_like(a), a), at::where(b.isnan(), at::zeros_like(b), b)))
+      std::printf("FAIL %s%s: not bitwise equal to the CPU kernel\n", name, what[i]), ++failures;
+  }
+  if (finite && at::isnan(out[0]).any().item<bool>()) std::printf("FAIL %s: unwritten outputs\n", name), ++failures;
+}
+
+int main(int argc, char** argv) {
+  at::manual_seed(0);
+  const std::string which = argc > 1 ? argv[1] : "all";
+  if (which != "all" && which != "quick") return std::printf("usage: driver_silu_mul [all | quick]\n"), 2;
+  const bool quick = which == "quick";
+  std::vector<at::ScalarType> dts = {at::kBFloat16};
+  if (!quick) dts = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
+  for (auto dt : dts) {
+    // 2, 4, 8: the fp64, fp32, fp16 / bf16 vector widths; 1, 3, 7, 33: off all of them.
+    for (int64_t C : {1, 2, 3, 4, 7, 8, 16, 33, 64, 200, 520}) {
+      for (Layout l : {Layout::Contiguous, Layout::Misaligned, Layout::Slice, Layout::OddSlice, Layout::Broadcast}) {
+        Case c;
+        c.dt = dt, c.C = C, c.layout = l;
+        silu_mul_case(c);
+      }
+      Case s;
+      s.dt = dt, s.C = C, s.special = true;
+      silu_mul_case(s);
+      s.layout = Layout::Slice;
+      silu_mul_case(s);
+    }
+    Case one;  // a single row, a single element
+    one.dt = dt, one.rows = 1, one.C = 1;
+    silu_mul_case(one);
+    for (Layout l : {Layout::Contiguous, Layout::OddSlice}) {
+      Case walk;  // 2 blocks for 300 rows: each thread walks 5 to 38 items
+      walk.dt = dt, walk.rows = 300, walk.C = 64, walk.layout = l, walk.max_grid = "2";
+      silu_mul_case(walk);
+    }
+  }
+  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,50 @@
+"""silu_mul's argument checks, fake (meta) implementations and autograd; the op itself is in
+csrc/silu_mul (schema in csrc/sola.cpp)."""
+import torch
+
+from ._ops import _FLOAT_DTYPES, ops, run_bwd
+
+
+def check_silu_mul_args(x, gate, grad_out=None):
+    """x float16 / bfloat16 / float32 / float64 of rank >= 1; gate (and grad_out) of x's shape (no
+    broadcasting), dtype and device."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim, got a 0-dim tensor")
+    for name, t in (("gate", gate), ("grad_out", grad_out)):
+        if t is None:
+            continue
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {list(x.shape)} (no broadcasting), got "
+                             f"{list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+@torch.library.register_fake("sola_ops::silu_mul_fwd")
+def _silu_mul_fwd_fake(x, gate):
+    check_silu_mul_args(x, gate)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("sola_ops::silu_mul_bwd")
+def _silu_mul_bwd_fake(grad_out, x, gate):
+    check_silu_mul_args(x, gate, grad_out)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate = inputs
+    ctx.save_for_backward(x, gate)  # silu(gate) is recomputed, never stored
+
+
+def _backward(ctx, grad_out):
+    x, gate = ctx.saved_tensors
+    return run_bwd("silu_mul", ops.silu_mul_bwd, grad_out, x, gate)
+
+
+torch.library.register_autograd("sola_ops::silu_mul_fwd", _backward, setup_context=_setup_context)
