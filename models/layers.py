@@ -5,6 +5,8 @@ downsample's stride-2 one) run as `sola_ops.depthwise_conv3x3` on them with attn
 residual, the activations in the same pass), as nn.Conv2d on channels-last NCHW views
 (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The blocks' LayerNorms run as
 `sola_ops.layer_norm` with "sola" (in the tokens' dtype under autocast), as nn.LayerNorm with "torch".
+"sola" also runs the gate as `sola_ops.silu_mul`, in_proj and act_proj as one GEMM, and keeps the
+attention's q, k, v, outputs and gradients in the projections' layouts (no copies); same weights.
 """
 from collections import OrderedDict
 from typing import Tuple
@@ -250,15 +252,21 @@ class SoLABlock(nn.Module):
         both = F.linear(y, torch.cat((a.weight, b.weight)), torch.cat((a.bias, b.bias)))
         return both.split(a.out_features, dim=-1)
 
+    def gated(self, y: torch.Tensor, gate: torch.Tensor, impl: str) -> torch.Tensor:
+        """y * act(gate). For "sola" with SiLU one sola_ops kernel each way: SiLU(gate) is never stored, and
+        the backward reads y and gate once for both gradients."""
+        if impl == "sola" and type(self.act) is nn.SiLU:
+            return sola_ops.silu_mul(y, gate)
+        return y * self.act(gate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
         x = depthwise_conv(self.cpe1, x, impl, residual=True)
         y = layer_norm(self.norm1, x, impl)
         y, gate = self.in_and_act_proj(y, impl)
-        gate = self.act(gate)
         y = depthwise_conv(self.dwc, y, impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
         y = self.attn(y)
-        x = x + self.drop_path(self.out_proj(y * gate))
+        x = x + self.drop_path(self.out_proj(self.gated(y, gate, impl)))
         x = depthwise_conv(self.cpe2, x, impl, residual=True)
         x = x + self.drop_path(self.mlp(layer_norm(self.norm2, x, impl)))
         return x

@@ -306,7 +306,8 @@ def _aten_ops(fn):
 def test_sola_block_moves_no_layout_copies(mixer):
     """A "sola" block's training step copies no tensor to change its layout: the attention outputs come
     in the (B, N, H, D) layout their reshape wants, the gradients of q, k (stacked by unbind) and v in the
-    projections' layouts, and in_proj / act_proj run as one GEMM. "torch" (MLLA's code) copies the
+    projections' layouts, in_proj / act_proj run as one GEMM and the SiLU gate as sola_ops.silu_mul.
+    "torch" (MLLA's code) copies the
     attention output and its q, k, v gradients. Nor does autograd zero-fill the gradients of the ops'
     unused outputs (LayerNorm's statistics, the attention state, an unused lse)."""
     torch.manual_seed(0)
@@ -315,9 +316,12 @@ def test_sola_block_moves_no_layout_copies(mixer):
         block = SoLABlock(64, 2, mixer=mixer, attn_impl=impl)
         x = torch.randn(2, 6, 5, 64, requires_grad=True)
         ops = _aten_ops(lambda: block(x).square().sum().backward())
-        counts[impl] = {name: ops.count(name) for name in ("aten::clone", "aten::zeros", "aten::mm", "aten::addmm")}
+        counts[impl] = {name: ops.count(name) for name in ("aten::clone", "aten::zeros", "aten::mm", "aten::addmm",
+                                                           "aten::silu", "sola_ops::silu_mul_fwd")}
     assert counts["torch"]["aten::clone"] >= 2, counts
     assert counts["sola"]["aten::clone"] == 0 and counts["sola"]["aten::zeros"] == 0, counts
+    # the gate y * SiLU(gate) as one kernel
+    assert counts["sola"]["aten::silu"] == 0 and counts["sola"]["sola_ops::silu_mul_fwd"] == 1, counts
     # one GEMM fewer forward (in_proj + act_proj) and one fewer for y's gradient backward
     assert counts["sola"]["aten::addmm"] + counts["sola"]["aten::mm"] < \
         counts["torch"]["aten::addmm"] + counts["torch"]["aten::mm"], counts
