@@ -28,15 +28,17 @@ TORCH_LIBRARY(sola_ops, m) {
   // Depthwise 3x3 convolution of x (B, H, W, C), stride 1, zero padding 1; residual: x + conv(x).
   // weight (C, 1, 3, 3) or (C, 3, 3), bias (C) of any float dtype, computed in fp32 (fp64 for fp64 x).
   // activation: "none", "silu" or "relu" (of conv(x) + bias; not with residual). stride 1 or 2
-  // (residual: 1); the output is (B, ceil(H / stride), ceil(W / stride), C).
+  // (residual: 1); the output is (B, ceil(H / stride), ceil(W / stride), C). input_activation "none"
+  // or "relu": the convolution of relu(x) (not with residual).
   m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual, str activation=\"none\", "
-        "int stride=1) -> Tensor");
+        "int stride=1, str input_activation=\"none\") -> Tensor");
   // Returns (dx, dweight, dbias): dweight in weight's dtype, dbias (C) fp32 (fp64 for fp64 x), empty
   // unless with_bias.
   // bias: needed with activation "silu" (the backward recomputes conv(x) + bias); out (the forward's
   // result): needed with "relu" (its gradient is masked where out is 0).
   m.def("depthwise_conv3x3_bwd(Tensor grad_out, Tensor x, Tensor weight, bool residual, bool with_bias, "
-        "Tensor? bias=None, str activation=\"none\", int stride=1, Tensor? out=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? bias=None, str activation=\"none\", int stride=1, Tensor? out=None, "
+        "str input_activation=\"none\") -> (Tensor, Tensor, Tensor)");
   // LayerNorm over x's last dim C: returns (out in x's dtype, mean, rstd), mean / rstd of x's shape
   // without its last dim, fp32 (fp64 for fp64 x). weight, bias (C) of any float dtype, or None.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");

@@ -8,6 +8,7 @@ from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
 
 
 ACTIVATIONS = ("none", "silu", "relu")
+INPUT_ACTIVATIONS = ("none", "relu")
 
 
 def check_stride(stride):
@@ -30,6 +31,15 @@ def check_activation(activation, residual, stride=1):
         raise ValueError(f"residual and activation={activation!r} cannot be combined")
     if residual and stride != 1:
         raise ValueError(f"residual needs stride 1 (out = x + conv(x)), got stride {stride}")
+
+
+def check_input_activation(input_activation, residual):
+    """input_activation one of INPUT_ACTIVATIONS; "relu" not with residual (x + conv(relu(x)) would add
+    x, not relu(x): neither is a layer of the model, so neither is guessed)."""
+    if input_activation not in INPUT_ACTIVATIONS:
+        raise ValueError(f"input_activation must be 'none' or 'relu', got {input_activation!r}")
+    if input_activation != "none" and residual:
+        raise ValueError(f"residual and input_activation={input_activation!r} cannot be combined")
 
 
 def output_shape(x, stride):
@@ -59,17 +69,19 @@ def check_dwconv_args(x, weight, bias):
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_fwd")
-def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", stride=1):
+def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", stride=1, input_activation="none"):
     check_dwconv_args(x, weight, bias)
     check_activation(activation, residual, stride)
+    check_input_activation(input_activation, residual)
     return x.new_empty(output_shape(x, stride))
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
 def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none", stride=1,
-                                out=None):
+                                out=None, input_activation="none"):
     check_dwconv_args(x, weight, bias)
     check_activation(activation, residual, stride)
+    check_input_activation(input_activation, residual)
     if activation == "relu" and out is None:
         raise ValueError("activation='relu' needs out (the forward's result) for its backward")
     dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=_acc_dtype(x.dtype))
@@ -77,11 +89,12 @@ def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=N
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, stride = inputs
+    x, weight, bias, residual, activation, stride, input_activation = inputs
     # silu: the backward recomputes conv(x) + bias, so it needs the bias too; relu: the output's mask
-    # (the next layer keeps the output anyway, so saving it costs no memory)
+    # (the next layer keeps the output anyway, so saving it costs no memory). input_activation="relu":
+    # x itself, as always (the backward reads relu(x) from it and masks dx by x > 0).
     ctx.save_for_backward(x, weight, bias if activation == "silu" else None, output if activation == "relu" else None)
-    ctx.residual, ctx.activation, ctx.stride = residual, activation, stride
+    ctx.residual, ctx.activation, ctx.stride, ctx.input_activation = residual, activation, stride, input_activation
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -89,8 +102,8 @@ def _backward(ctx, grad_out):
     x, weight, bias, out = ctx.saved_tensors
     with_bias = ctx.bias_dtype is not None
     dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
-                                 with_bias, bias, ctx.activation, ctx.stride, out)
-    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None, None, None
+                                 with_bias, bias, ctx.activation, ctx.stride, out, ctx.input_activation)
+    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None, None, None, None
 
 
 torch.library.register_autograd("sola_ops::depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)

@@ -71,12 +71,18 @@ def _rotate(f, cos, sin):
     return torch.stack((f0 * c - f1 * s, f0 * s + f1 * c), dim=-1).flatten(-2)
 
 
-def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1):
+def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1, input_activation=None):
     """nn.Conv2d(C, C, 3, stride, padding=1, groups=C) on channels-last tokens x (B, H, W, C), in fp32
-    (fp64); activation="silu" / "relu": that of it."""
+    (fp64); activation="silu" / "relu": that of it; input_activation="relu": of relu(x)."""
     acc = _acc_dtype(x.dtype)
     C = x.shape[3]
     xa = x.to(acc)
+    if input_activation == "relu":
+        if residual:
+            raise ValueError("residual and input_activation='relu' cannot be combined")
+        xa = torch.relu(xa)
+    elif input_activation not in (None, "none"):
+        raise ValueError(f"input_activation must be 'none' or 'relu', got {input_activation!r}")
     out = torch.nn.functional.conv2d(xa.permute(0, 3, 1, 2), weight.reshape(C, 1, 3, 3).to(acc),
                                      None if bias is None else bias.to(acc), stride=stride, padding=1,
                                      groups=C).permute(0, 2, 3, 1)

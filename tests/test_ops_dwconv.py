@@ -23,13 +23,13 @@ def out_shape(x, stride=1):
     return (B, (H + stride - 1) // stride, (W + stride - 1) // stride, C)
 
 
-def dwconv_lowp(x, weight, bias=None, residual=False, activation=None, stride=1):
+def dwconv_lowp(x, weight, bias=None, residual=False, activation=None, stride=1, input_activation=None):
     """The convolution by plain PyTorch in x's dtype, every product and sum rounded (nine shifted
     multiply-adds on the zero-padded input). Stride 2 keeps the stride-1 sums at even (h, w): with
-    padding 1, output (h, w)'s window is centred on input (2h, 2w)."""
+    padding 1, output (h, w)'s window is centred on input (2h, 2w). input_activation="relu": of relu(x)."""
     B, H, W, C = x.shape
     w = weight.reshape(C, 3, 3).to(x.dtype)
-    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    xp = F.pad(F.relu(x) if input_activation == "relu" else x, (0, 0, 1, 1, 1, 1))
     out = torch.zeros_like(x) if bias is None else bias.to(x.dtype).expand_as(x).clone()
     for dy in range(3):
         for dx in range(3):
@@ -42,18 +42,19 @@ def dwconv_lowp(x, weight, bias=None, residual=False, activation=None, stride=1)
     return out + x if residual else out
 
 
-def check_dwconv(x, weight, bias=None, residual=False, grad=True, activation=None, stride=1):
+def check_dwconv(x, weight, bias=None, residual=False, grad=True, activation=None, stride=1, input_activation=None):
     """out and, with grad, dx, dweight, dbias (from a random output gradient) against the fp64
     reference, with the FlashAttention rule (the weight gradients sum over every position)."""
     dtype = x.dtype
     x, weight = leaf(x, grad), leaf(weight, grad)
     bias = None if bias is None else leaf(bias, grad)
-    out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=residual, activation=activation, stride=stride)
+    opts = dict(residual=residual, activation=activation, stride=stride, input_activation=input_activation)
+    out = sola_ops.depthwise_conv3x3(x, weight, bias, **opts)
     assert out.dtype == dtype and out.shape == out_shape(x, stride)
     x64, w64, b64 = upcast([x, weight, bias])
-    out64 = reference.depthwise_conv3x3(x64, w64, b64, residual=residual, activation=activation, stride=stride)
+    out64 = reference.depthwise_conv3x3(x64, w64, b64, **opts)
     xlp, wlp, blp = upcast([x, weight, bias], dtype)
-    out_lp = dwconv_lowp(xlp, wlp, blp, residual, activation, stride)
+    out_lp = dwconv_lowp(xlp, wlp, blp, **opts)
     assert_fa_close(out, out64, out_lp, dtype, "dwconv out")
     if not grad:
         return out
@@ -216,6 +217,98 @@ def test_relu_backward(device, stride):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride,activation", [(1, None), (1, "silu"), (1, "relu"), (2, None), (2, "silu"),
+                                                (2, "relu")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_relu(device, dtype, stride, activation):
+    """input_activation="relu": the convolution of relu(x) (the downsample's expand conv -> ReLU -> this
+    conv), each stride and output activation; dx masked by x > 0, the weight gradient of relu(x)."""
+    x = randn((2, 13, 10, 16), dtype, device)
+    weight, b = params(16, device, dtype, bias=activation != "silu" or stride == 1)
+    check_dwconv(x, weight, b, activation=activation, stride=stride, input_activation="relu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,W,C,stride,activation", [(1, 1, 1, 1, None), (1, 2, 3, 2, "relu"), (5, 7, 66, 2, "silu"),
+                                                     (37, 4, 3, 2, "relu"), (17, 2, 24, 1, "silu"),
+                                                     (9, 17, 7, 1, "relu")])
+def test_input_relu_awkward_sizes(device, H, W, C, stride, activation):
+    """relu input on 1- and 2-pixel images, odd sizes at stride 2, more rows than a CUDA strip, channels
+    off the vector width (the one-channel kernels on CUDA)."""
+    x = randn((2, H, W, C), torch.bfloat16, device)
+    weight, bias = params(C, device, torch.bfloat16, bias=C % 2 == 0, shape4=C % 3 != 0)
+    check_dwconv(x, weight, bias, activation=activation, stride=stride, input_activation="relu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kind", ["transposed", "slice", "lastdim"])
+def test_input_relu_strided(device, kind, stride):
+    """Views as x with relu input: the kernels read relu of x and the mask of dx through its strides
+    (slice: misaligned rows, so the one-channel kernels on CUDA; lastdim: copied)."""
+    B, H, W, C = 2, 7, 5, 12
+    if kind == "transposed":
+        x = randn((B, W, H, C), torch.float16, device).transpose(1, 2)
+    elif kind == "slice":
+        x = randn((B + 1, H + 2, W + 3, C + 5), torch.float16, device)[1:, 1:H + 1, 2:W + 2, 3:C + 3]
+    else:
+        x = randn((B, H, W, C * 2), torch.float16, device)[..., ::2]
+    weight, bias = params(C, device)
+    check_dwconv(x, weight, bias, activation="relu" if stride == 2 else None, stride=stride, input_activation="relu")
+
+
+def away_from_zero(x, gap=0.05):
+    """x with every value at least gap from 0 (finite differences must not straddle relu's kink)."""
+    return x + gap * torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", [None, "silu", "relu"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_input_relu_gradcheck(device, stride, activation):
+    """fp64 gradcheck of the extension op with relu input; x kept away from relu's kink, and for an
+    output relu the pre-activation sums too (asserted)."""
+    x = leaf(away_from_zero(randn((2, 5, 4, 3), torch.float64, device, seed=3)))
+    weight, bias = (leaf(t) for t in params(3, device, torch.float64))
+    assert (x > 0).any() and (x < 0).any()
+    if activation == "relu":
+        pre = reference.depthwise_conv3x3(x.detach(), weight.detach(), bias.detach(), stride=stride,
+                                          input_activation="relu")
+        assert pre.abs().min().item() > 1e-3 and (pre > 0).any() and (pre < 0).any()
+
+    def fn(x, w, b):
+        return sola_ops.depthwise_conv3x3(x, w, b, activation=activation, stride=stride, input_activation="relu")
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_input_relu_is_relu_then_conv(device, stride):
+    """relu input is torch.relu then the op, forward and backward, to rounding (fp64), with the input's
+    edge cases in it: exact zeros (+0, -0: gradient 0, as torch.relu's backward), a NaN (torch.relu keeps
+    it, so it reaches its neighbourhood in out and the weight gradient; torch's relu backward passes the
+    gradient at a NaN input: threshold_backward selects x <= 0 ? 0 : g, and NaN <= 0 is false), -inf
+    (gradient 0). dx is exactly 0 wherever x <= 0."""
+    x = randn((2, 9, 8, 6), torch.float64, device)
+    x[0, 0, 0, 0], x[0, 3, 3, 1], x[1, 4, 5, 2], x[1, 8, 7, 3] = 0.0, -0.0, float("nan"), float("-inf")
+    x = leaf(x)
+    weight, bias = (leaf(t) for t in params(6, device, torch.float64))
+    inputs = (x, weight, bias)
+    out = sola_ops.depthwise_conv3x3(x, weight, bias, activation="relu", stride=stride, input_activation="relu")
+    want = sola_ops.depthwise_conv3x3(torch.relu(x), weight, bias, activation="relu", stride=stride)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert torch.isnan(out).any() and not torch.isnan(out).all()
+    g = randn(out.shape, torch.float64, device, seed=5)
+    grads = torch.autograd.grad(out, inputs, g)
+    wants = torch.autograd.grad(want, inputs, g)
+    for name, a, b in zip(("dx", "dweight", "dbias"), grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+    dx = grads[0]
+    assert (dx[x.detach() <= 0] == 0).all() and (dx[x.detach() > 0] != 0).any()
+    assert not torch.isnan(dx[1, 4, 5, 2]).any() and dx[1, 4, 5, 2] != 0  # the NaN input's gradient: passed
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_parameter_dtypes(device):
     """fp32 parameters with bf16 tokens (the model under autocast): computed with the fp32 values,
     gradients in fp32; bf16 parameters give what their fp32 values give."""
@@ -291,6 +384,32 @@ def test_cuda_large_grids_stride2(B, H, W, C):
     assert_grads_near(grads, torch.autograd.grad(pre, (x32, weight, bias), g.float() * alive))
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,H,W,C,stride,activation", [(4, 57, 57, 512, 2, "relu"), (2, 40, 33, 1030, 1, None)])
+def test_cuda_large_grids_input_relu(B, H, W, C, stride, activation):
+    """relu input on large grids: the downsample's conv (stride 2, relu out; vector kernels, odd sizes)
+    and the one-channel kernels (C = 1030) at stride 1, against PyTorch's conv2d of relu(x) in fp32 on
+    the same GPU (its dx through torch.relu's backward). Output relu: the reference's gradients take our
+    mask, as in test_cuda_large_grids_stride2."""
+    x = leaf(randn((B, H, W, C), torch.bfloat16, "cuda"))
+    weight, bias = (leaf(t) for t in params(C, "cuda"))
+    out = sola_ops.depthwise_conv3x3(x, weight, bias, activation=activation, stride=stride, input_activation="relu")
+    assert out.shape == out_shape(x, stride)
+    g = randn(out.shape, torch.bfloat16, "cuda", seed=5)
+    grads = torch.autograd.grad(out, (x, weight, bias), g)
+    x32 = leaf(x.detach().float())
+    pre = F.conv2d(torch.relu(x32).permute(0, 3, 1, 2), weight, bias, stride=stride, padding=1,
+                   groups=C).permute(0, 2, 3, 1)
+    alive = out > 0 if activation == "relu" else torch.ones_like(out, dtype=torch.bool)
+    if activation == "relu":
+        assert (pre[alive != (pre > 0)].abs() <= 1e-2).all()
+    torch.testing.assert_close(out.float(), torch.relu(pre) if activation == "relu" else pre, rtol=2e-2, atol=2e-2)
+    wants = torch.autograd.grad(pre, (x32, weight, bias), g.float() * alive)
+    assert (grads[0][x.detach() <= 0] == 0).all()
+    assert_grads_near(grads, wants)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stride,residual,activation", [(1, True, None), (2, False, None), (2, False, "relu")])
 @pytest.mark.parametrize("shape", [(0, 4, 4, 8), (2, 0, 4, 8), (2, 4, 0, 8), (2, 4, 4, 0)])
@@ -305,16 +424,19 @@ def test_empty(device, shape, stride, residual, activation):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stride,residual,activation", [(1, True, None), (2, False, None), (2, False, "silu"),
-                                                        (2, False, "relu")])
+@pytest.mark.parametrize("stride,residual,activation,input_activation",
+                         [(1, True, None, None), (2, False, None, None), (2, False, "silu", None),
+                          (2, False, "relu", None), (1, False, "silu", "relu"), (2, False, "relu", "relu")])
 @pytest.mark.parametrize("C", [12, 7])
-def test_every_output_written(device, C, stride, residual, activation):
+def test_every_output_written(device, C, stride, residual, activation, input_activation):
     """With every output pre-filled with NaN (debug mode), out and all gradients come back finite
-    (C = 7: the one-channel kernels on CUDA; stride 2: the transposed convolution for dx)."""
+    (C = 7: the one-channel kernels on CUDA; stride 2: the transposed convolution for dx; relu input:
+    dx written as 0 where x <= 0)."""
     x = leaf(randn((2, 10, 5, C), torch.bfloat16, device))
     weight, bias = (leaf(t) for t in params(C, device))
     with sola_ops.debug_nan_fill():
-        out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=residual, activation=activation, stride=stride)
+        out = sola_ops.depthwise_conv3x3(x, weight, bias, residual=residual, activation=activation, stride=stride,
+                                         input_activation=input_activation)
         grads = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out))
     for t in (out, *grads):
         assert torch.isfinite(t).all()
@@ -408,6 +530,11 @@ def test_bad_input():
             sola_ops.depthwise_conv3x3(x, weight, bias, residual=True, activation=activation)
     with pytest.raises(ValueError, match="residual needs stride 1"):
         sola_ops.depthwise_conv3x3(x, weight, bias, residual=True, stride=2)
+    with pytest.raises(ValueError, match="input_activation must be 'none' or 'relu', got 'silu'"):
+        sola_ops.depthwise_conv3x3(x, weight, bias, input_activation="silu")
+    for fn in (sola_ops.depthwise_conv3x3, reference.depthwise_conv3x3):
+        with pytest.raises(ValueError, match="residual and input_activation='relu' cannot be combined"):
+            fn(x, weight, bias, residual=True, input_activation="relu")
     for stride in (0, 3, -1, 2.0, True):  # exactly the int 1 or 2: not a float, not a bool
         with pytest.raises(ValueError, match="stride must be 1 or 2"):
             sola_ops.depthwise_conv3x3(x, weight, bias, stride=stride)
@@ -439,23 +566,34 @@ def test_raw_op_checks():
         ops.depthwise_conv3x3_fwd(x, weight, bias, True, "none", 2)
     with pytest.raises(ValueError, match="needs out"):
         ops.depthwise_conv3x3_bwd(x, x, weight, False, True, bias, "relu")
+    with pytest.raises(ValueError, match="input_activation must be 'none' or 'relu', got 'gelu'"):
+        ops.depthwise_conv3x3_fwd(x, weight, bias, False, "none", 1, "gelu")
+    with pytest.raises(ValueError, match="input_activation must be 'none' or 'relu', got 'gelu'"):
+        ops.depthwise_conv3x3_bwd(x, x, weight, False, True, None, "none", 1, None, "gelu")
+    with pytest.raises(ValueError, match="residual and input_activation='relu' cannot be combined"):
+        ops.depthwise_conv3x3_fwd(x, weight, bias, True, "none", 1, "relu")
+    with pytest.raises(ValueError, match="residual and input_activation='relu' cannot be combined"):
+        ops.depthwise_conv3x3_bwd(x, x, weight, True, True, None, "none", 1, None, "relu")
 
 
-@pytest.mark.parametrize("residual,activation,stride", [(False, "none", 1), (True, "none", 1), (False, "silu", 1),
-                                                        (False, "relu", 1), (False, "none", 2), (False, "silu", 2),
-                                                        (False, "relu", 2)])
-def test_opcheck(residual, activation, stride):
+@pytest.mark.parametrize("residual,activation,stride,input_activation",
+                         [(False, "none", 1, "none"), (True, "none", 1, "none"), (False, "silu", 1, "none"),
+                          (False, "relu", 1, "none"), (False, "none", 2, "none"), (False, "silu", 2, "none"),
+                          (False, "relu", 2, "none"), (False, "none", 1, "relu"), (False, "silu", 1, "relu"),
+                          (False, "relu", 2, "relu")])
+def test_opcheck(residual, activation, stride, input_activation):
     """The raw ops' schemas, fake kernels and autograd; the bwd with relu gets out = the fwd's result."""
     x = randn((2, 5, 6, 8), torch.float32)
     weight, bias = params(8)
     torch.library.opcheck(ops.depthwise_conv3x3_fwd.default,
-                          (leaf(x), leaf(weight), leaf(bias), residual, activation, stride))
-    out = ops.depthwise_conv3x3_fwd(x, weight, bias, residual, activation, stride) if activation == "relu" else None
+                          (leaf(x), leaf(weight), leaf(bias), residual, activation, stride, input_activation))
+    out = (ops.depthwise_conv3x3_fwd(x, weight, bias, residual, activation, stride, input_activation)
+           if activation == "relu" else None)
     g = randn(out_shape(x, stride), torch.float32, seed=5)
     for with_bias in (True, False):
         torch.library.opcheck(ops.depthwise_conv3x3_bwd.default,
                               (g, x, weight, residual, with_bias, bias if with_bias else None, activation, stride,
-                               out))
+                               out, input_activation))
 
 
 def test_double_backward_is_an_error():
@@ -466,7 +604,8 @@ def test_double_backward_is_an_error():
         dx.sum().backward()
 
 
-@pytest.mark.parametrize("opts,Hs", [(dict(residual=True), (5, 9)), (dict(activation="relu", stride=2), (5, 8, 9))])
+@pytest.mark.parametrize("opts,Hs", [(dict(residual=True), (5, 9)), (dict(activation="relu", stride=2), (5, 8, 9)),
+                                     (dict(activation="relu", stride=2, input_activation="relu"), (5, 8))])
 def test_compile(fresh_dynamo, opts, Hs):
     """fullgraph compile with a dynamic size, forward and backward, against eager (stride 2: odd and
     even H, the output's size a symbolic ceil(H / 2))."""

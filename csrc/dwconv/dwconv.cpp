@@ -61,29 +61,37 @@ DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool res
 }
 
 // The convolution of src at stride (taps reversed: the input gradient's at stride 1), through
-// `epilogue`; contiguous. SiluGrad reads the output's gradient from grad.
+// `epilogue`; contiguous. SiluGrad reads the output's gradient from grad. relu_input: of relu(src);
+// mask (out's shape, last dim contiguous): out where mask > 0, else 0 (input_activation "relu"'s input
+// gradient, masked by x).
 at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed,
-                    int64_t stride, DwEpilogue epilogue = DwEpilogue::Plain, const at::Tensor& grad = at::Tensor()) {
+                    int64_t stride, DwEpilogue epilogue = DwEpilogue::Plain, const at::Tensor& grad = at::Tensor(),
+                    bool relu_input = false, const at::Tensor& mask = at::Tensor()) {
   src = last_dim_contiguous(src);
   at::Tensor out = new_output(output_sizes(src, stride), src.options());
   if (out.numel() == 0) return out;
   DwconvParams p = make_params(src, weight, residual, stride);
   p.reversed = reversed;
   p.epilogue = epilogue;
+  p.relu_input = relu_input;
   p.out = make_view(out);
   if (bias.defined()) p.bias = bias.data_ptr();
   if (grad.defined()) p.grad = make_view(grad);
+  if (mask.defined()) p.mask = make_view(mask);
   SOLA_RUN_KERNEL(src, "x", dwconv, p);
   return out;
 }
 
-// The input gradient at stride 2: the transposed convolution of grad (B, OH, OW, C) into x's shape.
-at::Tensor convolve_transposed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
+// The input gradient at stride 2: the transposed convolution of grad (B, OH, OW, C) into x's shape;
+// relu_input: masked by x > 0.
+at::Tensor convolve_transposed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                               bool relu_input) {
   at::Tensor out = new_output(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   DwconvParams p = make_params(x, weight, false, 2);
   p.grad = make_view(grad);
   p.out = make_view(out);
+  if (relu_input) p.mask = p.x;
   SOLA_RUN_KERNEL(x, "x", dwconv_transposed, p);
   return out;
 }
@@ -104,6 +112,16 @@ DwEpilogue parse_activation(const std::string& activation, bool residual, int64_
   return activation == "relu" ? DwEpilogue::Relu : DwEpilogue::Plain;
 }
 
+// input_activation "none" or "relu" (relu: true); not "relu" with residual (x + conv(relu(x))
+// would add x, not relu(x)).
+bool parse_input_activation(const std::string& input_activation, bool residual) {
+  SOLA_CHECK(input_activation == "none" || input_activation == "relu",
+             "input_activation must be 'none' or 'relu', got '", input_activation, "'");
+  SOLA_CHECK(!(residual && input_activation != "none"), "residual and input_activation='", input_activation,
+             "' cannot be combined");
+  return input_activation == "relu";
+}
+
 // bias as the kernels read it (acc-typed, contiguous), checked; undefined when absent.
 at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   if (!bias.has_value()) return at::Tensor();
@@ -116,34 +134,41 @@ at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& 
 }  // namespace
 
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
-                                 std::string activation, int64_t stride) {
+                                 std::string activation, int64_t stride, std::string input_activation) {
   check_x(x);
   check_weight(weight, x);
   const DwEpilogue epilogue = parse_activation(activation, residual, stride);
-  return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false, stride, epilogue);
+  const bool relu_input = parse_input_activation(input_activation, residual);
+  return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false, stride, epilogue, at::Tensor(),
+                  relu_input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
-    c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out) {
+    c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out,
+    std::string input_activation) {
   check_x(x);
   check_weight(weight, x);
   const DwEpilogue epilogue = parse_activation(activation, residual, stride);
+  const bool relu_input = parse_input_activation(input_activation, residual);
   check_output_shaped(grad_out, "grad_out", x, stride);
   x = last_dim_contiguous(x);  // once each, for every kernel
   grad_out = last_dim_contiguous(grad_out);
   const at::Tensor w = kernel_weight(weight, x);
   // The gradient of the sum first. relu: g where the forward's out > 0, else 0 (torch's ReLU backward).
-  // silu: g * silu'(conv(x) + bias), the sum recomputed from x.
+  // silu: g * silu'(conv(x) + bias), the sum recomputed from x (from relu(x) with relu_input).
   if (epilogue == DwEpilogue::Relu) {
     SOLA_CHECK(out.has_value(), "activation='relu' needs out (the forward's result) for its backward");
     check_output_shaped(*out, "out", x, stride);
     grad_out = at::threshold_backward(grad_out, *out, 0);
   } else if (epilogue == DwEpilogue::Silu) {
-    grad_out = convolve(x, w, kernel_bias(bias, x), false, false, stride, DwEpilogue::SiluGrad, grad_out);
+    grad_out = convolve(x, w, kernel_bias(bias, x), false, false, stride, DwEpilogue::SiluGrad, grad_out, relu_input);
   }
-  const at::Tensor dx = stride == 1 ? convolve(grad_out, w, at::Tensor(), residual, true, 1)
-                                    : convolve_transposed(grad_out, x, w);
+  // dx: the gradient of the convolution's input, masked by x > 0 where that input was relu(x) (as
+  // its kernels write it: dx = (x > 0) * conv^T(g)).
+  const at::Tensor dx = stride == 1 ? convolve(grad_out, w, at::Tensor(), residual, true, 1, DwEpilogue::Plain,
+                                               at::Tensor(), false, relu_input ? x : at::Tensor())
+                                    : convolve_transposed(grad_out, x, w, relu_input);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dweight = new_output({x.size(3), kDwTaps}, acc_options);
   at::Tensor dbias = new_output({with_bias ? x.size(3) : 0}, acc_options);
@@ -152,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     dbias.zero_();
   } else {
     DwconvParams p = make_params(x, w, residual, stride);
+    p.relu_input = relu_input;  // the weight gradient's products with relu(x)
     p.grad = make_view(grad_out);
     p.dweight = dweight.data_ptr();
     if (with_bias) p.dbias = dbias.data_ptr();

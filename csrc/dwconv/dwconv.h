@@ -9,6 +9,9 @@
 // x is the same convolution of the output's gradient with the taps reversed. Both are flags the
 // kernels apply as they read the weight, which they take as nn.Conv2d keeps it: no per-call
 // re-layout. At s = 2 the gradient of x is its own kernel (the transposed convolution).
+// input_activation "relu" convolves relu(x) instead (the downsample's expand conv -> ReLU -> this
+// conv): the kernels that read x read relu of it, and the input gradient's kernels mask what they
+// write by x > 0, so relu(x) and its gradient are never written.
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
@@ -40,6 +43,13 @@ struct DwconvParams {
   bool residual = false;  // 1 added to the centre tap: out = x + conv(x)
   bool reversed = false;  // tap t read as tap 8 - t: the convolution that gives the input's gradient
   DwEpilogue epilogue = DwEpilogue::Plain;  // SiluGrad reads g from grad (B, OH, OW, C)
+  // input_activation "relu": the kernels that read x as the convolution's input (the convolution and
+  // SiluGrad's sum recomputed from x, the weight gradient) read relu(x) (dw_relu).
+  bool relu_input = false;
+  // Its input gradient: the kernels that write it (the reversed convolution at stride 1, the
+  // transposed one at stride 2) write out where mask (the forward's x, out's shape) > 0, else 0
+  // (dw_relu_grad); no mask where mask.ptr is null.
+  View4 mask;
   // Weight gradient: sums over the output positions (b, h, w) of grad[b, h, w, c] *
   // x[b, s h + dy - 1, s w + dx - 1, c] per tap into dweight (C, 9), and of grad into dbias (C;
   // skipped when null), acc-typed, in a fixed order.
@@ -93,6 +103,20 @@ SOLA_HD acc dw_epilogue(acc s, acc g) {
   }
 }
 
+// torch.relu: negatives to 0; NaN (and -0) as they are.
+template <typename acc>
+SOLA_HD acc dw_relu(acc v) {
+  return v < acc(0) ? acc(0) : v;
+}
+
+// The gradient g of relu(x) at x as torch's threshold_backward(g, x, 0) selects it (its CPU and CUDA
+// kernels: x <= 0 ? 0 : g): 0 where x <= 0 (a NaN or inf g too), g elsewhere, so a NaN x passes g
+// (NaN <= 0 is false; torch.relu's own backward does the same).
+template <typename acc>
+SOLA_HD acc dw_relu_grad(acc g, acc x) {
+  return x <= acc(0) ? acc(0) : g;
+}
+
 // Element i of the weight gradient's (10, C) sums: where it goes (tap-major order, as the kernels
 // sum it; null for the bias's when there is no dbias).
 template <typename acc>
@@ -104,10 +128,11 @@ SOLA_HD acc* dw_grad_slot(const DwconvParams& p, int64_t i) {
 
 // The op layer's entry points (schemas in sola.cpp).
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
-                                 std::string activation, int64_t stride);
+                                 std::string activation, int64_t stride, std::string input_activation);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
-    c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out);
+    c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out,
+    std::string input_activation);
 
 void dwconv_cpu(const DwconvParams& p);
 void dwconv_transposed_cpu(const DwconvParams& p);

@@ -16,15 +16,27 @@ namespace {
 // Output rows per weight-gradient partial: fixed, so the summation order is too.
 constexpr int64_t kRowsPerPartial = 8;
 
-// Input row hh of image b as acc values with a zero column at each end ((W + 2) * C); all zeros
-// outside the image (the padding).
+// Input row hh of image b of x as acc values (relu of them with relu_input) with a zero column at each
+// end ((W + 2) * C); all zeros outside the image (the padding).
 template <typename scalar_t, typename acc>
-SOLA_CPU_INLINE void load_padded_row(const DwconvParams& p, const View4& t, int64_t b, int64_t hh, acc* dst) {
+SOLA_CPU_INLINE void load_padded_row(const DwconvParams& p, int64_t b, int64_t hh, acc* dst) {
   const int64_t W = p.W, C = p.C;
   std::fill(dst, dst + C, acc(0));
   std::fill(dst + (W + 1) * C, dst + (W + 2) * C, acc(0));
   if (hh < 0 || hh >= p.H) return std::fill(dst + C, dst + (W + 1) * C, acc(0));
-  for (int64_t w = 0; w < W; ++w) load_row(t.row<const scalar_t>(b, hh, w), C, dst + (w + 1) * C);
+  for (int64_t w = 0; w < W; ++w) load_row(p.x.row<const scalar_t>(b, hh, w), C, dst + (w + 1) * C);
+  if (p.relu_input) {
+    for (int64_t i = C; i < (W + 1) * C; ++i) dst[i] = dw_relu(dst[i]);
+  }
+}
+
+// out (C) masked for the input gradient at (b, h, w) with relu_input (dw_relu_grad by the mask's row;
+// m: a C-buffer for it); nothing without a mask.
+template <typename scalar_t, typename acc>
+SOLA_CPU_INLINE void mask_row(const DwconvParams& p, int64_t b, int64_t h, int64_t w, acc* out, acc* m) {
+  if (!p.mask.ptr) return;
+  load_row(p.mask.row<const scalar_t>(b, h, w), p.C, m);
+  for (int64_t c = 0; c < p.C; ++c) out[c] = dw_relu_grad(out[c], m[c]);
 }
 
 // The input rows s h - 1, s h, s h + 1 of output row h (stride s) for the output rows of a task in
@@ -47,7 +59,7 @@ class RowWindow {
       if (slot_of[dy] >= 0) continue;
       int k = 0;
       while (kept[k]) ++k;
-      load_padded_row<scalar_t>(p_, p_.x, b, top + dy, buf_.data() + k * width_);
+      load_padded_row<scalar_t>(p_, b, top + dy, buf_.data() + k * width_);
       b_[k] = b, row_[k] = top + dy, kept[k] = true, slot_of[dy] = k;
     }
     for (int dy = 0; dy < 3; ++dy) rows[dy] = buf_.data() + slot_of[dy] * width_;
@@ -77,7 +89,8 @@ SOLA_CPU_INLINE void tap_sources(const DwconvParams& p, const acc* const (&rows)
 }
 
 // out = the epilogue of bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass
-// per output row (r = b * OH + h).
+// per output row (r = b * OH + h); masked where there is a mask (the reversed convolution's input
+// gradient).
 template <typename scalar_t, DwEpilogue kEpi>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
@@ -86,6 +99,7 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   const std::vector<acc> taps = tap_major<acc>(p);
   RowWindow<scalar_t, acc> window(p, (p.W + 2) * C);
   std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0)), g(kEpi == DwEpilogue::SiluGrad ? C : 0);
+  std::vector<acc> m(p.mask.ptr ? C : 0);
   const acc* const start = bias ? bias : zeros.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.OH, h = r % p.OH;
@@ -105,6 +119,7 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
       if constexpr (kEpi != DwEpilogue::Plain) {
         for (int64_t c = 0; c < C; ++c) out[c] = dw_epilogue<kEpi>(out[c], kEpi == DwEpilogue::SiluGrad ? g[c] : acc(0));
       }
+      mask_row<scalar_t>(p, b, h, w, out.data(), m.data());
       store_row(out.data(), C, p.out.row<scalar_t>(b, h, w));
     }
   }
@@ -112,13 +127,13 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
 
 // The input gradient at stride 2 for input rows r0 .. r1 (r = b * H + i): input (i, j) sums tap
 // (dy, dx) times g[(i + 1 - dy) / 2][(j + 1 - dx) / 2] over the taps where both are whole and inside
-// the output, dy and dx descending (the CUDA kernel's order).
+// the output, dy and dx descending (the CUDA kernel's order); masked where there is a mask.
 template <typename scalar_t>
 SOLA_CPU_CLONES void transposed_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t C = p.C;
   const std::vector<acc> taps = tap_major<acc>(p);
-  std::vector<acc> out(C), g(C);
+  std::vector<acc> out(C), g(C), m(p.mask.ptr ? C : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.H, i = r % p.H;
     for (int64_t j = 0; j < p.W; ++j) {
@@ -135,6 +150,7 @@ SOLA_CPU_CLONES void transposed_rows(const DwconvParams& p, int64_t r0, int64_t 
           for (int64_t c = 0; c < C; ++c) out[c] += tap[c] * g[c];
         }
       }
+      mask_row<scalar_t>(p, b, i, j, out.data(), m.data());
       store_row(out.data(), C, p.out.row<scalar_t>(b, i, j));
     }
   }

@@ -9,6 +9,12 @@
 // partial per block row, and a second kernel sums the partials in order. C not a multiple of the
 // vector, or misaligned views, take the one-channel (scalar) kernels. The convolution kernel ends in
 // an epilogue (dwconv.h): the sum, silu or relu of it, or the output's gradient times silu' of it.
+// input_activation "relu": the kernels that read x read relu of it as they load it (relu_input), the
+// input gradient's kernels mask what they store by x (mask): branches uniform per launch, except the
+// weight gradient's relu, a template parameter (as a branch, ptxas spilled 8 bytes in three of its
+// one-channel kernels; templated, the kernels without it are the same code as before it).
+#include <type_traits>
+
 #include "cuda_utils.cuh"
 #include "dwconv/dwconv.h"
 
@@ -56,30 +62,49 @@ SOLA_DEVICE void store_vec(const View4& t, int64_t b, int64_t h, int64_t w, int6
   *reinterpret_cast<Vec<scalar_t, kV>*>(t.row<scalar_t>(b, h, w) + c) = o;
 }
 
-// Columns w - 1, w, w + 1 of input row h of x.
+// src into out at (b, h, w) (inside out's image), masked by the mask there if there is one (the input
+// gradient of relu_input: dw_relu_grad).
+template <int kV, typename scalar_t>
+SOLA_DEVICE void store_out(const DwconvParams& p, int64_t b, int64_t h, int64_t w, int64_t c,
+                           acc_t<scalar_t> (&src)[kV]) {
+  if (p.mask.ptr) {
+    const Vec<scalar_t, kV> m = *reinterpret_cast<const Vec<scalar_t, kV>*>(p.mask.row<const scalar_t>(b, h, w) + c);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) src[e] = dw_relu_grad(src[e], static_cast<acc_t<scalar_t>>(m.v[e]));
+  }
+  store_vec<kV, scalar_t>(p.out, b, h, w, c, src);
+}
+
+// Columns w - 1, w, w + 1 of input row h of x (relu of them with relu: p.relu_input).
 template <int kV, typename scalar_t, typename acc>
-SOLA_DEVICE void load_window_row(const DwconvParams& p, int64_t b, int64_t h, int64_t w, int64_t c,
+SOLA_DEVICE void load_window_row(const DwconvParams& p, bool relu, int64_t b, int64_t h, int64_t w, int64_t c,
                                  acc (&dst)[3][kV]) {
 #pragma unroll
-  for (int dx = 0; dx < 3; ++dx) load_vec<kV, scalar_t>(p.x, p.H, p.W, b, h, w + dx - 1, c, dst[dx]);
+  for (int dx = 0; dx < 3; ++dx) {
+    load_vec<kV, scalar_t>(p.x, p.H, p.W, b, h, w + dx - 1, c, dst[dx]);
+    if (relu) {
+#pragma unroll
+      for (int e = 0; e < kV; ++e) dst[dx][e] = dw_relu(dst[dx][e]);
+    }
+  }
 }
 
 // The window of output rows h0 .. h0 + kDwRows at stride kS, input rows in rotation: input row
 // kS * h0 - 1 + r sits in win[r % 3]. Output row h0 + j reads rows kS * j + dy, dy = 0, 1, 2; each
 // step loads the kS rows it has not seen (3 - kS rows are loaded before the first).
 template <int kS, int kV, typename scalar_t, typename acc>
-SOLA_DEVICE void load_first_rows(const DwconvParams& p, int64_t b, int64_t h0, int64_t w, int64_t c,
+SOLA_DEVICE void load_first_rows(const DwconvParams& p, bool relu, int64_t b, int64_t h0, int64_t w, int64_t c,
                                  acc (&win)[3][3][kV]) {
 #pragma unroll
-  for (int r = 0; r < 3 - kS; ++r) load_window_row<kV, scalar_t>(p, b, kS * h0 - 1 + r, kS * w, c, win[r]);
+  for (int r = 0; r < 3 - kS; ++r) load_window_row<kV, scalar_t>(p, relu, b, kS * h0 - 1 + r, kS * w, c, win[r]);
 }
 
 template <int kS, int kV, typename scalar_t, typename acc>
-SOLA_DEVICE void load_next_rows(const DwconvParams& p, int64_t b, int64_t h0, int j, int64_t w, int64_t c,
+SOLA_DEVICE void load_next_rows(const DwconvParams& p, bool relu, int64_t b, int64_t h0, int j, int64_t w, int64_t c,
                                 acc (&win)[3][3][kV]) {
 #pragma unroll
   for (int r = kS * j + 3 - kS; r <= kS * j + 2; ++r)
-    load_window_row<kV, scalar_t>(p, b, kS * h0 - 1 + r, kS * w, c, win[r % 3]);
+    load_window_row<kV, scalar_t>(p, relu, b, kS * h0 - 1 + r, kS * w, c, win[r % 3]);
 }
 
 // i = ((b * strips + s) * cols + w) * n0 + r0 split into (b, first row of strip s, w) and r0 (the
@@ -126,12 +151,12 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
 #pragma unroll
     for (int e = 0; e < kV; ++e) b0[e] = bias ? bias[c + e] : acc(0);
     acc win[3][3][kV];
-    load_first_rows<kS, kV, scalar_t>(p, it.b, it.h0, it.w, c, win);
+    load_first_rows<kS, kV, scalar_t>(p, p.relu_input, it.b, it.h0, it.w, c, win);
 #pragma unroll
     for (int j = 0; j < kDwRows; ++j) {
       const int64_t h = it.h0 + j;
       if (h >= p.OH) break;
-      load_next_rows<kS, kV, scalar_t>(p, it.b, it.h0, j, it.w, c, win);
+      load_next_rows<kS, kV, scalar_t>(p, p.relu_input, it.b, it.h0, j, it.w, c, win);
       acc g[kV];  // the output's gradient here (SiluGrad)
       if constexpr (kEpi == DwEpilogue::SiluGrad) load_vec<kV, scalar_t>(p.grad, p.OH, p.OW, it.b, h, it.w, c, g);
       acc o[kV];
@@ -144,7 +169,7 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
           for (int dx = 0; dx < 3; ++dx) s += tap[3 * dy + dx][e] * win[(kS * j + dy) % 3][dx][e];
         o[e] = dw_epilogue<kEpi>(s, kEpi == DwEpilogue::SiluGrad ? g[e] : acc(0));
       }
-      store_vec<kV, scalar_t>(p.out, it.b, h, it.w, c, o);
+      store_out<kV, scalar_t>(p, it.b, h, it.w, c, o);
     }
   }
 }
@@ -187,11 +212,11 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_transposed_kernel(const Dwc
         d10[e] = t[7][e] * g0[0][e] + t[1][e] * g1[0][e];
         d11[e] = t[8][e] * g0[0][e] + t[6][e] * g0[1][e] + t[2][e] * g1[0][e] + t[0][e] * g1[1][e];
       }
-      store_vec<kV, scalar_t>(p.out, b, 2 * m, 2 * n, c, d00);
-      if (right) store_vec<kV, scalar_t>(p.out, b, 2 * m, 2 * n + 1, c, d01);
+      store_out<kV, scalar_t>(p, b, 2 * m, 2 * n, c, d00);
+      if (right) store_out<kV, scalar_t>(p, b, 2 * m, 2 * n + 1, c, d01);
       if (2 * m + 1 < p.H) {
-        store_vec<kV, scalar_t>(p.out, b, 2 * m + 1, 2 * n, c, d10);
-        if (right) store_vec<kV, scalar_t>(p.out, b, 2 * m + 1, 2 * n + 1, c, d11);
+        store_out<kV, scalar_t>(p, b, 2 * m + 1, 2 * n, c, d10);
+        if (right) store_out<kV, scalar_t>(p, b, 2 * m + 1, 2 * n + 1, c, d11);
       }
     }
   }
@@ -207,7 +232,7 @@ struct WgradLayout {
 
 // Lanes walk the tasks blockIdx.y * lanes + ty + k * gridDim.y * lanes; each block writes its
 // sums, tree-reduced over its lanes, as partial row blockIdx.y (10, C).
-template <typename scalar_t, int kV, int kS>
+template <typename scalar_t, int kV, int kS, bool kRelu>
 __global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_kernel(const DwconvParams p, const WgradLayout l,
                                                                   acc_t<scalar_t>* partials) {
   using acc = acc_t<scalar_t>;
@@ -226,12 +251,12 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_wgrad_kernel(const DwconvPa
     const DwItem t = dw_item(p.OH, p.OW, task, 1, narrow);
     const int64_t w = t.w, h0 = t.h0, b = t.b;
     acc win[3][3][kV];
-    load_first_rows<kS, kV, scalar_t>(p, b, h0, w, c, win);
+    load_first_rows<kS, kV, scalar_t>(p, kRelu, b, h0, w, c, win);
 #pragma unroll
     for (int j = 0; j < kDwRows; ++j) {
       const int64_t h = h0 + j;
       if (h >= p.OH) break;
-      load_next_rows<kS, kV, scalar_t>(p, b, h0, j, w, c, win);
+      load_next_rows<kS, kV, scalar_t>(p, kRelu, b, h0, j, w, c, win);
       acc g[kV];
       load_vec<kV, scalar_t>(p.grad, p.OH, p.OW, b, h, w, c, g);
 #pragma unroll
@@ -293,7 +318,8 @@ void dwconv_cuda(const DwconvParams& p) {
   SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_cuda", [&] {
     constexpr int kV = kDwVec<scalar_t>;
     const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.x, kV) && rows_aligned<scalar_t>(p.out, kV) &&
-                     (p.epilogue != DwEpilogue::SiluGrad || rows_aligned<scalar_t>(p.grad, kV));
+                     (p.epilogue != DwEpilogue::SiluGrad || rows_aligned<scalar_t>(p.grad, kV)) &&
+                     (!p.mask.ptr || rows_aligned<scalar_t>(p.mask, kV));
     const unsigned grid = grid_x(dw_items(p.B, p.OH, p.OW, vec ? p.C / kV : p.C), kDwThreads);
     SOLA_DW_STRIDE_SWITCH(p.stride, kS, [&] {
       SOLA_DW_EPILOGUE_SWITCH(p.epilogue, kEpi, [&] {
@@ -310,7 +336,8 @@ void dwconv_transposed_cuda(const DwconvParams& p) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   SOLA_DISPATCH_FLOATING(p.dtype, "dwconv_transposed_cuda", [&] {
     constexpr int kV = kDwVec<scalar_t>;
-    const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.grad, kV) && rows_aligned<scalar_t>(p.out, kV);
+    const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.grad, kV) && rows_aligned<scalar_t>(p.out, kV) &&
+                     (!p.mask.ptr || rows_aligned<scalar_t>(p.mask, kV));
     const unsigned grid = grid_x(dw_items(p.B, p.OH, p.OW, vec ? p.C / kV : p.C), kDwThreads);
     if (vec) dwconv_transposed_kernel<scalar_t, kV><<<grid, kDwThreads, 0, stream>>>(p);
     else dwconv_transposed_kernel<scalar_t, 1><<<grid, kDwThreads, 0, stream>>>(p);
@@ -332,9 +359,15 @@ void dwconv_wgrad_cuda(const DwconvParams& p) {
                                           at::TensorOptions().dtype(acc_dtype(p.dtype)).device(at::Device(at::kCUDA, p.device_index)));
     const dim3 grid(static_cast<unsigned>(ceil_div(vectors, l.tx)), l.partials);
     SOLA_DW_STRIDE_SWITCH(p.stride, kS, [&] {
-      if (vec) dwconv_wgrad_kernel<scalar_t, kV, kS><<<grid, kDwThreads, 0, stream>>>(p, l, partials.data_ptr<acc>());
-      else dwconv_wgrad_kernel<scalar_t, 1, kS><<<grid, kDwThreads, 0, stream>>>(p, l, partials.data_ptr<acc>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto relu) {  // kRelu = p.relu_input
+        constexpr bool kRelu = decltype(relu)::value;
+        acc* const part = partials.data_ptr<acc>();
+        if (vec) dwconv_wgrad_kernel<scalar_t, kV, kS, kRelu><<<grid, kDwThreads, 0, stream>>>(p, l, part);
+        else dwconv_wgrad_kernel<scalar_t, 1, kS, kRelu><<<grid, kDwThreads, 0, stream>>>(p, l, part);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (p.relu_input) launch(std::true_type{});
+      else launch(std::false_type{});
     });
     sum_partials(partials.data_ptr<acc>(), l.partials, width, WgradSlot<acc>{p}, stream);
   });
