@@ -161,15 +161,24 @@ def main():
     # depthwise 3x3 conv (+ residual): a block shape taking the vector kernels (C = 64, rows past one
     # strip), and a slice with an odd channel count (the one-channel kernels); weight and bias grads too.
     # Stride 2 with relu (the downsample's conv; its input gradient is the transposed kernel) on odd
-    # sizes, 37 rows giving 19 output rows (past one strip).
+    # sizes, 37 rows giving 19 output rows (past one strip). relu input (the downsample's ReLU read inside
+    # the conv: x read as relu(x), dx masked by x > 0 as the reversed / transposed kernels store it) at
+    # both strides, with silu at stride 1 (its backward recomputes the sum from relu(x)).
     for dtype in dtypes:
-        for B, H, W, Ch, sl, stride in ((2, 19, 7, 64, False, 1), (1, 5, 3, 7, True, 1), (2, 37, 9, 64, False, 2),
-                                        (1, 6, 5, 7, True, 2)):
-            def dw(x, w, b, sl=sl, stride=stride, fn=sola_ops.depthwise_conv3x3):
+        for B, H, W, Ch, sl, stride, relu_in in ((2, 19, 7, 64, False, 1, False), (1, 5, 3, 7, True, 1, False),
+                                                 (2, 37, 9, 64, False, 2, False), (1, 6, 5, 7, True, 2, False),
+                                                 (2, 19, 7, 64, False, 1, True), (1, 5, 3, 7, True, 1, True),
+                                                 (2, 37, 9, 64, False, 2, True), (1, 6, 5, 7, True, 2, True)):
+            def dw(x, w, b, sl=sl, stride=stride, relu_in=relu_in, fn=sola_ops.depthwise_conv3x3):
+                x = x[..., 1:] if sl else x
+                if relu_in:
+                    return fn(x, w, b, activation="silu" if stride == 1 else "relu", stride=stride,
+                              input_activation="relu")
                 if stride == 1:
-                    return fn(x[..., 1:] if sl else x, w, b, residual=True)
-                return fn(x[..., 1:] if sl else x, w, b, activation="relu", stride=2)
-            check(f"dwconv {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} /{stride}{' slice' if sl else ''}",
+                    return fn(x, w, b, residual=True)
+                return fn(x, w, b, activation="relu", stride=2)
+            check(f"dwconv {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} /{stride}{' slice' if sl else ''}"
+                  f"{' relu-in' if relu_in else ''}",
                   dw, partial(dw, fn=reference.depthwise_conv3x3),
                   [randn(B, H, W, Ch + sl), randn(Ch, 1, 3, 3), randn(Ch)], dtype, failures)
     # LayerNorm: the register-cached vector kernel (C = 64, 300 rows: teams of 8 threads, several blocks),

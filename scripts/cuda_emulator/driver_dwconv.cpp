@@ -3,7 +3,10 @@
 // the epilogues (silu of the sum; the output's gradient times silu' of it; relu), stride 1 and 2, the
 // transposed convolution (the input gradient at stride 2), the weight gradient (taps and bias), every dtype, channel counts that take the vector and the scalar
 // kernels, images smaller than a strip and taller than one, strided and misaligned views, NaN inputs,
-// and lanes that walk more than one task. Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
+// and lanes that walk more than one task. Relu input (input_activation "relu"): the convolution, its
+// epilogues and the weight gradient reading relu(x), and the input gradient's kernels masking by x (the
+// transposed one at stride 2; at stride 1 the reversed convolution of g, as the op layer runs it).
+// Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -18,6 +21,7 @@ struct Case {
   int stride = 1;
   at::ScalarType dt = at::kBFloat16;
   bool bias = true, strided = false, misaligned = false, poison = false, residual = false, reversed = false;
+  bool relu_in = false;  // relu_input for the convolution and the weight gradient; dx masked by x
   DwEpilogue epilogue = DwEpilogue::Plain;
 };
 
@@ -31,9 +35,9 @@ static at::Tensor tokens(const Case& c, int64_t H, int64_t W) {
 
 static void dwconv_case(const Case& c) {
   char name[200];
-  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld /%d %s b%d s%d m%d p%d r%d f%d e%d", (long)c.B,
+  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld /%d %s b%d s%d m%d p%d r%d f%d e%d i%d", (long)c.B,
                 (long)c.H, (long)c.W, (long)c.C, c.stride, c10::toString(c.dt), c.bias, c.strided, c.misaligned,
-                c.poison, c.residual, c.reversed, (int)c.epilogue);
+                c.poison, c.residual, c.reversed, (int)c.epilogue, c.relu_in);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t OH = ceil_div(c.H, c.stride), OW = ceil_div(c.W, c.stride);
   at::Tensor x = tokens(c, c.H, c.W), g = tokens(c, OH, OW);
@@ -47,7 +51,11 @@ static void dwconv_case(const Case& c) {
   p.x = make_view(x), p.grad = make_view(g);
   p.weight = weight.data_ptr(), p.bias = c.bias ? bias.data_ptr() : nullptr;
   p.residual = c.residual, p.reversed = c.reversed, p.epilogue = c.epilogue;
+  p.relu_input = c.relu_in;
   p.dtype = dt, p.device_index = -1;
+  // The input gradient's g: with relu_in and misaligned, an aligned copy, so that the mask (x) alone is
+  // misaligned (its own check picks the one-channel kernels; UBSAN=1 faults a vector access to it).
+  const at::Tensor gdx = c.relu_in && c.misaligned ? g.contiguous() : g;
   at::Tensor out[3], dx[2], dweight[3], dbias[3];
   for (int r = 0; r < 3; ++r) {  // 0, 2: emulated CUDA (2: the weight gradient again), 1: CPU
     out[r] = nan_out({c.B, OH, OW, c.C}, dt);
@@ -56,16 +64,26 @@ static void dwconv_case(const Case& c) {
     if (r == 1) dwconv_cpu(p), dwconv_wgrad_cpu(p);
     else if (r == 0) dwconv_cuda(p), dwconv_wgrad_cuda(p);
     else dwconv_wgrad_cuda(p);
-    if (r < 2 && c.stride == 2) {  // the transposed convolution of g, into x's shape
+    if (r < 2 && c.stride == 2) {  // the transposed convolution of g, into x's shape (masked by x: relu_in)
       dx[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
-      p.out = make_view(dx[r]);
-      if (r == 1) dwconv_transposed_cpu(p);
-      else dwconv_transposed_cuda(p);
+      DwconvParams q = p;
+      q.grad = make_view(gdx), q.out = make_view(dx[r]);
+      if (c.relu_in) q.mask = q.x;
+      if (r == 1) dwconv_transposed_cpu(q);
+      else dwconv_transposed_cuda(q);
+    } else if (r < 2 && c.relu_in) {  // stride 1: the reversed convolution of g, masked by x
+      dx[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
+      DwconvParams q = p;
+      q.x = make_view(gdx), q.mask = p.x, q.out = make_view(dx[r]);
+      q.reversed = true, q.relu_input = false, q.epilogue = DwEpilogue::Plain, q.bias = nullptr;
+      if (r == 1) dwconv_cpu(q);
+      else dwconv_cuda(q);
     }
   }
   const bool finite = !c.poison;
   compare(std::string(name) + " out", out[0], out[1], dt, finite);
   if (c.stride == 2) compare(std::string(name) + " transposed", dx[0], dx[1], dt, true);
+  else if (c.relu_in) compare(std::string(name) + " masked dx", dx[0], dx[1], dt, true);
   // The weight gradient sums B * OH * OW products: scale the tolerance by their count's square root.
   const double n = std::sqrt(double(c.B * OH * OW));
   compare(std::string(name) + " dweight", dweight[0] / n, dweight[1] / n, acc, finite);
@@ -146,10 +164,36 @@ int main(int argc, char** argv) {
     relu.dt = dt, relu.epilogue = DwEpilogue::Relu, relu.H = 19;
     dwconv_case(relu);
   }
+  for (auto dt : dts) {  // relu input at both strides: every epilogue, the one-channel kernels, layouts, NaN
+    for (int stride : {1, 2}) {
+      for (auto epi : {DwEpilogue::Plain, DwEpilogue::Relu, DwEpilogue::Silu, DwEpilogue::SiluGrad}) {
+        for (int64_t C : {16, 7}) {
+          Case c;
+          c.dt = dt, c.relu_in = true, c.epilogue = epi, c.C = C, c.H = 21, c.W = 9, c.stride = stride;
+          c.bias = C == 16;
+          dwconv_case(c);
+        }
+      }
+      for (int layout = 0; layout < 3; ++layout) {
+        Case c;
+        c.dt = dt, c.relu_in = true, c.stride = stride, c.H = 37, c.epilogue = DwEpilogue::Relu;
+        c.strided = layout == 0, c.misaligned = layout == 1, c.poison = layout == 2;
+        c.C = c.misaligned ? 24 : 16;
+        dwconv_case(c);
+      }
+      for (auto [H, W] : {std::pair<int64_t, int64_t>{1, 1}, {2, 5}, {17, 2}}) {
+        Case c;
+        c.dt = dt, c.relu_in = true, c.stride = stride, c.H = H, c.W = W, c.C = 3;
+        dwconv_case(c);
+      }
+    }
+  }
   Case walk;  // 33 column blocks leave 16 partials for 160 tasks of 8 lanes: lanes walk two tasks
   walk.B = 2, walk.H = 8, walk.W = 80, walk.C = 1030;
   if (!quick) dwconv_case(walk);
   walk.H = 16, walk.W = 160, walk.stride = 2;  // the same tasks at stride 2
+  if (!quick) dwconv_case(walk);
+  walk.relu_in = true;  // and with relu input
   if (!quick) dwconv_case(walk);
   std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
   return failures ? 1 : 0;
