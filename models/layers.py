@@ -312,8 +312,8 @@ class Stem(nn.Module):
 
 class Downsample(nn.Module):
     """Stride-2 inverted bottleneck between stages: 1x1 expand (to 4x out), 3x3 depthwise /2, 1x1 project + BN.
-    With attn_impl="sola" the depthwise conv and its ReLU run as one `sola_ops.depthwise_conv3x3` on the
-    channels-last view (the expanded tensor is the largest of the stage: 4x its width at twice its
+    With attn_impl="sola" the depthwise conv, its ReLU and the expand's ReLU before it run as one
+    `sola_ops.depthwise_conv3x3` on the channels-last view (the expanded tensor is the largest of the stage: 4x its width at twice its
     resolution), else as nn.Conv2d; same weights either way."""
 
     def __init__(self, in_chs: int, out_chs: int, ratio: float = 4.0, attn_impl: str = "sola"):
@@ -330,6 +330,13 @@ class Downsample(nn.Module):
         if self.attn_impl != "sola":
             return self.conv(x)
         expand, depthwise, project = self.conv
-        x = expand(x).permute(0, 2, 3, 1)  # channels-last NCHW in, so (B, H, W, C) contiguous
-        x = sola_ops.depthwise_conv3x3(x, depthwise.conv.weight, depthwise.conv.bias, stride=2, activation="relu")
+        if type(expand.act) is nn.ReLU and type(expand.norm) is nn.Identity:
+            # the expand's ReLU is read inside the depthwise conv: relu(expand(x)), 4x the stage's width at
+            # twice its resolution, is never written, and its backward mask is applied as dx is written
+            x, relu_input = expand.conv(x), "relu"
+        else:
+            x, relu_input = expand(x), None
+        x = x.permute(0, 2, 3, 1)  # channels-last NCHW in, so (B, H, W, C) contiguous
+        x = sola_ops.depthwise_conv3x3(x, depthwise.conv.weight, depthwise.conv.bias, stride=2, activation="relu",
+                                       input_activation=relu_input)
         return project(x.permute(0, 3, 1, 2))

@@ -223,12 +223,12 @@ def test_sola_matches_torch(dtype, rtol):
 @needs_sola
 def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
     """attn_impl="sola" runs all the depthwise convs through sola_ops (the blocks' four, stride 1; the
-    downsamples', stride 2 with relu), "torch" none of them; set_attn_impl switches the downsamples too."""
+    downsamples', stride 2 with relu on both sides), "torch" none of them; set_attn_impl switches the downsamples too."""
     calls = []
     real = sola_ops.depthwise_conv3x3
 
     def counting(*args, **kwargs):
-        calls.append((kwargs.get("stride", 1), kwargs.get("activation")))
+        calls.append((kwargs.get("stride", 1), kwargs.get("activation"), kwargs.get("input_activation")))
         return real(*args, **kwargs)
     monkeypatch.setattr(sola_ops, "depthwise_conv3x3", counting)
     model = tiny(attn_impl="torch").eval()
@@ -240,7 +240,8 @@ def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
         assert model.attn_impl == "sola"
         model(image(1, 64, 64))
     assert len(calls) == 4 * blocks + len(model.stages) - 1
-    assert [c for c in calls if c[0] == 2] == [(2, "relu")] * (len(model.stages) - 1)
+    # the downsamples': the conv's ReLU and the expand's ReLU before it in the same pass
+    assert [c for c in calls if c[0] == 2] == [(2, "relu", "relu")] * (len(model.stages) - 1)
 
 
 @needs_sola
