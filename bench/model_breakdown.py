@@ -5,6 +5,7 @@ step, grouped by kind, so the model issue's speed-up can be traced to the ops th
     python bench/model_breakdown.py --step fwd --img-size 512 --batch 32 --features-only
     python bench/model_breakdown.py --top 15                          # also the 15 longest kernels per impl
     python bench/model_breakdown.py --ops 25                          # the 25 longest ops, with their GB/s
+    python bench/model_breakdown.py --bytes 20 --device cpu           # no timing: bytes per step, 20 largest ops
 
 On CUDA the times are the GPU kernels' (torch.profiler, CUDA activity), bf16 autocast as bench/models.py
 runs it; on CPU (small defaults: 224 px, batch 2, fp32) the self CPU time of each op, a smoke test of the
@@ -146,7 +147,50 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="profiled steps (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--top", type=int, default=0, help="also list the N longest kernels (ops) of each impl")
     p.add_argument("--ops", type=int, default=0, help="also list the N ops with the most time, with their GB/s")
+    p.add_argument("--bytes", type=int, default=0, metavar="N",
+                   help="no timing (any device, CPU included): each impl's bytes per step at --batch (default 128) "
+                        "and the N ops moving the most, bf16 autocast")
     return p.parse_args(argv)
+
+
+def step_bytes(timm, args, device, impl, batch):
+    """op_bytes of one step of impl at batch (after a first step, so the optimizer's state exists)."""
+    torch.manual_seed(0)
+    kw = {"features_only": True} if args.features_only else {}
+    model = timm.create_model(args.model, attn_impl=impl, **kw).to(device)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    op = "model_train" if args.step == "train" else "model_fwd"
+    step = BM.make_step(model, op, args.features_only, x, labels,
+                        lambda: torch.autocast(device.type, dtype=torch.bfloat16), capturable=False)
+    step()
+    return op_bytes(step)
+
+
+def bytes_per_step(args):
+    """{impl: {op: GB per step at args.batch}}, from steps at batch 2 and 4: the batch-proportional part
+    (activations) scaled to the batch, the rest (parameters, optimizer) counted once. On CPU the autocast
+    policy is the CPU's, close to CUDA's for these ops (linear / conv in bf16, our ops in x's dtype)."""
+    timm, reason = BM.load_models()
+    if timm is None:
+        print(f"model_breakdown: {reason}")
+        return None
+    device, batch = torch.device(args.device), args.batch or 128
+    per_impl = {}
+    for impl in BM.ATTN_IMPLS:
+        small, large = step_bytes(timm, args, device, impl, 2), step_bytes(timm, args, device, impl, 4)
+        per_impl[impl] = {name: (small.get(name, 0.0) + (large.get(name, 0.0) - small.get(name, 0.0)) / 2 * (batch - 2))
+                          / 1e9 for name in set(small) | set(large)}
+    return per_impl
+
+
+def print_bytes(per_impl, args):
+    print(f"model_breakdown: {args.model} {args.step} step, {args.img_size} px, batch {args.batch or 128}, bf16 "
+          "autocast: bytes each op's tensor inputs and outputs move per step (views excluded)")
+    for impl, ops in per_impl.items():
+        print(f"\n{impl}: {sum(ops.values()):.1f} GB per step; the {args.bytes} largest ops")
+        for name, gb in sorted(ops.items(), key=lambda kv: -kv[1])[:args.bytes]:
+            print(f"  {gb:8.2f}  {name}")
 
 
 def measure(args):
@@ -196,7 +240,14 @@ def measure(args):
 
 
 def main(argv=None):
-    groups = measure(parse_args(argv))
+    args = parse_args(argv)
+    if args.bytes:
+        per_impl = bytes_per_step(args)
+        if per_impl is None:
+            return 1
+        print_bytes(per_impl, args)
+        return 0
+    groups = measure(args)
     if groups is None:
         return 1
     names = [g for g, _ in GROUPS] + ["other"]

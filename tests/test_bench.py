@@ -303,6 +303,19 @@ def test_model_breakdown_op_bytes():
     assert "aten::t" not in effs and "aten::transpose" not in effs
 
 
+def test_model_breakdown_bytes_per_step():
+    """--bytes: both impls' bytes per step at a batch, extrapolated from batches 2 and 4; the sola path moves
+    fewer (no fp32 LayerNorm round trips, fused gate / ReLU, no layout copies) and runs our ops."""
+    if models.load_models()[0] is None:
+        pytest.skip("timm or sola_vision not importable")
+    import model_breakdown as MB
+    args = MB.parse_args(["--device", "cpu", "--img-size", "64", "--batch", "6", "--bytes", "5"])
+    per_impl = MB.bytes_per_step(args)
+    sola, torch_ = (sum(per_impl[i].values()) for i in ("sola", "torch"))
+    assert 0 < sola < torch_
+    assert per_impl["sola"]["sola_ops::silu_mul_fwd"] > 0 and "sola_ops::silu_mul_fwd" not in per_impl["torch"]
+
+
 def test_gpu_check_script_parses():
     if not shutil.which("bash"):
         pytest.skip("no bash")
