@@ -9,6 +9,7 @@
 // kernel for them instead. C not a multiple of the vector, or a misaligned x, take the scalar kernels.
 #include "cuda_utils.cuh"
 #include "layer_norm/layer_norm.h"
+#include "vec_acc.cuh"
 
 namespace sola {
 namespace {
@@ -33,21 +34,6 @@ template <typename acc>
 __device__ __forceinline__ acc team_sum(acc x, int tpr) {
   for (int offset = tpr / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
-}
-
-template <int kV, typename scalar_t, typename acc>
-__device__ __forceinline__ void load_acc(const scalar_t* src, acc (&dst)[kV]) {
-  const Vec<scalar_t, kV> v = *reinterpret_cast<const Vec<scalar_t, kV>*>(src);
-#pragma unroll
-  for (int e = 0; e < kV; ++e) dst[e] = static_cast<acc>(v.v[e]);
-}
-
-template <int kV, typename scalar_t, typename acc>
-__device__ __forceinline__ void store_acc(const acc (&src)[kV], scalar_t* dst) {
-  Vec<scalar_t, kV> v;
-#pragma unroll
-  for (int e = 0; e < kV; ++e) v.v[e] = static_cast<scalar_t>(src[e]);
-  *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = v;
 }
 
 // weight[c] (1 when absent) and bias[c] (0).

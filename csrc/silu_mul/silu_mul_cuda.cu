@@ -6,26 +6,12 @@
 // (grid_x), so any rows x C fits.
 #include "cuda_utils.cuh"
 #include "silu_mul/silu_mul.h"
+#include "vec_acc.cuh"
 
 namespace sola {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <int kV, typename scalar_t, typename acc>
-__device__ __forceinline__ void load_vec(const scalar_t* src, acc (&dst)[kV]) {
-  const Vec<scalar_t, kV> v = *reinterpret_cast<const Vec<scalar_t, kV>*>(src);
-#pragma unroll
-  for (int e = 0; e < kV; ++e) dst[e] = static_cast<acc>(v.v[e]);
-}
-
-template <int kV, typename scalar_t, typename acc>
-__device__ __forceinline__ void store_vec(const acc (&src)[kV], scalar_t* dst) {
-  Vec<scalar_t, kV> v;
-#pragma unroll
-  for (int e = 0; e < kV; ++e) v.v[e] = static_cast<scalar_t>(src[e]);
-  *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = v;
-}
 
 // Item i of the grid-stride loop: element offsets of its vector in an input of row stride `stride`
 // (at) and in a contiguous output (out).
@@ -43,11 +29,11 @@ __global__ void __launch_bounds__(kThreads) silu_mul_fwd_kernel(const SiluMulPar
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items; i += int64_t(gridDim.x) * kThreads) {
     const Item it(i, nv, kV);
     acc x[kV], g[kV];
-    load_vec<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
-    load_vec<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
+    load_acc<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
+    load_acc<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
 #pragma unroll
     for (int e = 0; e < kV; ++e) x[e] = silu_mul_value(x[e], g[e]);
-    store_vec<kV>(x, static_cast<scalar_t*>(p.out) + it.out(p.C));
+    store_acc<kV>(x, static_cast<scalar_t*>(p.out) + it.out(p.C));
   }
 }
 
@@ -58,13 +44,13 @@ __global__ void __launch_bounds__(kThreads) silu_mul_bwd_kernel(const SiluMulPar
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items; i += int64_t(gridDim.x) * kThreads) {
     const Item it(i, nv, kV);
     acc grad[kV], x[kV], g[kV];
-    load_vec<kV>(static_cast<const scalar_t*>(p.grad) + it.at(p.grad_stride), grad);
-    load_vec<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
-    load_vec<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
+    load_acc<kV>(static_cast<const scalar_t*>(p.grad) + it.at(p.grad_stride), grad);
+    load_acc<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
+    load_acc<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
 #pragma unroll
     for (int e = 0; e < kV; ++e) silu_mul_grads(grad[e], x[e], g[e], x[e], g[e]);  // (dx, dgate) in place
-    store_vec<kV>(x, static_cast<scalar_t*>(p.out) + it.out(p.C));
-    store_vec<kV>(g, static_cast<scalar_t*>(p.dgate) + it.out(p.C));
+    store_acc<kV>(x, static_cast<scalar_t*>(p.out) + it.out(p.C));
+    store_acc<kV>(g, static_cast<scalar_t*>(p.dgate) + it.out(p.C));
   }
 }
 
