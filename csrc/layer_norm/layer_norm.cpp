@@ -3,28 +3,16 @@
 // (when built) CUDA.
 #include <torch/library.h>
 
+#include "elementwise_checks.h"
 #include "layer_norm/layer_norm.h"
 
 namespace sola {
 namespace {
 
 void check_x(const at::Tensor& x) {
-  SOLA_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be on a CPU or CUDA device, got ", x.device());
-  SOLA_CHECK(x.layout() == at::kStrided, "x must be a dense (strided) tensor");
-  const auto st = x.scalar_type();
-  SOLA_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
-             "x must be float16, bfloat16, float32 or float64, got ", st);
+  check_float_input(x);
   SOLA_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "x must have a last dim of at least 1 (the normalised features), got "
              "shape ", x.sizes());
-}
-
-// t (grad_out) has x's shape, dtype and device.
-void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  SOLA_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
-  SOLA_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
-             t.scalar_type());
-  SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
-  SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
 }
 
 // weight or bias as the kernels read it: (C) acc-typed and contiguous (a view of an fp32 parameter,
