@@ -29,9 +29,10 @@ TORCH_LIBRARY(sola_ops, m) {
   // weight (C, 1, 3, 3) or (C, 3, 3), bias (C) of any float dtype, computed in fp32 (fp64 for fp64 x).
   // activation: "none", "silu" or "relu" (of conv(x) + bias; not with residual). stride 1 or 2
   // (residual: 1); the output is (B, ceil(H / stride), ceil(W / stride), C). input_activation "none"
-  // or "relu": the convolution of relu(x) (not with residual).
+  // or "relu": the convolution of relu(x) (not with residual). addend (the output's shape and x's
+  // dtype): added to the output (not with activation "relu").
   m.def("depthwise_conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, bool residual, str activation=\"none\", "
-        "int stride=1, str input_activation=\"none\") -> Tensor");
+        "int stride=1, str input_activation=\"none\", Tensor? addend=None) -> Tensor");
   // Returns (dx, dweight, dbias): dweight in weight's dtype, dbias (C) fp32 (fp64 for fp64 x), empty
   // unless with_bias.
   // bias: needed with activation "silu" (the backward recomputes conv(x) + bias); out (the forward's

@@ -2,8 +2,8 @@
 
 Tokens travel through the blocks as (B, H, W, C) ("NHWC"). The blocks' depthwise 3x3 convs (and the
 downsample's stride-2 one) run as `sola_ops.depthwise_conv3x3` on them with attn_impl="sola" (the CPE's
-residual, the activations in the same pass), as nn.Conv2d on channels-last NCHW views
-(`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The blocks' LayerNorms run as
+residual, the activations and the LePE's sum with the attention output in the same pass), as nn.Conv2d
+on channels-last NCHW views (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The blocks' LayerNorms run as
 `sola_ops.layer_norm` with "sola" (in the tokens' dtype under autocast), as nn.LayerNorm with "torch".
 "sola" also runs the gate as `sola_ops.silu_mul`, in_proj and act_proj as one GEMM, and keeps the
 attention's q, k, v, outputs and gradients in the projections' layouts (no copies); same weights.
@@ -116,7 +116,7 @@ class AttentionMixer(nn.Module):
         out = self.attend(qk, v, H, W)
         # a view for sola_ops' outputs, which take the layout of q (here (B, N, nh, hd) in memory)
         out = out.transpose(1, 2).reshape(B, H, W, C)
-        return out + depthwise_conv(self.lepe, x, self.attn_impl)
+        return depthwise_conv(self.lepe, x, self.attn_impl, addend=out)  # out + LePE(v)
 
     def kernel_tables(self, qk: torch.Tensor, height: int, width: int):
         """(cos, sin) as the sola_ops kernels compute with them: fp32 (fp64 for fp64 inputs)."""
@@ -193,15 +193,17 @@ MIXERS = {"L": LinearAttention, "S": SoftmaxAttention}
 # ---- block ----------------------------------------------------------------------------------
 
 def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: bool = False,
-                   silu: bool = False) -> torch.Tensor:
+                   silu: bool = False, addend: torch.Tensor = None) -> torch.Tensor:
     """A depthwise 3x3 conv (its weight and bias) on (B, H, W, C) tokens, then SiLU when silu, plus x
-    when residual: one sola_ops kernel for "sola", nn.Conv2d through channels-last views for "torch"."""
+    when residual, plus addend when given: one sola_ops kernel for "sola" (the sums never written
+    apart), nn.Conv2d through channels-last views for "torch"."""
     if attn_impl == "sola":
         return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=residual,
-                                          activation="silu" if silu else None)
+                                          activation="silu" if silu else None, addend=addend)
     y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     y = F.silu(y) if silu else y
-    return x + y if residual else y
+    y = x + y if residual else y
+    return y if addend is None else addend + y
 
 
 def layer_norm(norm: nn.Module, x: torch.Tensor, attn_impl: str) -> torch.Tensor:

@@ -181,6 +181,16 @@ def main():
                   f"{' relu-in' if relu_in else ''}",
                   dw, partial(dw, fn=reference.depthwise_conv3x3),
                   [randn(B, H, W, Ch + sl), randn(Ch, 1, 3, 3), randn(Ch)], dtype, failures)
+        # an addend (LePE: attention output + conv) read as the output is written: the vector kernel at
+        # stride 1 with silu, a slice through the one-channel kernel at stride 2
+        for B, H, W, Ch, sl, stride in ((2, 19, 7, 64, False, 1), (1, 6, 5, 7, True, 2)):
+            def dw_add(x, w, b, a, sl=sl, stride=stride, fn=sola_ops.depthwise_conv3x3):
+                x, a = (x[..., 1:], a[..., 1:]) if sl else (x, a)
+                return fn(x, w, b, activation="silu" if stride == 1 else None, stride=stride, addend=a)
+            OH, OW = (H + stride - 1) // stride, (W + stride - 1) // stride
+            check(f"dwconv addend {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} /{stride}"
+                  f"{' slice' if sl else ''}", dw_add, partial(dw_add, fn=reference.depthwise_conv3x3),
+                  [randn(B, H, W, Ch + sl), randn(Ch, 1, 3, 3), randn(Ch), randn(B, OH, OW, Ch + sl)], dtype, failures)
     # LayerNorm: the register-cached vector kernel (C = 64, 300 rows: teams of 8 threads, several blocks),
     # a slice with an odd width (the scalar kernel), and 1030-wide rows (read per pass, the column kernel
     # for the weight and bias gradients).

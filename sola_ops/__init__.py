@@ -16,7 +16,7 @@ import torch
 
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
-from ._dwconv import check_activation, check_dwconv_args, check_input_activation, check_stride
+from ._dwconv import check_activation, check_addend, check_dwconv_args, check_input_activation, check_stride
 from ._layer_norm import check_layer_norm_args
 from ._silu_mul import check_silu_mul_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
@@ -123,7 +123,8 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     return (rot, feat) if return_features else rot
 
 
-def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1, input_activation=None):
+def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1, input_activation=None,
+                      addend=None):
     """Depthwise 3x3 convolution of channels-last tokens x (B, H, W, C): zero padding 1, stride 1 or 2,
     one 3x3 filter per channel. The same as nn.Conv2d(C, C, 3, stride, padding=1, groups=C) applied to
     x.permute(0, 3, 1, 2) and permuted back (its weight (C, 1, 3, 3) and bias (C,) go in as they are),
@@ -136,6 +137,10 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     ReLU -> this conv), without writing relu(x): the backward reads relu(x) from x for the weight
     gradient and writes dx masked as torch.relu's backward masks it (the gradient where x > 0, else 0;
     a NaN x passes it). Any stride and activation; not with residual.
+    addend (the output's shape and x's dtype) is added to the result as it is written: addend + conv(x)
+    in one pass (SoLA-Vision's attention output plus its LePE conv), the sum rounded once; its gradient
+    is the output's. Any stride, residual or input activation; not with activation="relu" (whose
+    backward masks by the output).
 
     x: any strides with the last dim contiguous (others are copied); float16, bfloat16, float32 or
     float64, on CPU or CUDA. weight, bias: any float dtype, used in fp32 (fp64 for fp64 x); their
@@ -144,15 +149,16 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     across runs); differentiable once (no double backward).
     """
     _check_tensors(x=x, weight=weight)
-    _check_tensors(optional=True, bias=bias)
-    (x,) = _autocast(x)
+    _check_tensors(optional=True, bias=bias, addend=addend)
+    x, addend = _autocast(x, addend)
     check_dwconv_args(x, weight, bias)
     activation = "none" if activation is None else activation
     stride = check_stride(stride)
     check_activation(activation, residual, stride)
     input_activation = "none" if input_activation is None else input_activation
     check_input_activation(input_activation, residual)
-    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation, stride, input_activation)
+    check_addend(addend, x, stride, activation)
+    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation, stride, input_activation, addend)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):

@@ -42,6 +42,22 @@ def check_input_activation(input_activation, residual):
         raise ValueError(f"residual and input_activation={input_activation!r} cannot be combined")
 
 
+def check_addend(addend, x, stride, activation):
+    """addend None, or of the output's shape with x's dtype and device; not with activation "relu"."""
+    if addend is None:
+        return
+    if activation == "relu":
+        raise ValueError("addend and activation='relu' cannot be combined (relu's backward masks the gradient "
+                         "by the output, which would include the addend)")
+    want = output_shape(x, stride)
+    if tuple(addend.shape) != want:
+        raise ValueError(f"addend must have the output's shape (B, OH, OW, C) = {want}, got {tuple(addend.shape)}")
+    if addend.dtype != x.dtype:
+        raise ValueError(f"addend must have the dtype of x ({x.dtype}), got {addend.dtype}")
+    if addend.device != x.device:
+        raise ValueError(f"addend must be on the device of x ({x.device}), got {addend.device}")
+
+
 def output_shape(x, stride):
     B, H, W, C = x.shape
     return (B, (H + stride - 1) // stride, (W + stride - 1) // stride, C)
@@ -69,10 +85,12 @@ def check_dwconv_args(x, weight, bias):
 
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_fwd")
-def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", stride=1, input_activation="none"):
+def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", stride=1, input_activation="none",
+                                addend=None):
     check_dwconv_args(x, weight, bias)
     check_activation(activation, residual, stride)
     check_input_activation(input_activation, residual)
+    check_addend(addend, x, stride, activation)
     return x.new_empty(output_shape(x, stride))
 
 
@@ -89,13 +107,14 @@ def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=N
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, stride, input_activation = inputs
+    x, weight, bias, residual, activation, stride, input_activation, addend = inputs
     # silu: the backward recomputes conv(x) + bias, so it needs the bias too; relu: the output's mask
     # (the next layer keeps the output anyway, so saving it costs no memory). input_activation="relu":
     # x itself, as always (the backward reads relu(x) from it and masks dx by x > 0).
     ctx.save_for_backward(x, weight, bias if activation == "silu" else None, output if activation == "relu" else None)
     ctx.residual, ctx.activation, ctx.stride, ctx.input_activation = residual, activation, stride, input_activation
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.with_addend = addend is not None
 
 
 def _backward(ctx, grad_out):
@@ -103,7 +122,9 @@ def _backward(ctx, grad_out):
     with_bias = ctx.bias_dtype is not None
     dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
                                  with_bias, bias, ctx.activation, ctx.stride, out, ctx.input_activation)
-    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None, None, None, None
+    dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+    # the addend's gradient is the output's, as an add's is
+    return dx, dweight, dbias, None, None, None, None, grad_out if ctx.with_addend else None
 
 
 torch.library.register_autograd("sola_ops::depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)

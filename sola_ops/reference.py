@@ -71,9 +71,10 @@ def _rotate(f, cos, sin):
     return torch.stack((f0 * c - f1 * s, f0 * s + f1 * c), dim=-1).flatten(-2)
 
 
-def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1, input_activation=None):
+def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, stride=1, input_activation=None,
+                      addend=None):
     """nn.Conv2d(C, C, 3, stride, padding=1, groups=C) on channels-last tokens x (B, H, W, C), in fp32
-    (fp64); activation="silu" / "relu": that of it; input_activation="relu": of relu(x)."""
+    (fp64); activation="silu" / "relu": that of it; input_activation="relu": of relu(x); plus addend."""
     acc = _acc_dtype(x.dtype)
     C = x.shape[3]
     xa = x.to(acc)
@@ -90,7 +91,8 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
         out = torch.nn.functional.silu(out)
     elif activation == "relu":
         out = torch.relu(out)
-    return (out + xa if residual else out).to(x.dtype)
+    out = out + xa if residual else out
+    return (out if addend is None else out + addend.to(acc)).to(x.dtype)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):

@@ -228,7 +228,8 @@ def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
     real = sola_ops.depthwise_conv3x3
 
     def counting(*args, **kwargs):
-        calls.append((kwargs.get("stride", 1), kwargs.get("activation"), kwargs.get("input_activation")))
+        calls.append((kwargs.get("stride", 1), kwargs.get("activation"), kwargs.get("input_activation"),
+                      kwargs.get("addend") is not None))
         return real(*args, **kwargs)
     monkeypatch.setattr(sola_ops, "depthwise_conv3x3", counting)
     model = tiny(attn_impl="torch").eval()
@@ -241,7 +242,9 @@ def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
         model(image(1, 64, 64))
     assert len(calls) == 4 * blocks + len(model.stages) - 1
     # the downsamples': the conv's ReLU and the expand's ReLU before it in the same pass
-    assert [c for c in calls if c[0] == 2] == [(2, "relu", "relu")] * (len(model.stages) - 1)
+    assert [c for c in calls if c[0] == 2] == [(2, "relu", "relu", False)] * (len(model.stages) - 1)
+    # each block's LePE adds the attention output in its pass
+    assert sum(c[3] for c in calls) == blocks
 
 
 @needs_sola
@@ -326,6 +329,9 @@ def test_sola_block_moves_no_layout_copies(mixer):
     # one GEMM fewer forward (in_proj + act_proj) and one fewer for y's gradient backward
     assert counts["sola"]["aten::addmm"] + counts["sola"]["aten::mm"] < \
         counts["torch"]["aten::addmm"] + counts["torch"]["aten::mm"], counts
+    # forward, the two residual adds only: the CPEs' and LePE's sums are written by the dwconv kernels
+    with torch.no_grad():
+        assert _aten_ops(lambda: block(x)).count("aten::add") == 2
 
 
 @needs_sola

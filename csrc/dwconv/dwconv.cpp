@@ -19,7 +19,7 @@ std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t stride) {
   return {x.size(0), ceil_div(x.size(1), stride), ceil_div(x.size(2), stride), x.size(3)};
 }
 
-// grad_out and the forward's out (relu) have the output's shape.
+// grad_out, the forward's out (relu) and addend have the output's shape.
 void check_output_shaped(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t stride) {
   check_tokens(t, name, x);
   const std::vector<int64_t> want = output_sizes(x, stride);
@@ -63,10 +63,11 @@ DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool res
 // The convolution of src at stride (taps reversed: the input gradient's at stride 1), through
 // `epilogue`; contiguous. SiluGrad reads the output's gradient from grad. relu_input: of relu(src);
 // mask (out's shape, last dim contiguous): out where mask > 0, else 0 (input_activation "relu"'s input
-// gradient, masked by x).
+// gradient, masked by x). addend (out's shape, last dim contiguous): added to what is written.
 at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& bias, bool residual, bool reversed,
                     int64_t stride, DwEpilogue epilogue = DwEpilogue::Plain, const at::Tensor& grad = at::Tensor(),
-                    bool relu_input = false, const at::Tensor& mask = at::Tensor()) {
+                    bool relu_input = false, const at::Tensor& mask = at::Tensor(),
+                    const at::Tensor& addend = at::Tensor()) {
   src = last_dim_contiguous(src);
   at::Tensor out = new_output(output_sizes(src, stride), src.options());
   if (out.numel() == 0) return out;
@@ -78,6 +79,7 @@ at::Tensor convolve(at::Tensor src, const at::Tensor& weight, const at::Tensor& 
   if (bias.defined()) p.bias = bias.data_ptr();
   if (grad.defined()) p.grad = make_view(grad);
   if (mask.defined()) p.mask = make_view(mask);
+  if (addend.defined()) p.addend = make_view(addend);
   SOLA_RUN_KERNEL(src, "x", dwconv, p);
   return out;
 }
@@ -134,13 +136,21 @@ at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& 
 }  // namespace
 
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
-                                 std::string activation, int64_t stride, std::string input_activation) {
+                                 std::string activation, int64_t stride, std::string input_activation,
+                                 c10::optional<at::Tensor> addend) {
   check_x(x);
   check_weight(weight, x);
   const DwEpilogue epilogue = parse_activation(activation, residual, stride);
   const bool relu_input = parse_input_activation(input_activation, residual);
+  at::Tensor add;
+  if (addend.has_value()) {
+    // relu's backward masks the gradient by the output, which would then include the addend
+    SOLA_CHECK(epilogue != DwEpilogue::Relu, "addend and activation='relu' cannot be combined");
+    check_output_shaped(*addend, "addend", x, stride);
+    add = last_dim_contiguous(*addend);
+  }
   return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false, stride, epilogue, at::Tensor(),
-                  relu_input);
+                  relu_input, at::Tensor(), add);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(

@@ -12,6 +12,8 @@
 // input_activation "relu" convolves relu(x) instead (the downsample's expand conv -> ReLU -> this
 // conv): the kernels that read x read relu of it, and the input gradient's kernels mask what they
 // write by x > 0, so relu(x) and its gradient are never written.
+// addend (the output's shape) is added to the forward's output as it is written (LePE's
+// out = attention + conv(v)): the sum is never written and read back.
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
@@ -50,6 +52,10 @@ struct DwconvParams {
   // transposed one at stride 2) write out where mask (the forward's x, out's shape) > 0, else 0
   // (dw_relu_grad); no mask where mask.ptr is null.
   View4 mask;
+  // The forward's addend: the convolution (dwconv_cpu / _cuda) writes out = epilogue + addend (out's
+  // shape, channel dim contiguous), before any mask; no addend where addend.ptr is null. The transposed
+  // convolution and the weight gradient do not read it.
+  View4 addend;
   // Weight gradient: sums over the output positions (b, h, w) of grad[b, h, w, c] *
   // x[b, s h + dy - 1, s w + dx - 1, c] per tap into dweight (C, 9), and of grad into dbias (C;
   // skipped when null), acc-typed, in a fixed order.
@@ -128,7 +134,8 @@ SOLA_HD acc* dw_grad_slot(const DwconvParams& p, int64_t i) {
 
 // The op layer's entry points (schemas in sola.cpp).
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
-                                 std::string activation, int64_t stride, std::string input_activation);
+                                 std::string activation, int64_t stride, std::string input_activation,
+                                 c10::optional<at::Tensor> addend);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
     c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out,

@@ -39,6 +39,14 @@ SOLA_CPU_INLINE void mask_row(const DwconvParams& p, int64_t b, int64_t h, int64
   for (int64_t c = 0; c < p.C; ++c) out[c] = dw_relu_grad(out[c], m[c]);
 }
 
+// out (C) plus the addend's row at (b, h, w) (a: a C-buffer for it); nothing without an addend.
+template <typename scalar_t, typename acc>
+SOLA_CPU_INLINE void add_addend_row(const DwconvParams& p, int64_t b, int64_t h, int64_t w, acc* out, acc* a) {
+  if (!p.addend.ptr) return;
+  load_row(p.addend.row<const scalar_t>(b, h, w), p.C, a);
+  for (int64_t c = 0; c < p.C; ++c) out[c] += a[c];
+}
+
 // The input rows s h - 1, s h, s h + 1 of output row h (stride s) for the output rows of a task in
 // turn, each input row converted once: rows the previous output row of the image also read (two at
 // stride 1, one at stride 2) stay in their buffers.
@@ -89,8 +97,8 @@ SOLA_CPU_INLINE void tap_sources(const DwconvParams& p, const acc* const (&rows)
 }
 
 // out = the epilogue of bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass
-// per output row (r = b * OH + h); masked where there is a mask (the reversed convolution's input
-// gradient).
+// per output row (r = b * OH + h), plus the addend where there is one (the forward's); masked where
+// there is a mask (the reversed convolution's input gradient).
 template <typename scalar_t, DwEpilogue kEpi>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
@@ -99,7 +107,7 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   const std::vector<acc> taps = tap_major<acc>(p);
   RowWindow<scalar_t, acc> window(p, (p.W + 2) * C);
   std::vector<acc> out(C), zeros(bias ? 0 : C, acc(0)), g(kEpi == DwEpilogue::SiluGrad ? C : 0);
-  std::vector<acc> m(p.mask.ptr ? C : 0);
+  std::vector<acc> m(p.mask.ptr ? C : 0), a(p.addend.ptr ? C : 0);
   const acc* const start = bias ? bias : zeros.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.OH, h = r % p.OH;
@@ -119,6 +127,7 @@ SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
       if constexpr (kEpi != DwEpilogue::Plain) {
         for (int64_t c = 0; c < C; ++c) out[c] = dw_epilogue<kEpi>(out[c], kEpi == DwEpilogue::SiluGrad ? g[c] : acc(0));
       }
+      add_addend_row<scalar_t>(p, b, h, w, out.data(), a.data());
       mask_row<scalar_t>(p, b, h, w, out.data(), m.data());
       store_row(out.data(), C, p.out.row<scalar_t>(b, h, w));
     }

@@ -8,7 +8,8 @@
 // order (deterministic): blocks of kTx channel vectors x lanes reduce their lanes by a tree into one
 // partial per block row, and a second kernel sums the partials in order. C not a multiple of the
 // vector, or misaligned views, take the one-channel (scalar) kernels. The convolution kernel ends in
-// an epilogue (dwconv.h): the sum, silu or relu of it, or the output's gradient times silu' of it.
+// an epilogue (dwconv.h): the sum, silu or relu of it, or the output's gradient times silu' of it,
+// plus the addend where there is one (added as the vector is stored).
 // input_activation "relu": the kernels that read x read relu of it as they load it (relu_input), the
 // input gradient's kernels mask what they store by x (mask): branches uniform per launch, except the
 // weight gradient's relu, a template parameter (as a branch, ptxas spilled 8 bytes in three of its
@@ -73,6 +74,17 @@ SOLA_DEVICE void store_out(const DwconvParams& p, int64_t b, int64_t h, int64_t 
     for (int e = 0; e < kV; ++e) src[e] = dw_relu_grad(src[e], static_cast<acc_t<scalar_t>>(m.v[e]));
   }
   store_vec<kV, scalar_t>(p.out, b, h, w, c, src);
+}
+
+// src plus the addend at (b, h, w), if there is one (the convolution's only: the transposed kernel
+// does not carry the branch).
+template <int kV, typename scalar_t>
+SOLA_DEVICE void add_addend(const DwconvParams& p, int64_t b, int64_t h, int64_t w, int64_t c,
+                            acc_t<scalar_t> (&src)[kV]) {
+  if (!p.addend.ptr) return;
+  const Vec<scalar_t, kV> a = *reinterpret_cast<const Vec<scalar_t, kV>*>(p.addend.row<const scalar_t>(b, h, w) + c);
+#pragma unroll
+  for (int e = 0; e < kV; ++e) src[e] += static_cast<acc_t<scalar_t>>(a.v[e]);
 }
 
 // Columns w - 1, w, w + 1 of input row h of x (relu of them with relu: p.relu_input).
@@ -169,6 +181,7 @@ __global__ void __launch_bounds__(kDwThreads) dwconv_kernel(const DwconvParams p
           for (int dx = 0; dx < 3; ++dx) s += tap[3 * dy + dx][e] * win[(kS * j + dy) % 3][dx][e];
         o[e] = dw_epilogue<kEpi>(s, kEpi == DwEpilogue::SiluGrad ? g[e] : acc(0));
       }
+      add_addend<kV, scalar_t>(p, it.b, h, it.w, c, o);
       store_out<kV, scalar_t>(p, it.b, h, it.w, c, o);
     }
   }
@@ -319,7 +332,8 @@ void dwconv_cuda(const DwconvParams& p) {
     constexpr int kV = kDwVec<scalar_t>;
     const bool vec = p.C % kV == 0 && rows_aligned<scalar_t>(p.x, kV) && rows_aligned<scalar_t>(p.out, kV) &&
                      (p.epilogue != DwEpilogue::SiluGrad || rows_aligned<scalar_t>(p.grad, kV)) &&
-                     (!p.mask.ptr || rows_aligned<scalar_t>(p.mask, kV));
+                     (!p.mask.ptr || rows_aligned<scalar_t>(p.mask, kV)) &&
+                     (!p.addend.ptr || rows_aligned<scalar_t>(p.addend, kV));
     const unsigned grid = grid_x(dw_items(p.B, p.OH, p.OW, vec ? p.C / kV : p.C), kDwThreads);
     SOLA_DW_STRIDE_SWITCH(p.stride, kS, [&] {
       SOLA_DW_EPILOGUE_SWITCH(p.epilogue, kEpi, [&] {

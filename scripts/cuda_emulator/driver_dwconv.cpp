@@ -6,6 +6,7 @@
 // and lanes that walk more than one task. Relu input (input_activation "relu"): the convolution, its
 // epilogues and the weight gradient reading relu(x), and the input gradient's kernels masking by x (the
 // transposed one at stride 2; at stride 1 the reversed convolution of g, as the op layer runs it).
+// An addend added to the convolution's output (in the case's layout, or misaligned beside an aligned x).
 // Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
 #include <cstdio>
 #include <string>
@@ -22,6 +23,7 @@ struct Case {
   at::ScalarType dt = at::kBFloat16;
   bool bias = true, strided = false, misaligned = false, poison = false, residual = false, reversed = false;
   bool relu_in = false;  // relu_input for the convolution and the weight gradient; dx masked by x
+  int addend = 0;         // 0: none, 1: an addend in the case's layout, 2: misaligned (x as the case says)
   DwEpilogue epilogue = DwEpilogue::Plain;
 };
 
@@ -35,9 +37,9 @@ static at::Tensor tokens(const Case& c, int64_t H, int64_t W) {
 
 static void dwconv_case(const Case& c) {
   char name[200];
-  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld /%d %s b%d s%d m%d p%d r%d f%d e%d i%d", (long)c.B,
+  std::snprintf(name, sizeof name, "dwconv B%ld H%ld W%ld C%ld /%d %s b%d s%d m%d p%d r%d f%d e%d i%d a%d", (long)c.B,
                 (long)c.H, (long)c.W, (long)c.C, c.stride, c10::toString(c.dt), c.bias, c.strided, c.misaligned,
-                c.poison, c.residual, c.reversed, (int)c.epilogue, c.relu_in);
+                c.poison, c.residual, c.reversed, (int)c.epilogue, c.relu_in, c.addend);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t OH = ceil_div(c.H, c.stride), OW = ceil_div(c.W, c.stride);
   at::Tensor x = tokens(c, c.H, c.W), g = tokens(c, OH, OW);
@@ -53,6 +55,10 @@ static void dwconv_case(const Case& c) {
   p.residual = c.residual, p.reversed = c.reversed, p.epilogue = c.epilogue;
   p.relu_input = c.relu_in;
   p.dtype = dt, p.device_index = -1;
+  Case ac = c;
+  ac.misaligned = c.misaligned || c.addend == 2;
+  const at::Tensor addend = tokens(ac, OH, OW);
+  if (c.addend) p.addend = make_view(addend);
   // The input gradient's g: with relu_in and misaligned, an aligned copy, so that the mask (x) alone is
   // misaligned (its own check picks the one-channel kernels; UBSAN=1 faults a vector access to it).
   const at::Tensor gdx = c.relu_in && c.misaligned ? g.contiguous() : g;
@@ -67,7 +73,7 @@ static void dwconv_case(const Case& c) {
     if (r < 2 && c.stride == 2) {  // the transposed convolution of g, into x's shape (masked by x: relu_in)
       dx[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
       DwconvParams q = p;
-      q.grad = make_view(gdx), q.out = make_view(dx[r]);
+      q.grad = make_view(gdx), q.out = make_view(dx[r]), q.addend = View4{};
       if (c.relu_in) q.mask = q.x;
       if (r == 1) dwconv_transposed_cpu(q);
       else dwconv_transposed_cuda(q);
@@ -75,7 +81,7 @@ static void dwconv_case(const Case& c) {
       dx[r] = nan_out({c.B, c.H, c.W, c.C}, dt);
       DwconvParams q = p;
       q.x = make_view(gdx), q.mask = p.x, q.out = make_view(dx[r]);
-      q.reversed = true, q.relu_input = false, q.epilogue = DwEpilogue::Plain, q.bias = nullptr;
+      q.reversed = true, q.relu_input = false, q.epilogue = DwEpilogue::Plain, q.bias = nullptr, q.addend = View4{};
       if (r == 1) dwconv_cpu(q);
       else dwconv_cuda(q);
     }
@@ -188,12 +194,34 @@ int main(int argc, char** argv) {
       }
     }
   }
+  for (auto dt : dts) {  // an addend: each epilogue it takes, both strides, layouts, the one-channel kernels
+    for (int stride : {1, 2}) {
+      for (auto epi : {DwEpilogue::Plain, DwEpilogue::Silu}) {
+        for (int64_t C : {16, 7}) {
+          Case c;
+          c.dt = dt, c.addend = 1, c.epilogue = epi, c.C = C, c.H = 21, c.W = 9, c.stride = stride;
+          c.residual = stride == 1 && epi == DwEpilogue::Plain && C == 16;
+          c.relu_in = stride == 2 && C == 7;
+          dwconv_case(c);
+        }
+      }
+      for (int layout = 0; layout < 4; ++layout) {
+        Case c;
+        c.dt = dt, c.addend = layout == 3 ? 2 : 1, c.stride = stride, c.H = 37;
+        c.strided = layout == 0, c.misaligned = layout == 1, c.poison = layout == 2;
+        c.C = layout == 1 || layout == 3 ? 24 : 16;
+        dwconv_case(c);
+      }
+    }
+  }
   Case walk;  // 33 column blocks leave 16 partials for 160 tasks of 8 lanes: lanes walk two tasks
   walk.B = 2, walk.H = 8, walk.W = 80, walk.C = 1030;
   if (!quick) dwconv_case(walk);
   walk.H = 16, walk.W = 160, walk.stride = 2;  // the same tasks at stride 2
   if (!quick) dwconv_case(walk);
   walk.relu_in = true;  // and with relu input
+  if (!quick) dwconv_case(walk);
+  walk.relu_in = false, walk.addend = 1;  // and an addend
   if (!quick) dwconv_case(walk);
   std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
   return failures ? 1 : 0;
