@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "elementwise_checks.h"
+#include "row_views.h"
 #include "silu_mul/silu_mul.h"
 
 namespace sola {
@@ -12,30 +13,6 @@ namespace {
 void check_x(const at::Tensor& x) {
   check_float_input(x);
   SOLA_CHECK(x.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
-}
-
-// The row stride of t as (rows, C) rows: the last dim contiguous and every leading dim of size > 1 at
-// the stride of one row times the rows inside it (so a channel slice y[..., :C] of a (..., 2C) tensor
-// qualifies, at row stride 2C); -1 when t is no such view.
-int64_t row_stride(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  if (t.size(d - 1) > 1 && t.stride(d - 1) != 1) return -1;
-  int64_t stride = -1, inner_rows = 1;
-  for (int64_t i = d - 2; i >= 0; --i) {
-    if (t.size(i) == 1) continue;
-    if (stride < 0) stride = t.stride(i);  // the innermost leading dim that counts
-    if (t.stride(i) != stride * inner_rows) return -1;
-    inner_rows *= t.size(i);
-  }
-  return stride < 0 ? t.size(d - 1) : stride;  // one row: any stride will do
-}
-
-// t as the kernels read it: itself when it is a rows view, else a contiguous copy; stride: its row stride.
-at::Tensor as_rows(const at::Tensor& t, int64_t& stride) {
-  stride = row_stride(t);
-  if (stride >= 0) return t;
-  stride = t.size(-1);
-  return t.contiguous();
 }
 
 SiluMulParams make_params(at::Tensor& x, at::Tensor& gate) {

@@ -5,6 +5,7 @@
 // kV, takes the same kernels with kV = 1 (element loads). Indices are 64-bit; the grid is capped
 // (grid_x), so any rows x C fits.
 #include "cuda_utils.cuh"
+#include "row_views.cuh"
 #include "silu_mul/silu_mul.h"
 #include "vec_acc.cuh"
 
@@ -13,21 +14,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Item i of the grid-stride loop: element offsets of its vector in an input of row stride `stride`
-// (at) and in a contiguous output (out).
-struct Item {
-  int64_t r, c;
-  __device__ Item(int64_t i, int64_t nv, int kV) : r(i / nv), c((i - r * nv) * kV) {}
-  __device__ int64_t at(int64_t stride) const { return r * stride + c; }
-  __device__ int64_t out(int64_t C) const { return r * C + c; }
-};
-
 template <typename scalar_t, int kV>
 __global__ void __launch_bounds__(kThreads) silu_mul_fwd_kernel(const SiluMulParams p) {
   using acc = acc_t<scalar_t>;
   const int64_t nv = p.C / kV, items = p.rows * nv;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items; i += int64_t(gridDim.x) * kThreads) {
-    const Item it(i, nv, kV);
+    const RowItem it(i, nv, kV);
     acc x[kV], g[kV];
     load_acc<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
     load_acc<kV>(static_cast<const scalar_t*>(p.gate) + it.at(p.gate_stride), g);
@@ -42,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_bwd_kernel(const SiluMulPar
   using acc = acc_t<scalar_t>;
   const int64_t nv = p.C / kV, items = p.rows * nv;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items; i += int64_t(gridDim.x) * kThreads) {
-    const Item it(i, nv, kV);
+    const RowItem it(i, nv, kV);
     acc grad[kV], x[kV], g[kV];
     load_acc<kV>(static_cast<const scalar_t*>(p.grad) + it.at(p.grad_stride), grad);
     load_acc<kV>(static_cast<const scalar_t*>(p.x) + it.at(p.x_stride), x);
@@ -58,24 +50,10 @@ __global__ void __launch_bounds__(kThreads) silu_mul_bwd_kernel(const SiluMulPar
 // starting on a 16-byte boundary (pointer and row stride).
 template <typename scalar_t>
 bool vector_ok(const SiluMulParams& p) {
-  constexpr int kV = kVec16<scalar_t>;
-  const auto aligned = [](const void* ptr, int64_t stride) {
-    return !ptr || (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % kV == 0);
-  };
-  return p.C % kV == 0 && aligned(p.x, p.x_stride) && aligned(p.gate, p.gate_stride) &&
-         aligned(p.grad, p.grad_stride) && aligned(p.out, p.C) && aligned(p.dgate, p.C);
+  return p.C % kVec16<scalar_t> == 0 && rows_aligned16<scalar_t>(p.x, p.x_stride) &&
+         rows_aligned16<scalar_t>(p.gate, p.gate_stride) && rows_aligned16<scalar_t>(p.grad, p.grad_stride) &&
+         rows_aligned16<scalar_t>(p.out, p.C) && rows_aligned16<scalar_t>(p.dgate, p.C);
 }
-
-// Runs body with `constexpr int kVec`: the 16-byte vector width when vector_ok, else 1.
-#define SOLA_SILU_MUL_VEC_SWITCH(p, scalar_t, kVec, ...) \
-  [&] {                                                  \
-    if (vector_ok<scalar_t>(p)) {                        \
-      constexpr int kVec = kVec16<scalar_t>;             \
-      return __VA_ARGS__();                              \
-    }                                                    \
-    constexpr int kVec = 1;                              \
-    return __VA_ARGS__();                                \
-  }()
 
 }  // namespace
 
@@ -83,7 +61,7 @@ void silu_mul_fwd_cuda(const SiluMulParams& p) {
   c10::cuda::CUDAGuard guard(p.device_index);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   SOLA_DISPATCH_FLOATING(p.dtype, "silu_mul_fwd_cuda", [&] {
-    SOLA_SILU_MUL_VEC_SWITCH(p, scalar_t, kVec, [&] {
+    SOLA_VEC16_SWITCH(vector_ok<scalar_t>(p), scalar_t, kVec, [&] {
       silu_mul_fwd_kernel<scalar_t, kVec><<<grid_x(p.rows * (p.C / kVec), kThreads), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -94,7 +72,7 @@ void silu_mul_bwd_cuda(const SiluMulParams& p) {
   c10::cuda::CUDAGuard guard(p.device_index);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   SOLA_DISPATCH_FLOATING(p.dtype, "silu_mul_bwd_cuda", [&] {
-    SOLA_SILU_MUL_VEC_SWITCH(p, scalar_t, kVec, [&] {
+    SOLA_VEC16_SWITCH(vector_ok<scalar_t>(p), scalar_t, kVec, [&] {
       silu_mul_bwd_kernel<scalar_t, kVec><<<grid_x(p.rows * (p.C / kVec), kThreads), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
