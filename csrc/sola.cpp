@@ -51,6 +51,13 @@ TORCH_LIBRARY(sola_ops, m) {
   m.def("silu_mul_fwd(Tensor x, Tensor gate) -> Tensor");
   // Returns (dx, dgate) = (grad_out * silu(gate), grad_out * x * silu'(gate)), contiguous.
   m.def("silu_mul_bwd(Tensor grad_out, Tensor x, Tensor gate) -> (Tensor, Tensor)");
+  // gelu(x + bias), fused (csrc/bias_gelu): x (..., C), bias (C) of any float dtype or None, approximate
+  // "none" (erf) or "tanh"; the output contiguous, in x's dtype.
+  m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate=\"none\") -> Tensor");
+  // Returns (dx, dbias): dx = grad_out * gelu'(x + bias) in x's dtype, contiguous; dbias (C) = its column
+  // sums over all rows (fp32, fp64 for fp64 x; a fixed order) when with_bias (needs bias), else empty.
+  m.def("bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate=\"none\", bool with_bias=True) "
+        "-> (Tensor, Tensor)");
 }
 
 namespace sola {

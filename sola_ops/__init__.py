@@ -7,6 +7,7 @@
     y = sola_ops.depthwise_conv3x3(x, weight, bias)      # channels-last tokens, x: (B, H, W, C)
     y = sola_ops.layer_norm(x, weight, bias)              # over the last dim, output in x's dtype
     y = sola_ops.silu_mul(x, gate)                        # x * silu(gate), fused, forward and backward
+    y = sola_ops.bias_gelu(x, bias)                       # gelu(x + bias), fused, with the bias gradient
 """
 
 import contextlib
@@ -17,12 +18,13 @@ import torch
 from . import reference
 from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names feature_map takes)
 from ._dwconv import check_activation, check_addend, check_dwconv_args, check_input_activation, check_stride
+from ._bias_gelu import check_approximate, check_bias_gelu_args
 from ._layer_norm import check_layer_norm_args
 from ._silu_mul import check_silu_mul_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "layer_norm", "silu_mul",
-           "reference", "build_info", "debug_nan_fill"]
+           "bias_gelu", "reference", "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
 
 
@@ -198,6 +200,31 @@ def silu_mul(x, gate):
     x, gate = _autocast(x, gate)
     check_silu_mul_args(x, gate)
     return ops.silu_mul_fwd(x, gate)
+
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """F.gelu(x + bias, approximate=approximate) in one pass each way: SoLA-Vision's MLP calls
+    bias_gelu(F.linear(y, fc1.weight), fc1.bias), so fc1's bias add costs no pass of its own, and the
+    backward writes dx = grad * gelu'(x + bias) and sums it over all rows into the bias gradient in the same
+    pass (no separate reduction re-reading the 4C-wide gradient). Computed in fp32 (fp64 for fp64 x) with
+    torch's gelu and gelu_backward formulas ("none": erf, "tanh": torch's tanh approximation) and rounded
+    once; NaN / inf give what torch's gelu gives on x + bias (gelu(-inf) is NaN, gelu'(+-inf) NaN).
+
+    x: any rank >= 1, (..., C), float16, bfloat16, float32 or float64, on CPU or CUDA; read in place when its
+    last dim is contiguous and its leading dims collapse to one row stride (a channel slice), else copied.
+    bias: (C,) of any float dtype, used in fp32 (fp64 for fp64 x), or None (plain GELU). Returns a contiguous
+    tensor of x's shape and dtype. Under torch.autocast x is cast to the autocast dtype first, as for SDPA
+    (float64 stays); the bias is read as it is, in fp32, as layer_norm's weight. The bias gradient is the
+    column sum of the fp32 (fp64) dx values before their rounding, summed in a fixed order (bitwise
+    reproducible), and comes back in the bias's own dtype. Differentiable once (no double backward).
+    """
+    _check_tensors(x=x)
+    _check_tensors(optional=True, bias=bias)
+    check_approximate(approximate)
+    (x,) = _autocast(x)
+    check_bias_gelu_args(x, bias, approximate)
+    return ops.bias_gelu_fwd(x, bias, approximate)
 
 
 def _check_tensors(optional=False, **tensors):

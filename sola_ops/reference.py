@@ -107,3 +107,10 @@ def silu_mul(x, gate):
     """x * F.silu(gate) in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
     acc = _acc_dtype(x.dtype)
     return (x.to(acc) * torch.nn.functional.silu(gate.to(acc))).to(x.dtype)
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """F.gelu(x + bias, approximate) in fp32 (fp64 for fp64 x), returned in x's dtype (bias None: F.gelu(x))."""
+    acc = _acc_dtype(x.dtype)
+    v = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
+    return torch.nn.functional.gelu(v, approximate=approximate).to(x.dtype)
