@@ -183,6 +183,17 @@ def test_matches_torch_fp32_closely(approximate):
         torch.testing.assert_close(a, w, rtol=2e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", APPROX)
+def test_dense_sweep(device, approximate):
+    """fp32 x + bias swept densely over [-12, 12]: every range of the CPU's erf (|v| / sqrt 2 below 1, to 4,
+    beyond) and tanh (inner below 0.625, beyond, saturated), each element within one rounding, both ways."""
+    x = torch.linspace(-12, 12, 240001, dtype=torch.float64)[:-1].float().view(-1, 16).to(device)
+    b = torch.linspace(-0.01, 0.01, 16, device=device)
+    check_bias_gelu(x, b, approximate, lowp=False)
+    check_bias_gelu(x, None, approximate, lowp=False)
+
+
 def test_reference_is_torch():
     """sola_ops.reference.bias_gelu is F.gelu(x + bias) in fp32, rounded to x's dtype."""
     x, b = make_inputs((5, 16), torch.bfloat16, seed=4)

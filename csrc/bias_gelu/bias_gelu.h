@@ -16,6 +16,7 @@
 #pragma once
 
 #include "common.h"
+#include "cpu_erf_tanh.h"
 
 namespace sola {
 
@@ -55,32 +56,59 @@ constexpr double kGeluSqrt2 = 1.41421356237309504880;
 constexpr double kGelu2SqrtPi = 1.12837916709551257390;
 constexpr double kGeluSqrt1_2 = 0.70710678118654752440;
 
-// gelu(v), in acc. kTanh: approximate="tanh". erf and tanh are the device's on CUDA, the host's libm
-// on the CPU (and in the emulator, so both sides agree bitwise there).
+// The per-element helpers below: inlined into the CPU kernels' per-ISA clones too (SOLA_HD alone is a
+// plain inline there, which GCC declined for the tanh forms, and the loops stayed scalar).
+#if defined(__CUDACC__)
+#define SOLA_GELU_HD SOLA_HD
+#else
+#define SOLA_GELU_HD SOLA_CPU_INLINE
+#endif
+
+// erf and tanh in the kernels: the device's on CUDA; on the host cpu_erf / cpu_tanh (cpu_erf_tanh.h),
+// which vectorise for fp32 (the emulated CUDA kernels take them too, so both sides agree bitwise there).
+template <typename T>
+SOLA_GELU_HD T kernel_erf(T x) {
+#ifdef __CUDA_ARCH__
+  return std::erf(x);
+#else
+  return cpu_erf(x);
+#endif
+}
+
+template <typename T>
+SOLA_GELU_HD T kernel_tanh(T x) {
+#ifdef __CUDA_ARCH__
+  return std::tanh(x);
+#else
+  return cpu_tanh(x);
+#endif
+}
+
+// gelu(v), in acc. kTanh: approximate="tanh".
 template <bool kTanh, typename acc>
-SOLA_HD acc gelu_value(acc v) {
+SOLA_GELU_HD acc gelu_value(acc v) {
   if constexpr (kTanh) {
     constexpr acc kBeta = static_cast<acc>(kGeluSqrt2 * kGelu2SqrtPi * 0.5);
     constexpr acc kKappa = static_cast<acc>(0.044715);
     const acc v_cube = v * v * v;
     const acc inner = kBeta * (v + kKappa * v_cube);
-    return acc(0.5) * v * (acc(1) + std::tanh(inner));
+    return acc(0.5) * v * (acc(1) + kernel_tanh(inner));
   } else {
     constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
-    return v * acc(0.5) * (acc(1) + std::erf(v * kAlpha));
+    return v * acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
   }
 }
 
 // grad * gelu'(v), in acc.
 template <bool kTanh, typename acc>
-SOLA_HD acc gelu_grad(acc grad, acc v) {
+SOLA_GELU_HD acc gelu_grad(acc grad, acc v) {
   if constexpr (kTanh) {
     constexpr acc kBeta = static_cast<acc>(kGeluSqrt2 * kGelu2SqrtPi * 0.5);
     constexpr acc kKappa = static_cast<acc>(0.044715);
     const acc v_sq = v * v;
     const acc v_cube = v_sq * v;
     const acc inner = kBeta * (v + kKappa * v_cube);
-    const acc tanh_inner = std::tanh(inner);
+    const acc tanh_inner = kernel_tanh(inner);
     const acc left = acc(0.5) * v;
     const acc right = acc(1) + tanh_inner;
     const acc left_derivative = acc(0.5) * right;
@@ -91,7 +119,7 @@ SOLA_HD acc gelu_grad(acc grad, acc v) {
   } else {
     constexpr acc kBeta = static_cast<acc>(kGelu2SqrtPi * kGeluSqrt1_2 * 0.5);
     constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
-    const acc cdf = acc(0.5) * (acc(1) + std::erf(v * kAlpha));
+    const acc cdf = acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
     const acc pdf = kernel_exp(acc(-0.5) * v * v) * kBeta;
     return grad * (cdf + v * pdf);
   }

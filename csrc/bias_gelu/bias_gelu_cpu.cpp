@@ -2,7 +2,8 @@
 // over chunks of elements cut into row pieces (narrow rows cost no per-row task). The backward with
 // dbias sums each column's dx values per fixed chunk of rows (a partial per chunk and column block), then
 // over the chunks in order: the order is set by the shape alone, so dbias is bitwise the same for any
-// thread count. erf and tanh are libm's (scalar calls: these loops do not vectorise).
+// thread count. The loops vectorise for fp32 math (cpu_erf_tanh.h's erf and tanh, cpu_exp); fp64 calls
+// libm's erf and tanh.
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -32,17 +33,24 @@ SOLA_CPU_CLONES void forward_span(const scalar_t* __restrict__ x, const acc_t<sc
   }
 }
 
-// dx of n elements; part (when not null): += each dx value in acc, before its rounding.
-template <bool kTanh, typename scalar_t>
+// dx of n elements; with kSum, part += each dx value in acc, before its rounding. bias: null for none.
+template <bool kTanh, bool kSum, typename scalar_t>
 SOLA_CPU_CLONES void backward_span(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                    const acc_t<scalar_t>* __restrict__ bias, scalar_t* __restrict__ dx,
                                    acc_t<scalar_t>* __restrict__ part, int64_t n) {
   using acc = acc_t<scalar_t>;
-  for (int64_t c = 0; c < n; ++c) {
-    const acc v = bias ? static_cast<acc>(x[c]) + bias[c] : static_cast<acc>(x[c]);
-    const acc d = gelu_grad<kTanh>(static_cast<acc>(grad[c]), v);
-    dx[c] = static_cast<scalar_t>(d);
-    if (part) part[c] += d;
+  if (bias) {
+    for (int64_t c = 0; c < n; ++c) {
+      const acc d = gelu_grad<kTanh>(static_cast<acc>(grad[c]), static_cast<acc>(x[c]) + bias[c]);
+      dx[c] = static_cast<scalar_t>(d);
+      if constexpr (kSum) part[c] += d;
+    }
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const acc d = gelu_grad<kTanh>(static_cast<acc>(grad[c]), static_cast<acc>(x[c]));
+      dx[c] = static_cast<scalar_t>(d);
+      if constexpr (kSum) part[c] += d;
+    }
   }
 }
 
@@ -83,12 +91,11 @@ void bias_gelu_bwd_cpu(const BiasGeluParams& p) {
     auto* dx = static_cast<scalar_t*>(p.out);
     const int64_t C = p.C;
     SOLA_GELU_SWITCH(p.tanh, kTanh, [&] {
-      const auto span = [&](int64_t r, int64_t c0, int64_t c1, acc* part) {
-        backward_span<kTanh>(grad + r * p.grad_stride + c0, x + r * p.x_stride + c0, bias ? bias + c0 : nullptr,
-                             dx + r * C + c0, part, c1 - c0);
-      };
       if (!p.dbias) {
-        for_row_pieces(p.rows, C, [&](int64_t r, int64_t c0, int64_t c1) { span(r, c0, c1, nullptr); });
+        for_row_pieces(p.rows, C, [&](int64_t r, int64_t c0, int64_t c1) {
+          backward_span<kTanh, false>(grad + r * p.grad_stride + c0, x + r * p.x_stride + c0,
+                                      bias ? bias + c0 : nullptr, dx + r * C + c0, nullptr, c1 - c0);
+        });
         return;
       }
       // Partial k, columns of block b: the sum over rows k * step .. (k + 1) * step, row by row.
@@ -99,7 +106,9 @@ void bias_gelu_bwd_cpu(const BiasGeluParams& p) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t k = t / blocks, c0 = t % blocks * kSumColumns, c1 = std::min(C, c0 + kSumColumns);
           for (int64_t r = k * step; r < std::min(p.rows, (k + 1) * step); ++r)
-            span(r, c0, c1, partials.data() + k * C + c0);
+            backward_span<kTanh, true>(grad + r * p.grad_stride + c0, x + r * p.x_stride + c0,
+                                       bias ? bias + c0 : nullptr, dx + r * C + c0, partials.data() + k * C + c0,
+                                       c1 - c0);
         }
       });
       auto* dbias = static_cast<acc*>(p.dbias);
