@@ -324,18 +324,18 @@ def test_gpu_check_script_parses():
 
 def test_dwconv_bench(tmp_path):
     """bench/dwconv.py on CPU: both impls, both passes per shape and form (the three conv forms, the
-    LayerNorm and silu_mul), the same results, derived columns."""
+    LayerNorm, silu_mul and bias_gelu), the same results, derived columns."""
     out = tmp_path / "dw.json"
     data = dwconv.main(["--device", "cpu", "--tiny", "--reps", "2", "--out", str(out)])
     rows = data["rows"]
     assert not data["skipped"], data["skipped"]
-    assert len(rows) == len(dwconv.TINY_SHAPES) * (len(dwconv.FORMS) + 2) * 2 * 2
+    assert len(rows) == len(dwconv.TINY_SHAPES) * (len(dwconv.FORMS) + 3) * 2 * 2
     assert {r["case"] for r in rows} == {"dwconv_residual", "dwconv_silu", "dwconv_downsample", "layer_norm",
-                                         "silu_mul"}
+                                         "silu_mul", "bias_gelu"}
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("sola_ops", "torch") for p in ("fwd", "fwd_bwd")}
     for r in rows:
         B, H, W, C = next(s for s in dwconv.TINY_SHAPES if s[0] == r["B"] and s[1] * s[2] == r["Nq"])
-        assert r["op"] == (r["case"] if r["case"] in ("layer_norm", "silu_mul") else "depthwise_conv3x3")
+        assert r["op"] == (r["case"] if r["case"] in ("layer_norm", "silu_mul", "bias_gelu") else "depthwise_conv3x3")
         assert r["D"] == C and r["img_hw"] == [H, W]
         assert r["max_abs_diff_vs_torch"] < 1e-4  # fp32: ours and torch's agree
         # elements moved, in x's size: stride 1 reads x, writes out (+ reads g, x, writes dx);
