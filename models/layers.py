@@ -3,10 +3,11 @@
 Tokens travel through the blocks as (B, H, W, C) ("NHWC"). The blocks' depthwise 3x3 convs (and the
 downsample's stride-2 one) run as `sola_ops.depthwise_conv3x3` on them with attn_impl="sola" (the CPE's
 residual, the activations and the LePE's sum with the attention output in the same pass), as nn.Conv2d
-on channels-last NCHW views (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The blocks' LayerNorms run as
-`sola_ops.layer_norm` with "sola" (in the tokens' dtype under autocast), as nn.LayerNorm with "torch".
-"sola" also runs the gate as `sola_ops.silu_mul`, in_proj and act_proj as one GEMM, and keeps the
-attention's q, k, v, outputs and gradients in the projections' layouts (no copies); same weights.
+on channels-last NCHW views (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The
+blocks' LayerNorms run as `sola_ops.layer_norm` with "sola" (in the tokens' dtype under autocast), as
+nn.LayerNorm with "torch". "sola" also runs the gate as `sola_ops.silu_mul`, the MLP's fc1 bias and GELU
+as `sola_ops.bias_gelu`, in_proj and act_proj as one GEMM, and keeps the attention's q, k, v, outputs and
+gradients in the projections' layouts (no copies); same weights.
 """
 from collections import OrderedDict
 from typing import Tuple
@@ -261,6 +262,18 @@ class SoLABlock(nn.Module):
             return sola_ops.silu_mul(y, gate)
         return y * self.act(gate)
 
+    def mlp_forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+        """self.mlp(x). For "sola" with timm's Mlp as built here (fc1 with a bias, GELU): fc1's GEMM without
+        its bias, then the bias add and GELU as one sola_ops.bias_gelu, whose backward sums the bias gradient
+        as it writes dx (no separate reduction over the 4C-wide gradient); same weights."""
+        m = self.mlp
+        fc1 = m.fc1
+        if (impl != "sola" or type(m) is not Mlp or type(m.act) is not nn.GELU or type(fc1) is not nn.Linear
+                or fc1.bias is None):
+            return m(x)
+        h = sola_ops.bias_gelu(F.linear(x, fc1.weight), fc1.bias, approximate=m.act.approximate)
+        return m.drop2(m.fc2(m.norm(m.drop1(h))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
         x = depthwise_conv(self.cpe1, x, impl, residual=True)
@@ -270,7 +283,7 @@ class SoLABlock(nn.Module):
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(self.gated(y, gate, impl)))
         x = depthwise_conv(self.cpe2, x, impl, residual=True)
-        x = x + self.drop_path(self.mlp(layer_norm(self.norm2, x, impl)))
+        x = x + self.drop_path(self.mlp_forward(layer_norm(self.norm2, x, impl), impl))
         return x
 
 

@@ -310,7 +310,8 @@ def _aten_ops(fn):
 def test_sola_block_moves_no_layout_copies(mixer):
     """A "sola" block's training step copies no tensor to change its layout: the attention outputs come
     in the (B, N, H, D) layout their reshape wants, the gradients of q, k (stacked by unbind) and v in the
-    projections' layouts, in_proj / act_proj run as one GEMM and the SiLU gate as sola_ops.silu_mul.
+    projections' layouts, in_proj / act_proj run as one GEMM, the SiLU gate as sola_ops.silu_mul and the
+    MLP's bias + GELU as sola_ops.bias_gelu.
     "torch" (MLLA's code) copies the
     attention output and its q, k, v gradients. Nor does autograd zero-fill the gradients of the ops'
     unused outputs (LayerNorm's statistics, the attention state, an unused lse)."""
@@ -321,7 +322,8 @@ def test_sola_block_moves_no_layout_copies(mixer):
         x = torch.randn(2, 6, 5, 64, requires_grad=True)
         ops = _aten_ops(lambda: block(x).square().sum().backward())
         counts[impl] = {name: ops.count(name) for name in ("aten::clone", "aten::zeros", "aten::mm", "aten::addmm",
-                                                           "aten::silu", "sola_ops::silu_mul_fwd")}
+                                                           "aten::silu", "sola_ops::silu_mul_fwd", "aten::gelu",
+                                                           "aten::sum", "sola_ops::bias_gelu_fwd")}
     assert counts["torch"]["aten::clone"] >= 2, counts
     assert counts["sola"]["aten::clone"] == 0 and counts["sola"]["aten::zeros"] == 0, counts
     # the gate y * SiLU(gate) as one kernel
@@ -329,6 +331,9 @@ def test_sola_block_moves_no_layout_copies(mixer):
     # one GEMM fewer forward (in_proj + act_proj) and one fewer for y's gradient backward
     assert counts["sola"]["aten::addmm"] + counts["sola"]["aten::mm"] < \
         counts["torch"]["aten::addmm"] + counts["torch"]["aten::mm"], counts
+    # the MLP's fc1 bias + GELU as one kernel, whose backward sums the bias gradient (one aten::sum fewer)
+    assert counts["sola"]["aten::gelu"] == 0 and counts["sola"]["sola_ops::bias_gelu_fwd"] == 1, counts
+    assert counts["sola"]["aten::sum"] < counts["torch"]["aten::sum"], counts
     # forward, the two residual adds only: the CPEs' and LePE's sums are written by the dwconv kernels
     with torch.no_grad():
         assert _aten_ops(lambda: block(x)).count("aten::add") == 2
