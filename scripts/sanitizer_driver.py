@@ -212,6 +212,19 @@ def main():
             check(f"silu_mul {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} gate=y[..., {start}:]",
                   sm, partial(sm, fn=reference.silu_mul), [randn(B, H, W, Ch), randn(B, H, W, 2 * Ch) * 3], dtype,
                   failures)
+    # bias_gelu: the MLP's hidden tokens (C = 256: the 16-byte vector kernels, 9 slabs of 64 rows for the
+    # bias gradient), an odd width (C = 7: the element kernels, one slab), and rows one element off alignment
+    # (x = y[..., 1:C + 1]: element kernels on a multiple-of-8 width, read in place), the tanh approximation
+    # on the last two.
+    for dtype in dtypes:
+        for B, H, W, Ch, start, approx in ((2, 16, 18, 256, None, "none"), (1, 5, 3, 7, None, "tanh"),
+                                           (3, 11, 13, 24, 1, "tanh")):
+            def bg(x, b, start=start, Ch=Ch, approx=approx, fn=sola_ops.bias_gelu):
+                return fn(x if start is None else x[..., start:start + Ch], b, approx)
+            check(f"bias_gelu {str(dtype).replace('torch.', '')} B={B} H={H} W={W} C={Ch} {approx}"
+                  f"{'' if start is None else f' x=y[..., {start}:]'}",
+                  bg, partial(bg, fn=reference.bias_gelu), [randn(B, H, W, Ch + (start or 0)) * 2, randn(Ch)], dtype,
+                  failures)
     # The Hopper wgmma forward (opt-in; where the build or the GPU has none this repeats the above).
     os.environ["SOLA_FLASH_WGMMA"] = "1"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):

@@ -2,7 +2,7 @@
 # Builds the CPU emulation of the CUDA kernels and their drivers (README.md).
 #   bash scripts/cuda_emulator/build.sh && build/cuda_emulator/driver all && build/cuda_emulator/driver_linear all
 # SRC=<csrc dir> emulates another tree (default: this checkout's csrc); OPS="linear" (or softmax, rope, dwconv,
-# layer_norm, silu_mul)
+# layer_norm, silu_mul, bias_gelu)
 # builds one driver;
 # TSAN=1 builds with ThreadSanitizer into build/cuda_emulator_tsan (shared-memory races: README.md);
 # UBSAN=1 with UndefinedBehaviorSanitizer into build/cuda_emulator_ubsan (misaligned vector accesses).
@@ -35,10 +35,10 @@ compile() {
   g++ $FLAGS $extra -c "$f" -o "$OUT/obj/$2/$(basename "$f").o"
 }
 objs=()
-for op in ${OPS:-softmax linear rope dwconv layer_norm silu_mul}; do
+for op in ${OPS:-softmax linear rope dwconv layer_norm silu_mul bias_gelu}; do
   mkdir -p "$OUT/obj/$op"
   dir=$OUT/csrc/${op}_attention
-  [ -d "$dir" ] || dir=$OUT/csrc/$op  # csrc/rope, csrc/dwconv, csrc/layer_norm, csrc/silu_mul
+  [ -d "$dir" ] || dir=$OUT/csrc/$op  # csrc/rope, csrc/dwconv, csrc/layer_norm, csrc/silu_mul, csrc/bias_gelu
   extra_cpu=""
   [ "$op" = linear ] && extra_cpu=$OUT/csrc/rope/rope_cpu.cpp  # the CPU side of the fused-RoPE cases
   for f in "$dir"/*.cu "$dir"/*_cpu.cpp $extra_cpu "$OUT"/csrc/common.cpp "$OUT"/csrc/cpu_gemm.cpp \
@@ -52,7 +52,7 @@ done
 wait
 for o in "${objs[@]}"; do [ -f "$o" ] || { echo "compile failed: $o" >&2; exit 1; }; done
 LIBS="-L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10 -ltorch -lpthread"
-for op in ${OPS:-softmax linear rope dwconv layer_norm silu_mul}; do
+for op in ${OPS:-softmax linear rope dwconv layer_norm silu_mul bias_gelu}; do
   exe=$OUT/driver_$op
   [ "$op" = softmax ] && exe=$OUT/driver  # the name the softmax notes use
   g++ $SAN "$OUT"/obj/$op/*.o -o "$exe" $LIBS
