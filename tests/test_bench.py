@@ -347,6 +347,8 @@ def test_dwconv_bench(tmp_path):
             elems += out_elems * (2 if r["case"] == "dwconv_downsample" else 1) + 2 * x_elems
         if r["case"] == "silu_mul":  # gate in; backward: gate in, dgate out (3 + 5 tensor passes)
             elems = x_elems * (8 if r["pass"] == "fwd_bwd" else 3)
+        if r["case"] == "bias_gelu":  # fc1's 4C-wide output: 2 + 3 elementwise passes
+            elems = 4 * x_elems * (5 if r["pass"] == "fwd_bwd" else 2)
         assert r["GBps"] == pytest.approx(elems * 4 / (r["ms"] * 1e-3) / 1e9, rel=1e-3)
         if r["impl"] == "torch":
             assert r["ratio_to_best_baseline"] == pytest.approx(1.0)
