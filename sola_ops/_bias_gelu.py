@@ -2,7 +2,7 @@
 csrc/bias_gelu (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, run_bwd
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -19,23 +19,11 @@ def check_bias_gelu_args(x, bias, approximate, grad_out=None):
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim, got a 0-dim tensor")
-    C = x.shape[-1]
     if bias is not None:
-        if tuple(bias.shape) != (C,):
-            raise ValueError(f"bias must be (C,) with C = {C} channels of x, got shape {tuple(bias.shape)}")
-        if not bias.dtype.is_floating_point:
-            raise ValueError(f"bias must be a floating-point tensor, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias must be on the device of x ({x.device}), got {bias.device}")
+        check_channel_param("bias", bias, x)
     check_approximate(approximate)
     if grad_out is not None:
-        if grad_out.shape != x.shape:
-            raise ValueError(f"grad_out must have the shape of x {list(x.shape)} (no broadcasting), got "
-                             f"{list(grad_out.shape)}")
-        if grad_out.dtype != x.dtype:
-            raise ValueError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
-        if grad_out.device != x.device:
-            raise ValueError(f"grad_out must be on the device of x ({x.device}), got {grad_out.device}")
+        check_like_x("grad_out", grad_out, x)
 
 
 @torch.library.register_fake("sola_ops::bias_gelu_fwd")

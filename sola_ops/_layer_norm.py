@@ -2,7 +2,7 @@
 csrc/layer_norm (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, ops, run_bwd
 
 
 def check_layer_norm_args(x, weight, bias, eps):
@@ -11,16 +11,9 @@ def check_layer_norm_args(x, weight, bias, eps):
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a last dim of at least 1 (the normalised features), got shape {tuple(x.shape)}")
-    C = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"{name} must be (C,) with C = {C} features of x, got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+        if t is not None:
+            check_channel_param(name, t, x, "features")
     if not (eps == eps and abs(eps) != float("inf") and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
 

@@ -22,6 +22,28 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_like_x(name, t, x):
+    """t (an elementwise op's second input, or grad_out) of x's shape (no broadcasting), dtype and device."""
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {list(x.shape)} (no broadcasting), got {list(t.shape)}")
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def check_channel_param(name, t, x, what="channels"):
+    """t a per-channel parameter of x (..., C): (C,), floating, on x's device (any float dtype: used in
+    fp32, fp64 for fp64 x). `what` names x's last dim in the message."""
+    C = x.shape[-1]
+    if tuple(t.shape) != (C,):
+        raise ValueError(f"{name} must be (C,) with C = {C} {what} of x, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
 def _check_tensor(t, name, q):
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")

@@ -2,7 +2,7 @@
 csrc/silu_mul (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, check_like_x, ops, run_bwd
 
 
 def check_silu_mul_args(x, gate, grad_out=None):
@@ -12,16 +12,9 @@ def check_silu_mul_args(x, gate, grad_out=None):
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim, got a 0-dim tensor")
-    for name, t in (("gate", gate), ("grad_out", grad_out)):
-        if t is None:
-            continue
-        if t.shape != x.shape:
-            raise ValueError(f"{name} must have the shape of x {list(x.shape)} (no broadcasting), got "
-                             f"{list(t.shape)}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    check_like_x("gate", gate, x)
+    if grad_out is not None:
+        check_like_x("grad_out", grad_out, x)
 
 
 @torch.library.register_fake("sola_ops::silu_mul_fwd")
