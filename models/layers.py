@@ -267,11 +267,10 @@ class SoLABlock(nn.Module):
         its bias, then the bias add and GELU as one sola_ops.bias_gelu, whose backward sums the bias gradient
         as it writes dx (no separate reduction over the 4C-wide gradient); same weights."""
         m = self.mlp
-        fc1 = m.fc1
-        if (impl != "sola" or type(m) is not Mlp or type(m.act) is not nn.GELU or type(fc1) is not nn.Linear
-                or fc1.bias is None):
+        if (impl != "sola" or type(m) is not Mlp or type(m.act) is not nn.GELU or type(m.fc1) is not nn.Linear
+                or m.fc1.bias is None):  # a replaced MLP (any module) runs as it is
             return m(x)
-        h = sola_ops.bias_gelu(F.linear(x, fc1.weight), fc1.bias, approximate=m.act.approximate)
+        h = sola_ops.bias_gelu(F.linear(x, m.fc1.weight), m.fc1.bias, approximate=m.act.approximate)
         return m.drop2(m.fc2(m.norm(m.drop1(h))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
