@@ -44,9 +44,10 @@ TORCH_LIBRARY(sola_ops, m) {
   // without its last dim, fp32 (fp64 for fp64 x). weight, bias (C) of any float dtype, or None.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   // Returns (dx, dweight, dbias): dweight (C) when with_weight (needs weight), dbias (C) when with_bias,
-  // both fp32 (fp64 for fp64 x); empty otherwise.
+  // both fp32 (fp64 for fp64 x); empty otherwise. addend (x's shape and dtype): added to dx as it is
+  // written (the gradient of x's other consumer, e.g. a residual stream), the sum rounded once.
   m.def("layer_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool with_weight, "
-        "bool with_bias) -> (Tensor, Tensor, Tensor)");
+        "bool with_bias, Tensor? addend=None) -> (Tensor, Tensor, Tensor)");
   // x * silu(gate), fused (csrc/silu_mul): x and gate of one shape and dtype, the output contiguous.
   m.def("silu_mul_fwd(Tensor x, Tensor gate) -> Tensor");
   // Returns (dx, dgate) = (grad_out * silu(gate), grad_out * x * silu'(gate)), contiguous.

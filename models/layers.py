@@ -212,9 +212,25 @@ def layer_norm(norm: nn.Module, x: torch.Tensor, attn_impl: str) -> torch.Tensor
     under autocast torch runs layer_norm in fp32 (a cast of x in, an fp32 output, then a cast back per
     consumer), about a sixth of the bytes a bf16 training step moves. Other norm layers run as they are
     (subclasses too: timm's LayerNorm2d normalises another dim)."""
-    if attn_impl == "sola" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+    if sola_layer_norm(norm, attn_impl):
         return sola_ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
+
+
+def sola_layer_norm(norm: nn.Module, attn_impl: str) -> bool:
+    """Whether norm runs as sola_ops' LayerNorm: a plain nn.LayerNorm over the last dim, "sola" impl."""
+    return attn_impl == "sola" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+
+
+def cpe_and_norm(cpe: nn.Conv2d, norm: nn.Module, x: torch.Tensor, attn_impl: str):
+    """(x, norm(x)) for x = x + CPE(x), the block's residual stream and its normalised branch input. For
+    "sola" with an nn.LayerNorm one sola_ops.depthwise_conv3x3_layer_norm: the same two kernels forward,
+    and the stream's two gradients (the residual's and the norm's) summed inside the norm's backward."""
+    if sola_layer_norm(norm, attn_impl):
+        return sola_ops.depthwise_conv3x3_layer_norm(x, cpe.weight, cpe.bias, norm.weight, norm.bias,
+                                                     residual=True, eps=norm.eps)
+    x = depthwise_conv(cpe, x, attn_impl, residual=True)
+    return x, layer_norm(norm, x, attn_impl)
 
 
 class SoLABlock(nn.Module):
@@ -275,14 +291,13 @@ class SoLABlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
-        x = depthwise_conv(self.cpe1, x, impl, residual=True)
-        y = layer_norm(self.norm1, x, impl)
+        x, y = cpe_and_norm(self.cpe1, self.norm1, x, impl)
         y, gate = self.in_and_act_proj(y, impl)
         y = depthwise_conv(self.dwc, y, impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(self.gated(y, gate, impl)))
-        x = depthwise_conv(self.cpe2, x, impl, residual=True)
-        x = x + self.drop_path(self.mlp_forward(layer_norm(self.norm2, x, impl), impl))
+        x, y = cpe_and_norm(self.cpe2, self.norm2, x, impl)
+        x = x + self.drop_path(self.mlp_forward(y, impl))
         return x
 
 

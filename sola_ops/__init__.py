@@ -6,6 +6,7 @@
     rot = sola_ops.rope(x, cos, sin)                     # rotary embedding, x: (B, H, N, D)
     y = sola_ops.depthwise_conv3x3(x, weight, bias)      # channels-last tokens, x: (B, H, W, C)
     y = sola_ops.layer_norm(x, weight, bias)              # over the last dim, output in x's dtype
+    y, n = sola_ops.depthwise_conv3x3_layer_norm(x, cw, cb, nw, nb, residual=True)  # a CPE and its norm
     y = sola_ops.silu_mul(x, gate)                        # x * silu(gate), fused, forward and backward
     y = sola_ops.bias_gelu(x, bias)                       # gelu(x + bias), fused, with the bias gradient
 """
@@ -20,11 +21,12 @@ from ._ops import FEATURE_MAPS  # noqa: F401  (sola_ops.FEATURE_MAPS: the names 
 from ._dwconv import check_activation, check_addend, check_dwconv_args, check_input_activation, check_stride
 from ._bias_gelu import check_approximate, check_bias_gelu_args
 from ._layer_norm import check_layer_norm_args
+from ._dwconv_layer_norm import DwconvLayerNorm
 from ._silu_mul import check_silu_mul_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
-__all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "layer_norm", "silu_mul",
-           "bias_gelu", "reference", "build_info", "debug_nan_fill"]
+__all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "layer_norm",
+           "depthwise_conv3x3_layer_norm", "silu_mul", "bias_gelu", "reference", "build_info", "debug_nan_fill"]
 __version__ = "0.1.0"
 
 
@@ -179,6 +181,30 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     eps = _as_float(eps, "eps")
     check_layer_norm_args(x, weight, bias, eps)
     return ops.layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=None, norm_bias=None, *,
+                                 residual=False, eps=1e-5):
+    """(out, normed) with out = depthwise_conv3x3(x, conv_weight, conv_bias, residual=residual) and
+    normed = layer_norm(out, norm_weight, norm_bias, eps): the same kernels as the two calls, and the same
+    results forward, as one autograd node. A pre-norm block keeps out as its residual stream and normalises
+    it (SoLA-Vision's CPE, then the norm of the branch after it); with two ops autograd would sum out's two
+    gradients in a pass of its own (two tensors read, one written). Here the LayerNorm's backward adds out's
+    gradient to the input gradient it writes (in fp32, fp64 for fp64 x, rounded once; the two calls round
+    the norm's part first, so low-precision gradients may differ from theirs in the last bit), and the
+    conv's backward reads that sum.
+
+    x, conv_weight, conv_bias, residual: as depthwise_conv3x3's (stride 1, no activation; autocast casts x
+    as it does there). norm_weight, norm_bias, eps: as layer_norm's weight, bias and eps, over out's C
+    channels. Backward is deterministic (bitwise equal across runs); differentiable once (no double backward).
+    """
+    _check_tensors(x=x, conv_weight=conv_weight)
+    _check_tensors(optional=True, conv_bias=conv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
+    (x,) = _autocast(x)
+    check_dwconv_args(x, conv_weight, conv_bias, prefix="conv_")
+    eps = _as_float(eps, "eps")
+    check_layer_norm_args(x, norm_weight, norm_bias, eps, prefix="norm_")
+    return DwconvLayerNorm.apply(x, conv_weight, conv_bias, norm_weight, norm_bias, bool(residual), eps)
 
 
 def silu_mul(x, gate):

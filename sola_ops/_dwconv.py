@@ -63,19 +63,20 @@ def output_shape(x, stride):
     return (B, (H + stride - 1) // stride, (W + stride - 1) // stride, C)
 
 
-def check_dwconv_args(x, weight, bias):
-    """x (B, H, W, C) float; weight (C, 1, 3, 3) or (C, 3, 3), bias (C,) or None, floating, on x's device."""
+def check_dwconv_args(x, weight, bias, prefix=""):
+    """x (B, H, W, C) float; weight (C, 1, 3, 3) or (C, 3, 3), bias (C,) or None, floating, on x's device.
+    prefix: put before "weight" and "bias" in the messages (the fused op's conv_weight, conv_bias)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, H, W, C), channels last, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     C = x.shape[3]
     if tuple(weight.shape) not in ((C, 1, 3, 3), (C, 3, 3)):
-        raise ValueError(f"weight must be (C, 1, 3, 3) (a depthwise nn.Conv2d's) or (C, 3, 3) with C = {C} "
+        raise ValueError(f"{prefix}weight must be (C, 1, 3, 3) (a depthwise nn.Conv2d's) or (C, 3, 3) with C = {C} "
                          f"channels of x, got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (C,):
-        raise ValueError(f"bias must be (C,) with C = {C} channels of x, got shape {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
+        raise ValueError(f"{prefix}bias must be (C,) with C = {C} channels of x, got shape {tuple(bias.shape)}")
+    for name, t in ((prefix + "weight", weight), (prefix + "bias", bias)):
         if t is None:
             continue
         if not t.dtype.is_floating_point:

@@ -2,16 +2,17 @@
 csrc/layer_norm (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, run_bwd
 
 
-def check_layer_norm_args(x, weight, bias, eps):
-    """x (..., C) float with C >= 1; weight, bias (C,) or None, floating, on x's device; eps a finite number >= 0."""
+def check_layer_norm_args(x, weight, bias, eps, prefix=""):
+    """x (..., C) float with C >= 1; weight, bias (C,) or None, floating, on x's device; eps a finite number >= 0.
+    prefix: put before "weight" and "bias" in the messages (the fused op's norm_weight, norm_bias)."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a last dim of at least 1 (the normalised features), got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in ((prefix + "weight", weight), (prefix + "bias", bias)):
         if t is not None:
             check_channel_param(name, t, x, "features")
     if not (eps == eps and abs(eps) != float("inf") and eps >= 0):
@@ -26,8 +27,10 @@ def _layer_norm_fwd_fake(x, weight, bias, eps):
 
 
 @torch.library.register_fake("sola_ops::layer_norm_bwd")
-def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_weight, with_bias):
+def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_weight, with_bias, addend=None):
     check_layer_norm_args(x, weight, None, 0.0)
+    if addend is not None:
+        check_like_x("addend", addend, x)
     if with_weight and weight is None:
         raise ValueError("with_weight needs weight (dweight sums grad_out * xhat)")
     acc = _acc_dtype(x.dtype)

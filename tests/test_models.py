@@ -222,25 +222,32 @@ def test_sola_matches_torch(dtype, rtol):
 
 @needs_sola
 def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
-    """attn_impl="sola" runs all the depthwise convs through sola_ops (the blocks' four, stride 1; the
-    downsamples', stride 2 with relu on both sides), "torch" none of them; set_attn_impl switches the downsamples too."""
-    calls = []
-    real = sola_ops.depthwise_conv3x3
+    """attn_impl="sola" runs all the depthwise convs through sola_ops (the blocks' four, stride 1: the two
+    CPEs with the LayerNorm after each as depthwise_conv3x3_layer_norm; the downsamples', stride 2 with relu
+    on both sides), "torch" none of them; set_attn_impl switches the downsamples too."""
+    calls, fused = [], []
+    real, real_fused = sola_ops.depthwise_conv3x3, sola_ops.depthwise_conv3x3_layer_norm
 
     def counting(*args, **kwargs):
         calls.append((kwargs.get("stride", 1), kwargs.get("activation"), kwargs.get("input_activation"),
                       kwargs.get("addend") is not None))
         return real(*args, **kwargs)
+
+    def counting_fused(*args, **kwargs):
+        fused.append(kwargs.get("residual"))
+        return real_fused(*args, **kwargs)
     monkeypatch.setattr(sola_ops, "depthwise_conv3x3", counting)
+    monkeypatch.setattr(sola_ops, "depthwise_conv3x3_layer_norm", counting_fused)
     model = tiny(attn_impl="torch").eval()
     blocks = sum(len(stage.blocks) for stage in model.stages)
     with torch.no_grad():
         model(image(1, 64, 64))
-        assert calls == []
+        assert calls == [] and fused == []
         model.set_attn_impl("sola")
         assert model.attn_impl == "sola"
         model(image(1, 64, 64))
-    assert len(calls) == 4 * blocks + len(model.stages) - 1
+    assert fused == [True] * (2 * blocks)  # the CPEs, x + conv(x)
+    assert len(calls) == 2 * blocks + len(model.stages) - 1
     # the downsamples': the conv's ReLU and the expand's ReLU before it in the same pass
     assert [c for c in calls if c[0] == 2] == [(2, "relu", "relu", False)] * (len(model.stages) - 1)
     # each block's LePE adds the attention output in its pass
@@ -249,15 +256,16 @@ def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
 
 @needs_sola
 def test_sola_runs_the_block_layer_norms_on_sola_ops(monkeypatch):
-    """attn_impl="sola" runs both LayerNorms of every block through sola_ops.layer_norm with the norms'
-    own parameters, "torch" none; the final LayerNorm2d (NCHW, a subclass) stays nn's."""
+    """attn_impl="sola" runs both LayerNorms of every block on sola_ops' kernels, each with the CPE before
+    it as one depthwise_conv3x3_layer_norm, with the norms' own parameters; "torch" none; the final
+    LayerNorm2d (NCHW, a subclass) stays nn's."""
     calls = []
-    real = sola_ops.layer_norm
+    real = sola_ops.depthwise_conv3x3_layer_norm
 
-    def counting(x, weight=None, bias=None, eps=1e-5):
-        calls.append((x.shape[-1], weight, bias, eps))
-        return real(x, weight, bias, eps)
-    monkeypatch.setattr(sola_ops, "layer_norm", counting)
+    def counting(x, conv_weight, conv_bias=None, norm_weight=None, norm_bias=None, *, residual=False, eps=1e-5):
+        calls.append((x.shape[-1], norm_weight, norm_bias, eps))
+        return real(x, conv_weight, conv_bias, norm_weight, norm_bias, residual=residual, eps=eps)
+    monkeypatch.setattr(sola_ops, "depthwise_conv3x3_layer_norm", counting)
     model = tiny(attn_impl="torch").eval()
     norms = [m for stage in model.stages for block in stage.blocks for m in (block.norm1, block.norm2)]
     with torch.no_grad():
@@ -323,7 +331,7 @@ def test_sola_block_moves_no_layout_copies(mixer):
         ops = _aten_ops(lambda: block(x).square().sum().backward())
         counts[impl] = {name: ops.count(name) for name in ("aten::clone", "aten::zeros", "aten::mm", "aten::addmm",
                                                            "aten::silu", "sola_ops::silu_mul_fwd", "aten::gelu",
-                                                           "aten::sum", "sola_ops::bias_gelu_fwd")}
+                                                           "aten::sum", "sola_ops::bias_gelu_fwd", "aten::add")}
     assert counts["torch"]["aten::clone"] >= 2, counts
     assert counts["sola"]["aten::clone"] == 0 and counts["sola"]["aten::zeros"] == 0, counts
     # the gate y * SiLU(gate) as one kernel
@@ -334,6 +342,10 @@ def test_sola_block_moves_no_layout_copies(mixer):
     # the MLP's fc1 bias + GELU as one kernel, whose backward sums the bias gradient (one aten::sum fewer)
     assert counts["sola"]["aten::gelu"] == 0 and counts["sola"]["sola_ops::bias_gelu_fwd"] == 1, counts
     assert counts["sola"]["aten::sum"] < counts["torch"]["aten::sum"], counts
+    # the whole step's adds: the two residual adds forward, and backward the gradient of v, the mixer input,
+    # summed over its three consumers; the residual stream's gradients are summed inside the LayerNorms'
+    # backward (depthwise_conv3x3_layer_norm), the CPEs' inside their dwconv's
+    assert counts["sola"]["aten::add"] == 4, counts
     # forward, the two residual adds only: the CPEs' and LePE's sums are written by the dwconv kernels
     with torch.no_grad():
         assert _aten_ops(lambda: block(x)).count("aten::add") == 2

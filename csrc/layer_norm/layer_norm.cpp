@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_out, at::Tensor x,
                                                               c10::optional<at::Tensor> weight, at::Tensor mean,
-                                                              at::Tensor rstd, bool with_weight, bool with_bias) {
+                                                              at::Tensor rstd, bool with_weight, bool with_bias,
+                                                              c10::optional<at::Tensor> addend) {
   check_x(x);
   check_like_x(grad_out, "grad_out", x);
   check_stat(mean, "mean", x);
@@ -77,6 +78,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_ou
   const at::Tensor w = kernel_param(weight, "weight", x);
   SOLA_CHECK(!with_weight || w.defined(), "with_weight needs weight (dweight sums grad_out * xhat)");
   x = x.contiguous(), grad_out = grad_out.contiguous(), mean = mean.contiguous(), rstd = rstd.contiguous();
+  at::Tensor add;
+  if (addend.has_value()) {
+    check_like_x(*addend, "addend", x);
+    add = addend->contiguous();
+  }
   const int64_t C = x.size(-1);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dx = new_output(x.sizes(), x.options());
@@ -90,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_ou
   LayerNormParams p = make_params(x, w);
   p.grad = grad_out.data_ptr();
   p.out = dx.data_ptr();
+  if (add.defined()) p.addend = add.data_ptr();
   p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
   if (with_weight) p.dweight = dweight.data_ptr();
   if (with_bias) p.dbias = dbias.data_ptr();

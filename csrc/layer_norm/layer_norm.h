@@ -7,6 +7,8 @@
 // Backward, with xhat = (x - mean) * rstd and g = grad * weight:
 //   dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)),  dweight = sum_r grad * xhat,
 //   dbias = sum_r grad  (both summed in a fixed order: bitwise reproducible).
+// An addend (x's other consumer's gradient) is added to dx in acc before the one rounding: a pre-norm
+// block's residual stream, whose gradient autograd would otherwise sum in a pass of its own.
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
@@ -20,6 +22,8 @@ struct LayerNormParams {
   const void* x = nullptr;
   const void* grad = nullptr;
   void* out = nullptr;
+  // Backward: (rows, C) in `dtype`, added to dx as it is written, or null.
+  const void* addend = nullptr;
   // weight, bias: (C) acc-typed (fp32, fp64 for fp64 x), contiguous, or null (1 and 0).
   const void* weight = nullptr;
   const void* bias = nullptr;
@@ -39,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10:
                                                               c10::optional<at::Tensor> bias, double eps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(at::Tensor grad_out, at::Tensor x,
                                                               c10::optional<at::Tensor> weight, at::Tensor mean,
-                                                              at::Tensor rstd, bool with_weight, bool with_bias);
+                                                              at::Tensor rstd, bool with_weight, bool with_bias,
+                                                              c10::optional<at::Tensor> addend);
 
 void layer_norm_fwd_cpu(const LayerNormParams& p);
 void layer_norm_bwd_cpu(const LayerNormParams& p);

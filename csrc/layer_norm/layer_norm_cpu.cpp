@@ -86,6 +86,10 @@ SOLA_CPU_CLONES void backward_rows(const LayerNormParams& p, int64_t r0, int64_t
     }
     const acc mean_g = sum_g / acc(C), mean_gx = sum_gx / acc(C);
     for (int64_t c = 0; c < C; ++c) dy[c] = rstd * (g_at(c) - mean_g - xhat[c] * mean_gx);
+    if (p.addend) {
+      load_row(static_cast<const scalar_t*>(p.addend) + r * C, C, xhat.data());  // xhat is no longer needed
+      for (int64_t c = 0; c < C; ++c) dy[c] += xhat[c];
+    }
     store_row(dy.data(), C, static_cast<scalar_t*>(p.out) + r * C);
   }
 }

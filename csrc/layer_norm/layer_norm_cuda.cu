@@ -187,11 +187,18 @@ __global__ void __launch_bounds__(kLnThreads) ln_bwd_kernel(const LayerNormParam
     const acc mean_g = team_sum(sum_g, t.tpr) / acc(p.C), mean_gx = team_sum(sum_gx, t.tpr) / acc(p.C);
     if (!live) continue;  // no shuffles below
     scalar_t* dx = static_cast<scalar_t*>(p.out) + off;
+    const scalar_t* addend = p.addend ? static_cast<const scalar_t*>(p.addend) + off : nullptr;
     auto emit = [&](int64_t j, const acc(&xv)[kV], const acc(&gv)[kV]) {
       acc out[kV];
 #pragma unroll
       for (int e = 0; e < kV; ++e)
         out[e] = rstd * (gv[e] * weight_at<acc>(p, j * kV + e) - mean_g - xv[e] * mean_gx);
+      if (addend) {
+        acc add[kV];
+        load_acc<kV>(addend + j * kV, add);
+#pragma unroll
+        for (int e = 0; e < kV; ++e) out[e] += add[e];
+      }
       store_acc<kV>(out, dx + j * kV);
     };
     if constexpr (kChunks > 0) {
@@ -281,7 +288,8 @@ RowSplit row_split(const LayerNormParams& p) {
   constexpr int kV = kLnVec<scalar_t>;
   RowSplit s;
   const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % (kV * sizeof(scalar_t)) == 0; };
-  s.vec = p.C % kV == 0 && aligned(p.x) && aligned(p.out) && (!p.grad || aligned(p.grad));
+  s.vec = p.C % kV == 0 && aligned(p.x) && aligned(p.out) && (!p.grad || aligned(p.grad)) &&
+          (!p.addend || aligned(p.addend));
   const int64_t nv = s.vec ? p.C / kV : p.C;
   s.tpr = 1;
   while (s.tpr < kWarpSize && s.tpr < nv) s.tpr *= 2;

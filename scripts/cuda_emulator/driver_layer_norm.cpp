@@ -2,7 +2,8 @@
 // out, mean, rstd, dx and the weight and bias gradients, with and without weight and bias, every dtype,
 // widths that take the vector and the scalar kernels, the register-cached rows (up to 512) and the
 // longer ones (read per pass, the column kernel for the parameters), misaligned rows, NaN rows, row
-// counts past one block and past the backward's block cap (teams walk several rows). Usage:
+// counts past one block and past the backward's block cap (teams walk several rows), an addend to dx
+// (vector, scalar, uncached and misaligned rows). Usage:
 // driver_layer_norm [all | quick] (quick: bf16, no walk).
 #include <cstdio>
 #include <string>
@@ -16,7 +17,7 @@ using namespace sola;
 struct Case {
   int64_t rows = 37, C = 64;
   at::ScalarType dt = at::kBFloat16;
-  bool weight = true, bias = true, misaligned = false, poison = false;
+  bool weight = true, bias = true, misaligned = false, poison = false, addend = false;
 };
 
 // rows x C: contiguous, or starting one element past a 16-byte boundary (misaligned).
@@ -27,8 +28,8 @@ static at::Tensor rows_of(const Case& c) {
 
 static void ln_case(const Case& c) {
   char name[160];
-  std::snprintf(name, sizeof name, "layer_norm rows%ld C%ld %s w%d b%d m%d p%d", (long)c.rows, (long)c.C,
-                c10::toString(c.dt), c.weight, c.bias, c.misaligned, c.poison);
+  std::snprintf(name, sizeof name, "layer_norm rows%ld C%ld %s w%d b%d m%d p%d a%d", (long)c.rows, (long)c.C,
+                c10::toString(c.dt), c.weight, c.bias, c.misaligned, c.poison, c.addend);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor x = rows_of(c), g = rows_of(c);
   if (c.poison) x.select(0, c.rows / 2).select(0, c.C - 1).fill_(NAN);
@@ -50,7 +51,9 @@ static void ln_case(const Case& c) {
   compare(std::string(name) + " out", out[0], out[1], dt, finite);
   compare(std::string(name) + " mean", mean[0], mean[1], acc, finite);
   compare(std::string(name) + " rstd", rstd[0], rstd[1], acc, finite);
+  const at::Tensor addend = rows_of(c);  // misaligned as x is
   p.grad = g.data_ptr(), p.mean = mean[1].data_ptr(), p.rstd = rstd[1].data_ptr();
+  if (c.addend) p.addend = addend.data_ptr();
   for (int r = 0; r < 3; ++r) {  // 0, 2: emulated CUDA (2: again, for determinism), 1: CPU
     dx[r] = c.misaligned ? rows_of(c).fill_(NAN) : nan_out({c.rows, c.C}, dt);
     dweight[r] = nan_out({c.C}, acc), dbias[r] = nan_out({c.C}, acc);
@@ -100,6 +103,13 @@ int main(int argc, char** argv) {
       ln_case(c);
       c = Case{};
       c.dt = dt, c.C = C, c.poison = true;
+      ln_case(c);
+    }
+    for (int64_t C : {3, 64, 1030}) {  // scalar, vector (cached), read per pass
+      Case c;
+      c.dt = dt, c.C = C, c.addend = true;
+      ln_case(c);
+      c.misaligned = true;
       ln_case(c);
     }
     Case one;  // a single row

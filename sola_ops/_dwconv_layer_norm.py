@@ -1,0 +1,42 @@
+"""depthwise_conv3x3_layer_norm's autograd: a depthwise conv and the LayerNorm of its output as one
+autograd node, built from the two ops' kernels (csrc/dwconv, csrc/layer_norm)."""
+import torch
+
+from ._ops import ops, run_bwd
+
+
+class DwconvLayerNorm(torch.autograd.Function):
+    """(out, normed) = (depthwise_conv3x3(x, conv_weight, conv_bias, residual), layer_norm(out, ...)).
+
+    A pre-norm block uses out twice, as its residual stream and as the norm's input. Had they been two
+    autograd nodes, autograd would sum out's two gradients in a pass of its own (two tensors read, one
+    written). As one node the backward gets both: the LayerNorm's backward adds out's own gradient to the
+    dx it writes (layer_norm_bwd's addend), and the conv's backward reads that sum."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, norm_weight, norm_bias, residual, eps):
+        out = ops.depthwise_conv3x3_fwd(x, conv_weight, conv_bias, residual)
+        normed, mean, rstd = ops.layer_norm_fwd(out, norm_weight, norm_bias, eps)
+        ctx.save_for_backward(x, conv_weight, out, norm_weight, mean, rstd)
+        ctx.residual = residual
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (conv_bias, norm_weight, norm_bias))
+        return out, normed
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_normed):
+        # Unused outputs' gradients come in as zeros (materialised), so both are tensors here.
+        x, conv_weight, out, norm_weight, mean, rstd = ctx.saved_tensors
+        conv_bias_dtype, norm_weight_dtype, norm_bias_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        # A frozen parameter (no grad wanted) costs the kernels no sums.
+        with_norm_weight = norm_weight_dtype is not None and need[3]
+        with_norm_bias = norm_bias_dtype is not None and need[4]
+        with_conv_bias = conv_bias_dtype is not None and need[2]
+        grad, dnorm_weight, dnorm_bias = run_bwd("layer_norm", ops.layer_norm_bwd, grad_normed, out, norm_weight, mean,
+                                                 rstd, with_norm_weight, with_norm_bias, grad_out)
+        dx, dconv_weight, dconv_bias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
+                                               ctx.residual, with_conv_bias)
+        # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
+        return (dx, dconv_weight, dconv_bias.to(conv_bias_dtype) if with_conv_bias else None,
+                dnorm_weight.to(norm_weight_dtype) if with_norm_weight else None,
+                dnorm_bias.to(norm_bias_dtype) if with_norm_bias else None, None, None)
