@@ -201,6 +201,19 @@ def main():
             check(f"layer_norm {str(dtype).replace('torch.', '')} rows={rows} C={Ch}{' slice' if sl else ''}",
                   ln, partial(ln, fn=reference.layer_norm), [randn(rows, Ch + sl), randn(Ch), randn(Ch)], dtype,
                   failures)
+    # A CPE and its LayerNorm as one node (depthwise_conv3x3_layer_norm): the norm's backward reads out's
+    # gradient as its addend; vector (C = 64) and scalar (C = 7) LayerNorm kernels.
+    for dtype in dtypes:
+        for Ch in (64, 7):
+            def cpe_ln(x, cw, cb, nw, nb):
+                out, normed = sola_ops.depthwise_conv3x3_layer_norm(x, cw, cb, nw, nb, residual=True)
+                return out + 2 * normed
+
+            def cpe_ln_ref(x, cw, cb, nw, nb):
+                out = reference.depthwise_conv3x3(x, cw, cb, residual=True)
+                return out + 2 * reference.layer_norm(out, nw, nb)
+            check(f"dwconv+layer_norm {str(dtype).replace('torch.', '')} B=2 H=9 W=7 C={Ch}", cpe_ln, cpe_ln_ref,
+                  [randn(2, 9, 7, Ch), randn(Ch, 1, 3, 3), randn(Ch), randn(Ch), randn(Ch)], dtype, failures)
     # silu_mul: the model's gate, a channel slice y[..., :C] of a (B, H, W, 2C) tensor read in place (C = 64:
     # the 16-byte vector kernels at row stride 2C), an odd width (C = 7: the element kernels), and rows one
     # element off alignment (y[..., 1:C + 1]: element kernels on a multiple-of-8 width), many rows past
