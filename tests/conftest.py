@@ -129,6 +129,51 @@ def strided_like(x, kind, seed=100):
     return y
 
 
+# The elementwise ops' error terms: the final rounding (unit roundoff of the output dtype; fp32 / fp64 outputs are the computation's own),
+# the computation's ulp, and half the smallest subnormal step of the output dtype.
+ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0, torch.float64: 0.0}
+ACC_EPS = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -24, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+TINY = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -149, torch.float64: 0.0}
+
+
+# The layouts rows_view makes, and those the row-wise elementwise ops (silu_mul, bias_gelu) read in place.
+ROWS_VIEW_KINDS = ["transposed", "every_other", "window", "broadcast_row", "misaligned"]
+ROWS_VIEW_IN_PLACE = {"broadcast_row", "misaligned"}
+
+
+def rows_view(kind, shape, dtype, device, seed, scale=1.0):
+    """A random tensor of `shape` (B, N, C) in another layout: transposed (last dim not contiguous: copied),
+    every other element of the last dim (copied), a (B, N, C) window of a (B, N + 3, C) tensor (last dim
+    contiguous, but the leading dims do not collapse to one row stride: copied), a row broadcast over the
+    leading dims (row stride 0: read in place), or contiguous one element off alignment (in place)."""
+    B, N, C = shape
+    if kind == "transposed":
+        t = randn((B, C, N), dtype, device, seed, scale=scale).transpose(1, 2)
+    elif kind == "every_other":
+        t = randn((B, N, 2 * C), dtype, device, seed, scale=scale)[..., ::2]
+    elif kind == "window":
+        t = randn((B, N + 3, C), dtype, device, seed, scale=scale)[:, 1:N + 1]
+    elif kind == "broadcast_row":
+        t = randn((C,), dtype, device, seed, scale=scale).expand(B, N, C)
+    elif kind == "misaligned":
+        t = randn((B * N * C + 1,), dtype, device, seed, scale=scale)[1:].view(B, N, C)
+    else:
+        raise ValueError(kind)
+    assert t.shape == shape
+    return t
+
+
+COPIES = {"aten::copy_", "aten::clone", "aten::contiguous"}
+
+
+def ops_run(fn, *args):
+    """The names of the aten / sola_ops ops fn(*args) runs, by the profiler (which sees the ops that the C++
+    op layer calls too); `& COPIES` are the copies among them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    return {e.name for e in prof.events()}
+
+
 def leaf(x, requires_grad=True):
     """x (possibly a strided view) as a leaf tensor keeping its strides."""
     return x.detach().requires_grad_(requires_grad)

@@ -16,16 +16,12 @@ import torch.nn.functional as F
 
 import sola_ops
 from sola_ops import reference
-from conftest import DEVICES, DTYPES, acc_dtype, assert_fa_close, leaf, randn, requires_cuda, torch_threads
+from conftest import (ACC_EPS, COPIES, DEVICES, DTYPES, ROUNDING, ROWS_VIEW_IN_PLACE, ROWS_VIEW_KINDS, TINY,
+                      acc_dtype, assert_fa_close, leaf, ops_run, randn, requires_cuda, rows_view, torch_threads)
 
 ops = torch.ops.sola_ops
 
 APPROX = ["none", "tanh"]
-# The final rounding (unit roundoff of the output dtype; fp32 / fp64 outputs are the computation's own),
-# the computation's ulp, and half the smallest subnormal step of the output dtype.
-ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0, torch.float64: 0.0}
-ACC_EPS = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -24, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
-TINY = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -149, torch.float64: 0.0}
 
 
 def make_inputs(shape, dtype, device="cpu", seed=0, bias=True, bias_dtype=torch.float32):
@@ -108,17 +104,6 @@ def assert_same(a, b, name=""):
         assert torch.equal(a, b), name
     else:
         torch.testing.assert_close(a, b, rtol=2 * ROUNDING.get(a.dtype, 0.0) + 1e-5, atol=1e-5, msg=name)
-
-
-def ops_run(fn, *args):
-    """The names of the aten / sola_ops ops fn(*args) runs, by the profiler (which sees the ops that the C++
-    op layer calls too)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn(*args)
-    return {e.name for e in prof.events()}
-
-
-COPIES = {"aten::copy_", "aten::clone", "aten::contiguous"}
 
 
 # ---- values against the fp64 reference -------------------------------------------------------------------------
@@ -294,41 +279,17 @@ def test_channel_slices_read_in_place(device, dtype, C):
     assert_same(db, db2, "dbias")
 
 
-def strided(kind, shape, dtype, device, seed):
-    """A (B, N, C) tensor in another layout: transposed (last dim not contiguous: copied), every other element
-    of the last dim (copied), a (B, N, C) window of a (B, N + 3, C) tensor (last dim contiguous, but the
-    leading dims do not collapse to one row stride: copied), a row broadcast over the leading dims (row
-    stride 0: read in place), or contiguous one element off alignment (in place)."""
-    B, N, C = shape
-    if kind == "transposed":
-        t = randn((B, C, N), dtype, device, seed, scale=2.0).transpose(1, 2)
-    elif kind == "every_other":
-        t = randn((B, N, 2 * C), dtype, device, seed, scale=2.0)[..., ::2]
-    elif kind == "window":
-        t = randn((B, N + 3, C), dtype, device, seed, scale=2.0)[:, 1:N + 1]
-    elif kind == "broadcast_row":
-        t = randn((C,), dtype, device, seed, scale=2.0).expand(B, N, C)
-    elif kind == "misaligned":
-        t = randn((B * N * C + 1,), dtype, device, seed, scale=2.0)[1:].view(B, N, C)
-    else:
-        raise ValueError(kind)
-    assert t.shape == shape
-    return t
-
-
-KINDS = ["transposed", "every_other", "window", "broadcast_row", "misaligned"]
-IN_PLACE = {"broadcast_row", "misaligned"}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [64, 33])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ROWS_VIEW_KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_strided_inputs(device, dtype, kind, C):
     """x and grad_out in any layout give the contiguous result (bitwise on the CPU); views that are not rows
     views are copied (the profiler sees the copy: the check can fail), rows views are not."""
     shape = (3, 13, C)
-    x, g = strided(kind, shape, dtype, device, 1), strided(kind, shape, dtype, device, 3)
+    x, g = rows_view(kind, shape, dtype, device, 1, scale=2.0), rows_view(kind, shape, dtype, device, 3, scale=2.0)
     b = randn((C,), acc_dtype(dtype), device, seed=2)  # in the kernels' dtype: no copy of its own
     out, dx, db = check_bias_gelu(x, b, grad_out=g)
     assert_same(out, sola_ops.bias_gelu(x.contiguous(), b), "out")
@@ -337,7 +298,7 @@ def test_strided_inputs(device, dtype, kind, C):
     assert_same(db, db2.to(db.dtype), "dbias")
     if device == "cpu":
         copied = bool(ops_run(sola_ops.bias_gelu, x, b) & COPIES)
-        assert copied == (kind not in IN_PLACE), kind
+        assert copied == (kind not in ROWS_VIEW_IN_PLACE), kind
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,15 +14,10 @@ import torch.nn.functional as F
 
 import sola_ops
 from sola_ops import reference
-from conftest import DEVICES, DTYPES, assert_fa_close, leaf, randn, requires_cuda, torch_threads
+from conftest import (ACC_EPS, COPIES, DEVICES, DTYPES, ROUNDING, ROWS_VIEW_IN_PLACE, ROWS_VIEW_KINDS, TINY,
+                      assert_fa_close, leaf, ops_run, randn, requires_cuda, rows_view, torch_threads)
 
 ops = torch.ops.sola_ops
-
-# The final rounding (unit roundoff of the output dtype; fp32 / fp64 outputs are the computation's own),
-# the computation's ulp, and half the smallest subnormal step of the output dtype.
-ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0, torch.float64: 0.0}
-ACC_EPS = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -24, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
-TINY = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -149, torch.float64: 0.0}
 
 
 def make_inputs(shape, dtype, device="cpu", seed=0):
@@ -78,14 +73,6 @@ def assert_same(a, b, name=""):
         torch.testing.assert_close(a, b, rtol=2 * ROUNDING[a.dtype] + 1e-6, atol=1e-6, msg=name)
 
 
-def copies_made(fn, *args):
-    """The copy ops (aten::copy_, clone, contiguous) fn(*args) runs, by the profiler (which sees the ops
-    that the C++ op layer calls too)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn(*args)
-    return {e.name for e in prof.events()} & {"aten::copy_", "aten::clone", "aten::contiguous"}
-
-
 # ---- values against the fp64 reference -------------------------------------------------------------------------
 
 SHAPES = [(7,), (1,), (5, 1), (3, 33), (2, 3, 7), (4, 200), (2, 3, 4, 64), (2, 1, 3, 2, 3), (2, 2, 2, 3, 40)]
@@ -131,9 +118,9 @@ def test_channel_slices_read_in_place(device, dtype, C):
     assert not gate.is_contiguous() and gate.stride()[:3] == (5 * 6 * 2 * C, 6 * 2 * C, 2 * C)
     check_silu_mul(x, gate)
     if device == "cpu":
-        assert not copies_made(sola_ops.silu_mul, x.detach(), gate.detach())
+        assert not ops_run(sola_ops.silu_mul, x.detach(), gate.detach()) & COPIES
         g = randn(x.shape, dtype, seed=2)
-        assert not copies_made(ops.silu_mul_bwd, g[..., :], x.detach(), gate.detach())
+        assert not ops_run(ops.silu_mul_bwd, g[..., :], x.detach(), gate.detach()) & COPIES
     out = sola_ops.silu_mul(x, gate)
     g = randn(out.shape, dtype, device, seed=2)
     (dy,) = torch.autograd.grad(out, y, g)
@@ -142,42 +129,18 @@ def test_channel_slices_read_in_place(device, dtype, C):
     assert_same(dy[..., :C], dgate, "dgate")
 
 
-def strided(kind, shape, dtype, device, seed):
-    """A tensor of `shape` (B, N, C) in another layout: transposed (last dim not contiguous: copied),
-    every other element of the last dim (copied), a (B, N, C) window of a (B, N + 3, C) tensor (last dim
-    contiguous, but the leading dims do not collapse to one row stride: copied), a row broadcast over the
-    leading dims (row stride 0: read in place), or contiguous one element off alignment (in place)."""
-    B, N, C = shape
-    if kind == "transposed":
-        t = randn((B, C, N), dtype, device, seed).transpose(1, 2)
-    elif kind == "every_other":
-        t = randn((B, N, 2 * C), dtype, device, seed)[..., ::2]
-    elif kind == "window":
-        t = randn((B, N + 3, C), dtype, device, seed)[:, 1:N + 1]
-    elif kind == "broadcast_row":
-        t = randn((C,), dtype, device, seed).expand(B, N, C)
-    elif kind == "misaligned":
-        t = randn((B * N * C + 1,), dtype, device, seed)[1:].view(B, N, C)
-    else:
-        raise ValueError(kind)
-    assert t.shape == shape
-    return t
-
-
-KINDS = ["transposed", "every_other", "window", "broadcast_row", "misaligned"]
-IN_PLACE = {"broadcast_row", "misaligned"}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [64, 33])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ROWS_VIEW_KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_strided_inputs(device, dtype, kind, C):
     """x, gate and grad_out in any layout give the contiguous result bitwise; views that are not rows
     views are copied (the profiler sees the copy: the check above can fail), rows views are not."""
     shape = (3, 13, C)
-    x, gate = strided(kind, shape, dtype, device, 1), strided(kind, shape, dtype, device, 2)
-    g = strided(kind, shape, dtype, device, 3)
+    x, gate = rows_view(kind, shape, dtype, device, 1), rows_view(kind, shape, dtype, device, 2)
+    g = rows_view(kind, shape, dtype, device, 3)
     out, dx, dgate = check_silu_mul(x, gate, grad_out=g)
     want = sola_ops.silu_mul(x.contiguous(), gate.contiguous())
     assert_same(out, want, "out")
@@ -185,8 +148,8 @@ def test_strided_inputs(device, dtype, kind, C):
                           ops.silu_mul_bwd(g.contiguous(), x.contiguous(), gate.contiguous())):
         assert_same(a, b, name)
     if device == "cpu":
-        copied = bool(copies_made(sola_ops.silu_mul, x, gate))
-        assert copied == (kind not in IN_PLACE), kind
+        copied = bool(ops_run(sola_ops.silu_mul, x, gate) & COPIES)
+        assert copied == (kind not in ROWS_VIEW_IN_PLACE), kind
     # one input strided, the other contiguous
     assert_same(sola_ops.silu_mul(x.contiguous(), gate), want, "x contiguous")
     assert_same(sola_ops.silu_mul(x, gate.contiguous()), want, "gate contiguous")
@@ -201,7 +164,7 @@ def test_size_one_dims(device):
     col = randn((5, 3), torch.float32, device, seed=4).t()[:1]  # (1, 5), last-dim stride 3: copied
     check_silu_mul(col, col.flip(-1))
     if device == "cpu":
-        assert not copies_made(sola_ops.silu_mul, x, gate)
+        assert not ops_run(sola_ops.silu_mul, x, gate) & COPIES
 
 
 # ---- special values ------------------------------------------------------------------------------------------------

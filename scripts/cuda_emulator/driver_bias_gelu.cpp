@@ -15,23 +15,12 @@
 #include <vector>
 
 #include "bias_gelu/bias_gelu.h"
-#include "driver_common.h"
+#include "driver_rows.h"
 
 using namespace sola;
 
-// How x and grad are laid out as (rows, C) rows.
-enum class Layout {
-  Contiguous,  // rows of C
-  Misaligned,  // rows of C, the tensor one element past a 16-byte boundary (element kernels)
-  Slice,       // x = y[:, C:] of a (rows, 2C) y: row stride 2C; grad contiguous
-  OddSlice,    // each a [:, 1:C + 1] slice of a (rows, C + 1) tensor: stride C + 1, misaligned rows
-  Broadcast,   // x one row at stride 0; grad contiguous
-};
-const char* layout_name(Layout l) {
-  const char* names[] = {"contiguous", "misaligned", "slice", "odd_slice", "broadcast"};
-  return names[static_cast<int>(l)];
-}
-
+// Layouts (driver_rows.h): Slice is x = y[:, C:] of a (rows, 2C) y with grad contiguous; Broadcast is x's,
+// grad contiguous.
 enum class Bias { Sum, NoSum, None, Misaligned };  // dbias wanted, bias without dbias, no bias, bias off 32 bytes
 const char* bias_name(Bias b) {
   const char* names[] = {"bias", "bias_nosum", "nobias", "bias_misaligned"};
@@ -48,63 +37,38 @@ struct Case {
   const char* max_grid = nullptr;  // SOLA_MAX_GRID for the launches
 };
 
-struct Rows {
-  at::Tensor t;  // the (rows, C) view (keeps its storage alive)
-  int64_t stride;
-};
-
-static Rows contiguous_rows(const Case& c, int64_t offset) {
-  const at::Tensor buf = (at::randn({c.rows * c.C + offset}, at::kDouble) * 2).to(c.dt);
-  return {buf.narrow(0, offset, c.rows * c.C).view({c.rows, c.C}), c.C};
-}
-
-static Rows slice_rows(const Case& c, int64_t width, int64_t start) {
-  const at::Tensor y = (at::randn({c.rows, width}, at::kDouble) * 2).to(c.dt);
-  return {y.narrow(1, start, c.C), width};
-}
-
-// Special values at spread-out elements (every 5th), so vector lanes and element loads both see them.
-static void add_special(at::Tensor t, int seed) {
-  const double values[] = {NAN, INFINITY, -INFINITY, 1e20, -1e20, -14.0, 0.0, -0.0};
-  at::Tensor flat = t.reshape({-1}).clone();
-  for (int64_t i = seed; i < flat.numel(); i += 5) flat[i].fill_(values[(i / 5 + seed) % 8]);
-  t.copy_(flat.view(t.sizes()));
-}
-
 static void bias_gelu_case(const Case& c) {
   char name[220];
   std::snprintf(name, sizeof name, "bias_gelu rows%ld C%ld %s %s %s %s s%d grid%s", (long)c.rows, (long)c.C,
                 c10::toString(c.dt), layout_name(c.layout), bias_name(c.bias), c.tanh ? "tanh" : "erf", c.special,
                 c.max_grid ? c.max_grid : "-");
   const at::ScalarType acc = c.dt == at::kDouble ? at::kDouble : at::kFloat;
+  const auto contiguous = [&](int64_t offset) { return contiguous_rows(c.rows, c.C, c.dt, offset); };
   Rows x, grad;
   switch (c.layout) {
     case Layout::Contiguous:
-      x = contiguous_rows(c, 0), grad = contiguous_rows(c, 0);
+      x = contiguous(0), grad = contiguous(0);
       break;
     case Layout::Misaligned:
-      x = contiguous_rows(c, 1), grad = contiguous_rows(c, 1);
+      x = contiguous(1), grad = contiguous(1);
       break;
     case Layout::Slice:
-      x = slice_rows(c, 2 * c.C, c.C), grad = contiguous_rows(c, 0);
+      x = slice_rows(c.rows, c.C, c.dt, 2 * c.C, c.C), grad = contiguous(0);
       break;
     case Layout::OddSlice:
-      x = slice_rows(c, c.C + 1, 1), grad = slice_rows(c, c.C + 1, 1);
+      x = slice_rows(c.rows, c.C, c.dt, c.C + 1, 1), grad = slice_rows(c.rows, c.C, c.dt, c.C + 1, 1);
       break;
-    case Layout::Broadcast: {
-      const at::Tensor row = (at::randn({c.C}, at::kDouble) * 2).to(c.dt);
-      x = {row.expand({c.rows, c.C}), 0}, grad = contiguous_rows(c, 0);
+    case Layout::Broadcast:
+      x = broadcast_rows(c.rows, c.C, c.dt), grad = contiguous(0);
       break;
-    }
   }
   // The bias: acc-typed, 32-byte aligned as the op layer hands it over (at::empty's storage is), or one
   // element past that (the vector kernels must not take it).
   const int64_t boff = c.bias == Bias::Misaligned ? 1 : 0;
   at::Tensor bias = at::randn({c.C + boff}, at::kDouble).to(acc).narrow(0, boff, c.C);
   if (c.special) {
-    if (c.layout != Layout::Broadcast) add_special(x.t, 0);
-    else add_special(x.t.select(0, 0), 0);  // its one row
-    add_special(grad.t, 2), add_special(bias, 1);
+    const double values[8] = {NAN, INFINITY, -INFINITY, 1e20, -1e20, -14.0, 0.0, -0.0};
+    add_special(x, 0, values), add_special(grad, 2, values), add_special({bias.view({1, c.C}), c.C}, 1, values);
   }
   if (c.max_grid) setenv("SOLA_MAX_GRID", c.max_grid, 1);
 
@@ -132,14 +96,7 @@ static void bias_gelu_case(const Case& c) {
   const char* what[] = {" out", " dx"};
   const at::Tensor* got[] = {&out[0], &dx[0]};
   const at::Tensor* want[] = {&out[1], &dx[1]};
-  for (int i = 0; i < 2; ++i) {
-    const int before = failures;
-    compare(name + std::string(what[i]), *got[i], *want[i], c.dt, finite);
-    // Both sides run the same host math here: bitwise equal, NaN where NaN.
-    const at::Tensor a = *got[i], b = *want[i];
-    if (failures == before && !at::equal(at::where(a.isnan(), at::zeros_like(a), a), at::where(b.isnan(), at::zeros_like(b), b)))
-      std::printf("FAIL %s%s: not bitwise equal to the CPU kernel\n", name, what[i]), ++failures;
-  }
+  for (int i = 0; i < 2; ++i) compare_bitwise(name + std::string(what[i]), *got[i], *want[i], c.dt, finite);
   if (finite && at::isnan(out[0]).any().item<bool>()) std::printf("FAIL %s: unwritten outputs\n", name), ++failures;
   if (sum) {
     // dbias sums `rows` values, in another order than the CPU's: the tolerance scales with their count's
@@ -166,7 +123,7 @@ int main(int argc, char** argv) {
       // 2, 4, 8: the fp64, fp32, fp16 / bf16 vector widths; 1, 3, 7, 33: off all of them; 520: several
       // column groups for fp32 / fp64 (32 vectors a group) and the element kernels.
       for (int64_t C : {1, 2, 3, 4, 7, 8, 16, 33, 64, 200, 520}) {
-        for (Layout l : {Layout::Contiguous, Layout::Misaligned, Layout::Slice, Layout::OddSlice, Layout::Broadcast}) {
+        for (Layout l : kLayouts) {
           Case c;
           c.dt = dt, c.C = C, c.layout = l, c.tanh = tanh;
           bias_gelu_case(c);

@@ -9,24 +9,13 @@
 #include <string>
 #include <vector>
 
-#include "driver_common.h"
+#include "driver_rows.h"
 #include "silu_mul/silu_mul.h"
 
 using namespace sola;
 
-// How x, gate and grad are laid out as (rows, C) rows.
-enum class Layout {
-  Contiguous,  // rows of C
-  Misaligned,  // rows of C, the tensor one element past a 16-byte boundary (element kernels)
-  Slice,       // x = y[:, C:], gate = y[:, :C] of a (rows, 2C) y: row stride 2C; grad contiguous
-  OddSlice,    // each a [:, 1:C + 1] slice of a (rows, C + 1) tensor: stride C + 1, misaligned rows
-  Broadcast,   // gate one row at stride 0; x and grad contiguous
-};
-const char* layout_name(Layout l) {
-  const char* names[] = {"contiguous", "misaligned", "slice", "odd_slice", "broadcast"};
-  return names[static_cast<int>(l)];
-}
-
+// Layouts (driver_rows.h): Slice is x = y[:, C:], gate = y[:, :C] of one (rows, 2C) y with grad contiguous;
+// Broadcast is gate's, x and grad contiguous.
 struct Case {
   int64_t rows = 37, C = 64;
   at::ScalarType dt = at::kBFloat16;
@@ -35,59 +24,35 @@ struct Case {
   const char* max_grid = nullptr;  // SOLA_MAX_GRID for the launches
 };
 
-struct Rows {
-  at::Tensor t;  // the (rows, C) view (keeps its storage alive)
-  int64_t stride;
-};
-
-static Rows contiguous_rows(const Case& c, int64_t offset) {
-  const at::Tensor buf = (at::randn({c.rows * c.C + offset}, at::kDouble) * 2).to(c.dt);
-  return {buf.narrow(0, offset, c.rows * c.C).view({c.rows, c.C}), c.C};
-}
-
-static Rows slice_rows(const Case& c, int64_t width, int64_t start) {
-  const at::Tensor y = (at::randn({c.rows, width}, at::kDouble) * 2).to(c.dt);
-  return {y.narrow(1, start, c.C), width};
-}
-
-// Special values at spread-out elements (every 5th), so vector lanes and element loads both see them.
-static void add_special(at::Tensor t, int seed) {
-  const double values[] = {NAN, INFINITY, -INFINITY, 100.0, -100.0, -89.0, 0.0, -1.28};
-  at::Tensor flat = t.reshape({-1}).clone();
-  for (int64_t i = seed; i < flat.numel(); i += 5) flat[i].fill_(values[(i / 5 + seed) % 8]);
-  t.copy_(flat.view(t.sizes()));
-}
-
 static void silu_mul_case(const Case& c) {
   char name[200];
   std::snprintf(name, sizeof name, "silu_mul rows%ld C%ld %s %s s%d grid%s", (long)c.rows, (long)c.C,
                 c10::toString(c.dt), layout_name(c.layout), c.special, c.max_grid ? c.max_grid : "-");
+  const auto contiguous = [&](int64_t offset) { return contiguous_rows(c.rows, c.C, c.dt, offset); };
+  const auto odd_slice = [&] { return slice_rows(c.rows, c.C, c.dt, c.C + 1, 1); };
   Rows x, gate, grad;
   switch (c.layout) {
     case Layout::Contiguous:
-      x = contiguous_rows(c, 0), gate = contiguous_rows(c, 0), grad = contiguous_rows(c, 0);
+      x = contiguous(0), gate = contiguous(0), grad = contiguous(0);
       break;
     case Layout::Misaligned:
-      x = contiguous_rows(c, 1), gate = contiguous_rows(c, 1), grad = contiguous_rows(c, 1);
+      x = contiguous(1), gate = contiguous(1), grad = contiguous(1);
       break;
     case Layout::Slice: {
-      const at::Tensor y = (at::randn({c.rows, 2 * c.C}, at::kDouble) * 2).to(c.dt);
-      x = {y.narrow(1, c.C, c.C), 2 * c.C}, gate = {y.narrow(1, 0, c.C), 2 * c.C}, grad = contiguous_rows(c, 0);
+      const at::Tensor y = random_values({c.rows, 2 * c.C}, c.dt);
+      x = {y.narrow(1, c.C, c.C), 2 * c.C}, gate = {y.narrow(1, 0, c.C), 2 * c.C}, grad = contiguous(0);
       break;
     }
     case Layout::OddSlice:
-      x = slice_rows(c, c.C + 1, 1), gate = slice_rows(c, c.C + 1, 1), grad = slice_rows(c, c.C + 1, 1);
+      x = odd_slice(), gate = odd_slice(), grad = odd_slice();
       break;
-    case Layout::Broadcast: {
-      const at::Tensor row = (at::randn({c.C}, at::kDouble) * 2).to(c.dt);
-      x = contiguous_rows(c, 0), gate = {row.expand({c.rows, c.C}), 0}, grad = contiguous_rows(c, 0);
+    case Layout::Broadcast:
+      x = contiguous(0), gate = broadcast_rows(c.rows, c.C, c.dt), grad = contiguous(0);
       break;
-    }
   }
   if (c.special) {
-    add_special(x.t, 0), add_special(grad.t, 2);
-    if (c.layout != Layout::Broadcast) add_special(gate.t, 1);
-    else add_special(gate.t.select(0, 0), 1);  // its one row
+    const double values[8] = {NAN, INFINITY, -INFINITY, 100.0, -100.0, -89.0, 0.0, -1.28};
+    add_special(x, 0, values), add_special(gate, 1, values), add_special(grad, 2, values);
   }
   if (c.max_grid) setenv("SOLA_MAX_GRID", c.max_grid, 1);
 
@@ -110,14 +75,7 @@ static void silu_mul_case(const Case& c) {
   const char* what[] = {" out", " dx", " dgate"};
   const at::Tensor* got[] = {&out[0], &dx[0], &dgate[0]};
   const at::Tensor* want[] = {&out[1], &dx[1], &dgate[1]};
-  for (int i = 0; i < 3; ++i) {
-    const int before = failures;
-    compare(name + std::string(what[i]), *got[i], *want[i], c.dt, finite);
-    // Both sides run the same host math here: bitwise equal, NaN where NaN.
-    const at::Tensor a = *got[i], b = *want[i];
-    if (failures == before && !at::equal(at::where(a.isnan(), at::zeros_like(a), a), at::where(b.isnan(), at::zeros_like(b), b)))
-      std::printf("FAIL %s%s: not bitwise equal to the CPU kernel\n", name, what[i]), ++failures;
-  }
+  for (int i = 0; i < 3; ++i) compare_bitwise(name + std::string(what[i]), *got[i], *want[i], c.dt, finite);
   if (finite && at::isnan(out[0]).any().item<bool>()) std::printf("FAIL %s: unwritten outputs\n", name), ++failures;
 }
 
@@ -131,7 +89,7 @@ int main(int argc, char** argv) {
   for (auto dt : dts) {
     // 2, 4, 8: the fp64, fp32, fp16 / bf16 vector widths; 1, 3, 7, 33: off all of them.
     for (int64_t C : {1, 2, 3, 4, 7, 8, 16, 33, 64, 200, 520}) {
-      for (Layout l : {Layout::Contiguous, Layout::Misaligned, Layout::Slice, Layout::OddSlice, Layout::Broadcast}) {
+      for (Layout l : kLayouts) {
         Case c;
         c.dt = dt, c.C = C, c.layout = l;
         silu_mul_case(c);
