@@ -4,6 +4,8 @@ import torch
 
 from ._ops import ops, run_bwd
 
+OP_NAME = "depthwise_conv3x3_layer_norm"  # what a double backward's error names
+
 
 class DwconvLayerNorm(torch.autograd.Function):
     """(out, normed) = (depthwise_conv3x3(x, conv_weight, conv_bias, residual), layer_norm(out, ...)).
@@ -32,9 +34,9 @@ class DwconvLayerNorm(torch.autograd.Function):
         with_norm_weight = norm_weight_dtype is not None and need[3]
         with_norm_bias = norm_bias_dtype is not None and need[4]
         with_conv_bias = conv_bias_dtype is not None and need[2]
-        grad, dnorm_weight, dnorm_bias = run_bwd("layer_norm", ops.layer_norm_bwd, grad_normed, out, norm_weight, mean,
+        grad, dnorm_weight, dnorm_bias = run_bwd(OP_NAME, ops.layer_norm_bwd, grad_normed, out, norm_weight, mean,
                                                  rstd, with_norm_weight, with_norm_bias, grad_out)
-        dx, dconv_weight, dconv_bias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
+        dx, dconv_weight, dconv_bias = run_bwd(OP_NAME, ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
                                                ctx.residual, with_conv_bias)
         # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
         return (dx, dconv_weight, dconv_bias.to(conv_bias_dtype) if with_conv_bias else None,

@@ -266,3 +266,11 @@ def test_compile(fresh_dynamo):
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
         for g, w in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(want.sum(), inputs)):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_is_an_error():
+    inputs = [leaf(t) for t in make_inputs((1, 4, 4, 8), torch.float64, "cpu")]
+    out, normed = sola_ops.depthwise_conv3x3_layer_norm(*inputs, residual=True)
+    (dx,) = torch.autograd.grad((out * normed).sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward of sola_ops.depthwise_conv3x3_layer_norm is not supported"):
+        dx.sum().backward()
