@@ -22,11 +22,12 @@ class DwconvLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(x, conv_weight, out, norm_weight, mean, rstd)
         ctx.residual = residual
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (conv_bias, norm_weight, norm_bias))
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         return out, normed
 
     @staticmethod
     def backward(ctx, grad_out, grad_normed):
-        # Unused outputs' gradients come in as zeros (materialised), so both are tensors here.
+        # An unused output's gradient is None.
         x, conv_weight, out, norm_weight, mean, rstd = ctx.saved_tensors
         conv_bias_dtype, norm_weight_dtype, norm_bias_dtype = ctx.dtypes
         need = ctx.needs_input_grad
@@ -34,11 +35,20 @@ class DwconvLayerNorm(torch.autograd.Function):
         with_norm_weight = norm_weight_dtype is not None and need[3]
         with_norm_bias = norm_bias_dtype is not None and need[4]
         with_conv_bias = conv_bias_dtype is not None and need[2]
-        grad, dnorm_weight, dnorm_bias = run_bwd(OP_NAME, ops.layer_norm_bwd, grad_normed, out, norm_weight, mean,
-                                                 rstd, with_norm_weight, with_norm_bias, grad_out)
-        dx, dconv_weight, dconv_bias = run_bwd(OP_NAME, ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
-                                               ctx.residual, with_conv_bias)
-        # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
-        return (dx, dconv_weight, dconv_bias.to(conv_bias_dtype) if with_conv_bias else None,
-                dnorm_weight.to(norm_weight_dtype) if with_norm_weight else None,
-                dnorm_bias.to(norm_bias_dtype) if with_norm_bias else None, None, None)
+        grad, dnorm_weight, dnorm_bias = grad_out, None, None
+        if grad_normed is not None:
+            grad, dnorm_weight, dnorm_bias = run_bwd(OP_NAME, ops.layer_norm_bwd, grad_normed, out, norm_weight, mean,
+                                                     rstd, with_norm_weight, with_norm_bias, grad_out)
+        dx = dconv_weight = dconv_bias = None
+        if grad is not None and any(need[:3]):  # a frozen conv on an input without grad: no conv backward
+            dx, dconv_weight, dconv_bias = run_bwd(OP_NAME, ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
+                                                   ctx.residual, with_conv_bias)
+        return (dx if need[0] else None, dconv_weight if need[1] else None,
+                _param_grad(dconv_bias, with_conv_bias, conv_bias_dtype),
+                _param_grad(dnorm_weight, with_norm_weight, norm_weight_dtype),
+                _param_grad(dnorm_bias, with_norm_bias, norm_bias_dtype), None, None)
+
+
+def _param_grad(grad, wanted, dtype):
+    """A parameter's gradient in its own dtype (fp32 parameters under autocast: no copy), or None."""
+    return grad.to(dtype) if wanted and grad is not None else None

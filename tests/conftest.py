@@ -129,8 +129,9 @@ def strided_like(x, kind, seed=100):
     return y
 
 
-# The elementwise ops' error terms: the final rounding (unit roundoff of the output dtype; fp32 / fp64 outputs are the computation's own),
-# the computation's ulp, and half the smallest subnormal step of the output dtype.
+# The elementwise ops' error terms: the final rounding (unit roundoff of the output dtype; fp32 / fp64
+# outputs are the computation's own), the computation's ulp, and half the smallest subnormal step of the
+# output dtype.
 ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0, torch.float64: 0.0}
 ACC_EPS = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -24, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 TINY = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -149, torch.float64: 0.0}

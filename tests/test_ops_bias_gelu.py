@@ -279,8 +279,6 @@ def test_channel_slices_read_in_place(device, dtype, C):
     assert_same(db, db2, "dbias")
 
 
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [64, 33])
 @pytest.mark.parametrize("kind", ROWS_VIEW_KINDS)

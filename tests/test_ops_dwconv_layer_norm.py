@@ -7,7 +7,7 @@ import torch
 
 import sola_ops
 from sola_ops import reference
-from conftest import DEVICES, DTYPES, assert_fa_close, leaf, randn, upcast
+from conftest import DEVICES, DTYPES, assert_fa_close, leaf, ops_run, randn, requires_cuda, upcast
 from test_ops_dwconv import dwconv_lowp, params as conv_params
 from test_ops_layer_norm import layer_norm_lowp, params as norm_params
 
@@ -125,6 +125,17 @@ def test_frozen_parameters(device):
     assert cb.grad is None and nw.grad is None
 
 
+def test_frozen_conv_skips_its_backward():
+    """A frozen conv on an input that wants no gradient runs no conv backward (the norm's parameters still
+    get theirs), as the two separate ops' graph would."""
+    x, cw, cb, nw, nb = make_inputs((2, 5, 4, 8), torch.float32, "cpu")
+    nw, nb = leaf(nw), leaf(nb)
+    out, normed = sola_ops.depthwise_conv3x3_layer_norm(x, cw, cb, nw, nb, residual=True)
+    names = ops_run(lambda: (out.sum() + normed.square().sum()).backward())
+    assert "sola_ops::layer_norm_bwd" in names and "sola_ops::depthwise_conv3x3_bwd" not in names
+    assert nw.grad is not None and nb.grad is not None
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     inputs = [leaf(t.double()) for t in make_inputs((1, 4, 5, 6), torch.float64, device)]
@@ -227,6 +238,10 @@ def test_layer_norm_addend(device, dtype, C):
     else:  # dx0's own rounding plus the sum's
         eps = torch.finfo(dtype).eps
         assert ((dx.double() - want).abs() <= 2 * eps * (dx0.double().abs() + addend.double().abs()) + 1e-30).all()
+    if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # rounded once: the fp32 sum (the same fp32 arithmetic on the upcast inputs) rounded to dtype, bitwise
+        dx32 = raw_bwd(grad.float(), x.float(), weight, addend.float())[0]
+        assert torch.equal(dx, dx32.to(dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -236,6 +251,20 @@ def test_layer_norm_addend_strided(device):
     addend = randn((16, 4), torch.float32, device, seed=2).t()
     assert not addend.is_contiguous()
     assert torch.equal(raw_bwd(grad, x, None, addend)[0], raw_bwd(grad, x, None, addend.contiguous())[0])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_layer_norm_misaligned_addend(dtype):
+    """x, grad and dx 16-byte aligned but the addend one element off: the vector kernel would fault on its
+    loads, so the scalar one runs; same values as an aligned copy of the addend."""
+    x, grad = randn((300, 64), dtype, "cuda"), randn((300, 64), dtype, "cuda", seed=1)
+    addend = randn((300 * 64 + 1,), dtype, "cuda", seed=2)[1:].view(300, 64)
+    assert addend.data_ptr() % 16 != 0
+    weight, _ = norm_params(64, "cuda")
+    dx = raw_bwd(grad, x, weight, addend)[0]
+    torch.testing.assert_close(dx, raw_bwd(grad, x, weight, addend.clone())[0], rtol=1e-6, atol=1e-6)
 
 
 def test_layer_norm_addend_bad_input():

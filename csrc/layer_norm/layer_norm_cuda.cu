@@ -6,7 +6,8 @@
 // read again per pass. The weight and bias gradients are summed in a fixed order (deterministic): in
 // registers per thread over the rows its team takes, then over the block's teams in order into one
 // partial per block, then over the partials in order; rows past the register cache take a column
-// kernel for them instead. C not a multiple of the vector, or a misaligned x, take the scalar kernels.
+// kernel for them instead. C not a multiple of the vector, or any of x, out, grad and the backward's
+// addend off a 16-byte boundary, take the scalar kernels.
 #include "cuda_utils.cuh"
 #include "layer_norm/layer_norm.h"
 #include "vec_acc.cuh"

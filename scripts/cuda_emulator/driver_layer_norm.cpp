@@ -3,7 +3,7 @@
 // widths that take the vector and the scalar kernels, the register-cached rows (up to 512) and the
 // longer ones (read per pass, the column kernel for the parameters), misaligned rows, NaN rows, row
 // counts past one block and past the backward's block cap (teams walk several rows), an addend to dx
-// (vector, scalar, uncached and misaligned rows). Usage:
+// (vector, scalar, uncached and misaligned rows; aligned rows with a misaligned addend). Usage:
 // driver_layer_norm [all | quick] (quick: bf16, no walk).
 #include <cstdio>
 #include <string>
@@ -18,18 +18,21 @@ struct Case {
   int64_t rows = 37, C = 64;
   at::ScalarType dt = at::kBFloat16;
   bool weight = true, bias = true, misaligned = false, poison = false, addend = false;
+  bool addend_misaligned = false;  // the addend alone one element off (rows aligned): the scalar kernels
 };
 
 // rows x C: contiguous, or starting one element past a 16-byte boundary (misaligned).
-static at::Tensor rows_of(const Case& c) {
+static at::Tensor rows_of(const Case& c, bool misaligned) {
   const at::Tensor buf = at::randn({c.rows * c.C + 1}, at::kDouble).to(c.dt);
-  return (c.misaligned ? buf.narrow(0, 1, c.rows * c.C) : buf.narrow(0, 0, c.rows * c.C)).view({c.rows, c.C});
+  return (misaligned ? buf.narrow(0, 1, c.rows * c.C) : buf.narrow(0, 0, c.rows * c.C)).view({c.rows, c.C});
 }
+static at::Tensor rows_of(const Case& c) { return rows_of(c, c.misaligned); }
 
 static void ln_case(const Case& c) {
   char name[160];
-  std::snprintf(name, sizeof name, "layer_norm rows%ld C%ld %s w%d b%d m%d p%d a%d", (long)c.rows, (long)c.C,
-                c10::toString(c.dt), c.weight, c.bias, c.misaligned, c.poison, c.addend);
+  std::snprintf(name, sizeof name, "layer_norm rows%ld C%ld %s w%d b%d m%d p%d a%d%s", (long)c.rows, (long)c.C,
+                c10::toString(c.dt), c.weight, c.bias, c.misaligned, c.poison, c.addend,
+                c.addend_misaligned ? " (misaligned)" : "");
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor x = rows_of(c), g = rows_of(c);
   if (c.poison) x.select(0, c.rows / 2).select(0, c.C - 1).fill_(NAN);
@@ -51,7 +54,8 @@ static void ln_case(const Case& c) {
   compare(std::string(name) + " out", out[0], out[1], dt, finite);
   compare(std::string(name) + " mean", mean[0], mean[1], acc, finite);
   compare(std::string(name) + " rstd", rstd[0], rstd[1], acc, finite);
-  const at::Tensor addend = rows_of(c);  // misaligned as x is
+  // misaligned as x is, or alone
+  const at::Tensor addend = c.addend ? rows_of(c, c.misaligned || c.addend_misaligned) : at::Tensor();
   p.grad = g.data_ptr(), p.mean = mean[1].data_ptr(), p.rstd = rstd[1].data_ptr();
   if (c.addend) p.addend = addend.data_ptr();
   for (int r = 0; r < 3; ++r) {  // 0, 2: emulated CUDA (2: again, for determinism), 1: CPU
@@ -110,6 +114,8 @@ int main(int argc, char** argv) {
       c.dt = dt, c.C = C, c.addend = true;
       ln_case(c);
       c.misaligned = true;
+      ln_case(c);
+      c.misaligned = false, c.addend_misaligned = true;
       ln_case(c);
     }
     Case one;  // a single row
