@@ -1,5 +1,5 @@
-// Argument checks shared by the row-wise ops (layer_norm, silu_mul): x any-rank float on CPU or CUDA,
-// and other tensors shaped, typed and placed like it.
+// Argument checks shared by the row-wise ops (layer_norm, silu_mul, bias_gelu): x any-rank float on CPU
+// or CUDA, other tensors shaped, typed and placed like it, and per-channel parameters (dwconv's too).
 #pragma once
 
 #include "common.h"
@@ -23,6 +23,19 @@ inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor
              t.scalar_type());
   SOLA_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
   SOLA_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor");
+}
+
+// A per-channel parameter of x (..., C) (a weight or bias) as the kernels read it: (C) acc-typed and
+// contiguous (a view of an fp32 parameter, a copy only for another dtype or layout), checked; undefined
+// when absent. `what` names x's last dim in the message.
+inline at::Tensor acc_channel_param(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                                    const char* what = "channels") {
+  if (!t.has_value()) return at::Tensor();
+  const int64_t C = x.size(-1);
+  check_param(*t, name, x);
+  SOLA_CHECK(t->dim() == 1 && t->size(0) == C, name, " must be (C,) with C = ", C, " ", what, " of x, got shape ",
+             t->sizes());
+  return t->to(acc_dtype(x)).contiguous();
 }
 
 }  // namespace sola

@@ -26,13 +26,8 @@ bool parse_approximate(const std::string& approximate) {
 // kernels load 8 fp32 values at once): an fp32 parameter as it is, a copy only for another dtype, layout
 // or alignment; undefined when absent.
 at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  if (!bias.has_value()) return at::Tensor();
-  const int64_t C = x.size(-1);
-  check_param(*bias, "bias", x);
-  SOLA_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must be (C,) with C = ", C, " channels of x, got shape ",
-             bias->sizes());
-  at::Tensor b = bias->to(acc_dtype(x)).contiguous();
-  if (reinterpret_cast<uintptr_t>(b.data_ptr()) % 32 != 0) b = b.clone();
+  at::Tensor b = acc_channel_param(bias, "bias", x);
+  if (b.defined() && reinterpret_cast<uintptr_t>(b.data_ptr()) % 32 != 0) b = b.clone();
   return b;
 }
 

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "dwconv/dwconv.h"
+#include "elementwise_checks.h"
 
 namespace sola {
 namespace {
@@ -124,15 +125,6 @@ bool parse_input_activation(const std::string& input_activation, bool residual) 
   return input_activation == "relu";
 }
 
-// bias as the kernels read it (acc-typed, contiguous), checked; undefined when absent.
-at::Tensor kernel_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  if (!bias.has_value()) return at::Tensor();
-  check_param(*bias, "bias", x);
-  SOLA_CHECK(bias->dim() == 1 && bias->size(0) == x.size(3), "bias must be (C,) with C = ", x.size(3),
-             " channels of x, got shape ", bias->sizes());
-  return bias->to(acc_dtype(x)).contiguous();
-}
-
 }  // namespace
 
 at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, bool residual,
@@ -149,8 +141,8 @@ at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<
     check_output_shaped(*addend, "addend", x, stride);
     add = last_dim_contiguous(*addend);
   }
-  return convolve(x, kernel_weight(weight, x), kernel_bias(bias, x), residual, false, stride, epilogue, at::Tensor(),
-                  relu_input, at::Tensor(), add);
+  return convolve(x, kernel_weight(weight, x), acc_channel_param(bias, "bias", x), residual, false, stride, epilogue,
+                  at::Tensor(), relu_input, at::Tensor(), add);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
@@ -172,7 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     check_output_shaped(*out, "out", x, stride);
     grad_out = at::threshold_backward(grad_out, *out, 0);
   } else if (epilogue == DwEpilogue::Silu) {
-    grad_out = convolve(x, w, kernel_bias(bias, x), false, false, stride, DwEpilogue::SiluGrad, grad_out, relu_input);
+    grad_out = convolve(x, w, acc_channel_param(bias, "bias", x), false, false, stride, DwEpilogue::SiluGrad, grad_out,
+                        relu_input);
   }
   // dx: the gradient of the convolution's input, masked by x > 0 where that input was relu(x) (as
   // its kernels write it: dx = (x > 0) * conv^T(g)).

@@ -15,15 +15,9 @@ void check_x(const at::Tensor& x) {
              "shape ", x.sizes());
 }
 
-// weight or bias as the kernels read it: (C) acc-typed and contiguous (a view of an fp32 parameter,
-// a copy only for other dtypes or layouts); undefined when absent.
+// weight or bias as the kernels read it (acc_channel_param); undefined when absent.
 at::Tensor kernel_param(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
-  if (!t.has_value()) return at::Tensor();
-  const int64_t C = x.size(-1);
-  check_param(*t, name, x);
-  SOLA_CHECK(t->dim() == 1 && t->size(0) == C, name, " must be (C,) with C = ", C, " features of x, got shape ",
-             t->sizes());
-  return t->to(acc_dtype(x)).contiguous();
+  return acc_channel_param(t, name, x, "features");
 }
 
 // mean or rstd: x's shape without its last dim, acc-typed.
