@@ -36,10 +36,12 @@ TORCH_LIBRARY(sola_ops, m) {
   // Returns (dx, dweight, dbias): dweight in weight's dtype, dbias (C) fp32 (fp64 for fp64 x), empty
   // unless with_bias.
   // bias: needed with activation "silu" (the backward recomputes conv(x) + bias); out (the forward's
-  // result): needed with "relu" (its gradient is masked where out is 0).
+  // result): needed with "relu" (its gradient is masked where out is 0). dx_addend (x's shape and
+  // dtype; stride 1, not with input_activation "relu"): added to dx as it is written (the gradient of
+  // x's other consumers), the sum rounded once.
   m.def("depthwise_conv3x3_bwd(Tensor grad_out, Tensor x, Tensor weight, bool residual, bool with_bias, "
         "Tensor? bias=None, str activation=\"none\", int stride=1, Tensor? out=None, "
-        "str input_activation=\"none\") -> (Tensor, Tensor, Tensor)");
+        "str input_activation=\"none\", Tensor? dx_addend=None) -> (Tensor, Tensor, Tensor)");
   // LayerNorm over x's last dim C: returns (out in x's dtype, mean, rstd), mean / rstd of x's shape
   // without its last dim, fp32 (fp64 for fp64 x). weight, bias (C) of any float dtype, or None.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");

@@ -40,9 +40,9 @@ def depthwise_conv3x3_bwd_flop(grad_out, x=None, weight=None, residual=False, wi
     return depthwise_conv3x3_flops(grad_out, backward=True)
 
 
-def _register(op, formula) -> None:
+def _register(op, formula, get_raw=False) -> None:
     if op not in flop_registry:  # importing twice (or sola_ops registering its own) must not fail
-        register_flop_formula(op)(formula)
+        register_flop_formula(op, get_raw=get_raw)(formula)
 
 
 _register(_ops.linear_attention_fwd, linear_attention_fwd_flop)
@@ -51,3 +51,6 @@ _register(_ops.softmax_attention_fwd, softmax_attention_fwd_flop)
 _register(_ops.softmax_attention_bwd, softmax_attention_bwd_flop)
 _register(_ops.depthwise_conv3x3_fwd, depthwise_conv3x3_fwd_flop)
 _register(_ops.depthwise_conv3x3_bwd, depthwise_conv3x3_bwd_flop)
+# The token mixer's backward (attention_node.py) accumulates its GEMMs in place (addmm_), which torch's
+# registry leaves uncounted; addmm's formula (already shape-wrapped) counts it.
+_register(torch.ops.aten.addmm_, flop_registry[torch.ops.aten.addmm], get_raw=True)

@@ -6,7 +6,8 @@ residual, the activations and the LePE's sum with the attention output in the sa
 on channels-last NCHW views (`x.permute(0, 3, 1, 2)`) with "torch": no layout copies either way. The
 blocks' LayerNorms run as `sola_ops.layer_norm` with "sola" (in the tokens' dtype under autocast), as
 nn.LayerNorm with "torch". "sola" also runs the gate as `sola_ops.silu_mul`, the MLP's fc1 bias and GELU
-as `sola_ops.bias_gelu`, in_proj and act_proj as one GEMM, and keeps the attention's q, k, v, outputs and
+as `sola_ops.bias_gelu`, in_proj and act_proj as one GEMM, the token mixer as one autograd node (the
+gradient of its input written once: attention_node.py), and keeps the attention's q, k, v, outputs and
 gradients in the projections' layouts (no copies); same weights.
 """
 from collections import OrderedDict
@@ -19,8 +20,9 @@ from timm.layers import DropPath, Mlp
 
 try:
     import sola_ops
+    from .attention_node import AttentionNode
 except ImportError:  # the models still build and run with attn_impl="torch"
-    sola_ops = None
+    sola_ops = AttentionNode = None
 
 ATTN_IMPLS = ("sola", "torch")
 
@@ -85,15 +87,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- token mixers ---------------------------------------------------------------------------
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes x in: autocast's for fp16 / bf16 / fp32 where it is on, else x's."""
+    device = x.device.type
+    if (device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class AttentionMixer(nn.Module):
     """Shared part of both token mixers (so parameters do not depend on the layer pattern):
     q, k from one linear layer, v = the mixer input, 2-D RoPE on q and k, LePE (depthwise 3x3 on v).
     Subclasses implement `attend(qk, v, height, width)`: qk (B, 2 heads, N, head_dim) holds q's heads
     then k's, v (B, heads, N, head_dim). With attn_impl="sola" the linear mixer's feature map and RoPE
     run inside the attention kernels (`linear_attention(rope=...)`), the softmax mixer's RoPE as one
-    kernel (`sola_ops.rope`) over q and k together; "torch" writes them as MLLA does."""
+    kernel (`sola_ops.rope`) over q and k together, and the qk linear, the attention and LePE form one
+    autograd node (`node_forward`); "torch" writes them as MLLA does."""
 
     letter = "?"
+    eps = 0.0  # the linear mixer's normaliser epsilon (LinearAttention's)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "sola",
                  rope_base: float = 10000.0):
@@ -110,6 +123,8 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        if self.attn_impl == "sola" and type(self.qk) is nn.Linear and type(self.lepe) is nn.Conv2d:
+            return self.node_forward(x)
         B, H, W, C = x.shape
         N, nh, hd = H * W, self.num_heads, self.head_dim
         qk = self.qk(x).reshape(B, N, 2 * nh, hd).transpose(1, 2)  # a view, last dim contiguous
@@ -118,6 +133,17 @@ class AttentionMixer(nn.Module):
         # a view for sola_ops' outputs, which take the layout of q (here (B, N, nh, hd) in memory)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return depthwise_conv(self.lepe, x, self.attn_impl, addend=out)  # out + LePE(v)
+
+    def node_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one
+        autograd node (models/attention_node.py), which writes the gradient of x, their shared input, once.
+        Weights and x are cast to the compute dtype as autocast casts them for the linear layer."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        bias = None if self.qk.bias is None else self.qk.bias.to(dtype)
+        cos, sin = self.kernel_tables(x, x.shape[1], x.shape[2])
+        return AttentionNode.apply(x, self.qk.weight.to(dtype), bias, self.lepe.weight, self.lepe.bias, self.letter,
+                                   self.num_heads, cos, sin, self.eps)
 
     def kernel_tables(self, qk: torch.Tensor, height: int, width: int):
         """(cos, sin) as the sola_ops kernels compute with them: fp32 (fp64 for fp64 inputs)."""

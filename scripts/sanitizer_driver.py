@@ -214,6 +214,20 @@ def main():
                 return out + 2 * reference.layer_norm(out, nw, nb)
             check(f"dwconv+layer_norm {str(dtype).replace('torch.', '')} B=2 H=9 W=7 C={Ch}", cpe_ln, cpe_ln_ref,
                   [randn(2, 9, 7, Ch), randn(Ch, 1, 3, 3), randn(Ch), randn(Ch), randn(Ch)], dtype, failures)
+    # The SoLA-Vision token mixer as one autograd node (sola_vision.attention_node): LePE's input gradient
+    # written with the attention's dv as its addend (depthwise_conv3x3_bwd's dx_addend), both mixers, against
+    # the "torch" mixer in fp64; C = 64 (vector dwconv kernels), 2 heads.
+    from sola_vision.layers import LinearAttention, SoftmaxAttention
+    for dtype in dtypes:
+        for cls in (LinearAttention, SoftmaxAttention):
+            def mixer_fn(x, w, b, lw, lb, mixer):
+                names = ("qk.weight", "qk.bias", "lepe.weight", "lepe.bias")
+                return torch.func.functional_call(mixer, dict(zip(names, (w, b, lw, lb))), (x,))
+            sola_mixer, torch_mixer = cls(64, 2, attn_impl="sola").to(DEVICE), cls(64, 2, attn_impl="torch")
+            check(f"token mixer node {cls.letter} {str(dtype).replace('torch.', '')} B=2 H=9 W=7 C=64",
+                  partial(mixer_fn, mixer=sola_mixer), partial(mixer_fn, mixer=torch_mixer),
+                  [randn(2, 9, 7, 64), randn(128, 64) * 0.3, randn(128), randn(64, 1, 3, 3), randn(64)], dtype,
+                  failures)
     # silu_mul: the model's gate, a channel slice y[..., :C] of a (B, H, W, 2C) tensor read in place (C = 64:
     # the 16-byte vector kernels at row stride 2C), an odd width (C = 7: the element kernels), and rows one
     # element off alignment (y[..., 1:C + 1]: element kernels on a multiple-of-8 width), many rows past

@@ -58,6 +58,23 @@ def check_addend(addend, x, stride, activation):
         raise ValueError(f"addend must be on the device of x ({x.device}), got {addend.device}")
 
 
+def check_dx_addend(dx_addend, x, stride, input_activation):
+    """dx_addend None, or of x's shape, dtype and device; stride 1, input_activation "none" (the kernel that
+    adds it, the reversed convolution, masks after adding)."""
+    if dx_addend is None:
+        return
+    if stride != 1:
+        raise ValueError(f"dx_addend needs stride 1, got stride {stride}")
+    if input_activation != "none":
+        raise ValueError(f"dx_addend and input_activation={input_activation!r} cannot be combined")
+    if tuple(dx_addend.shape) != tuple(x.shape):
+        raise ValueError(f"dx_addend must have the shape of x {tuple(x.shape)}, got {tuple(dx_addend.shape)}")
+    if dx_addend.dtype != x.dtype:
+        raise ValueError(f"dx_addend must have the dtype of x ({x.dtype}), got {dx_addend.dtype}")
+    if dx_addend.device != x.device:
+        raise ValueError(f"dx_addend must be on the device of x ({x.device}), got {dx_addend.device}")
+
+
 def output_shape(x, stride):
     B, H, W, C = x.shape
     return (B, (H + stride - 1) // stride, (W + stride - 1) // stride, C)
@@ -97,12 +114,13 @@ def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", st
 
 @torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
 def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none", stride=1,
-                                out=None, input_activation="none"):
+                                out=None, input_activation="none", dx_addend=None):
     check_dwconv_args(x, weight, bias)
     check_activation(activation, residual, stride)
     check_input_activation(input_activation, residual)
     if activation == "relu" and out is None:
         raise ValueError("activation='relu' needs out (the forward's result) for its backward")
+    check_dx_addend(dx_addend, x, stride, input_activation)
     dbias = x.new_empty((x.shape[3],) if with_bias else (0,), dtype=_acc_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), dbias
 

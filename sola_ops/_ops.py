@@ -78,25 +78,26 @@ class _FirstOrderOnly(torch.autograd.Function):
     instead of silent zeros."""
 
     @staticmethod
-    def forward(op_name, bwd, *args):
+    def forward(name, advice, bwd, *args):
         return bwd(*args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.op_name = inputs[0]
+        ctx.name, ctx.advice = inputs[:2]
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"double backward of sola_ops.{ctx.op_name} is not supported: its backward "
-                           "kernels have no derivative of their own. For higher-order gradients use "
-                           f"sola_ops.reference.{ctx.op_name}.")
+        raise RuntimeError(f"double backward of {ctx.name} is not supported: its backward kernels have no "
+                           f"derivative of their own. For higher-order gradients {ctx.advice}.")
 
 
-def run_bwd(op_name, bwd, *args):
+def run_bwd(op_name, bwd, *args, name=None, advice=None):
     """bwd(*args), differentiable once. Grad mode is on inside a backward only with create_graph=True,
-    so a plain backward (and the graph torch.compile traces) calls the op directly, at no extra cost."""
+    so a plain backward (and the graph torch.compile traces) calls the op directly, at no extra cost.
+    A double backward's error names sola_ops.<op_name> and its reference, or `name` and `advice`."""
     if torch.is_grad_enabled():
-        return _FirstOrderOnly.apply(op_name, bwd, *args)
+        return _FirstOrderOnly.apply(name or f"sola_ops.{op_name}", advice or f"use sola_ops.reference.{op_name}",
+                                     bwd, *args)
     return bwd(*args)
 
 

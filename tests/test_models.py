@@ -13,6 +13,7 @@ from sola_vision.layers import LinearAttention, SoftmaxAttention, SoLABlock, app
 
 try:
     import sola_ops
+    from sola_vision.attention_node import AttentionNode
     HAS_SOLA = True
 except ImportError:
     HAS_SOLA = False
@@ -223,10 +224,17 @@ def test_sola_matches_torch(dtype, rtol):
 @needs_sola
 def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
     """attn_impl="sola" runs all the depthwise convs through sola_ops (the blocks' four, stride 1: the two
-    CPEs with the LayerNorm after each as depthwise_conv3x3_layer_norm; the downsamples', stride 2 with relu
-    on both sides), "torch" none of them; set_attn_impl switches the downsamples too."""
-    calls, fused = [], []
+    CPEs with the LayerNorm after each as depthwise_conv3x3_layer_norm, LePE inside the mixer's autograd
+    node; the downsamples', stride 2 with relu on both sides), "torch" none of them; set_attn_impl switches
+    the downsamples too."""
+    calls, fused, nodes = [], [], []
     real, real_fused = sola_ops.depthwise_conv3x3, sola_ops.depthwise_conv3x3_layer_norm
+    real_node = AttentionNode.forward
+
+    def counting_node(ctx, x, *args):
+        nodes.append(x.shape)
+        return real_node(ctx, x, *args)
+    monkeypatch.setattr(AttentionNode, "forward", staticmethod(counting_node))
 
     def counting(*args, **kwargs):
         calls.append((kwargs.get("stride", 1), kwargs.get("activation"), kwargs.get("input_activation"),
@@ -242,16 +250,17 @@ def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
     blocks = sum(len(stage.blocks) for stage in model.stages)
     with torch.no_grad():
         model(image(1, 64, 64))
-        assert calls == [] and fused == []
+        assert calls == [] and fused == [] and nodes == []
         model.set_attn_impl("sola")
         assert model.attn_impl == "sola"
         model(image(1, 64, 64))
     assert fused == [True] * (2 * blocks)  # the CPEs, x + conv(x)
-    assert len(calls) == 2 * blocks + len(model.stages) - 1
+    assert len(nodes) == blocks  # LePE (its sum with the attention output in its pass)
+    assert len(calls) == blocks + len(model.stages) - 1
+    # the in-block conv with its SiLU
+    assert [c for c in calls if c[0] == 1] == [(1, "silu", None, False)] * blocks
     # the downsamples': the conv's ReLU and the expand's ReLU before it in the same pass
     assert [c for c in calls if c[0] == 2] == [(2, "relu", "relu", False)] * (len(model.stages) - 1)
-    # each block's LePE adds the attention output in its pass
-    assert sum(c[3] for c in calls) == blocks
 
 
 @needs_sola
@@ -342,10 +351,10 @@ def test_sola_block_moves_no_layout_copies(mixer):
     # the MLP's fc1 bias + GELU as one kernel, whose backward sums the bias gradient (one aten::sum fewer)
     assert counts["sola"]["aten::gelu"] == 0 and counts["sola"]["sola_ops::bias_gelu_fwd"] == 1, counts
     assert counts["sola"]["aten::sum"] < counts["torch"]["aten::sum"], counts
-    # the whole step's adds: the two residual adds forward, and backward the gradient of v, the mixer input,
-    # summed over its three consumers; the residual stream's gradients are summed inside the LayerNorms'
-    # backward (depthwise_conv3x3_layer_norm), the CPEs' inside their dwconv's
-    assert counts["sola"]["aten::add"] == 4, counts
+    # the whole step's adds: the two residual adds forward, none backward: the residual stream's gradients
+    # are summed inside the LayerNorms' backward (depthwise_conv3x3_layer_norm), the CPEs' inside their
+    # dwconv's, and those of v, the mixer input, by its autograd node (LePE's dx_addend, addmm_)
+    assert counts["sola"]["aten::add"] == 2, counts
     # forward, the two residual adds only: the CPEs' and LePE's sums are written by the dwconv kernels
     with torch.no_grad():
         assert _aten_ops(lambda: block(x)).count("aten::add") == 2

@@ -214,3 +214,143 @@ def test_cuda_addend_large_grids(B, H, W, C, stride):
         want = addend.float() + F.conv2d(x.float().permute(0, 3, 1, 2), weight, bias, stride=stride, padding=1,
                                          groups=C).permute(0, 2, 3, 1)
         torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
+# ---- depthwise_conv3x3_bwd(..., dx_addend): the input gradient plus the gradient of x's other consumers ----
+
+DX_OPTIONS = [(False, "none"), (True, "none"), (False, "silu")]  # (residual, activation) at stride 1
+
+
+def bwd(g, x, weight, bias, residual, activation, dx_addend=None):
+    return ops.depthwise_conv3x3_bwd(g, x, weight, residual, bias is not None, bias, activation, 1, None, "none",
+                                     dx_addend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opts", DX_OPTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dx_addend(device, dtype, opts):
+    """dx + dx_addend against the fp64 reference's input gradient plus the addend (FlashAttention rule), the
+    parameters' gradients the same as without it."""
+    residual, activation = opts
+    x = randn((2, 9, 7, 12), dtype, device)
+    weight, bias = params(12, device, dtype)
+    g, a = randn(x.shape, dtype, device, seed=5), randn(x.shape, dtype, device, seed=3)
+    dx, dweight, dbias = bwd(g, x, weight, bias, residual, activation, a)
+    plain = bwd(g, x, weight, bias, residual, activation)
+    assert torch.equal(dweight, plain[1]) and torch.equal(dbias, plain[2])
+    act = None if activation == "none" else activation
+    x64, w64, b64 = (leaf(t) for t in upcast([x, weight, bias]))
+    (dx64,) = torch.autograd.grad(reference.depthwise_conv3x3(x64, w64, b64, residual=residual, activation=act),
+                                  x64, g.double())
+    xlp, wlp, blp = (leaf(t) for t in upcast([x, weight, bias], dtype))
+    (dx_lp,) = torch.autograd.grad(dwconv_lowp(xlp, wlp, blp, residual=residual, activation=act), xlp, g)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert_fa_close(dx, dx64 + a.double(), dx_lp + a, dtype, "dwconv dx + dx_addend")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dx_addend_rounded_once(device, dtype):
+    """The addend joins the accumulator before the one rounding to dtype: the fp32 (fp64) op's dx on the same
+    values plus the addend, rounded once (bitwise on the CPU, whose kernel sums in the same order)."""
+    x = randn((2, 6, 5, 8), dtype, device)
+    weight, bias = params(8, device)
+    g, a = randn(x.shape, dtype, device, seed=5), randn(x.shape, dtype, device, seed=3)
+    dx = bwd(g, x, weight, bias, False, "none", a)[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (bwd(g.to(acc), x.to(acc), weight, bias, False, "none")[0] + a.to(acc)).to(dtype)
+    if device == "cpu":
+        assert torch.equal(dx, want)
+    else:
+        torch.testing.assert_close(dx, want, rtol=0, atol=0) if dtype == torch.float64 else \
+            torch.testing.assert_close(dx.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["transposed", "slice", "lastdim"])
+def test_dx_addend_strided(device, kind):
+    """A dx_addend view reads the same as its contiguous copy (one-channel loads for the odd slice on CUDA)."""
+    x = randn((2, 6, 5, 12), torch.float16, device)
+    B, H, W, C = x.shape
+    if kind == "transposed":
+        a = randn((B, W, H, C), torch.float16, device, seed=3).transpose(1, 2)
+    elif kind == "slice":
+        a = randn((B + 1, H + 2, W + 3, C + 5), torch.float16, device, seed=3)[1:, 1:H + 1, 2:W + 2, 3:C + 3]
+    else:
+        a = randn((B, H, W, 2 * C), torch.float16, device, seed=3)[..., ::2]
+    weight, bias = params(C, device)
+    g = randn(x.shape, torch.float16, device, seed=5)
+    assert torch.equal(bwd(g, x, weight, bias, True, "none", a)[0],
+                       bwd(g, x, weight, bias, True, "none", a.contiguous())[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dx_addend_nan_and_empty(device):
+    """A NaN in dx_addend reaches its own element of dx only; empty inputs give empty gradients."""
+    x = randn((1, 6, 6, 4), torch.float32, device)
+    weight, bias = params(4, device)
+    a = torch.zeros_like(x)
+    a[0, 2, 3, 1] = float("nan")
+    dx = bwd(randn(x.shape, torch.float32, device, seed=5), x, weight, bias, False, "none", a)[0]
+    assert torch.isnan(dx).sum() == 1 and torch.isnan(dx[0, 2, 3, 1])
+    e = x[:0]
+    dx, dweight, dbias = bwd(e, e, weight, bias, False, "silu", e)
+    assert dx.shape == e.shape and (dweight == 0).all() and (dbias == 0).all()
+
+
+def test_dx_addend_bad_input():
+    x = randn((2, 5, 6, 8), torch.float32)
+    weight, bias = params(8)
+    g2 = randn(out_shape(x, 2), torch.float32)
+    cases = [
+        (lambda: bwd(x, x, weight, bias, False, "none", x[:, :4]), "dx_addend must have the shape of x"),
+        (lambda: bwd(x, x, weight, bias, False, "none", x.double()), "dx_addend must have the dtype of x"),
+        (lambda: ops.depthwise_conv3x3_bwd(g2, x, weight, False, True, None, "none", 2, None, "none", x),
+         "dx_addend needs stride 1"),
+        (lambda: ops.depthwise_conv3x3_bwd(x, x, weight, False, True, None, "none", 1, None, "relu", x),
+         "dx_addend and input_activation='relu' cannot be combined"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("opts", DX_OPTIONS)
+def test_dx_addend_opcheck(opts):
+    residual, activation = opts
+    x = randn((2, 5, 6, 8), torch.float32)
+    weight, bias = params(8)
+    torch.library.opcheck(ops.depthwise_conv3x3_bwd.default,
+                          (randn(x.shape, torch.float32, seed=5), x, weight, residual, True, bias, activation, 1, None,
+                           "none", randn(x.shape, torch.float32, seed=3)))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,H,W,C", [(4, 32, 80, 1024), (2, 57, 57, 1030)])
+def test_cuda_dx_addend_large_grids(B, H, W, C):
+    """The vector kernel and a one-channel one (C = 1030) walking more items than the grid holds: dx plus an
+    aligned and a misaligned addend against the op without it plus the addend, in fp32."""
+    x = randn((B, H, W, C), torch.bfloat16, "cuda")
+    weight, bias = params(C, "cuda")
+    g = randn(x.shape, torch.bfloat16, "cuda", seed=5)
+    dx32 = bwd(g.float(), x.float(), weight, bias, False, "silu")[0]
+    for a in (randn(x.shape, torch.bfloat16, "cuda", seed=3),
+              randn((B, H, W, C + 1), torch.bfloat16, "cuda", seed=3)[..., 1:]):
+        dx = bwd(g, x, weight, bias, False, "silu", a)[0]
+        torch.testing.assert_close(dx.float(), dx32 + a.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dx_addend_fake_checks():
+    """The fake (meta) implementation refuses what the kernels refuse, with the same messages."""
+    x = torch.empty((2, 5, 6, 8), device="meta")
+    weight, bias = (t.to("meta") for t in params(8))
+    for a, stride, input_activation, match in [
+            (x[:, :4], 1, "none", "dx_addend must have the shape of x"),
+            (x.double(), 1, "none", "dx_addend must have the dtype of x"),
+            (x, 2, "none", "dx_addend needs stride 1"),
+            (x, 1, "relu", "dx_addend and input_activation='relu' cannot be combined")]:
+        g = torch.empty(out_shape(x, stride), device="meta")
+        with pytest.raises(ValueError, match=match):
+            ops.depthwise_conv3x3_bwd(g, x, weight, False, True, bias, "none", stride, None, input_activation, a)

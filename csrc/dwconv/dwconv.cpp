@@ -148,12 +148,20 @@ at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
     c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out,
-    std::string input_activation) {
+    std::string input_activation, c10::optional<at::Tensor> dx_addend) {
   check_x(x);
   check_weight(weight, x);
   const DwEpilogue epilogue = parse_activation(activation, residual, stride);
   const bool relu_input = parse_input_activation(input_activation, residual);
   check_output_shaped(grad_out, "grad_out", x, stride);
+  at::Tensor dx_add;
+  if (dx_addend.has_value()) {
+    // only the reversed convolution adds it, and before its relu mask, which must not cover the addend
+    SOLA_CHECK(stride == 1, "dx_addend needs stride 1, got stride ", stride);
+    SOLA_CHECK(!relu_input, "dx_addend and input_activation='relu' cannot be combined");
+    check_output_shaped(*dx_addend, "dx_addend", x, 1);
+    dx_add = last_dim_contiguous(*dx_addend);
+  }
   x = last_dim_contiguous(x);  // once each, for every kernel
   grad_out = last_dim_contiguous(grad_out);
   const at::Tensor w = kernel_weight(weight, x);
@@ -170,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
   // dx: the gradient of the convolution's input, masked by x > 0 where that input was relu(x) (as
   // its kernels write it: dx = (x > 0) * conv^T(g)).
   const at::Tensor dx = stride == 1 ? convolve(grad_out, w, at::Tensor(), residual, true, 1, DwEpilogue::Plain,
-                                               at::Tensor(), false, relu_input ? x : at::Tensor())
+                                               at::Tensor(), false, relu_input ? x : at::Tensor(), dx_add)
                                     : convolve_transposed(grad_out, x, w, relu_input);
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor dweight = new_output({x.size(3), kDwTaps}, acc_options);

@@ -13,7 +13,8 @@
 // conv): the kernels that read x read relu of it, and the input gradient's kernels mask what they
 // write by x > 0, so relu(x) and its gradient are never written.
 // addend (the output's shape) is added to the forward's output as it is written (LePE's
-// out = attention + conv(v)): the sum is never written and read back.
+// out = attention + conv(v)): the sum is never written and read back. dx_addend, at s = 1, is added to
+// the input gradient the same way (the gradient of x's other consumers, summed where it is written).
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
@@ -52,9 +53,10 @@ struct DwconvParams {
   // transposed one at stride 2) write out where mask (the forward's x, out's shape) > 0, else 0
   // (dw_relu_grad); no mask where mask.ptr is null.
   View4 mask;
-  // The forward's addend: the convolution (dwconv_cpu / _cuda) writes out = epilogue + addend (out's
-  // shape, channel dim contiguous), before any mask; no addend where addend.ptr is null. The transposed
-  // convolution and the weight gradient do not read it.
+  // The forward's addend, or the backward's dx_addend (stride 1: the reversed convolution): the
+  // convolution (dwconv_cpu / _cuda) writes out = epilogue + addend (out's shape, channel dim
+  // contiguous), before any mask; no addend where addend.ptr is null. The transposed convolution and
+  // the weight gradient do not read it.
   View4 addend;
   // Weight gradient: sums over the output positions (b, h, w) of grad[b, h, w, c] *
   // x[b, s h + dy - 1, s w + dx - 1, c] per tap into dweight (C, 9), and of grad into dbias (C;
@@ -139,7 +141,7 @@ at::Tensor depthwise_conv3x3_fwd(at::Tensor x, at::Tensor weight, c10::optional<
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
     at::Tensor grad_out, at::Tensor x, at::Tensor weight, bool residual, bool with_bias,
     c10::optional<at::Tensor> bias, std::string activation, int64_t stride, c10::optional<at::Tensor> out,
-    std::string input_activation);
+    std::string input_activation, c10::optional<at::Tensor> dx_addend);
 
 void dwconv_cpu(const DwconvParams& p);
 void dwconv_transposed_cpu(const DwconvParams& p);

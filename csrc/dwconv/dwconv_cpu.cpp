@@ -97,8 +97,8 @@ SOLA_CPU_INLINE void tap_sources(const DwconvParams& p, const acc* const (&rows)
 }
 
 // out = the epilogue of bias + the 9 taps' products in tap order (the CUDA kernels' order), one pass
-// per output row (r = b * OH + h), plus the addend where there is one (the forward's); masked where
-// there is a mask (the reversed convolution's input gradient).
+// per output row (r = b * OH + h), plus the addend where there is one (the forward's, or the backward's
+// dx_addend); masked where there is a mask (the reversed convolution's input gradient).
 template <typename scalar_t, DwEpilogue kEpi>
 SOLA_CPU_CLONES void conv_rows(const DwconvParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;

@@ -6,7 +6,8 @@
 // and lanes that walk more than one task. Relu input (input_activation "relu"): the convolution, its
 // epilogues and the weight gradient reading relu(x), and the input gradient's kernels masking by x (the
 // transposed one at stride 2; at stride 1 the reversed convolution of g, as the op layer runs it).
-// An addend added to the convolution's output (in the case's layout, or misaligned beside an aligned x).
+// An addend added to the convolution's output (in the case's layout, or misaligned beside an aligned x),
+// also to the reversed one's (the backward's dx_addend).
 // Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
 #include <cstdio>
 #include <string>
@@ -204,6 +205,13 @@ int main(int argc, char** argv) {
           c.relu_in = stride == 2 && C == 7;
           dwconv_case(c);
         }
+      }
+      if (stride == 1) {  // the backward's dx_addend: the reversed convolution (the CPE's centre tap too)
+        Case c;
+        c.dt = dt, c.addend = 1, c.reversed = true, c.residual = true, c.C = 16, c.H = 21, c.W = 9;
+        dwconv_case(c);
+        c.addend = 2, c.residual = false, c.C = 24;  // misaligned, beside an aligned x
+        dwconv_case(c);
       }
       for (int layout = 0; layout < 4; ++layout) {
         Case c;

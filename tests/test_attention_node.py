@@ -1,0 +1,138 @@
+"""The "sola" token mixer as one autograd node (models/attention_node.py): the same values and gradients as
+the public ops composed as separate nodes, gradcheck, frozen parts, autocast, the fallback for replaced
+layers, and the double-backward error. CPU; the mixer on CUDA is tested in test_models.py."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("timm")
+sola_ops = pytest.importorskip("sola_ops")
+from sola_vision.attention_node import AttentionNode  # noqa: E402
+from sola_vision.layers import LinearAttention, SoftmaxAttention  # noqa: E402
+
+MIXERS = [LinearAttention, SoftmaxAttention]
+
+
+def separate_ops(mixer, x):
+    """The mixer written with the public ops, each its own autograd node: qk linear, attention with RoPE,
+    LePE with the attention output as its addend."""
+    B, H, W, C = x.shape
+    heads, hd = mixer.num_heads, mixer.head_dim
+    qk = F.linear(x, mixer.qk.weight, mixer.qk.bias).reshape(B, H * W, 2, heads, hd)
+    q, k = (t.transpose(1, 2) for t in qk.unbind(2))
+    v = x.reshape(B, H * W, heads, hd).transpose(1, 2)
+    cos, sin = mixer.kernel_tables(x, H, W)
+    if mixer.letter == "L":
+        out = sola_ops.linear_attention(q, k, v, feature_map="elu", eps=mixer.eps, rope=(cos, sin))
+    else:
+        out = sola_ops.softmax_attention(sola_ops.rope(q, cos, sin), sola_ops.rope(k, cos, sin), v)
+    out = out.transpose(1, 2).reshape(B, H, W, C)
+    return sola_ops.depthwise_conv3x3(x, mixer.lepe.weight, mixer.lepe.bias, addend=out)
+
+
+def make(cls, dim=64, heads=2, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    mixer = cls(dim, heads, attn_impl="sola").to(dtype)
+    with torch.no_grad():
+        mixer.qk.weight.normal_(0, 0.3)
+    return mixer
+
+
+def grads(fn, mixer, x, g):
+    x = x.detach().requires_grad_(True)
+    out = fn(x)
+    wanted = [x] + [p for p in mixer.parameters() if p.requires_grad]
+    return [out.detach()] + list(torch.autograd.grad(out, wanted, g))
+
+
+@pytest.mark.parametrize("cls", MIXERS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_node_matches_separate_ops(cls, dtype, tol, heads):
+    """Output and every gradient as the separate ops give them (x's gradient summed in another order)."""
+    mixer = make(cls, heads=heads, dtype=dtype)
+    x = torch.randn(2, 5, 7, 64, dtype=dtype)
+    g = torch.randn_like(x)
+    ours = grads(mixer, mixer, x, g)
+    want = grads(lambda t: separate_ops(mixer, t), mixer, x, g)
+    assert len(ours) == len(want) == 6
+    for a, b in zip(ours, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cls", MIXERS)
+def test_node_gradcheck(cls):
+    mixer = make(cls, dim=8, heads=2)
+    x = torch.randn(1, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = mixer.kernel_tables(x, 3, 4)
+
+    def fn(x, w, b, lw, lb):
+        return AttentionNode.apply(x, w, b, lw, lb, mixer.letter, 2, cos, sin, mixer.eps)
+    params = [p.detach().clone().requires_grad_(True) for p in (mixer.qk.weight, mixer.qk.bias, mixer.lepe.weight,
+                                                                mixer.lepe.bias)]
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("cls", MIXERS)
+@pytest.mark.parametrize("frozen", ["qk", "lepe", "x", "qk+x"])
+def test_node_frozen_parts(cls, frozen):
+    """Frozen parameters or an input without grad: the others' gradients unchanged, none for the frozen."""
+    mixer = make(cls)
+    x = torch.randn(2, 5, 7, 64, dtype=torch.float64)
+    g = torch.randn_like(x)
+    full = dict(zip(["x"] + [n for n, _ in mixer.named_parameters()], grads(mixer, mixer, x, g)[1:]))
+    for name, p in mixer.named_parameters():
+        p.requires_grad_(name.split(".")[0] not in frozen)
+    x = x.requires_grad_("x" not in frozen)
+    wanted = ([x] if x.requires_grad else []) + [p for p in mixer.parameters() if p.requires_grad]
+    names = (["x"] if x.requires_grad else []) + [n for n, p in mixer.named_parameters() if p.requires_grad]
+    for name, got in zip(names, torch.autograd.grad(mixer(x), wanted, g)):
+        torch.testing.assert_close(got, full[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", MIXERS)
+def test_node_under_autocast(cls):
+    """bf16 autocast on the CPU: the weights cast as autocast casts them for the linear layer, fp32
+    parameters' gradients in fp32, the same values as the separate ops under the same autocast."""
+    mixer = make(cls, dtype=torch.float32)
+    x = torch.randn(2, 5, 7, 64)
+    g = torch.randn(2, 5, 7, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = grads(mixer, mixer, x.bfloat16(), g)
+        want = grads(lambda t: separate_ops(mixer, t.to(torch.bfloat16)), mixer, x.bfloat16(), g)
+    assert ours[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in ours[2:])
+    for a, b in zip(ours, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_node_replaced_layer_runs_as_separate_ops():
+    """A qk layer that is not a plain nn.Linear (a subclass, e.g. a LoRA wrapper) is called as a module:
+    the mixer then runs the ops one node each, with the same result."""
+    calls = []
+
+    class Counted(nn.Linear):
+        def forward(self, x):
+            calls.append(x.shape)
+            return super().forward(x)
+    mixer = make(LinearAttention)
+    x = torch.randn(2, 5, 7, 64, dtype=torch.float64)
+    g = torch.randn_like(x)
+    want = grads(mixer, mixer, x, g)
+    counted = Counted(64, 128).double()
+    counted.load_state_dict(mixer.qk.state_dict())
+    mixer.qk = counted
+    for a, b in zip(grads(mixer, mixer, x, g), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("cls", MIXERS)
+def test_node_double_backward_raises(cls):
+    mixer = make(cls)
+    x = torch.randn(1, 4, 4, 64, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(mixer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward of the SoLA-Vision token mixer.*attn_impl='torch'"):
+        dx.sum().backward()
