@@ -12,8 +12,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from sola_ops._flops import register
 from sola_ops._ops import ops, run_bwd
+from torch.utils.flop_counter import flop_registry
 
+
+# The backward accumulates its GEMMs in place (addmm_), which torch's registry leaves uncounted; addmm's
+# formula (already shape-wrapped) counts it.
+register(torch.ops.aten.addmm_, flop_registry[torch.ops.aten.addmm], get_raw=True)
 
 
 def first_order(bwd, *args):

@@ -22,6 +22,7 @@ from ._dwconv import check_activation, check_addend, check_dwconv_args, check_in
 from ._bias_gelu import check_approximate, check_bias_gelu_args
 from ._layer_norm import check_layer_norm_args
 from ._dwconv_layer_norm import DwconvLayerNorm
+from . import _flops  # noqa: F401  (registers the ops' FLOP formulas with FlopCounterMode)
 from ._silu_mul import check_silu_mul_args
 from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
 
@@ -60,13 +61,14 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     if not (_finite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     check_feature_map(feature_map)
+    normalize = _as_bool(normalize, "normalize")
     if not normalize and (q_norm is not None or k_norm is not None):
         raise ValueError("q_norm and k_norm are only used with normalize=True")
     rope_cos, rope_sin = _rope_tables(rope)
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
     check_linear_args(q, k, v, q_norm, k_norm)
     check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
-    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, bool(normalize), eps, rope_cos, rope_sin)
+    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos, rope_sin)
     return out
 
 
@@ -98,6 +100,7 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     scale = _as_float(scale, "scale")
     if not _finite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    return_lse = _as_bool(return_lse, "return_lse")
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v)
     out, lse = ops.softmax_attention_fwd(q, k, v, scale)
@@ -119,11 +122,12 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     """
     _check_tensors(x=x, cos=cos, sin=sin)
     check_feature_map(feature_map)
+    return_features = _as_bool(return_features, "return_features")
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos and sin require grad, but rope takes them as constants and would not "
                          "differentiate them; pass detached tables (or use sola_ops.reference.rope)")
     check_rope_args(x, cos, sin)
-    rot, feat = ops.rope_fwd(x, cos, sin, feature_map, bool(return_features))
+    rot, feat = ops.rope_fwd(x, cos, sin, feature_map, return_features)
     return (rot, feat) if return_features else rot
 
 
@@ -158,11 +162,12 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     check_dwconv_args(x, weight, bias)
     activation = "none" if activation is None else activation
     stride = check_stride(stride)
+    residual = _as_bool(residual, "residual")
     check_activation(activation, residual, stride)
     input_activation = "none" if input_activation is None else input_activation
     check_input_activation(input_activation, residual)
     check_addend(addend, x, stride, activation)
-    return ops.depthwise_conv3x3_fwd(x, weight, bias, bool(residual), activation, stride, input_activation, addend)
+    return ops.depthwise_conv3x3_fwd(x, weight, bias, residual, activation, stride, input_activation, addend)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -202,9 +207,10 @@ def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=Non
     _check_tensors(optional=True, conv_bias=conv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
     (x,) = _autocast(x)
     check_dwconv_args(x, conv_weight, conv_bias, prefix="conv_")
+    residual = _as_bool(residual, "residual")
     eps = _as_float(eps, "eps")
     check_layer_norm_args(x, norm_weight, norm_bias, eps, prefix="norm_")
-    return DwconvLayerNorm.apply(x, conv_weight, conv_bias, norm_weight, norm_bias, bool(residual), eps)
+    return DwconvLayerNorm.apply(x, conv_weight, conv_bias, norm_weight, norm_bias, residual, eps)
 
 
 def silu_mul(x, gate):
@@ -235,7 +241,8 @@ def bias_gelu(x, bias=None, approximate="none"):
     backward writes dx = grad * gelu'(x + bias) and sums it over all rows into the bias gradient in the same
     pass (no separate reduction re-reading the 4C-wide gradient). Computed in fp32 (fp64 for fp64 x) with
     torch's gelu and gelu_backward formulas ("none": erf, "tanh": torch's tanh approximation) and rounded
-    once; NaN / inf give what torch's gelu gives on x + bias (gelu(-inf) is NaN, gelu'(+-inf) NaN).
+    once; NaN / inf give what torch's gelu formula gives on x + bias: gelu(+inf) = +inf (as torch's fp64 and
+    scalar paths; its vectorised fp32 CPU path gives NaN), gelu(-inf) NaN, gelu'(+-inf) NaN.
 
     x: any rank >= 1, (..., C), float16, bfloat16, float32 or float64, on CPU or CUDA; read in place when its
     last dim is contiguous and its leading dims collapse to one row stride (a channel slice), else copied.
@@ -280,12 +287,23 @@ def _as_float(x, name):
         raise ValueError(f"{name} is a tensor that requires grad; the kernels take it as a number and "
                          f"would not differentiate it" + (": scale q by it instead, e.g. "
                          "softmax_attention(q * scale, k, v, scale=1.0)" if name == "scale" else ""))
+    if isinstance(x, (str, bytes)):  # float() would parse "0.1"
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     try:
         return float(x)
     except OverflowError:
         raise ValueError(f"{name} is too large for a float (a 64-bit double)") from None
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from None
+
+
+def _as_bool(x, name):
+    """x as a bool: True / False (or a numpy bool, or the ints 0 and 1). bool() would take any object, and a
+    string such as "no" or "False" as True."""
+    numpy_bool = type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_")
+    if isinstance(x, bool) or numpy_bool or (isinstance(x, int) and x in (0, 1)):
+        return bool(x)
+    raise TypeError(f"{name} must be True or False, got {x!r} ({type(x).__name__})")
 
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -924,3 +924,54 @@ def test_blocks_walk_several_work_items(dtype, monkeypatch):
     torch.testing.assert_close(sola_ops.depthwise_conv3x3(x, w, b, residual=True).double(),
                                reference.depthwise_conv3x3(x.double(), w.double(), b.double(), residual=True),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_flop_counter_counts_the_ops():
+    """FlopCounterMode counts the ops with sola_ops alone imported (their formulas are registered by it): the
+    formulas, the forwards as it counts the same math in PyTorch (softmax attention's two matmuls, a
+    depthwise conv2d)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn, *inputs, backward=False):
+        inputs = [t.detach().requires_grad_(backward) for t in inputs]
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*inputs)
+            if backward:
+                out.sum().backward()
+        return counter.get_total_flops()
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (7, 9, 9))
+    for op, formula in ((sola_ops.softmax_attention, sola_ops._flops.softmax_attention_flops),
+                        (sola_ops.linear_attention, sola_ops._flops.linear_attention_flops)):
+        fwd, bwd = formula(q.shape, k.shape, v.shape), formula(q.shape, k.shape, v.shape, backward=True)
+        assert count(op, q, k, v) == fwd > 0 and count(op, q, k, v, backward=True) == fwd + bwd
+    assert count(sola_ops.softmax_attention, q, k, v) == count(lambda q, k, v: (q @ k.mT).softmax(-1) @ v, q, k, v)
+    x, weight = torch.randn(2, 5, 6, 8), torch.randn(8, 1, 3, 3)
+    conv = count(lambda x, w: torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), w, padding=1, groups=8), x, weight)
+    assert count(sola_ops.depthwise_conv3x3, x, weight) == conv > 0
+
+
+def test_flags_and_numbers_refuse_strings():
+    """A flag takes True / False (bool() would read "no" as True), a number refuses a string float() parses."""
+    q = k = v = torch.randn(1, 2, 5, 8)
+    x, weight = torch.randn(1, 4, 4, 8), torch.randn(8, 1, 3, 3)
+    cos = sin = torch.randn(5, 4)
+    calls = [
+        ("normalize", lambda: sola_ops.linear_attention(q, k, v, normalize="False")),
+        ("return_lse", lambda: sola_ops.softmax_attention(q, k, v, return_lse="no")),
+        ("return_features", lambda: sola_ops.rope(q, cos, sin, return_features=None)),
+        ("residual", lambda: sola_ops.depthwise_conv3x3(x, weight, residual="no")),
+        ("residual", lambda: sola_ops.depthwise_conv3x3_layer_norm(x, weight, residual=2)),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            call()
+    for call in (lambda: sola_ops.linear_attention(q, k, v, eps="0.1"),
+                 lambda: sola_ops.softmax_attention(q, k, v, scale="2"),
+                 lambda: sola_ops.layer_norm(x, eps=b"1e-5")):
+        with pytest.raises(TypeError, match="must be a real number, got (str|bytes)"):
+            call()
+    # the ints 0 and 1 and numpy's bools are flags too
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(sola_ops.depthwise_conv3x3(x, weight, residual=1),
+                               sola_ops.depthwise_conv3x3(x, weight, residual=np.bool_(True)))
+    assert sola_ops.softmax_attention(q, k, v, return_lse=0).shape == q.shape
