@@ -74,6 +74,20 @@ def test_addend_awkward_sizes(device, H, W, C, stride):
     check_addend(x, weight, bias, addend, stride=stride)
 
 
+def strided_tokens(kind, shape, device):
+    """A non-contiguous fp16 (B, H, W, C) view: "transposed" (H and W swapped), "slice" (odd offsets in every
+    dim, the channel dim contiguous) or "lastdim" (every other channel)."""
+    B, H, W, C = shape
+    if kind == "transposed":
+        t = randn((B, W, H, C), torch.float16, device, seed=3).transpose(1, 2)
+    elif kind == "slice":
+        t = randn((B + 1, H + 2, W + 3, C + 5), torch.float16, device, seed=3)[1:, 1:H + 1, 2:W + 2, 3:C + 3]
+    else:
+        t = randn((B, H, W, 2 * C), torch.float16, device, seed=3)[..., ::2]
+    assert not t.is_contiguous()
+    return t
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["transposed", "slice", "lastdim"])
 @pytest.mark.parametrize("stride", [1, 2])
@@ -81,15 +95,8 @@ def test_addend_strided(device, kind, stride):
     """An addend view with the channel dim contiguous is read in place (slice: odd offsets, so one-channel
     loads on CUDA), a non-contiguous channel dim is copied; the values are the same either way."""
     x = randn((2, 6, 5, 12), torch.float16, device)
-    B, OH, OW, C = out_shape(x, stride)
-    if kind == "transposed":
-        addend = randn((B, OW, OH, C), torch.float16, device, seed=3).transpose(1, 2)
-    elif kind == "slice":
-        addend = randn((B + 1, OH + 2, OW + 3, C + 5), torch.float16, device, seed=3)[1:, 1:OH + 1, 2:OW + 2, 3:C + 3]
-    else:
-        addend = randn((B, OH, OW, 2 * C), torch.float16, device, seed=3)[..., ::2]
-    assert not addend.is_contiguous()
-    weight, bias = params(C, device)
+    addend = strided_tokens(kind, out_shape(x, stride), device)
+    weight, bias = params(x.shape[3], device)
     out = check_addend(x, weight, bias, addend, stride=stride)
     torch.testing.assert_close(out, sola_ops.depthwise_conv3x3(x, weight, bias, stride=stride,
                                                                addend=addend.contiguous()), rtol=0, atol=0)
@@ -272,14 +279,8 @@ def test_dx_addend_rounded_once(device, dtype):
 def test_dx_addend_strided(device, kind):
     """A dx_addend view reads the same as its contiguous copy (one-channel loads for the odd slice on CUDA)."""
     x = randn((2, 6, 5, 12), torch.float16, device)
-    B, H, W, C = x.shape
-    if kind == "transposed":
-        a = randn((B, W, H, C), torch.float16, device, seed=3).transpose(1, 2)
-    elif kind == "slice":
-        a = randn((B + 1, H + 2, W + 3, C + 5), torch.float16, device, seed=3)[1:, 1:H + 1, 2:W + 2, 3:C + 3]
-    else:
-        a = randn((B, H, W, 2 * C), torch.float16, device, seed=3)[..., ::2]
-    weight, bias = params(C, device)
+    a = strided_tokens(kind, x.shape, device)
+    weight, bias = params(x.shape[3], device)
     g = randn(x.shape, torch.float16, device, seed=5)
     assert torch.equal(bwd(g, x, weight, bias, True, "none", a)[0],
                        bwd(g, x, weight, bias, True, "none", a.contiguous())[0])
