@@ -9,6 +9,7 @@ the linear's input gradients are GEMMs accumulated onto that sum (addmm_), one f
 one for k's, each read where the attention's backward wrote it.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,9 @@ from torch.utils.flop_counter import flop_registry
 register(torch.ops.aten.addmm_, flop_registry[torch.ops.aten.addmm], get_raw=True)
 
 
-def first_order(bwd, *args):
-    """run_bwd for this node: a double backward's error names the mixer and what to use instead."""
-    return run_bwd("", bwd, *args, name="the SoLA-Vision token mixer's autograd node (sola_vision.attention_node)",
-                   advice="build the model with attn_impl='torch'")
-
-
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, H, W, C) or (B, N, C) tokens as (B, heads, N, C / heads): a view, heads-interleaved in memory."""
-    B = t.shape[0]
-    return t.reshape(B, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), heads, t.shape[-1] // heads).transpose(1, 2)
 
 
 def merge_heads(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -61,48 +55,57 @@ class AttentionNode(torch.autograd.Function):
             out, lse = ops.softmax_attention_fwd(q_rot, k_rot, v, 1.0 / math.sqrt(q.shape[-1]))
             saved = (q, k, q_rot, k_rot, out, lse)
         result = ops.depthwise_conv3x3_fwd(x, lepe_weight, lepe_bias, False, "none", 1, "none", merge_heads(out, x))
-        ctx.save_for_backward(x, qk_weight, lepe_weight, cos, sin, *saved)
+        ctx.save_for_backward(x, qk_weight, qk_bias, lepe_weight, lepe_bias, cos, sin, *saved)
         ctx.mixer, ctx.heads, ctx.eps = mixer, heads, eps
-        ctx.lepe_bias_dtype = None if lepe_bias is None else lepe_bias.dtype
-        ctx.with_qk_bias = qk_bias is not None
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        x, qk_weight, lepe_weight, cos, sin, *saved = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dq = dk = dv = None
-        if any(need[:3]):  # the attention output's gradient is the sum's
-            dq, dk, dv = attention_grads(ctx, split_heads(grad, ctx.heads), split_heads(x, ctx.heads), cos, sin, saved)
-        dx = dlepe_weight = dlepe_bias = None
-        with_lepe_bias = ctx.lepe_bias_dtype is not None and need[4]
-        if need[0] or need[3] or with_lepe_bias:  # LePE's input gradient written with dv added
-            dx, dlepe_weight, dlepe_bias = first_order(ops.depthwise_conv3x3_bwd, grad, x, lepe_weight, False,
-                                                       with_lepe_bias, None, "none", 1, None, "none",
-                                                       None if dv is None else merge_heads(dv, x))
-        dqk_weight = dqk_bias = None
-        if dq is not None:
-            C = x.shape[-1]
-            x2d, dq2d, dk2d = x.reshape(-1, C), dq.transpose(1, 2).reshape(-1, C), dk.transpose(1, 2).reshape(-1, C)
-            if need[0]:  # x's gradient from the qk linear, accumulated where the sum above was written
-                dx.view(-1, C).addmm_(dq2d, qk_weight[:C]).addmm_(dk2d, qk_weight[C:])
-            if need[1]:
-                dqk_weight = torch.cat((dq2d.t() @ x2d, dk2d.t() @ x2d))
-            if need[2] and ctx.with_qk_bias:
-                dqk_bias = torch.cat((dq2d.sum(0), dk2d.sum(0)))
-        return (dx if need[0] else None, dqk_weight, dqk_bias, dlepe_weight if need[3] else None,
-                dlepe_bias.to(ctx.lepe_bias_dtype) if with_lepe_bias else None, None, None, None, None, None)
+        x, qk_weight, qk_bias, lepe_weight, lepe_bias, cos, sin, *saved = ctx.saved_tensors
+        # One first-order-only node over the whole backward, whose inputs are all that the gradients depend
+        # on: a second-order gradient through any of them (the weights too) raises, none comes out partial.
+        grads = run_bwd("", partial(node_grads, ctx, cos, sin, saved), grad, x, qk_weight, qk_bias, lepe_weight,
+                        lepe_bias, name="the SoLA-Vision token mixer's autograd node (sola_vision.attention_node)",
+                        advice="build the model with attn_impl='torch'")
+        return (*grads, None, None, None, None, None)
+
+
+def node_grads(ctx, cos, sin, saved, grad, x, qk_weight, qk_bias, lepe_weight, lepe_bias):
+    """The gradients of x, qk_weight, qk_bias, lepe_weight and lepe_bias (None where not wanted)."""
+    need = ctx.needs_input_grad
+    dq = dk = dv = None
+    if any(need[:3]):  # the attention output's gradient is the sum's
+        dq, dk, dv = attention_grads(ctx, split_heads(grad, ctx.heads), split_heads(x, ctx.heads), cos, sin, saved)
+    dx = dlepe_weight = dlepe_bias = None
+    with_lepe_bias = lepe_bias is not None and need[4]
+    if need[0] or need[3] or with_lepe_bias:  # LePE's input gradient written with dv added
+        dx, dlepe_weight, dlepe_bias = ops.depthwise_conv3x3_bwd(grad, x, lepe_weight, False, with_lepe_bias, None,
+                                                                 "none", 1, None, "none",
+                                                                 None if dv is None or not need[0] else
+                                                                 merge_heads(dv, x))
+    dqk_weight = dqk_bias = None
+    if dq is not None:
+        C = x.shape[-1]
+        x2d, dq2d, dk2d = x.reshape(-1, C), dq.transpose(1, 2).reshape(-1, C), dk.transpose(1, 2).reshape(-1, C)
+        if need[0]:  # x's gradient from the qk linear, accumulated where the sum above was written
+            dx.view(-1, C).addmm_(dq2d, qk_weight[:C]).addmm_(dk2d, qk_weight[C:])
+        if need[1]:
+            dqk_weight = torch.cat((dq2d.t() @ x2d, dk2d.t() @ x2d))
+        if need[2] and qk_bias is not None:
+            dqk_bias = torch.cat((dq2d.sum(0), dk2d.sum(0)))
+    return (dx if need[0] else None, dqk_weight, dqk_bias, dlepe_weight if need[3] else None,
+            dlepe_bias.to(lepe_bias.dtype) if with_lepe_bias else None)
 
 
 def attention_grads(ctx, grad_out, v, cos, sin, saved):
     """(dq, dk, dv) of the attention, each (B, heads, N, head_dim) in the layout of its input."""
     if ctx.mixer == "L":
         q, k, state, z = saved
-        dq, dk, dv, _, _ = first_order(ops.linear_attention_bwd, grad_out, q, k, v, None, None, state, z, "elu", True,
-                                       ctx.eps, cos, sin)
+        dq, dk, dv, _, _ = ops.linear_attention_bwd(grad_out, q, k, v, None, None, state, z, "elu", True, ctx.eps, cos,
+                                                    sin)
         return dq, dk, dv
     q, k, q_rot, k_rot, out, lse = saved
-    dq_rot, dk_rot, dv = first_order(ops.softmax_attention_bwd, grad_out, q_rot, k_rot, v, out, lse,
-                                     1.0 / math.sqrt(q.shape[-1]), None)
-    return (first_order(ops.rope_bwd, dq_rot, None, q, cos, sin, "identity"),
-            first_order(ops.rope_bwd, dk_rot, None, k, cos, sin, "identity"), dv)
+    dq_rot, dk_rot, dv = ops.softmax_attention_bwd(grad_out, q_rot, k_rot, v, out, lse, 1.0 / math.sqrt(q.shape[-1]),
+                                                   None)
+    return (ops.rope_bwd(dq_rot, None, q, cos, sin, "identity"), ops.rope_bwd(dk_rot, None, k, cos, sin, "identity"),
+            dv)

@@ -1,10 +1,10 @@
 """FLOP counting for SoLA-Vision with torch.utils.flop_counter.FlopCounterMode.
 
 FLOPs follow torch's convention: 2 per multiply-add of the matmul-like work (elementwise ops are not
-counted). sola_ops registers its custom ops' formulas with FlopCounterMode (sola_ops/_flops.py); they
-match what it counts for the same math in plain PyTorch (MLLA's einsum linear attention, SDPA), so
-`attn_impl="sola"` and `"torch"` models count alike. The formulas themselves (`linear_attention_flops`,
-...) come from sola_ops when it imports.
+counted). The formulas of the sola_ops custom ops match what FlopCounterMode counts for the same math
+in plain PyTorch (MLLA's einsum linear attention, SDPA), so `attn_impl="sola"` and `"torch"` models
+count alike. sola_ops registers its ops' counts with FlopCounterMode itself (sola_ops/_flops.py); these
+formulas need no extension (the placement explorer uses them either way).
 """
 from typing import Sequence, Union
 
@@ -12,6 +12,35 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["flops", "linear_attention_flops", "softmax_attention_flops", "depthwise_conv3x3_flops"]
+
+
+def linear_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                           normalize: bool = True, backward: bool = False) -> int:
+    """state = phi(k)^T v (2 Nk Dk Dv), out = phi(q) state (2 Nq Dk Dv), normaliser phi(qn) z (2 Nq Dk)
+    per (batch, head); the backward costs twice the forward (two matmuls per forward matmul)."""
+    B, H, Nq, Dk = q_shape
+    Nk, Dv = k_shape[2], v_shape[3]
+    fwd = 2 * B * H * (Nk * Dk * Dv + Nq * Dk * Dv + (Nq * Dk if normalize else 0))
+    return 2 * fwd if backward else fwd
+
+
+def softmax_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                            backward: bool = False) -> int:
+    """Forward q k^T and P v: 2 B H Nq Nk (Dk + Dv). Backward (recomputing the scores, as torch counts
+    SDPA's backward): 2 B H Nq Nk (3 Dk + 2 Dv), i.e. 2.5x the forward for Dk == Dv."""
+    B, H, Nq, Dk = q_shape
+    Nk, Dv = k_shape[2], v_shape[3]
+    if backward:
+        return 2 * B * H * Nq * Nk * (3 * Dk + 2 * Dv)
+    return 2 * B * H * Nq * Nk * (Dk + Dv)
+
+
+def depthwise_conv3x3_flops(out_shape: Sequence[int], backward: bool = False) -> int:
+    """9 multiply-adds per output element (as torch counts a depthwise conv2d) of the (B, OH, OW, C)
+    output; the backward is two such convolutions (input and weight gradients)."""
+    B, H, W, C = out_shape
+    fwd = 2 * 9 * B * H * W * C
+    return 2 * fwd if backward else fwd
 
 
 def flops(model: torch.nn.Module, img_size: Union[int, Sequence[int]] = 224, *, batch_size: int = 1,
@@ -35,9 +64,3 @@ def flops(model: torch.nn.Module, img_size: Union[int, Sequence[int]] = 224, *, 
     finally:
         model.train(was_training)
     return counter.get_total_flops()
-
-
-try:
-    from sola_ops._flops import depthwise_conv3x3_flops, linear_attention_flops, softmax_attention_flops
-except ImportError:  # no extension: torch-impl models are counted by FlopCounterMode alone
-    linear_attention_flops = softmax_attention_flops = depthwise_conv3x3_flops = None

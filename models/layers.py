@@ -87,6 +87,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- token mixers ---------------------------------------------------------------------------
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether module has forward / backward hooks of its own, which a call of module would run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def has_global_hooks() -> bool:
+    """Whether torch.nn.modules.module.register_module_forward_hook (and kin) hooks are set: every module call
+    runs them."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes x in: autocast's for fp16 / bf16 / fp32 where it is on, else x's."""
     device = x.device.type
@@ -123,7 +137,7 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if self.attn_impl == "sola" and type(self.qk) is nn.Linear and type(self.lepe) is nn.Conv2d:
+        if self.attn_impl == "sola" and self.node_applies():
             return self.node_forward(x)
         B, H, W, C = x.shape
         N, nh, hd = H * W, self.num_heads, self.head_dim
@@ -133,6 +147,15 @@ class AttentionMixer(nn.Module):
         # a view for sola_ops' outputs, which take the layout of q (here (B, N, nh, hd) in memory)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return depthwise_conv(self.lepe, x, self.attn_impl, addend=out)  # out + LePE(v)
+
+    def node_applies(self) -> bool:
+        """Whether node_forward computes what forward() would: the mixer and its layers as built here (not a
+        subclass, which may override attend or the layers' forward, e.g. a parametrization) and no module
+        hooks that calling the qk layer would run (old-style weight_norm sets the weight in one). LePE is read
+        by its weights either way, as the blocks' other depthwise convs are with "sola"."""
+        hooked = has_hooks(self.qk) or has_global_hooks()
+        return (type(self) in MIXERS.values() and type(self.qk) is nn.Linear and type(self.lepe) is nn.Conv2d
+                and not hooked)
 
     def node_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one

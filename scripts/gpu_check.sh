@@ -27,8 +27,9 @@
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
 #   GPU_CHECK_PROFILE     1: per-kernel ncu numbers after the kernel benchmark (scripts/profile_kernels.py,
 #                         ~130 s; e.g. with GPU_CHECK_SKIP=explorer) into bench/results/<gpu>_profile.txt
-#   GPU_CHECK_BREAKDOWN   1: a model step's kernel time by kind, sola vs torch (bench/model_breakdown.py
-#                         --top 15 --ops 25: also each op's GB/s, ~80 s) into bench/results/<gpu>_breakdown.txt,
+#   GPU_CHECK_BREAKDOWN   1: a model step's kernel time by kind, sola vs torch, the training step then the
+#                         forward (bench/model_breakdown.py --top 15 --ops 25: also each op's GB/s, ~80 s each)
+#                         into bench/results/<gpu>_breakdown.txt,
 #                         after the model bench
 #   GPU_CHECK_PEER_S      seconds for the peer step (default 60; on 2026-12-04 fla / flash_bla compiled
 #                         for over 40 s before their first case, so 60 measured none: give it more
@@ -212,8 +213,9 @@ main() {
     # the blocks' and downsamples' depthwise convs, ours vs cuDNN (the model's other lever besides attention)
     step "dwconv bench" 60 105 "$PY" bench/dwconv.py --out "$RESULTS/${SLUG}_dwconv.json"
     if [ "${GPU_CHECK_BREAKDOWN:-0}" = 1 ]; then
-        step "model breakdown" 120 100 bash -c '"$1" bench/model_breakdown.py --top 15 --ops 25 > "$2"' _ "$PY" \
-            "$RESULTS/${SLUG}_breakdown.txt"
+        # the training step, then the forward (inference) step, each impl's ops by time
+        step "model breakdown" 180 100 bash -c '"$1" bench/model_breakdown.py --top 15 --ops 25 > "$2" &&
+            "$1" bench/model_breakdown.py --step fwd --top 15 --ops 25 >> "$2"' _ "$PY" "$RESULTS/${SLUG}_breakdown.txt"
     fi
     # issue 9's placement explorer on this GPU: tiny at 224, one softmax layer in stages 3-4
     step "explorer" 60 70 "$PY" -m sola_vision.explore --model sola_vision_tiny --img-size 224 --quick \

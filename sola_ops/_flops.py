@@ -1,74 +1,52 @@
-"""FLOP formulas of the sola_ops custom ops, registered with torch.utils.flop_counter on import, so
-FlopCounterMode counts code that calls them (torch counts custom ops as 0 otherwise).
+"""FLOP counts of the sola_ops custom ops, registered with torch.utils.flop_counter on import, so
+FlopCounterMode counts code that calls them (it counts custom ops as 0 otherwise).
 
 FLOPs follow torch's convention: 2 per multiply-add of the matmul-like work (elementwise ops are not
-counted). Each formula matches what FlopCounterMode counts for the same math in plain PyTorch (the
-einsum linear attention, SDPA, a depthwise nn.Conv2d), so code on these ops and on PyTorch's counts alike.
+counted), and each count is what FlopCounterMode counts for the same math in plain PyTorch: torch's own
+SDPA formulas for softmax attention, a depthwise conv2d's 9 multiply-adds per output, and for linear
+attention its einsum form's matmuls (sola_vision.linear_attention_flops, tests/test_models.py).
 """
-from typing import Sequence
+import math
 
 import torch
-from torch.utils.flop_counter import flop_registry, register_flop_formula
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from ._ops import ops
 
 
-def linear_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
-                           normalize: bool = True, backward: bool = False) -> int:
-    """state = phi(k)^T v (2 Nk Dk Dv), out = phi(q) state (2 Nq Dk Dv), normaliser phi(qn) z (2 Nq Dk)
-    per (batch, head); the backward costs twice the forward (two matmuls per forward matmul)."""
-    B, H, Nq, Dk = q_shape
-    Nk, Dv = k_shape[2], v_shape[3]
-    fwd = 2 * B * H * (Nk * Dk * Dv + Nq * Dk * Dv + (Nq * Dk if normalize else 0))
-    return 2 * fwd if backward else fwd
+def _linear_attention(q, k, v, normalize):
+    """phi(k)^T v and phi(q) S per (batch, head), plus phi(qn) z with normalize: 2 flops per multiply-add."""
+    B, H, Nq, Dk = q
+    return 2 * B * H * ((k[2] + Nq) * Dk * v[3] + (Nq * Dk if normalize else 0))
 
 
-def softmax_attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
-                            backward: bool = False) -> int:
-    """Forward q k^T and P v: 2 B H Nq Nk (Dk + Dv). Backward (recomputing the scores, as torch counts
-    SDPA's backward): 2 B H Nq Nk (3 Dk + 2 Dv), i.e. 2.5x the forward for Dk == Dv."""
-    B, H, Nq, Dk = q_shape
-    Nk, Dv = k_shape[2], v_shape[3]
-    if backward:
-        return 2 * B * H * Nq * Nk * (3 * Dk + 2 * Dv)
-    return 2 * B * H * Nq * Nk * (Dk + Dv)
-
-
-def depthwise_conv3x3_flops(out_shape: Sequence[int], backward: bool = False) -> int:
-    """9 multiply-adds per output element (as torch counts a depthwise conv2d) of the (B, OH, OW, C)
-    output; the backward is two such convolutions (input and weight gradients)."""
-    B, H, W, C = out_shape
-    fwd = 2 * 9 * B * H * W * C
-    return 2 * fwd if backward else fwd
-
-
-# The registered formulas get the ops' arguments as shapes; parameter names follow the schemas in
-# csrc/sola.cpp, so positional and keyword calls both bind.
+# Parameter names follow the schemas in csrc/sola.cpp, so positional and keyword calls both bind; tensors
+# arrive as their shapes. Backward: the linear op's costs twice its forward (two matmuls per matmul).
 
 def _linear_attention_fwd(q, k, v, q_norm=None, k_norm=None, feature_map="elu", normalize=True, *args,
                           out_shape=None, **kwargs) -> int:
-    return linear_attention_flops(q, k, v, normalize=normalize)
+    return _linear_attention(q, k, v, normalize)
 
 
 def _linear_attention_bwd(grad_out, q, k, v, q_norm=None, k_norm=None, state=None, z=None, feature_map="elu",
                           normalize=True, *args, out_shape=None, **kwargs) -> int:
-    return linear_attention_flops(q, k, v, normalize=normalize, backward=True)
+    return 2 * _linear_attention(q, k, v, normalize)
 
 
 def _softmax_attention_fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return softmax_attention_flops(q, k, v)
+    return sdpa_flop_count(q, k, v)
 
 
 def _softmax_attention_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return softmax_attention_flops(q, k, v, backward=True)
+    return sdpa_backward_flop_count(grad_out, q, k, v)
 
 
 def _depthwise_conv3x3_fwd(x, *args, out_shape=None, **kwargs) -> int:
-    return depthwise_conv3x3_flops(x if out_shape is None else out_shape)  # per output: stride 2 has fewer
+    return 2 * 9 * math.prod(x if out_shape is None else out_shape)  # per output: stride 2 has fewer
 
 
 def _depthwise_conv3x3_bwd(grad_out, *args, out_shape=None, **kwargs) -> int:
-    return depthwise_conv3x3_flops(grad_out, backward=True)
+    return 2 * 2 * 9 * math.prod(grad_out)  # the input's and the weight's gradients: two such convolutions
 
 
 def register(op, formula, get_raw=False) -> None:

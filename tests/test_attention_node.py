@@ -130,9 +130,59 @@ def test_node_replaced_layer_runs_as_separate_ops():
 
 
 @pytest.mark.parametrize("cls", MIXERS)
-def test_node_double_backward_raises(cls):
+@pytest.mark.parametrize("target", ["all", "qk.weight", "qk.bias", "lepe.weight"])
+def test_node_double_backward_raises(cls, target):
+    """A second-order gradient through the node raises, whichever leaf it is taken for (one taken for a weight
+    alone must not come out as a partial derivative)."""
     mixer = make(cls)
     x = torch.randn(1, 4, 4, 64, dtype=torch.float64, requires_grad=True)
-    (dx,) = torch.autograd.grad(mixer(x).square().sum(), x, create_graph=True)
+    (dx,) = torch.autograd.grad((mixer(x) * torch.randn_like(x)).sum(), x, create_graph=True)
+    leaves = [x, *mixer.parameters()] if target == "all" else [mixer.get_parameter(target)]
     with pytest.raises(RuntimeError, match="double backward of the SoLA-Vision token mixer.*attn_impl='torch'"):
-        dx.sum().backward()
+        torch.autograd.grad(dx.square().sum(), leaves)
+
+
+@pytest.mark.parametrize("cls", MIXERS)
+def test_node_empty_batch(cls):
+    """An empty batch: empty output, zero gradients (as the separate ops give)."""
+    mixer = make(cls)
+    x = torch.randn(0, 4, 4, 64, dtype=torch.float64)
+    g = torch.randn_like(x)
+    for a, b in zip(grads(mixer, mixer, x, g), grads(lambda t: separate_ops(mixer, t), mixer, x, g)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_node_not_used_where_it_would_skip_something():
+    """Hooks on the qk layer (old-style weight_norm sets the weight in one), global module hooks and a subclass
+    of the mixer take the path that calls the qk layer; the values are the same."""
+    calls = []
+
+    class Subclassed(LinearAttention):
+        pass
+    for setup in ("qk hook", "qk pre-hook", "global hook", "subclass", "weight_norm"):
+        mixer = make(Subclassed if setup == "subclass" else LinearAttention)
+        x = torch.randn(2, 5, 7, 64, dtype=torch.float64)
+        g = torch.randn_like(x)
+        want = grads(mixer, mixer, x, g)[:2]
+        handle = None
+        if setup == "qk hook":
+            handle = mixer.qk.register_forward_hook(lambda m, args, out: calls.append(setup))
+        elif setup == "qk pre-hook":
+            handle = mixer.qk.register_forward_pre_hook(lambda m, args: calls.append(setup))
+        elif setup == "global hook":
+            handle = nn.modules.module.register_module_forward_hook(
+                lambda m, args, out: calls.append(setup) if m is mixer.qk else None)
+        elif setup == "weight_norm":
+            with pytest.warns(FutureWarning):
+                nn.utils.weight_norm(mixer.qk)
+        try:
+            assert not mixer.node_applies()
+            got = grads(mixer, mixer, x, g)[:2]
+        finally:
+            if handle is not None:
+                handle.remove()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert calls == ["qk hook", "qk pre-hook", "global hook"]
+    assert make(LinearAttention).node_applies()
