@@ -210,7 +210,18 @@ def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=Non
     residual = _as_bool(residual, "residual")
     eps = _as_float(eps, "eps")
     check_layer_norm_args(x, norm_weight, norm_bias, eps, prefix="norm_")
-    return DwconvLayerNorm.apply(x, conv_weight, conv_bias, norm_weight, norm_bias, residual, eps)
+    tensors = _distinct(x, conv_weight, conv_bias, norm_weight, norm_bias)
+    return DwconvLayerNorm.apply(*tensors, residual, eps)
+
+
+def _distinct(*tensors):
+    """tensors, each one passed again replaced by a view of itself: torch.compile refuses an autograd.Function
+    given one tensor twice (e.g. one parameter as two biases); a view is a tensor of its own, and autograd
+    sums the gradients of the two uses into the one tensor as it would."""
+    out = []
+    for t in tensors:
+        out.append(t.view_as(t) if t is not None and any(t is u for u in out) else t)
+    return out
 
 
 def silu_mul(x, gate):

@@ -297,6 +297,27 @@ def test_compile(fresh_dynamo):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_one_tensor_twice(fresh_dynamo):
+    """One parameter as both biases (the autograd.Function gets a view of it the second time, which
+    torch.compile takes): fullgraph compile, and its gradient the sum of the two uses, as eagerly."""
+    def fn(x, cw, p):
+        out, normed = sola_ops.depthwise_conv3x3_layer_norm(x, cw, p, None, p, residual=True)
+        return out * 2 + normed
+    x, cw, _, _, _ = make_inputs((2, 5, 4, 8), torch.float32, "cpu")
+    x, cw, p = leaf(x), leaf(cw), leaf(randn((8,), torch.float32, seed=9))
+    out = torch.compile(fn, fullgraph=True)(x, cw, p)
+    want = fn(x, cw, p)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(out.sum(), (x, cw, p)), torch.autograd.grad(want.sum(), (x, cw, p))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # the bias's gradient is the conv bias's plus the norm bias's
+    x64, cw64, p64 = (t.detach().double().requires_grad_(True) for t in (x, cw, p))
+    out64 = reference.depthwise_conv3x3(x64, cw64, p64, residual=True)
+    normed64 = reference.layer_norm(out64, None, p64)
+    (want64,) = torch.autograd.grad((out64 * 2 + normed64).sum(), p64)
+    torch.testing.assert_close(torch.autograd.grad(fn(x, cw, p).sum(), p)[0].double(), want64, rtol=1e-4, atol=1e-4)
+
+
 def test_double_backward_is_an_error():
     inputs = [leaf(t) for t in make_inputs((1, 4, 4, 8), torch.float64, "cpu")]
     out, normed = sola_ops.depthwise_conv3x3_layer_norm(*inputs, residual=True)
