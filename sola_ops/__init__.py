@@ -179,7 +179,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     x: float16, bfloat16, float32 or float64, any shape with a last dim >= 1 (non-contiguous x is
     copied), on CPU or CUDA. weight, bias: (C,) of any float dtype, or None; their gradients come back in
     their own dtypes. Backward is deterministic (bitwise equal across runs); differentiable once (no
-    double backward).
+    double backward). A row whose squared deviations overflow the fp32 statistics comes out NaN.
     """
     _check_tensors(x=x)
     _check_tensors(optional=True, weight=weight, bias=bias)

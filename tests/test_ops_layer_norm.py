@@ -395,6 +395,32 @@ def test_nan_stays_in_its_row(device, C):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [8, 64, 1000])
+def test_variance_overflow_is_nan(device, dtype, C):
+    """A row whose squared deviations overflow the fp32 accumulator (a value of 1e20 among small ones) is NaN,
+    output and input gradient (1 / sqrt(inf) would make it plausible zeros, as torch's fp32 layer_norm gives
+    for some rows; the right values are finite, far from zero); the other rows are untouched. fp64
+    accumulates it without overflow: the exact result."""
+    x = randn((3, 5, C), dtype, device)
+    x[1, 2, C // 3] = 1e20
+    x = leaf(x)
+    weight, bias = params(C, device)
+    out = sola_ops.layer_norm(x, weight, bias)
+    (dx,) = torch.autograd.grad(out, x, randn(out.shape, dtype, device, seed=3))
+    want = F.layer_norm(x.detach().double(), (C,), weight.double(), bias.double(), 1e-5)
+    other = torch.ones(3, 5, dtype=torch.bool, device=device)
+    other[1, 2] = False
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, want)
+        assert torch.isfinite(dx).all()
+    else:
+        assert torch.isnan(out[1, 2]).all() and torch.isnan(dx[1, 2]).all()
+        assert torch.isfinite(out[other]).all() and torch.isfinite(dx[other]).all()
+        torch.testing.assert_close(out[other].double(), want[other], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("affine", ["weight+bias", "none"])
 @pytest.mark.parametrize("shape", [(0, 5, 8), (3, 0, 8), (0, 1000), (0, 3)])
 def test_empty(device, shape, affine):

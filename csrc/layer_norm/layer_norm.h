@@ -12,9 +12,20 @@
 // What the op layer hands to the CPU and CUDA kernels.
 #pragma once
 
+#include <cmath>
+
 #include "common.h"
 
 namespace sola {
+
+// rstd from a row's sum of squared deviations: NaN where that sum overflowed the accumulator (fp32: a
+// row whose deviations from its mean reach ~1.8e19), so the row's output and gradients show it as NaN
+// (as the fp32 reference's do) rather than the plausible zeros that 1 / sqrt(inf) = 0 would make of them.
+template <typename acc>
+SOLA_HD acc row_rstd(acc sum_sq, int64_t C, double eps) {
+  const acc rstd = acc(1) / std::sqrt(sum_sq / acc(C) + acc(eps));
+  return rstd == acc(0) ? static_cast<acc>(NAN) : rstd;
+}
 
 struct LayerNormParams {
   int64_t rows = 0, C = 0;

@@ -37,7 +37,7 @@ SOLA_CPU_INLINE void row_stats(const acc* x, int64_t C, double eps, acc& mean, a
   mean = shift + lane_sum<acc>(C, [&](int64_t c) { return x[c] - shift; }) / acc(C);
   const acc m = mean;
   const acc v = lane_sum<acc>(C, [&](int64_t c) { return (x[c] - m) * (x[c] - m); });
-  rstd = acc(1) / std::sqrt(v / acc(C) + acc(eps));
+  rstd = row_rstd(v, C, eps);
 }
 
 template <typename scalar_t>

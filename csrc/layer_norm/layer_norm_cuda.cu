@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kLnThreads) ln_fwd_kernel(const LayerNormParam
         for (int e = 0; e < kV; ++e) q += (v[0][e] - mean) * (v[0][e] - mean);
       }
     }
-    const acc rstd = acc(1) / std::sqrt(team_sum(q, t.tpr) / acc(p.C) + acc(p.eps));
+    const acc rstd = row_rstd(team_sum(q, t.tpr), p.C, p.eps);
     if (!live) continue;  // no shuffles below
     if (t.lane == 0) static_cast<acc*>(p.mean)[r] = mean, static_cast<acc*>(p.rstd)[r] = rstd;
     auto emit = [&](int64_t j, acc(&y)[kV]) {

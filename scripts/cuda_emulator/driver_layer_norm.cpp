@@ -18,6 +18,7 @@ struct Case {
   int64_t rows = 37, C = 64;
   at::ScalarType dt = at::kBFloat16;
   bool weight = true, bias = true, misaligned = false, poison = false, addend = false;
+  bool huge = false;  // the poisoned element is 1e20, not NaN: its row's variance overflows fp32 (NaN row)
   bool addend_misaligned = false;  // the addend alone one element off (rows aligned): the scalar kernels
 };
 
@@ -30,12 +31,12 @@ static at::Tensor rows_of(const Case& c) { return rows_of(c, c.misaligned); }
 
 static void ln_case(const Case& c) {
   char name[160];
-  std::snprintf(name, sizeof name, "layer_norm rows%ld C%ld %s w%d b%d m%d p%d a%d%s", (long)c.rows, (long)c.C,
-                c10::toString(c.dt), c.weight, c.bias, c.misaligned, c.poison, c.addend,
+  std::snprintf(name, sizeof name, "layer_norm rows%ld C%ld %s w%d b%d m%d p%d%s a%d%s", (long)c.rows, (long)c.C,
+                c10::toString(c.dt), c.weight, c.bias, c.misaligned, c.poison, c.huge ? " (1e20)" : "", c.addend,
                 c.addend_misaligned ? " (misaligned)" : "");
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor x = rows_of(c), g = rows_of(c);
-  if (c.poison) x.select(0, c.rows / 2).select(0, c.C - 1).fill_(NAN);
+  if (c.poison) x.select(0, c.rows / 2).select(0, c.C - 1).fill_(c.huge ? 1e20 : NAN);
   const at::Tensor weight = (at::randn({c.C}, at::kDouble) + 1).to(acc), bias = at::randn({c.C}, at::kDouble).to(acc);
 
   LayerNormParams p;
@@ -107,6 +108,8 @@ int main(int argc, char** argv) {
       ln_case(c);
       c = Case{};
       c.dt = dt, c.C = C, c.poison = true;
+      ln_case(c);
+      c.huge = true;
       ln_case(c);
     }
     for (int64_t C : {3, 64, 1030}) {  // scalar, vector (cached), read per pass
