@@ -43,20 +43,20 @@ class AttentionNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qk_weight, qk_bias, lepe_weight, lepe_bias, mixer, heads, cos, sin, eps):
-        qk = F.linear(x, qk_weight, qk_bias)  # (B, H, W, 2C): q's heads, then k's
-        q, k = split_heads(qk, 2 * heads).chunk(2, dim=1)
+        qk = split_heads(F.linear(x, qk_weight, qk_bias), 2 * heads)  # (B, 2 heads, N, D): q's heads, then k's
+        q, k = qk.chunk(2, dim=1)
         v = split_heads(x, heads)
+        ctx.mixer, ctx.heads, ctx.eps, ctx.scale = mixer, heads, eps, 1.0 / math.sqrt(q.shape[-1])
         if mixer == "L":
             out, state, z = ops.linear_attention_fwd(q, k, v, None, None, "elu", True, eps, cos, sin)
             saved = (q, k, state, z)
         else:
-            rot, _ = ops.rope_fwd(split_heads(qk, 2 * heads), cos, sin, "identity", False)
+            rot, _ = ops.rope_fwd(qk, cos, sin, "identity", False)
             q_rot, k_rot = rot.chunk(2, dim=1)
-            out, lse = ops.softmax_attention_fwd(q_rot, k_rot, v, 1.0 / math.sqrt(q.shape[-1]))
+            out, lse = ops.softmax_attention_fwd(q_rot, k_rot, v, ctx.scale)
             saved = (q, k, q_rot, k_rot, out, lse)
         result = ops.depthwise_conv3x3_fwd(x, lepe_weight, lepe_bias, False, "none", 1, "none", merge_heads(out, x))
         ctx.save_for_backward(x, qk_weight, qk_bias, lepe_weight, lepe_bias, cos, sin, *saved)
-        ctx.mixer, ctx.heads, ctx.eps = mixer, heads, eps
         return result
 
     @staticmethod
@@ -105,7 +105,6 @@ def attention_grads(ctx, grad_out, v, cos, sin, saved):
                                                     sin)
         return dq, dk, dv
     q, k, q_rot, k_rot, out, lse = saved
-    dq_rot, dk_rot, dv = ops.softmax_attention_bwd(grad_out, q_rot, k_rot, v, out, lse, 1.0 / math.sqrt(q.shape[-1]),
-                                                   None)
+    dq_rot, dk_rot, dv = ops.softmax_attention_bwd(grad_out, q_rot, k_rot, v, out, lse, ctx.scale, None)
     return (ops.rope_bwd(dq_rot, None, q, cos, sin, "identity"), ops.rope_bwd(dk_rot, None, k, cos, sin, "identity"),
             dv)

@@ -101,15 +101,6 @@ def has_global_hooks() -> bool:
                 or m._global_backward_pre_hooks)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear layer computes x in: autocast's for fp16 / bf16 / fp32 where it is on, else x's."""
-    device = x.device.type
-    if (device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 class AttentionMixer(nn.Module):
     """Shared part of both token mixers (so parameters do not depend on the layer pattern):
     q, k from one linear layer, v = the mixer input, 2-D RoPE on q and k, LePE (depthwise 3x3 on v).
@@ -160,9 +151,10 @@ class AttentionMixer(nn.Module):
     def node_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one
         autograd node (models/attention_node.py), which writes the gradient of x, their shared input, once.
-        Weights and x are cast to the compute dtype as autocast casts them for the linear layer."""
-        dtype = compute_dtype(x)
-        x = x.to(dtype)
+        x and the qk weights are cast to the compute dtype as autocast casts them for the linear layer (as
+        sola_ops casts its ops' inputs)."""
+        (x,) = sola_ops._autocast(x)
+        dtype = x.dtype
         bias = None if self.qk.bias is None else self.qk.bias.to(dtype)
         cos, sin = self.kernel_tables(x, x.shape[1], x.shape[2])
         return AttentionNode.apply(x, self.qk.weight.to(dtype), bias, self.lepe.weight, self.lepe.bias, self.letter,

@@ -4,7 +4,7 @@ import operator
 
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_like_x, ops, run_bwd
 
 
 ACTIVATIONS = ("none", "silu", "relu")
@@ -67,12 +67,7 @@ def check_dx_addend(dx_addend, x, stride, input_activation):
         raise ValueError(f"dx_addend needs stride 1, got stride {stride}")
     if input_activation != "none":
         raise ValueError(f"dx_addend and input_activation={input_activation!r} cannot be combined")
-    if tuple(dx_addend.shape) != tuple(x.shape):
-        raise ValueError(f"dx_addend must have the shape of x {tuple(x.shape)}, got {tuple(dx_addend.shape)}")
-    if dx_addend.dtype != x.dtype:
-        raise ValueError(f"dx_addend must have the dtype of x ({x.dtype}), got {dx_addend.dtype}")
-    if dx_addend.device != x.device:
-        raise ValueError(f"dx_addend must be on the device of x ({x.device}), got {dx_addend.device}")
+    check_like_x("dx_addend", dx_addend, x)
 
 
 def output_shape(x, stride):
