@@ -246,6 +246,18 @@ def test_relu_nan_stays_where_relu_is_active(device, dtype, poison):
         assert torch.isfinite(ours[0, 1]).all(), f"d{name}: the NaN reached the other head"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("dtype, big", [(torch.bfloat16, 1e30), (torch.float32, 1e30), (torch.float64, 1e200)])
+def test_huge_denominator(device, feature_map, dtype, big):
+    """One key entry near the dtype's range makes the normaliser den ~ big, so den^2 overflows:
+    the query gradient's normaliser term must be -(g . num / den) / den, not g . num / den^2 (which
+    flushed it to 0 and left dq wrong by orders of magnitude)."""
+    q, k, v = make_qkv(1, 2, 33, 40, 8, 6, dtype, device, seed=4)
+    k[0, 0, 3, 5] = big
+    check_linear(q, k, v, feature_map=feature_map)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_token_segments(dtype):
     """With few heads the CPU kernels split each head's tokens into segments summed by separate tasks

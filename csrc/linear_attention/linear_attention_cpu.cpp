@@ -248,7 +248,7 @@ SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t
       dd[r] = acc(0);
       if (p.normalize) {
         den = dot(phi_qn + r * Dk, z, Dk) + static_cast<acc>(p.eps);
-        dd[r] = -dot(g_row, num.data() + r * Dv_p, Dv) / (den * den);
+        dd[r] = -(dot(g_row, num.data() + r * Dv_p, Dv) / den) / den;  // not / den^2: it overflows first
       }
       for (int64_t c = 0; c < Dv_p; ++c) da[r * Dv_p + c] = g_row[c] / den;  // padding: 0 / den
     }

@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
           }
           const acc d = p.normalize ? den[i] + static_cast<acc>(p.eps) : acc(1);
           const acc inv = acc(1) / d;
-          const acc dd = p.normalize ? -g_num[i] / (d * d) : acc(0);
+          const acc dd = p.normalize ? -(g_num[i] / d) / d : acc(0);  // not / d^2: it overflows first
           if (!kFold && tn == 0) {
             inv_den_out[bh * N + row] = inv;
             dd_out[bh * N + row] = dd;

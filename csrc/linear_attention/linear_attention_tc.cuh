@@ -652,7 +652,7 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
           if (!kFoldDs && !valid) continue;  // the fold writes 0 for rows past N below
           const float d = p.normalize ? den + static_cast<float>(p.eps) : 1.f;
           const float inv = 1.f / d;
-          const float dd = p.normalize ? -g_num / (d * d) : 0.f;
+          const float dd = p.normalize ? -(g_num / d) / d : 0.f;  // not / d^2: it overflows first
           if constexpr (kFoldDs) {  // rows past N and columns past Dk add 0
 #pragma unroll
             for (int n = 0; n < kNT; ++n)

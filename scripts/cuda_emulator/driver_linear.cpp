@@ -6,7 +6,7 @@
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
 // Every CUDA result is also computed with the row kernels' other variants (SOLA_LINEAR_ROWS=unstaged;
 // the backward also staged_presplit) and must be bitwise equal.
-// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk].
+// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge].
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +23,7 @@ struct Case {
   at::ScalarType dt = at::kBFloat16;
   FeatureMap fm = FeatureMap::Elu;
   bool normalize = true, has_qn = false, has_kn = false, strided = false, poison = false, rope = false;
+  bool huge = false;  // one key entry near the dtype's range: den ~ 1e30 (1e200 in fp64), den^2 overflows
 };
 
 // The rope tables (N, D / 2) of random angles, fp32 (what the op hands the kernels).
@@ -82,14 +83,15 @@ static void expect_same_bits(const std::string& what, const at::Tensor& a, const
 
 static void linear_case(const Case& c) {
   char name[256];
-  std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d r%d", (long)c.B,
+  std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d r%d h%d", (long)c.B,
                 (long)c.H, (long)c.Nq, (long)c.Nk, (long)c.Dk, (long)c.Dv, c10::toString(c.dt), (int)c.fm, c.normalize,
-                c.has_qn, c.has_kn, c.strided, c.poison, c.rope);
+                c.has_qn, c.has_kn, c.strided, c.poison, c.rope, c.huge);
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor q = input(c.B, c.H, c.Nq, c.Dk, dt, c.strided), k = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided),
              v = input(c.B, c.H, c.Nk, c.Dv, dt, c.strided);
   at::Tensor qn = input(c.B, c.H, c.Nq, c.Dk, dt, false), kn = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided);
   if (c.poison) k.select(0, c.B - 1).select(0, c.H - 1).select(0, c.Nk / 2).select(0, c.Dk / 2).fill_(NAN);
+  if (c.huge) k.select(0, 0).select(0, 0).select(0, c.Nk / 3).select(0, c.Dk / 3).fill_(dt == at::kDouble ? 1e200 : 1e30);
   LinearAttentionParams p;
   p.B = c.B, p.H = c.H, p.Nq = c.Nq, p.Nk = c.Nk, p.Dk = c.Dk, p.Dv = c.Dv;
   p.q = make_view(q), p.k = make_view(k), p.v = make_view(v);
@@ -210,6 +212,17 @@ int main(int argc, char** argv) {
       c.Dk = c.Dv = 64, c.has_qn = c.has_kn = true, c.strided = true;
       run(c, dt);
       c.B = 2, c.H = 3;  // strided with several heads: outputs in the ops' heads-interleaved layout
+      run(c, dt);
+    }
+  }
+  // den^2 past the dtype's range: the query gradient's normaliser term is -(g . num / den) / den.
+  // Head dim 32 (QueryGrad folding dS: tensor cores for bf16, SIMT for fp32) and 64; relu.
+  if (which == "quick" || which == "all" || which == "huge") {
+    for (auto dt : {at::kBFloat16, at::kFloat, at::kDouble}) {
+      Case c;
+      c.H = 2, c.Nq = 40, c.Nk = 33, c.huge = true;
+      run(c, dt);
+      c.Dk = c.Dv = 64, c.fm = FeatureMap::Relu;
       run(c, dt);
     }
   }
