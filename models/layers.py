@@ -8,7 +8,8 @@ blocks' LayerNorms run as `sola_ops.layer_norm` with "sola" (in the tokens' dtyp
 nn.LayerNorm with "torch". "sola" also runs the gate as `sola_ops.silu_mul`, the MLP's fc1 bias and GELU
 as `sola_ops.bias_gelu`, in_proj and act_proj as one GEMM, the token mixer as one autograd node (the
 gradient of its input written once: attention_node.py), and keeps the attention's q, k, v, outputs and
-gradients in the projections' layouts (no copies); same weights.
+gradients in the projections' layouts (no copies); same weights. A layer is fused only while calling it
+would do nothing more (`runs_as_built`); a replaced or hooked layer (pruning, activation capture) is called.
 """
 from collections import OrderedDict
 from typing import Tuple
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
+from torch.nn.utils import parametrize
 
 try:
     import sola_ops
@@ -93,12 +95,15 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def has_global_hooks() -> bool:
-    """Whether torch.nn.modules.module.register_module_forward_hook (and kin) hooks are set: every module call
-    runs them."""
-    m = nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)
+def runs_as_built(module: nn.Module, cls: type) -> bool:
+    """Whether calling module would run cls.forward on its parameters as read and nothing else, so the "sola"
+    path may read them and fuse the layer into a kernel: a cls as built (or parametrized: weight_norm and
+    spectral_norm parametrizations compute the weight when it is read), with no hooks of its own (pruning and
+    old-style weight_norm set the weight in a pre-hook; activation or gradient-capture hooks expect the call).
+    Otherwise the layer is called as a module. Global module hooks (register_module_forward_hook: ModuleTracker,
+    FlopCounterMode) observe the modules that are called and do not turn fusion off."""
+    kind = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    return kind is cls and not has_hooks(module)
 
 
 class AttentionMixer(nn.Module):
@@ -140,13 +145,10 @@ class AttentionMixer(nn.Module):
         return depthwise_conv(self.lepe, x, self.attn_impl, addend=out)  # out + LePE(v)
 
     def node_applies(self) -> bool:
-        """Whether node_forward computes what forward() would: the mixer and its layers as built here (not a
-        subclass, which may override attend or the layers' forward, e.g. a parametrization) and no module
-        hooks that calling the qk layer would run (old-style weight_norm sets the weight in one). LePE is read
-        by its weights either way, as the blocks' other depthwise convs are with "sola"."""
-        hooked = has_hooks(self.qk) or has_global_hooks()
-        return (type(self) in MIXERS.values() and type(self.qk) is nn.Linear and type(self.lepe) is nn.Conv2d
-                and not hooked)
+        """Whether node_forward computes what forward() would: the mixer as built here (not a subclass, which
+        may override attend) and its qk and LePE layers as runs_as_built says."""
+        return (type(self) in MIXERS.values() and runs_as_built(self.qk, nn.Linear)
+                and runs_as_built(self.lepe, nn.Conv2d))
 
     def node_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one
@@ -238,8 +240,8 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, attn_impl: str, residual: b
                    silu: bool = False, addend: torch.Tensor = None) -> torch.Tensor:
     """A depthwise 3x3 conv (its weight and bias) on (B, H, W, C) tokens, then SiLU when silu, plus x
     when residual, plus addend when given: one sola_ops kernel for "sola" (the sums never written
-    apart), nn.Conv2d through channels-last views for "torch"."""
-    if attn_impl == "sola":
+    apart), nn.Conv2d through channels-last views for "torch" (and for a conv that runs_as_built refuses)."""
+    if attn_impl == "sola" and runs_as_built(conv, nn.Conv2d):
         return sola_ops.depthwise_conv3x3(x, conv.weight, conv.bias, residual=residual,
                                           activation="silu" if silu else None, addend=addend)
     y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -259,15 +261,15 @@ def layer_norm(norm: nn.Module, x: torch.Tensor, attn_impl: str) -> torch.Tensor
 
 
 def sola_layer_norm(norm: nn.Module, attn_impl: str) -> bool:
-    """Whether norm runs as sola_ops' LayerNorm: a plain nn.LayerNorm over the last dim, "sola" impl."""
-    return attn_impl == "sola" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+    """Whether norm runs as sola_ops' LayerNorm: an nn.LayerNorm over the last dim (runs_as_built), "sola" impl."""
+    return attn_impl == "sola" and runs_as_built(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
 
 def cpe_and_norm(cpe: nn.Conv2d, norm: nn.Module, x: torch.Tensor, attn_impl: str):
     """(x, norm(x)) for x = x + CPE(x), the block's residual stream and its normalised branch input. For
     "sola" with an nn.LayerNorm one sola_ops.depthwise_conv3x3_layer_norm: the same two kernels forward,
     and the stream's two gradients (the residual's and the norm's) summed inside the norm's backward."""
-    if sola_layer_norm(norm, attn_impl):
+    if sola_layer_norm(norm, attn_impl) and runs_as_built(cpe, nn.Conv2d):
         return sola_ops.depthwise_conv3x3_layer_norm(x, cpe.weight, cpe.bias, norm.weight, norm.bias,
                                                      residual=True, eps=norm.eps)
     x = depthwise_conv(cpe, x, attn_impl, residual=True)
@@ -307,7 +309,8 @@ class SoLABlock(nn.Module):
         once, and its gradient is one GEMM's output rather than the sum of two. The halves are channel
         slices of one (B, H, W, 2C) tensor, which the depthwise conv and SiLU read in place."""
         a, b = self.in_proj, self.act_proj
-        if impl != "sola" or not (type(a) is type(b) is nn.Linear) or a.bias is None or b.bias is None:
+        fused = impl == "sola" and runs_as_built(a, nn.Linear) and runs_as_built(b, nn.Linear)
+        if not fused or a.bias is None or b.bias is None:
             return a(y), b(y)
         both = F.linear(y, torch.cat((a.weight, b.weight)), torch.cat((a.bias, b.bias)))
         return both.split(a.out_features, dim=-1)
@@ -315,7 +318,7 @@ class SoLABlock(nn.Module):
     def gated(self, y: torch.Tensor, gate: torch.Tensor, impl: str) -> torch.Tensor:
         """y * act(gate). For "sola" with SiLU one sola_ops kernel each way: SiLU(gate) is never stored, and
         the backward reads y and gate once for both gradients."""
-        if impl == "sola" and type(self.act) is nn.SiLU:
+        if impl == "sola" and runs_as_built(self.act, nn.SiLU):
             return sola_ops.silu_mul(y, gate)
         return y * self.act(gate)
 
@@ -324,8 +327,9 @@ class SoLABlock(nn.Module):
         its bias, then the bias add and GELU as one sola_ops.bias_gelu, whose backward sums the bias gradient
         as it writes dx (no separate reduction over the 4C-wide gradient); same weights."""
         m = self.mlp
-        if (impl != "sola" or type(m) is not Mlp or type(m.act) is not nn.GELU or type(m.fc1) is not nn.Linear
-                or m.fc1.bias is None):  # a replaced MLP (any module) runs as it is
+        fused = (impl == "sola" and runs_as_built(m, Mlp) and runs_as_built(m.fc1, nn.Linear)
+                 and runs_as_built(m.act, nn.GELU))
+        if not fused or m.fc1.bias is None:  # a replaced MLP (any module), hooks: run as it is
             return m(x)
         h = sola_ops.bias_gelu(F.linear(x, m.fc1.weight), m.fc1.bias, approximate=m.act.approximate)
         return m.drop2(m.fc2(m.norm(m.drop1(h))))
@@ -334,7 +338,10 @@ class SoLABlock(nn.Module):
         impl = self.attn.attn_impl  # the block's convs follow its mixer (SoLAVision.set_attn_impl)
         x, y = cpe_and_norm(self.cpe1, self.norm1, x, impl)
         y, gate = self.in_and_act_proj(y, impl)
-        y = depthwise_conv(self.dwc, y, impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
+        if runs_as_built(self.act, nn.SiLU):
+            y = depthwise_conv(self.dwc, y, impl, silu=True)  # SiLU(DWConv(...)), one pass in sola
+        else:  # a replaced or hooked activation
+            y = self.act(depthwise_conv(self.dwc, y, impl))
         y = self.attn(y)
         x = x + self.drop_path(self.out_proj(self.gated(y, gate, impl)))
         x, y = cpe_and_norm(self.cpe2, self.norm2, x, impl)
@@ -380,11 +387,17 @@ class Stem(nn.Module):
         return self.conv3(x)
 
 
+def conv_relu(layer: nn.Module) -> bool:
+    """Whether layer computes relu(layer.conv(x)): a ConvLayer without a norm, with a ReLU, all runs_as_built."""
+    return (runs_as_built(layer, ConvLayer) and runs_as_built(layer.norm, nn.Identity)
+            and runs_as_built(layer.act, nn.ReLU))
+
+
 class Downsample(nn.Module):
     """Stride-2 inverted bottleneck between stages: 1x1 expand (to 4x out), 3x3 depthwise /2, 1x1 project + BN.
     With attn_impl="sola" the depthwise conv, its ReLU and the expand's ReLU before it run as one
-    `sola_ops.depthwise_conv3x3` on the channels-last view (the expanded tensor is the largest of the stage: 4x its width at twice its
-    resolution), else as nn.Conv2d; same weights either way."""
+    `sola_ops.depthwise_conv3x3` on the channels-last view (the expanded tensor is the largest of the stage: 4x
+    its width at twice its resolution), else as nn.Conv2d; same weights either way (`fusable`)."""
 
     def __init__(self, in_chs: int, out_chs: int, ratio: float = 4.0, attn_impl: str = "sola"):
         super().__init__()
@@ -396,11 +409,18 @@ class Downsample(nn.Module):
             ConvLayer(hidden, out_chs, 1, bias=False, act=False),  # no bias: BN follows
         )
 
+    def fusable(self) -> bool:
+        """Whether the depthwise stage runs as sola_ops: "sola", and it and the Sequential around it as built
+        (runs_as_built: no hooks, a ConvLayer whose norm is an Identity and whose activation a ReLU)."""
+        depthwise = self.conv[1]
+        return (self.attn_impl == "sola" and runs_as_built(self.conv, nn.Sequential) and len(self.conv) == 3
+                and conv_relu(depthwise) and runs_as_built(depthwise.conv, nn.Conv2d))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn_impl != "sola":
+        if not self.fusable():
             return self.conv(x)
         expand, depthwise, project = self.conv
-        if type(expand.act) is nn.ReLU and type(expand.norm) is nn.Identity:
+        if conv_relu(expand):
             # the expand's ReLU is read inside the depthwise conv: relu(expand(x)), 4x the stage's width at
             # twice its resolution, is never written, and its backward mask is applied as dx is written
             x, relu_input = expand.conv(x), "relu"

@@ -154,13 +154,14 @@ def test_node_empty_batch(cls):
 
 
 def test_node_not_used_where_it_would_skip_something():
-    """Hooks on the qk layer (old-style weight_norm sets the weight in one), global module hooks and a subclass
-    of the mixer take the path that calls the qk layer; the values are the same."""
+    """Hooks on the qk layer or on LePE (old-style weight_norm sets the weight in one) and a subclass of the
+    mixer take the path that calls those layers; the values are the same. A global module hook (FlopCounterMode's
+    module tracker sets one) leaves the node in use."""
     calls = []
 
     class Subclassed(LinearAttention):
         pass
-    for setup in ("qk hook", "qk pre-hook", "global hook", "subclass", "weight_norm"):
+    for setup in ("qk hook", "qk pre-hook", "lepe hook", "subclass", "weight_norm"):
         mixer = make(Subclassed if setup == "subclass" else LinearAttention)
         x = torch.randn(2, 5, 7, 64, dtype=torch.float64)
         g = torch.randn_like(x)
@@ -170,9 +171,8 @@ def test_node_not_used_where_it_would_skip_something():
             handle = mixer.qk.register_forward_hook(lambda m, args, out: calls.append(setup))
         elif setup == "qk pre-hook":
             handle = mixer.qk.register_forward_pre_hook(lambda m, args: calls.append(setup))
-        elif setup == "global hook":
-            handle = nn.modules.module.register_module_forward_hook(
-                lambda m, args, out: calls.append(setup) if m is mixer.qk else None)
+        elif setup == "lepe hook":
+            handle = mixer.lepe.register_forward_hook(lambda m, args, out: calls.append(setup))
         elif setup == "weight_norm":
             with pytest.warns(FutureWarning):
                 nn.utils.weight_norm(mixer.qk)
@@ -184,5 +184,10 @@ def test_node_not_used_where_it_would_skip_something():
                 handle.remove()
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert calls == ["qk hook", "qk pre-hook", "global hook"]
+    assert calls == ["qk hook", "qk pre-hook", "lepe hook"]
     assert make(LinearAttention).node_applies()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert make(LinearAttention).node_applies()
+    finally:
+        handle.remove()

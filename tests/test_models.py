@@ -221,6 +221,98 @@ def test_sola_matches_torch(dtype, rtol):
         assert_close_rel(g_s[name], g_t[name], rtol, f"grad {name}")
 
 
+def nano_fp64(attn_impl="sola"):
+    """sola_vision_nano in fp64, eval, softmax and linear blocks, a stage with a downsample after stage 0."""
+    torch.manual_seed(0)
+    model = timm.create_model("sola_vision_nano", layer_pattern="L-LS-LLLS-SL", attn_impl=attn_impl, num_classes=7)
+    return sharpen_attention(model).double().eval()
+
+
+def logits_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_model_results(a, b):
+    (out_a, g_a), (out_b, g_b) = a, b
+    assert_close_rel(out_a, out_b, 1e-10, "logits")
+    assert g_a.keys() == g_b.keys()
+    for name in g_b:
+        assert_close_rel(g_a[name], g_b[name], 1e-10, f"grad {name}")
+
+
+@needs_sola
+def test_sola_calls_hooked_layers():
+    """A forward hook on any layer runs under "sola" as under "torch" (the fused path reads a layer's weights
+    only while calling it would do nothing more): activation capture sees the same modules and values."""
+    model = nano_fp64()
+    x = image(1, 64, 96, dtype=torch.float64)
+    seen = {}
+    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    hooks = [m.register_forward_hook(lambda m, args, out, n=n: seen.setdefault(n, out)) for n, m in leaves]
+    results = {}
+    for impl in ("torch", "sola"):
+        model.set_attn_impl(impl)
+        seen.clear()
+        results[impl] = logits_and_grads(model, x), dict(seen)
+    for h in hooks:
+        h.remove()
+    (torch_results, torch_seen), (sola_results, sola_seen) = results["torch"], results["sola"]
+    assert sola_seen.keys() == torch_seen.keys()
+    assert torch_seen.keys() == {n for n, _ in leaves}
+    for name, out in torch_seen.items():
+        assert_close_rel(sola_seen[name], out, 1e-10, f"output of {name}")
+    assert_same_model_results(sola_results, torch_results)
+
+
+@needs_sola
+def test_sola_trains_pruned_layers():
+    """torch.nn.utils.prune (which sets the weight in a forward pre-hook) on layers the "sola" path fuses:
+    two SGD steps give the same weights as with "torch" (the fused path once reused the first step's pruned
+    weight and raised "backward through the graph a second time" on the second)."""
+    import torch.nn.utils.prune as prune
+    weights = {}
+    for impl in ("torch", "sola"):
+        model = nano_fp64(impl).train()
+        block, downsample = model.stages[1].blocks[1], model.stages[1].downsample
+        for layer in (block.cpe1, block.norm1, block.in_proj, block.dwc, block.attn.qk, block.attn.lepe,
+                      block.cpe2, block.mlp.fc1, downsample.conv[1].conv, downsample.conv[0].conv):
+            prune.l1_unstructured(layer, "weight", amount=0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            model(image(2, 64, 64, seed=step, dtype=torch.float64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        weights[impl] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, w in weights["torch"].items():
+        assert_close_rel(weights["sola"][name], w, 1e-9, name)
+
+
+@needs_sola
+def test_sola_runs_replaced_layers():
+    """Layers replaced after building (another activation or norm in a block, the downsample's depthwise stage
+    with a BatchNorm and a GELU, a parametrized conv) run as they are under "sola": the same results as
+    "torch", and the new layers' parameters get gradients."""
+    model = nano_fp64()
+    block, downsample = model.stages[2].blocks[0], model.stages[2].downsample
+    block.act = torch.nn.GELU()
+    block.mlp.act = torch.nn.ReLU()
+    block.norm2 = torch.nn.RMSNorm(block.norm2.normalized_shape, dtype=torch.float64)
+    model.stages[1].downsample.conv[0].act = torch.nn.GELU()
+    downsample.conv[1].act = torch.nn.GELU()
+    downsample.conv[1].norm = torch.nn.BatchNorm2d(downsample.conv[1].conv.out_channels, dtype=torch.float64).eval()
+    torch.nn.utils.parametrizations.weight_norm(model.stages[3].blocks[1].cpe2)
+    x = image(1, 64, 96, dtype=torch.float64)
+    model.set_attn_impl("sola")
+    sola_results = logits_and_grads(model, x)
+    model.set_attn_impl("torch")
+    torch_results = logits_and_grads(model, x)
+    assert_same_model_results(sola_results, torch_results)
+    assert "stages.2.downsample.conv.1.norm.weight" in sola_results[1]
+
+
 @needs_sola
 def test_sola_runs_every_depthwise_conv_on_sola_ops(monkeypatch):
     """attn_impl="sola" runs all the depthwise convs through sola_ops (the blocks' four, stride 1: the two
