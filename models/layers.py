@@ -154,13 +154,14 @@ class AttentionMixer(nn.Module):
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one
         autograd node (models/attention_node.py), which writes the gradient of x, their shared input, once.
         x and the qk weights are cast to the compute dtype as autocast casts them for the linear layer (as
-        sola_ops casts its ops' inputs)."""
+        sola_ops casts its ops' inputs). eps goes in as a Python float: under torch.compile(dynamic=True) a
+        symbolic float handed to an autograd.Function (and kept on its ctx) fails to trace."""
         (x,) = sola_ops._autocast(x)
         dtype = x.dtype
         bias = None if self.qk.bias is None else self.qk.bias.to(dtype)
         cos, sin = self.kernel_tables(x, x.shape[1], x.shape[2])
         return AttentionNode.apply(x, self.qk.weight.to(dtype), bias, self.lepe.weight, self.lepe.bias, self.letter,
-                                   self.num_heads, cos, sin, self.eps)
+                                   self.num_heads, cos, sin, float(self.eps))
 
     def kernel_tables(self, qk: torch.Tensor, height: int, width: int):
         """(cos, sin) as the sola_ops kernels compute with them: fp32 (fp64 for fp64 inputs)."""

@@ -768,6 +768,22 @@ def test_compile_fullgraph_tiny_inductor():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_sola
+def test_compile_dynamic_training():
+    """torch.compile(dynamic=True) traces a training step through the mixer node (its eps was a symbolic
+    float, which Dynamo failed to lift into the node), with the same gradients as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("sola_vision_nano", layer_pattern="L-LS-LLLL-LL", num_classes=3).train()
+    x = image(2, 64, 64)
+    ref = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x).square().sum(), list(model.parameters()))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_weight_init_skip():
     torch.manual_seed(0)
     default = timm.create_model("sola_vision_nano", attn_impl="torch")
