@@ -3,13 +3,15 @@
 FLOPs follow torch's convention: 2 per multiply-add of the matmul-like work (elementwise ops are not
 counted). The formulas of the sola_ops custom ops match what FlopCounterMode counts for the same math
 in plain PyTorch (MLLA's einsum linear attention, SDPA), so `attn_impl="sola"` and `"torch"` models
-count alike. sola_ops registers its ops' counts with FlopCounterMode itself (sola_ops/_flops.py); these
+count alike (but for torch's depthwise weight gradient, which FlopCounterMode counts as an ungrouped conv's;
+this module gives torch's CPU SDPA kernel the formulas of its CUDA ones). sola_ops registers its ops' counts with FlopCounterMode itself (sola_ops/_flops.py); these
 formulas need no extension (the placement explorer uses them either way).
 """
 from typing import Sequence, Union
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
+                                      sdpa_flop_count)
 
 __all__ = ["flops", "linear_attention_flops", "softmax_attention_flops", "depthwise_conv3x3_flops"]
 
@@ -64,3 +66,19 @@ def flops(model: torch.nn.Module, img_size: Union[int, Sequence[int]] = 224, *, 
     finally:
         model.train(was_training)
     return counter.get_total_flops()
+
+
+def _cpu_sdpa_fwd(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch counts its CUDA SDPA kernels but not the CPU one F.scaled_dot_product_attention runs (torch 2.14), so
+# attn_impl="torch" softmax layers counted 0 on the CPU; the same formulas as the CUDA kernels'.
+for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, _cpu_sdpa_fwd),
+                      (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, _cpu_sdpa_bwd)):
+    if _op not in flop_registry:
+        register_flop_formula(_op)(_formula)

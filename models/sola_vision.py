@@ -12,13 +12,18 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, LayerNorm2d, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .layers import AttentionMixer, Downsample, SoLABlock, Stem, check_attn_impl
 
 __all__ = ["SoLAVision", "parse_layer_pattern", "VARIANTS"]
+
+# timm's FX feature extraction (features_only=True, feature_cls="fx") keeps these as leaf modules: their
+# forwards pick kernels by their inputs' dtype and read RoPE tables per resolution, which FX cannot trace.
+register_notrace_module(SoLABlock)
+register_notrace_module(Downsample)
 
 
 def parse_layer_pattern(layer_pattern: Optional[str], depths: Sequence[int]) -> Tuple[str, ...]:
@@ -73,9 +78,13 @@ class SoLAVision(nn.Module):
     built per resolution); sizes divisible by 32 give exact stride-32 features.
 
     Args:
-        in_chans, num_classes, global_pool, drop_rate: as in timm.
+        in_chans, num_classes, global_pool: as in timm.
+        drop_rate: dropout before the classifier (timm's head dropout).
+        proj_drop_rate: dropout in every block's MLP (after its activation and after fc2; timm's ViT name).
         embed_dims, depths, num_heads: per stage.
         layer_pattern: one letter per block ("L" linear, "S" softmax), stages split by "-"; None = all linear.
+            (timm.create_model drops None kwargs, so there None keeps the registered variant's pattern: use a
+            `*_linear` variant for all-linear.)
         mlp_ratio, qkv_bias: MLP width ratio, bias of the q/k projection.
         drop_path_rate: stochastic depth, increasing linearly over the blocks up to this rate.
         attn_impl: "sola" (sola_ops kernels) or "torch" (plain PyTorch: MLLA's einsum linear attention,
@@ -89,8 +98,8 @@ class SoLAVision(nn.Module):
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
                  embed_dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (2, 4, 8, 4),
                  num_heads: Sequence[int] = (2, 4, 8, 16), layer_pattern: Optional[str] = None,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 attn_impl: str = "sola", rope_base: float = 10000.0, weight_init: str = "", img_size=None):
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, attn_impl: str = "sola", rope_base: float = 10000.0, weight_init: str = "", img_size=None):
         super().__init__()
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError(f"embed_dims {embed_dims}, depths {depths} and num_heads {num_heads} "
@@ -108,7 +117,7 @@ class SoLAVision(nn.Module):
         stages, self.feature_info, prev, start = [], [], embed_dims[0], 0
         for i, (dim, depth, heads) in enumerate(zip(embed_dims, depths, num_heads)):
             stages.append(SoLAStage(prev, dim, heads, pattern[i], downsample=i > 0, drop_path=dpr[start:start + depth],
-                                    mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_impl=attn_impl,
+                                    mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=proj_drop_rate, attn_impl=attn_impl,
                                     rope_base=rope_base))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
             prev, start = dim, start + depth
@@ -216,6 +225,7 @@ class SoLAVision(nn.Module):
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.head = ClassifierHead(self.num_features, 0, pool_type="")
+            self.num_classes = 0
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
@@ -271,6 +281,8 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
 
 def _create_sola_vision(variant: str, pretrained: bool = False, **kwargs) -> SoLAVision:
     model_args = dict(VARIANTS[variant], **kwargs)
+    if "depths" in kwargs and "layer_pattern" not in kwargs and not variant.endswith("_linear"):
+        model_args["layer_pattern"] = _hybrid(kwargs["depths"])  # the variant's placement for the new depths
     return build_model_with_cfg(
         SoLAVision, variant, pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),

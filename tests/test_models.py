@@ -125,6 +125,17 @@ def test_custom_config():
         SoLAVision(embed_dims=(36,), depths=(1,), num_heads=(6,), attn_impl="torch")
 
 
+def test_depths_override_keeps_the_variants_placement():
+    """New depths for a registered variant: the hybrid variant places softmax layers by its rule for them
+    (its own pattern no longer fits), the linear twin stays all linear, an explicit pattern wins."""
+    model = timm.create_model("sola_vision_nano", depths=(1, 1, 4, 5), attn_impl="torch")
+    assert model.layer_pattern == "L-L-LLLS-LLLSL"
+    model = timm.create_model("sola_vision_nano_linear", depths=(1, 1, 4, 5), attn_impl="torch")
+    assert model.layer_pattern == "L-L-LLLL-LLLLL"
+    model = timm.create_model("sola_vision_nano", depths=(1, 1, 1, 1), layer_pattern="S-L-S-L", attn_impl="torch")
+    assert model.layer_pattern == "S-L-S-L"
+
+
 def test_bad_attn_impl():
     with pytest.raises(ValueError, match="attn_impl"):
         timm.create_model("sola_vision_tiny", attn_impl="flash")
@@ -196,6 +207,18 @@ def test_drop_path_rate_and_head():
     cfg = model.pretrained_cfg
     assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
     assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
+
+
+def test_drop_rates_as_in_timm():
+    """drop_rate is the head's dropout only (timm's meaning: a --drop recipe must not also drop inside every
+    block); proj_drop_rate drops in the blocks' MLPs."""
+    def dropout_rates(model):
+        return {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    model = timm.create_model("sola_vision_nano", drop_rate=0.3, attn_impl="torch")
+    assert dropout_rates(model) == {"head.drop": 0.3}
+    model = timm.create_model("sola_vision_nano", proj_drop_rate=0.2, attn_impl="torch")
+    blocks = [f"stages.{i}.blocks.{j}" for i, s in enumerate(model.stages) for j in range(len(s.blocks))]
+    assert dropout_rates(model) == {f"{b}.mlp.{d}": 0.2 for b in blocks for d in ("drop1", "drop2")}
 
 
 # ---- sola_ops kernels vs plain PyTorch on the same weights --------------------------------
@@ -615,6 +638,24 @@ def test_features_only():
     assert [tuple(f.shape) for f in model(x)] == [(1, 64, 16, 24), (1, 256, 4, 6)]
 
 
+def test_features_only_fx():
+    """timm's FX feature extraction (feature_cls="fx") traces the model with the blocks and downsamples as leaf
+    modules: the same features as the default feature wrapper, either impl."""
+    x = image(1, 64, 96)
+    for impl in sorted({IMPL, "torch"}):
+        feats, wrappers = [], []
+        for feature_cls in ("fx", None):
+            torch.manual_seed(0)
+            kwargs = {"feature_cls": feature_cls} if feature_cls else {}
+            model = timm.create_model("sola_vision_nano", features_only=True, attn_impl=impl, **kwargs).eval()
+            with torch.no_grad():
+                feats.append(model(x))
+            wrappers.append(type(model).__name__)
+        assert wrappers == ["FeatureGraphNet", "FeatureListNet"] and len(feats[0]) == 4
+        for a, b in zip(*feats):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_forward_intermediates():
     model = tiny(attn_impl=IMPL).eval()
     x = image(1, 64, 96)
@@ -629,8 +670,9 @@ def test_forward_intermediates():
         torch.testing.assert_close(normed[0], final)
         early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
         torch.testing.assert_close(early[0], inter[1])
-        kept = model.prune_intermediate_layers(indices=[0, 1])
+        kept = model.prune_intermediate_layers(indices=[0, 1], prune_head=False)
         assert kept == [0, 1] and len(model.stages) == 2 and model.num_features == 128
+        assert model.num_classes == 0  # the pruned head has no classifier
         torch.testing.assert_close(model.forward_features(x), inter[1])
         assert model(x).shape == (1, 128, 8, 12)  # the pruned head has no pooling (as in timm)
 
@@ -722,6 +764,17 @@ def torch_depthwise_overcount(model, img_size):
             out.sum().backward()
         extra += fc.get_total_flops() - 3 * sola_vision.depthwise_conv3x3_flops(out.permute(0, 2, 3, 1).shape)
     return extra
+
+
+@needs_sola
+def test_flops_sola_equals_torch_with_softmax():
+    """attn_impl="torch" softmax layers count on the CPU as the sola ones (FlopCounterMode has no formula of
+    its own for torch's CPU SDPA kernel; sola_vision registers SDPA's)."""
+    model = tiny("LL-LLLL-SLLLLLLL-LLLS", attn_impl="sola")
+    sola_fwd, sola_all = sola_vision.flops(model, 64), sola_vision.flops(model, (64, 96), backward=True)
+    model.set_attn_impl("torch")
+    assert sola_vision.flops(model, 64) == sola_fwd
+    assert sola_all == sola_vision.flops(model, (64, 96), backward=True) - torch_depthwise_overcount(model, (64, 96))
 
 
 @needs_sola
