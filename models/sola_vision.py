@@ -140,6 +140,12 @@ class SoLAVision(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: say plainly that the model is not scriptable (its blocks pick
+        kernels at run time and its "sola" path uses custom autograd Functions) and what works instead."""
+        raise RuntimeError("SoLAVision cannot be compiled with torch.jit.script; use torch.compile, torch.export "
+                           "or torch.jit.trace")
+
     # ---- attention implementation --------------------------------------------------------------
 
     def _impl_modules(self):

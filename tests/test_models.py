@@ -837,6 +837,15 @@ def test_compile_dynamic_training():
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+def test_jit_script_says_it_is_not_supported():
+    model = timm.create_model("sola_vision_nano", attn_impl="torch")
+    with pytest.raises(RuntimeError, match="torch.jit.script; use torch.compile"):
+        torch.jit.script(model)
+    traced = torch.jit.trace(model.eval(), image(1, 32, 32))  # tracing works
+    torch.testing.assert_close(traced(image(1, 32, 32, seed=1)), model(image(1, 32, 32, seed=1)))
+
+
 def test_weight_init_skip():
     torch.manual_seed(0)
     default = timm.create_model("sola_vision_nano", attn_impl="torch")
