@@ -6,7 +6,8 @@
     OUT/best.safetensors    the weights with the best validation top-1 so far
 
 Every file is written to a temporary file in the same folder and renamed over the old one, so a kill
-in the middle of a write leaves the previous good file in place.
+in the middle of a write leaves the previous good file in place; last.safetensors and last_state.pt are
+both written before either is renamed (atomic_write_many), so they stay one checkpoint.
 """
 import io
 import json
@@ -32,24 +33,54 @@ def _write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    atomic_write_many([(path, data)])
+
+
+def atomic_write_many(files) -> None:
+    """Write each (path, data) to a temporary file next to it, then rename them all: the renames follow each
+    other at once, so a kill leaves either every old file or (all but a few microseconds) every new one. The
+    files get the usual permissions (mkstemp's temporary files are owner-only)."""
+    temporaries = []
     try:
-        _write_file(tmp, data)
-        os.replace(tmp, path)
+        for path, data in files:
+            folder = os.path.dirname(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+            os.close(fd)
+            temporaries.append(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            _write_file(tmp, data)
+        for (path, _), tmp in zip(files, temporaries):
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
-def save_model(path: str, model: torch.nn.Module, info: Dict[str, Any]) -> None:
+def remove_stale_temporaries(folder: str) -> None:
+    """Deletes the temporary files a killed run left behind in its output folder."""
+    for name in os.listdir(folder):
+        if name.endswith(".tmp") and name.split(".")[0] in ("last", "best", "last_state", "metrics"):
+            os.remove(os.path.join(folder, name))
+
+
+def model_bytes(model: torch.nn.Module, info: Dict[str, Any]) -> bytes:
     """Model weights plus `info` (JSON-serialisable: how to rebuild the model) as safetensors metadata."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, save_safetensors_bytes(tensors, metadata={"format": FORMAT, "info": json.dumps(info)}))
+    return save_safetensors_bytes(tensors, metadata={"format": FORMAT, "info": json.dumps(info)})
+
+
+def save_model(path: str, model: torch.nn.Module, info: Dict[str, Any]) -> None:
+    atomic_write(path, model_bytes(model, info))
 
 
 def load_model_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -74,10 +105,10 @@ def _safetensors_metadata(data: bytes) -> Dict[str, str]:
     return json.loads(data[8:8 + header_len]).get("__metadata__", {})
 
 
-def save_train_state(path: str, state: Dict[str, Any]) -> None:
+def train_state_bytes(state: Dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def load_train_state(path: str) -> Dict[str, Any]:

@@ -77,6 +77,10 @@ def _image_folder(root: str, img_size: int) -> DataSplits:
             raise ValueError(f"--data {root!r}: no images found under {path!r} (expected {split}/<class>/<image>)")
         splits[split] = path
     _, class_to_idx = find_images_and_targets(splits["train"])
+    _, val_classes = find_images_and_targets(splits["val"])
+    unknown = sorted(set(val_classes) - set(class_to_idx))
+    if unknown:  # ImageDataset would silently drop their images from the validation set
+        raise ValueError(f"--data {root!r}: val/ has classes with no training images under train/: {unknown}")
     train = ImageDataset(splits["train"], class_map=class_to_idx,
                          transform=create_transform(img_size, is_training=True))
     val = ImageDataset(splits["val"], class_map=class_to_idx,

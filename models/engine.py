@@ -41,8 +41,10 @@ def train_loader(dataset: Dataset, ctx: DistContext, global_batch: int, seed: in
         raise ValueError(f"--batch-size {global_batch} (the global batch) must be divisible by the number "
                          f"of processes {ctx.world_size}")
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+    # Workers start afresh each epoch, seeded from the main process's torch RNG (which a checkpoint saves):
+    # persistent workers would carry their random state across epochs, which --resume cannot restore.
     return DataLoader(dataset, batch_size=global_batch // ctx.world_size, sampler=sampler, drop_last=True,
-                      num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+                      num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=False)
 
 
 def eval_loader(dataset: Dataset, ctx: DistContext, batch: int, workers: int) -> DataLoader:

@@ -48,6 +48,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if (data.num_classes, data.in_chans) != (info["num_classes"], info["in_chans"]):
             raise ValueError(f"--data {data_arg!r} has {data.num_classes} classes and {data.in_chans} channels, the "
                              f"checkpoint's model {info['num_classes']} and {info['in_chans']}")
+        if "class_names" in info and list(data.class_names) != list(info["class_names"]):
+            raise ValueError(f"--data {data_arg!r} has the classes {list(data.class_names)}, the checkpoint's model "
+                             f"was trained on {list(info['class_names'])} (its outputs are in that order)")
         model = create_model(info["model"], num_classes=info["num_classes"], in_chans=info["in_chans"],
                              attn_impl=args.attn_impl, layer_pattern=info["layer_pattern"])
         model.load_state_dict(weights)

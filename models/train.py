@@ -14,11 +14,13 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 import warnings
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -34,6 +36,10 @@ from .engine import autocast, create_model, eval_loader, evaluate, train_loader,
 from .plots import plot_training_curves
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
+# What a resumed run must share with the run it continues (the schedule, the data order and what is
+# trained on); --attn-impl, --amp, --device, --workers and --no-progress may change.
+RUN_DEFINING_ARGS = ("data", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay",
+                     "label_smoothing", "clip_grad", "drop_path", "train_samples", "seed", "sync_bn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +96,10 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, ctx: DistContext):
         self.args, self.ctx = args, ctx
         self.amp = use_amp(args.amp, ctx.device)
+        # timm's augmentations draw from Python's random, others from numpy's: all three seeded (and saved)
         torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
         data = build_datasets(args.data, args.img_size)
         train_set = data.train
         if args.train_samples is not None:
@@ -134,13 +143,15 @@ class Trainer:
         rngs = all_gather_objects(self.ctx, ckpt.rng_state())  # every process's RNG, for exact resume
         if self.ctx.is_main:
             info = dict(self.model_info, epoch=epoch, top1=self.history[-1]["top1"])
-            ckpt.save_model(self.path(ckpt.MODEL_FILE), self.model, info)
-            if is_best:
-                ckpt.save_model(self.path(ckpt.BEST_FILE), self.model, info)
-            ckpt.save_train_state(self.path(ckpt.STATE_FILE), {
+            weights = ckpt.model_bytes(self.model, info)
+            state = ckpt.train_state_bytes({
                 "epoch": epoch, "num_updates": self.num_updates, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rngs, "history": self.history,
                 "best_top1": self.best_top1, "args": vars(self.args)})
+            # both written, then both renamed: a kill leaves one checkpoint, not two epochs' halves
+            ckpt.atomic_write_many([(self.path(ckpt.MODEL_FILE), weights), (self.path(ckpt.STATE_FILE), state)])
+            if is_best:
+                ckpt.atomic_write(self.path(ckpt.BEST_FILE), weights)
             lines = "".join(json.dumps(h) + "\n" for h in self.history)
             ckpt.atomic_write(self.path(METRICS_FILE), lines.encode())
             plot_training_curves(self.history, self.path(CURVES_FILE),
@@ -157,6 +168,11 @@ class Trainer:
             if info.get(key) != self.model_info[key]:
                 raise ValueError(f"--resume: the checkpoint has {key}={info.get(key)!r}, this run "
                                  f"{self.model_info[key]!r}; pass the same options as the first run")
+        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {getattr(self.args, k)!r}"
+                   for k in RUN_DEFINING_ARGS if state["args"].get(k) != getattr(self.args, k)]
+        if changed:
+            raise ValueError(f"--resume continues a run with its own settings, but these differ: {', '.join(changed)}; "
+                             "pass the first run's values (or start a new --output)")
         if len(state["rng"]) != self.ctx.world_size:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} processes, this run "
                              f"has {self.ctx.world_size}; resume with the same number of processes")
@@ -224,8 +240,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     try:
         os.makedirs(args.output, exist_ok=True)
         trainer = Trainer(args, ctx)
+        if ctx.is_main:
+            ckpt.remove_stale_temporaries(args.output)
         if args.resume:
             trainer.resume()
+            if trainer.start_epoch >= args.epochs and ctx.is_main:
+                print(f"{args.output}: all {args.epochs} epochs are done; nothing to resume", flush=True)
         elif ctx.is_main and os.path.exists(trainer.path(ckpt.STATE_FILE)):
             print(f"note: {args.output} holds an earlier run; it is overwritten (use --resume to continue it)",
                   file=sys.stderr)

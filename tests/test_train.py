@@ -88,6 +88,42 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_changed_settings(tmp_path):
+    """A resumed run continues the first run's schedule and data: other --epochs, --lr, --batch-size ... are
+    refused by name (timm's scheduler state would silently override them); --attn-impl may change."""
+    run_train(tmp_path, "--epochs", 1)
+    with pytest.raises(ValueError, match=r"these differ: --epochs 1 -> 2, --lr 0.002 -> 0.001"):
+        run_train(tmp_path, "--epochs", 2, "--lr", 1e-3, "--resume")
+    with pytest.raises(ValueError, match=r"--batch-size 32 -> 16"):
+        run_train(tmp_path, "--epochs", 1, "--batch-size", 16, "--resume")
+    if IMPL == "sola":
+        assert run_train(tmp_path, "--epochs", 1, "--attn-impl", "torch", "--resume")["history"]
+
+
+def test_checkpoint_pair_is_written_before_either_is_renamed(tmp_path, monkeypatch):
+    """last.safetensors and last_state.pt go through temporaries that are all written before the first rename:
+    a failure (a kill) while writing the state leaves the previous pair, not two epochs' halves."""
+    run_train(tmp_path, "--epochs", 1)
+    write = ckpt._write_file
+
+    def fail_on_state(path, data):
+        if os.path.basename(path).startswith("last_state"):
+            raise KeyboardInterrupt
+        write(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_file", fail_on_state)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, "--epochs", 2)
+    monkeypatch.undo()
+    _, info = ckpt.load_model_file(str(tmp_path / "last.safetensors"))
+    assert info["epoch"] == ckpt.load_train_state(str(tmp_path / "last_state.pt"))["epoch"] == 1
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("last.safetensors", "last_state.pt", "best.safetensors", "metrics.jsonl"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~mask, name  # not mkstemp's owner-only
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="last_state.pt"):
         run_train(tmp_path, "--epochs", 1, "--resume")
@@ -148,6 +184,45 @@ def make_image_tree(root, classes=("cat", "dog"), per_class=(6, 2)):
             for i in range(count):
                 pixels = (torch.rand(40, 48, 3, generator=g) * 100 + 120 * c).clamp(0, 255).byte().numpy()
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_resume_with_workers_is_exact(tmp_path, monkeypatch):
+    """ImageFolder data (timm's random crops draw from Python's random) with loader workers: --seed fixes the
+    run, and a resumed run repeats the uninterrupted one (workers are seeded per epoch from the saved RNG)."""
+    make_image_tree(tmp_path / "data")
+    argv = ["--data", str(tmp_path / "data"), "--img-size", "32", "--epochs", "2", "--batch-size", "4",
+            "--workers", "1", "--no-progress", "--device", "cpu", "--attn-impl", IMPL]
+    full = train.main(argv + ["--output", str(tmp_path / "full")])
+    save = train.Trainer.save
+
+    def save_then_die(self, epoch, is_best):
+        save(self, epoch, is_best)
+        raise StopAfterEpoch
+
+    monkeypatch.setattr(train.Trainer, "save", save_then_die)
+    with pytest.raises(StopAfterEpoch):
+        train.main(argv + ["--output", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    resumed = train.main(argv + ["--output", str(tmp_path / "cut"), "--resume"])
+    keys = ("train_loss", "val_loss", "top1")
+    assert [[h[k] for k in keys] for h in resumed["history"]] == [[h[k] for k in keys] for h in full["history"]]
+
+
+def test_val_classes_must_be_trained_and_eval_checks_class_names(tmp_path):
+    """A val/ class with no training images is an error (its images were silently dropped), and eval refuses
+    data whose class names differ from the checkpoint's (outputs would be read in the wrong order)."""
+    make_image_tree(tmp_path / "extra")
+    make_image_tree(tmp_path / "extra_val", classes=("ant",), per_class=(0, 1))
+    os.rename(tmp_path / "extra_val" / "val" / "ant", tmp_path / "extra" / "val" / "ant")
+    with pytest.raises(ValueError, match=r"val/ has classes with no training images under train/: \['ant'\]"):
+        train.main(QUICK + ["--data", str(tmp_path / "extra"), "--output", str(tmp_path / "o1")])
+    make_image_tree(tmp_path / "a", classes=("cat", "dog"))
+    make_image_tree(tmp_path / "b", classes=("cow", "dog"))
+    train.main(["--data", str(tmp_path / "a"), "--img-size", "32", "--epochs", "1", "--batch-size", "4",
+                "--workers", "0", "--no-progress", "--device", "cpu", "--attn-impl", IMPL,
+                "--output", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match=r"classes \['cow', 'dog'\], the checkpoint's model was trained on"):
+        sola_eval.main([str(tmp_path / "o2"), "--data", str(tmp_path / "b"), "--device", "cpu", "--workers", "0"])
 
 
 def test_image_folder_training(tmp_path):
