@@ -38,10 +38,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.img_size is not None and args.img_size < 8:
+        parser.error(f"--img-size must be at least 8, got {args.img_size}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     path = ckpt.resolve_checkpoint(args.checkpoint, ckpt.BEST_FILE)
     weights, info = ckpt.load_model_file(path)
     data_arg = args.data or info["data"]
-    img_size = args.img_size or info["img_size"]
+    img_size = args.img_size if args.img_size is not None else info["img_size"]
     ctx = init_distributed(args.device)
     try:
         data = build_datasets(data_arg, img_size)

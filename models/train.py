@@ -77,8 +77,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0 or args.min_lr < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
-        p.error("--lr must be > 0 and --min-lr, --warmup-epochs, --weight-decay >= 0")
+    if args.lr <= 0 or args.min_lr < 0 or args.warmup_epochs < 0 or args.weight_decay < 0 or args.clip_grad < 0:
+        p.error("--lr must be > 0 and --min-lr, --warmup-epochs, --weight-decay, --clip-grad >= 0")
+    if args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.drop_path < 1:
         p.error("--label-smoothing and --drop-path must be in [0, 1)")
     if args.train_samples is not None and args.train_samples < 1:
@@ -115,7 +121,8 @@ class Trainer:
                              attn_impl=args.attn_impl, layer_pattern=args.layer_pattern,
                              drop_path_rate=args.drop_path)
         self.model_info = {"model": args.model, "num_classes": data.num_classes, "in_chans": data.in_chans,
-                           "layer_pattern": model.layer_pattern, "data": args.data, "img_size": args.img_size,
+                           "layer_pattern": model.layer_pattern, "img_size": args.img_size,
+                           "data": args.data if args.data == DIGITS else os.path.abspath(args.data),  # for eval
                            "class_names": data.class_names}
         if args.sync_bn and ctx.distributed:
             model = convert_sync_batchnorm(model, ctx.device)

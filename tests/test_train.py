@@ -225,15 +225,18 @@ def test_val_classes_must_be_trained_and_eval_checks_class_names(tmp_path):
         sola_eval.main([str(tmp_path / "o2"), "--data", str(tmp_path / "b"), "--device", "cpu", "--workers", "0"])
 
 
-def test_image_folder_training(tmp_path):
+def test_image_folder_training(tmp_path, monkeypatch):
     make_image_tree(tmp_path / "data")
     out = tmp_path / "out"
-    result = train.main(["--data", str(tmp_path / "data"), "--img-size", "32", "--epochs", "2", "--batch-size", "4",
+    monkeypatch.chdir(tmp_path)  # --data relative: the checkpoint records it absolute, for eval from elsewhere
+    result = train.main(["--data", "data", "--img-size", "32", "--epochs", "2", "--batch-size", "4",
                          "--workers", "0", "--no-progress", "--device", "cpu", "--attn-impl", IMPL,
                          "--output", str(out)])
     assert len(result["history"]) == 2 and result["history"][-1]["val_samples"] == 4
     _, info = ckpt.load_model_file(str(out / "last.safetensors"))
     assert info["class_names"] == ["cat", "dog"] and info["in_chans"] == 3
+    assert info["data"] == str(tmp_path / "data")
+    monkeypatch.chdir(out)
     evaluated = sola_eval.main([str(out), "--device", "cpu", "--workers", "0"])
     assert evaluated["confusion"].shape == (2, 2) and evaluated["confusion"].sum() == 4
 
@@ -264,10 +267,25 @@ def test_bad_arguments(tmp_path, argv, message):
         train.main(QUICK + ["--output", str(tmp_path), "--epochs", "1"] + argv)
 
 
-def test_bad_numbers_exit_with_usage(tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--clip-grad", "-1"], "--clip-grad >= 0"),
+    (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
+    (["--warmup-epochs", "13"], "--warmup-epochs 13.0 is more than --epochs 12"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+])
+def test_bad_numbers_exit_with_usage(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
-        train.main(["--epochs", "0", "--output", str(tmp_path)])
-    assert "--epochs must be at least 1" in capsys.readouterr().err
+        train.main(argv + ["--output", str(tmp_path)])
+    assert message in capsys.readouterr().err
+
+
+def test_eval_bad_numbers_exit_with_usage(tmp_path, capsys):
+    for argv, message in ((["--img-size", "0"], "--img-size must be at least 8"),
+                          (["--workers", "-2"], "--workers must be >= 0")):
+        with pytest.raises(SystemExit):
+            sola_eval.main([str(tmp_path)] + argv)
+        assert message in capsys.readouterr().err
 
 
 def test_ddp_two_processes_match_one(tmp_path):
