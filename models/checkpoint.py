@@ -100,6 +100,18 @@ def load_model_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]
     return tensors, json.loads(metadata["info"])
 
 
+def load_trained_model(path: str, attn_impl: str = "sola") -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """(model, info): the model a sola_vision.train run saved, rebuilt with timm.create_model from the
+    checkpoint's metadata and its weights loaded. path: a checkpoint file or a run folder (best.safetensors)."""
+    from .engine import create_model  # timm, only where a model is built
+
+    weights, info = load_model_file(resolve_checkpoint(path, BEST_FILE))
+    model = create_model(info["model"], num_classes=info["num_classes"], in_chans=info["in_chans"],
+                         attn_impl=attn_impl, layer_pattern=info["layer_pattern"])
+    model.load_state_dict(weights)
+    return model, info
+
+
 def _safetensors_metadata(data: bytes) -> Dict[str, str]:
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8:8 + header_len]).get("__metadata__", {})

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 from . import checkpoint as ckpt
 from .data import build_datasets, default_workers
 from .distributed import init_distributed, shutdown
-from .engine import create_model, eval_loader, evaluate, use_amp
+from .engine import eval_loader, evaluate, use_amp
 from .plots import plot_confusion_matrix
 
 
@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     path = ckpt.resolve_checkpoint(args.checkpoint, ckpt.BEST_FILE)
-    weights, info = ckpt.load_model_file(path)
+    model, info = ckpt.load_trained_model(path, args.attn_impl)
     data_arg = args.data or info["data"]
     img_size = args.img_size if args.img_size is not None else info["img_size"]
     ctx = init_distributed(args.device)
@@ -55,9 +55,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if "class_names" in info and list(data.class_names) != list(info["class_names"]):
             raise ValueError(f"--data {data_arg!r} has the classes {list(data.class_names)}, the checkpoint's model "
                              f"was trained on {list(info['class_names'])} (its outputs are in that order)")
-        model = create_model(info["model"], num_classes=info["num_classes"], in_chans=info["in_chans"],
-                             attn_impl=args.attn_impl, layer_pattern=info["layer_pattern"])
-        model.load_state_dict(weights)
         model.to(ctx.device)
         workers = args.workers if args.workers is not None else default_workers(data_arg)
         amp = use_amp(args.amp, ctx.device)

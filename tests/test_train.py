@@ -236,6 +236,10 @@ def test_image_folder_training(tmp_path, monkeypatch):
     _, info = ckpt.load_model_file(str(out / "last.safetensors"))
     assert info["class_names"] == ["cat", "dog"] and info["in_chans"] == 3
     assert info["data"] == str(tmp_path / "data")
+    model, info = ckpt.load_trained_model(str(out), attn_impl="torch")
+    weights, _ = ckpt.load_model_file(str(out / "best.safetensors"))
+    assert info["class_names"] == ["cat", "dog"] and model.num_classes == 2
+    assert all(torch.equal(model.state_dict()[k], w) for k, w in weights.items())
     monkeypatch.chdir(out)
     evaluated = sola_eval.main([str(out), "--device", "cpu", "--workers", "0"])
     assert evaluated["confusion"].shape == (2, 2) and evaluated["confusion"].sum() == 4
