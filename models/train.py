@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -223,6 +224,10 @@ class Trainer:
     def fit(self) -> Dict:
         for epoch in range(self.start_epoch, self.args.epochs):
             metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            if self.ctx.distributed and not self.args.sync_bn:
+                # each process's BatchNorm running stats saw only its own batches: their mean on every process,
+                # so validation, the saved checkpoint (process 0's) and a resumed run all use the same model
+                distribute_bn(self.model, self.ctx.world_size, reduce=True)
             metrics.update(evaluate(self.model, self.val_loader, self.ctx, self.data.num_classes, self.amp))
             if not math.isfinite(metrics["train_loss"]):
                 raise FloatingPointError(f"training diverged at epoch {epoch + 1}: loss {metrics['train_loss']}")

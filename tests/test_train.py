@@ -314,6 +314,19 @@ def test_ddp_two_processes_match_one(tmp_path):
         assert a["val_samples"] == b["val_samples"] == 359  # the val shards cover every image exactly once
 
 
+def test_ddp_without_sync_bn_saves_what_it_validated(tmp_path):
+    """Without --sync-bn each process's BatchNorm running stats are averaged after every epoch, so the saved
+    checkpoint (process 0's model) evaluates to the validation loss the run reported (it differed by ~1e-4)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sola_vision.train", *QUICK, "--epochs", "1", "--output", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (reported,) = read_metrics(tmp_path)
+    evaluated = sola_eval.main([str(tmp_path), "--device", "cpu", "--attn-impl", IMPL])
+    assert evaluated["val_loss"] == pytest.approx(reported["val_loss"], rel=1e-6)
+    assert evaluated["top1"] == pytest.approx(reported["top1"], abs=1e-9)
+
+
 def test_console_scripts_are_installed():
     bin_dir = os.path.dirname(sys.executable)
     for name in ("sola-train", "sola-eval"):
