@@ -145,6 +145,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             n = P.count_placements(args.depths, ks, stages)
         except ValueError as e:
             p.error(f"--k: {e}")
+        if args.max_patterns < 1:
+            p.error(f"--max-patterns must be at least 1, got {args.max_patterns}")
         if n > args.max_patterns:
             p.error(f"--k {','.join(map(str, ks))} --stages {','.join(map(str, stages))} gives {n} patterns, more "
                     f"than --max-patterns {args.max_patterns}; narrow them or raise --max-patterns")
@@ -180,10 +182,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.flops is None:
         args.flops = "analytic" if args.quick else "count"
     for flag, value in (("--budget-ms", args.budget_ms), ("--budget-gflops", args.budget_gflops)):
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # NaN too
             p.error(f"{flag} must be positive, got {value:g}")
     if args.budget_ms is not None and args.no_latency:
         p.error("--budget-ms needs the latency runs: drop --no-latency")
+    # last, so a refused command creates nothing; before any measuring, so a bad --out costs no run
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} exists and is not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out!r}: cannot create the folder ({e.strerror})")
+    if not os.access(args.out, os.W_OK):
+        p.error(f"--out {args.out!r} is not writable")
 
 
 # ---- candidates and budgets --------------------------------------------------------------------

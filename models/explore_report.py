@@ -45,9 +45,10 @@ class Result:
 
 # ---- Pareto front ---------------------------------------------------------------------------------
 
-def cost(r: Result, size: int) -> Optional[float]:
-    """What the Pareto front minimises: forward ms where measured, else forward GFLOPs."""
-    return r.fwd_ms.get(size) if r.fwd_ms else r.gflops(size)
+def cost(r: Result, size: int, timed: bool) -> Optional[float]:
+    """What the Pareto front minimises: forward ms when the run timed any pattern at this size (None for a
+    pattern it could not time, e.g. out of memory), else forward GFLOPs: one unit for every pattern."""
+    return r.fwd_ms.get(size) if timed else r.gflops(size)
 
 
 def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
@@ -59,8 +60,9 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
 
 
 def mark_pareto(results: List[Result], size: int) -> None:
-    usable = [r for r in results if cost(r, size) is not None]
-    for r, on_front in zip(usable, pareto_front([(r.share(size), cost(r, size)) for r in usable])):
+    timed = any(r.fwd_ms.get(size) is not None for r in results)
+    usable = [r for r in results if cost(r, size, timed) is not None]  # the others stay off the front
+    for r, on_front in zip(usable, pareto_front([(r.share(size), cost(r, size, timed)) for r in usable])):
         r.pareto = on_front
 
 

@@ -39,14 +39,15 @@ def parse_layer_pattern(layer_pattern: Optional[str], depths: Sequence[int]) -> 
     if len(stages) != len(depths):
         raise ValueError(f"layer_pattern {layer_pattern!r} has {len(stages)} stage(s) separated by '-', but the "
                          f"model has {len(depths)} stages with depths {depths} (e.g. {example!r})")
-    for i, (stage, depth) in enumerate(zip(stages, depths)):
+    for i, (stage, depth) in enumerate(zip(stages, depths), start=1):  # "stage 3 of 4" counts from 1
         bad = sorted(set(stage) - {"L", "S"})
         if bad:
-            raise ValueError(f"layer_pattern {layer_pattern!r}: stage {i} has unknown letter(s) {bad}; use 'L' "
+            raise ValueError(f"layer_pattern {layer_pattern!r}: stage {i} of {len(depths)} ({stage!r}) has unknown "
+                             f"letter(s) {bad}; use 'L' "
                              f"(linear attention) or 'S' (softmax attention), stages separated by '-'")
         if len(stage) != depth:
-            raise ValueError(f"layer_pattern {layer_pattern!r}: stage {i} has {len(stage)} letter(s) ({stage!r}) "
-                             f"but depth {depth} (depths {depths})")
+            raise ValueError(f"layer_pattern {layer_pattern!r}: stage {i} of {len(depths)} ({stage!r}) has "
+                             f"{len(stage)} letter(s) but depth {depth} (depths {depths})")
     return tuple(stages)
 
 

@@ -152,6 +152,8 @@ def test_budget_filters_and_orders(tmp_path, capsys):
     (["--k", "3", "--stages", "1,2,3,4"], "--max-patterns", "816 patterns"),
     (["--img-size", "16"], "--img-size", "at least 32"),
     (["--budget-ms", "5", "--no-latency"], "--budget-ms", "--no-latency"),
+    (["--budget-gflops", "nan"], "--budget-gflops", "must be positive, got nan"),
+    (["--max-patterns", "-5"], "--max-patterns", "at least 1, got -5"),
 ])
 def test_bad_arguments_are_rejected(argv, flag, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -161,6 +163,26 @@ def test_bad_arguments_are_rejected(argv, flag, message, tmp_path, capsys):
     assert flag in err and message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()  # rejected before anything ran
+
+
+def test_bad_out_is_rejected_before_measuring(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        explore.main(["--model", "sola_vision_nano", "--quick", "--out", str(tmp_path / "afile")])
+    assert exc.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_pareto_front_uses_one_unit():
+    """A pattern the run could not time (out of memory) stays off the front; it used to be ranked by its
+    GFLOPs against the others' milliseconds and push the cheapest timed pattern off."""
+    rows = [explore_report.Result("L-LL-LLLL-LL", "linear"), explore_report.Result("L-LL-LLLS-LL", "default"),
+            explore_report.Result("L-LL-SSSS-LL", "")]
+    for r, share, ms in zip(rows, (0.0, 0.1, 0.4), (14.0, 15.0, None)):
+        r.flops[64], r.softmax_flops[64] = 1e8, share * 1e8
+        if ms is not None:
+            r.fwd_ms[64] = ms
+    explore_report.mark_pareto(rows, 64)
+    assert [r.pareto for r in rows] == [True, True, False]
 
 
 def test_placement_errors_name_the_argument():
