@@ -48,14 +48,14 @@ def atomic_write_many(files) -> None:
     """Write each (path, data) to a temporary file next to it, then rename them all: the renames follow each
     other at once, so a kill leaves either every old file or (all but a few microseconds) every new one. The
     files get the usual permissions (mkstemp's temporary files are owner-only)."""
-    temporaries = []
+    temporaries, mode = [], 0o666 & ~_umask()
     try:
         for path, data in files:
             folder = os.path.dirname(os.path.abspath(path))
             fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
             os.close(fd)
             temporaries.append(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, mode)
             _write_file(tmp, data)
         for (path, _), tmp in zip(files, temporaries):
             os.replace(tmp, path)
@@ -66,11 +66,12 @@ def atomic_write_many(files) -> None:
         raise
 
 
-def remove_stale_temporaries(folder: str) -> None:
-    """Deletes the temporary files a killed run left behind in its output folder."""
-    for name in os.listdir(folder):
-        if name.endswith(".tmp") and name.split(".")[0] in ("last", "best", "last_state", "metrics"):
-            os.remove(os.path.join(folder, name))
+def remove_stale_temporaries(folder: str, names) -> None:
+    """Deletes the temporary files (atomic_write's `<name>.<random>.tmp`) that a killed run left behind in its
+    output folder for the files `names`."""
+    for entry in os.listdir(folder):
+        if entry.endswith(".tmp") and any(entry.startswith(name + ".") for name in names):
+            os.remove(os.path.join(folder, entry))
 
 
 def model_bytes(model: torch.nn.Module, info: Dict[str, Any]) -> bytes:

@@ -253,7 +253,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         os.makedirs(args.output, exist_ok=True)
         trainer = Trainer(args, ctx)
         if ctx.is_main:
-            ckpt.remove_stale_temporaries(args.output)
+            ckpt.remove_stale_temporaries(args.output,
+                                          (ckpt.MODEL_FILE, ckpt.STATE_FILE, ckpt.BEST_FILE, METRICS_FILE))
         if args.resume:
             trainer.resume()
             if trainer.start_epoch >= args.epochs and ctx.is_main:

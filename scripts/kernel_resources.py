@@ -21,9 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sola_ops", "cuobjdump")
 
 
+def _cached():
+    return next(iter(glob.glob(os.path.join(CACHE, "**", "bin", "cuobjdump"), recursive=True)), None)
+
+
 def cuobjdump() -> str:
-    found = shutil.which("cuobjdump") or next(iter(glob.glob(os.path.join(CACHE, "**", "bin", "cuobjdump"),
-                                                             recursive=True)), None)
+    found = shutil.which("cuobjdump") or _cached()
     if found:
         return found
     os.makedirs(CACHE, exist_ok=True)
@@ -32,7 +35,7 @@ def cuobjdump() -> str:
     for wheel in glob.glob(os.path.join(CACHE, "*.whl")):
         with zipfile.ZipFile(wheel) as z:
             z.extractall(CACHE)
-    found = next(iter(glob.glob(os.path.join(CACHE, "**", "bin", "cuobjdump"), recursive=True)))
+    found = _cached()
     os.chmod(found, 0o755)
     return found
 
