@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="default: the training image size")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--attn-impl", default="sola", choices=["sola", "torch"])
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
+                   help="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--confusion-png", default=None, help="default: confusion_matrix.png next to the checkpoint")

@@ -279,7 +279,8 @@ def explore(args: argparse.Namespace) -> List[Result]:
             "most softmax layers first, then the deepest")
         for r in fits:
             log(f"  {r.pattern}  S={r.n_softmax}  at {P.describe(r.pattern):<12}  "
-                f"{r.gflops(args.img_size):.4g} GFLOPs  fwd {fmt(r.fwd_ms.get(args.img_size), '.1f')} ms"
+                f"{r.gflops(args.img_size):.4g} GFLOPs"
+                + ("" if args.no_latency else f"  fwd {fmt(r.fwd_ms.get(args.img_size), '.1f')} ms")
                 + (f"  ({r.role})" if r.role else ""))
     log(f"\nwrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s")
     return results

@@ -185,7 +185,7 @@ def plot_pareto(path: str, results: List[Result], args: argparse.Namespace, devi
                 ax.scatter([x], [y], marker="s", s=50, color="black", zorder=4, label="all linear")
         ax.set(xlabel=f"softmax share of forward FLOPs at {size}px (%)", ylabel=label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=7, loc="best")  # "best" keeps clear of the points (the all-linear one sits in a corner)
     fig.suptitle(f"{args.model}: cost vs softmax share ({device_name}, attn_impl {args.attn_impl})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

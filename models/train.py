@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-impl", default="sola", choices=["sola", "torch"],
                    help="sola_ops kernels or plain PyTorch attention, same model")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
-                   help="bf16 autocast: auto = on CUDA, off on CPU")
+                   help="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (slower there than fp32)")
     p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (DDP)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 0 digits, 4 else)")

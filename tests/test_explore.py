@@ -135,7 +135,9 @@ def test_budget_filters_and_orders(tmp_path, capsys):
     budget = linear.gflops(128)
     explore.main(args + ["--budget-gflops", repr(budget)])
     listed = capsys.readouterr().out.split("within budget", 1)[1].splitlines()[1:]
-    listed = [line.split()[0] for line in listed if line.startswith("  ")]
+    listed = [line for line in listed if line.startswith("  ")]
+    assert not any(" ms" in line for line in listed)  # --no-latency: no "fwd - ms" column
+    listed = [line.split()[0] for line in listed]
     expected = sorted((r.pattern for r in results if r.gflops(128) <= budget), key=P.placement_key)
     assert listed == expected and "L-LL-LLLL-SS" in listed and "L-LL-SSLL-LL" not in listed
 

@@ -45,6 +45,15 @@ def test_training_lowers_the_loss(tmp_path):
     assert read_metrics(tmp_path) == json.loads(json.dumps(result["history"]))
 
 
+def test_amp_bf16_runs_on_the_cpu(tmp_path):
+    """--amp bf16 autocasts on the CPU too (it used to run fp32 quietly): same seed, different losses."""
+    fp32 = run_train(tmp_path / "fp32", "--epochs", 1, "--amp", "none")["history"][0]
+    bf16 = run_train(tmp_path / "bf16", "--epochs", 1, "--amp", "bf16")["history"][0]
+    assert math.isfinite(bf16["train_loss"]) and math.isfinite(bf16["val_loss"])
+    assert bf16["train_loss"] != fp32["train_loss"]
+    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
+
+
 def test_checkpoint_round_trip_and_eval(tmp_path):
     result = run_train(tmp_path, "--epochs", 2)
     best = max(result["history"], key=lambda h: h["top1"])
