@@ -837,6 +837,21 @@ def test_compile_dynamic_training():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
+@needs_sola
+def test_export_with_dynamic_batch_and_size():
+    """torch.export of a hybrid model with the batch and the image size dynamic (multiples of 32, as the
+    model takes them): the exported program runs the custom ops at other sizes like eager (~100 s). From
+    64 px up: export assumes a dynamic size is never 1 (stage 4 of a 32 px image has 1 x 1 tokens)."""
+    torch.manual_seed(0)
+    model = timm.create_model("sola_vision_nano", layer_pattern="L-LS-LLLS-LL", num_classes=4).eval()
+    Dim = torch.export.Dim
+    size = {0: Dim("batch", min=1, max=64), 2: 32 * Dim("h", min=2, max=32), 3: 32 * Dim("w", min=2, max=32)}
+    exported = torch.export.export(model, (image(2),), dynamic_shapes={"x": size}).module()
+    for x in (image(2), image(3, 96, 64, seed=1), image(1, 64, 160, seed=2)):
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
 def test_jit_script_says_it_is_not_supported():
     model = timm.create_model("sola_vision_nano", attn_impl="torch")
