@@ -590,7 +590,22 @@ def parse_args(argv=None):
                    help="exit 1 when sola_ops could not be measured somewhere for another reason than "
                         "out of memory or time, or a CUDA error broke the run")
     args = p.parse_args(argv)
+    # a misspelt name would drop an impl, op or shape set silently (or end in a KeyError after the peaks)
+    _check_names(p, "--ops", args.ops, OP_NAMES)
+    _check_names(p, "--impls", args.impls, C.KERNEL_IMPLS)
+    _check_names(p, "--dtypes", args.dtypes, (*C.DTYPES, *C.DTYPE_SHORT.values()))
+    _check_names(p, "--sets", args.sets, SETS)
     return args
+
+
+OP_NAMES = {"linear": LINEAR, "softmax": SOFTMAX, LINEAR: LINEAR, SOFTMAX: SOFTMAX}
+
+
+def _check_names(parser, flag, value, known):
+    """Exits (argparse's status 2) when the comma list value holds a name not in known."""
+    unknown = [s.strip() for s in (value or "").split(",") if s.strip() and s.strip() not in known]
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def main(argv=None):
@@ -603,8 +618,7 @@ def main(argv=None):
         args.max_impl_s = 60.0 if device.type == "cuda" else 20.0
     if device.type == "cuda" and args.reps is not None and args.reps < 20 and not args.tiny:
         print(f"note: --reps {args.reps} is below the 20 runs the results format asks for on CUDA", file=sys.stderr)
-    ops = {"linear": LINEAR, "softmax": SOFTMAX, LINEAR: LINEAR, SOFTMAX: SOFTMAX}
-    want_ops = [ops[o.strip()] for o in args.ops.split(",") if o.strip()]
+    want_ops = [OP_NAMES[o.strip()] for o in args.ops.split(",") if o.strip()]
     cases = [c for c in build_cases(device.type, args.quick, args.tiny) if c.op in want_ops]
     if args.dtypes:
         long_name = {v: k for k, v in C.DTYPE_SHORT.items()}

@@ -354,3 +354,20 @@ def test_dwconv_bench(tmp_path):
             assert r["ratio_to_best_baseline"] == pytest.approx(1.0)
     with open(out) as f:
         assert json.load(f)["csrc_sha256"] == data["csrc_sha256"]
+
+
+def test_kernels_refuses_unknown_names(capsys):
+    """A misspelt --impls / --ops / --dtypes / --sets name stops the run before any measuring (it dropped that
+    impl silently, or --ops ended in a KeyError); the names gpu_check.sh passes are all known."""
+    for flag, value in (("--impls", "sola_ops,flashbla"), ("--ops", "attn"), ("--dtypes", "bf61"),
+                        ("--sets", "visoin")):
+        with pytest.raises(SystemExit) as exc:
+            kernels.parse_args(["--tiny", flag, value])
+        assert exc.value.code == 2 and value.split(",")[-1] in capsys.readouterr().err
+    with open(os.path.join(ROOT, "scripts", "gpu_check.sh")) as f:
+        script = f.read()
+    ours = script.split("OUR_IMPLS=", 1)[1].split()[0]
+    peers = script.split("--ops linear --impls ", 1)[1].split()[0]
+    for impls in (ours, peers):
+        assert kernels.parse_args(["--quick", "--impls", impls]).impls == impls
+    assert kernels.parse_args(["--ops", "softmax", "--dtypes", "bf16,float32", "--sets", "vision,long"]).ops == "softmax"
