@@ -258,6 +258,14 @@ def capture_warnings():
         yield caught
 
 
+def warning_reasons(caught):
+    """The first lines of caught warnings, each once, without PyTorch's "(Triggered internally at ...)" tail.
+    All of them: SDPA says "Flash attention kernel not used because:" in one warning and why (dtype, head
+    dim, GPU arch) in the next ones, which name neither "kernel" nor "because"."""
+    lines = [re.sub(r"\s*\(Triggered internally at [^)]*\)", "", str(w.message)).splitlines() for w in caught]
+    return list(dict.fromkeys(ln[0].strip() for ln in lines if ln and ln[0].strip()))
+
+
 # ---- device peaks -----------------------------------------------------------------------------
 
 def measure_peaks(device, quick=False, tiny=False):

@@ -519,10 +519,9 @@ class Runner:
                 mem = C.peak_mem_mb(fn, dev, ctx=impl.ctx)
         except Exception as e:  # noqa: BLE001 - a backend that refuses, OOM, a kernel error
             reason = C.short_reason(e)
-            why = [str(w.message).splitlines()[0] for w in caught
-                   if "kernel" in str(w.message).lower() or "because" in str(w.message).lower()]
+            why = C.warning_reasons(caught)
             if why and not C.is_oom(e):
-                reason = (reason + " | " + " | ".join(dict.fromkeys(why)))[:600]
+                reason = (reason + " | " + " | ".join(why))[:1000]
             self.skip(reason, case, impl.name, pass_)
             if C.is_fatal_cuda_error(e):
                 self.fatal = f"{impl.name} {pass_} on {case}: {reason}"

@@ -371,3 +371,31 @@ def test_kernels_refuses_unknown_names(capsys):
     for impls in (ours, peers):
         assert kernels.parse_args(["--quick", "--impls", impls]).impls == impls
     assert kernels.parse_args(["--ops", "softmax", "--dtypes", "bf16,float32", "--sets", "vision,long"]).ops == "softmax"
+
+
+def _runner(**kw):
+    args = argparse.Namespace(budget_s=None, reps=1, tiny=True, quick=False, max_impl_s=20.0, verbose=False)
+    vars(args).update(kw)
+    return kernels.Runner(torch.device("cpu"), args, kernels.load_sola_ops()[1])
+
+
+def test_kernels_skip_reason_keeps_sdpa_why():
+    """A backend that refuses: the skipped reason holds SDPA's reasons, which come as warnings of their own after
+    the "... not used because:" ones (only those headers were kept: the H200 run's fp32 rows said nothing more)."""
+    import warnings
+
+    def refuse(q, k, v):
+        for msg in ("Flash attention kernel not used because: (Triggered internally at sdp_utils.cpp:988.)",
+                    "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float "
+                    "(Triggered internally at sdp_utils.cpp:123.)"):
+            warnings.warn(msg)
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    case = kernels.Case("softmax_attention", "vision", "float32", 1, 2, 64, 64, 16)
+    runner = _runner()
+    runner.measure(case, kernels.Impl("sdpa_flash", fn=refuse), "fwd", lambda: refuse(None, None, None), None, None)
+    (entry,) = runner.skipped
+    assert entry["reason"].startswith("RuntimeError: No available kernel")
+    assert "Flash attention kernel not used because:" in entry["reason"]
+    assert "Expected query, key and value to all be of dtype: {Half, BFloat16}" in entry["reason"]
+    assert "Triggered internally" not in entry["reason"]
