@@ -399,3 +399,19 @@ def test_kernels_skip_reason_keeps_sdpa_why():
     assert "Flash attention kernel not used because:" in entry["reason"]
     assert "Expected query, key and value to all be of dtype: {Half, BFloat16}" in entry["reason"]
     assert "Triggered internally" not in entry["reason"]
+
+
+def test_kernels_strict_counts_our_variants():
+    """--strict fails on a variant of ours that raised on a case (gpu_check runs sola_ops_wgmma / _unstaged /
+    _presplit, kernels no GPU has run yet: their errors passed as ok), not on one that does not apply here."""
+    case = dict(op="softmax_attention", dtype="bfloat16", B=1, H=2, Nq=64, Nk=64, D=16, case="vision")
+    skipped = [
+        {"impl": "sola_ops_wgmma", "pass": None, "op": "softmax_attention", "reason": "wgmma kernels: H100 / H200 only"},
+        {"impl": "sola_ops_unstaged", "pass": "fwd", **case, "reason": "out of memory"},
+        {"impl": "naive", "pass": "fwd", **case, "reason": "RuntimeError: boom"},
+    ]
+    assert kernels.sola_ops_failures(skipped) == []
+    bad = {"impl": "sola_ops_wgmma", "pass": "fwd_bwd", **case, "reason": "RuntimeError: CUDA error: invalid argument"}
+    assert kernels.sola_ops_failures(skipped + [bad]) == [bad]
+    missing = {"impl": "sola_ops", "pass": None, "op": "linear_attention", "reason": "import sola_ops failed: x"}
+    assert kernels.sola_ops_failures([missing]) == [missing]
