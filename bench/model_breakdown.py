@@ -87,10 +87,10 @@ def op_name(func) -> str:
 VIEW_LIKE = ("aten::_unsafe_view",)
 
 
-def op_bytes(step):
+def op_bytes(step, seen=None):
     """{op name: bytes per step} over one run of step(): each op's tensor inputs and outputs (a lower
     bound on what it moves; views move nothing), as a TorchDispatchMode sees the ops below autograd and
-    autocast (the casts included)."""
+    autocast (the casts included). seen, a set, gets the names of all the ops it saw, views included."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -104,6 +104,8 @@ def op_bytes(step):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if seen is not None:
+                seen.add(op_name(func))
             outs = tree_flatten(out)[0]
             if not func.is_view and op_name(func) not in VIEW_LIKE and any(isinstance(t, torch.Tensor) for t in outs):
                 self.bytes[op_name(func)] += nbytes(tree_flatten((args, kwargs))[0]) + nbytes(outs)
@@ -116,17 +118,33 @@ def op_bytes(step):
 
 def op_efficiency(step, op_times):
     """{op name: (ms per step, calls per step, GB per step)}: op_times (profile_step's ops) joined with
-    the bytes each op moves over one more run of step()."""
-    moved = op_bytes(step)
-    return {name: (ms, calls, moved[name] / 1e9) for name, (ms, calls) in op_times.items() if name in moved}
+    the bytes each op moves over one more run of step(). An op the dispatch mode never saw, one that another
+    op's kernel calls (aten::cudnn_convolution, SDPA's aten::_flash_attention_forward: where the time of the
+    convs and the attention lands), keeps its time with GB None; views, moving nothing, are left out."""
+    seen = set()
+    moved = op_bytes(step, seen)
+    return {name: (ms, calls, moved[name] / 1e9 if name in moved else None)
+            for name, (ms, calls) in op_times.items() if name in moved or (name not in seen and not is_view_op(name))}
+
+
+def is_view_op(name: str) -> bool:
+    """Whether a profiler name is a view op, also one the dispatch mode never sees (aten::t runs as
+    aten::transpose below autograd)."""
+    ns, _, op = name.partition("::")
+    try:
+        packet = getattr(getattr(torch.ops, ns), op)
+        return any(getattr(packet, o).is_view for o in packet.overloads())
+    except Exception:  # noqa: BLE001 - not an op: "autograd::engine::...", a record_function label
+        return False
 
 
 def print_op_table(effs, top: int, copy_gbps: float):
     """The top ops by time; % copy: their GB/s against a large device copy's (bench/common.py)."""
     print(f"  {'ms':>9} {'calls':>7} {'GB':>8} {'GB/s':>8} {'% copy':>7}  op")
     for name, (ms, calls, gb) in sorted(effs.items(), key=lambda kv: -kv[1][0])[:top]:
-        gbps = gb / (ms * 1e-3)
-        print(f"  {ms:9.3f} {calls:7.0f} {gb:8.3f} {gbps:8.1f} {100 * gbps / copy_gbps:7.1f}  {name}")
+        gbps = None if gb is None else gb / (ms * 1e-3)
+        pct = None if gb is None else 100 * gbps / copy_gbps
+        print(f"  {ms:9.3f} {calls:7.0f} {BM.C.fmt(gb, '8.3f')} {BM.C.fmt(gbps, '8.1f')} {BM.C.fmt(pct, '7.1f')}  {name}")
 
 
 def breakdown(times):

@@ -415,3 +415,24 @@ def test_kernels_strict_counts_our_variants():
     assert kernels.sola_ops_failures(skipped + [bad]) == [bad]
     missing = {"impl": "sola_ops", "pass": None, "op": "linear_attention", "reason": "import sola_ops failed: x"}
     assert kernels.sola_ops_failures([missing]) == [missing]
+
+
+def test_model_breakdown_ops_keep_kernels_below_the_dispatch_mode(capsys):
+    """--ops: an op that another op's kernel calls (CPU: aten::mkldnn_convolution under aten::convolution; CUDA:
+    aten::cudnn_convolution, SDPA's aten::_flash_attention_forward) holds the time but is never seen by the dispatch
+    mode that counts bytes: it stays in the table with no GB/s (it was dropped, so the convs and the torch model's
+    attention were missing from the slowest ops)."""
+    import model_breakdown as MB
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+
+    def step():
+        conv(x).transpose(1, 2).sum().backward()
+    _, ops = MB.profile_step(step, torch.device("cpu"), 2)
+    effs = MB.op_efficiency(step, ops)
+    unseen = [name for name, (ms, _, gb) in effs.items() if gb is None and "conv" in name and ms > 0]
+    assert unseen and all(name in ops for name in unseen)
+    assert effs["aten::convolution"][2] > 0 and "aten::transpose" not in effs
+    MB.print_op_table(effs, len(effs), 10.0)
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.endswith(unseen[0]))
+    assert row.split()[2:5] == ["-", "-", "-"]
