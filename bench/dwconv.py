@@ -123,12 +123,23 @@ def run(device, args, data):
     low = dtype in (torch.float16, torch.bfloat16)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if low else contextlib.nullcontext
     for (B, H, W, Ch), form in cases(device, args.tiny):
-        module = make_module(form, (B, H, W, Ch), device, dtype)
         op = form if form in OTHER_OPS else "depthwise_conv3x3"
-        x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
-        fns = impls(sola_ops, form)
-        with ctx():
-            outs = {name: fn(x, module) for name, fn in fns.items()}
+        case = form if form in OTHER_OPS else f"dwconv_{form}"
+
+        def skip(name, pass_, e):
+            skipped.append({"op": op, "impl": name, "pass": pass_, "dtype": args.dtype, "B": B, "Nq": H * W,
+                            "D": Ch, "img_hw": [H, W], "case": case, "reason": C.short_reason(e)})
+        try:
+            module = make_module(form, (B, H, W, Ch), device, dtype)
+            x = torch.randn(B, H, W, Ch, device=device, dtype=dtype if low else torch.float32).to(dtype)
+            fns = impls(sola_ops, form)
+            with ctx():
+                outs = {name: fn(x, module) for name, fn in fns.items()}
+        except Exception as e:  # noqa: BLE001 - a shape a kernel refuses, OOM: the other cases still run
+            for name, pass_ in itertools.product(("sola_ops", "torch"), C.PASSES):
+                skip(name, pass_, e)
+            C.free_memory(device)
+            continue
         g = torch.randn_like(outs["torch"])  # in each impl's output dtype (torch's LayerNorm: fp32 under autocast)
         diff = (outs["sola_ops"].double() - outs["torch"].double()).abs().max().item()
         for name, fn in fns.items():
@@ -142,8 +153,8 @@ def run(device, args, data):
             for pass_, step in passes.items():
                 try:
                     ms, _ = C.time_fn(step, device, reps, warmup=3, ctx=ctx)
-                except RuntimeError as e:
-                    skipped.append({"op": op, "impl": name, "pass": pass_, "reason": C.short_reason(e)})
+                except Exception as e:  # noqa: BLE001
+                    skip(name, pass_, e)
                     continue
                 out_elems = outs[name].numel()
                 elems = x.numel() + out_elems  # forward: x in, out out
@@ -153,7 +164,6 @@ def run(device, args, data):
                     elems = out_elems * (5 if pass_ == "fwd_bwd" else 2)
                 if form == "silu_mul":  # and gate in; backward: gate in, dgate out
                     elems += x.numel() * (3 if pass_ == "fwd_bwd" else 1)
-                case = form if form in OTHER_OPS else f"dwconv_{form}"
                 rows.append(C.make_row(op=op, impl=name, **{"pass": pass_}, dtype=args.dtype, B=B,
                                        Nq=H * W, D=Ch, ms=C.sig(ms), case=case, img_hw=[H, W],
                                        GBps=C.sig(elems * x.element_size() / (ms * 1e-3) / 1e9),
@@ -181,6 +191,9 @@ def main(argv=None):
         print(f"{r['impl']:<9} {r['case'].removeprefix('dwconv_'):<10} {r['pass']:<8} B={r['B']:<4} {r['img_hw'][0]:>3}x{r['img_hw'][1]:<3} C={r['D']:<4} "
               f"{r['ms']:>9.4f} ms {r['GBps']:>8.1f} GB/s {C.fmt(r['pct_peak'], '5.1f')}% of copy  "
               f"x{C.fmt(r['ratio_to_best_baseline'], '.2f')} vs torch")
+    for s in data["skipped"]:
+        print(f"skipped: {s['impl']:<9} {s['case'].removeprefix('dwconv_'):<10} {s['pass']:<8} B={s['B']:<4} "
+              f"{s['img_hw'][0]:>3}x{s['img_hw'][1]:<3} C={s['D']:<4} {s['reason']}")
     if args.out:
         C.write_json(args.out, data)
     return data

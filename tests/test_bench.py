@@ -436,3 +436,25 @@ def test_model_breakdown_ops_keep_kernels_below_the_dispatch_mode(capsys):
     MB.print_op_table(effs, len(effs), 10.0)
     row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.endswith(unseen[0]))
     assert row.split()[2:5] == ["-", "-", "-"]
+
+
+def test_dwconv_bench_survives_a_refused_case(monkeypatch, tmp_path):
+    """An impl that raises on its first call (a shape our kernel refuses, out of memory) skips that case with its
+    shape and reason; the others still run (that first call was outside the try: the whole step died)."""
+    real = dwconv.impls
+
+    def refusing(sola_ops, form):
+        fns = dict(real(sola_ops, form))
+        if form == "silu_mul":
+            def refuse(x, module):
+                raise ValueError("silu_mul: refused (test)")
+            fns["sola_ops"] = refuse
+        return fns
+    monkeypatch.setattr(dwconv, "impls", refusing)
+    data = dwconv.main(["--device", "cpu", "--tiny", "--reps", "1", "--out", str(tmp_path / "dw.json")])
+    assert {r["case"] for r in data["rows"]} == {"dwconv_residual", "dwconv_silu", "dwconv_downsample", "layer_norm",
+                                                 "bias_gelu"}
+    assert len(data["skipped"]) == len(dwconv.TINY_SHAPES) * 2 * 2
+    for s in data["skipped"]:
+        assert s["case"] == "silu_mul" and "refused (test)" in s["reason"]
+        assert (s["B"], *s["img_hw"], s["D"]) in dwconv.TINY_SHAPES
