@@ -212,6 +212,23 @@ def measure_one(timm, device, args, base, op, pass_, impl, gen, autocast, reps, 
     return row
 
 
+def load_to_append(path, device):
+    """The results JSON at path without its model rows, or None when another device, torch or csrc/ wrote it:
+    e.g. the committed bench/results/<gpu>.json of an earlier run, left as it was when this run's kernel
+    bench died before its first case; appended to, its old kernel rows passed for this run's."""
+    import json
+    with open(path) as f:
+        data = json.load(f)
+    here = (C.device_name(device), torch.__version__, C.csrc_sha256())
+    if (data.get("device"), data.get("torch"), data.get("csrc_sha256")) != here:
+        print(f"bench/models.py: {path} is from another run (device, torch or csrc/ differ): not appending to it, "
+              "writing a new one", flush=True)
+        return None
+    data["rows"] = [r for r in data.get("rows", []) if r.get("op") not in MODEL_OPS]
+    data["skipped"] = [s for s in data.get("skipped", []) if s.get("op") not in MODEL_OPS]
+    return data
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="SoLA-Vision throughput, attn_impl sola vs torch.")
     p.add_argument("--quick", action="store_true", help="fewer CPU configurations / runs")
@@ -233,11 +250,7 @@ def main(argv=None):
     rows, skipped = [], []
     data = None
     if args.out and args.append and os.path.exists(args.out):
-        import json
-        with open(args.out) as f:
-            data = json.load(f)
-        data["rows"] = [r for r in data.get("rows", []) if r.get("op") not in MODEL_OPS]
-        data["skipped"] = [s for s in data.get("skipped", []) if s.get("op") not in MODEL_OPS]
+        data = load_to_append(args.out, device)
     if data is None:
         data = C.header(device, C.measure_peaks(device, quick=True), {"mode": "models", "cudnn_benchmark": True})
     kept_rows, kept_skipped = data["rows"], data["skipped"]

@@ -458,3 +458,22 @@ def test_dwconv_bench_survives_a_refused_case(monkeypatch, tmp_path):
     for s in data["skipped"]:
         assert s["case"] == "silu_mul" and "refused (test)" in s["reason"]
         assert (s["B"], *s["img_hw"], s["D"]) in dwconv.TINY_SHAPES
+
+
+def test_models_append_only_to_this_runs_json(monkeypatch, tmp_path):
+    """--append keeps the kernel rows of a JSON this device, torch and csrc/ wrote, and starts a new JSON over one from
+    another run (the committed results of an earlier GPU run, when the kernel bench died before rewriting it): its
+    old kernel rows and header were passed off as this run's."""
+    monkeypatch.setattr(models, "load_models", lambda: (None, "sola_vision not importable (test)"))
+    kernel_row = common.make_row(op="linear_attention", impl="sola_ops", dtype="float32", B=1, H=1, Nq=8, Nk=8, D=8,
+                                 ms=1.0, **{"pass": "fwd"})
+    device = torch.device("cpu")
+    for sha, kept in ((common.csrc_sha256(), True), ("3b314cac" * 8, False)):
+        out = tmp_path / f"{kept}.json"
+        old = common.header(device, {"copy_GBps": 1.0}, {"mode": "quick"})
+        old.update(csrc_sha256=sha, rows=[kernel_row])
+        common.write_json(str(out), old)
+        data = models.main(["--device", "cpu", "--out", str(out), "--append", "--no-table"])
+        assert data["csrc_sha256"] == common.csrc_sha256()
+        assert (data["rows"] == [kernel_row]) is kept and data["rows"] in ([kernel_row], [])
+        assert {s["op"] for s in data["skipped"]} == {"model_fwd", "model_train"}
