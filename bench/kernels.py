@@ -665,6 +665,7 @@ def main(argv=None):
         if args.out:  # after every case, so a run killed by a time limit still leaves its rows
             C.write_json(args.out, data)
 
+    snapshot(0)  # now: a run that dies in its first case must not leave an earlier run's JSON there as its own
     for i, case in enumerate(cases):
         if args.verbose:
             print(f"[{i + 1}/{len(cases)}] {case}", flush=True)

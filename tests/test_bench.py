@@ -477,3 +477,20 @@ def test_models_append_only_to_this_runs_json(monkeypatch, tmp_path):
         assert data["csrc_sha256"] == common.csrc_sha256()
         assert (data["rows"] == [kernel_row]) is kept and data["rows"] in ([kernel_row], [])
         assert {s["op"] for s in data["skipped"]} == {"model_fwd", "model_train"}
+
+
+def test_kernels_json_is_this_runs_from_the_start(monkeypatch, tmp_path):
+    """--out is rewritten before the first case: a run that dies there left an earlier run's JSON (the committed
+    bench/results/<gpu>.json) in place, which gpu_check then plotted, tabled and copied out as this run's."""
+    out = tmp_path / "k.json"
+    common.write_json(str(out), {"device": "NVIDIA H200", "rows": [{"op": "linear_attention"}]})
+
+    def die(self, case, impls):
+        raise RuntimeError("killed in the first case (test)")
+    monkeypatch.setattr(kernels.Runner, "run_case", die)
+    with pytest.raises(RuntimeError, match="first case"):
+        kernels.main(["--tiny", "--device", "cpu", "--ops", "linear", "--impls", "reference", "--out", str(out)])
+    with open(out) as f:
+        data = json.load(f)
+    assert data["device"] == common.device_name(torch.device("cpu")) and data["rows"] == []
+    assert data["meta"]["cases_done"] == 0
