@@ -56,6 +56,8 @@ Columns:
               both peaks measured at the start of the same run
   ratio_to_best_baseline  ms of the fastest baseline (any impl but sola_ops) of the same op, pass,
               dtype and shape / this row's ms: > 1 is faster than every baseline
+  baselines_partial  true when a baseline of the group was not timed (time budget, an earlier CUDA
+              error): the ratio is over those that were, an upper bound
   peak_mem_MB peak memory allocated by one call beyond the memory allocated before it (inputs
               excluded), torch.cuda.max_memory_allocated; null on CPU
   rel_err     fwd rows: ||out - out_ref|| / ||out_ref|| with out_ref the output of rel_err_vs (linear:
@@ -656,8 +658,10 @@ def main(argv=None):
             "allow_tf32": torch.backends.cuda.matmul.allow_tf32, "fatal_error": None}
     data = C.header(device, peak, meta)
 
+    not_baselines = {i.name for lst in impls.values() for i in lst if not i.same_function}
+
     def snapshot(done):
-        data["rows"] = C.add_derived(runner.rows, peak)
+        data["rows"] = mark_partial(C.add_derived(runner.rows, peak), runner.skipped, not_baselines)
         data["skipped"] = runner.skipped
         data["meta"]["cases_done"] = done
         data["meta"]["fatal_error"] = runner.fatal
@@ -698,6 +702,19 @@ def main(argv=None):
 
 
 BENIGN = ("out of memory", "time budget", "too slow", "inputs: out of memory", "not run: an earlier CUDA error")
+NOT_TIMED = ("time budget", "not run: an earlier CUDA error")  # reasons that say nothing of the impl's speed
+
+
+def mark_partial(rows, skipped, not_baselines=()):
+    """baselines_partial=True on the rows of each group where a baseline was not timed for want of time (or
+    after a CUDA error): their ratio_to_best_baseline is over the baselines that ran, an upper bound (ours run
+    first in a case, so a budget running out mid-case leaves them against the slower of the baselines)."""
+    cut = {C.group_key(s) for s in skipped if s.get("B") is not None and not C.is_ours(s["impl"])
+           and s["impl"] not in not_baselines and s["reason"].startswith(NOT_TIMED)}
+    for r in rows:
+        if C.group_key(r) in cut:
+            r["baselines_partial"] = True
+    return rows
 
 
 def sola_ops_failures(skipped):

@@ -41,6 +41,15 @@ def _tput(r):
     return "–"
 
 
+def _speedup(r):
+    """'2.31×'; '≤2.31×' when a baseline was not timed (bench/kernels.py's baselines_partial: the ratio is over
+    the baselines that were, an upper bound); '–' without a ratio."""
+    ratio = r and r.get("ratio_to_best_baseline")
+    if not ratio:
+        return "–"
+    return f"{'≤' if r.get('baselines_partial') else ''}{ratio:.2f}×"
+
+
 def _groups(rows):
     out = OrderedDict()
     for r in rows:
@@ -70,7 +79,7 @@ def render(data, current_sha=None, all_impls=False, path=None):
         for r in kern:
             lines.append(f"| {OP_SHORT[r['op']]} | {r['pass']} | {C.DTYPE_SHORT.get(r['dtype'], r['dtype'])} | {_shape(r)} "
                          f"| {r['impl']} | {_f(r['ms'], '.3f')} | {_tput(r)} | {_f(r.get('pct_peak'), '.1f')} "
-                         f"| {_f(r.get('ratio_to_best_baseline'), '.2f')}× | {_f(r.get('peak_mem_MB'), '.0f')} |")
+                         f"| {_speedup(r)} | {_f(r.get('peak_mem_MB'), '.0f')} |")
         lines.append("")
     elif kern:
         lines.append("| op | pass | dtype | B×H×N×D | sola_ops ms | sola_ops throughput | % peak "
@@ -85,7 +94,7 @@ def render(data, current_sha=None, all_impls=False, path=None):
                 f"| {OP_SHORT[r0['op']]} | {r0['pass']} | {C.DTYPE_SHORT.get(r0['dtype'], r0['dtype'])} | {_shape(r0)} "
                 f"| {_f(ours and ours['ms'], '.3f')} | {_tput(ours) if ours else '–'} | {_f(ours and ours.get('pct_peak'), '.1f')} "
                 f"| {best['impl'] if best else '–'} | {_f(best and best['ms'], '.3f')} "
-                f"| {_f(ours and ours.get('ratio_to_best_baseline'), '.2f')}{'×' if ours and ours.get('ratio_to_best_baseline') else ''} "
+                f"| {_speedup(ours)} "
                 f"| {_f(ours and ours.get('peak_mem_MB'), '.0f')} / {_f(best and best.get('peak_mem_MB'), '.0f')} |")
         lines.append("")
     if models:
@@ -131,7 +140,8 @@ def main(argv=None):
              "timed with CUDA events. Linear attention: GB/s of the ideal traffic (read q, k, v and write out "
              "once; fwd+bwd adds reading q, k, v, dout and writing dq, dk, dv). Softmax attention: TFLOP/s with "
              "4·B·H·N²·D for fwd and 3.5× that for fwd+bwd. % peak is against the copy bandwidth / bf16 matmul rate "
-             "measured in the same run; speed-up = best baseline's time / sola_ops' time.", ""]
+             "measured in the same run; speed-up = best baseline's time / sola_ops' time (≤: a baseline ran out of "
+             "the time budget, so over those that ran).", ""]
     for path in paths:
         with open(path) as f:
             data = json.load(f)

@@ -494,3 +494,28 @@ def test_kernels_json_is_this_runs_from_the_start(monkeypatch, tmp_path):
         data = json.load(f)
     assert data["device"] == common.device_name(torch.device("cpu")) and data["rows"] == []
     assert data["meta"]["cases_done"] == 0
+
+
+def test_speedup_over_a_budget_cut_group_is_marked():
+    """The time budget running out mid-case leaves sola_ops (run first) against the baselines timed before it; its
+    ratio is then an upper bound: baselines_partial marks the group and perf_table prints '≤' (it printed the ratio
+    over the slower baselines as the speed-up)."""
+    case = kernels.Case("linear_attention", "vision", "bfloat16", 8, 2, 64, 64, 16)
+    other = kernels.Case("linear_attention", "vision", "bfloat16", 8, 4, 64, 64, 16)
+    runner = _runner(budget_s=1.0)
+
+    def row(c, impl, pass_, ms):
+        return common.make_row(**c.fields(), impl=impl, **{"pass": pass_}, ms=ms, case=c.set)
+    runner.rows = [row(case, "sola_ops", "fwd", 1.0), row(case, "reference", "fwd", 3.0),
+                   row(case, "sola_ops", "fwd_bwd", 2.0), row(case, "reference", "fwd_bwd", 5.0),
+                   row(case, "einsum_fp32", "fwd_bwd", 4.0), row(other, "sola_ops", "fwd", 1.0),
+                   row(other, "reference", "fwd", 2.0)]
+    runner.skip("time budget (--budget-s 1) used up", case, "einsum_fp32", "fwd")
+    runner.skip("time budget (--budget-s 1) used up", other, "fla", "fwd")  # not the same function: no baseline
+    runner.skip("out of memory", other, "einsum_fp32", "fwd")  # cannot run there: the ratio is over those that can
+    rows = kernels.mark_partial(common.add_derived(runner.rows, {}), runner.skipped, {"fla"})
+    assert [r.get("baselines_partial", False) for r in rows] == [True, True, False, False, False, False, False]
+    md = perf_table.render({"rows": rows, "skipped": runner.skipped})
+    lines = [ln for ln in md.splitlines() if ln.startswith("| linear")]
+    assert "| ≤3.00× |" in lines[0] and "| 2.00× |" in lines[1] and "| 2.00× |" in lines[2]
+    assert "| ≤3.00× |" in perf_table.render({"rows": rows}, all_impls=True)
