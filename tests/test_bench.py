@@ -519,3 +519,24 @@ def test_speedup_over_a_budget_cut_group_is_marked():
     lines = [ln for ln in md.splitlines() if ln.startswith("| linear")]
     assert "| ≤3.00× |" in lines[0] and "| 2.00× |" in lines[1] and "| 2.00× |" in lines[2]
     assert "| ≤3.00× |" in perf_table.render({"rows": rows}, all_impls=True)
+
+
+def test_kernels_records_a_fatal_cuda_error(monkeypatch):
+    """After a kernel fault every CUDA call fails, torch.cuda.empty_cache included: freeing memory after the failed
+    call raised out of measure() and ended the run with a traceback that named no impl or case (the skip and the
+    FATAL line were lost). Now the fault is recorded, the run goes on to skip the rest."""
+    fault = "CUDA error: an illegal memory access was encountered"
+
+    def empty_cache():
+        raise RuntimeError(fault)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+
+    def faulty(q, k, v):
+        raise RuntimeError(fault)
+    case = kernels.Case("softmax_attention", "vision", "bfloat16", 1, 2, 64, 64, 16)
+    runner = kernels.Runner(torch.device("cuda"), _runner().args, None)
+    runner.measure(case, kernels.Impl("sola_ops", fn=faulty), "fwd", lambda: faulty(None, None, None), None, None)
+    assert runner.skipped[0]["impl"] == "sola_ops" and fault in runner.skipped[0]["reason"]
+    assert runner.fatal and fault in runner.fatal
+    runner.run_case(case, [kernels.Impl("naive", fn=faulty)])  # no CUDA call: skipped for the broken context
+    assert [s["reason"].startswith("not run: an earlier CUDA error") for s in runner.skipped[1:]] == [True, True]
