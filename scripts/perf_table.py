@@ -130,7 +130,9 @@ def main(argv=None):
     p.add_argument("--all-impls", action="store_true", help="one row per impl instead of sola_ops vs the best baseline")
     p.add_argument("--out", help="write the markdown here instead of stdout")
     args = p.parse_args(argv)
-    paths = args.json or sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
+    # bench/dwconv.py's <gpu>_dwconv.json rows are no kernel or model rows: this table has no place for them
+    paths = args.json or sorted(p for p in glob.glob(os.path.join(ROOT, "bench", "results", "*.json"))
+                                if not p.endswith("_dwconv.json"))
     if not paths:
         print("no results JSON found (bench/results/*.json)", file=sys.stderr)
         return 1

@@ -147,6 +147,21 @@ def test_perf_table_renders(tiny_json):
     assert perf_table.main([str(path), "--all-impls", "--out", os.devnull]) == 0
 
 
+def test_perf_table_default_skips_dwconv_results(tiny_json, tmp_path, monkeypatch):
+    """Without arguments it renders bench/results/*.json but not bench/dwconv.py's <gpu>_dwconv.json, whose
+    rows it cannot show (it printed an empty section for it)."""
+    path, data = tiny_json
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    (results / "gpu.json").write_text(path.read_text())
+    (results / "gpu_dwconv.json").write_text(json.dumps({**data, "device": "dwconv device", "rows": []}))
+    monkeypatch.setattr(perf_table, "ROOT", str(tmp_path))
+    out = tmp_path / "table.md"
+    assert perf_table.main(["--out", str(out)]) == 0
+    md = out.read_text()
+    assert f"### {data['device']}" in md and "dwconv device" not in md
+
+
 def test_formulas():
     c = kernels.Case("linear_attention", "vision", "bfloat16", B=128, H=2, Nq=3136, Nk=3136, D=32)
     assert kernels.linear_bytes(c, "fwd") == 2 * 128 * 2 * 4 * 3136 * 32
