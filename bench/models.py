@@ -241,6 +241,8 @@ def main(argv=None):
     p.add_argument("--max-impl-s", type=float, default=None, help="default 120 on CUDA, 60 on CPU")
     p.add_argument("--no-table", action="store_true")
     p.add_argument("--no-graph", action="store_true", help="CUDA: eager steps only (no CUDA graph rows)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a row was skipped for another reason than out of memory or time")
     args = p.parse_args(argv)
     device = C.pick_device(args.device)
     if args.max_impl_s is None:
@@ -270,8 +272,18 @@ def main(argv=None):
                                             r["attn_impl"])))
     print(f"{len(rows)} model rows, {len(skipped)} skipped, {time.perf_counter() - t0:.1f} s"
           + (f", written to {args.out}" if args.out else ""))
+    failed = failures(skipped)
+    for s in failed[:10]:
+        print(f"not measured: {s.get('attn_impl') or s.get('impl')} {s.get('op')}: {s['reason']}", file=sys.stderr)
+    data.setdefault("meta", {})["models_exit_status"] = 1 if (args.strict and failed) else 0
     return data
 
 
+def failures(skipped):
+    """Skips that say something is broken (an error, the model not importable), not out of memory or time."""
+    benign = ("time budget", "too slow")
+    return [s for s in skipped if not s["reason"].startswith(benign) and "out of memory" not in s["reason"].lower()]
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main()["meta"]["models_exit_status"])

@@ -209,7 +209,7 @@ main() {
     fi
     local mb=$((DEADLINE - $(now) - 150))
     ((mb > 100)) && mb=100
-    step "model bench" 130 120 "$PY" bench/models.py --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
+    step "model bench" 130 120 "$PY" bench/models.py --strict --out "$JSON" --append --budget-s "$((mb > 10 ? mb : 10))"
     # the blocks' and downsamples' depthwise convs, ours vs cuDNN (the model's other lever besides attention)
     step "dwconv bench" 60 105 "$PY" bench/dwconv.py --out "$RESULTS/${SLUG}_dwconv.json"
     if [ "${GPU_CHECK_BREAKDOWN:-0}" = 1 ]; then

@@ -273,6 +273,12 @@ def test_models_bench_skips_without_model(monkeypatch, tmp_path):
     assert all("test" in s["reason"] for s in data["skipped"])
     with open(out) as f:
         assert json.load(f)["peak"]["copy_GBps"] > 0
+    # --strict makes that a failure (gpu_check's model step said ok with no row measured)
+    assert data["meta"]["models_exit_status"] == 0
+    strict = models.main(["--device", "cpu", "--out", str(out), "--no-table", "--strict"])
+    assert strict["meta"]["models_exit_status"] == 1
+    assert models.failures([{"reason": "time budget (--budget-s 10) used up"},
+                            {"reason": "CUDA out of memory. Tried to allocate 2 GiB"}]) == []
 
 
 def test_model_breakdown_groups_the_step_time():
