@@ -103,6 +103,13 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     return out.to(x.dtype)
 
 
+def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=None, norm_bias=None, *,
+                                 residual=False, eps=1e-5):
+    """(out, normed): depthwise_conv3x3 of x, then layer_norm of out, as the two references compute them."""
+    out = depthwise_conv3x3(x, conv_weight, conv_bias, residual=residual)
+    return out, layer_norm(out, norm_weight, norm_bias, eps)
+
+
 def silu_mul(x, gate):
     """x * F.silu(gate) in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
     acc = _acc_dtype(x.dtype)

@@ -144,6 +144,21 @@ def test_gradcheck(device):
             lambda *a: sola_ops.depthwise_conv3x3_layer_norm(*a, residual=residual), inputs)
 
 
+def test_double_backward_names_a_reference_that_has_it():
+    """A gradient of a gradient raises, pointing to sola_ops.reference.depthwise_conv3x3_layer_norm (it named
+    one that did not exist), which is differentiable twice and agrees with the op."""
+    inputs = [leaf(t.double()) for t in make_inputs((1, 4, 5, 6), torch.float64, "cpu")]
+    out, normed = sola_ops.depthwise_conv3x3_layer_norm(*inputs, residual=True)
+    grads = torch.autograd.grad((out * normed).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="use sola_ops.reference.depthwise_conv3x3_layer_norm"):
+        grads[0].sum().backward()
+    ref_out, ref_normed = reference.depthwise_conv3x3_layer_norm(*inputs, residual=True)
+    torch.testing.assert_close(ref_out, out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ref_normed, normed, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(
+        lambda *a: reference.depthwise_conv3x3_layer_norm(*a, residual=True), inputs)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_deterministic(device):
     inputs = [leaf(t) for t in make_inputs((4, 14, 14, 64), torch.bfloat16, device)]
