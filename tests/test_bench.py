@@ -438,6 +438,18 @@ def test_kernels_strict_counts_our_variants():
     assert kernels.sola_ops_failures([missing]) == [missing]
 
 
+def test_kernels_strict_checks_our_accuracy(tiny_json):
+    """--strict fails on an output of ours far from the reference, or NaN (a fast but wrong kernel passed);
+    the CPU kernels' own rows are within the limits, and a baseline's error is not ours to fail on."""
+    _, data = tiny_json
+    assert any(r.get("rel_err") is not None and common.is_ours(r["impl"]) for r in data["rows"])
+    assert kernels.inaccurate_rows(data["rows"]) == []
+    row = dict(op="linear_attention", dtype="bfloat16", B=1, H=2, Nq=64, Nk=64, D=32, rel_err_vs="reference")
+    wrong = [{**row, "impl": "sola_ops", "rel_err": 0.9}, {**row, "impl": "sola_ops_unstaged", "rel_err": math.nan}]
+    fine = [{**row, "impl": "sola_ops", "rel_err": 3e-3}, {**row, "impl": "einsum_fp32", "rel_err": 0.9}]
+    assert kernels.inaccurate_rows(wrong + fine) == wrong
+
+
 def test_model_breakdown_ops_keep_kernels_below_the_dispatch_mode(capsys):
     """--ops: an op that another op's kernel calls (CPU: aten::mkldnn_convolution under aten::convolution; CUDA:
     aten::cudnn_convolution, SDPA's aten::_flash_attention_forward) holds the time but is never seen by the dispatch
