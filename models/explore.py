@@ -49,7 +49,7 @@ from .sola_vision import SoLAVision
 # ---- command line -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sola_vision.explore", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sola-explore", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default="sola_vision_tiny", help="a registered sola_vision_* variant")
     p.add_argument("--img-size", type=int, default=224,
@@ -286,5 +286,11 @@ def explore(args: argparse.Namespace) -> List[Result]:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The sola-explore console script: main()'s result is for Python callers; returned from here it would be the
+    exit status, and a non-empty one means failure."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

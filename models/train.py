@@ -273,5 +273,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         shutdown(ctx)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The sola-train console script: main()'s result is for Python callers; returned from here it would be the
+    exit status, and a non-empty one means failure."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

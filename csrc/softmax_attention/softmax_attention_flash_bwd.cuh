@@ -269,7 +269,6 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
     // 0), so the edge tile needs no masking. Peeling it to skip their n8 tiles, as dq_kernel does,
     // cost spills inside the loop here (dkdv kD 64 two groups: 1 -> 10 local loads/stores a step).
     auto compute = [&](int64_t, int stage, auto) {
-      constexpr int live = kStream;
       const T* sQ = smem.streamed(stage, 0);
       const T* sG = smem.streamed(stage, 1);  // grad_out
       const acc* lse = smem.lse + stage * kStream;
@@ -295,6 +294,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         for (int g = 0; g < kG; ++g) grad_from_dp(dpt[g], pt[g], g, delta_c);
         wg_gemm_xb2<T, kD>(dv, pt, sG, dk, dpt, sQ, t.col0);
       } else {
+        constexpr int live = kStream;  // every column: rows past Nq are zeros (above)
         gemm_abt<T, kD>(pt, sK, a0, sQ, live, lane);
         exp_pt();
         gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
