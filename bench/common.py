@@ -244,6 +244,11 @@ def is_fatal_cuda_error(exc):
                                    "misaligned address", "unspecified launch failure", "an illegal"))
 
 
+# Skip reasons (short_reason's, or a script's own) that say nothing is broken: memory or time ran out, or an
+# earlier CUDA error left the context unusable. --strict fails on any other.
+BENIGN_SKIPS = ("out of memory", "time budget", "too slow", "inputs: out of memory", "not run: an earlier CUDA error")
+
+
 def short_reason(exc, limit=300):
     """A one-line reason for `skipped` from an exception (the first meaningful line)."""
     if is_oom(exc):

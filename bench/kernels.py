@@ -718,7 +718,6 @@ def inaccurate_rows(rows):
             and not r["rel_err"] <= REL_ERR_LIMIT.get(r["dtype"], 0.0)]
 
 
-BENIGN = ("out of memory", "time budget", "too slow", "inputs: out of memory", "not run: an earlier CUDA error")
 NOT_TIMED = ("time budget", "not run: an earlier CUDA error")  # reasons that say nothing of the impl's speed
 
 
@@ -737,7 +736,7 @@ def mark_partial(rows, skipped, not_baselines=()):
 def sola_ops_failures(skipped):
     """Skipped measurements of ours whose reason is not out of memory / time: sola_ops anywhere, a variant
     (sola_ops_wgmma, ...) on a case it ran on; a variant that does not apply here (not Hopper) is no failure."""
-    return [s for s in skipped if C.is_ours(s.get("impl") or "") and not s["reason"].startswith(BENIGN)
+    return [s for s in skipped if C.is_ours(s.get("impl") or "") and not s["reason"].startswith(C.BENIGN_SKIPS)
             and (s["impl"] == "sola_ops" or s.get("B") is not None)]
 
 

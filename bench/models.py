@@ -281,8 +281,7 @@ def main(argv=None):
 
 def failures(skipped):
     """Skips that say something is broken (an error, the model not importable), not out of memory or time."""
-    benign = ("time budget", "too slow")
-    return [s for s in skipped if not s["reason"].startswith(benign) and "out of memory" not in s["reason"].lower()]
+    return [s for s in skipped if not s["reason"].startswith(C.BENIGN_SKIPS)]
 
 
 if __name__ == "__main__":
