@@ -38,6 +38,13 @@ def check_attn_impl(attn_impl: str) -> str:
     return attn_impl
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap: per-sample gradients) is running; under torch.compile
+    is_compiling() answers first, so dynamo never meets the private query (as sola_ops._ops's, which
+    attn_impl="torch" may run without)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 # ---- 2-D rotary position embedding ----------------------------------------------------------
 
 def rope_2d_angles(height: int, width: int, head_dim: int, base: float = 10000.0, device=None,
@@ -148,9 +155,10 @@ class AttentionMixer(nn.Module):
 
     def node_applies(self) -> bool:
         """Whether node_forward computes what forward() would: the mixer as built here (not a subclass, which
-        may override attend) and its qk and LePE layers as runs_as_built says."""
+        may override attend) and its qk and LePE layers as runs_as_built says. Not under a torch.func transform
+        (per-sample gradients): the node is an autograd.Function without torch.func rules; the ops have them."""
         return (type(self) in MIXERS.values() and runs_as_built(self.qk, nn.Linear)
-                and runs_as_built(self.lepe, nn.Conv2d))
+                and runs_as_built(self.lepe, nn.Conv2d) and not functorch_active())
 
     def node_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one
@@ -385,7 +393,8 @@ class Stem(nn.Module):
         # A channels-last copy of the image (none if it is one already): the convs then run in cuDNN's
         # NHWC layout, the one its tensor-core kernels take, and stage 0 gets its (B, H, W, C) tokens
         # contiguous, the layout every stage keeps (features_only runs this module directly).
-        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+        # torch.func.vmap cannot re-stride a batched tensor (NYI): there the image stays as it is.
+        x = self.conv1(x if functorch_active() else x.contiguous(memory_format=torch.channels_last))
         x = self.conv2(x) + x
         return self.conv3(x)
 

@@ -23,8 +23,10 @@ from ._bias_gelu import check_approximate, check_bias_gelu_args
 from ._layer_norm import check_layer_norm_args
 from ._dwconv_layer_norm import DwconvLayerNorm
 from . import _flops  # noqa: F401  (registers the ops' FLOP formulas with FlopCounterMode)
+from . import _vmap  # noqa: F401  (registers the ops' torch.func.vmap batching rules)
 from ._silu_mul import check_silu_mul_args
-from ._ops import _C, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args, ops
+from ._ops import (_C, call, check_feature_map, check_linear_args, check_linear_rope_args, check_qkv, check_rope_args,
+                   functorch_active)
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "layer_norm",
            "depthwise_conv3x3_layer_norm", "silu_mul", "bias_gelu", "reference", "build_info", "debug_nan_fill"]
@@ -68,7 +70,7 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
     check_linear_args(q, k, v, q_norm, k_norm)
     check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
-    out, _, _ = ops.linear_attention_fwd(q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos, rope_sin)
+    out, _, _ = call("linear_attention_fwd", q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos, rope_sin)
     return out
 
 
@@ -103,7 +105,7 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     return_lse = _as_bool(return_lse, "return_lse")
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v)
-    out, lse = ops.softmax_attention_fwd(q, k, v, scale)
+    out, lse = call("softmax_attention_fwd", q, k, v, scale)
     return (out, lse) if return_lse else out
 
 
@@ -127,7 +129,7 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
         raise ValueError("cos and sin require grad, but rope takes them as constants and would not "
                          "differentiate them; pass detached tables (or use sola_ops.reference.rope)")
     check_rope_args(x, cos, sin)
-    rot, feat = ops.rope_fwd(x, cos, sin, feature_map, return_features)
+    rot, feat = call("rope_fwd", x, cos, sin, feature_map, return_features)
     return (rot, feat) if return_features else rot
 
 
@@ -167,7 +169,7 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     input_activation = "none" if input_activation is None else input_activation
     check_input_activation(input_activation, residual)
     check_addend(addend, x, stride, activation)
-    return ops.depthwise_conv3x3_fwd(x, weight, bias, residual, activation, stride, input_activation, addend)
+    return call("depthwise_conv3x3_fwd", x, weight, bias, residual, activation, stride, input_activation, addend)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -185,7 +187,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     _check_tensors(optional=True, weight=weight, bias=bias)
     eps = _as_float(eps, "eps")
     check_layer_norm_args(x, weight, bias, eps)
-    return ops.layer_norm_fwd(x, weight, bias, eps)[0]
+    return call("layer_norm_fwd", x, weight, bias, eps)[0]
 
 
 def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=None, norm_bias=None, *,
@@ -210,6 +212,9 @@ def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=Non
     residual = _as_bool(residual, "residual")
     eps = _as_float(eps, "eps")
     check_layer_norm_args(x, norm_weight, norm_bias, eps, prefix="norm_")
+    if functorch_active():  # DwconvLayerNorm has no torch.func rules: the two ops (same results forward)
+        out = call("depthwise_conv3x3_fwd", x, conv_weight, conv_bias, residual, "none", 1, "none", None)
+        return out, call("layer_norm_fwd", out, norm_weight, norm_bias, eps)[0]
     tensors = _distinct(x, conv_weight, conv_bias, norm_weight, norm_bias)
     return DwconvLayerNorm.apply(*tensors, residual, eps)
 
@@ -242,8 +247,7 @@ def silu_mul(x, gate):
     _check_tensors(x=x, gate=gate)
     x, gate = _autocast(x, gate)
     check_silu_mul_args(x, gate)
-    return ops.silu_mul_fwd(x, gate)
-
+    return call("silu_mul_fwd", x, gate)
 
 
 def bias_gelu(x, bias=None, approximate="none"):
@@ -268,7 +272,7 @@ def bias_gelu(x, bias=None, approximate="none"):
     check_approximate(approximate)
     (x,) = _autocast(x)
     check_bias_gelu_args(x, bias, approximate)
-    return ops.bias_gelu_fwd(x, bias, approximate)
+    return call("bias_gelu_fwd", x, bias, approximate)
 
 
 def _check_tensors(optional=False, **tensors):

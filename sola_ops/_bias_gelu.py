@@ -2,7 +2,7 @@
 csrc/bias_gelu (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -57,4 +57,4 @@ def _backward(ctx, grad_out):
     return dx, (dbias.to(ctx.bias_dtype) if with_bias else None), None
 
 
-torch.library.register_autograd("sola_ops::bias_gelu_fwd", _backward, setup_context=_setup_context)
+register_autograd("bias_gelu_fwd", _backward, setup_context=_setup_context)

@@ -4,7 +4,7 @@ import operator
 
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_like_x, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_like_x, ops, register_autograd, run_bwd
 
 
 ACTIVATIONS = ("none", "silu", "relu")
@@ -141,4 +141,4 @@ def _backward(ctx, grad_out):
     return dx, dweight, dbias, None, None, None, None, grad_out if ctx.with_addend else None
 
 
-torch.library.register_autograd("sola_ops::depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)
+register_autograd("depthwise_conv3x3_fwd", _backward, setup_context=_setup_context)

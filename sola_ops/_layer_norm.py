@@ -2,7 +2,7 @@
 csrc/layer_norm (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd
 
 
 def check_layer_norm_args(x, weight, bias, eps, prefix=""):
@@ -64,4 +64,4 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     return dx, dweight, dbias, None
 
 
-torch.library.register_autograd("sola_ops::layer_norm_fwd", _backward, setup_context=_setup_context)
+register_autograd("layer_norm_fwd", _backward, setup_context=_setup_context)

@@ -73,9 +73,11 @@ def _new_like_heads(like, shape):
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """A _bwd op run while autograd records (create_graph=True). The kernels have no derivative of
-    their own, so the gradients get a node whose backward raises: a second-order gradient is an error
-    instead of silent zeros."""
+    """A _bwd op run while autograd records (create_graph=True, as torch.func.grad always runs). The
+    kernels have no derivative of their own, so the gradients get a node whose backward raises: a
+    second-order gradient is an error instead of silent zeros."""
+
+    generate_vmap_rule = True  # torch.func.vmap over a backward (per-sample gradients)
 
     @staticmethod
     def forward(name, advice, bwd, *args):
@@ -99,6 +101,46 @@ def run_bwd(op_name, bwd, *args, name=None, advice=None):
         return _FirstOrderOnly.apply(name or f"sola_ops.{op_name}", advice or f"use sola_ops.reference.{op_name}",
                                      bwd, *args)
     return bwd(*args)
+
+
+def functorch_active():
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) is running. Under torch.compile
+    is_compiling() answers first, so dynamo never meets the private query."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+# torch.func cannot differentiate an op through torch.library.register_autograd: the autograd.Function
+# torch builds from it has no setup_context (pytorch/pytorch#170834). So each op's autograd is also an
+# autograd.Function of the same setup_context and backward, which call() runs while a torch.func transform
+# is active (under vmap the ops inside it run once per sample, torch's fallback). Elsewhere call() runs
+# the op itself, which torch.compile traces as one node.
+_FUNC_TWINS = {}
+
+
+def register_autograd(op_name, backward, setup_context):
+    """torch.library.register_autograd for sola_ops::<op_name>, and its torch.func twin for call()."""
+    torch.library.register_autograd(f"sola_ops::{op_name}", backward, setup_context=setup_context)
+    op = getattr(ops, op_name)
+    public = op_name.removesuffix("_fwd")
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"forward-mode AD (torch.func.jvp, jacfwd) through sola_ops.{public} is not "
+                                  f"supported; use reverse mode (grad, vjp, jacrev) or sola_ops.reference.{public}")
+
+    _FUNC_TWINS[op_name] = type(f"{op_name}_function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(jvp),
+    })
+
+
+def call(op_name, *args):
+    """ops.<op_name>(*args), differentiable by torch.autograd and, through its twin, by torch.func."""
+    if functorch_active():
+        return _FUNC_TWINS[op_name].apply(*args)
+    return getattr(ops, op_name)(*args)
 
 
 # The CUDA kernels' largest head dim (kMaxCudaHeadDim in csrc/common.h).
@@ -224,8 +266,7 @@ def _linear_attention_backward(ctx, grad_out, _grad_state, _grad_z):
             None, None, None, None, None)
 
 
-torch.library.register_autograd("sola_ops::linear_attention_fwd", _linear_attention_backward,
-                                setup_context=_linear_attention_setup_context)
+register_autograd("linear_attention_fwd", _linear_attention_backward, setup_context=_linear_attention_setup_context)
 
 
 # ---- softmax attention --------------------------------------------------------------------
@@ -261,8 +302,8 @@ def _softmax_attention_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None
 
 
-torch.library.register_autograd("sola_ops::softmax_attention_fwd", _softmax_attention_backward,
-                                setup_context=_softmax_attention_setup_context)
+register_autograd("softmax_attention_fwd", _softmax_attention_backward,
+                  setup_context=_softmax_attention_setup_context)
 
 
 # ---- feature map + rotary embedding --------------------------------------------------------
@@ -297,4 +338,4 @@ def _rope_backward(ctx, grad_rot, grad_feat):
     return dx, None, None, None, None
 
 
-torch.library.register_autograd("sola_ops::rope_fwd", _rope_backward, setup_context=_rope_setup_context)
+register_autograd("rope_fwd", _rope_backward, setup_context=_rope_setup_context)

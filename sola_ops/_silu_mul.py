@@ -2,7 +2,7 @@
 csrc/silu_mul (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, check_like_x, ops, run_bwd
+from ._ops import _FLOAT_DTYPES, check_like_x, ops, register_autograd, run_bwd
 
 
 def check_silu_mul_args(x, gate, grad_out=None):
@@ -40,4 +40,4 @@ def _backward(ctx, grad_out):
     return run_bwd("silu_mul", ops.silu_mul_bwd, grad_out, x, gate)
 
 
-torch.library.register_autograd("sola_ops::silu_mul_fwd", _backward, setup_context=_setup_context)
+register_autograd("silu_mul_fwd", _backward, setup_context=_setup_context)
