@@ -38,11 +38,13 @@ def check_attn_impl(attn_impl: str) -> str:
     return attn_impl
 
 
-def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap: per-sample gradients) is running; under torch.compile
-    is_compiling() answers first, so dynamo never meets the private query (as sola_ops._ops's, which
-    attn_impl="torch" may run without)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+def vmap_active() -> bool:
+    """Whether torch.func.vmap runs (per-sample gradients); under torch.compile is_compiling() answers first,
+    so dynamo never meets the private queries."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(i.key() == vmap for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
 # ---- 2-D rotary position embedding ----------------------------------------------------------
@@ -158,7 +160,7 @@ class AttentionMixer(nn.Module):
         may override attend) and its qk and LePE layers as runs_as_built says. Not under a torch.func transform
         (per-sample gradients): the node is an autograd.Function without torch.func rules; the ops have them."""
         return (type(self) in MIXERS.values() and runs_as_built(self.qk, nn.Linear)
-                and runs_as_built(self.lepe, nn.Conv2d) and not functorch_active())
+                and runs_as_built(self.lepe, nn.Conv2d) and not sola_ops._ops.functorch_active())
 
     def node_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one
@@ -394,7 +396,7 @@ class Stem(nn.Module):
         # NHWC layout, the one its tensor-core kernels take, and stage 0 gets its (B, H, W, C) tokens
         # contiguous, the layout every stage keeps (features_only runs this module directly).
         # torch.func.vmap cannot re-stride a batched tensor (NYI): there the image stays as it is.
-        x = self.conv1(x if functorch_active() else x.contiguous(memory_format=torch.channels_last))
+        x = self.conv1(x if vmap_active() else x.contiguous(memory_format=torch.channels_last))
         x = self.conv2(x) + x
         return self.conv3(x)
 

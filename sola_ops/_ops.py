@@ -103,17 +103,26 @@ def run_bwd(op_name, bwd, *args, name=None, advice=None):
     return bwd(*args)
 
 
+def functorch_transforms():
+    """The names of the torch.func transforms running ("Vmap", "Grad", "Jvp", "Functionalize"); none under
+    torch.compile, whose is_compiling() answers first, so dynamo never meets the private queries."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return set()
+    return {i.key().name for i in torch._C._functorch.get_interpreter_stack() or ()}
+
+
 def functorch_active():
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap) is running. Under torch.compile
-    is_compiling() answers first, so dynamo never meets the private query."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    """Whether call() takes the ops' twins: a torch.func transform runs (grad, vjp, jacrev, vmap), other than
+    functionalize alone, which runs the ops themselves and has no rule for an autograd.Function."""
+    return bool(functorch_transforms() - {"Functionalize"})
 
 
 # torch.func cannot differentiate an op through torch.library.register_autograd: the autograd.Function
 # torch builds from it has no setup_context (pytorch/pytorch#170834). So each op's autograd is also an
 # autograd.Function of the same setup_context and backward, which call() runs while a torch.func transform
-# is active (under vmap the ops inside it run once per sample, torch's fallback). Elsewhere call() runs
-# the op itself, which torch.compile traces as one node.
+# is active (under vmap the ops inside it run through the batching rules of _vmap.py). Elsewhere call() runs
+# the op itself, which torch.compile traces as one node (torch.compile of torch.func.grad over the ops still
+# meets torch's Function: eager torch.func only).
 _FUNC_TWINS = {}
 
 

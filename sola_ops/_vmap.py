@@ -22,6 +22,15 @@ def _per_sample(op, size, in_dims, args):
     return stacked, (0,) * len(stacked)
 
 
+def _empty_batch(op, in_dims, args):
+    """vmap over 0 samples: the op once on one sample of zeros, for its outputs' shapes; each output with 0
+    samples in front."""
+    outs = op(*(a if d is None else a.new_zeros(a.shape[:d] + a.shape[d + 1:]) for a, d in zip(args, in_dims)))
+    if isinstance(outs, torch.Tensor):
+        return outs.new_empty((0, *outs.shape)), 0
+    return tuple(o.new_empty((0, *o.shape)) for o in outs), (0,) * len(outs)
+
+
 def _front(t, in_dim, size):
     """t with vmap's dim first (an unbatched t expanded to every sample)."""
     return t.movedim(in_dim, 0) if in_dim is not None else t.expand(size, *t.shape)
@@ -45,12 +54,15 @@ def _param_to_channels(p, in_dim, size):
 
 
 def _rule(op, batched, shared=(), into="B", params=()):
-    """A vmap rule for op. batched: the indices of the tensor args that carry the samples' data; shared: those
-    that are the same for every sample (RoPE tables, per-channel parameters): when vmap batches one, the op
-    runs once per sample. into: where vmap's dim goes ("B", "front" or "C", as the module says). params: with
-    into="C", the per-channel parameter args and the outputs that are their gradients, (args, outputs)."""
+    """A vmap rule for op. batched: the indices of the tensor args that carry the samples' data (an unbatched one
+    is copied for every sample where vmap's dim goes into B or C); shared: those that are the same for every
+    sample (RoPE tables, per-channel parameters): when vmap batches one, the op runs once per sample. into:
+    where vmap's dim goes ("B", "front" or "C", as the module says). params: with into="C", the per-channel
+    parameter args and the outputs that are their gradients, (args, outputs)."""
     def rule(info, in_dims, *args):
         size = info.batch_size
+        if size == 0:
+            return _empty_batch(op, in_dims, args)
         in_dims = tuple(in_dims) + (None,) * 16  # trailing defaults are not passed
         if any(in_dims[i] is not None for i in shared if i < len(args)):
             return _per_sample(op, size, in_dims, args)
@@ -79,9 +91,11 @@ def _layer_norm_bwd_rule(info, in_dims, grad_out, x, weight, mean, rstd, with_we
     """dx with vmap's dim in front (weight shared; a batched weight runs per sample); each sample's dweight =
     sum over its rows of grad_out * xhat and dbias = sum of grad_out, in the statistics' dtype."""
     size = info.batch_size
-    in_dims = tuple(in_dims) + (None,) * 8
+    args = (grad_out, x, weight, mean, rstd, with_weight, with_bias, addend)
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    if size == 0:
+        return _empty_batch(ops.layer_norm_bwd, in_dims, args)
     if in_dims[2] is not None:
-        args = (grad_out, x, weight, mean, rstd, with_weight, with_bias, addend)
         return _per_sample(ops.layer_norm_bwd, size, in_dims, args)
     grad_out, x, mean, rstd = (_front(t, in_dims[i], size) for t, i in ((grad_out, 0), (x, 1), (mean, 3), (rstd, 4)))
     if addend is not None:

@@ -199,3 +199,25 @@ def test_per_sample_grads_of_a_hybrid_model_match_attn_impl_torch():
         torch.testing.assert_close(g, grads["torch"][n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
     # The two samples' gradients differ (each is its own, not the batch's).
     assert not torch.allclose(grads["sola"]["head.fc.weight"][0], grads["sola"]["head.fc.weight"][1])
+
+
+def test_vmap_over_zero_samples_gives_empty_outputs():
+    """vmap over a dim of size 0: outputs with 0 samples in front (torch's own fallback refuses size 0)."""
+    q, w, b = randn((0, 2, 2, 5, 8), D), randn((8, 1, 3, 3), D), randn((8,), D)
+    x = randn((0, 2, 4, 4, 8), D)
+    assert torch.func.vmap(sola_ops.linear_attention)(q, q, q).shape == (0, 2, 2, 5, 8)
+    out, lse = torch.func.vmap(lambda q: sola_ops.softmax_attention(q, q, q, return_lse=True))(q)
+    assert out.shape == (0, 2, 2, 5, 8) and lse.shape == (0, 2, 2, 5)
+    assert torch.func.vmap(lambda x: sola_ops.depthwise_conv3x3(x, w, b))(x).shape == (0, 2, 4, 4, 8)
+    for op in (lambda x, w: sola_ops.depthwise_conv3x3(x, w, b), lambda x, w: sola_ops.layer_norm(x, w[:, 0, 0, 0]),
+               lambda x, w: sola_ops.bias_gelu(x, w[:, 0, 1, 1])):
+        dx, dw = torch.func.vmap(torch.func.grad(lambda x, w: op(x, w).sum(), argnums=(0, 1)), in_dims=(0, None))(x, w)
+        assert dx.shape == x.shape and dw.shape == (0, *w.shape)
+
+
+def test_functionalize_runs_the_ops_themselves():
+    """torch.func.functionalize has no rule for an autograd.Function: the ops run as they are under it."""
+    q, x = randn((2, 2, 5, 8), torch.float32), randn((2, 4, 4, 8), torch.float32)
+    for op, args in ((sola_ops.softmax_attention, (q, q, q)), (sola_ops.linear_attention, (q, q, q)),
+                     (sola_ops.silu_mul, (x, x)), (sola_ops.layer_norm, (x,))):
+        assert torch.equal(torch.func.functionalize(op)(*args), op(*args))
