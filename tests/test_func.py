@@ -221,3 +221,28 @@ def test_functionalize_runs_the_ops_themselves():
     for op, args in ((sola_ops.softmax_attention, (q, q, q)), (sola_ops.linear_attention, (q, q, q)),
                      (sola_ops.silu_mul, (x, x)), (sola_ops.layer_norm, (x,))):
         assert torch.equal(torch.func.functionalize(op)(*args), op(*args))
+
+
+def test_per_sample_grads_in_training_mode_as_the_readme_shows():
+    """The README's recipe: BatchNorms without running statistics, training mode, vmap of grad; against
+    torch.autograd on one sample at a time."""
+    timm = pytest.importorskip("timm")
+    import sola_vision  # noqa: F401  (registers the models)
+    torch.manual_seed(0)
+    model = timm.create_model("sola_vision_nano", num_classes=4, attn_impl="sola").double().train()
+    torch.func.replace_all_batch_norm_modules_(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(params, x, y):
+        logits = torch.func.functional_call(model, (params, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+    x, y = randn((3, 3, 64, 64), D, seed=12), torch.tensor([0, 3, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    for s in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x[s:s + 1]), y[s:s + 1]).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(ours[n][s], p.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}, {s}: {m}")
