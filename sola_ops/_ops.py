@@ -112,9 +112,11 @@ def functorch_transforms():
 
 
 def functorch_active():
-    """Whether call() takes the ops' twins: a torch.func transform runs (grad, vjp, jacrev, vmap), other than
-    functionalize alone, which runs the ops themselves and has no rule for an autograd.Function."""
-    return bool(functorch_transforms() - {"Functionalize"})
+    """Whether call() takes the ops' twins: a torch.func transform runs (grad, vjp, jacrev, vmap), and no
+    functionalize, which has no rule for an autograd.Function (under it the ops run themselves, as before
+    the twins)."""
+    transforms = functorch_transforms()
+    return bool(transforms) and "Functionalize" not in transforms
 
 
 # torch.func cannot differentiate an op through torch.library.register_autograd: the autograd.Function

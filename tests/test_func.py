@@ -221,6 +221,11 @@ def test_functionalize_runs_the_ops_themselves():
     for op, args in ((sola_ops.softmax_attention, (q, q, q)), (sola_ops.linear_attention, (q, q, q)),
                      (sola_ops.silu_mul, (x, x)), (sola_ops.layer_norm, (x,))):
         assert torch.equal(torch.func.functionalize(op)(*args), op(*args))
+    qs = torch.stack((q, 2 * q))
+    want = torch.stack([sola_ops.softmax_attention(t, t, t) for t in qs])
+    for f in (torch.func.vmap(torch.func.functionalize(sola_ops.softmax_attention)),
+              torch.func.functionalize(torch.func.vmap(sola_ops.softmax_attention))):
+        assert torch.equal(f(qs, qs, qs), want)
 
 
 def test_per_sample_grads_in_training_mode_as_the_readme_shows():
