@@ -14,7 +14,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from sola_ops._flops import register
-from sola_ops._ops import ops, run_bwd
+from sola_ops import reference
+from sola_ops._ops import ops, run_bwd, with_reference_derivative
 from torch.utils.flop_counter import flop_registry
 
 
@@ -63,11 +64,29 @@ class AttentionNode(torch.autograd.Function):
     def backward(ctx, grad):
         x, qk_weight, qk_bias, lepe_weight, lepe_bias, cos, sin, *saved = ctx.saved_tensors
         # One first-order-only node over the whole backward, whose inputs are all that the gradients depend
-        # on: a second-order gradient through any of them (the weights too) raises, none comes out partial.
+        # on: under torch.func a second-order gradient through any of them (the weights too) raises, none comes
+        # out partial; elsewhere the reference's derivative replaces it.
         grads = run_bwd("", partial(node_grads, ctx, cos, sin, saved), grad, x, qk_weight, qk_bias, lepe_weight,
                         lepe_bias, name="the SoLA-Vision token mixer's autograd node (sola_vision.attention_node)",
                         advice="build the model with attn_impl='torch'")
+        # A double backward (create_graph=True) differentiates the node's computation in reference ops.
+        grads = with_reference_derivative(list(grads), partial(node_reference, ctx, cos, sin),
+                                          (x, qk_weight, qk_bias, lepe_weight, lepe_bias), (grad,),
+                                          ctx.needs_input_grad)
         return (*grads, None, None, None, None, None)
+
+
+def node_reference(ctx, cos, sin, x, qk_weight, qk_bias, lepe_weight, lepe_bias):
+    """The node's forward in sola_ops.reference ops (differentiable to any order)."""
+    qk = split_heads(F.linear(x, qk_weight, qk_bias), 2 * ctx.heads)
+    q, k = qk.chunk(2, dim=1)
+    v = split_heads(x, ctx.heads)
+    if ctx.mixer == "L":
+        out = reference.linear_attention(q, k, v, feature_map="elu", eps=ctx.eps, rope=(cos, sin))
+    else:
+        q_rot, k_rot = reference.rope(qk, cos, sin).chunk(2, dim=1)
+        out = reference.softmax_attention(q_rot, k_rot, v, scale=ctx.scale)
+    return reference.depthwise_conv3x3(x, lepe_weight, lepe_bias, addend=merge_heads(out, x))
 
 
 def node_grads(ctx, cos, sin, saved, grad, x, qk_weight, qk_bias, lepe_weight, lepe_bias):

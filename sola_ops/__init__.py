@@ -43,7 +43,7 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
 
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv). feature_map is
     "elu" (elu(x) + 1), "relu" or "identity". State and sums are fp32 (fp64 for fp64 inputs).
-    Under torch.autocast the inputs are cast as for SDPA. Differentiable once (no double backward).
+    Under torch.autocast the inputs are cast as for SDPA. Double backward goes through the reference's derivatives.
 
     rope=(cos, sin), each (N, Dk / 2) with N = Nq = Nk and Dk even: rotary position embedding fused
     into the kernels, as MLLA / SoLA-Vision use it. The numerator takes phi(q_i), phi(k_j) with their
@@ -94,7 +94,7 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv). scale defaults to
     1/sqrt(Dk); 0.0 is a valid scale. With return_lse=True also returns the row log-sum-exp of
     the scaled scores, (B, H, Nq), fp32 (fp64 for fp64 inputs). Under torch.autocast the inputs
-    are cast as for SDPA. Differentiable once (no double backward).
+    are cast as for SDPA. Double backward goes through the reference's derivatives.
     """
     _check_tensors(q=q, k=k, v=v)
     if scale is None:
@@ -120,7 +120,7 @@ def rope(x, cos, sin, *, feature_map="identity", return_features=False):
     return_features=True (rot, phi(x)): SoLA-Vision's linear layers rotate phi(q), phi(k) in the
     numerator and take them unrotated in the normaliser (linear_attention's q_norm / k_norm).
     feature_map as linear_attention's ("identity" by default). The angles are constants: cos and
-    sin get no gradient. Differentiable once (no double backward).
+    sin get no gradient. Double backward goes through the reference's derivatives.
     """
     _check_tensors(x=x, cos=cos, sin=sin)
     check_feature_map(feature_map)
@@ -156,7 +156,7 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
     float64, on CPU or CUDA. weight, bias: any float dtype, used in fp32 (fp64 for fp64 x); their
     gradients come back in their own dtypes. Returns (B, ceil(H / stride), ceil(W / stride), C) in x's
     dtype (under autocast, the autocast dtype, as for conv2d). Backward is deterministic (bitwise equal
-    across runs); differentiable once (no double backward).
+    across runs). Double backward goes through the reference's derivatives.
     """
     _check_tensors(x=x, weight=weight)
     _check_tensors(optional=True, bias=bias, addend=addend)
@@ -180,8 +180,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 
     x: float16, bfloat16, float32 or float64, any shape with a last dim >= 1 (non-contiguous x is
     copied), on CPU or CUDA. weight, bias: (C,) of any float dtype, or None; their gradients come back in
-    their own dtypes. Backward is deterministic (bitwise equal across runs); differentiable once (no
-    double backward). A row whose squared deviations overflow the fp32 statistics comes out NaN.
+    their own dtypes. Backward is deterministic (bitwise equal across runs). Double backward goes through
+    the reference's derivatives. A row whose squared deviations overflow the fp32 statistics comes out NaN.
     """
     _check_tensors(x=x)
     _check_tensors(optional=True, weight=weight, bias=bias)
@@ -203,7 +203,7 @@ def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=Non
 
     x, conv_weight, conv_bias, residual: as depthwise_conv3x3's (stride 1, no activation; autocast casts x
     as it does there). norm_weight, norm_bias, eps: as layer_norm's weight, bias and eps, over out's C
-    channels. Backward is deterministic (bitwise equal across runs); differentiable once (no double backward).
+    channels. Backward is deterministic (bitwise equal across runs). Double backward goes through the reference's derivatives.
     """
     _check_tensors(x=x, conv_weight=conv_weight)
     _check_tensors(optional=True, conv_bias=conv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
@@ -242,7 +242,7 @@ def silu_mul(x, gate):
     contiguous tensor of x's shape and dtype. Under torch.autocast float16 / bfloat16 / float32 inputs are
     cast to the autocast dtype first, as for SDPA, linear_attention and depthwise_conv3x3 (float64 stays),
     so the output comes in the autocast dtype; torch's own x * F.silu(gate) would promote a mixed pair to
-    the wider dtype instead. Differentiable once (no double backward).
+    the wider dtype instead. Double backward goes through the reference's derivatives.
     """
     _check_tensors(x=x, gate=gate)
     x, gate = _autocast(x, gate)
@@ -265,7 +265,7 @@ def bias_gelu(x, bias=None, approximate="none"):
     tensor of x's shape and dtype. Under torch.autocast x is cast to the autocast dtype first, as for SDPA
     (float64 stays); the bias is read as it is, in fp32, as layer_norm's weight. The bias gradient is the
     column sum of the fp32 (fp64) dx values before their rounding, summed in a fixed order (bitwise
-    reproducible), and comes back in the bias's own dtype. Differentiable once (no double backward).
+    reproducible), and comes back in the bias's own dtype. Double backward goes through the reference's derivatives.
     """
     _check_tensors(x=x)
     _check_tensors(optional=True, bias=bias)

@@ -2,7 +2,9 @@
 csrc/bias_gelu (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd
+from . import reference
+from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd,
+                   with_reference_derivative)
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -54,7 +56,12 @@ def _backward(ctx, grad_out):
     with_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
     dx, dbias = run_bwd("bias_gelu", ops.bias_gelu_bwd, grad_out, x, bias, ctx.approximate, with_bias)
     # dbias in the bias's own dtype (an fp32 parameter under autocast: no copy).
-    return dx, (dbias.to(ctx.bias_dtype) if with_bias else None), None
+    dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+
+    def forward(x, bias):
+        return reference.bias_gelu(x, bias, ctx.approximate)
+    dx, dbias = with_reference_derivative([dx, dbias], forward, (x, bias), (grad_out,), ctx.needs_input_grad)
+    return dx, dbias, None
 
 
 register_autograd("bias_gelu_fwd", _backward, setup_context=_setup_context)

@@ -4,7 +4,9 @@ import operator
 
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_like_x, ops, register_autograd, run_bwd
+from . import reference
+from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_like_x, ops, register_autograd, run_bwd,
+                   with_reference_derivative)
 
 
 ACTIVATIONS = ("none", "silu", "relu")
@@ -125,7 +127,7 @@ def _setup_context(ctx, inputs, output):
     # silu: the backward recomputes conv(x) + bias, so it needs the bias too; relu: the output's mask
     # (the next layer keeps the output anyway, so saving it costs no memory). input_activation="relu":
     # x itself, as always (the backward reads relu(x) from it and masks dx by x > 0).
-    ctx.save_for_backward(x, weight, bias if activation == "silu" else None, output if activation == "relu" else None)
+    ctx.save_for_backward(x, weight, bias, output if activation == "relu" else None)
     ctx.residual, ctx.activation, ctx.stride, ctx.input_activation = residual, activation, stride, input_activation
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.with_addend = addend is not None
@@ -135,8 +137,15 @@ def _backward(ctx, grad_out):
     x, weight, bias, out = ctx.saved_tensors
     with_bias = ctx.bias_dtype is not None
     dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
-                                 with_bias, bias, ctx.activation, ctx.stride, out, ctx.input_activation)
+                                 with_bias, bias if ctx.activation == "silu" else None, ctx.activation, ctx.stride,
+                                 out, ctx.input_activation)
     dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+
+    def forward(x, weight, bias):
+        return reference.depthwise_conv3x3(x, weight, bias, residual=ctx.residual, activation=ctx.activation,
+                                           stride=ctx.stride, input_activation=ctx.input_activation)
+    dx, dweight, dbias = with_reference_derivative([dx, dweight, dbias], forward, (x, weight, bias), (grad_out,),
+                                                   ctx.needs_input_grad)
     # the addend's gradient is the output's, as an add's is
     return dx, dweight, dbias, None, None, None, None, grad_out if ctx.with_addend else None
 

@@ -2,9 +2,10 @@
 autograd node, built from the two ops' kernels (csrc/dwconv, csrc/layer_norm)."""
 import torch
 
-from ._ops import ops, run_bwd
+from . import reference
+from ._ops import ops, run_bwd, with_reference_derivative
 
-OP_NAME = "depthwise_conv3x3_layer_norm"  # what a double backward's error names
+OP_NAME = "depthwise_conv3x3_layer_norm"  # what a double backward's error (under torch.func) names
 
 
 class DwconvLayerNorm(torch.autograd.Function):
@@ -19,8 +20,8 @@ class DwconvLayerNorm(torch.autograd.Function):
     def forward(ctx, x, conv_weight, conv_bias, norm_weight, norm_bias, residual, eps):
         out = ops.depthwise_conv3x3_fwd(x, conv_weight, conv_bias, residual)
         normed, mean, rstd = ops.layer_norm_fwd(out, norm_weight, norm_bias, eps)
-        ctx.save_for_backward(x, conv_weight, out, norm_weight, mean, rstd)
-        ctx.residual = residual
+        ctx.save_for_backward(x, conv_weight, out, norm_weight, mean, rstd, conv_bias, norm_bias)
+        ctx.residual, ctx.eps = residual, eps
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (conv_bias, norm_weight, norm_bias))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         return out, normed
@@ -28,7 +29,7 @@ class DwconvLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_normed):
         # An unused output's gradient is None.
-        x, conv_weight, out, norm_weight, mean, rstd = ctx.saved_tensors
+        x, conv_weight, out, norm_weight, mean, rstd, conv_bias, norm_bias = ctx.saved_tensors
         conv_bias_dtype, norm_weight_dtype, norm_bias_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         # A frozen parameter (no grad wanted) costs the kernels no sums.
@@ -43,10 +44,16 @@ class DwconvLayerNorm(torch.autograd.Function):
         if grad is not None and any(need[:3]):  # a frozen conv on an input without grad: no conv backward
             dx, dconv_weight, dconv_bias = run_bwd(OP_NAME, ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
                                                    ctx.residual, with_conv_bias)
-        return (dx if need[0] else None, dconv_weight if need[1] else None,
-                _param_grad(dconv_bias, with_conv_bias, conv_bias_dtype),
-                _param_grad(dnorm_weight, with_norm_weight, norm_weight_dtype),
-                _param_grad(dnorm_bias, with_norm_bias, norm_bias_dtype), None, None)
+        grads = [dx if need[0] else None, dconv_weight if need[1] else None,
+                 _param_grad(dconv_bias, with_conv_bias, conv_bias_dtype),
+                 _param_grad(dnorm_weight, with_norm_weight, norm_weight_dtype),
+                 _param_grad(dnorm_bias, with_norm_bias, norm_bias_dtype)]
+
+        def forward(*inputs):
+            return reference.depthwise_conv3x3_layer_norm(*inputs, residual=ctx.residual, eps=ctx.eps)
+        grads = with_reference_derivative(grads, forward, (x, conv_weight, conv_bias, norm_weight, norm_bias),
+                                          (grad_out, grad_normed), need)
+        return (*grads, None, None)
 
 
 def _param_grad(grad, wanted, dtype):

@@ -2,7 +2,9 @@
 csrc/layer_norm (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd
+from . import reference
+from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd,
+                   with_reference_derivative)
 
 
 def check_layer_norm_args(x, weight, bias, eps, prefix=""):
@@ -40,17 +42,18 @@ def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_weight, with_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)  # internal: saved for the backward only
     ctx.set_materialize_grads(False)  # no zero-filled gradients for them
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd, bias)  # bias (and eps): for a double backward's recomputation
+    ctx.eps = eps
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, mean, rstd, bias = ctx.saved_tensors
     if grad_out is None:  # not reached through the public function, whose only output is out
         grad_out = torch.zeros_like(x)
     # A frozen weight or bias (no grad wanted) costs the kernels no sums.
@@ -61,7 +64,11 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
     dweight = dweight.to(ctx.weight_dtype) if with_weight else None
     dbias = dbias.to(ctx.bias_dtype) if with_bias else None
-    return dx, dweight, dbias, None
+
+    def forward(x, weight, bias):
+        return reference.layer_norm(x, weight, bias, ctx.eps)
+    return (*with_reference_derivative([dx, dweight, dbias], forward, (x, weight, bias), (grad_out,),
+                                       ctx.needs_input_grad), None)
 
 
 register_autograd("layer_norm_fwd", _backward, setup_context=_setup_context)

@@ -4,6 +4,8 @@ The schemas live in csrc/sola.cpp; the C++ ops check their arguments in eager mo
 implementations below check the same things so torch.compile reports bad input the same way."""
 import torch
 
+from . import reference
+
 try:
     from . import _C  # noqa: F401  (registers the sola_ops::* ops)
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
@@ -75,7 +77,8 @@ def _new_like_heads(like, shape):
 class _FirstOrderOnly(torch.autograd.Function):
     """A _bwd op run while autograd records (create_graph=True, as torch.func.grad always runs). The
     kernels have no derivative of their own, so the gradients get a node whose backward raises: a
-    second-order gradient is an error instead of silent zeros."""
+    second-order gradient is an error instead of silent zeros. Outside torch.func the backward functions
+    replace this node by the reference's derivative (with_reference_derivative)."""
 
     generate_vmap_rule = True  # torch.func.vmap over a backward (per-sample gradients)
 
@@ -89,18 +92,65 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"double backward of {ctx.name} is not supported: its backward kernels have no "
-                           f"derivative of their own. For higher-order gradients {ctx.advice}.")
+        raise RuntimeError(f"double backward of {ctx.name} is not supported under torch.func: its backward kernels "
+                           f"have no derivative of their own (torch.autograd with create_graph=True takes it through "
+                           f"the PyTorch reference). For higher-order gradients here {ctx.advice}.")
 
 
 def run_bwd(op_name, bwd, *args, name=None, advice=None):
-    """bwd(*args), differentiable once. Grad mode is on inside a backward only with create_graph=True,
-    so a plain backward (and the graph torch.compile traces) calls the op directly, at no extra cost.
-    A double backward's error names sola_ops.<op_name> and its reference, or `name` and `advice`."""
+    """bwd(*args). Grad mode is on inside a backward only with create_graph=True, so a plain backward (and
+    the graph torch.compile traces) calls the op directly, at no extra cost. With it, the results get a
+    first-order-only node (_FirstOrderOnly), which with_reference_derivative replaces outside torch.func; an
+    error from it names sola_ops.<op_name> and its reference, or `name` and `advice`."""
     if torch.is_grad_enabled():
         return _FirstOrderOnly.apply(name or f"sola_ops.{op_name}", advice or f"use sola_ops.reference.{op_name}",
                                      bwd, *args)
     return bwd(*args)
+
+
+class _KernelValue(torch.autograd.Function):
+    """value (a kernel's gradient, without a graph) as the output, with the derivative of graph (the same
+    gradient computed through sola_ops.reference, differentiable)."""
+
+    @staticmethod
+    def forward(value, graph):
+        return value
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def with_reference_derivative(kernel_grads, forward, inputs, grads, needs):
+    """What a backward returns: kernel_grads (one per input of forward, None where none), and, while autograd
+    records the backward (create_graph=True) outside torch.func, each carrying the derivative of the same
+    gradient recomputed through forward (the op's sola_ops.reference computation, inputs: the op's saved
+    inputs) for the output gradients `grads` (None: unused). So double and higher backward work through
+    PyTorch's own derivatives of the reference, and the gradients themselves stay bitwise the kernels'."""
+    if not torch.is_grad_enabled() or functorch_active():
+        return kernel_grads
+    wanted = [i for i, (k, t, n) in enumerate(zip(kernel_grads, inputs, needs)) if k is not None and t is not None
+              and n and t.requires_grad]
+    with torch.enable_grad():
+        # Each input through a node of its own, whose gradient is the partial derivative for its slot alone
+        # (the inputs may depend on each other, k = f(q), and a gradient taken for q itself would count both).
+        slots = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
+        outs = forward(*slots)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    if not wanted or not pairs:
+        return kernel_grads
+    found = torch.autograd.grad([o for o, _ in pairs], [slots[i] for i in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    result = list(kernel_grads)
+    for i, r in zip(wanted, found):
+        if r is not None:
+            result[i] = _KernelValue.apply(kernel_grads[i].detach(), r.to(kernel_grads[i].dtype))
+    return result
 
 
 def functorch_transforms():
@@ -273,8 +323,16 @@ def _linear_attention_backward(ctx, grad_out, _grad_state, _grad_z):
     dq, dk, dv, dq_norm, dk_norm = run_bwd("linear_attention", ops.linear_attention_bwd,
                                            grad_out, q, k, v, q_norm, k_norm, state, z, *ctx.options,
                                            rope_cos, rope_sin)
-    return (dq, dk, dv, dq_norm if q_norm is not None else None, dk_norm if k_norm is not None else None,
-            None, None, None, None, None)
+    feature_map, normalize, eps = ctx.options
+    rope = None if rope_cos is None else (rope_cos, rope_sin)
+
+    def forward(q, k, v, q_norm, k_norm):
+        return reference.linear_attention(q, k, v, feature_map=feature_map, normalize=normalize, eps=eps,
+                                          q_norm=q_norm, k_norm=k_norm, rope=rope)
+    grads = with_reference_derivative(
+        [dq, dk, dv, dq_norm if q_norm is not None else None, dk_norm if k_norm is not None else None], forward,
+        (q, k, v, q_norm, k_norm), (grad_out,), ctx.needs_input_grad)
+    return (*grads, None, None, None, None, None)
 
 
 register_autograd("linear_attention_fwd", _linear_attention_backward, setup_context=_linear_attention_setup_context)
@@ -310,7 +368,11 @@ def _softmax_attention_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = run_bwd("softmax_attention", ops.softmax_attention_bwd, grad_out, q, k, v, out, lse, ctx.scale,
                          grad_lse)
-    return dq, dk, dv, None
+
+    def forward(q, k, v):
+        return reference.softmax_attention(q, k, v, scale=ctx.scale, return_lse=True)
+    return (*with_reference_derivative([dq, dk, dv], forward, (q, k, v), (grad_out, grad_lse), ctx.needs_input_grad),
+            None)
 
 
 register_autograd("softmax_attention_fwd", _softmax_attention_backward,
@@ -344,8 +406,12 @@ def _rope_backward(ctx, grad_rot, grad_feat):
     x, cos, sin = ctx.saved_tensors
     if grad_rot is None:
         grad_rot = torch.zeros_like(x)
-    dx = run_bwd("rope", ops.rope_bwd, grad_rot, grad_feat if ctx.with_features else None, x, cos, sin,
-                 ctx.feature_map)
+    grad_feat = grad_feat if ctx.with_features else None
+    dx = run_bwd("rope", ops.rope_bwd, grad_rot, grad_feat, x, cos, sin, ctx.feature_map)
+
+    def forward(x):
+        return reference.rope(x, cos, sin, feature_map=ctx.feature_map, return_features=True)
+    (dx,) = with_reference_derivative([dx], forward, (x,), (grad_rot, grad_feat), ctx.needs_input_grad)
     return dx, None, None, None, None
 
 

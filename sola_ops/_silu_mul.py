@@ -2,7 +2,8 @@
 csrc/silu_mul (schema in csrc/sola.cpp)."""
 import torch
 
-from ._ops import _FLOAT_DTYPES, check_like_x, ops, register_autograd, run_bwd
+from . import reference
+from ._ops import _FLOAT_DTYPES, check_like_x, ops, register_autograd, run_bwd, with_reference_derivative
 
 
 def check_silu_mul_args(x, gate, grad_out=None):
@@ -37,7 +38,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, gate = ctx.saved_tensors
-    return run_bwd("silu_mul", ops.silu_mul_bwd, grad_out, x, gate)
+    dx, dgate = run_bwd("silu_mul", ops.silu_mul_bwd, grad_out, x, gate)
+    return tuple(with_reference_derivative([dx, dgate], reference.silu_mul, (x, gate), (grad_out,),
+                                           ctx.needs_input_grad))
 
 
 register_autograd("silu_mul_fwd", _backward, setup_context=_setup_context)

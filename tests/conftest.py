@@ -180,6 +180,21 @@ def leaf(x, requires_grad=True):
     return x.detach().requires_grad_(requires_grad)
 
 
+def check_double_backward(op, ref, inputs):
+    """A gradient of op's gradient (create_graph=True: the op's backward differentiated through the reference)
+    passes gradgradcheck and equals the reference's, for fp64 leaves `inputs`."""
+    assert torch.autograd.gradgradcheck(op, inputs)
+
+    def second(fn):
+        outs = fn(*inputs)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        grads = torch.autograd.grad(sum((o ** 2).sum() for o in outs), inputs, create_graph=True)
+        return torch.autograd.grad(sum((g ** 2).sum() for g in grads), inputs, allow_unused=True,
+                                   materialize_grads=True)
+    for i, (a, b) in enumerate(zip(second(op), second(ref))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"input {i}: {m}")
+
+
 def upcast(ts, dtype=torch.float64):
     return [None if t is None else leaf(t.detach().to(dtype), t.requires_grad) for t in ts]
 

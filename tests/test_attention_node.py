@@ -1,10 +1,11 @@
 """The "sola" token mixer as one autograd node (models/attention_node.py): the same values and gradients as
 the public ops composed as separate nodes, gradcheck, frozen parts, autocast, the fallback for replaced
-layers, and the double-backward error. CPU; the mixer on CUDA is tested in test_models.py."""
+layers, and double backward. CPU; the mixer on CUDA is tested in test_models.py."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("timm")
 sola_ops = pytest.importorskip("sola_ops")
@@ -131,15 +132,33 @@ def test_node_replaced_layer_runs_as_separate_ops():
 
 @pytest.mark.parametrize("cls", MIXERS)
 @pytest.mark.parametrize("target", ["all", "qk.weight", "qk.bias", "lepe.weight"])
-def test_node_double_backward_raises(cls, target):
-    """A second-order gradient through the node raises, whichever leaf it is taken for (one taken for a weight
-    alone must not come out as a partial derivative)."""
-    mixer = make(cls)
-    x = torch.randn(1, 4, 4, 64, dtype=torch.float64, requires_grad=True)
-    (dx,) = torch.autograd.grad((mixer(x) * torch.randn_like(x)).sum(), x, create_graph=True)
-    leaves = [x, *mixer.parameters()] if target == "all" else [mixer.get_parameter(target)]
-    with pytest.raises(RuntimeError, match="double backward of the SoLA-Vision token mixer.*attn_impl='torch'"):
-        torch.autograd.grad(dx.square().sum(), leaves)
+def test_node_double_backward_matches_attn_impl_torch(cls, target):
+    """A second-order gradient through the node (create_graph=True: the node's computation differentiated in
+    reference ops) equals attn_impl="torch"'s, whichever leaf it is taken for (one taken for a weight alone
+    must not come out as a partial derivative)."""
+    second = {}
+    for impl in ("sola", "torch"):
+        mixer = make(cls)
+        mixer.attn_impl = impl
+        x = torch.randn(1, 4, 4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        g = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        with sdpa_kernel(SDPBackend.MATH):  # torch's CPU flash SDPA has no double backward
+            (dx,) = torch.autograd.grad((mixer(x) * g).sum(), x, create_graph=True)
+            leaves = [x, *mixer.parameters()] if target == "all" else [mixer.get_parameter(target)]
+            # LePE's bias shifts the output only: dx does not depend on it (a zero second derivative)
+            second[impl] = torch.autograd.grad(dx.square().sum(), leaves, allow_unused=True, materialize_grads=True)
+    for a, b in zip(second["sola"], second["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert second["sola"][0].abs().sum() > 0
+
+
+def test_node_gradgradcheck():
+    mixer = make(LinearAttention, dim=8, heads=2)
+    x = torch.randn(1, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = mixer.kernel_tables(x, 3, 4)
+    params = [p.detach().clone().requires_grad_(True) for p in mixer.parameters()]
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b, lw, lb: AttentionNode.apply(x, w, b, lw, lb, "L", 2, cos, sin, mixer.eps), (x, *params))
 
 
 @pytest.mark.parametrize("cls", MIXERS)

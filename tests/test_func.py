@@ -46,7 +46,8 @@ def _cases(device):
         "layer_norm": (sola_ops.layer_norm, reference.layer_norm, (x, nw, b)),
         "depthwise_conv3x3_layer_norm": (
             lambda x, w, b, nw: sum(t.sum() for t in sola_ops.depthwise_conv3x3_layer_norm(x, w, b, nw, residual=True)),
-            lambda x, w, b, nw: sum(t.sum() for t in reference.depthwise_conv3x3_layer_norm(x, w, b, nw, residual=True)),
+            lambda x, w, b, nw: sum(t.sum()
+                                    for t in reference.depthwise_conv3x3_layer_norm(x, w, b, nw, residual=True)),
             (x, w, b, nw)),
         "silu_mul": (sola_ops.silu_mul, reference.silu_mul, (x, x.flip(0))),
         "bias_gelu": (sola_ops.bias_gelu, reference.bias_gelu, (x, b)),
@@ -113,7 +114,8 @@ def _looped(caught):
 def test_vmap_batching_rules_take_any_in_dims(device):
     """Plain vmap (no grad): vmap's dim anywhere, unbatched inputs beside batched ones, a batched RoPE table
     (the per-sample path), empty batches; against a loop over the samples."""
-    q, k, v = randn((2, 3, 2, 5, 8), D, device, 1), randn((3, 2, 2, 7, 8), D, device, 2), randn((2, 2, 7, 6), D, device, 3)
+    q, k = randn((2, 3, 2, 5, 8), D, device, 1), randn((3, 2, 2, 7, 8), D, device, 2)
+    v = randn((2, 2, 7, 6), D, device, 3)
     x5, cos, sin = randn((3, 2, 2, 5, 8), D, device, 4), randn((3, 5, 4), D, device, 5), randn((5, 4), D, device, 6)
     x, w = randn((2, 5, 6, 4), D, device, 7), randn((4, 1, 3, 3), D, device, 8)
     cases = [  # (op over one sample, inputs, in_dims); 3 samples
@@ -140,7 +142,8 @@ def test_vmap_batching_rules_take_any_in_dims(device):
         for j, o in enumerate(ours):
             assert o.shape[0] == size, f"case {i} output {j}: shape {tuple(o.shape)}"
             for s in range(size):
-                torch.testing.assert_close(o[s], want[s][j], rtol=1e-10, atol=1e-12, msg=lambda m: f"case {i}, {s}: {m}")
+                torch.testing.assert_close(o[s], want[s][j], rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"case {i}, {s}: {m}")
 
 
 def test_jacrev_matches_the_reference():

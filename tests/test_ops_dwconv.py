@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import sola_ops
 from sola_ops import reference
-from conftest import DEVICES, DTYPES, assert_fa_close, leaf, randn, requires_cuda, torch_threads, upcast
+from conftest import (DEVICES, DTYPES, assert_fa_close, check_double_backward, leaf, randn, requires_cuda,
+                      torch_threads, upcast)
 
 ops = torch.ops.sola_ops
 
@@ -596,12 +597,13 @@ def test_opcheck(residual, activation, stride, input_activation):
                                out, input_activation))
 
 
-def test_double_backward_is_an_error():
-    x = leaf(randn((1, 4, 4, 2), torch.float64))
-    weight, _ = (leaf(t) if t is not None else t for t in params(2, dtype=torch.float64, bias=False))
-    (dx,) = torch.autograd.grad(sola_ops.depthwise_conv3x3(x, weight).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward of sola_ops.depthwise_conv3x3"):
-        dx.sum().backward()
+def test_double_backward_through_the_reference():
+    x = leaf(randn((1, 5, 4, 2), torch.float64))
+    weight, bias = (leaf(t) for t in params(2, dtype=torch.float64))
+    for kw in (dict(residual=True), dict(activation="silu"), dict(activation="relu", stride=2),
+               dict(input_activation="relu", addend=randn((1, 5, 4, 2), torch.float64, seed=3))):
+        check_double_backward(lambda x, w, b: sola_ops.depthwise_conv3x3(x, w, b, **kw),
+                              lambda x, w, b: reference.depthwise_conv3x3(x, w, b, **kw), (x, weight, bias))
 
 
 @pytest.mark.parametrize("opts,Hs", [(dict(residual=True), (5, 9)), (dict(activation="relu", stride=2), (5, 8, 9)),

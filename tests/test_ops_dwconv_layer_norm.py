@@ -7,7 +7,8 @@ import torch
 
 import sola_ops
 from sola_ops import reference
-from conftest import DEVICES, DTYPES, assert_fa_close, leaf, ops_run, randn, requires_cuda, upcast
+from conftest import (DEVICES, DTYPES, assert_fa_close, check_double_backward, leaf, ops_run, randn, requires_cuda,
+                      upcast)
 from test_ops_dwconv import dwconv_lowp, params as conv_params
 from test_ops_layer_norm import layer_norm_lowp, params as norm_params
 
@@ -144,14 +145,10 @@ def test_gradcheck(device):
             lambda *a: sola_ops.depthwise_conv3x3_layer_norm(*a, residual=residual), inputs)
 
 
-def test_double_backward_names_a_reference_that_has_it():
-    """A gradient of a gradient raises, pointing to sola_ops.reference.depthwise_conv3x3_layer_norm (it named
-    one that did not exist), which is differentiable twice and agrees with the op."""
+def test_reference_agrees_and_has_second_order():
+    """sola_ops.reference.depthwise_conv3x3_layer_norm agrees with the op and is differentiable twice."""
     inputs = [leaf(t.double()) for t in make_inputs((1, 4, 5, 6), torch.float64, "cpu")]
     out, normed = sola_ops.depthwise_conv3x3_layer_norm(*inputs, residual=True)
-    grads = torch.autograd.grad((out * normed).sum(), inputs, create_graph=True)
-    with pytest.raises(RuntimeError, match="use sola_ops.reference.depthwise_conv3x3_layer_norm"):
-        grads[0].sum().backward()
     ref_out, ref_normed = reference.depthwise_conv3x3_layer_norm(*inputs, residual=True)
     torch.testing.assert_close(ref_out, out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ref_normed, normed, rtol=1e-12, atol=1e-12)
@@ -333,9 +330,8 @@ def test_compile_one_tensor_twice(fresh_dynamo):
     torch.testing.assert_close(torch.autograd.grad(fn(x, cw, p).sum(), p)[0].double(), want64, rtol=1e-4, atol=1e-4)
 
 
-def test_double_backward_is_an_error():
+def test_double_backward_through_the_reference():
     inputs = [leaf(t) for t in make_inputs((1, 4, 4, 8), torch.float64, "cpu")]
-    out, normed = sola_ops.depthwise_conv3x3_layer_norm(*inputs, residual=True)
-    (dx,) = torch.autograd.grad((out * normed).sum(), inputs[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward of sola_ops.depthwise_conv3x3_layer_norm is not supported"):
-        dx.sum().backward()
+    for residual in (True, False):
+        check_double_backward(lambda *a: sola_ops.depthwise_conv3x3_layer_norm(*a, residual=residual),
+                              lambda *a: reference.depthwise_conv3x3_layer_norm(*a, residual=residual), inputs)
