@@ -203,7 +203,8 @@ def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=Non
 
     x, conv_weight, conv_bias, residual: as depthwise_conv3x3's (stride 1, no activation; autocast casts x
     as it does there). norm_weight, norm_bias, eps: as layer_norm's weight, bias and eps, over out's C
-    channels. Backward is deterministic (bitwise equal across runs). Double backward goes through the reference's derivatives.
+    channels. Backward is deterministic (bitwise equal across runs). Double backward goes through the
+    reference's derivatives.
     """
     _check_tensors(x=x, conv_weight=conv_weight)
     _check_tensors(optional=True, conv_bias=conv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
