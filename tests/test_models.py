@@ -871,3 +871,24 @@ def test_weight_init_skip():
     assert w_skipped.std().item() > 0.05  # nn.Linear's own init: uniform(+-1/sqrt(fan_in)), fan_in 32
     with pytest.raises(ValueError, match="weight_init"):
         timm.create_model("sola_vision_nano", weight_init="xavier")
+
+
+@needs_sola
+def test_double_backward_r1_penalty_matches_attn_impl_torch():
+    """An R1-style gradient penalty (the squared norm of the input gradient, differentiated for the weights)
+    through a hybrid model: create_graph=True through the kernels' reference derivatives, against plain PyTorch
+    (SDPA's math backend: its CPU flash kernel has no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    grads = {}
+    for impl in ("sola", "torch"):
+        torch.manual_seed(0)
+        model = timm.create_model("sola_vision_nano", num_classes=3, attn_impl=impl).double().eval()
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        with sdpa_kernel(SDPBackend.MATH):
+            (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+            grads[impl] = torch.autograd.grad(gx.square().sum(), list(model.parameters()), allow_unused=True,
+                                              materialize_grads=True)
+    for (name, _), a, b in zip(model.named_parameters(), grads["sola"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert grads["sola"][0].abs().sum() > 0
