@@ -96,10 +96,17 @@ def depthwise_conv3x3(x, weight, bias=None, *, residual=False, activation=None, 
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """F.layer_norm over the last dim in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    """F.layer_norm over the last dim in fp32 (fp64 for fp64 x), returned in x's dtype. Written out in mean and
+    variance: F.layer_norm's own third derivative is wrong (its double backward holds the statistics constant,
+    pytorch/pytorch#175754), and the ops' higher-order gradients are this function's."""
     acc = _acc_dtype(x.dtype)
-    out = torch.nn.functional.layer_norm(x.to(acc), (x.shape[-1],), None if weight is None else weight.to(acc),
-                                         None if bias is None else bias.to(acc), eps)
+    xa = x.to(acc)
+    centred = xa - xa.mean(dim=-1, keepdim=True)
+    out = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(acc)
+    if bias is not None:
+        out = out + bias.to(acc)
     return out.to(x.dtype)
 
 

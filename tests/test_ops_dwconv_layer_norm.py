@@ -335,3 +335,10 @@ def test_double_backward_through_the_reference():
     for residual in (True, False):
         check_double_backward(lambda *a: sola_ops.depthwise_conv3x3_layer_norm(*a, residual=residual),
                               lambda *a: reference.depthwise_conv3x3_layer_norm(*a, residual=residual), inputs)
+    # third order, against finite differences (F.layer_norm's own is wrong: pytorch/pytorch#175754)
+    x, w = (leaf(randn(shape, torch.float64, seed=s)) for shape, s in (((1, 3, 3, 4), 1), ((4, 1, 3, 3), 2)))
+
+    def grads(x, w):
+        out, normed = sola_ops.depthwise_conv3x3_layer_norm(x, w, residual=True, eps=1.0)
+        return torch.autograd.grad(out.sin().sum() + normed.sin().sum(), (x, w), create_graph=True)
+    assert torch.autograd.gradgradcheck(grads, (x, w))

@@ -610,3 +610,15 @@ def test_double_backward_through_the_reference():
     check_double_backward(sola_ops.layer_norm, reference.layer_norm, (x, weight, bias))
     check_double_backward(lambda x: sola_ops.layer_norm(x, None, bias), lambda x: reference.layer_norm(x, None, bias),
                           (x,))
+
+
+def test_third_order_against_finite_differences():
+    """The gradient's second derivative too (gradgradcheck of the gradient), against finite differences rather
+    than a reference: F.layer_norm's own third derivative is wrong (pytorch/pytorch#175754)."""
+    x = leaf(randn((3, 4), torch.float64))
+    weight, _ = (leaf(t) for t in params(4, dtype=torch.float64))
+
+    def grads(x, weight):
+        return torch.autograd.grad(sola_ops.layer_norm(x, weight, None, 1.0).sin().sum(), (x, weight),
+                                   create_graph=True)
+    assert torch.autograd.gradgradcheck(grads, (x, weight))
