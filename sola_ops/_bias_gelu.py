@@ -47,16 +47,15 @@ def _setup_context(ctx, inputs, output):
     x, bias, approximate = inputs
     ctx.save_for_backward(x, bias)  # x + bias and gelu' are recomputed, never stored
     ctx.approximate = approximate
-    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
     # A frozen bias (no grad wanted) costs the kernels no sums.
-    with_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
+    with_bias = bias is not None and ctx.needs_input_grad[1]
     dx, dbias = run_bwd("bias_gelu", ops.bias_gelu_bwd, grad_out, x, bias, ctx.approximate, with_bias)
     # dbias in the bias's own dtype (an fp32 parameter under autocast: no copy).
-    dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+    dbias = dbias.to(bias.dtype) if with_bias else None
 
     def forward(x, bias):
         return reference.bias_gelu(x, bias, ctx.approximate)

@@ -124,22 +124,21 @@ def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=N
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, activation, stride, input_activation, addend = inputs
-    # silu: the backward recomputes conv(x) + bias, so it needs the bias too; relu: the output's mask
-    # (the next layer keeps the output anyway, so saving it costs no memory). input_activation="relu":
-    # x itself, as always (the backward reads relu(x) from it and masks dx by x > 0).
+    # bias: the silu backward recomputes conv(x) + bias, and a double backward recomputes the whole op (a
+    # parameter: saving it costs no memory); relu: the output's mask (the next layer keeps the output anyway).
+    # input_activation="relu": x itself, as always (the backward reads relu(x) from it and masks dx by x > 0).
     ctx.save_for_backward(x, weight, bias, output if activation == "relu" else None)
     ctx.residual, ctx.activation, ctx.stride, ctx.input_activation = residual, activation, stride, input_activation
-    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.with_addend = addend is not None
 
 
 def _backward(ctx, grad_out):
     x, weight, bias, out = ctx.saved_tensors
-    with_bias = ctx.bias_dtype is not None
+    with_bias = bias is not None
     dx, dweight, dbias = run_bwd("depthwise_conv3x3", ops.depthwise_conv3x3_bwd, grad_out, x, weight, ctx.residual,
                                  with_bias, bias if ctx.activation == "silu" else None, ctx.activation, ctx.stride,
                                  out, ctx.input_activation)
-    dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+    dbias = dbias.to(bias.dtype) if with_bias else None
 
     def forward(x, weight, bias):
         return reference.depthwise_conv3x3(x, weight, bias, residual=ctx.residual, activation=ctx.activation,

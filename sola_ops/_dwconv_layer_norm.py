@@ -22,7 +22,6 @@ class DwconvLayerNorm(torch.autograd.Function):
         normed, mean, rstd = ops.layer_norm_fwd(out, norm_weight, norm_bias, eps)
         ctx.save_for_backward(x, conv_weight, out, norm_weight, mean, rstd, conv_bias, norm_bias)
         ctx.residual, ctx.eps = residual, eps
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (conv_bias, norm_weight, norm_bias))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         return out, normed
 
@@ -30,12 +29,11 @@ class DwconvLayerNorm(torch.autograd.Function):
     def backward(ctx, grad_out, grad_normed):
         # An unused output's gradient is None.
         x, conv_weight, out, norm_weight, mean, rstd, conv_bias, norm_bias = ctx.saved_tensors
-        conv_bias_dtype, norm_weight_dtype, norm_bias_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         # A frozen parameter (no grad wanted) costs the kernels no sums.
-        with_norm_weight = norm_weight_dtype is not None and need[3]
-        with_norm_bias = norm_bias_dtype is not None and need[4]
-        with_conv_bias = conv_bias_dtype is not None and need[2]
+        with_norm_weight = norm_weight is not None and need[3]
+        with_norm_bias = norm_bias is not None and need[4]
+        with_conv_bias = conv_bias is not None and need[2]
         grad, dnorm_weight, dnorm_bias = grad_out, None, None
         if grad_normed is not None:
             grad, dnorm_weight, dnorm_bias = run_bwd(OP_NAME, ops.layer_norm_bwd, grad_normed, out, norm_weight, mean,
@@ -45,9 +43,9 @@ class DwconvLayerNorm(torch.autograd.Function):
             dx, dconv_weight, dconv_bias = run_bwd(OP_NAME, ops.depthwise_conv3x3_bwd, grad, x, conv_weight,
                                                    ctx.residual, with_conv_bias)
         grads = [dx if need[0] else None, dconv_weight if need[1] else None,
-                 _param_grad(dconv_bias, with_conv_bias, conv_bias_dtype),
-                 _param_grad(dnorm_weight, with_norm_weight, norm_weight_dtype),
-                 _param_grad(dnorm_bias, with_norm_bias, norm_bias_dtype)]
+                 _param_grad(dconv_bias, with_conv_bias, conv_bias),
+                 _param_grad(dnorm_weight, with_norm_weight, norm_weight),
+                 _param_grad(dnorm_bias, with_norm_bias, norm_bias)]
 
         def forward(*inputs):
             return reference.depthwise_conv3x3_layer_norm(*inputs, residual=ctx.residual, eps=ctx.eps)
@@ -56,6 +54,6 @@ class DwconvLayerNorm(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _param_grad(grad, wanted, dtype):
-    """A parameter's gradient in its own dtype (fp32 parameters under autocast: no copy), or None."""
-    return grad.to(dtype) if wanted and grad is not None else None
+def _param_grad(grad, wanted, param):
+    """param's gradient in param's own dtype (fp32 parameters under autocast: no copy), or None."""
+    return grad.to(param.dtype) if wanted and grad is not None else None

@@ -48,8 +48,6 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for them
     ctx.save_for_backward(x, weight, mean, rstd, bias)  # bias (and eps): for a double backward's recomputation
     ctx.eps = eps
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
@@ -57,13 +55,13 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     if grad_out is None:  # not reached through the public function, whose only output is out
         grad_out = torch.zeros_like(x)
     # A frozen weight or bias (no grad wanted) costs the kernels no sums.
-    with_weight = ctx.weight_dtype is not None and ctx.needs_input_grad[1]
-    with_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    with_weight = weight is not None and ctx.needs_input_grad[1]
+    with_bias = bias is not None and ctx.needs_input_grad[2]
     dx, dweight, dbias = run_bwd("layer_norm", ops.layer_norm_bwd, grad_out, x, weight, mean, rstd, with_weight,
                                  with_bias)
     # The parameters' gradients in their own dtypes (fp32 parameters under autocast: no copy).
-    dweight = dweight.to(ctx.weight_dtype) if with_weight else None
-    dbias = dbias.to(ctx.bias_dtype) if with_bias else None
+    dweight = dweight.to(weight.dtype) if with_weight else None
+    dbias = dbias.to(bias.dtype) if with_bias else None
 
     def forward(x, weight, bias):
         return reference.layer_norm(x, weight, bias, ctx.eps)
