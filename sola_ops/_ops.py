@@ -108,21 +108,44 @@ def run_bwd(op_name, bwd, *args, name=None, advice=None):
     return bwd(*args)
 
 
-class _KernelValue(torch.autograd.Function):
-    """value (a kernel's gradient, without a graph) as the output, with the derivative of graph (the same
-    gradient computed through sola_ops.reference, differentiable)."""
+class _ReferenceDerivative(torch.autograd.Function):
+    """Its outputs are a backward's kernel gradients (values, no graph of their own); their derivative,
+    computed only if a later backward asks for it, is that of the same gradients recomputed through forward
+    (the op's sola_ops.reference computation). Inputs: forward, the counts of `inputs` and `grads`, then
+    inputs, grads (Nones allowed) and the values."""
 
     @staticmethod
-    def forward(value, graph):
-        return value
+    def forward(ctx, forward, wanted, n_inputs, n_grads, *tensors):
+        ctx.forward, ctx.wanted, ctx.n_inputs = forward, wanted, n_inputs
+        ctx.save_for_backward(*tensors[:n_inputs + n_grads])
+        ctx.set_materialize_grads(False)
+        return tensors[n_inputs + n_grads:]
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, grad
+    def backward(ctx, *grad_values):
+        saved, n = ctx.saved_tensors, ctx.n_inputs
+        needs = ctx.needs_input_grad[4:4 + len(saved)]
+        create_graph = torch.is_grad_enabled()  # a third or higher order follows
+        with torch.enable_grad():
+            # Each saved tensor through a node of its own, whose gradient is the partial derivative for its slot
+            # alone (the inputs may depend on each other, k = f(q), and a gradient taken for q itself would count
+            # both); the slots link to the tensors' own graphs, so a higher order reaches them too.
+            slots = [t.view_as(t) if t is not None and t.requires_grad else t for t in saved]
+            outs = ctx.forward(*slots[:n])
+            outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+            pairs = [(o, g) for o, g in zip(outs, slots[n:]) if g is not None and o.requires_grad]
+            firsts = torch.autograd.grad([o for o, _ in pairs], [slots[i] for i in ctx.wanted], [g for _, g in pairs],
+                                         create_graph=True, allow_unused=True) if pairs else ()
+        terms = [(f, g.to(f.dtype)) for f, g in zip(firsts, grad_values)
+                 if f is not None and g is not None and f.requires_grad]
+        targets = [i for i, (t, need) in enumerate(zip(slots, needs)) if need and t is not None and t.requires_grad]
+        result = [None] * len(saved)
+        if terms and targets:
+            found = torch.autograd.grad([f for f, _ in terms], [slots[i] for i in targets], [g for _, g in terms],
+                                        create_graph=create_graph, allow_unused=True)
+            for i, r in zip(targets, found):
+                result[i] = None if r is None else r.to(saved[i].dtype)
+        return (None, None, None, None, *result, *[None] * len(ctx.wanted))
 
 
 def with_reference_derivative(kernel_grads, forward, inputs, grads, needs):
@@ -130,26 +153,19 @@ def with_reference_derivative(kernel_grads, forward, inputs, grads, needs):
     records the backward (create_graph=True) outside torch.func, each carrying the derivative of the same
     gradient recomputed through forward (the op's sola_ops.reference computation, inputs: the op's saved
     inputs) for the output gradients `grads` (None: unused). So double and higher backward work through
-    PyTorch's own derivatives of the reference, and the gradients themselves stay bitwise the kernels'."""
+    PyTorch's own derivatives of the reference; the gradients themselves stay bitwise the kernels', and the
+    reference runs only when a later backward differentiates them."""
     if not torch.is_grad_enabled() or functorch_active():
         return kernel_grads
-    wanted = [i for i, (k, t, n) in enumerate(zip(kernel_grads, inputs, needs)) if k is not None and t is not None
-              and n and t.requires_grad]
-    with torch.enable_grad():
-        # Each input through a node of its own, whose gradient is the partial derivative for its slot alone
-        # (the inputs may depend on each other, k = f(q), and a gradient taken for q itself would count both).
-        slots = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
-        outs = forward(*slots)
-    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-    if not wanted or not pairs:
+    wanted = tuple(i for i, (k, t, n) in enumerate(zip(kernel_grads, inputs, needs)) if k is not None
+                   and t is not None and n and t.requires_grad)
+    if not wanted:
         return kernel_grads
-    found = torch.autograd.grad([o for o, _ in pairs], [slots[i] for i in wanted], [g for _, g in pairs],
-                                create_graph=True, allow_unused=True)
+    values = _ReferenceDerivative.apply(forward, wanted, len(inputs), len(grads), *inputs, *grads,
+                                        *(kernel_grads[i].detach() for i in wanted))
     result = list(kernel_grads)
-    for i, r in zip(wanted, found):
-        if r is not None:
-            result[i] = _KernelValue.apply(kernel_grads[i].detach(), r.to(kernel_grads[i].dtype))
+    for i, value in zip(wanted, values):
+        result[i] = value
     return result
 
 

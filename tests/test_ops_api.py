@@ -726,6 +726,20 @@ def test_create_graph_first_order(op):
         assert torch.equal(a, b.detach())
 
 
+
+@pytest.mark.parametrize("op", OPS)
+def test_create_graph_runs_the_reference_only_for_a_second_order(op, monkeypatch):
+    """create_graph=True alone costs no reference computation (softmax's is Nq x Nk scores); the reference runs
+    once a backward differentiates the gradients, once per op backward."""
+    name = {"linear": "linear_attention", "softmax": "softmax_attention"}[op]
+    calls, ref = [], getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a, **kw: calls.append(name) or ref(*a, **kw))
+    ins, kw = _fp64_inputs(op)
+    (dq,) = torch.autograd.grad(run_op(op, *ins[:3], **kw).sum(), ins[0], create_graph=True)
+    assert dq.requires_grad and not calls
+    torch.autograd.grad((dq ** 2).sum(), ins[1])
+    assert calls == [name]
+
 # ---- autocast ---------------------------------------------------------------------------------------------
 
 def _autocast_inputs(op):
