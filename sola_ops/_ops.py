@@ -185,6 +185,14 @@ def functorch_active():
     return bool(transforms) and "Functionalize" not in transforms
 
 
+class ForwardModeUnsupported(NotImplementedError):
+    """Forward-mode AD reached an op (its twin's jvp); the message names the public function `name`."""
+
+    def __init__(self, name):
+        super().__init__(f"forward-mode AD (torch.func.jvp, jacfwd) through sola_ops.{name} is not supported; use "
+                         f"reverse mode (grad, vjp, jacrev) or sola_ops.reference.{name}")
+
+
 # torch.func cannot differentiate an op through torch.library.register_autograd: the autograd.Function
 # torch builds from it has no setup_context (pytorch/pytorch#170834). So each op's autograd is also an
 # autograd.Function of the same setup_context and backward, which call() runs while a torch.func transform
@@ -201,8 +209,7 @@ def register_autograd(op_name, backward, setup_context):
     public = op_name.removesuffix("_fwd")
 
     def jvp(ctx, *tangents):
-        raise NotImplementedError(f"forward-mode AD (torch.func.jvp, jacfwd) through sola_ops.{public} is not "
-                                  f"supported; use reverse mode (grad, vjp, jacrev) or sola_ops.reference.{public}")
+        raise ForwardModeUnsupported(public)
 
     _FUNC_TWINS[op_name] = type(f"{op_name}_function", (torch.autograd.Function,), {
         "generate_vmap_rule": True,

@@ -162,6 +162,9 @@ def test_second_order_and_forward_mode_name_the_op():
         torch.func.jacrev(torch.func.grad(lambda q: sola_ops.softmax_attention(q, k, v).sum()))(q)
     with pytest.raises(NotImplementedError, match="forward-mode AD .* sola_ops.linear_attention"):
         torch.func.jvp(lambda q: sola_ops.linear_attention(q, k, v), (q,), (q,))
+    x, weight = torch.randn(1, 4, 4, 3, dtype=torch.float64), torch.randn(3, 3, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* sola_ops.depthwise_conv3x3_layer_norm is"):
+        torch.func.jvp(lambda x: sola_ops.depthwise_conv3x3_layer_norm(x, weight)[1], (x,), (x,))
 
 
 def test_plain_autograd_does_not_take_the_torch_func_path(monkeypatch):
