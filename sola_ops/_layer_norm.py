@@ -19,6 +19,8 @@ def check_layer_norm_args(x, weight, bias, eps, prefix=""):
             check_channel_param(name, t, x, "features")
     if not (eps == eps and abs(eps) != float("inf") and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if x.dtype != torch.float64 and eps > torch.finfo(torch.float32).max:
+        raise ValueError(f"eps must fit in float32 (the statistics' dtype for {x.dtype} x), got {eps}")
 
 
 @torch.library.register_fake("sola_ops::layer_norm_fwd")

@@ -567,6 +567,25 @@ def test_lse_of_nonfinite_scores_is_torchs(device, where, value):
     torch.testing.assert_close(lse.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where,value", [("q", float("inf")), ("k", float("-inf")), ("k", float("nan"))])
+def test_softmax_gradients_are_nan_where_the_references_are(device, dtype, where, value):
+    """A row with a +inf score has out = NaN (lse = +inf): its probabilities are NaN in the backward too, so
+    every gradient it reaches (dv of all keys) is NaN as the reference's, not exp(s - inf) = 0 for the
+    finite scores (dv came out finite)."""
+    q, k, v = make_qkv(1, 2, 5, 6, 4, 3, dtype, device, seed=2, requires_grad=False)
+    {"q": q, "k": k}[where][0, 0, 1, 0] = value
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    g = torch.ones(1, 2, 5, 3, dtype=dtype, device=device)
+    ours = torch.autograd.grad(sola_ops.softmax_attention(*ins), ins, g)
+    want = torch.autograd.grad(reference.softmax_attention(*ins), ins, g)
+    for name, a, b in zip("qkv", ours, want):
+        assert torch.equal(a.isnan(), b.isnan()), f"d{name}'s NaNs differ from the reference's"
+        assert b.isnan().any() and not b[:, 1].isnan().any(), "the case checks nothing"
+        torch.testing.assert_close(a[:, 1], b[:, 1])
+
+
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 def test_nan_propagates_linear_feature_maps(feature_map):
     """NaN passes every feature map (relu(NaN) is NaN, as torch.relu), also through q_norm."""

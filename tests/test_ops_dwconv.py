@@ -217,6 +217,24 @@ def test_relu_backward(device, stride):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=name)
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_backward_reads_out_in_any_layout(device, stride):
+    """The raw backward op masks with the forward's out in any layout: one whose last dim is not contiguous
+    gave a masked gradient of that layout, which failed an internal assert (found by a fuzzing helper)."""
+    ops = torch.ops.sola_ops
+    x = randn((1, 5, 4, 6), torch.float64, device)
+    weight, bias = params(6, device, torch.float64)
+    out = ops.depthwise_conv3x3_fwd(x, weight, bias, False, "relu", stride, "none", None)
+    g = randn(out.shape, torch.float64, device, seed=3)
+    strided = out.permute(3, 1, 2, 0).contiguous().permute(3, 1, 2, 0)
+    assert strided.stride(3) != 1
+    want = ops.depthwise_conv3x3_bwd(g, x, weight, False, True, bias, "relu", stride, out, "none", None)
+    got = ops.depthwise_conv3x3_bwd(g, x, weight, False, True, bias, "relu", stride, strided, "none", None)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stride,activation", [(1, None), (1, "silu"), (1, "relu"), (2, None), (2, "silu"),
                                                 (2, "relu")])

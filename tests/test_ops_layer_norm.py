@@ -517,11 +517,15 @@ def test_bad_input():
         ((x, weight, bias), dict(eps=-1e-5), "eps must be a finite number >= 0"),
         ((x, weight, bias), dict(eps=float("nan")), "eps must be a finite number >= 0"),
         ((x, weight, bias), dict(eps=float("inf")), "eps must be a finite number >= 0"),
+        ((x, weight, bias), dict(eps=1e39), "eps must fit in float32"),  # would round to inf: NaN rows
         ((x, weight, bias), dict(eps=torch.tensor(1e-5, requires_grad=True)), "eps is a tensor that requires grad"),
     ]
     for args, kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             sola_ops.layer_norm(*args, **kwargs)
+    with pytest.raises(ValueError, match="eps must fit in float32"):  # the C++ op checks it too
+        torch.ops.sola_ops.layer_norm_fwd(x, None, None, 1e39)
+    sola_ops.layer_norm(x.double(), eps=1e39)  # fp64 statistics: a valid eps
     for args, kwargs, match in [(([1.0, 2.0],), {}, "x must be a torch.Tensor"),
                                 ((x, [1.0] * 8), {}, "weight must be a torch.Tensor or None"),
                                 ((x, weight, 0.0), {}, "bias must be a torch.Tensor or None"),

@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(
   if (epilogue == DwEpilogue::Relu) {
     SOLA_CHECK(out.has_value(), "activation='relu' needs out (the forward's result) for its backward");
     check_output_shaped(*out, "out", x, stride);
-    grad_out = at::threshold_backward(grad_out, *out, 0);
+    grad_out = last_dim_contiguous(at::threshold_backward(grad_out, *out, 0));  // it may take out's layout
   } else if (epilogue == DwEpilogue::Silu) {
     grad_out = convolve(x, w, acc_channel_param(bias, "bias", x), false, false, stride, DwEpilogue::SiluGrad, grad_out,
                         relu_input);

@@ -3,6 +3,8 @@
 // (when built) CUDA.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "elementwise_checks.h"
 #include "layer_norm/layer_norm.h"
 
@@ -46,6 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(at::Tensor x, c10:
                                                               c10::optional<at::Tensor> bias, double eps) {
   check_x(x);
   SOLA_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
+  SOLA_CHECK(x.scalar_type() == at::kDouble || eps <= std::numeric_limits<float>::max(),
+             "eps must fit in float32 (the statistics' dtype for ", x.scalar_type(), " x), got ", eps);
   const at::Tensor w = kernel_param(weight, "weight", x), b = kernel_param(bias, "bias", x);
   x = x.contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());

@@ -16,6 +16,13 @@ SOLA_HD T row_lse(T m, T l) {
   return m == std::numeric_limits<T>::infinity() ? m : m + std::log(l);
 }
 
+// The lse a backward subtracts: NaN for such a +inf row. Its out is NaN, and so must its probabilities be
+// (exp(s - inf) is 0 for its finite scores: dv would come out finite where the reference's is NaN).
+template <typename T>
+SOLA_HD T backward_lse(T lse) {
+  return lse == std::numeric_limits<T>::infinity() ? std::numeric_limits<T>::quiet_NaN() : lse;
+}
+
 struct SoftmaxAttentionParams {
   int64_t B = 0, H = 0, Nq = 0, Nk = 0, Dk = 0, Dv = 0;
   // Inputs, last dim contiguous, any other strides.

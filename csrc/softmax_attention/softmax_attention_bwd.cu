@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kRowThreads) dq_kernel(const SoftmaxAttentionP
   const int64_t rows = p.B * p.H * p.Nq;
   for (int64_t row = warp_row0(); row < rows; row += warp_row_stride()) {
     const int64_t bh = row / p.Nq, i = row % p.Nq, b = bh / p.H, h = bh % p.H;
-    const acc lse = static_cast<const acc*>(p.lse)[row];
+    const acc lse = backward_lse(static_cast<const acc*>(p.lse)[row]);
     const acc delta = static_cast<const acc*>(p.delta)[row];
     acc q[kSlots], g[kSlots], dq[kSlots];
     load_slots(p.q.row<const scalar_t>(b, h, i), Dk, lane, q);
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kRowThreads) dkdv_kernel(const SoftmaxAttentio
       load_slots(p.grad_out.row<const scalar_t>(b, h, i), Dv, lane, gi);
       const int64_t r = bh * p.Nq + i;
       // The same products summed in the same order as the forward and dq_kernel.
-      const acc pij = std::exp(slot_dot(qi, k) * scale - lse_all[r]);
+      const acc pij = std::exp(slot_dot(qi, k) * scale - backward_lse(lse_all[r]));
       const acc ds = pij * (slot_dot(gi, v) - delta_all[r]) * scale;
 #pragma unroll
       for (int t = 0; t < kSlots; ++t) {

@@ -93,8 +93,9 @@ SOLA_CPU_CLONES void probs_and_dscores(acc* s, acc* dp, int64_t rows, int64_t co
   for (int64_t r = 0; r < rows; ++r) {
     acc* s_row = s + r * kBlockN;
     acc* dp_row = dp + r * kBlockN;
+    const acc lse_r = backward_lse(lse[r]);
     for (int64_t c = 0; c < cols; ++c) {
-      const acc prob = cpu_exp(scale * s_row[c] - lse[r]);
+      const acc prob = cpu_exp(scale * s_row[c] - lse_r);
       s_row[c] = prob;
       dp_row[c] = prob * (dp_row[c] - delta[r]) * scale;
     }

@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         const bool valid = m0 + tid < p.Nq;
         const int64_t r = t.bh * p.Nq + m0 + tid;
         smem.lse[stage * kStream + tid] =
-            valid ? static_cast<const acc*>(p.lse)[r] * Exp::kPerNat : std::numeric_limits<acc>::infinity();
+            valid ? backward_lse(static_cast<const acc*>(p.lse)[r]) * Exp::kPerNat : std::numeric_limits<acc>::infinity();
         smem.delta[stage * kStream + tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
     };
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
       for (int r = 0; r < 2; ++r) {
         const int64_t i = t.row0 + group_row<kG, kWg>(warp, g) + acc_row(2 * r, lane);
         const int64_t idx = t.bh * p.Nq + (i < p.Nq ? i : 0);
-        lse[g][r] = static_cast<const acc*>(p.lse)[idx] * Exp::kPerNat;
+        lse[g][r] = backward_lse(static_cast<const acc*>(p.lse)[idx]) * Exp::kPerNat;
         delta[g][r] = static_cast<const acc*>(p.delta)[idx];
       }
       zero(dq[g]);
