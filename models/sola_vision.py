@@ -114,7 +114,7 @@ class SoLAVision(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta default device
         stages, self.feature_info, prev, start = [], [], embed_dims[0], 0
         for i, (dim, depth, heads) in enumerate(zip(embed_dims, depths, num_heads)):
             stages.append(SoLAStage(prev, dim, heads, pattern[i], downsample=i > 0, drop_path=dpr[start:start + depth],

@@ -161,6 +161,20 @@ def test_params_do_not_depend_on_pattern():
     assert 20e6 < counts["sola_vision_tiny"] < 30e6 and 90e6 < counts["sola_vision_base"] < 100e6
 
 
+def test_builds_on_the_meta_device():
+    """Under a meta default device (how large models are built without memory, then materialised and loaded)
+    the model builds with its parameters on meta; to_empty + a state dict gives the model built on the CPU
+    (the drop-path schedule was a meta tensor read with .tolist(): "Cannot copy out of meta tensor")."""
+    with torch.device("meta"):
+        model = timm.create_model("sola_vision_nano", num_classes=3, drop_path_rate=0.1)
+    assert all(p.is_meta for p in model.parameters())
+    built = timm.create_model("sola_vision_nano", num_classes=3, drop_path_rate=0.1).eval()
+    model = model.to_empty(device="cpu").eval()
+    model.load_state_dict(built.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model(x), built(x))
+
+
 # ---- forward / backward -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
