@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from sola_ops._flops import register
 from sola_ops import reference
-from sola_ops._ops import ops, run_bwd, with_reference_derivative
+from sola_ops._ops import ops, run_bwd, with_reference_derivative, without_graph
 from torch.utils.flop_counter import flop_registry
 
 
@@ -49,14 +49,15 @@ class AttentionNode(torch.autograd.Function):
         v = split_heads(x, heads)
         ctx.mixer, ctx.heads, ctx.eps, ctx.scale = mixer, heads, eps, 1.0 / math.sqrt(q.shape[-1])
         if mixer == "L":
-            out, state, z = ops.linear_attention_fwd(q, k, v, None, None, "elu", True, eps, cos, sin)
+            out, state, z = without_graph(ops.linear_attention_fwd, q, k, v, None, None, "elu", True, eps, cos, sin)
             saved = (q, k, state, z)
         else:
-            rot, _ = ops.rope_fwd(qk, cos, sin, "identity", False)
+            rot, _ = without_graph(ops.rope_fwd, qk, cos, sin, "identity", False)
             q_rot, k_rot = rot.chunk(2, dim=1)
-            out, lse = ops.softmax_attention_fwd(q_rot, k_rot, v, ctx.scale)
+            out, lse = without_graph(ops.softmax_attention_fwd, q_rot, k_rot, v, ctx.scale)
             saved = (q, k, q_rot, k_rot, out, lse)
-        result = ops.depthwise_conv3x3_fwd(x, lepe_weight, lepe_bias, False, "none", 1, "none", merge_heads(out, x))
+        result = without_graph(ops.depthwise_conv3x3_fwd, x, lepe_weight, lepe_bias, False, "none", 1, "none",
+                               merge_heads(out, x))
         ctx.save_for_backward(x, qk_weight, qk_bias, lepe_weight, lepe_bias, cos, sin, *saved)
         return result
 

@@ -3,7 +3,7 @@ autograd node, built from the two ops' kernels (csrc/dwconv, csrc/layer_norm).""
 import torch
 
 from . import reference
-from ._ops import ops, run_bwd, with_reference_derivative
+from ._ops import ops, run_bwd, with_reference_derivative, without_graph
 
 OP_NAME = "depthwise_conv3x3_layer_norm"  # what a double backward's error (under torch.func) names
 
@@ -18,8 +18,8 @@ class DwconvLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, conv_weight, conv_bias, norm_weight, norm_bias, residual, eps):
-        out = ops.depthwise_conv3x3_fwd(x, conv_weight, conv_bias, residual)
-        normed, mean, rstd = ops.layer_norm_fwd(out, norm_weight, norm_bias, eps)
+        out = without_graph(ops.depthwise_conv3x3_fwd, x, conv_weight, conv_bias, residual)
+        normed, mean, rstd = without_graph(ops.layer_norm_fwd, out, norm_weight, norm_bias, eps)
         ctx.save_for_backward(x, conv_weight, out, norm_weight, mean, rstd, conv_bias, norm_bias)
         ctx.residual, ctx.eps = residual, eps
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read

@@ -224,7 +224,18 @@ def call(op_name, *args):
     """ops.<op_name>(*args), differentiable by torch.autograd and, through its twin, by torch.func."""
     if functorch_active():
         return _FUNC_TWINS[op_name].apply(*args)
-    return getattr(ops, op_name)(*args)
+    return without_graph(getattr(ops, op_name), *args)
+
+
+def without_graph(op, *args):
+    """op(*args). Where autograd records nothing (grad mode off, as inside an autograd.Function's forward, or
+    no input requiring grad) the op runs directly below autograd: torch.library's Python autograd wrapper
+    would only redispatch it there, at ~6 us a call (inference at small batch is launch-bound). Under
+    torch.compile the op itself (dynamo traces no dispatcher guards)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # The CUDA kernels' largest head dim (kMaxCudaHeadDim in csrc/common.h).

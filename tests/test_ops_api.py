@@ -1021,3 +1021,34 @@ def test_flags_and_numbers_refuse_strings():
     torch.testing.assert_close(sola_ops.depthwise_conv3x3(x, weight, residual=1),
                                sola_ops.depthwise_conv3x3(x, weight, residual=np.bool_(True)))
     assert sola_ops.softmax_attention(q, k, v, return_lse=0).shape == q.shape
+
+
+# ---- calls that record no graph -------------------------------------------------------------------------------
+
+def _entered_torch_library_autograd(fn):
+    """Whether fn() ran torch.library's Python autograd wrapper (torch/_library/autograd.py)."""
+    seen = []
+    sys.setprofile(lambda frame, event, arg: seen.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, any(f.endswith(os.path.join("_library", "autograd.py")) for f in seen)
+
+
+def test_calls_without_a_graph_run_below_autograd():
+    """With nothing to record (no_grad, inference_mode, or no input requiring grad) the public functions call
+    the op below autograd, skipping torch.library's Python wrapper; with an input requiring grad the op's
+    autograd records as before."""
+    q, k, v = make_qkv(1, 2, 5, 5, 4, 4, torch.float32, seed=3)
+    q.requires_grad_()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out, entered = _entered_torch_library_autograd(lambda: sola_ops.softmax_attention(q, k, v))
+        assert not entered and out.grad_fn is None and not out.requires_grad
+    out, entered = _entered_torch_library_autograd(lambda: sola_ops.linear_attention(q.detach(), k, v))
+    assert not entered and not out.requires_grad
+    out, entered = _entered_torch_library_autograd(lambda: sola_ops.softmax_attention(q, k, v))
+    assert entered and out.requires_grad
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), q)[0],
+                               torch.autograd.grad(reference.softmax_attention(q, k, v).sum(), q)[0])
