@@ -26,7 +26,7 @@ from . import _flops  # noqa: F401  (registers the ops' FLOP formulas with FlopC
 from . import _vmap  # noqa: F401  (registers the ops' torch.func.vmap batching rules)
 from ._silu_mul import check_silu_mul_args
 from ._ops import (_C, ForwardModeUnsupported, call, check_feature_map, check_linear_args, check_linear_rope_args,
-                   check_qkv, check_rope_args, functorch_active)
+                   check_qkv, check_rope_args, functorch_transforms, has_forward_tangent)
 
 __all__ = ["linear_attention", "softmax_attention", "rope", "depthwise_conv3x3", "layer_norm",
            "depthwise_conv3x3_layer_norm", "silu_mul", "bias_gelu", "reference", "build_info", "debug_nan_fill"]
@@ -213,7 +213,9 @@ def depthwise_conv3x3_layer_norm(x, conv_weight, conv_bias=None, norm_weight=Non
     residual = _as_bool(residual, "residual")
     eps = _as_float(eps, "eps")
     check_layer_norm_args(x, norm_weight, norm_bias, eps, prefix="norm_")
-    if functorch_active():  # DwconvLayerNorm has no torch.func rules: the two ops (same results forward)
+    if has_forward_tangent((x, conv_weight, conv_bias, norm_weight, norm_bias)):
+        raise ForwardModeUnsupported("depthwise_conv3x3_layer_norm")
+    if functorch_transforms():  # DwconvLayerNorm has no torch.func rules (functionalize included): the two ops
         try:
             out = call("depthwise_conv3x3_fwd", x, conv_weight, conv_bias, residual, "none", 1, "none", None)
             return out, call("layer_norm_fwd", out, norm_weight, norm_bias, eps)[0]

@@ -3,6 +3,7 @@
 The schemas live in csrc/sola.cpp; the C++ ops check their arguments in eager mode, the fake
 implementations below check the same things so torch.compile reports bad input the same way."""
 import torch
+from torch.autograd import forward_ad
 
 from . import reference
 
@@ -189,8 +190,15 @@ class ForwardModeUnsupported(NotImplementedError):
     """Forward-mode AD reached an op (its twin's jvp); the message names the public function `name`."""
 
     def __init__(self, name):
-        super().__init__(f"forward-mode AD (torch.func.jvp, jacfwd) through sola_ops.{name} is not supported; use "
-                         f"reverse mode (grad, vjp, jacrev) or sola_ops.reference.{name}")
+        super().__init__(f"forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) through sola_ops.{name} "
+                         f"is not supported; use reverse mode (grad, vjp, jacrev) or sola_ops.reference.{name}")
+
+
+def has_forward_tangent(args):
+    """Whether an argument is a dual tensor of torch.autograd.forward_ad (a tangent the ops' autograd would
+    silently drop: torch.library's register_autograd has no forward mode)."""
+    return not torch.compiler.is_compiling() and forward_ad._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
 # torch.func cannot differentiate an op through torch.library.register_autograd: the autograd.Function
@@ -224,6 +232,8 @@ def call(op_name, *args):
     """ops.<op_name>(*args), differentiable by torch.autograd and, through its twin, by torch.func."""
     if functorch_active():
         return _FUNC_TWINS[op_name].apply(*args)
+    if has_forward_tangent(args):
+        raise ForwardModeUnsupported(op_name.removesuffix("_fwd"))
     return without_graph(getattr(ops, op_name), *args)
 
 

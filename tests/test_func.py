@@ -167,6 +167,24 @@ def test_second_order_and_forward_mode_name_the_op():
         torch.func.jvp(lambda x: sola_ops.depthwise_conv3x3_layer_norm(x, weight)[1], (x,), (x,))
 
 
+def test_forward_ad_dual_tensors_raise_naming_the_op():
+    """torch.autograd.forward_ad: a dual tensor into a public function raises naming it (the ops' registered
+    autograd has no forward mode and dropped the tangent, returning a plain tensor); without a tangent it runs."""
+    from torch.autograd import forward_ad
+    x, w = torch.randn(1, 4, 4, 8, dtype=torch.float64), torch.randn(8, 1, 3, 3, dtype=torch.float64)
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    cases = {"layer_norm": (x, lambda d: sola_ops.layer_norm(d)), "bias_gelu": (x, lambda d: sola_ops.bias_gelu(d)),
+             "depthwise_conv3x3": (x, lambda d: sola_ops.depthwise_conv3x3(d, w)),
+             "depthwise_conv3x3_layer_norm": (x, lambda d: sola_ops.depthwise_conv3x3_layer_norm(d, w)),
+             "softmax_attention": (q, lambda d: sola_ops.softmax_attention(q, q, d)),
+             "linear_attention": (q, lambda d: sola_ops.linear_attention(d, q, q))}
+    with forward_ad.dual_level():
+        for name, (primal, f) in cases.items():
+            with pytest.raises(NotImplementedError, match=rf"forward_ad\) through sola_ops.{name} is not supported"):
+                f(forward_ad.make_dual(primal, torch.ones_like(primal)))
+        assert forward_ad.unpack_dual(sola_ops.layer_norm(x)).tangent is None
+
+
 def test_plain_autograd_does_not_take_the_torch_func_path(monkeypatch):
     """Outside torch.func the public functions call the op itself (one node under torch.compile)."""
     from sola_ops import _ops
@@ -224,8 +242,10 @@ def test_vmap_over_zero_samples_gives_empty_outputs():
 def test_functionalize_runs_the_ops_themselves():
     """torch.func.functionalize has no rule for an autograd.Function: the ops run as they are under it."""
     q, x = randn((2, 2, 5, 8), torch.float32), randn((2, 4, 4, 8), torch.float32)
+    w = randn((8, 1, 3, 3), torch.float32)
     for op, args in ((sola_ops.softmax_attention, (q, q, q)), (sola_ops.linear_attention, (q, q, q)),
-                     (sola_ops.silu_mul, (x, x)), (sola_ops.layer_norm, (x,))):
+                     (sola_ops.silu_mul, (x, x)), (sola_ops.layer_norm, (x,)),
+                     (lambda *a: sola_ops.depthwise_conv3x3_layer_norm(*a)[1], (x, w))):  # was DwconvLayerNorm: NYI
         assert torch.equal(torch.func.functionalize(op)(*args), op(*args))
     qs = torch.stack((q, 2 * q))
     want = torch.stack([sola_ops.softmax_attention(t, t, t) for t in qs])
