@@ -260,8 +260,8 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         // Query rows past Nq get lse = +inf, so their P is exactly 0 (and their grad_out rows are 0).
         const bool valid = m0 + tid < p.Nq;
         const int64_t r = t.bh * p.Nq + m0 + tid;
-        smem.lse[stage * kStream + tid] =
-            valid ? backward_lse(static_cast<const acc*>(p.lse)[r]) * Exp::kPerNat : std::numeric_limits<acc>::infinity();
+        smem.lse[stage * kStream + tid] = valid ? backward_lse(static_cast<const acc*>(p.lse)[r]) * Exp::kPerNat
+                                                : std::numeric_limits<acc>::infinity();
         smem.delta[stage * kStream + tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
     };
