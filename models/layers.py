@@ -12,6 +12,7 @@ gradients in the projections' layouts (no copies); same weights. A layer is fuse
 would do nothing more (`runs_as_built`); a replaced or hooked layer (pruning, activation capture) is called.
 """
 from collections import OrderedDict
+from itertools import chain
 from typing import Tuple
 
 import torch
@@ -144,7 +145,7 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if self.attn_impl == "sola" and self.node_applies():
+        if self.attn_impl == "sola" and self.node_applies(x):
             return self.node_forward(x)
         B, H, W, C = x.shape
         N, nh, hd = H * W, self.num_heads, self.head_dim
@@ -155,12 +156,14 @@ class AttentionMixer(nn.Module):
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return depthwise_conv(self.lepe, x, self.attn_impl, addend=out)  # out + LePE(v)
 
-    def node_applies(self) -> bool:
+    def node_applies(self, x: torch.Tensor) -> bool:
         """Whether node_forward computes what forward() would: the mixer as built here (not a subclass, which
         may override attend) and its qk and LePE layers as runs_as_built says. Not under a torch.func transform
-        (per-sample gradients): the node is an autograd.Function without torch.func rules; the ops have them."""
+        (per-sample gradients): the node is an autograd.Function without torch.func rules; the ops have them.
+        Nor for forward_ad dual tensors: the node has no jvp, and the ops' error names the public function."""
         return (type(self) in MIXERS.values() and runs_as_built(self.qk, nn.Linear)
-                and runs_as_built(self.lepe, nn.Conv2d) and not sola_ops._ops.functorch_active())
+                and runs_as_built(self.lepe, nn.Conv2d) and not sola_ops._ops.functorch_active()
+                and not sola_ops._ops.has_forward_tangent(chain((x,), self.qk.parameters(), self.lepe.parameters())))
 
     def node_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() for "sola" with the layers as built here: the qk linear, the attention and LePE as one

@@ -185,6 +185,30 @@ def test_forward_ad_dual_tensors_raise_naming_the_op():
         assert forward_ad.unpack_dual(sola_ops.layer_norm(x)).tangent is None
 
 
+@pytest.mark.parametrize("mixer,name", [("L", "linear_attention"), ("S", "rope")])
+@pytest.mark.parametrize("dual", ["x", "qk.weight"])
+def test_forward_ad_through_a_token_mixer_names_the_op(mixer, name, dual):
+    """A SoLA-Vision token mixer given a forward_ad dual tensor (its input or a weight) raises naming the
+    first op it reaches, not torch's "implement the jvp" of the fused node. attn_impl="torch" carries the
+    tangent through the linear mixer (torch's SDPA has no forward AD on the CPU)."""
+    from torch.autograd import forward_ad
+    from sola_vision.layers import MIXERS
+    torch.manual_seed(0)
+    layer = MIXERS[mixer](8, 2).double()
+    x = torch.randn(1, 4, 4, 8, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    with forward_ad.dual_level():
+        if dual == "x":
+            x = forward_ad.make_dual(x, torch.ones_like(x))
+        else:
+            params[dual] = forward_ad.make_dual(params[dual], torch.ones_like(params[dual]))
+        with pytest.raises(NotImplementedError, match=rf"forward_ad\) through sola_ops.{name} is not supported"):
+            torch.func.functional_call(layer, params, (x,))
+        if mixer == "L":
+            layer.attn_impl = "torch"
+            assert forward_ad.unpack_dual(torch.func.functional_call(layer, params, (x,))).tangent is not None
+
+
 def test_plain_autograd_does_not_take_the_torch_func_path(monkeypatch):
     """Outside torch.func the public functions call the op itself (one node under torch.compile)."""
     from sola_ops import _ops
