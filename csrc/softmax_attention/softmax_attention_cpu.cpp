@@ -74,13 +74,15 @@ SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries,
   acc tile_sum[kBlockM];
   for (int64_t c = 0; c < qp; ++c) tile_sum[c] = acc(0);
   // While every score so far is -inf nothing is accumulated (a row of only -inf ends as 0/0 = NaN,
-  // like torch); exp(-inf - m_new) = 0 drops the empty start otherwise. The scaled scores are <= m_new
+  // like torch): such a column subtracts 0, so its -inf scores give exp(-inf) = 0 and its NaNs stay
+  // NaN; exp(-inf - m_new) = 0 drops the empty start otherwise. The scaled scores are <= m_new
   // exactly (stored rounded above, no fused multiply-add).
+  acc m_sub[kBlockM];
+  for (int64_t c = 0; c < qp; ++c) m_sub[c] = m_new[c] == kNegInf ? acc(0) : m_new[c];
   for (int64_t j = 0; j < keys; ++j) {
     acc* row = st + j * kBlockM;
     for (int64_t c = 0; c < qp; ++c) {
-      const acc e = cpu_exp_nonpositive(row[c] - m_new[c]);
-      row[c] = m_new[c] == kNegInf ? (row[c] != row[c] ? row[c] : acc(0)) : e;
+      row[c] = cpu_exp_nonpositive(row[c] - m_sub[c]);
       tile_sum[c] += row[c];
     }
   }
