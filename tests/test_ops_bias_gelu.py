@@ -10,6 +10,8 @@ x is read in place when it is a "rows" view (last dim contiguous, leading dims c
 stride), else copied; the CUDA kernels take 16-byte vectors when every row start is 16-byte aligned and C a
 multiple of the vector (8 fp16 / bf16, 4 fp32, 2 fp64), else elements; the backward splits the rows into
 slabs of at least 64 rows (one dbias partial each, at most 1024): the sizes and views below cover each."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,6 +169,24 @@ def test_matches_torch_fp32_closely(approximate):
     g = randn(out.shape, torch.float32, seed=6)
     for a, w in zip(torch.autograd.grad(out, (x, b), g), torch.autograd.grad(want, (x, b), g)):
         torch.testing.assert_close(a, w, rtol=2e-6, atol=1e-5)
+
+
+def test_cpu_fp32_erf_form_is_relatively_accurate():
+    """The CPU's fp32 erf GELU and its derivative from the normal cdf's lower tail: relatively accurate for
+    negative v down to fp32's normal range (1 + erf(v / sqrt 2) cancelled: 0 below v = -5.7, ~100 ulp near
+    v = -3), within a few ulp elsewhere; 0 where the value is denormal."""
+    v = torch.linspace(-13, 8, 210000, dtype=torch.float64).float()
+    want = v.double() * 0.5 * torch.special.erfc(-v.double() / math.sqrt(2))
+    want_grad = 0.5 * torch.special.erfc(-v.double() / math.sqrt(2)) + v.double() * torch.exp(
+        -v.double() ** 2 / 2) / math.sqrt(2 * math.pi)
+    x = leaf(v.view(-1, 16).clone())
+    out = sola_ops.bias_gelu(x)
+    (dx,) = torch.autograd.grad(out, (x,), torch.ones_like(out))
+    ulp = 2.0 ** -23 * want.abs()
+    assert ((out.flatten().double() - want).abs() <= 96 * ulp).all(), "gelu off by more than 96 ulp"
+    assert ((out.flatten().double() - want).abs() <= 4 * ulp)[v >= -1].all(), "gelu off by more than 4 ulp"
+    grad_ulp = 2.0 ** -23 * want_grad.abs().clamp_min(0.25)  # near its zero (v = -0.75): the terms cdf, v pdf
+    assert ((dx.flatten().double() - want_grad).abs() <= 96 * grad_ulp).all(), "gelu' off by more than 96 ulp"
 
 
 @pytest.mark.parametrize("device", DEVICES)

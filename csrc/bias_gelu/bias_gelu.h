@@ -94,6 +94,9 @@ SOLA_GELU_HD acc gelu_value(acc v) {
     const acc inner = kBeta * (v + kKappa * v_cube);
     return acc(0.5) * v * (acc(1) + kernel_tanh(inner));
   } else {
+#ifndef __CUDA_ARCH__
+    if constexpr (std::is_same_v<acc, float>) return cpu_gelu_erf(v);  // the same function, another form
+#endif
     constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
     return v * acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
   }
@@ -117,6 +120,9 @@ SOLA_GELU_HD acc gelu_grad(acc grad, acc v) {
     const acc right_derivative = left * tanh_derivative * inner_derivative;
     return grad * (left_derivative + right_derivative);
   } else {
+#ifndef __CUDA_ARCH__
+    if constexpr (std::is_same_v<acc, float>) return cpu_gelu_erf_grad(grad, v);
+#endif
     constexpr acc kBeta = static_cast<acc>(kGelu2SqrtPi * kGeluSqrt1_2 * 0.5);
     constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
     const acc cdf = acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));

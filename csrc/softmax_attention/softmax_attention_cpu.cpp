@@ -147,8 +147,8 @@ void fwd(const SoftmaxAttentionParams& p) {
         load_tile<scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv_p);
         for (int64_t r0 = 0; r0 < rows; r0 += kBlockM) {
           const int64_t sub = std::min(kBlockM, rows - r0);
-          cpu::gemm(keys, cpu::padded_cols<acc>(sub), Dk, k.data(), Dk, qt.data() + r0 * Dk, kBlockM, st.data(), kBlockM,
-                    false);  // K Q^T
+          cpu::gemm(keys, cpu::padded_cols<acc>(sub), Dk, k.data(), Dk, qt.data() + r0 * Dk, kBlockM, st.data(),
+                    kBlockM, false);  // K Q^T
           online_softmax_step(st.data(), keys, sub, scale, m.data() + r0, l.data() + r0, o.data() + r0 * Dv_p, Dv_p);
           // o += P v, kBlockN keys at a time: their rows of v stay in L1 while every row block of o
           // streams them (the whole tile, up to 256 x 256 floats, is L2's).
