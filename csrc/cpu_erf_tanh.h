@@ -1,10 +1,9 @@
-// erf and tanh of fp32 values for the CPU kernels, written as cpu_math.h's cpu_exp is: branch-free (both
-// sides of each range split computed, then a select), so loops calling them auto-vectorise, where libm's
-// erff / tanhf are opaque scalar calls (bias_gelu's CPU kernels took 4-5x torch's time with them). The
-// polynomials are least-squares fits on Chebyshev nodes (mpmath, 40 digits) rounded to fp32. Measured
-// over all 2^32 fp32 values against libm's double erf / tanh: erf within 2.8 ulp for |x| < 1 and within
-// 9.1e-8 (1.5 * 2^-24) absolute for |x| >= 1 (where erf is within 0.16 of +-1), tanh within 1.4 ulp;
-// NaN and the signs of zeros as libm's. fp64 keeps libm's erf and tanh (scalar calls).
+// GELU's erf form and tanh of fp32 values for the CPU kernels, written as cpu_math.h's cpu_exp is:
+// branch-free (both sides of each range split computed, then a select), so loops calling them
+// auto-vectorise, where libm's erff / tanhf are opaque scalar calls (bias_gelu's CPU kernels took 4-5x
+// torch's time with them). The polynomials are least-squares fits on Chebyshev nodes (mpmath) rounded to
+// fp32. tanh, measured over all 2^32 fp32 values against libm's double tanh: within 1.4 ulp; NaN and the
+// signs of zeros as libm's. fp64 keeps libm's erf and tanh (scalar calls).
 #pragma once
 
 #include <bit>
@@ -14,32 +13,6 @@
 #include "cpu_math.h"
 
 namespace sola {
-
-// erf(x): x * P(x^2) for |x| < 1; 1 - exp(-x^2) * Q(1 / |x|) for 1 <= |x| < 4 (erfc(x) exp(x^2) is smooth
-// in 1 / x); +-1 beyond (erfc(4) = 1.5e-8 rounds away). NaN stays NaN; the sign of a zero is kept.
-SOLA_CPU_INLINE float cpu_erf(float x) {
-  const float a = std::fabs(x), z = a * a;
-  float p = 7.898209878476337e-05f;
-  p = p * z + -0.0008024353883229196f;
-  p = p * z + 0.00519005348905921f;
-  p = p * z + -0.026854809373617172f;
-  p = p * z + 0.11283612251281738f;
-  p = p * z + -0.3761262893676758f;
-  p = p * z + 1.128379225730896f;
-  const float small = a * p;
-  const float t = 1.0f / (a < 1.0f ? 1.0f : a);  // the lanes of the other ranges divide by 1
-  float q = -0.01694679632782936f;
-  q = q * t + 0.11689748615026474f;
-  q = q * t + -0.3475888967514038f;
-  q = q * t + 0.5694930553436279f;
-  q = q * t + -0.5024152994155884f;
-  q = q * t + 0.04987014830112457f;
-  q = q * t + 0.5579383373260498f;
-  q = q * t + 0.0003356043016538024f;
-  const float large = 1.0f - cpu_exp(-z) * q;
-  const float r = a < 1.0f ? small : (a < 4.0f ? large : 1.0f);
-  return x != x ? x : std::copysign(r, x);
-}
 
 // tanh(x): x + x^3 P(x^2) for |x| < 0.625; 1 - 2 / (exp(2 |x|) + 1) beyond (exp overflowing to inf gives 1).
 SOLA_CPU_INLINE float cpu_tanh(float x) {
@@ -56,14 +29,14 @@ SOLA_CPU_INLINE float cpu_tanh(float x) {
 }
 
 // GELU (erf form) of fp32 v on the host: v Phi(v), and its derivative Phi(v) + v exp(-v^2 / 2) / sqrt(2 pi),
-// from the normal cdf's lower tail Phi(-|v|) = erfc(|v| / sqrt 2) / 2 rather than 1 + erf (whose
-// cancellation left fp32 GELU 0 below v = -5.7 and ~100 ulp off near v = -3): one exp, shared with the
-// derivative, and one polynomial, about 60 vector instructions where v * (1 + cpu_erf(...)) took ~100
-// (bias_gelu on 6272 x 512 fp32, one AVX-512 core: forward 3.2 -> 2.4 ms, forward + backward 12.3 -> 5.8
-// ms, where the derivative had taken cpu_erf and cpu_exp; torch's F.gelu(x + b): 2.0 / 7.8). Over a dense sweep of
-// [-14, 14] against double: within 2 ulp for v >= 0, 3.4 ulp on [-1, 0), 11 ulp on [-3, -1), 20 ulp on
-// [-6, -3), 68 ulp below (exp's fp32 argument); 0 below v = -13.2 (denormal), NaN kept, gelu(+-inf) as
-// torch's formula gives (inf, NaN) and gelu'(+-inf) = NaN.
+// from the normal cdf's lower tail Phi(-|v|) = erfc(|v| / sqrt 2) / 2 rather than 1 + erf, whose
+// cancellation left fp32 GELU 0 below v = -5.7 and ~100 ulp off near v = -3. One exp, shared with the
+// derivative, and two short polynomials: ~60 vector instructions where v (1 + erf) / 2 took ~100 (bias_gelu
+// on 6272 x 512 fp32, one AVX-512 core: forward 3.2 -> 2.4 ms, forward + backward 12.3 -> 5.8 ms, where the
+// derivative had taken an erf and an exp; torch's F.gelu(x + b): 2.0 / 7.8 ms). A dense sweep of [-14, 14]
+// against double: within 2 ulp for v >= 0, 3.4 ulp on [-1, 0), 11 on [-3, -1), 20 on [-6, -3), 35 on [-9, -6),
+// 68 below; 0 below v = -13.2 (denormal); NaN kept; gelu(+-inf) = inf, NaN and gelu'(+-inf) = NaN, as torch's
+// formulas give them.
 struct CpuGeluTerms {
   float lower_tail;  // Phi(-|v|)
   float gauss;       // exp(-v^2 / 2)
@@ -103,7 +76,7 @@ SOLA_CPU_INLINE CpuGeluTerms cpu_gelu_terms(float v) {
   r = r * t + 1.402883844e-01f;
   r = r * t + 1.411396371e-01f;
   r = r * t + -4.367795575e-06f;
-  // u < 1: 1/2 - erf(u) / 2 with cpu_erf's u P(u^2), closer there.
+  // u < 1: 1/2 - erf(u) / 2 with erf(u) = u P(u^2) (2.8 ulp over all fp32 u in [0, 1)), closer there.
   const float z = 0.5f * hi;
   float p = 7.898209878476337e-05f;
   p = p * z + -0.0008024353883229196f;

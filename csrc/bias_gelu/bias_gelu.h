@@ -64,8 +64,9 @@ constexpr double kGeluSqrt1_2 = 0.70710678118654752440;
 #define SOLA_GELU_HD SOLA_CPU_INLINE
 #endif
 
-// erf and tanh in the kernels: the device's on CUDA; on the host cpu_erf / cpu_tanh (cpu_erf_tanh.h),
-// which vectorise for fp32 (the emulated CUDA kernels take them too, so both sides agree bitwise there).
+// erf and tanh in the kernels: the device's on CUDA; on the host cpu_erf / cpu_tanh (cpu_erf_tanh.h), and
+// for fp32 erf GELU cpu_gelu_erf(_grad), which vectorise (the emulated CUDA kernels take them too, so both
+// sides agree bitwise there).
 template <typename T>
 SOLA_GELU_HD T kernel_erf(T x) {
 #ifdef __CUDA_ARCH__
