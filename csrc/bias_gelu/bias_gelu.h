@@ -3,7 +3,8 @@
 // writes dx = grad * gelu'(x + bias) and sums the same values over all rows into dbias in that pass:
 // the separate bias-gradient reduction, another read of the 4C-wide gradient, is gone.
 // Computed in fp32 (fp64 for fp64 x) with torch's formulas (aten's ActivationGeluKernel.cu, gelu and
-// gelu_backward for both approximations), rounded once to x's dtype:
+// gelu_backward for both approximations), rounded once to x's dtype (on the host, fp32 "none" computes the
+// same function from the normal cdf's lower tail, cpu_gelu_erf: accurate where 1 + erf cancels):
 //   "none": gelu(v) = v * 0.5 * (1 + erf(v / sqrt 2)),
 //           gelu'(v) = cdf + v * pdf, cdf = 0.5 * (1 + erf(v / sqrt 2)), pdf = exp(-0.5 * v * v) / sqrt(2 pi)
 //   "tanh": gelu(v) = 0.5 * v * (1 + tanh(inner)), inner = beta * (v + kappa * v^3), beta = sqrt(2 / pi)
@@ -64,16 +65,15 @@ constexpr double kGeluSqrt1_2 = 0.70710678118654752440;
 #define SOLA_GELU_HD SOLA_CPU_INLINE
 #endif
 
-// erf and tanh in the kernels: the device's on CUDA; on the host cpu_erf / cpu_tanh (cpu_erf_tanh.h), and
-// for fp32 erf GELU cpu_gelu_erf(_grad), which vectorise (the emulated CUDA kernels take them too, so both
-// sides agree bitwise there).
+// erf and tanh in the kernels: the device's on CUDA. On the host fp32 takes cpu_tanh and, for the erf form,
+// cpu_gelu_erf(_grad) (cpu_erf_tanh.h), which vectorise (the emulated CUDA kernels take them too, so both
+// sides agree bitwise there); fp64 takes libm's.
 template <typename T>
 SOLA_GELU_HD T kernel_erf(T x) {
-#ifdef __CUDA_ARCH__
-  return std::erf(x);
-#else
-  return cpu_erf(x);
+#ifndef __CUDA_ARCH__
+  static_assert(std::is_same_v<T, double>, "fp32 host GELU takes cpu_gelu_erf, not erf");
 #endif
+  return std::erf(x);
 }
 
 template <typename T>
@@ -96,10 +96,14 @@ SOLA_GELU_HD acc gelu_value(acc v) {
     return acc(0.5) * v * (acc(1) + kernel_tanh(inner));
   } else {
 #ifndef __CUDA_ARCH__
-    if constexpr (std::is_same_v<acc, float>) return cpu_gelu_erf(v);  // the same function, another form
+    if constexpr (std::is_same_v<acc, float>) {
+      return cpu_gelu_erf(v);  // the same function, another form
+    } else
 #endif
-    constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
-    return v * acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
+    {
+      constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
+      return v * acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
+    }
   }
 }
 
@@ -122,13 +126,17 @@ SOLA_GELU_HD acc gelu_grad(acc grad, acc v) {
     return grad * (left_derivative + right_derivative);
   } else {
 #ifndef __CUDA_ARCH__
-    if constexpr (std::is_same_v<acc, float>) return cpu_gelu_erf_grad(grad, v);
+    if constexpr (std::is_same_v<acc, float>) {
+      return cpu_gelu_erf_grad(grad, v);
+    } else
 #endif
-    constexpr acc kBeta = static_cast<acc>(kGelu2SqrtPi * kGeluSqrt1_2 * 0.5);
-    constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
-    const acc cdf = acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
-    const acc pdf = kernel_exp(acc(-0.5) * v * v) * kBeta;
-    return grad * (cdf + v * pdf);
+    {
+      constexpr acc kBeta = static_cast<acc>(kGelu2SqrtPi * kGeluSqrt1_2 * 0.5);
+      constexpr acc kAlpha = static_cast<acc>(kGeluSqrt1_2);
+      const acc cdf = acc(0.5) * (acc(1) + kernel_erf(v * kAlpha));
+      const acc pdf = kernel_exp(acc(-0.5) * v * v) * kBeta;
+      return grad * (cdf + v * pdf);
+    }
   }
 }
 

@@ -2,7 +2,7 @@
 // over chunks of elements cut into row pieces (narrow rows cost no per-row task). The backward with
 // dbias sums each column's dx values per fixed chunk of rows (a partial per chunk and column block), then
 // over the chunks in order: the order is set by the shape alone, so dbias is bitwise the same for any
-// thread count. The loops vectorise for fp32 math (cpu_erf_tanh.h's erf and tanh, cpu_exp); fp64 calls
+// thread count. The loops vectorise for fp32 math (cpu_erf_tanh.h's GELU erf form and tanh); fp64 calls
 // libm's erf and tanh.
 #include <ATen/Parallel.h>
 
