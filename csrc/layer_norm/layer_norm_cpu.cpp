@@ -62,33 +62,44 @@ SOLA_CPU_CLONES void forward_rows(const LayerNormParams& p, int64_t r0, int64_t 
 }
 
 // dx of rows r0 .. r1; part (2, C): their sums of grad * xhat and of grad (the weight and bias
-// gradients' partials), when not null.
+// gradients' partials), when not null. One pass over a row makes xhat, g = grad * weight, the two row
+// sums (lane_sum's lanes and order) and the partials; a second writes dx.
 template <typename scalar_t>
 SOLA_CPU_CLONES void backward_rows(const LayerNormParams& p, int64_t r0, int64_t r1, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
+  constexpr int kLanes = 16;  // lane_sum's
   const int64_t C = p.C;
   const acc* w = static_cast<const acc*>(p.weight);
-  std::vector<acc> xhat(C), dy(C);
+  std::vector<acc> xhat(C), dy(C), g(C);
   if (part) std::fill(part, part + 2 * C, acc(0));
   for (int64_t r = r0; r < r1; ++r) {
     load_row(static_cast<const scalar_t*>(p.x) + r * C, C, xhat.data());
     load_row(static_cast<const scalar_t*>(p.grad) + r * C, C, dy.data());
     const acc mean = static_cast<const acc*>(p.mean)[r], rstd = static_cast<const acc*>(p.rstd)[r];
-    for (int64_t c = 0; c < C; ++c) xhat[c] = (xhat[c] - mean) * rstd;
-    const auto g_at = [&](int64_t c) { return w ? dy[c] * w[c] : dy[c]; };
-    const acc sum_g = lane_sum<acc>(C, g_at);
-    const acc sum_gx = lane_sum<acc>(C, [&](int64_t c) { return g_at(c) * xhat[c]; });
-    if (part) {
-      for (int64_t c = 0; c < C; ++c) {
-        part[c] += dy[c] * xhat[c];
+    acc sum_g[kLanes] = {}, sum_gx[kLanes] = {};
+    const auto step = [&](int64_t c, int l) {
+      const acc xh = (xhat[c] - mean) * rstd;
+      const acc gc = w ? dy[c] * w[c] : dy[c];
+      xhat[c] = xh;
+      g[c] = gc;
+      sum_g[l] += gc;
+      sum_gx[l] += gc * xh;
+      if (part) {
+        part[c] += dy[c] * xh;
         part[C + c] += dy[c];
       }
-    }
-    const acc mean_g = sum_g / acc(C), mean_gx = sum_gx / acc(C);
-    for (int64_t c = 0; c < C; ++c) dy[c] = rstd * (g_at(c) - mean_g - xhat[c] * mean_gx);
+    };
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+      for (int l = 0; l < kLanes; ++l) step(c + l, l);
+    for (int l = 0; c < C; ++c, ++l) step(c, l);
+    for (int width = kLanes / 2; width > 0; width /= 2)
+      for (int l = 0; l < width; ++l) sum_g[l] += sum_g[l + width], sum_gx[l] += sum_gx[l + width];
+    const acc mean_g = sum_g[0] / acc(C), mean_gx = sum_gx[0] / acc(C);
+    for (int64_t e = 0; e < C; ++e) dy[e] = rstd * (g[e] - mean_g - xhat[e] * mean_gx);
     if (p.addend) {
       load_row(static_cast<const scalar_t*>(p.addend) + r * C, C, xhat.data());  // xhat is no longer needed
-      for (int64_t c = 0; c < C; ++c) dy[c] += xhat[c];
+      for (int64_t e = 0; e < C; ++e) dy[e] += xhat[e];
     }
     store_row(dy.data(), C, static_cast<scalar_t*>(p.out) + r * C);
   }
