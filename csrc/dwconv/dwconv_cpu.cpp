@@ -165,45 +165,27 @@ SOLA_CPU_CLONES void transposed_rows(const DwconvParams& p, int64_t r0, int64_t 
   }
 }
 
-// part (10, C) = the weight gradient's sums over output rows r0 .. r1, in row and then column order. A
-// channel block (one 64-byte vector of acc) at a time across an output row, its ten sums held in
-// registers: summed into part at every pixel, they were a load and a store per product.
+// part (10, C) = the weight gradient's sums over output rows r0 .. r1.
 template <typename scalar_t>
 SOLA_CPU_CLONES void wgrad_rows(const DwconvParams& p, int64_t r0, int64_t r1, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
-  constexpr int64_t kBlock = kCpuVecLen<acc>;
-  const int64_t C = p.C, whole = C / kBlock * kBlock;
+  const int64_t C = p.C;
   RowWindow<scalar_t, acc> window(p, (p.W + 2) * C);
-  std::vector<acc> g(p.OW * C);  // the output row's gradient
+  std::vector<acc> g(C);
   std::fill(part, part + kDwGradRows * C, acc(0));
   acc* bias_sum = part + kDwTaps * C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.OH, h = r % p.OH;
     const acc* in[3];
     window.move_to(b, h, in);
-    for (int64_t w = 0; w < p.OW; ++w) load_row(p.grad.row<const scalar_t>(b, h, w), C, g.data() + w * C);
-    for (int64_t c0 = 0; c0 < whole; c0 += kBlock) {
-      acc sum[kDwGradRows][kBlock];
-      for (int t = 0; t < kDwGradRows; ++t)
-        for (int64_t l = 0; l < kBlock; ++l) sum[t][l] = part[t * C + c0 + l];
-      for (int64_t w = 0; w < p.OW; ++w) {
-        const acc* src[kDwTaps];
-        tap_sources(p, in, w, src);
-        const acc* gw = g.data() + w * C + c0;
-        for (int64_t l = 0; l < kBlock; ++l) {
-#pragma GCC unroll 9
-          for (int t = 0; t < kDwTaps; ++t) sum[t][l] += gw[l] * src[t][c0 + l];
-          sum[kDwTaps][l] += gw[l];
-        }
-      }
-      for (int t = 0; t < kDwGradRows; ++t)
-        for (int64_t l = 0; l < kBlock; ++l) part[t * C + c0 + l] = sum[t][l];
-    }
-    for (int64_t w = 0; w < p.OW && whole < C; ++w) {  // channels past the last whole block
+    for (int64_t w = 0; w < p.OW; ++w) {
+      load_row(p.grad.row<const scalar_t>(b, h, w), C, g.data());
       const acc* src[kDwTaps];
       tap_sources(p, in, w, src);
-      for (int64_t c = whole; c < C; ++c) {
-        const acc gc = g[w * C + c];
+#pragma GCC ivdep  // part, g and the input rows are separate buffers
+      for (int64_t c = 0; c < C; ++c) {
+        const acc gc = g[c];
+#pragma GCC unroll 9
         for (int t = 0; t < kDwTaps; ++t) part[t * C + c] += gc * src[t][c];
         bias_sum[c] += gc;
       }
