@@ -39,22 +39,9 @@ SOLA_CPU_INLINE float cpu_tanh(float x) {
 // 0 below v = -13.2 (denormal); NaN kept; gelu(+-inf) = inf, NaN and gelu'(+-inf) = NaN, as torch's formulas
 // give them.
 struct CpuGeluTerms {
-  float lower_tail;  // Phi(-|v|)
-  float gauss;       // exp(-v^2 / 2)
+  float cdf;    // Phi(v)
+  float gauss;  // exp(-v^2 / 2)
 };
-
-// exp(x) for x <= 0 or NaN with one select for x below kLo (0: exp is denormal there); NaN stays NaN.
-SOLA_CPU_INLINE float gelu_exp_nonpositive(float x) {
-  using E = ExpTraits<float>;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: + it rounds to an integer
-  const float xc = x < E::kLo ? E::kLo : x;
-  const float rounded = xc * E::kLog2e + kRound;
-  const float n = rounded - kRound;
-  const float er = E::exp_reduced((xc - n * E::kLn2Hi) - n * E::kLn2Lo);
-  const int32_t e = std::bit_cast<int32_t>(rounded) - std::bit_cast<int32_t>(kRound);
-  const float y = er * std::bit_cast<float>((e + E::kBias) << E::kMantissa);
-  return x < E::kLo ? 0.0f : y;
-}
 
 SOLA_CPU_INLINE CpuGeluTerms cpu_gelu_terms(float v) {
   const float abs_v = std::fabs(v);
@@ -65,7 +52,7 @@ SOLA_CPU_INLINE CpuGeluTerms cpu_gelu_terms(float v) {
   const float hi = a * a;
   const float a_hi = std::bit_cast<float>(std::bit_cast<uint32_t>(a) & 0xfffff000u), a_lo = a - a_hi;
   const float lo = ((a_hi * a_hi - hi) + 2.0f * a_hi * a_lo) + a_lo * a_lo;
-  const float exp_hi = gelu_exp_nonpositive(-0.5f * hi);
+  const float exp_hi = cpu_exp_nonpositive_not_nan(-0.5f * hi);  // a <= 20: never NaN
   const float gauss = exp_hi - exp_hi * (0.5f * lo);
   // erfc(u) / 2 = exp(-u^2) R(t), u = a / sqrt 2, t = 1 / (1 + u / 2): R a degree-9 fit over u in [0, 9.3]
   // (relative error 3e-8; mpmath, as the fits above).
@@ -90,18 +77,15 @@ SOLA_CPU_INLINE CpuGeluTerms cpu_gelu_terms(float v) {
   p = p * z + -0.3761262893676758f;
   p = p * z + 1.128379225730896f;
   const float near_zero = 0.5f - (0.35355339059327376f * a) * p;
-  return {hi < 2.0f ? near_zero : gauss * r, gauss};
+  const float lower_tail = hi < 2.0f ? near_zero : gauss * r;  // Phi(-|v|)
+  return {v < 0.0f ? lower_tail : 1.0f - lower_tail, gauss};
 }
 
-SOLA_CPU_INLINE float cpu_gelu_erf(float v) {
-  const CpuGeluTerms s = cpu_gelu_terms(v);
-  return v * (v < 0.0f ? s.lower_tail : 1.0f - s.lower_tail);
-}
+SOLA_CPU_INLINE float cpu_gelu_erf(float v) { return v * cpu_gelu_terms(v).cdf; }
 
 SOLA_CPU_INLINE float cpu_gelu_erf_grad(float grad, float v) {
   const CpuGeluTerms s = cpu_gelu_terms(v);
-  const float cdf = v < 0.0f ? s.lower_tail : 1.0f - s.lower_tail;
-  return grad * (cdf + v * (0.3989422804014327f * s.gauss));  // 1 / sqrt(2 pi)
+  return grad * (s.cdf + v * (0.3989422804014327f * s.gauss));  // 1 / sqrt(2 pi)
 }
 
 SOLA_CPU_INLINE double cpu_tanh(double x) { return std::tanh(x); }
