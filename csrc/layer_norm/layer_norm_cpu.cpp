@@ -14,19 +14,28 @@ namespace {
 // so the summation order is too.
 int64_t rows_per_partial(int64_t rows) { return std::max<int64_t>(64, ceil_div(rows, 256)); }
 
+// Running sums per lane (lane_sum, backward_rows): a row's element c goes to lane c % kLanes, a tail
+// shorter than kLanes from lane 0.
+constexpr int kLanes = 16;
+
+// The lanes' total, added pairwise.
+template <typename acc>
+SOLA_CPU_INLINE acc add_lanes(acc (&part)[kLanes]) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) part[l] += part[l + width];
+  return part[0];
+}
+
 // sum_{c < n} f(c) in kLanes running sums, added pairwise at the end: the loop vectorises, and the
 // rounding error grows with n / kLanes rather than n (one running sum lost 10x torch's accuracy at n = 1000).
 template <typename acc, typename F>
 SOLA_CPU_INLINE acc lane_sum(int64_t n, F f) {
-  constexpr int kLanes = 16;
   acc part[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
     for (int l = 0; l < kLanes; ++l) part[l] += f(c + l);
   for (int l = 0; c < n; ++c, ++l) part[l] += f(c);
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) part[l] += part[l + width];
-  return part[0];
+  return add_lanes(part);
 }
 
 // mean and rstd of a row (C values), two passes over it: the sum of x - x[0] (a shift, so a large mean
@@ -67,7 +76,6 @@ SOLA_CPU_CLONES void forward_rows(const LayerNormParams& p, int64_t r0, int64_t 
 template <typename scalar_t>
 SOLA_CPU_CLONES void backward_rows(const LayerNormParams& p, int64_t r0, int64_t r1, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
-  constexpr int kLanes = 16;  // lane_sum's
   const int64_t C = p.C;
   const acc* w = static_cast<const acc*>(p.weight);
   std::vector<acc> xhat(C), dy(C), g(C);
@@ -89,13 +97,11 @@ SOLA_CPU_CLONES void backward_rows(const LayerNormParams& p, int64_t r0, int64_t
         part[C + c] += dy[c];
       }
     };
-    int64_t c = 0;
+    int64_t c = 0;  // lane_sum's lanes and order
     for (; c + kLanes <= C; c += kLanes)
       for (int l = 0; l < kLanes; ++l) step(c + l, l);
     for (int l = 0; c < C; ++c, ++l) step(c, l);
-    for (int width = kLanes / 2; width > 0; width /= 2)
-      for (int l = 0; l < width; ++l) sum_g[l] += sum_g[l + width], sum_gx[l] += sum_gx[l + width];
-    const acc mean_g = sum_g[0] / acc(C), mean_gx = sum_gx[0] / acc(C);
+    const acc mean_g = add_lanes(sum_g) / acc(C), mean_gx = add_lanes(sum_gx) / acc(C);
     for (int64_t e = 0; e < C; ++e) dy[e] = rstd * (g[e] - mean_g - xhat[e] * mean_gx);
     if (p.addend) {
       load_row(static_cast<const scalar_t*>(p.addend) + r * C, C, xhat.data());  // xhat is no longer needed
