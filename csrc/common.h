@@ -170,6 +170,17 @@ SOLA_HD T kernel_exp(T x) {
 #endif
 }
 
+// kernel_exp for a divisor 1 + exp(x) (dwconv's SiLU): on the host without cpu_exp's NaN select, which GCC
+// sinks through the add and the division, dividing twice per vector (NaN in, NaN out all the same).
+template <typename T>
+SOLA_HD T kernel_exp_no_nan_select(T x) {
+#ifdef __CUDA_ARCH__
+  return std::exp(x);
+#else
+  return cpu_exp_no_nan_select(x);
+#endif
+}
+
 #ifdef __CUDA_ARCH__
 // 2^x as one MUFU.EX2 (ex2.approx.ftz: ~2 ulp; results below 2^-126 flush to 0). exp2f would add
 // a subnormal-result fix-up (a compare and two multiplies).

@@ -97,16 +97,6 @@ SOLA_HD acc dw_tap(const DwconvParams& p, int64_t c, int t) {
     return __VA_ARGS__();                     \
   }()
 
-// sigmoid(s) = 1 / (1 + exp(-s)), one division per element on the CPU too (cpu_exp_no_nan_select).
-template <typename acc>
-SOLA_HD acc dw_sigmoid(acc s) {
-#ifdef __CUDA_ARCH__
-  return acc(1) / (acc(1) + std::exp(-s));
-#else
-  return acc(1) / (acc(1) + cpu_exp_no_nan_select(-s));
-#endif
-}
-
 // The epilogue's value for the sum s (g: the output's gradient, for SiluGrad).
 template <DwEpilogue kEpi, typename acc>
 SOLA_HD acc dw_epilogue(acc s, acc g) {
@@ -115,7 +105,7 @@ SOLA_HD acc dw_epilogue(acc s, acc g) {
   } else if constexpr (kEpi == DwEpilogue::Relu) {
     return s > acc(0) ? s : (s == s ? acc(0) : s);  // NaN stays NaN, as torch.relu
   } else {
-    const acc sig = dw_sigmoid(s);
+    const acc sig = acc(1) / (acc(1) + kernel_exp_no_nan_select(-s));
     if constexpr (kEpi == DwEpilogue::Silu) return s * sig;
     else return g * (sig * (acc(1) + s * (acc(1) - sig)));
   }
