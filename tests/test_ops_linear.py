@@ -80,6 +80,21 @@ def test_eps(device, eps):
     check_linear(q, k, v, eps=eps)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eps_zero_subnormal_denominator(device, dtype):
+    """eps = 0 with features so small that phi(q) . z is subnormal in fp32 (8e-40 here): 1 / den
+    overflows, so out must be num / den itself (here the mean of v over the keys), not inf or NaN.
+    v ~ 1e20 keeps the numerator (8e-20 v) normal. bf16 inputs accumulate in fp32 too (fp16 ones
+    cannot be this small)."""
+    q = torch.full((1, 2, 5, 8), 1e-20, dtype=dtype, device=device)
+    v = (randn((1, 2, 5, 8), torch.float64, device, seed=1) * 1e20).to(dtype)
+    out = sola_ops.linear_attention(q, q.clone(), v, feature_map="identity", eps=0.0)
+    expected = v.double().mean(dim=2, keepdim=True).expand_as(out)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double() / 1e20, expected / 1e20, rtol=tol, atol=tol)
+
+
 SIZES = [  # (B, H, Nq, Nk, Dk, Dv, dtype)
     (1, 1, 1, 1, 8, 8, torch.float32),
     (1, 2, 1, 1023, 256, 59, torch.bfloat16),

@@ -33,6 +33,16 @@ struct LinearAttentionParams {
   c10::DeviceIndex device_index = -1;
 };
 
+// out = num / d computed as (s num) * inv with one reciprocal per row, inv = 1 / (s d): s = 2^64 where
+// |d| < 2^-64, else 1. 1 / d alone overflows for a subnormal fp32 d (eps = 0 and tiny features),
+// which turned a finite num / d into inf or NaN; s is a power of 2, so it changes no other rounding.
+template <typename acc>
+struct RowDivisor {
+  acc s, inv;
+  SOLA_HD explicit RowDivisor(acc d) : s(d < acc(0x1p-64) && d > -acc(0x1p-64) ? acc(0x1p64) : acc(1)), inv(acc(1) / (s * d)) {}
+  SOLA_HD acc divide(acc num) const { return num * s * inv; }
+};
+
 // Forward: writes state, z and out. Backward: reads state, z; writes dq, dk, dv (dqn, dkn).
 void linear_attention_fwd_cpu(const LinearAttentionParams& p);
 void linear_attention_bwd_cpu(const LinearAttentionParams& p);

@@ -179,9 +179,9 @@ SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_
   if (p.normalize && p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, i0, i1, Dk, fqn.data(), Dk);
   const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
   for (int64_t r = 0; r < rows; ++r) {
-    const acc inv_den = p.normalize ? acc(1) / (dot(phi_qn + r * Dk, z, Dk) + static_cast<acc>(p.eps)) : acc(1);
+    const RowDivisor<acc> den(p.normalize ? dot(phi_qn + r * Dk, z, Dk) + static_cast<acc>(p.eps) : acc(1));
     scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
-    for (int64_t c = 0; c < Dv; ++c) out[c] = static_cast<scalar_t>(num[r * Dv_p + c] * inv_den);
+    for (int64_t c = 0; c < Dv; ++c) out[c] = static_cast<scalar_t>(den.divide(num[r * Dv_p + c]));
   }
 }
 

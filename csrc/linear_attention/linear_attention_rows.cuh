@@ -196,23 +196,24 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
 
       if constexpr (kMode == RowsMode::Out) {
         product(p.q, true, Dk, Dv, false);
-        acc inv_den[kTM];
+        acc den[kTM];
 #pragma unroll
-        for (int i = 0; i < kTM; ++i) inv_den[i] = acc(1);
+        for (int i = 0; i < kTM; ++i) den[i] = acc(1);
         if (side) {
-          acc den[kTM], unused[kTM];
+          acc unused[kTM];
           row_sums(side_acc, side_acc, den, unused);
 #pragma unroll
-          for (int i = 0; i < kTM; ++i) inv_den[i] = acc(1) / (den[i] + static_cast<acc>(p.eps));
+          for (int i = 0; i < kTM; ++i) den[i] += static_cast<acc>(p.eps);
         }
         const bool out_aligned = rows_aligned<scalar_t>(p.out, kTN);
 #pragma unroll
         for (int i = 0; i < kTM; ++i) {
           const int64_t row = r0 + m0 + i;
           if (row >= N) continue;
+          const RowDivisor<acc> divisor(den[i]);
           acc o[kTN];
 #pragma unroll
-          for (int j = 0; j < kTN; ++j) o[j] = c.c[i][j] * inv_den[i];
+          for (int j = 0; j < kTN; ++j) o[j] = divisor.divide(c.c[i][j]);
           store_cols<kTN>(p.out.row<scalar_t>(b, h, row), n0, Dv, out_aligned, o);
         }
       } else if constexpr (kMode == RowsMode::QueryGrad) {

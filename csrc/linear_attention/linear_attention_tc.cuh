@@ -594,18 +594,19 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
         for (int hh = 0; hh < 2; ++hh) {
           const int rl = m0 + g + 8 * hh;
           const int64_t row = r0 + rl;
-          float inv = 1.f;
+          float den = 1.f;
           if (side) {
-            float den = 0.f;
+            den = 0.f;
             for (int v = 0; v < kVpr; ++v) den += den_part[rl * kVpr + v];  // fixed order
-            inv = 1.f / (den + static_cast<float>(p.eps));
+            den += static_cast<float>(p.eps);
           }
+          const RowDivisor<float> divisor(den);
           if (row >= N) continue;
           scalar_t* const out = p.out.row<scalar_t>(b, h, row);
 #pragma unroll
           for (int n = 0; n < kNT; ++n) {
             if (8 * n >= Dv) continue;
-            const float o[2] = {c[n][2 * hh] * inv, c[n][2 * hh + 1] * inv};
+            const float o[2] = {divisor.divide(c[n][2 * hh]), divisor.divide(c[n][2 * hh + 1])};
             store_cols<2>(out, 8 * n + 2 * t4, Dv, out_al, o);
           }
         }

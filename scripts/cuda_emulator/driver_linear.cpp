@@ -6,10 +6,11 @@
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
 // Every CUDA result is also computed with the row kernels' other variants (SOLA_LINEAR_ROWS=unstaged;
 // the backward also staged_presplit) and must be bitwise equal.
-// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge].
+// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge|tiny].
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "driver_common.h"
@@ -24,6 +25,9 @@ struct Case {
   FeatureMap fm = FeatureMap::Elu;
   bool normalize = true, has_qn = false, has_kn = false, strided = false, poison = false, rope = false;
   bool huge = false;  // one key entry near the dtype's range: den ~ 1e30 (1e200 in fp64), den^2 overflows
+  // q, k ~ 1e-20 (positive), v ~ 1e20, identity map, eps = 0: den ~ 1e-40, subnormal in fp32, so 1 / den
+  // overflows while out ~ v does not. Forward only: the gradient through 1 / den is out of range.
+  bool tiny = false;
 };
 
 // The rope tables (N, D / 2) of random angles, fp32 (what the op hands the kernels).
@@ -86,18 +90,23 @@ static void linear_case(const Case& c) {
   std::snprintf(name, sizeof name, "linear B%ld H%ld q%ld k%ld d%ld v%ld %s fm%d n%d qn%d kn%d s%d p%d r%d h%d", (long)c.B,
                 (long)c.H, (long)c.Nq, (long)c.Nk, (long)c.Dk, (long)c.Dv, c10::toString(c.dt), (int)c.fm, c.normalize,
                 c.has_qn, c.has_kn, c.strided, c.poison, c.rope, c.huge);
+  if (c.tiny) std::strcat(name, " tiny");
   const at::ScalarType dt = c.dt, acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor q = input(c.B, c.H, c.Nq, c.Dk, dt, c.strided), k = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided),
              v = input(c.B, c.H, c.Nk, c.Dv, dt, c.strided);
   at::Tensor qn = input(c.B, c.H, c.Nq, c.Dk, dt, false), kn = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided);
   if (c.poison) k.select(0, c.B - 1).select(0, c.H - 1).select(0, c.Nk / 2).select(0, c.Dk / 2).fill_(NAN);
+  if (c.tiny) {
+    for (at::Tensor* t : {&q, &k, &qn, &kn}) t->copy_(t->abs() * 1e-20);
+    v.mul_(1e20);
+  }
   if (c.huge) k.select(0, 0).select(0, 0).select(0, c.Nk / 3).select(0, c.Dk / 3).fill_(dt == at::kDouble ? 1e200 : 1e30);
   LinearAttentionParams p;
   p.B = c.B, p.H = c.H, p.Nq = c.Nq, p.Nk = c.Nk, p.Dk = c.Dk, p.Dv = c.Dv;
   p.q = make_view(q), p.k = make_view(k), p.v = make_view(v);
   p.qn = c.has_qn ? make_view(qn) : p.q, p.kn = c.has_kn ? make_view(kn) : p.k;
   p.has_qn = c.has_qn, p.has_kn = c.has_kn;
-  p.feature_map = c.fm, p.normalize = c.normalize, p.eps = 1e-6, p.dtype = dt, p.device_index = -1;
+  p.feature_map = c.fm, p.normalize = c.normalize, p.eps = c.tiny ? 0.0 : 1e-6, p.dtype = dt, p.device_index = -1;
   // rope: the CPU side (pc) runs on rope(phi(x)) and phi(x) with the identity map; p takes the tables.
   LinearAttentionParams pc = p;
   at::Tensor cos, sin, rq, fq, rk, fk;
@@ -127,6 +136,14 @@ static void linear_case(const Case& c) {
   compare(std::string(name) + " S", state[1], state[0], dt, !c.poison);
   // without the normaliser the composition's z is the mean of rope(phi(k)), the fused one's of phi(k): unused
   if (!c.rope || c.normalize) compare(std::string(name) + " z", z[1], z[0], dt, !c.poison);
+  if (c.tiny) {
+    if (!at::isfinite(out[1]).all().item<bool>()) {
+      std::printf("FAIL %s: out not finite\n", name);
+      ++failures;
+    }
+    std::printf("done %s\n", name);
+    return;
+  }
 
   at::Tensor g = input(c.B, c.H, c.Nq, c.Dv, dt, c.strided);
   at::Tensor grads[5][5];  // CPU, CUDA, CUDA again, CUDA unstaged, CUDA presplit: dq, dk, dv, dqn, dkn
@@ -223,6 +240,16 @@ int main(int argc, char** argv) {
       c.H = 2, c.Nq = 40, c.Nk = 33, c.huge = true;
       run(c, dt);
       c.Dk = c.Dv = 64, c.fm = FeatureMap::Relu;
+      run(c, dt);
+    }
+  }
+  // A subnormal fp32 denominator (eps = 0): head dim 32 (tensor cores for bf16, SIMT for fp32) and 64.
+  if (which == "quick" || which == "all" || which == "tiny") {
+    for (auto dt : {at::kBFloat16, at::kFloat}) {
+      Case c;
+      c.H = 2, c.Nq = 40, c.Nk = 33, c.fm = FeatureMap::Identity, c.tiny = true;
+      run(c, dt);
+      c.Dk = c.Dv = 64, c.has_qn = true;
       run(c, dt);
     }
   }
