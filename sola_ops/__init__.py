@@ -69,6 +69,7 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
     rope_cos, rope_sin = _rope_tables(rope)
     q, k, v, q_norm, k_norm = _autocast(q, k, v, q_norm, k_norm)
     check_linear_args(q, k, v, q_norm, k_norm)
+    _check_fits_accumulation(eps, "eps", q)
     check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
     out, _, _ = call("linear_attention_fwd", q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos, rope_sin)
     return out
@@ -105,6 +106,7 @@ def softmax_attention(q, k, v, *, scale=None, return_lse=False):
     return_lse = _as_bool(return_lse, "return_lse")
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v)
+    _check_fits_accumulation(scale, "scale", q)
     out, lse = call("softmax_attention_fwd", q, k, v, scale)
     return (out, lse) if return_lse else out
 
@@ -293,6 +295,13 @@ def _check_tensors(optional=False, **tensors):
         if t.is_nested or t.is_quantized or t.layout != torch.strided:
             kind = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout)
             raise ValueError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def _check_fits_accumulation(value, name, q):
+    """value (eps, scale) in the range of q's accumulation dtype (fp32 but for fp64 q): past it the kernels
+    would compute with inf (linear attention all 0, softmax NaN)."""
+    if q.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} must fit in float32 (the accumulation dtype for {q.dtype} inputs), got {value}")
 
 
 def _finite(x):

@@ -2,6 +2,8 @@
 // backend's kernels. Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "heads_layout.h"
 #include "linear_attention/linear_attention.h"
 #include "rope/rope.h"
@@ -19,6 +21,9 @@ LinearAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v,
   SOLA_CHECK(normalize || (!q_norm.has_value() && !k_norm.has_value()),
              "q_norm and k_norm are only used with normalize=True");
   SOLA_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  // the kernels add it in the accumulation dtype: past fp32's range it would be inf there (out all 0)
+  SOLA_CHECK(q.scalar_type() == at::kDouble || eps <= std::numeric_limits<float>::max(),
+             "eps must fit in float32 (the accumulation dtype for ", q.scalar_type(), " inputs), got ", eps);
   LinearAttentionParams p;
   p.feature_map = parse_feature_map(feature_map);
   q = last_dim_contiguous(q);
