@@ -823,6 +823,18 @@ def test_autocast_leaves_fp64_and_disabled(op):
         assert run_op(op, q, k, v).dtype == torch.float32
 
 
+def test_autocast_fp64_mixed_with_fp32_names_what_was_passed():
+    """fp64 q with fp32 k, v under autocast: autocast would leave q and cast k, v to bf16, so the plain dtype check
+    would report a bf16 k the caller never passed; the error names the dtypes given instead."""
+    q, k, v = make_qkv(1, 2, 3, 4, 8, 4, torch.float32)
+    for op in OPS:
+        with torch.autocast("cpu", torch.bfloat16), pytest.raises(
+                ValueError, match=r"float64 inputs stay float64 .* got torch.float64, torch.float32, torch.float32"):
+            run_op(op, q.double(), k, v)
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(ValueError, match=r"cannot be mixed"):
+        sola_ops.silu_mul(q.double(), q)
+
+
 # ---- opcheck ---------------------------------------------------------------------------------------------------
 
 def _opcheck(op, args):
