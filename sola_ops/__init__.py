@@ -352,8 +352,9 @@ def _autocast(q, *tensors):
         return (q, *tensors)
     dtype = torch.get_autocast_dtype(device)
     given = [t for t in (q, *tensors) if t is not None]
-    if any(t.dtype == torch.float64 for t in given) and any(t.dtype in _AUTOCAST_DTYPES for t in given):
-        # else the dtype check would name the autocast dtype, which the caller never passed
+    if any(t.dtype == torch.float64 for t in given) and any(t.dtype in _AUTOCAST_DTYPES and t.dtype != dtype
+                                                            for t in given):
+        # else the dtype check would name the dtype autocast cast one to, which the caller never passed
         raise ValueError(f"under torch.autocast float64 inputs stay float64 and float16/bfloat16/float32 ones go to "
                          f"{dtype}, so they cannot be mixed: got {', '.join(str(t.dtype) for t in given)}")
     return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_DTYPES else t for t in (q, *tensors))
