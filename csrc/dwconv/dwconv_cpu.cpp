@@ -111,8 +111,13 @@ class InPlaceRows {
 
   // src[t] = the input vector of tap t for output column w.
   SOLA_CPU_INLINE void sources(int64_t w, const acc* (&src)[kDwTaps]) const {
+    const int64_t w0 = p_.stride * w - 1;
+    if (w0 >= 0 && w0 + 2 < p_.W) {  // an interior column: no tap in the side padding
+      for (int t = 0; t < kDwTaps; ++t) src[t] = row_[t / 3] + (w0 + t % 3) * step_[t / 3];
+      return;
+    }
     for (int t = 0; t < kDwTaps; ++t) {
-      const int64_t ww = p_.stride * w + t % 3 - 1;
+      const int64_t ww = w0 + t % 3;
       src[t] = ww < 0 || ww >= p_.W ? zeros_ : row_[t / 3] + ww * step_[t / 3];
     }
   }
