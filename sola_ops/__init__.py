@@ -298,10 +298,11 @@ def _check_tensors(optional=False, **tensors):
 
 
 def _check_fits_accumulation(value, name, q):
-    """value (eps, scale) in the range of q's accumulation dtype (fp32 but for fp64 q): past it the kernels
-    would compute with inf (linear attention all 0, softmax NaN)."""
-    if q.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max:
-        raise ValueError(f"{name} must fit in float32 (the accumulation dtype for {q.dtype} inputs), got {value}")
+    """value (eps, scale) within half fp32's range but for fp64 q: the kernels compute in fp32, where past it
+    they would meet inf (linear attention all 0, softmax NaN; the tensor-core kernels take scale * log2(e))."""
+    if q.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max / 2:
+        raise ValueError(f"{name} must be at most 1.7e38 in magnitude for {q.dtype} inputs (the kernels compute "
+                         f"in float32), got {value}")
 
 
 def _finite(x):

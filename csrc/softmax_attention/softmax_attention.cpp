@@ -15,9 +15,10 @@ SoftmaxAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, 
   check_qkv(q, k, v);
   check_cuda_head_dims(q, v);
   SOLA_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  // the kernels scale in the accumulation dtype: past fp32's range it would be inf there (out NaN)
-  SOLA_CHECK(q.scalar_type() == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max(),
-             "scale must fit in float32 (the accumulation dtype for ", q.scalar_type(), " inputs), got ", scale);
+  // the kernels compute in fp32, where past half its range they meet inf (scale * log2(e) on tensor cores)
+  SOLA_CHECK(q.scalar_type() == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max() / 2,
+             "scale must be at most 1.7e38 in magnitude for ", q.scalar_type(), " inputs (the kernels compute in "
+             "float32), got ", scale);
   q = last_dim_contiguous(q);
   k = last_dim_contiguous(k);
   v = last_dim_contiguous(v);
