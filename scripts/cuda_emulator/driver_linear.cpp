@@ -25,8 +25,9 @@ struct Case {
   FeatureMap fm = FeatureMap::Elu;
   bool normalize = true, has_qn = false, has_kn = false, strided = false, poison = false, rope = false;
   bool huge = false;  // one key entry near the dtype's range: den ~ 1e30 (1e200 in fp64), den^2 overflows
-  // q, k ~ 1e-20 (positive), v ~ 1e20, identity map, eps = 0: den ~ 1e-40, subnormal in fp32, so 1 / den
-  // overflows while out ~ v does not. Forward only: the gradient through 1 / den is out of range.
+  // q, k ~ 1e-20 sqrt(20 / Dk) (positive), v ~ 1e20, identity map, eps = 0: den ~ 1e-39, subnormal in fp32,
+  // so 1 / den overflows (for Dk = 64 too) while out ~ v does not. Forward only: the CUDA backward still
+  // multiplies by 1 / den (the CPU one divides).
   bool tiny = false;
 };
 
@@ -97,7 +98,8 @@ static void linear_case(const Case& c) {
   at::Tensor qn = input(c.B, c.H, c.Nq, c.Dk, dt, false), kn = input(c.B, c.H, c.Nk, c.Dk, dt, c.strided);
   if (c.poison) k.select(0, c.B - 1).select(0, c.H - 1).select(0, c.Nk / 2).select(0, c.Dk / 2).fill_(NAN);
   if (c.tiny) {
-    for (at::Tensor* t : {&q, &k, &qn, &kn}) t->copy_(t->abs() * 1e-20);
+    const double scale = 1e-20 * std::sqrt(20.0 / c.Dk);  // den ~ 0.64 Dk scale^2 ~ 1e-39
+    for (at::Tensor* t : {&q, &k, &qn, &kn}) t->copy_(t->abs() * scale);
     v.mul_(1e20);
   }
   if (c.huge) k.select(0, 0).select(0, 0).select(0, c.Nk / 3).select(0, c.Dk / 3).fill_(dt == at::kDouble ? 1e200 : 1e30);
