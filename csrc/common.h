@@ -160,24 +160,15 @@ FeatureMap parse_feature_map(const std::string& name);
 template <FeatureMap FM>
 struct Phi;
 
-// exp in the kernels: the device's exp on CUDA; on the host cpu_exp, which vectorises.
-template <typename T>
+// exp in the kernels: the device's exp on CUDA; on the host cpu_exp, which vectorises. kNaNSelect = false drops
+// cpu_exp's NaN select on the host (a NaN still comes out NaN, through the polynomial): before 1 / (1 + exp(x)),
+// GCC sank that select's arms into the division and divided twice per vector (dwconv's SiLU).
+template <bool kNaNSelect = true, typename T>
 SOLA_HD T kernel_exp(T x) {
 #ifdef __CUDA_ARCH__
   return std::exp(x);
 #else
-  return cpu_exp(x);
-#endif
-}
-
-// kernel_exp for a divisor 1 + exp(x) (dwconv's SiLU): on the host without cpu_exp's NaN select, which GCC
-// sinks through the add and the division, dividing twice per vector (NaN in, NaN out all the same).
-template <typename T>
-SOLA_HD T kernel_exp_no_nan_select(T x) {
-#ifdef __CUDA_ARCH__
-  return std::exp(x);
-#else
-  return cpu_exp_no_nan_select(x);
+  return cpu_exp_impl<false, T, kNaNSelect>(x);
 #endif
 }
 

@@ -82,7 +82,7 @@ struct ExpTraits<double> {  // within 1 ulp of std::exp
 // exp(x) = 2^n e^r with x = n ln2 + r. Branch-free (the edge cases are selects); NaN stays NaN.
 // kNonPositive: x <= 0 or NaN only (cpu_exp_nonpositive), which drops the overflow side's selects;
 // !kMayBeNaN drops the NaN's: a NaN x still comes out NaN, through the polynomial (er), but no select
-// picks it (cpu_exp_nonpositive_not_nan, cpu_exp_no_nan_select).
+// picks it (cpu_exp_nonpositive_not_nan, common.h's kernel_exp<false>).
 template <bool kNonPositive, typename T, bool kMayBeNaN = true>
 inline T cpu_exp_impl(T x) {
   using E = ExpTraits<T>;
@@ -125,13 +125,6 @@ inline T cpu_exp_nonpositive(T x) {
 template <typename T>
 inline T cpu_exp_nonpositive_not_nan(T x) {
   return cpu_exp_impl<true, T, false>(x);
-}
-
-// exp(x) without the NaN selects (NaN in, NaN out all the same): for 1 / (1 + exp(x)), where GCC sank the
-// NaN select's arms into the division and divided twice (half of the CPU SiLU's time).
-template <typename T>
-inline T cpu_exp_no_nan_select(T x) {
-  return cpu_exp_impl<false, T, false>(x);
 }
 
 // One row converted between the input dtype and acc: the CPU kernels' loads and stores.

@@ -105,7 +105,7 @@ SOLA_HD acc dw_epilogue(acc s, acc g) {
   } else if constexpr (kEpi == DwEpilogue::Relu) {
     return s > acc(0) ? s : (s == s ? acc(0) : s);  // NaN stays NaN, as torch.relu
   } else {
-    const acc sig = acc(1) / (acc(1) + kernel_exp_no_nan_select(-s));
+    const acc sig = acc(1) / (acc(1) + kernel_exp<false>(-s));
     if constexpr (kEpi == DwEpilogue::Silu) return s * sig;
     else return g * (sig * (acc(1) + s * (acc(1) - sig)));
   }

@@ -39,7 +39,8 @@ struct LinearAttentionParams {
 template <typename acc>
 struct RowDivisor {
   acc s, inv;
-  SOLA_HD explicit RowDivisor(acc d) : s(d < acc(0x1p-64) && d > -acc(0x1p-64) ? acc(0x1p64) : acc(1)), inv(acc(1) / (s * d)) {}
+  SOLA_HD explicit RowDivisor(acc d)
+      : s(d < acc(0x1p-64) && d > -acc(0x1p-64) ? acc(0x1p64) : acc(1)), inv(acc(1) / (s * d)) {}
   SOLA_HD acc divide(acc num) const { return num * s * inv; }
 };
 
