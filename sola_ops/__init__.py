@@ -53,8 +53,8 @@ def linear_attention(q, k, v, *, feature_map="elu", normalize=True, eps=1e-6, q_
         linear_attention(rope(q, cos, sin, feature_map=fm), rope(k, cos, sin, feature_map=fm), v,
                          feature_map="identity", q_norm=phi(q), k_norm=phi(k))
 
-    without the four intermediate tensors (fp16 / bf16 on sm_80+ GPUs with Dk, Dv <= 128; elsewhere
-    the op runs those rope kernels itself). Not combined with q_norm / k_norm. The angles are
+    without the four intermediate tensors (on the CPU, and for fp16 / bf16 on sm_80+ GPUs with Dk, Dv <= 128;
+    elsewhere the op runs those rope kernels itself). Not combined with q_norm / k_norm. The angles are
     constants: cos and sin get no gradient.
     """
     _check_tensors(q=q, k=k, v=v)

@@ -1,7 +1,8 @@
 """sola_ops.linear_attention(rope=(cos, sin)): RoPE of phi(q), phi(k) in the numerator, unrotated in the
 normaliser (MLLA / SoLA-Vision), against the fp64 reference (FlashAttention rule, conftest.py) and
 against the composition it replaces (sola_ops.rope, then linear_attention with q_norm / k_norm).
-On CUDA, fp16 / bf16 with Dk, Dv <= 128 run the fused tensor-core kernels; the rest composes."""
+The CPU kernels take the tables themselves; on CUDA, fp16 / bf16 with Dk, Dv <= 128 run the fused
+tensor-core kernels and the rest composes."""
 import pytest
 import torch
 
@@ -82,19 +83,28 @@ def test_awkward_sizes(device, dtype, B, H, N, Dk, Dv):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_matches_the_composition(device, dtype):
-    """rope= is linear_attention(rope(phi(q)), rope(phi(k)), v, identity, q_norm=phi(q), k_norm=phi(k)):
-    bitwise where the op composes (CPU, fp32 on CUDA), within the intermediates' rounding where fused."""
-    q, k, v = _qkv(2, 2, 45, 32, 32, dtype, device, "elu", seed=9)
+    """rope= is linear_attention(rope(phi(q)), rope(phi(k)), v, identity, q_norm=phi(q), k_norm=phi(k)).
+    fp32: out and dv bitwise, dq and dk within fp32 rounding (the CPU kernels take the tables, CUDA
+    composes: either way the intermediates are fp32). fp16 / bf16: within the intermediates' rounding, which the fused kernels (CPU,
+    CUDA tensor cores) skip."""
+    q, k, v = (leaf(t) for t in _qkv(2, 2, 45, 32, 32, dtype, device, "elu", seed=9))
     cos, sin = tables(45, 32, device)
+    grad = randn((2, 2, 45, 32), dtype, device, seed=10)
     ours = sola_ops.linear_attention(q, k, v, rope=(cos, sin))
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
     (rq, fq), (rk, fk) = (sola_ops.rope(t, cos, sin, feature_map="elu", return_features=True) for t in (q, k))
     composed = sola_ops.linear_attention(rq, rk, v, feature_map="identity", q_norm=fq, k_norm=fk)
-    fused = device == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    if fused:
-        torch.testing.assert_close(ours, composed, rtol=2e-2, atol=2e-2)
-        assert not torch.equal(ours, composed), "the fused kernels keep the rotated features in fp32"
-    else:
+    composed_grads = torch.autograd.grad(composed, (q, k, v), grad)
+    if dtype == torch.float32:
         assert torch.equal(ours, composed)
+        assert torch.equal(ours_grads[2], composed_grads[2]), "dv"
+        for a, b in zip(ours_grads[:2], composed_grads[:2]):  # fused multiply-adds may differ
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        return
+    torch.testing.assert_close(ours, composed, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(ours, composed), "the fused kernels keep the rotated features in fp32"
+    for a, b in zip(ours_grads, composed_grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,9 +22,10 @@ struct LinearAttentionParams {
   // When has_qn is false the normaliser's gradient lands in dq (same for kn and dk).
   View4 grad_out, dq, dk, dv, dqn, dkn;
   FeatureMap feature_map = FeatureMap::Elu;
-  // Fused RoPE: fp32 angle tables (N, Dk / 2), N = Nq = Nk, contiguous; null without. Only the
-  // tensor-core kernels take them (linear_attention_rope_fused_cuda); elsewhere the op layer runs
-  // the rope kernels and passes the rotated and unrotated inputs as q, k and qn, kn.
+  // Fused RoPE: acc-typed angle tables (N, Dk / 2), N = Nq = Nk, contiguous; null without. The CPU
+  // kernels and the CUDA tensor-core ones take them (linear_attention_rope_fused_cuda); for the other
+  // CUDA kernels the op layer runs the rope kernels and passes the rotated and unrotated inputs as
+  // q, k and qn, kn.
   const void* rope_cos = nullptr;
   const void* rope_sin = nullptr;
   bool normalize = true;

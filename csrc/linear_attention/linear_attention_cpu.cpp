@@ -4,7 +4,9 @@
 // element-wise work (feature maps, normaliser, epilogues) is compiled per ISA (SOLA_CPU_CLONES). Each
 // state entry is summed in token order within a segment and the segments in order, with segments set
 // by the shapes alone, so results are deterministic on any machine and thread count. Accumulation in
-// acc_t (fp32, fp64 for fp64 inputs).
+// acc_t (fp32, fp64 for fp64 inputs). RoPE (rope_cos set) is applied to each chunk's phi(q), phi(k) as
+// they are loaded: q and k are read once, with no rotated copies in memory (composing the rope kernels
+// wrote four tensors and read them back: 1.3-2x the time of this on SoLA-Vision's shapes).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include "cpu_gemm.h"
 #include "cpu_math.h"
 #include "linear_attention/linear_attention.h"
+#include "rope/rope.h"
 
 namespace sola {
 namespace {
@@ -43,6 +46,43 @@ SOLA_CPU_INLINE void load_rows(const View4& x, int64_t b, int64_t h, int64_t n0,
       for (int64_t e = 0; e < d; ++e) out[e] = Phi<FM>::f(out[e]);
   }
 }
+
+// The RoPE angle tables' rows for token n (p.rope_cos, p.rope_sin: (N, Dk / 2), acc-typed).
+template <typename acc>
+struct RopeAngles {
+  const acc *cos, *sin;
+  RopeAngles(const LinearAttentionParams& p, int64_t n)
+      : cos(static_cast<const acc*>(p.rope_cos) + n * (p.Dk / 2)), sin(static_cast<const acc*>(p.rope_sin) + n * (p.Dk / 2)) {}
+};
+
+// Rows [n0, n1) of x through phi for the two products: *num feeds the numerator's (S, dS), *den the
+// normaliser's (z, dz). With RoPE num is phi(x) rotated by each row's angles and den phi(x); with xn
+// given (has_xn) num is phi(x) and den phi(xn); else both are phi(x). f, f2: (n1 - n0) x d buffers (f2
+// used with RoPE or xn).
+template <FeatureMap FM, typename scalar_t, typename acc>
+SOLA_CPU_INLINE void load_features(const LinearAttentionParams& p, const View4& x, const View4& xn, bool has_xn,
+                                   int64_t b, int64_t h, int64_t n0, int64_t n1, acc* f, acc* f2, const acc*& num,
+                                   const acc*& den) {
+  const int64_t d = p.Dk;
+  load_rows<true, FM, scalar_t>(x, b, h, n0, n1, d, f, d);
+  num = den = f;
+  if (p.rope_cos) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const RopeAngles<acc> angle(p, n);
+      const acc* fr = f + (n - n0) * d;
+      acc* rot = f2 + (n - n0) * d;
+      for (int64_t i = 0; i < d / 2; ++i)
+        rotate_pair(fr[2 * i], fr[2 * i + 1], angle.cos[i], angle.sin[i], rot[2 * i], rot[2 * i + 1]);
+    }
+    num = f2;
+  } else if (has_xn) {
+    load_rows<true, FM, scalar_t>(xn, b, h, n0, n1, d, f2, d);
+    den = f2;
+  }
+}
+
+// Whether load_features needs its second buffer.
+bool second_features(const LinearAttentionParams& p, bool has_xn) { return p.rope_cos || has_xn; }
 
 // a[0, d) . b[0, d): per-lane sums over whole vectors, then the lanes by halves. Summed in order
 // (one running sum) the loop compiled to a chain of scalar adds, slower than the row's gemm.
@@ -76,6 +116,21 @@ SOLA_CPU_INLINE void through_phi_row(const scalar_t* x, const acc* phi_x, const 
     out[e] = through_phi(grad[e] * scale, dphi_given_phi<FM>(static_cast<acc>(x[e]), phi_x[e]));
 }
 
+// With RoPE: out = phi'(x) (the rotation transposed applied to grad_num * scale, plus grad_den * den_scale),
+// over one row of d columns; grad_den: the normaliser's gradient of phi(x), unrotated (null: none). The
+// order of rope.h's backward after linear attention's, so the composition's fp32 results are kept.
+template <FeatureMap FM, typename scalar_t, typename acc>
+SOLA_CPU_INLINE void unrotate_through_phi_row(const RopeAngles<acc>& angle, const scalar_t* x, const acc* phi_x,
+                                              const acc* grad_num, acc scale, const acc* grad_den, acc den_scale,
+                                              int64_t d, acc* out) {
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const acc h0 = grad_den ? grad_den[2 * i] * den_scale : acc(0), h1 = grad_den ? grad_den[2 * i + 1] * den_scale : acc(0);
+    unrotate_pair(grad_num[2 * i] * scale, grad_num[2 * i + 1] * scale, h0, h1, angle.cos[i], angle.sin[i], out[2 * i],
+                  out[2 * i + 1]);
+  }
+  through_phi_row<FM>(x, phi_x, out, acc(1), d, out);
+}
+
 // m (rows x cols, pitch ld), or its transpose, into out with pitch ld_out (out's padding untouched).
 template <typename acc>
 void copy_padded(const acc* m, int64_t rows, int64_t cols, int64_t ld, bool transpose, acc* out, int64_t ld_out) {
@@ -83,21 +138,21 @@ void copy_padded(const acc* m, int64_t rows, int64_t cols, int64_t ld, bool tran
     for (int64_t c = 0; c < cols; ++c) (transpose ? out[c * ld_out + r] : out[r * ld_out + c]) = m[r * ld + c];
 }
 
-// Forward pass 1, key rows [j0, j1) of one head: S += phi(k_j) v_j^T (Dk x Dv_p), z += phi(kn_j).
+// Forward pass 1, key rows [j0, j1) of one head: S += phi(k_j) v_j^T (Dk x Dv_p), z += phi(kn_j)
+// (load_features: phi(k_j) rotated there with RoPE).
 template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void state_of_rows(const LinearAttentionParams& p, int64_t bh, int64_t j0, int64_t j1,
                                    acc_t<scalar_t>* S, acc_t<scalar_t>* z) {
   using acc = acc_t<scalar_t>;
   const int64_t b = bh / p.H, h = bh % p.H, Dk = p.Dk, Dv = p.Dv, Dv_p = cpu::padded_cols<acc>(Dv);
   const int64_t chunk = std::min(j1 - j0, kRowChunk);  // buffers sized for what is there (tiny N: few rows)
-  std::vector<acc> fk(chunk * Dk), fkn(p.has_kn ? chunk * Dk : 0), v(chunk * Dv_p, acc(0));
+  std::vector<acc> fk(chunk * Dk), fk2(second_features(p, p.has_kn) ? chunk * Dk : 0), v(chunk * Dv_p, acc(0));
   for (int64_t c0 = j0; c0 < j1; c0 += kRowChunk) {
     const int64_t c1 = std::min(j1, c0 + kRowChunk), rows = c1 - c0;
-    load_rows<true, FM, scalar_t>(p.k, b, h, c0, c1, Dk, fk.data(), Dk);
+    const acc *phi_k, *phi_kn;
+    load_features<FM, scalar_t>(p, p.k, p.kn, p.has_kn, b, h, c0, c1, fk.data(), fk2.data(), phi_k, phi_kn);
     load_rows<false, FM, scalar_t>(p.v, b, h, c0, c1, Dv, v.data(), Dv_p);
-    cpu::gemm_at(Dk, Dv_p, rows, fk.data(), Dk, v.data(), Dv_p, S, Dv_p, true);  // S += phi(k)^T v
-    if (p.has_kn) load_rows<true, FM, scalar_t>(p.kn, b, h, c0, c1, Dk, fkn.data(), Dk);
-    const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
+    cpu::gemm_at(Dk, Dv_p, rows, phi_k, Dk, v.data(), Dv_p, S, Dv_p, true);  // S += phi(k)^T v
     for (int64_t j = 0; j < rows; ++j)
       for (int64_t a = 0; a < Dk; ++a) z[a] += phi_kn[j * Dk + a];
   }
@@ -162,7 +217,8 @@ void sum_over_segments(int64_t heads, int64_t n, int64_t Dk, int64_t Dv_p, const
     });
 }
 
-// Forward pass 2, query rows [i0, i1) of one head: out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps).
+// Forward pass 2, query rows [i0, i1) of one head: out_i = phi(q_i)^T S / (phi(qn_i)^T z + eps)
+// (phi(q_i) rotated with RoPE).
 template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_t i0, int64_t i1) {
   using acc = acc_t<scalar_t>;
@@ -173,11 +229,10 @@ SOLA_CPU_CLONES void out_rows(const LinearAttentionParams& p, int64_t bh, int64_
   std::vector<acc> S_padded(Dv == Dv_p ? 0 : Dk * Dv_p, acc(0));
   if (Dv != Dv_p) copy_padded(state, Dk, Dv, Dv, false, S_padded.data(), Dv_p);
   const acc* S = Dv == Dv_p ? state : S_padded.data();
-  std::vector<acc> fq(rows * Dk), fqn(p.has_qn ? rows * Dk : 0), num(rows * Dv_p);
-  load_rows<true, FM, scalar_t>(p.q, b, h, i0, i1, Dk, fq.data(), Dk);
-  cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S, Dv_p, num.data(), Dv_p, false);  // phi(q) S
-  if (p.normalize && p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, i0, i1, Dk, fqn.data(), Dk);
-  const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
+  std::vector<acc> fq(rows * Dk), fq2(second_features(p, p.has_qn) ? rows * Dk : 0), num(rows * Dv_p);
+  const acc *phi_q, *phi_qn;
+  load_features<FM, scalar_t>(p, p.q, p.qn, p.has_qn, b, h, i0, i1, fq.data(), fq2.data(), phi_q, phi_qn);
+  cpu::gemm(rows, Dv_p, Dk, phi_q, Dk, S, Dv_p, num.data(), Dv_p, false);  // phi(q) S
   for (int64_t r = 0; r < rows; ++r) {
     const RowDivisor<acc> den(p.normalize ? dot(phi_qn + r * Dk, z, Dk) + static_cast<acc>(p.eps) : acc(1));
     scalar_t* out = p.out.row<scalar_t>(b, h, i0 + r);
@@ -233,15 +288,15 @@ SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t
   copy_padded(state, Dk, Dv, Dv, true, St.data(), Dk_p);
   const acc* z = static_cast<const acc*>(p.z) + bh * Dk;
   const int64_t chunk = std::min(i1 - i0, kRowChunk);
-  std::vector<acc> fq(chunk * Dk), fqn(p.has_qn ? chunk * Dk : 0), g(chunk * Dv_p, acc(0)), num(chunk * Dv_p);
+  std::vector<acc> fq(chunk * Dk), fq2(second_features(p, p.has_qn) ? chunk * Dk : 0), g(chunk * Dv_p, acc(0));
+  std::vector<acc> num(chunk * Dv_p);
   std::vector<acc> da(chunk * Dv_p), dfq(chunk * Dk_p), dd(chunk), dx(Dk), dxn(Dk);
   for (int64_t c0 = i0; c0 < i1; c0 += kRowChunk) {
     const int64_t c1 = std::min(i1, c0 + kRowChunk), rows = c1 - c0;
-    load_rows<true, FM, scalar_t>(p.q, b, h, c0, c1, Dk, fq.data(), Dk);
+    const acc *phi_q, *phi_qn;
+    load_features<FM, scalar_t>(p, p.q, p.qn, p.has_qn, b, h, c0, c1, fq.data(), fq2.data(), phi_q, phi_qn);
     load_rows<false, FM, scalar_t>(p.grad_out, b, h, c0, c1, Dv, g.data(), Dv_p);
-    if (p.has_qn) load_rows<true, FM, scalar_t>(p.qn, b, h, c0, c1, Dk, fqn.data(), Dk);
-    const acc* phi_qn = p.has_qn ? fqn.data() : fq.data();
-    cpu::gemm(rows, Dv_p, Dk, fq.data(), Dk, S.data(), Dv_p, num.data(), Dv_p, false);  // num = phi(q) S
+    cpu::gemm(rows, Dv_p, Dk, phi_q, Dk, S.data(), Dv_p, num.data(), Dv_p, false);  // num = phi(q) S
     for (int64_t r = 0; r < rows; ++r) {
       const acc* g_row = g.data() + r * Dv_p;
       acc den = acc(1);
@@ -253,9 +308,18 @@ SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t
       for (int64_t c = 0; c < Dv_p; ++c) da[r * Dv_p + c] = g_row[c] / den;  // padding: 0 / den
     }
     cpu::gemm(rows, Dk_p, Dv, da.data(), Dv_p, St.data(), Dk_p, dfq.data(), Dk_p, false);  // dphi(q) = da S^T
-    cpu::gemm_at(Dk, Dv_p, rows, fq.data(), Dk, da.data(), Dv_p, dS, Dv_p, true);        // dS += phi(q)^T da
+    cpu::gemm_at(Dk, Dv_p, rows, phi_q, Dk, da.data(), Dv_p, dS, Dv_p, true);            // dS += phi(q)^T da
     for (int64_t r = 0; r < rows; ++r) {  // dq, dqn of row c0 + r (each loop vectorises)
-      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, c0 + r), fq.data() + r * Dk, dfq.data() + r * Dk_p, acc(1),
+      if (p.rope_cos) {  // dphi(q) = R^T (S da) + z dd, R the row's rotation
+        if (p.normalize)
+          for (int64_t a = 0; a < Dk; ++a) dz[a] += phi_qn[r * Dk + a] * dd[r];
+        unrotate_through_phi_row<FM>(RopeAngles<acc>(p, c0 + r), p.q.row<const scalar_t>(b, h, c0 + r),
+                                     phi_qn + r * Dk, dfq.data() + r * Dk_p, acc(1), p.normalize ? z : nullptr, dd[r],
+                                     Dk, dx.data());
+        store_row(dx.data(), Dk, p.dq.row<scalar_t>(b, h, c0 + r));
+        continue;
+      }
+      through_phi_row<FM>(p.q.row<const scalar_t>(b, h, c0 + r), phi_q + r * Dk, dfq.data() + r * Dk_p, acc(1),
                           Dk, dx.data());
       if (p.normalize) {  // (has_qn only with normalize)
         through_phi_row<FM>(p.qn.row<const scalar_t>(b, h, c0 + r), phi_qn + r * Dk, z, dd[r], Dk, dxn.data());
@@ -280,18 +344,23 @@ SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, 
   const acc* dSt = sg.dSt.data() + bh * Dv * Dk_p;
   const acc* dz = sg.dz.data() + bh * Dk;
   const acc inv_nk = acc(1) / acc(p.Nk);
-  std::vector<acc> fk(rows * Dk), fkn(p.has_kn ? rows * Dk : 0), v(rows * Dv), dv(rows * Dv_p), dfk(rows * Dk_p);
-  load_rows<true, FM, scalar_t>(p.k, b, h, j0, j1, Dk, fk.data(), Dk);
-  if (p.has_kn) load_rows<true, FM, scalar_t>(p.kn, b, h, j0, j1, Dk, fkn.data(), Dk);
-  const acc* phi_kn = p.has_kn ? fkn.data() : fk.data();
+  std::vector<acc> fk(rows * Dk), fk2(second_features(p, p.has_kn) ? rows * Dk : 0), v(rows * Dv), dv(rows * Dv_p);
+  std::vector<acc> dfk(rows * Dk_p);
+  const acc *phi_k, *phi_kn;
+  load_features<FM, scalar_t>(p, p.k, p.kn, p.has_kn, b, h, j0, j1, fk.data(), fk2.data(), phi_k, phi_kn);
   load_rows<false, FM, scalar_t>(p.v, b, h, j0, j1, Dv, v.data(), Dv);
-  cpu::gemm(rows, Dv_p, Dk, fk.data(), Dk, dS, Dv_p, dv.data(), Dv_p, false);   // phi(k) dS
+  cpu::gemm(rows, Dv_p, Dk, phi_k, Dk, dS, Dv_p, dv.data(), Dv_p, false);       // phi(k) dS
   cpu::gemm(rows, Dk_p, Dv, v.data(), Dv, dSt, Dk_p, dfk.data(), Dk_p, false);  // v dS^T
   std::vector<acc> dx(Dk), dxn(Dk), dv_row(Dv);
   for (int64_t r = 0; r < rows; ++r) {  // dk, dkn, dv of row j0 + r (each loop vectorises)
-    through_phi_row<FM>(p.k.row<const scalar_t>(b, h, j0 + r), fk.data() + r * Dk, dfk.data() + r * Dk_p, inv_nk,
-                        Dk, dx.data());
-    if (p.normalize) {  // (has_kn only with normalize)
+    if (p.rope_cos) {  // dphi(k) = (R^T dS v + dz) / Nk, R the row's rotation
+      unrotate_through_phi_row<FM>(RopeAngles<acc>(p, j0 + r), p.k.row<const scalar_t>(b, h, j0 + r), phi_kn + r * Dk,
+                                   dfk.data() + r * Dk_p, inv_nk, p.normalize ? dz : nullptr, inv_nk, Dk, dx.data());
+    } else {
+      through_phi_row<FM>(p.k.row<const scalar_t>(b, h, j0 + r), phi_k + r * Dk, dfk.data() + r * Dk_p, inv_nk, Dk,
+                          dx.data());
+    }
+    if (p.normalize && !p.rope_cos) {  // (has_kn only with normalize)
       through_phi_row<FM>(p.kn.row<const scalar_t>(b, h, j0 + r), phi_kn + r * Dk, dz, inv_nk, Dk, dxn.data());
       if (p.has_kn) store_row(dxn.data(), Dk, p.dkn.row<scalar_t>(b, h, j0 + r));
       else
