@@ -8,7 +8,7 @@ import torch
 
 import sola_ops
 from conftest import (DEVICES, DTYPES, FEATURE_MAPS, assert_fa_close, check_grads, leaf, linear_attention_lowp,
-                      make_qkv, randn, strided_like, upcast)
+                      make_qkv, randn, strided_like, torch_threads, upcast)
 from sola_ops import reference
 
 ops = torch.ops.sola_ops
@@ -78,6 +78,30 @@ SIZES = [(1, 1, 1, 8, 8), (2, 2, 17, 10, 6), (1, 2, 113, 64, 64), (2, 1, 300, 32
 def test_awkward_sizes(device, dtype, B, H, N, Dk, Dv):
     q, k, v = _qkv(B, H, N, Dk, Dv, dtype, device, "elu", seed=N)
     check_rope_linear(q, k, v, *tables(N, Dk, device, seed=Dk), "elu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_token_segments(dtype):
+    """N = 3100 over 2 heads: the CPU kernels sum each head's tokens in 3 segments (S, z forward; dS, dz
+    backward), each segment's rows rotated by their own angles as they load: the reference's result, and
+    the same bits on 1 and 3 threads."""
+    N, Dk, Dv = 3100, 24, 40
+    q, k, v = _qkv(1, 2, N, Dk, Dv, dtype, "cpu", "elu", seed=12)
+    cos, sin = tables(N, Dk, seed=13)
+    g = randn((1, 2, N, Dv), dtype, "cpu", seed=14)
+
+    def run():
+        ins = [leaf(t.clone()) for t in (q, k, v)]
+        out = sola_ops.linear_attention(*ins, rope=(cos, sin))
+        return [out.detach()] + list(torch.autograd.grad(out, ins, g))
+
+    with torch_threads(1):
+        one = run()
+    with torch_threads(3):
+        three = run()
+        check_rope_linear(q, k, v, cos, sin)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), one, three):
+        assert torch.equal(a, b), f"{name} differs between 1 and 3 threads"
 
 
 @pytest.mark.parametrize("device", DEVICES)
