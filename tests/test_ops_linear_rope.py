@@ -109,8 +109,8 @@ def test_cpu_token_segments(dtype):
 def test_matches_the_composition(device, dtype):
     """rope= is linear_attention(rope(phi(q)), rope(phi(k)), v, identity, q_norm=phi(q), k_norm=phi(k)).
     fp32: out and dv bitwise, dq and dk within fp32 rounding (the CPU kernels take the tables, CUDA
-    composes: either way the intermediates are fp32). fp16 / bf16: within the intermediates' rounding, which the fused kernels (CPU,
-    CUDA tensor cores) skip."""
+    composes: either way the intermediates are fp32). fp16 / bf16: within the intermediates' rounding,
+    which the fused kernels (CPU, CUDA tensor cores) skip."""
     q, k, v = (leaf(t) for t in _qkv(2, 2, 45, 32, 32, dtype, device, "elu", seed=9))
     cos, sin = tables(45, 32, device)
     grad = randn((2, 2, 45, 32), dtype, device, seed=10)

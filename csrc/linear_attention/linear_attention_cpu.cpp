@@ -52,7 +52,8 @@ template <typename acc>
 struct RopeAngles {
   const acc *cos, *sin;
   RopeAngles(const LinearAttentionParams& p, int64_t n)
-      : cos(static_cast<const acc*>(p.rope_cos) + n * (p.Dk / 2)), sin(static_cast<const acc*>(p.rope_sin) + n * (p.Dk / 2)) {}
+      : cos(static_cast<const acc*>(p.rope_cos) + n * (p.Dk / 2)),
+        sin(static_cast<const acc*>(p.rope_sin) + n * (p.Dk / 2)) {}
 };
 
 // Rows [n0, n1) of x through phi for the two products: *num feeds the numerator's (S, dS), *den the
@@ -117,14 +118,15 @@ SOLA_CPU_INLINE void through_phi_row(const scalar_t* x, const acc* phi_x, const 
 }
 
 // With RoPE: out = phi'(x) (the rotation transposed applied to grad_num * scale, plus grad_den * den_scale),
-// over one row of d columns; grad_den: the normaliser's gradient of phi(x), unrotated (null: none). The
-// order of rope.h's backward after linear attention's, so the composition's fp32 results are kept.
+// over one row of d columns; grad_den: the normaliser's gradient of phi(x), unrotated (null: none). In the
+// order of rope.h's backward after linear attention's: the composition's fp32 results up to contraction.
 template <FeatureMap FM, typename scalar_t, typename acc>
 SOLA_CPU_INLINE void unrotate_through_phi_row(const RopeAngles<acc>& angle, const scalar_t* x, const acc* phi_x,
                                               const acc* grad_num, acc scale, const acc* grad_den, acc den_scale,
                                               int64_t d, acc* out) {
   for (int64_t i = 0; i < d / 2; ++i) {
-    const acc h0 = grad_den ? grad_den[2 * i] * den_scale : acc(0), h1 = grad_den ? grad_den[2 * i + 1] * den_scale : acc(0);
+    const acc h0 = grad_den ? grad_den[2 * i] * den_scale : acc(0);
+    const acc h1 = grad_den ? grad_den[2 * i + 1] * den_scale : acc(0);
     unrotate_pair(grad_num[2 * i] * scale, grad_num[2 * i + 1] * scale, h0, h1, angle.cos[i], angle.sin[i], out[2 * i],
                   out[2 * i + 1]);
   }
