@@ -75,9 +75,9 @@ RopeTables rope_tables(const c10::optional<at::Tensor>& rope_cos, const c10::opt
 
 // Whether the backend's kernels take the RoPE tables themselves (the CPU kernels always); otherwise
 // the op runs the rope kernels first and hands linear attention the rotated and unrotated features
-// (same result, up to rounding the intermediates to the input dtype). One difference no caller sees:
-// with normalize=False the composition's z (saved, never read) is the mean of rope(phi(k)), the fused
-// kernels' the mean of phi(k).
+// (same result, up to rounding the intermediates to the input dtype). One difference no backward reads:
+// with normalize=False the composition's z (the raw op's third output) is the mean of rope(phi(k)), the
+// fused kernels' the mean of phi(k).
 bool rope_fused(const LinearAttentionParams& p, const at::Tensor& q) {
 #ifdef SOLA_WITH_CUDA
   if (q.is_cuda()) return linear_attention_rope_fused_cuda(p);

@@ -6,7 +6,7 @@
 // by the shapes alone, so results are deterministic on any machine and thread count. Accumulation in
 // acc_t (fp32, fp64 for fp64 inputs). RoPE (rope_cos set) is applied to each chunk's phi(q), phi(k) as
 // they are loaded: q and k are read once, with no rotated copies in memory (composing the rope kernels
-// wrote four tensors and read them back: 1.3-2x the time of this on SoLA-Vision's shapes).
+// wrote four tensors and read them back: 1.2-2.1x the time of this on SoLA-Vision's shapes).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -56,10 +56,10 @@ struct RopeAngles {
         sin(static_cast<const acc*>(p.rope_sin) + n * (p.Dk / 2)) {}
 };
 
-// Rows [n0, n1) of x through phi for the two products: *num feeds the numerator's (S, dS), *den the
-// normaliser's (z, dz). With RoPE num is phi(x) rotated by each row's angles and den phi(x); with xn
-// given (has_xn) num is phi(x) and den phi(xn); else both are phi(x). f, f2: (n1 - n0) x d buffers (f2
-// used with RoPE or xn).
+// Rows [n0, n1) of x through phi for the two products: num feeds the numerator's (S, dS), den the
+// normaliser's (z, dz). With RoPE num is phi(x) rotated by each row's angles and den phi(x) unrotated (the
+// op layer allows no xn with RoPE, so phi' of x may be taken from den); with xn given (has_xn) num is
+// phi(x) and den phi(xn); else both are phi(x). f, f2: (n1 - n0) x d buffers (f2 used with RoPE or xn).
 template <FeatureMap FM, typename scalar_t, typename acc>
 SOLA_CPU_INLINE void load_features(const LinearAttentionParams& p, const View4& x, const View4& xn, bool has_xn,
                                    int64_t b, int64_t h, int64_t n0, int64_t n1, acc* f, acc* f2, const acc*& num,
@@ -278,6 +278,7 @@ struct StateGrads {
 // (Dk x Dv_p), dz += phi(qn_i) dd_i, in query order.
 //   num_i = S^T phi(q_i), den_i = phi(qn_i) . z + eps, da_i = g_i / den_i, dd_i = -g_i . num_i / den_i^2
 //   dphi(q_i) = S da_i,  dphi(qn_i) = z dd_i
+// With RoPE phi(q_i) in num_i and dS is rotated by R_i and dphi(q_i) = R_i^T S da_i + z dd_i (qn = q).
 template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t bh, int64_t i0, int64_t i1,
                                          acc_t<scalar_t>* dS, acc_t<scalar_t>* dz) {
@@ -312,7 +313,7 @@ SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t
     cpu::gemm(rows, Dk_p, Dv, da.data(), Dv_p, St.data(), Dk_p, dfq.data(), Dk_p, false);  // dphi(q) = da S^T
     cpu::gemm_at(Dk, Dv_p, rows, phi_q, Dk, da.data(), Dv_p, dS, Dv_p, true);            // dS += phi(q)^T da
     for (int64_t r = 0; r < rows; ++r) {  // dq, dqn of row c0 + r (each loop vectorises)
-      if (p.rope_cos) {  // dphi(q) = R^T (S da) + z dd, R the row's rotation
+      if (p.rope_cos) {  // phi_qn: phi(q) unrotated (load_features)
         if (p.normalize)
           for (int64_t a = 0; a < Dk; ++a) dz[a] += phi_qn[r * Dk + a] * dd[r];
         unrotate_through_phi_row<FM>(RopeAngles<acc>(p, c0 + r), p.q.row<const scalar_t>(b, h, c0 + r),
@@ -337,6 +338,7 @@ SOLA_CPU_CLONES void query_grads_of_rows(const LinearAttentionParams& p, int64_t
 
 // Backward pass 2, key rows [j0, j1) of one head:
 //   dv_j = dS^T phi(k_j) / Nk,  dphi(k_j) = dS v_j / Nk,  dphi(kn_j) = dz / Nk
+// With RoPE phi(k_j) in dv_j is rotated by R_j and dphi(k_j) = (R_j^T dS v_j + dz) / Nk (kn = k).
 template <typename scalar_t, FeatureMap FM>
 SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, int64_t j0, int64_t j1,
                                     const StateGrads<acc_t<scalar_t>>& sg) {
@@ -355,18 +357,18 @@ SOLA_CPU_CLONES void key_grads_rows(const LinearAttentionParams& p, int64_t bh, 
   cpu::gemm(rows, Dk_p, Dv, v.data(), Dv, dSt, Dk_p, dfk.data(), Dk_p, false);  // v dS^T
   std::vector<acc> dx(Dk), dxn(Dk), dv_row(Dv);
   for (int64_t r = 0; r < rows; ++r) {  // dk, dkn, dv of row j0 + r (each loop vectorises)
-    if (p.rope_cos) {  // dphi(k) = (R^T dS v + dz) / Nk, R the row's rotation
+    if (p.rope_cos) {  // phi_kn: phi(k) unrotated (load_features)
       unrotate_through_phi_row<FM>(RopeAngles<acc>(p, j0 + r), p.k.row<const scalar_t>(b, h, j0 + r), phi_kn + r * Dk,
                                    dfk.data() + r * Dk_p, inv_nk, p.normalize ? dz : nullptr, inv_nk, Dk, dx.data());
     } else {
       through_phi_row<FM>(p.k.row<const scalar_t>(b, h, j0 + r), phi_k + r * Dk, dfk.data() + r * Dk_p, inv_nk, Dk,
                           dx.data());
-    }
-    if (p.normalize && !p.rope_cos) {  // (has_kn only with normalize)
-      through_phi_row<FM>(p.kn.row<const scalar_t>(b, h, j0 + r), phi_kn + r * Dk, dz, inv_nk, Dk, dxn.data());
-      if (p.has_kn) store_row(dxn.data(), Dk, p.dkn.row<scalar_t>(b, h, j0 + r));
-      else
-        for (int64_t a = 0; a < Dk; ++a) dx[a] += dxn[a];
+      if (p.normalize) {  // (has_kn only with normalize)
+        through_phi_row<FM>(p.kn.row<const scalar_t>(b, h, j0 + r), phi_kn + r * Dk, dz, inv_nk, Dk, dxn.data());
+        if (p.has_kn) store_row(dxn.data(), Dk, p.dkn.row<scalar_t>(b, h, j0 + r));
+        else
+          for (int64_t a = 0; a < Dk; ++a) dx[a] += dxn[a];
+      }
     }
     store_row(dx.data(), Dk, p.dk.row<scalar_t>(b, h, j0 + r));
     for (int64_t c = 0; c < Dv; ++c) dv_row[c] = dv[r * Dv_p + c] * inv_nk;
@@ -397,15 +399,22 @@ void bwd(const LinearAttentionParams& p) {
   });
 }
 
+// The kernels take phi(x) unrotated as the normaliser's with RoPE: the op layer allows no q_norm / k_norm then.
+void check_rope_without_norms(const LinearAttentionParams& p) {
+  TORCH_INTERNAL_ASSERT(!p.rope_cos || !(p.has_qn || p.has_kn), "linear attention: RoPE with q_norm / k_norm");
+}
+
 }  // namespace
 
 void linear_attention_fwd_cpu(const LinearAttentionParams& p) {
+  check_rope_without_norms(p);
   SOLA_DISPATCH_FLOATING(p.dtype, "linear_attention_fwd_cpu", [&] {
     SOLA_FEATURE_MAP_SWITCH(p.feature_map, kFM, [&] { fwd<scalar_t, kFM>(p); });
   });
 }
 
 void linear_attention_bwd_cpu(const LinearAttentionParams& p) {
+  check_rope_without_norms(p);
   SOLA_DISPATCH_FLOATING(p.dtype, "linear_attention_bwd_cpu", [&] {
     SOLA_FEATURE_MAP_SWITCH(p.feature_map, kFM, [&] { bwd<scalar_t, kFM>(p); });
   });
