@@ -70,6 +70,12 @@ void check_cuda_head_dims(const at::Tensor& q, const at::Tensor& v) {
              " exceeds the CUDA kernels' maximum of ", kMaxCudaHeadDim);
 }
 
+void check_fits_float32(double value, const char* name, const at::Tensor& q) {
+  SOLA_CHECK(q.scalar_type() == at::kDouble || std::abs(value) <= std::numeric_limits<float>::max() / 2, name,
+             " must be at most 1.7e38 in magnitude for ", q.scalar_type(),
+             " inputs (the kernels compute in float32), got ", value);
+}
+
 FeatureMap parse_feature_map(const std::string& name) {
   if (name == "elu") return FeatureMap::Elu;
   if (name == "relu") return FeatureMap::Relu;

@@ -151,6 +151,9 @@ void check_attention_tensor(const at::Tensor& t, const char* name, const at::Ten
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 // CUDA kernels take head dims up to kMaxCudaHeadDim.
 void check_cuda_head_dims(const at::Tensor& q, const at::Tensor& v);
+// value (linear attention's eps, softmax's scale) within half fp32's range unless q is fp64: the kernels
+// compute in fp32, where past it they meet inf (the tensor-core softmax takes scale * log2(e)).
+void check_fits_float32(double value, const char* name, const at::Tensor& q);
 
 // ---- feature maps of linear attention, phi(x) and phi'(x) -----------------------------------
 enum class FeatureMap : int { Elu = 0, Relu = 1, Identity = 2 };

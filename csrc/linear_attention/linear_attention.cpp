@@ -2,8 +2,6 @@
 // backend's kernels. Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
-#include <limits>
-
 #include "heads_layout.h"
 #include "linear_attention/linear_attention.h"
 #include "rope/rope.h"
@@ -21,10 +19,7 @@ LinearAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v,
   SOLA_CHECK(normalize || (!q_norm.has_value() && !k_norm.has_value()),
              "q_norm and k_norm are only used with normalize=True");
   SOLA_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
-  // the kernels add it in fp32 (past its range: inf, out all 0); the same bound as softmax_attention's scale
-  SOLA_CHECK(q.scalar_type() == at::kDouble || eps <= std::numeric_limits<float>::max() / 2,
-             "eps must be at most 1.7e38 in magnitude for ", q.scalar_type(), " inputs (the kernels compute in "
-             "float32), got ", eps);
+  check_fits_float32(eps, "eps", q);  // past fp32's range: inf, out all 0
   LinearAttentionParams p;
   p.feature_map = parse_feature_map(feature_map);
   q = last_dim_contiguous(q);

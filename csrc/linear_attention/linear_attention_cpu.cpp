@@ -70,10 +70,7 @@ SOLA_CPU_INLINE void load_features(const LinearAttentionParams& p, const View4& 
   if (p.rope_cos) {
     for (int64_t n = n0; n < n1; ++n) {
       const RopeAngles<acc> angle(p, n);
-      const acc* fr = f + (n - n0) * d;
-      acc* rot = f2 + (n - n0) * d;
-      for (int64_t i = 0; i < d / 2; ++i)
-        rotate_pair(fr[2 * i], fr[2 * i + 1], angle.cos[i], angle.sin[i], rot[2 * i], rot[2 * i + 1]);
+      rotate_row(f + (n - n0) * d, angle.cos, angle.sin, d, f2 + (n - n0) * d);
     }
     num = f2;
   } else if (has_xn) {

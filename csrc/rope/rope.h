@@ -63,6 +63,12 @@ SOLA_HD void rotate_pair(acc f0, acc f1, acc c, acc s, acc& r0, acc& r1) {
   r1 = f0 * s + f1 * c;
 }
 
+// A row of d (even) features f rotated pair by pair into rot by the angles whose cosines are c, sines s.
+template <typename acc>
+SOLA_HD void rotate_row(const acc* f, const acc* c, const acc* s, int64_t d, acc* rot) {
+  for (int64_t i = 0; i < d / 2; ++i) rotate_pair(f[2 * i], f[2 * i + 1], c[i], s[i], rot[2 * i], rot[2 * i + 1]);
+}
+
 // The gradient of phi(x) for one pair: the rotation transposed applied to (g0, g1), plus the
 // features' own gradient (h0, h1; 0 when they had none).
 template <typename acc>

@@ -27,7 +27,7 @@ SOLA_CPU_CLONES void fwd_rows(const RopeParams& p, int64_t r0, int64_t r1) {
     const acc* s = static_cast<const acc*>(p.sin) + n * half;
     load_row(p.x.row<const scalar_t>(b, h, n), D, f.data());
     for (int64_t e = 0; e < D; ++e) f[e] = Phi<FM>::f(f[e]);
-    for (int64_t i = 0; i < half; ++i) rotate_pair(f[2 * i], f[2 * i + 1], c[i], s[i], rot[2 * i], rot[2 * i + 1]);
+    rotate_row(f.data(), c, s, D, rot.data());
     store_row(rot.data(), D, p.rot.row<scalar_t>(b, h, n));
     if (p.feat.ptr) store_row(f.data(), D, p.feat.row<scalar_t>(b, h, n));
   }

@@ -2,7 +2,6 @@
 // backend's kernels. Registered for CPU and (when built) CUDA.
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 
 #include "heads_layout.h"
@@ -15,10 +14,7 @@ SoftmaxAttentionParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, 
   check_qkv(q, k, v);
   check_cuda_head_dims(q, v);
   SOLA_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  // the kernels compute in fp32, where past half its range they meet inf (scale * log2(e) on tensor cores)
-  SOLA_CHECK(q.scalar_type() == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max() / 2,
-             "scale must be at most 1.7e38 in magnitude for ", q.scalar_type(), " inputs (the kernels compute in "
-             "float32), got ", scale);
+  check_fits_float32(scale, "scale", q);
   q = last_dim_contiguous(q);
   k = last_dim_contiguous(k);
   v = last_dim_contiguous(v);
