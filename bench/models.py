@@ -10,7 +10,8 @@ sola_vision (or without the model registered) every row is listed in `skipped` w
 Configurations (model, image size, batch, features_only):
   CUDA: sola_vision_tiny 224 px batch 128 (classifier), features_only at 512 px batch 32 and
         1024 px batch 8; bf16 autocast.
-  CPU:  224 px batch 2, features_only at 256 px batch 1 (and 512 px batch 1 without --quick); fp32.
+  CPU:  224 px batch 2, features_only at 256 px batch 1 (and 512 px batch 1 without --quick); fp32,
+        or bf16 autocast with --amp bf16 (CPUs with AVX-512 BF16 / AMX run it on their bf16 units).
 
 Rows (the kernel rows' schema, DESIGN.md): op "model_fwd" (eval, no_grad) or "model_train" (one
 AdamW step: zero_grad, forward, loss, backward, step; cross-entropy on random labels for the
@@ -120,6 +121,13 @@ def make_step(model, op, features_only, x, labels, autocast, capturable):
     return step
 
 
+def amp_dtype_for(device, amp):
+    """The autocast dtype of the steps: --amp "bf16" or "none", else bf16 on CUDA and none (fp32) on the CPU."""
+    if amp is None:
+        amp = "bf16" if device.type == "cuda" else "none"
+    return torch.bfloat16 if amp == "bf16" else None
+
+
 def run(device, args, rows, skipped, on_change=lambda: None):
     """Measures every configuration; on_change() after each row or skip (the caller saves the JSON)."""
     timm, reason = load_models()
@@ -136,7 +144,7 @@ def run(device, args, rows, skipped, on_change=lambda: None):
     # for the stem's and the downsamples' convs instead of taking its heuristics' first pick.
     torch.backends.cudnn.benchmark = True
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp_dtype = amp_dtype_for(device, args.amp)
     dtype = "bfloat16" if amp_dtype is not None else "float32"
     gen = torch.Generator(device=device).manual_seed(0)
     # CUDA: each step eager and as a CUDA graph replay (the GPU's time alone)
@@ -241,6 +249,8 @@ def main(argv=None):
     p.add_argument("--max-impl-s", type=float, default=None, help="default 120 on CUDA, 60 on CPU")
     p.add_argument("--no-table", action="store_true")
     p.add_argument("--no-graph", action="store_true", help="CUDA: eager steps only (no CUDA graph rows)")
+    p.add_argument("--amp", choices=("bf16", "none"), default=None,
+                   help="autocast dtype of the steps (default: bf16 on CUDA, none = fp32 on the CPU)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a row was skipped for another reason than out of memory or time")
     args = p.parse_args(argv)

@@ -225,8 +225,10 @@ class _StandIn(torch.nn.Module):
         self.attn_impl, self.features_only, self.num_classes = attn_impl, features_only, num_classes
         self.stem = torch.nn.Conv2d(3, 32, 16, stride=16)
         self.head = torch.nn.Linear(32, num_classes)
+        self.autocast_dtypes = set()  # what the steps ran under: None (off) or the CPU autocast dtype
 
     def forward(self, x):
+        self.autocast_dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         t = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, 32)
         B, N, _ = t.shape
         q = t.reshape(B, N, 2, 16).transpose(1, 2)
@@ -238,16 +240,19 @@ class _StandIn(torch.nn.Module):
         return [a] if self.features_only else self.head(a.mean(1))
 
 
-def test_models_bench_with_stand_in(monkeypatch):
-    made = []
+@pytest.mark.parametrize("amp, dtype", [(None, "float32"), ("bf16", "bfloat16")])
+def test_models_bench_with_stand_in(monkeypatch, amp, dtype):
+    made, autocast_dtypes = [], []
 
     def create_model(name, pretrained=False, attn_impl="sola", features_only=False):
         assert name == "sola_vision_tiny" and pretrained is False
         made.append((attn_impl, features_only))
-        return _StandIn(attn_impl, features_only)
+        model = _StandIn(attn_impl, features_only)
+        autocast_dtypes.append(model.autocast_dtypes)
+        return model
 
     monkeypatch.setattr(models, "load_models", lambda: (types.SimpleNamespace(create_model=create_model), None))
-    args = argparse.Namespace(quick=True, reps=2, budget_s=None, max_impl_s=60.0)
+    args = argparse.Namespace(quick=True, reps=2, budget_s=None, max_impl_s=60.0, amp=amp)
     rows, skipped = [], []
     models.run(torch.device("cpu"), args, rows, skipped)
     assert not skipped, skipped
@@ -258,10 +263,11 @@ def test_models_bench_with_stand_in(monkeypatch):
     for r in rows:
         assert r["img_per_s"] == pytest.approx(r["B"] / (r["ms"] * 1e-3), rel=1e-3)
         assert r["impl"] == ("sola_ops" if r["attn_impl"] == "sola" else "torch")
-        assert r["dtype"] == "float32" and r["model"] == "sola_vision_tiny"
+        assert r["dtype"] == dtype and r["model"] == "sola_vision_tiny"
         if r["attn_impl"] == "torch":
             assert r["ratio_to_best_baseline"] == pytest.approx(1.0)
     assert ("sola", True) in made and ("torch", False) in made
+    assert set().union(*autocast_dtypes) == {torch.bfloat16 if amp == "bf16" else None}
 
 
 def test_models_bench_skips_without_model(monkeypatch, tmp_path):

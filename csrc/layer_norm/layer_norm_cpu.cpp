@@ -3,6 +3,7 @@
 // over the chunks in order (bitwise the same for any thread count).
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "layer_norm/layer_norm.h"
@@ -49,46 +50,66 @@ SOLA_CPU_INLINE void row_stats(const acc* x, int64_t C, double eps, acc& mean, a
   rstd = row_rstd(v, C, eps);
 }
 
+// Row r of a (rows, C) tensor as acc values: read in place where scalar_t is acc (fp32, fp64), else
+// converted into buf (C).
+template <typename scalar_t, typename acc>
+SOLA_CPU_INLINE const acc* acc_row(const void* t, int64_t r, int64_t C, acc* buf) {
+  const scalar_t* row = static_cast<const scalar_t*>(t) + r * C;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    return row;
+  } else {
+    load_row(row, C, buf);
+    return buf;
+  }
+}
+
 template <typename scalar_t>
 SOLA_CPU_CLONES void forward_rows(const LayerNormParams& p, int64_t r0, int64_t r1) {
   using acc = acc_t<scalar_t>;
   const int64_t C = p.C;
   const acc* w = static_cast<const acc*>(p.weight);
   const acc* b = static_cast<const acc*>(p.bias);
-  std::vector<acc> x(C);
+  constexpr bool kAccTyped = std::is_same_v<scalar_t, acc>;
+  std::vector<acc> x_buf(kAccTyped ? 0 : C), out_buf(kAccTyped ? 0 : C);
   for (int64_t r = r0; r < r1; ++r) {
-    load_row(static_cast<const scalar_t*>(p.x) + r * C, C, x.data());
+    const acc* x = acc_row<scalar_t>(p.x, r, C, x_buf.data());
     acc mean, rstd;
-    row_stats(x.data(), C, p.eps, mean, rstd);
+    row_stats(x, C, p.eps, mean, rstd);
     static_cast<acc*>(p.mean)[r] = mean;
     static_cast<acc*>(p.rstd)[r] = rstd;
+    acc* out = out_buf.data();
+    if constexpr (kAccTyped) out = static_cast<acc*>(p.out) + r * C;
+#pragma GCC ivdep  // out and the rows are separate buffers
     for (int64_t c = 0; c < C; ++c) {
       const acc y = (x[c] - mean) * rstd;
-      x[c] = (w ? y * w[c] : y) + (b ? b[c] : acc(0));
+      out[c] = (w ? y * w[c] : y) + (b ? b[c] : acc(0));
     }
-    store_row(x.data(), C, static_cast<scalar_t*>(p.out) + r * C);
+    if constexpr (!kAccTyped) store_row(out, C, static_cast<scalar_t*>(p.out) + r * C);
   }
 }
 
 // dx of rows r0 .. r1; part (2, C): their sums of grad * xhat and of grad (the weight and bias
-// gradients' partials), when not null. One pass over a row makes xhat, g = grad * weight, the two row
-// sums (lane_sum's lanes and order) and the partials; a second writes dx.
+// gradients' partials), when not null. One pass over a row makes g = grad * weight (kept: the second
+// pass must take the same rounded values), the two row sums (lane_sum's lanes and order) and the
+// partials; a second writes dx. Both compute xhat from x, which fp32 / fp64 read in place, as grad
+// (copying both rows and keeping xhat was a third of the time at C = 64).
 template <typename scalar_t>
 SOLA_CPU_CLONES void backward_rows(const LayerNormParams& p, int64_t r0, int64_t r1, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
+  constexpr bool kAccTyped = std::is_same_v<scalar_t, acc>;
   const int64_t C = p.C;
   const acc* w = static_cast<const acc*>(p.weight);
-  std::vector<acc> xhat(C), dy(C), g(C);
+  std::vector<acc> x_buf(kAccTyped ? 0 : C), dy_buf(kAccTyped ? 0 : C), out_buf(kAccTyped ? 0 : C), g(C);
+  std::vector<acc> addend_buf(!kAccTyped && p.addend ? C : 0);
   if (part) std::fill(part, part + 2 * C, acc(0));
   for (int64_t r = r0; r < r1; ++r) {
-    load_row(static_cast<const scalar_t*>(p.x) + r * C, C, xhat.data());
-    load_row(static_cast<const scalar_t*>(p.grad) + r * C, C, dy.data());
+    const acc* x = acc_row<scalar_t>(p.x, r, C, x_buf.data());
+    const acc* dy = acc_row<scalar_t>(p.grad, r, C, dy_buf.data());
     const acc mean = static_cast<const acc*>(p.mean)[r], rstd = static_cast<const acc*>(p.rstd)[r];
     acc sum_g[kLanes] = {}, sum_gx[kLanes] = {};
     const auto step = [&](int64_t c, int l) {
-      const acc xh = (xhat[c] - mean) * rstd;
+      const acc xh = (x[c] - mean) * rstd;
       const acc gc = w ? dy[c] * w[c] : dy[c];
-      xhat[c] = xh;
       g[c] = gc;
       sum_g[l] += gc;
       sum_gx[l] += gc * xh;
@@ -99,15 +120,22 @@ SOLA_CPU_CLONES void backward_rows(const LayerNormParams& p, int64_t r0, int64_t
     };
     int64_t c = 0;  // lane_sum's lanes and order
     for (; c + kLanes <= C; c += kLanes)
+#pragma GCC ivdep  // part, g and the rows are separate buffers
       for (int l = 0; l < kLanes; ++l) step(c + l, l);
     for (int l = 0; c < C; ++c, ++l) step(c, l);
     const acc mean_g = add_lanes(sum_g) / acc(C), mean_gx = add_lanes(sum_gx) / acc(C);
-    for (int64_t e = 0; e < C; ++e) dy[e] = rstd * (g[e] - mean_g - xhat[e] * mean_gx);
+    const auto dx = [&](int64_t e) { return rstd * (g[e] - mean_g - ((x[e] - mean) * rstd) * mean_gx); };
+    acc* out = out_buf.data();
+    if constexpr (kAccTyped) out = static_cast<acc*>(p.out) + r * C;
     if (p.addend) {
-      load_row(static_cast<const scalar_t*>(p.addend) + r * C, C, xhat.data());  // xhat is no longer needed
-      for (int64_t e = 0; e < C; ++e) dy[e] += xhat[e];
+      const acc* addend = acc_row<scalar_t>(p.addend, r, C, addend_buf.data());
+#pragma GCC ivdep  // out and the rows are separate buffers
+      for (int64_t e = 0; e < C; ++e) out[e] = dx(e) + addend[e];
+    } else {
+#pragma GCC ivdep
+      for (int64_t e = 0; e < C; ++e) out[e] = dx(e);
     }
-    store_row(dy.data(), C, static_cast<scalar_t*>(p.out) + r * C);
+    if constexpr (!kAccTyped) store_row(out, C, static_cast<scalar_t*>(p.out) + r * C);
   }
 }
 
