@@ -13,6 +13,8 @@ held to the floor alone.
 """
 import contextlib
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -77,6 +79,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With SOLA_TESTS_REPORT_NOW=1 (scripts/gpu_check.sh) each failure is named on stderr as it happens: a
+    GPU step killed by its time limit still says what failed (pytest's summary comes only at the end)."""
+    if report.failed and os.environ.get("SOLA_TESTS_REPORT_NOW") == "1":
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines() or [""]
+        print(f"\nFAILED (now) {report.nodeid} [{report.when}]: {message[0][:300]}", file=sys.stderr, flush=True)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
