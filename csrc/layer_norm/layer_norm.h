@@ -29,7 +29,8 @@ SOLA_HD acc row_rstd(acc sum_sq, int64_t C, double eps) {
 
 struct LayerNormParams {
   int64_t rows = 0, C = 0;
-  // x, out (forward) or dx (backward), grad: (rows, C) contiguous, in `dtype`.
+  // x, out (forward) or dx (backward), grad: (rows, C) contiguous, in `dtype`; out overlaps none of the
+  // inputs (a new tensor: the CPU kernels' loops are vectorised on that assumption).
   const void* x = nullptr;
   const void* grad = nullptr;
   void* out = nullptr;
