@@ -84,7 +84,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_logreport(report):
     """With SOLA_TESTS_REPORT_NOW=1 (scripts/gpu_check.sh) each failure is named on stderr as it happens: a
     GPU step killed by its time limit still says what failed (pytest's summary comes only at the end)."""
-    if report.failed and os.environ.get("SOLA_TESTS_REPORT_NOW") == "1":
+    # (under pytest-xdist the controller gets every worker's reports: the workers stay quiet)
+    if report.failed and os.environ.get("SOLA_TESTS_REPORT_NOW") == "1" and "PYTEST_XDIST_WORKER" not in os.environ:
         crash = getattr(report.longrepr, "reprcrash", None)
         message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines() or [""]
         print(f"\nFAILED (now) {report.nodeid} [{report.when}]: {message[0][:300]}", file=sys.stderr, flush=True)
