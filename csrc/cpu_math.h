@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 // Compiles a hot function once per ISA (AVX-512, AVX2 + FMA, baseline x86-64) and lets the loader
 // pick one (glibc ifunc), so one build uses the CPU's widest vectors. GCC 12+ on x86-64 glibc Linux
@@ -136,6 +137,18 @@ SOLA_CPU_INLINE void load_row(const scalar_t* src, int64_t d, acc* dst) {
 template <typename scalar_t, typename acc>
 SOLA_CPU_INLINE void store_row(const acc* src, int64_t d, scalar_t* dst) {
   for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+}
+
+// A row of d values as acc: the row itself where scalar_t is acc (fp32, fp64: read in place), else
+// converted into buf (d).
+template <typename scalar_t, typename acc>
+SOLA_CPU_INLINE const acc* acc_row(const scalar_t* src, int64_t d, acc* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    return src;
+  } else {
+    load_row(src, d, buf);
+    return buf;
+  }
 }
 
 }  // namespace sola

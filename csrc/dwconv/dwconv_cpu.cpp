@@ -31,16 +31,10 @@ SOLA_CPU_INLINE void load_padded_row(const DwconvParams& p, int64_t b, int64_t h
   }
 }
 
-// Row (b, h, w) of v as acc values: read in place where scalar_t is acc (fp32, fp64), else converted into
-// buf (C).
+// Row (b, h, w) of v as acc values (cpu_math.h's acc_row: in place for fp32 / fp64).
 template <typename scalar_t, typename acc>
 SOLA_CPU_INLINE const acc* acc_row(const View4& v, int64_t b, int64_t h, int64_t w, int64_t C, acc* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    return v.row<const acc>(b, h, w);
-  } else {
-    load_row(v.row<const scalar_t>(b, h, w), C, buf);
-    return buf;
-  }
+  return sola::acc_row(v.row<const scalar_t>(b, h, w), C, buf);
 }
 
 // out (C) masked for the input gradient at (b, h, w) with relu_input (dw_relu_grad by the mask's row;

@@ -50,17 +50,10 @@ SOLA_CPU_INLINE void row_stats(const acc* x, int64_t C, double eps, acc& mean, a
   rstd = row_rstd(v, C, eps);
 }
 
-// Row r of a (rows, C) tensor as acc values: read in place where scalar_t is acc (fp32, fp64), else
-// converted into buf (C).
+// Row r of a (rows, C) tensor as acc values (cpu_math.h's acc_row: in place for fp32 / fp64).
 template <typename scalar_t, typename acc>
 SOLA_CPU_INLINE const acc* acc_row(const void* t, int64_t r, int64_t C, acc* buf) {
-  const scalar_t* row = static_cast<const scalar_t*>(t) + r * C;
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    return row;
-  } else {
-    load_row(row, C, buf);
-    return buf;
-  }
+  return sola::acc_row(static_cast<const scalar_t*>(t) + r * C, C, buf);
 }
 
 template <typename scalar_t>
