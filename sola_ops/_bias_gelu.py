@@ -3,8 +3,8 @@ csrc/bias_gelu (schema in csrc/sola.cpp)."""
 import torch
 
 from . import reference
-from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd,
-                   with_reference_derivative)
+from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, register_fake,
+                   run_bwd, with_reference_derivative)
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -28,13 +28,13 @@ def check_bias_gelu_args(x, bias, approximate, grad_out=None):
         check_like_x("grad_out", grad_out, x)
 
 
-@torch.library.register_fake("sola_ops::bias_gelu_fwd")
+@register_fake("sola_ops::bias_gelu_fwd")
 def _bias_gelu_fwd_fake(x, bias, approximate="none"):
     check_bias_gelu_args(x, bias, approximate)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("sola_ops::bias_gelu_bwd")
+@register_fake("sola_ops::bias_gelu_bwd")
 def _bias_gelu_bwd_fake(grad_out, x, bias, approximate="none", with_bias=True):
     check_bias_gelu_args(x, bias, approximate, grad_out)
     if with_bias and bias is None:

@@ -5,7 +5,7 @@ import operator
 import torch
 
 from . import reference
-from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_like_x, ops, register_autograd, run_bwd,
+from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_like_x, ops, register_autograd, register_fake, run_bwd,
                    with_reference_derivative)
 
 
@@ -99,7 +99,7 @@ def check_dwconv_args(x, weight, bias, prefix=""):
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
-@torch.library.register_fake("sola_ops::depthwise_conv3x3_fwd")
+@register_fake("sola_ops::depthwise_conv3x3_fwd")
 def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", stride=1, input_activation="none",
                                 addend=None):
     check_dwconv_args(x, weight, bias)
@@ -109,7 +109,7 @@ def _depthwise_conv3x3_fwd_fake(x, weight, bias, residual, activation="none", st
     return x.new_empty(output_shape(x, stride))
 
 
-@torch.library.register_fake("sola_ops::depthwise_conv3x3_bwd")
+@register_fake("sola_ops::depthwise_conv3x3_bwd")
 def _depthwise_conv3x3_bwd_fake(grad_out, x, weight, residual, with_bias, bias=None, activation="none", stride=1,
                                 out=None, input_activation="none", dx_addend=None):
     check_dwconv_args(x, weight, bias)

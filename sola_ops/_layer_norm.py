@@ -3,8 +3,8 @@ csrc/layer_norm (schema in csrc/sola.cpp)."""
 import torch
 
 from . import reference
-from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, run_bwd,
-                   with_reference_derivative)
+from ._ops import (_FLOAT_DTYPES, _acc_dtype, check_channel_param, check_like_x, ops, register_autograd, register_fake,
+                   run_bwd, with_reference_derivative)
 
 
 def check_layer_norm_args(x, weight, bias, eps, prefix=""):
@@ -23,14 +23,14 @@ def check_layer_norm_args(x, weight, bias, eps, prefix=""):
         raise ValueError(f"eps must fit in float32 (the statistics' dtype for {x.dtype} x), got {eps}")
 
 
-@torch.library.register_fake("sola_ops::layer_norm_fwd")
+@register_fake("sola_ops::layer_norm_fwd")
 def _layer_norm_fwd_fake(x, weight, bias, eps):
     check_layer_norm_args(x, weight, bias, eps)
     stats = x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("sola_ops::layer_norm_bwd")
+@register_fake("sola_ops::layer_norm_bwd")
 def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd, with_weight, with_bias, addend=None):
     check_layer_norm_args(x, weight, None, 0.0)
     if addend is not None:

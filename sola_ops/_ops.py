@@ -2,6 +2,9 @@
 
 The schemas live in csrc/sola.cpp; the C++ ops check their arguments in eager mode, the fake
 implementations below check the same things so torch.compile reports bad input the same way."""
+import functools
+import inspect
+
 import torch
 from torch.autograd import forward_ad
 
@@ -56,6 +59,26 @@ def _check_tensor(t, name, q):
         raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
     if t.device != q.device:
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
+def register_fake(op_name):
+    """torch.library.register_fake for op_name ("sola_ops::..."), checking first that every tensor argument
+    is on the device of q (or x, else the first one): a single meta argument sends an eager call here (the Meta dispatch key)
+    even when the others are CPU or CUDA tensors, and the results would be empty tensors on their device."""
+    def register(fake):
+        signature = inspect.signature(fake)
+
+        def checked(*args, **kwargs):
+            tensors = {name: value for name, value in signature.bind(*args, **kwargs).arguments.items()
+                       if isinstance(value, torch.Tensor)}
+            main = next((name for name in ("q", "x") if name in tensors), next(iter(tensors)))
+            for name, t in tensors.items():
+                if t.device != tensors[main].device:
+                    raise ValueError(f"{name} must be on the device of {main} ({tensors[main].device}), got {t.device}")
+            return fake(*args, **kwargs)
+
+        return torch.library.register_fake(op_name)(functools.wraps(fake)(checked))
+    return register
 
 
 def _heads_interleaved(like):
@@ -329,7 +352,7 @@ def check_rope_args(x, cos, sin):
 
 # ---- linear attention ---------------------------------------------------------------------
 
-@torch.library.register_fake("sola_ops::linear_attention_fwd")
+@register_fake("sola_ops::linear_attention_fwd")
 def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, eps, rope_cos=None, rope_sin=None):
     check_linear_args(q, k, v, q_norm, k_norm)
     check_linear_rope_args(q, k, rope_cos, rope_sin, q_norm, k_norm)
@@ -340,7 +363,7 @@ def _linear_attention_fwd_fake(q, k, v, q_norm, k_norm, feature_map, normalize, 
             q.new_empty((B, H, Dk), dtype=acc))
 
 
-@torch.library.register_fake("sola_ops::linear_attention_bwd")
+@register_fake("sola_ops::linear_attention_bwd")
 def _linear_attention_bwd_fake(grad_out, q, k, v, q_norm, k_norm, state, z, feature_map, normalize, eps,
                                rope_cos=None, rope_sin=None):
     check_qkv(q, k, v)
@@ -384,14 +407,14 @@ register_autograd("linear_attention_fwd", _linear_attention_backward, setup_cont
 
 # ---- softmax attention --------------------------------------------------------------------
 
-@torch.library.register_fake("sola_ops::softmax_attention_fwd")
+@register_fake("sola_ops::softmax_attention_fwd")
 def _softmax_attention_fwd_fake(q, k, v, scale):
     check_qkv(q, k, v)
     B, H, Nq, _ = q.shape
     return _new_like_heads(q, (B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
 
 
-@torch.library.register_fake("sola_ops::softmax_attention_bwd")
+@register_fake("sola_ops::softmax_attention_bwd")
 def _softmax_attention_bwd_fake(grad_out, q, k, v, out, lse, scale, grad_lse=None):
     check_qkv(q, k, v)
     return tuple(_new_like_heads(t, t.shape) for t in (q, k, v))
@@ -425,14 +448,14 @@ register_autograd("softmax_attention_fwd", _softmax_attention_backward,
 
 # ---- feature map + rotary embedding --------------------------------------------------------
 
-@torch.library.register_fake("sola_ops::rope_fwd")
+@register_fake("sola_ops::rope_fwd")
 def _rope_fwd_fake(x, cos, sin, feature_map, with_features):
     check_rope_args(x, cos, sin)
     feat = _new_like_heads(x, x.shape) if with_features else x.new_empty((0,))
     return _new_like_heads(x, x.shape), feat
 
 
-@torch.library.register_fake("sola_ops::rope_bwd")
+@register_fake("sola_ops::rope_bwd")
 def _rope_bwd_fake(grad_rot, grad_feat, x, cos, sin, feature_map):
     check_rope_args(x, cos, sin)
     return _new_like_heads(x, x.shape)

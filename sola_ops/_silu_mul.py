@@ -3,7 +3,8 @@ csrc/silu_mul (schema in csrc/sola.cpp)."""
 import torch
 
 from . import reference
-from ._ops import _FLOAT_DTYPES, check_like_x, ops, register_autograd, run_bwd, with_reference_derivative
+from ._ops import (_FLOAT_DTYPES, check_like_x, ops, register_autograd, register_fake, run_bwd,
+                   with_reference_derivative)
 
 
 def check_silu_mul_args(x, gate, grad_out=None):
@@ -18,13 +19,13 @@ def check_silu_mul_args(x, gate, grad_out=None):
         check_like_x("grad_out", grad_out, x)
 
 
-@torch.library.register_fake("sola_ops::silu_mul_fwd")
+@register_fake("sola_ops::silu_mul_fwd")
 def _silu_mul_fwd_fake(x, gate):
     check_silu_mul_args(x, gate)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("sola_ops::silu_mul_bwd")
+@register_fake("sola_ops::silu_mul_bwd")
 def _silu_mul_bwd_fake(grad_out, x, gate):
     check_silu_mul_args(x, gate, grad_out)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),

@@ -274,6 +274,52 @@ def test_mixed_devices_cpu_meta(op):
             run_op(op, q, k, v, q_norm=q.to("meta"))
 
 
+def _raw_op_calls():
+    """A valid CPU call of every raw op: (name, kwargs)."""
+    ops = torch.ops.sola_ops
+    q, k, v = make_qkv(1, 2, 5, 5, 8, 4, torch.float32)
+    out, state, z = ops.linear_attention_fwd(q, k, v, q, k, "elu", True, 1e-6)
+    s_out, lse = ops.softmax_attention_fwd(q, k, v, 0.5)
+    cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
+    rot, feat = ops.rope_fwd(q, cos, sin, "elu", True)
+    x, w, b = torch.randn(1, 4, 4, 3), torch.randn(3, 1, 3, 3), torch.randn(3)
+    y = ops.depthwise_conv3x3_fwd(x, w, b, False, "relu")
+    ln_out, mean, rstd = ops.layer_norm_fwd(x, b, b, 1e-5)
+    return [
+        ("linear_attention_fwd", dict(q=q, k=k, v=v, q_norm=q, k_norm=k, feature_map="elu", normalize=True, eps=1e-6)),
+        ("linear_attention_fwd", dict(q=q, k=k, v=v, q_norm=None, k_norm=None, feature_map="elu", normalize=True,
+                                      eps=1e-6, rope_cos=cos, rope_sin=sin)),
+        ("linear_attention_bwd", dict(grad_out=out, q=q, k=k, v=v, q_norm=q, k_norm=k, state=state, z=z,
+                                      feature_map="elu", normalize=True, eps=1e-6)),
+        ("softmax_attention_fwd", dict(q=q, k=k, v=v, scale=0.5)),
+        ("softmax_attention_bwd", dict(grad_out=s_out, q=q, k=k, v=v, out=s_out, lse=lse, scale=0.5, grad_lse=lse)),
+        ("rope_fwd", dict(x=q, cos=cos, sin=sin, feature_map="elu", with_features=True)),
+        ("rope_bwd", dict(grad_rot=rot, grad_feat=feat, x=q, cos=cos, sin=sin, feature_map="elu")),
+        ("depthwise_conv3x3_fwd", dict(x=x, weight=w, bias=b, residual=False, addend=x)),
+        ("depthwise_conv3x3_bwd", dict(grad_out=y, x=x, weight=w, residual=False, with_bias=True, bias=b,
+                                       activation="relu", out=y)),
+        ("layer_norm_fwd", dict(x=x, weight=b, bias=b, eps=1e-5)),
+        ("layer_norm_bwd", dict(grad_out=ln_out, x=x, weight=b, mean=mean, rstd=rstd, with_weight=True, with_bias=True,
+                                addend=x)),
+        ("silu_mul_fwd", dict(x=x, gate=x)),
+        ("silu_mul_bwd", dict(grad_out=x, x=x, gate=x)),
+        ("bias_gelu_fwd", dict(x=x, bias=b)),
+        ("bias_gelu_bwd", dict(grad_out=x, x=x, bias=b)),
+    ]
+
+
+def test_raw_ops_one_meta_argument():
+    """One meta argument among CPU tensors sends a raw op's call to its fake implementation (the Meta
+    dispatch key): it must raise naming that argument, not return empty CPU tensors."""
+    for op_name, kwargs in _raw_op_calls():
+        op = getattr(torch.ops.sola_ops, op_name)
+        op(**kwargs)  # the valid call runs
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                with pytest.raises(ValueError, match=rf"\b{name} must be on the device of|device of {name} \(meta\)"):
+                    op(**dict(kwargs, **{name: value.to("meta")}))
+
+
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("op", OPS)

@@ -138,6 +138,24 @@ def test_nan_stays_in_its_pair(device):
     assert nan[0, 0, 1, 4:6].all() and nan.sum() == 2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature_map", ["elu", "relu", "identity"])
+def test_gradient_at_nan_input(device, feature_map):
+    """relu and identity pass the gradient at a NaN input, as torch's backwards do; elu's derivative
+    exp(x) stays NaN there (torch's own elu_backward gives 1 or NaN depending on the tensor's length:
+    its scalar and vectorised CPU loops differ). Every other element matches the reference."""
+    x = randn((1, 1, 3, 8), torch.float32, device)
+    x[0, 0, 1, 4] = float("nan")
+    cos, sin = tables(3, 8, device)
+    xs = [leaf(x.clone()) for _ in range(2)]
+    sola_ops.rope(xs[0], cos, sin, feature_map=feature_map).sum().backward()
+    reference.rope(xs[1], cos, sin, feature_map=feature_map).sum().backward()
+    ours, ref = xs[0].grad, xs[1].grad
+    nan = ours.isnan()
+    assert nan.sum() == (feature_map == "elu") and nan[0, 0, 1, 4] == (feature_map == "elu")
+    torch.testing.assert_close(ours[~nan], ref[~nan])
+
+
 def test_bad_input():
     x = randn((2, 2, 5, 8), torch.float32)
     cos, sin = tables(5, 8)
