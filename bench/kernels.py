@@ -27,6 +27,9 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
     sola_ops     sola_ops.softmax_attention
     sola_ops_wgmma  the same with SOLA_FLASH_WGMMA=1 (its forward on Hopper's wgmma; H100 / H200
                  with a 9.0a build only); ours, so never a baseline
+    sola_ops_1group the same with SOLA_FLASH_GROUPS=1: one 16-row group per warp (64-row blocks,
+                 fewer registers, more blocks per SM) where the default takes two (fp16 / bf16,
+                 D <= 128, N > 64, up to N = 4096: the vision shapes); ours, never a baseline
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                  F.scaled_dot_product_attention forced to one backend with
                  torch.nn.attention.sdpa_kernel; a backend that refuses a dtype / shape / device is
@@ -149,7 +152,7 @@ def build_cases(device_type, quick=False, tiny=False):
             smx("long", fp32, 1, 2, n, 16)
         return cases
     vision_lin = [(2, 3136, 32), (4, 784, 32), (10, 196, 32), (16, 49, 32)]
-    vision_smx = [(2, 3136), (4, 784), (8, 196)]
+    vision_smx = [(2, 3136), (4, 784), (8, 196), (16, 49)]
     if device_type == "cuda":
         if quick:
             for H, N, D in vision_lin:
@@ -157,6 +160,9 @@ def build_cases(device_type, quick=False, tiny=False):
             smx("vision", bf16, 128, 2, 3136, 32)
             smx("vision", bf16, 128, 4, 784, 64)
             smx("vision", bf16, 128, 8, 196, 64)
+            # SoLA-Vision tiny's softmax layers at 224 px: stage 3 (14 x 14 tokens) and stage 4 (7 x 7)
+            smx("vision", bf16, 128, 8, 196, 32)
+            smx("vision", bf16, 128, 16, 49, 32)
             lin("highres", bf16, 8, 2, 16384, 32)
             smx("highres", bf16, 8, 2, 16384, 32)
             for n in (1 * K, 4 * K, 16 * K, 64 * K):
@@ -344,6 +350,18 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl("sola_ops_wgmma", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_WGMMA", "1"),
                     note="the forward on wgmma; the backward as sola_ops")
 
+    def sola_one_group():
+        """softmax_attention with SOLA_FLASH_GROUPS=1, on the fp16 / bf16 cases where the default may take two
+        row groups per warp (D <= 128, N > 64), up to N = 4096 (vision shapes; the long rows stay short)."""
+        if sola_ops is None:
+            return Impl("sola_ops_1group", unavailable=sola_reason)
+        if device.type != "cuda":
+            return Impl("sola_ops_1group", unavailable="row groups are a choice of the CUDA kernels")
+        return Impl("sola_ops_1group", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_GROUPS", "1"),
+                    note="one row group per warp (64-row blocks)",
+                    applies=lambda case: (case.dtype in ("float16", "bfloat16") and case.D <= 128
+                                          and 64 < max(case.Nq, case.Nk) <= 4096))
+
     def sola_rows(name, variant, note, dims):
         """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,
         on fp16 / bf16 cases with D in dims (where it differs from the default)."""
@@ -365,7 +383,7 @@ def make_impls(device, sola_ops, ref, sola_reason):
               sola_rows("sola_ops_presplit", "staged_presplit", "D 64 backward staged, state pre-split", (64,)),
               Impl("reference", fn=ref.linear_attention),
               Impl("einsum_fp32", fn=einsum_fp32), _flash_bla_impl(device), _fla_impl(device)]
-    softmax = [sola("softmax_attention"), sola_wgmma(),
+    softmax = [sola("softmax_attention"), sola_wgmma(), sola_one_group(),
                sdpa("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                sdpa("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                sdpa("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
