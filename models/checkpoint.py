@@ -103,14 +103,15 @@ def load_model_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]
 
 def load_trained_model(path: str, attn_impl: str = "sola") -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """(model, info): the model a sola_vision.train run saved, rebuilt with timm.create_model from the
-    checkpoint's metadata and its weights loaded. path: a checkpoint file or a run folder (best.safetensors)."""
+    checkpoint's metadata and its weights loaded, in eval mode (BatchNorm on its running statistics; call
+    .train() to fine-tune). path: a checkpoint file or a run folder (best.safetensors)."""
     from .engine import create_model  # timm, only where a model is built
 
     weights, info = load_model_file(resolve_checkpoint(path, BEST_FILE))
     model = create_model(info["model"], num_classes=info["num_classes"], in_chans=info["in_chans"],
                          attn_impl=attn_impl, layer_pattern=info["layer_pattern"])
     model.load_state_dict(weights)
-    return model, info
+    return model.eval(), info
 
 
 def _safetensors_metadata(data: bytes) -> Dict[str, str]:

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import AttentionMixer, Downsample, SoLABlock, Stem, check_attn_impl
 
-__all__ = ["SoLAVision", "parse_layer_pattern", "VARIANTS"]
+__all__ = ["SoLAVision", "parse_layer_pattern", "set_attn_impl", "VARIANTS"]
 
 # timm's FX feature extraction (features_only=True, feature_cls="fx") keeps these as leaf modules: their
 # forwards pick kernels by their inputs' dtype and read RoPE tables per resolution, which FX cannot trace.
@@ -149,21 +149,14 @@ class SoLAVision(nn.Module):
 
     # ---- attention implementation --------------------------------------------------------------
 
-    def _impl_modules(self):
-        """The modules with an attn_impl: token mixers (their blocks' convs follow them), downsamples."""
-        return (m for m in self.modules() if isinstance(m, (AttentionMixer, Downsample)))
-
     @property
     def attn_impl(self) -> str:
-        impls = {m.attn_impl for m in self._impl_modules()}
+        impls = {m.attn_impl for m in _impl_modules(self)}
         return impls.pop() if len(impls) == 1 else "mixed"
 
     def set_attn_impl(self, attn_impl: str) -> "SoLAVision":
         """Runs the same weights with the sola_ops kernels ("sola") or plain PyTorch ("torch")."""
-        check_attn_impl(attn_impl)
-        for m in self._impl_modules():
-            m.attn_impl = attn_impl
-        return self
+        return set_attn_impl(self, attn_impl)
 
     # ---- timm interface --------------------------------------------------------------------
 
@@ -251,6 +244,23 @@ class SoLAVision(nn.Module):
 
 
 # ---- variants ---------------------------------------------------------------------------------
+
+def _impl_modules(module: nn.Module):
+    """The modules with an attn_impl: token mixers (their blocks' convs follow them), downsamples."""
+    return [m for m in module.modules() if isinstance(m, (AttentionMixer, Downsample))]
+
+
+def set_attn_impl(module: nn.Module, attn_impl: str) -> nn.Module:
+    """SoLAVision.set_attn_impl for any module holding SoLA-Vision layers: a features_only wrapper (timm's
+    feature classes have no such method), a detector's backbone, a DDP-wrapped model. Returns module."""
+    check_attn_impl(attn_impl)
+    layers = _impl_modules(module)
+    if not layers:
+        raise ValueError(f"{type(module).__name__} holds no SoLA-Vision layers whose attn_impl could be set")
+    for m in layers:
+        m.attn_impl = attn_impl
+    return module
+
 
 def _hybrid(depths: Sequence[int]) -> str:
     """Default hybrid pattern: every 4th block of stages 3 and 4 is softmax attention."""

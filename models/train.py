@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .data import DIGITS, build_datasets, default_workers
+from .sola_vision import VARIANTS, parse_layer_pattern
 from .distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, convert_sync_batchnorm,
                           init_distributed, shutdown)
 from .engine import autocast, create_model, eval_loader, evaluate, train_loader, use_amp
@@ -90,6 +91,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--label-smoothing and --drop-path must be in [0, 1)")
     if args.train_samples is not None and args.train_samples < 1:
         p.error(f"--train-samples must be at least 1, got {args.train_samples}")
+    if args.model not in VARIANTS:
+        p.error(f"--model {args.model!r} is not a registered SoLA-Vision model; choose one of {', '.join(VARIANTS)}")
+    if args.layer_pattern:
+        try:
+            parse_layer_pattern(args.layer_pattern, VARIANTS[args.model]["depths"])
+        except ValueError as e:
+            p.error(f"--layer-pattern: {e}")
     if args.img_size is None:
         args.img_size = 32 if args.data == DIGITS else 224
     if args.workers is None:

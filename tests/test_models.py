@@ -652,6 +652,29 @@ def test_features_only():
     assert [tuple(f.shape) for f in model(x)] == [(1, 64, 16, 24), (1, 256, 4, 6)]
 
 
+@needs_sola
+def test_set_attn_impl_on_feature_wrappers():
+    """sola_vision.set_attn_impl switches a features_only model (timm's wrappers have no such method): the
+    same features as one built with that impl; a module without SoLA-Vision layers is a clear error."""
+    x = image(1, 64, 96)
+    for feature_cls in (None, "getter"):
+        kwargs = {"feature_cls": feature_cls} if feature_cls else {}
+        built = {}
+        for impl in ("sola", "torch"):
+            torch.manual_seed(0)
+            built[impl] = timm.create_model("sola_vision_nano", features_only=True, attn_impl=impl, **kwargs).eval()
+        assert sola_vision.set_attn_impl(built["sola"], "torch") is built["sola"]
+        with torch.no_grad():
+            for a, b in zip(built["sola"](x), built["torch"](x)):
+                assert torch.equal(a, b)
+        sola_vision.set_attn_impl(built["torch"], "sola")
+        assert {m.attn_impl for m in built["torch"].modules() if hasattr(m, "attn_impl")} == {"sola"}
+    with pytest.raises(ValueError, match="attn_impl must be"):
+        sola_vision.set_attn_impl(built["torch"], "cuda")
+    with pytest.raises(ValueError, match="holds no SoLA-Vision layers"):
+        sola_vision.set_attn_impl(torch.nn.Linear(2, 2), "torch")
+
+
 def test_features_only_fx():
     """timm's FX feature extraction (feature_cls="fx") traces the model with the blocks and downsamples as leaf
     modules: the same features as the default feature wrapper, either impl."""

@@ -247,7 +247,7 @@ def test_image_folder_training(tmp_path, monkeypatch):
     assert info["data"] == str(tmp_path / "data")
     model, info = ckpt.load_trained_model(str(out), attn_impl="torch")
     weights, _ = ckpt.load_model_file(str(out / "best.safetensors"))
-    assert info["class_names"] == ["cat", "dog"] and model.num_classes == 2
+    assert info["class_names"] == ["cat", "dog"] and model.num_classes == 2 and not model.training
     assert all(torch.equal(model.state_dict()[k], w) for k, w in weights.items())
     monkeypatch.chdir(out)
     evaluated = sola_eval.main([str(out), "--device", "cpu", "--workers", "0"])
@@ -271,8 +271,6 @@ def test_bad_data_paths(tmp_path, layout, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "resnet50"], "not a registered SoLA-Vision model"),
-    (["--layer-pattern", "L-LL-LLLX-LL"], "layer_pattern"),
     (["--batch-size", "4096"], "larger than the"),
 ])
 def test_bad_arguments(tmp_path, argv, message):
@@ -286,8 +284,11 @@ def test_bad_arguments(tmp_path, argv, message):
     (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
     (["--warmup-epochs", "13"], "--warmup-epochs 13.0 is more than --epochs 12"),
     (["--workers", "-1"], "--workers must be >= 0"),
+    (["--model", "resnet50"], "--model 'resnet50' is not a registered SoLA-Vision model"),
+    (["--layer-pattern", "L-LL-LLLX-LL"], "--layer-pattern: layer_pattern"),
+    (["--layer-pattern", "L-LL-LL"], "has 3 stage(s)"),
 ])
-def test_bad_numbers_exit_with_usage(tmp_path, capsys, argv, message):
+def test_bad_arguments_exit_with_usage(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         train.main(argv + ["--output", str(tmp_path)])
     assert message in capsys.readouterr().err
