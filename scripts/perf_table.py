@@ -7,11 +7,14 @@
 One section per JSON (per GPU): device, date, torch, csrc_sha256 (marked stale when csrc/ has
 changed since the run) and the measured peaks, then one table row per (op, pass, dtype, shape):
 sola_ops' time and throughput against the fastest baseline on the same inputs, and the model rows
-(img/s with attn_impl "sola" vs "torch"). --all-impls lists every impl instead.
+(img/s with attn_impl "sola" vs "torch"), and where variants of ours ran (sola_ops_wgmma, _1group,
+_unstaged, _presplit) their times over sola_ops': the numbers that pick each default. --all-impls lists
+every impl instead.
 """
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -57,6 +60,38 @@ def _groups(rows):
     return out
 
 
+def _variant_table(kern):
+    """Lines of a table of our variants (sola_ops_wgmma, sola_ops_1group, ...: the same op on other kernels,
+    timed in the same run) against sola_ops: each variant's time over sola_ops' per case (below 1: the
+    variant is faster), then per variant and op the geometric mean and the cases it wins. Empty without any."""
+    names = sorted({r["impl"] for r in kern if C.is_ours(r["impl"]) and r["impl"] != "sola_ops"},
+                   key=lambda n: (C.KERNEL_IMPLS.index(n) if n in C.KERNEL_IMPLS else len(C.KERNEL_IMPLS), n))
+    rows, ratios = [], {}
+    for _key, grp in _groups(kern).items():
+        ours = next((r for r in grp if r["impl"] == "sola_ops" and r.get("ms")), None)
+        times = {r["impl"]: r["ms"] for r in grp if r["impl"] in names and r.get("ms")}
+        if ours is None or not times:
+            continue
+        cells = []
+        for name in names:
+            ratio = times[name] / ours["ms"] if name in times else None
+            if ratio is not None:
+                ratios.setdefault((name, ours["op"]), []).append(ratio)
+            cells.append(_f(ratio, ".2f"))
+        rows.append(f"| {OP_SHORT[ours['op']]} | {ours['pass']} | {C.DTYPE_SHORT.get(ours['dtype'], ours['dtype'])} "
+                    f"| {_shape(ours)} | {ours['ms']:.3f} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    lines = ["Variants of ours, time over sola_ops' in the same run (below 1: the variant is faster):", "",
+             "| op | pass | dtype | B×H×N×D | sola_ops ms | " + " | ".join(names) + " |",
+             "|---|---|---|---|---:|" + "---:|" * len(names)] + rows + [""]
+    for (name, op), values in ratios.items():
+        geomean = math.exp(sum(math.log(v) for v in values) / len(values))
+        wins = sum(v < 1 for v in values)
+        lines.append(f"- {name} on {OP_SHORT[op]}: geometric mean {geomean:.2f}, faster in {wins} of {len(values)} cases")
+    return lines + [""]
+
+
 def render(data, current_sha=None, all_impls=False, path=None):
     lines = []
     peak = data.get("peak") or {}
@@ -97,6 +132,7 @@ def render(data, current_sha=None, all_impls=False, path=None):
                 f"| {_speedup(ours)} "
                 f"| {_f(ours and ours.get('peak_mem_MB'), '.0f')} / {_f(best and best.get('peak_mem_MB'), '.0f')} |")
         lines.append("")
+        lines += _variant_table(kern)
     if models:
         lines.append("| model | input | batch | step | dtype | CUDA graph | sola img/s | torch img/s | speed-up "
                      "| peak MB (sola / torch) |")

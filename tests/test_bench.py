@@ -147,6 +147,21 @@ def test_perf_table_renders(tiny_json):
     assert perf_table.main([str(path), "--all-impls", "--out", os.devnull]) == 0
 
 
+def test_perf_table_variants(tiny_json):
+    """Variants of ours timed beside sola_ops get a table of their time over sola_ops' per case and a summary:
+    the numbers a GPU run picks each default by."""
+    _, data = tiny_json
+    ours = [r for r in data["rows"] if r["impl"] == "sola_ops" and r["op"] == "softmax_attention"][:2]
+    assert len(ours) == 2
+    variants = [dict(r, impl="sola_ops_1group", ms=r["ms"] * f) for r, f in zip(ours, (0.5, 2.0))]
+    md = perf_table.render(dict(data, rows=data["rows"] + variants))
+    table = md.split("Variants of ours")[1]
+    assert "| sola_ops_1group |" in table.splitlines()[2]
+    assert "| 0.50 |" in table and "| 2.00 |" in table
+    assert "sola_ops_1group on softmax: geometric mean 1.00, faster in 1 of 2 cases" in table
+    assert "Variants of ours" not in perf_table.render(data)
+
+
 def test_perf_table_default_skips_dwconv_results(tiny_json, tmp_path, monkeypatch):
     """Without arguments it renders bench/results/*.json but not bench/dwconv.py's <gpu>_dwconv.json, whose
     rows it cannot show (it printed an empty section for it)."""
