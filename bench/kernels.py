@@ -29,7 +29,7 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
                  with a 9.0a build only); ours, so never a baseline
     sola_ops_1group the same with SOLA_FLASH_GROUPS=1: one 16-row group per warp (64-row blocks,
                  fewer registers, more blocks per SM) where the default takes two (fp16 / bf16,
-                 D <= 128, N > 64, up to N = 4096: the vision shapes); ours, never a baseline
+                 D <= 128, Nq > 64, up to Nq = 4096: the vision shapes); ours, never a baseline
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                  F.scaled_dot_product_attention forced to one backend with
                  torch.nn.attention.sdpa_kernel; a backend that refuses a dtype / shape / device is
@@ -352,7 +352,8 @@ def make_impls(device, sola_ops, ref, sola_reason):
 
     def sola_one_group():
         """softmax_attention with SOLA_FLASH_GROUPS=1, on the fp16 / bf16 cases where the default may take two
-        row groups per warp (D <= 128, N > 64), up to N = 4096 (vision shapes; the long rows stay short)."""
+        row groups per warp (D <= 128, Nq > 64), up to Nq = 4096 (vision shapes; the long rows stay short).
+        On grids too small for a 128-row block per SM the default takes one group too (the same kernel)."""
         if sola_ops is None:
             return Impl("sola_ops_1group", unavailable=sola_reason)
         if device.type != "cuda":
@@ -360,7 +361,7 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl("sola_ops_1group", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_GROUPS", "1"),
                     note="one row group per warp (64-row blocks)",
                     applies=lambda case: (case.dtype in ("float16", "bfloat16") and case.D <= 128
-                                          and 64 < max(case.Nq, case.Nk) <= 4096))
+                                          and 64 < case.Nq <= 4096))
 
     def sola_rows(name, variant, note, dims):
         """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,

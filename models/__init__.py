@@ -16,7 +16,8 @@ from .layers import LinearAttention, SoftmaxAttention, SoLABlock, apply_rope, ro
 from .sola_vision import VARIANTS, SoLAVision, parse_layer_pattern, set_attn_impl
 
 __all__ = [
-    "SoLAVision", "SoLABlock", "LinearAttention", "SoftmaxAttention", "VARIANTS", "parse_layer_pattern", "set_attn_impl",
+    "SoLAVision", "SoLABlock", "LinearAttention", "SoftmaxAttention", "VARIANTS", "parse_layer_pattern",
+    "set_attn_impl",
     "apply_rope", "rope_2d_tables", "flops", "linear_attention_flops", "softmax_attention_flops",
     "depthwise_conv3x3_flops",
 ]

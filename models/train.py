@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .data import DIGITS, build_datasets, default_workers
-from .sola_vision import VARIANTS, parse_layer_pattern
 from .distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, convert_sync_batchnorm,
                           init_distributed, shutdown)
 from .engine import autocast, create_model, eval_loader, evaluate, train_loader, use_amp
 from .plots import plot_training_curves
+from .sola_vision import VARIANTS, parse_layer_pattern
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
 # What a resumed run must share with the run it continues (the schedule, the data order and what is
@@ -92,7 +92,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_samples is not None and args.train_samples < 1:
         p.error(f"--train-samples must be at least 1, got {args.train_samples}")
     if args.model not in VARIANTS:
-        p.error(f"--model {args.model!r} is not a registered SoLA-Vision model; choose one of {', '.join(VARIANTS)}")
+        p.error(f"--model {args.model!r} is not a registered SoLA-Vision model; choose one of "
+                f"{', '.join(sorted(VARIANTS))}")
     if args.layer_pattern:
         try:
             parse_layer_pattern(args.layer_pattern, VARIANTS[args.model]["depths"])

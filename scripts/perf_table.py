@@ -63,7 +63,8 @@ def _groups(rows):
 def _variant_table(kern):
     """Lines of a table of our variants (sola_ops_wgmma, sola_ops_1group, ...: the same op on other kernels,
     timed in the same run) against sola_ops: each variant's time over sola_ops' per case (below 1: the
-    variant is faster), then per variant and op the geometric mean and the cases it wins. Empty without any."""
+    variant is faster), then per variant, op and pass the geometric mean and the cases it wins (dtypes
+    pooled; a case where the variant runs the default's kernel counts as a ratio near 1). Empty without any."""
     names = sorted({r["impl"] for r in kern if C.is_ours(r["impl"]) and r["impl"] != "sola_ops"},
                    key=lambda n: (C.KERNEL_IMPLS.index(n) if n in C.KERNEL_IMPLS else len(C.KERNEL_IMPLS), n))
     rows, ratios = [], {}
@@ -76,19 +77,21 @@ def _variant_table(kern):
         for name in names:
             ratio = times[name] / ours["ms"] if name in times else None
             if ratio is not None:
-                ratios.setdefault((name, ours["op"]), []).append(ratio)
+                ratios.setdefault((name, ours["op"], ours["pass"]), []).append(ratio)
             cells.append(_f(ratio, ".2f"))
         rows.append(f"| {OP_SHORT[ours['op']]} | {ours['pass']} | {C.DTYPE_SHORT.get(ours['dtype'], ours['dtype'])} "
                     f"| {_shape(ours)} | {ours['ms']:.3f} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    lines = ["Variants of ours, time over sola_ops' in the same run (below 1: the variant is faster):", "",
+    lines = ["Variants of ours, time over sola_ops' in the same run (below 1: the variant is faster):",
+             "",
              "| op | pass | dtype | B×H×N×D | sola_ops ms | " + " | ".join(names) + " |",
              "|---|---|---|---|---:|" + "---:|" * len(names)] + rows + [""]
-    for (name, op), values in ratios.items():
+    for (name, op, pass_), values in ratios.items():
         geomean = math.exp(sum(math.log(v) for v in values) / len(values))
         wins = sum(v < 1 for v in values)
-        lines.append(f"- {name} on {OP_SHORT[op]}: geometric mean {geomean:.2f}, faster in {wins} of {len(values)} cases")
+        lines.append(f"- {name}, {OP_SHORT[op]} {pass_}: geometric mean {geomean:.2f}, "
+                     f"faster in {wins} of {len(values)} cases")
     return lines + [""]
 
 

@@ -62,22 +62,26 @@ def _check_tensor(t, name, q):
 
 
 def register_fake(op_name):
-    """torch.library.register_fake for op_name ("sola_ops::..."), checking first that every tensor argument
-    is on the device of q (or x, else the first one): a single meta argument sends an eager call here (the Meta dispatch key)
-    even when the others are CPU or CUDA tensors, and the results would be empty tensors on their device."""
+    """torch.library.register_fake for op_name ("sola_ops::..."), then a check that every tensor argument is
+    on the device of q (or x): a single meta argument sends an eager call to the fake (the Meta dispatch key)
+    even when the others are CPU or CUDA tensors, whose results would be empty tensors on their device. The
+    fake's own checks run first, in the order of the C++ ones (dims, dtype, device), so eager and compiled
+    calls report bad input alike."""
     def register(fake):
         signature = inspect.signature(fake)
 
         def checked(*args, **kwargs):
+            result = fake(*args, **kwargs)
             tensors = {name: value for name, value in signature.bind(*args, **kwargs).arguments.items()
                        if isinstance(value, torch.Tensor)}
             main = next((name for name in ("q", "x") if name in tensors), next(iter(tensors)))
             for name, t in tensors.items():
                 if t.device != tensors[main].device:
                     raise ValueError(f"{name} must be on the device of {main} ({tensors[main].device}), got {t.device}")
-            return fake(*args, **kwargs)
+            return result
 
-        return torch.library.register_fake(op_name)(functools.wraps(fake)(checked))
+        # _stacklevel 2: torch records the decorated fake's line as where it was registered, not this one
+        return torch.library.register_fake(op_name, _stacklevel=2)(functools.wraps(fake)(checked))
     return register
 
 

@@ -158,7 +158,11 @@ def test_perf_table_variants(tiny_json):
     table = md.split("Variants of ours")[1]
     assert "| sola_ops_1group |" in table.splitlines()[2]
     assert "| 0.50 |" in table and "| 2.00 |" in table
-    assert "sola_ops_1group on softmax: geometric mean 1.00, faster in 1 of 2 cases" in table
+    same_pass = ours[0]["pass"] == ours[1]["pass"]
+    summary = [ln for ln in table.splitlines() if ln.startswith("- sola_ops_1group, softmax")]
+    assert len(summary) == (1 if same_pass else 2)
+    if same_pass:
+        assert "geometric mean 1.00, faster in 1 of 2 cases" in summary[0]
     assert "Variants of ours" not in perf_table.render(data)
 
 
