@@ -274,15 +274,15 @@ def test_mixed_devices_cpu_meta(op):
             run_op(op, q, k, v, q_norm=q.to("meta"))
 
 
-def _raw_op_calls():
-    """A valid CPU call of every raw op: (name, kwargs)."""
+def _raw_op_calls(device):
+    """A valid call of every raw op on device: (name, kwargs)."""
     ops = torch.ops.sola_ops
-    q, k, v = make_qkv(1, 2, 5, 5, 8, 4, torch.float32)
+    q, k, v = make_qkv(1, 2, 5, 5, 8, 4, torch.float32, device)
     out, state, z = ops.linear_attention_fwd(q, k, v, q, k, "elu", True, 1e-6)
     s_out, lse = ops.softmax_attention_fwd(q, k, v, 0.5)
-    cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
+    cos, sin = torch.ones(5, 4, device=device), torch.zeros(5, 4, device=device)
     rot, feat = ops.rope_fwd(q, cos, sin, "elu", True)
-    x, w, b = torch.randn(1, 4, 4, 3), torch.randn(3, 1, 3, 3), torch.randn(3)
+    x, w, b = (torch.randn(shape, device=device) for shape in ((1, 4, 4, 3), (3, 1, 3, 3), (3,)))
     y = ops.depthwise_conv3x3_fwd(x, w, b, False, "relu")
     ln_out, mean, rstd = ops.layer_norm_fwd(x, b, b, 1e-5)
     return [
@@ -311,10 +311,11 @@ def _raw_op_calls():
 RAW_ARG_AS_PUBLIC = {"rope_cos": r"rope\[0\] \(cos\)", "rope_sin": r"rope\[1\] \(sin\)"}  # as the checks name them
 
 
-def test_raw_ops_one_meta_argument():
-    """One meta argument among CPU tensors sends a raw op's call to its fake implementation (the Meta
-    dispatch key): it must raise naming that argument, not return empty CPU tensors."""
-    for op_name, kwargs in _raw_op_calls():
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_ops_one_meta_argument(device):
+    """One meta argument among CPU / CUDA tensors sends a raw op's call to its fake implementation (the
+    Meta dispatch key): it must raise naming that argument, not return empty tensors."""
+    for op_name, kwargs in _raw_op_calls(device):
         op = getattr(torch.ops.sola_ops, op_name)
         op(**kwargs)  # the valid call runs
         for name, value in kwargs.items():
