@@ -15,8 +15,11 @@
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#include <cuda_runtime_api.h>  // the stubs, with the shared memory opt-ins launch checks
 
 #define __global__
 #define __device__
@@ -120,6 +123,26 @@ struct WgmmaOp {
 };
 inline thread_local std::vector<WgmmaOp> tl_wg_uncommitted;
 inline thread_local std::deque<std::vector<WgmmaOp>> tl_wg_groups;
+
+template <class F>
+void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f);
+
+// A launch as transform.py writes it: the kernel first, so a request past the 48 KB of dynamic shared
+// memory every kernel may take is checked against what cudaFuncSetAttribute allowed that kernel.
+template <class K, class F>
+void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f) {
+  if (smem > 48 * 1024) {
+    std::lock_guard<std::mutex> lock(smem_optin_mutex);
+    const auto it = smem_optin.find(reinterpret_cast<const void*>(kernel));
+    const int allowed = it == smem_optin.end() ? 48 * 1024 : it->second;
+    if (smem > allowed) {
+      std::fprintf(stderr, "launch with %d bytes of dynamic shared memory, past the %d its kernel was allowed "
+                   "(cudaFuncSetAttribute MaxDynamicSharedMemorySize)\n", smem, allowed);
+      std::abort();
+    }
+  }
+  launch(grid, block, smem, stream, f);
+}
 
 template <class F>
 void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
