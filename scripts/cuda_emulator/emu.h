@@ -37,6 +37,18 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 using cudaStream_t = int;
 
 namespace emu {
+// transform.py's check at the top of a kernel with __launch_bounds__(max_threads, ...): a GPU refuses a
+// launch of more threads per block than that.
+inline void check_block_bound(long long max_threads) {
+  if (blockDim.x > max_threads) {
+    std::fprintf(stderr, "a launch of %u threads per block, past its kernel's __launch_bounds__ of %lld\n", blockDim.x,
+                 max_threads);
+    std::abort();
+  }
+}
+}  // namespace emu
+
+namespace emu {
 struct Warp {
   std::barrier<> bar{32};
   double buf[32];
