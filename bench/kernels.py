@@ -350,28 +350,30 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl("sola_ops_wgmma", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_WGMMA", "1"),
                     note="the forward on wgmma; the backward as sola_ops")
 
+    def cuda_variant(name, fn_name, var, value, not_cuda, note, applies):
+        """sola_ops.<fn_name> with the environment variable var=value: another choice of our CUDA kernels,
+        timed beside sola_ops on the cases `applies` picks; not_cuda: why it cannot run on another device."""
+        if sola_ops is None:
+            return Impl(name, unavailable=sola_reason)
+        if device.type != "cuda":
+            return Impl(name, unavailable=not_cuda)
+        return Impl(name, fn=getattr(sola_ops, fn_name), ctx=lambda: _env(var, value), note=note, applies=applies)
+
     def sola_one_group():
         """softmax_attention with SOLA_FLASH_GROUPS=1, on the fp16 / bf16 cases where the default may take two
         row groups per warp (D <= 128, Nq > 64), up to Nq = 4096 (vision shapes; the long rows stay short).
         On grids too small for a 128-row block per SM the default takes one group too (the same kernel)."""
-        if sola_ops is None:
-            return Impl("sola_ops_1group", unavailable=sola_reason)
-        if device.type != "cuda":
-            return Impl("sola_ops_1group", unavailable="row groups are a choice of the CUDA kernels")
-        return Impl("sola_ops_1group", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_GROUPS", "1"),
-                    note="one row group per warp (64-row blocks)",
-                    applies=lambda case: (case.dtype in ("float16", "bfloat16") and case.D <= 128
+        return cuda_variant("sola_ops_1group", "softmax_attention", "SOLA_FLASH_GROUPS", "1",
+                            "row groups are a choice of the CUDA kernels", "one row group per warp (64-row blocks)",
+                            lambda case: (case.dtype in ("float16", "bfloat16") and case.D <= 128
                                           and 64 < case.Nq <= 4096))
 
     def sola_rows(name, variant, note, dims):
         """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,
         on fp16 / bf16 cases with D in dims (where it differs from the default)."""
-        if sola_ops is None:
-            return Impl(name, unavailable=sola_reason)
-        if device.type != "cuda":
-            return Impl(name, unavailable="the row-kernel variants are CUDA kernels")
-        return Impl(name, fn=sola_ops.linear_attention, ctx=lambda: _env("SOLA_LINEAR_ROWS", variant), note=note,
-                    applies=lambda case: case.dtype in ("float16", "bfloat16") and case.D in dims)
+        return cuda_variant(name, "linear_attention", "SOLA_LINEAR_ROWS", variant,
+                            "the row-kernel variants are CUDA kernels", note,
+                            lambda case: case.dtype in ("float16", "bfloat16") and case.D in dims)
 
     def sdpa(name, backend):
         if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):

@@ -11,11 +11,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from .distributed import DistContext, all_reduce_sum
 
 
-def create_model(name: str, *, num_classes: int, in_chans: int, attn_impl: str = "sola",
-                 layer_pattern: Optional[str] = None, drop_path_rate: float = 0.0) -> torch.nn.Module:
+def check_model_name(name: str) -> None:
+    """ValueError unless name is a registered SoLA-Vision model (--model of the train and eval tools)."""
     if name not in timm.list_models("sola_vision*"):
         raise ValueError(f"--model {name!r} is not a registered SoLA-Vision model; choose one of "
                          f"{', '.join(timm.list_models('sola_vision*'))}")
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int, attn_impl: str = "sola",
+                 layer_pattern: Optional[str] = None, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    check_model_name(name)
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, attn_impl=attn_impl, drop_path_rate=drop_path_rate)
     if layer_pattern:
         kwargs["layer_pattern"] = layer_pattern

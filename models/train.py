@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .data import DIGITS, build_datasets, default_workers
 from .distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, convert_sync_batchnorm,
                           init_distributed, shutdown)
-from .engine import autocast, create_model, eval_loader, evaluate, train_loader, use_amp
+from .engine import autocast, check_model_name, create_model, eval_loader, evaluate, train_loader, use_amp
 from .plots import plot_training_curves
 from .sola_vision import VARIANTS, parse_layer_pattern
 
@@ -91,9 +91,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--label-smoothing and --drop-path must be in [0, 1)")
     if args.train_samples is not None and args.train_samples < 1:
         p.error(f"--train-samples must be at least 1, got {args.train_samples}")
-    if args.model not in VARIANTS:
-        p.error(f"--model {args.model!r} is not a registered SoLA-Vision model; choose one of "
-                f"{', '.join(sorted(VARIANTS))}")
+    try:
+        check_model_name(args.model)
+    except ValueError as e:
+        p.error(str(e))
     if args.layer_pattern:
         try:
             parse_layer_pattern(args.layer_pattern, VARIANTS[args.model]["depths"])

@@ -637,11 +637,10 @@ def test_lse_of_nonfinite_scores_is_torchs(device, where, value):
 def test_lse_of_a_row_with_inf_and_nan_scores(device):
     """The README's exception: a row holding +inf and NaN scores keeps lse = +inf (the running max skips
     NaN), where torch.logsumexp gives NaN; out is NaN either way. -inf and NaN: lse NaN, as torch's."""
-    q = torch.ones(1, 1, 2, 1, device=device)
+    q, v = torch.ones(1, 1, 1, 1, device=device), torch.ones(1, 1, 3, 1, device=device)
     k = torch.tensor([[float("inf"), float("nan"), 1.0], [float("-inf"), float("nan"), 1.0]], device=device)
     for row, expected in ((0, float("inf")), (1, float("nan"))):
-        out, lse = sola_ops.softmax_attention(q[:, :, :1], k[row].view(1, 1, 3, 1), torch.ones(1, 1, 3, 1, device=device),
-                                              return_lse=True)
+        out, lse = sola_ops.softmax_attention(q, k[row].view(1, 1, 3, 1), v, return_lse=True)
         assert out.isnan().all()
         torch.testing.assert_close(lse.view(()).cpu(), torch.tensor(expected), equal_nan=True)
 

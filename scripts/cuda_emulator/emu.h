@@ -46,9 +46,7 @@ inline void check_block_bound(long long max_threads) {
     std::abort();
   }
 }
-}  // namespace emu
 
-namespace emu {
 struct Warp {
   std::barrier<> bar{32};
   double buf[32];
@@ -137,26 +135,6 @@ inline thread_local std::vector<WgmmaOp> tl_wg_uncommitted;
 inline thread_local std::deque<std::vector<WgmmaOp>> tl_wg_groups;
 
 template <class F>
-void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f);
-
-// A launch as transform.py writes it: the kernel first, so a request past the 48 KB of dynamic shared
-// memory every kernel may take is checked against what cudaFuncSetAttribute allowed that kernel.
-template <class K, class F>
-void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f) {
-  if (smem > 48 * 1024) {
-    std::lock_guard<std::mutex> lock(smem_optin_mutex);
-    const auto it = smem_optin.find(reinterpret_cast<const void*>(kernel));
-    const int allowed = it == smem_optin.end() ? 48 * 1024 : it->second;
-    if (smem > allowed) {
-      std::fprintf(stderr, "launch with %d bytes of dynamic shared memory, past the %d its kernel was allowed "
-                   "(cudaFuncSetAttribute MaxDynamicSharedMemorySize)\n", smem, allowed);
-      std::abort();
-    }
-  }
-  launch(grid, block, smem, stream, f);
-}
-
-template <class F>
 void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
   if (grid.x == 0 || grid.y == 0 || grid.z != 1 || block.x == 0 || block.x % 32 || block.y != 1 || smem < 0 || smem > 227 * 1024 ||
       grid.x > 2147483647u || grid.y > 65535u) {
@@ -195,6 +173,23 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
         });
       for (auto& t : ts) t.join();
     }
+}
+
+// A launch as transform.py writes it: the kernel first, so a request past the 48 KB of dynamic shared
+// memory every kernel may take is checked against what cudaFuncSetAttribute allowed that kernel.
+template <class K, class F>
+void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f) {
+  if (smem > 48 * 1024) {
+    std::lock_guard<std::mutex> lock(smem_optin_mutex);
+    const auto it = smem_optin.find(reinterpret_cast<const void*>(kernel));
+    const int allowed = it == smem_optin.end() ? 48 * 1024 : it->second;
+    if (smem > allowed) {
+      std::fprintf(stderr, "launch with %d bytes of dynamic shared memory, past the %d its kernel was allowed "
+                   "(cudaFuncSetAttribute MaxDynamicSharedMemorySize)\n", smem, allowed);
+      std::abort();
+    }
+  }
+  launch(grid, block, smem, stream, f);
 }
 
 template <class T>
