@@ -27,7 +27,8 @@ namespace la {
 // One k8 step of c[n] += X^T Y_n over tokens, both tiles stored [token][column] with pitch kLd:
 // A = 16 columns of x from x0 (&x[k0][m0]) read transposed (a0 = x[k0 + t][m0 + g]), B_n = 8
 // columns of y from y0 + 8 n (&y[k0][n0 + 8 n]); the n tiles from n_live on are skipped. At a
-// pitch of 8 or 4 (mod 32) both reads are conflict-free.
+// pitch of 8 (mod 32) both reads are conflict-free; at 4 (QueryGrad's fold, whose tiles the row
+// product reads the other way) they take 2-way conflicts (t * 4 + g repeats for g >= 4).
 template <int kLd, int kNT>
 SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0, int n_live, int lane) {
   const int g = lane / 4, t4 = lane % 4;
@@ -40,6 +41,24 @@ SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0,
     const uint32_t bf[2] = {tf32::bits(b[8 * n]), tf32::bits(b[4 * kLd + 8 * n])};
     tf32::mma_1688(c[n], af, bf);
   }
+}
+
+// A thread's 8 consecutive fp32 values of a shared tile row (vector lc / 8 of row r, kVecsPerRow
+// vectors a row, rows kPitch floats apart) as two 16-byte stores. A quarter warp (8 lanes) stores
+// together: lanes l and l ^ 4 hold the next row's vector (4 a row) or the vector 4 on (8 or more);
+// when their chunks start a multiple of 8 banks apart, the one with lane bit 2 set stores its
+// second half first, so each store's 8 halves fill 32 distinct banks. Stored per element, the
+// reduction's tiles (pitch 8 mod 32) took 8-way bank conflicts and the row tiles (4 mod 32) 4-way
+// (scripts/cuda_emulator MEMSTAT=1).
+template <int kPitch, int kVecsPerRow>
+SOLA_HD void store_row8(float* dst, const float (&v)[8], int tid) {
+  static_assert(kVecsPerRow >= 4 && kPitch % 4 == 0, "a quarter warp spans whole 4-vector groups");
+  constexpr int kApart = kVecsPerRow == 4 ? kPitch : 32;  // floats between lanes l and l ^ 4
+  const bool swap = (kApart / 4) % 2 == 0 && (tid & 4);   // selects, not a branch: one store each
+  const Vec<float, 4> lo{{v[0], v[1], v[2], v[3]}}, hi{{v[4], v[5], v[6], v[7]}};
+  auto* const d = reinterpret_cast<Vec<float, 4>*>(dst);
+  d[swap ? 1 : 0] = swap ? hi : lo;
+  d[swap ? 0 : 1] = swap ? lo : hi;
 }
 
 // A block owns one (head, token chunk, kTile x kTile tile of M), as the SIMT kernel; each warp owns
@@ -204,12 +223,14 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
             for (int e = 0; e < kV; ++e) sv[e] *= ss;
           } else if constexpr (kRope) {  // the side takes phi(x) unrotated; the product its rotation
-            const float* const cs = table_at(stage, 2) + slot / 2;
-            const float* const sn = table_at(stage, 3) + slot / 2;
+            using T = Vec<float, kV / 2>;  // one 16-byte read each (per element: 4-way bank conflicts)
+            const T cs = *reinterpret_cast<const T*>(table_at(stage, 2) + slot / 2);
+            const T sn = *reinterpret_cast<const T*>(table_at(stage, 3) + slot / 2);
 #pragma unroll
             for (int e = 0; e < kV; ++e) sv[e] = xv[e] * ss;
 #pragma unroll
-            for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
+            for (int j = 0; j < kV / 2; ++j)
+              rotate_pair(xv[2 * j], xv[2 * j + 1], cs.v[j], sn.v[j], xv[2 * j], xv[2 * j + 1]);
           }
         } else {
 #pragma unroll
@@ -218,9 +239,11 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
         for (int e = 0; e < kV; ++e) {
           if (it.side) side_acc[e] += side_scaled ? sv[e] : xv[e];
-          x_tile[r * kLd + lc + e] = tf32::from_bits(tf32::round(xv[e]));
-          y_tile[r * kLd + lc + e] = tf32::from_bits(tf32::round(yv[e]));
+          xv[e] = tf32::from_bits(tf32::round(xv[e]));
+          yv[e] = tf32::from_bits(tf32::round(yv[e]));
         }
+        store_row8<kLd, Cfg::kVecsPerRow>(x_tile + r * kLd + lc, xv, tid);
+        store_row8<kLd, Cfg::kVecsPerRow>(y_tile + r * kLd + lc, yv, tid);
       }
       __syncthreads();
 #pragma unroll
@@ -237,8 +260,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
         if (m < a.Dm && col < a.Dn) dst.m[int64_t(m) * a.Dn + col] = c[n][e] * dst.scale;
       }
     if (it.side) {  // uniform per block
-#pragma unroll
-      for (int e = 0; e < kV; ++e) side_red[lr * kTile + lc + e] = side_acc[e];
+      store_row8<kTile, Cfg::kVecsPerRow>(side_red + lr * kTile + lc, side_acc, tid);
       __syncthreads();
       if (tid < kTile && it.mb + tid < a.Dm) {
         float sum = 0.f;
@@ -529,7 +551,8 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
           for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
         }
 #pragma unroll
-        for (int e = 0; e < kV; ++e) xs[r * kXLd + lc + e] = tf32::from_bits(tf32::round(xv[e]));
+        for (int e = 0; e < kV; ++e) xv[e] = tf32::from_bits(tf32::round(xv[e]));
+        store_row8<kXLd, kVpr>(xs + r * kXLd + lc, xv, tid);
       }
     };
 

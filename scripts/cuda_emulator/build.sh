@@ -18,6 +18,10 @@ SUFFIX=""
 # UBSAN=1: misaligned typed (vector) accesses, which fault on the device, and signed overflow in
 # index arithmetic, which the device wraps silently; the first report aborts.
 [ "${UBSAN:-0}" = 1 ] && SAN="-fsanitize=undefined -fno-sanitize=vptr -fno-sanitize-recover=all" SUFFIX=_ubsan
+# MEMSTAT=1: memory-access statistics (memstat.cpp): TSan's instrumentation calling memstat's hooks,
+# no TSan runtime; __forceinline__ forced, as nvcc inlines, so sites are the kernels' lines.
+[ "${MEMSTAT:-0}" = 1 ] && [ -n "$SAN" ] && { echo "build.sh: MEMSTAT=1 takes no sanitizer" >&2; exit 2; }
+[ "${MEMSTAT:-0}" = 1 ] && SAN="-fsanitize=thread -DEMU_MEMSTAT" SUFFIX=_memstat
 OUT=${OUT_DIR:-$ROOT/build/cuda_emulator$SUFFIX}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 TORCH=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
@@ -51,10 +55,15 @@ done
 # `wait PID` fails for a job that `jobs` already reaped, so wait for all and check the objects.
 wait
 for o in "${objs[@]}"; do [ -f "$o" ] || { echo "compile failed: $o" >&2; exit 1; }; done
+LINK_SAN=$SAN
+if [ "${MEMSTAT:-0}" = 1 ]; then  # the hooks, uninstrumented, in place of the TSan runtime
+  g++ ${FLAGS/-fsanitize=thread/} -I"$HERE" -c "$HERE/memstat.cpp" -o "$OUT/obj/memstat.o"
+  LINK_SAN="$OUT/obj/memstat.o"
+fi
 LIBS="-L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10 -ltorch -lpthread"
 for op in ${OPS:-softmax linear rope dwconv layer_norm silu_mul bias_gelu}; do
   exe=$OUT/driver_$op
   [ "$op" = softmax ] && exe=$OUT/driver  # the name the softmax notes use
-  g++ $SAN "$OUT"/obj/$op/*.o -o "$exe" $LIBS
+  g++ $LINK_SAN "$OUT"/obj/$op/*.o -o "$exe" $LIBS
   echo "built $exe"
 done

@@ -6,7 +6,7 @@
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
 // Every CUDA result is also computed with the row kernels' other variants (SOLA_LINEAR_ROWS=unstaged;
 // the backward also staged_presplit) and must be bitwise equal.
-// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge|tiny].
+// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge|tiny|vision].
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -335,6 +335,17 @@ int main(int argc, char** argv) {
     run(c, at::kBFloat16);
     c.Dk = c.Dv = 32, c.Nq = c.Nk = 5000, c.has_qn = c.has_kn = true;
     run(c, at::kHalf);
+  }
+  // SoLA-Vision's first stage at batch 1 (bf16 with its fused RoPE, and fp32) and the sweep's head dim
+  // 64: whole-tile shapes for the MEMSTAT=1 build's access statistics.
+  if (which == "vision") {
+    Case c;
+    c.H = 2, c.Nq = c.Nk = 3136, c.rope = true;
+    run(c, at::kBFloat16);
+    c.rope = false;
+    run(c, at::kFloat);
+    c.H = 1, c.Nq = c.Nk = 4096, c.Dk = c.Dv = 64;
+    run(c, at::kBFloat16);
   }
   if (which == "race") {  // for the TSAN=1 build: 1024 heads, so every QueryGrad block walks all
     Case c;               // its head's row tiles (bf16: 3 of 64, fp32: 2 of 128), reusing qs / xs

@@ -24,9 +24,21 @@
 #define __global__
 #define __device__
 #define __host__
+#ifdef EMU_MEMSTAT  // inlined as nvcc does, so each access site is its caller's line
+#define __forceinline__ inline __attribute__((always_inline))
+#else
 #define __forceinline__ inline
+#endif
 #define __launch_bounds__(...)
+#ifdef EMU_MEMSTAT  // MEMSTAT=1 build.sh: access statistics (memstat.h); static shared arrays in one section
+#include "memstat.h"
+#define __shared__ static __attribute__((section("emu_smem")))
+#define EMU_SITE __attribute__((noinline))  // an emulated instruction's caller is its access site
+#else
 #define __shared__ static
+#define EMU_QUIET
+#define EMU_SITE
+#endif
 #define __align__(n) __attribute__((aligned(n)))  // may follow `static` (alignas may not)
 
 struct dim3 {
@@ -40,6 +52,7 @@ namespace emu {
 // transform.py's check at the top of a kernel with __launch_bounds__(max_threads, ...): a GPU refuses a
 // launch of more threads per block than that.
 inline void check_block_bound(long long max_threads) {
+  EMU_QUIET;
   if (blockDim.x > max_threads) {
     std::fprintf(stderr, "a launch of %u threads per block, past its kernel's __launch_bounds__ of %lld\n", blockDim.x,
                  max_threads);
@@ -64,7 +77,10 @@ inline thread_local int tl_lane = 0;
 inline std::atomic<long> launches{0}, threads_run{0}, mmas{0};
 inline unsigned char* g_dynamic_smem = nullptr;
 inline int g_dynamic_smem_bytes = 0;
-inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
+inline unsigned char* dynamic_smem() {
+  EMU_QUIET;
+  return g_dynamic_smem;
+}
 
 // cp.async as the hardware is allowed to do it: from the issue until this thread's wait lets the
 // copy land, its 16 destination bytes are undefined (0xff: NaN), so a read before the wait (or,
@@ -86,7 +102,12 @@ inline void mark_unfenced(void* dst, unsigned char flag) {
   const ptrdiff_t off = static_cast<unsigned char*>(dst) - g_dynamic_smem;
   if (off >= 0 && off + 16 <= static_cast<ptrdiff_t>(g_unfenced.size())) std::memset(&g_unfenced[off], flag, 16);
 }
-inline void cp_async_bytes(void* dst, const void* src, int bytes) {
+inline void cp_async_bytes(void* dst, const void* src, int bytes, const void* site = nullptr) {
+  EMU_QUIET;
+#ifdef EMU_MEMSTAT
+  memstat::record(site, src, bytes, false);  // the global read and the shared write, at the issue
+  memstat::record(site, dst, bytes, true);
+#endif
   // cp.async faults on the device unless both addresses are aligned to the copy's size
   if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
     std::fprintf(stderr, "cp.async: %d-byte copy from %p to %p is not %d-byte aligned\n", bytes, src, dst, bytes);
@@ -95,14 +116,16 @@ inline void cp_async_bytes(void* dst, const void* src, int bytes) {
   std::memset(dst, 0xff, bytes);
   tl_uncommitted.push_back({dst, src, bytes});
 }
-inline void cp_async_16(void* dst, const void* src) { cp_async_bytes(dst, src, 16); }
-inline void cp_async_4(void* dst, const void* src) { cp_async_bytes(dst, src, 4); }
+EMU_SITE inline void cp_async_16(void* dst, const void* src) { cp_async_bytes(dst, src, 16, __builtin_return_address(0)); }
+EMU_SITE inline void cp_async_4(void* dst, const void* src) { cp_async_bytes(dst, src, 4, __builtin_return_address(0)); }
 inline void cp_async_commit() {
+  EMU_QUIET;
   tl_groups.push_back(std::move(tl_uncommitted));
   tl_uncommitted.clear();
 }
 // cp.async.wait_group: all but the `pending` most recently committed groups land.
 inline void cp_async_wait_group(int pending) {
+  EMU_QUIET;
   for (; static_cast<int>(tl_groups.size()) > pending; tl_groups.pop_front())
     for (const AsyncCopy& c : tl_groups.front()) {
       std::memcpy(c.dst, c.src, c.bytes);
@@ -112,10 +135,12 @@ inline void cp_async_wait_group(int pending) {
 }
 // fence.proxy.async: this thread's landed copies become visible to the async proxy (wgmma).
 inline void async_proxy_fence() {
+  EMU_QUIET;
   for (void* dst : tl_landed) mark_unfenced(dst, 0);
   tl_landed.clear();
 }
-inline void cp_async_wait_all() {  // cp.async.wait_all = commit_group + wait_group 0
+inline void cp_async_wait_all() {
+  EMU_QUIET;  // cp.async.wait_all = commit_group + wait_group 0
   cp_async_commit();
   cp_async_wait_group(0);
 }
@@ -148,6 +173,9 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
       std::vector<unsigned char> dyn(smem + 16, 0xff);  // 0xffff is NaN in fp16/bf16: unwritten tiles show
       g_dynamic_smem = dyn.data() + (16 - reinterpret_cast<uintptr_t>(dyn.data()) % 16) % 16;
       g_dynamic_smem_bytes = smem;
+#ifdef EMU_MEMSTAT
+      memstat::block_begin(by * grid.x + bx, block.x, g_dynamic_smem, smem);
+#endif
       g_unfenced.assign(smem, 0);
       std::vector<std::unique_ptr<Warp>> warps;
       for (unsigned w = 0; w < block.x / 32; ++w) warps.emplace_back(new Warp);
@@ -156,7 +184,14 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
         ts.emplace_back([&, tx] {
           threadIdx = dim3(tx), blockIdx = dim3(bx, by), blockDim = block, gridDim = grid;
           tl_warp = warps[tx / 32].get(), tl_block = &blk, tl_lane = tx % 32;
+#ifdef EMU_MEMSTAT
+          F* kernel_call = &f;  // read before the recording starts: the closure is emu's, not the kernel's
+          memstat::thread_begin(tx);
+          (*kernel_call)();
+          memstat::thread_end();
+#else
           f();
+#endif
           if (!tl_uncommitted.empty() || !tl_groups.empty()) {
             std::fprintf(stderr, "a thread exited with cp.async copies it never waited for\n");
             std::abort();
@@ -172,6 +207,9 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
           blk.bar.arrive_and_drop();
         });
       for (auto& t : ts) t.join();
+#ifdef EMU_MEMSTAT
+      memstat::block_end();
+#endif
     }
 }
 
@@ -179,6 +217,9 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
 // memory every kernel may take is checked against what cudaFuncSetAttribute allowed that kernel.
 template <class K, class F>
 void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f) {
+#ifdef EMU_MEMSTAT
+  memstat::launch_begin(reinterpret_cast<const void*>(kernel));
+#endif
   if (smem > 48 * 1024) {
     std::lock_guard<std::mutex> lock(smem_optin_mutex);
     const auto it = smem_optin.find(reinterpret_cast<const void*>(kernel));
@@ -194,6 +235,7 @@ void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f
 
 template <class T>
 T shfl(T v, int src) {
+  EMU_QUIET;
   Warp* w = tl_warp;
   w->buf[tl_lane] = static_cast<double>(v);
   w->bar.arrive_and_wait();
@@ -213,6 +255,7 @@ T __shfl_sync(unsigned mask, T v, int src) {
   return emu::shfl(v, src);
 }
 inline int __any_sync(unsigned mask, int pred) {
+  EMU_QUIET;
   if (mask != 0xffffffffu) std::abort();
   emu::Warp* w = emu::tl_warp;
   w->buf[emu::tl_lane] = pred ? 1.0 : 0.0;
@@ -227,8 +270,15 @@ T __shfl_xor_sync(unsigned mask, T v, int off) {
   if (mask != 0xffffffffu) std::abort();
   return emu::shfl(v, emu::tl_lane ^ off);
 }
-inline void __syncthreads() { emu::tl_block->bar.arrive_and_wait(); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { if (mask != 0xffffffffu) std::abort(); emu::tl_warp->bar.arrive_and_wait(); }
+inline void __syncthreads() {
+  EMU_QUIET;
+  emu::tl_block->bar.arrive_and_wait();
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  EMU_QUIET;
+  if (mask != 0xffffffffu) std::abort();
+  emu::tl_warp->bar.arrive_and_wait();
+}
 
 namespace emu {
 template <class T>
@@ -242,6 +292,7 @@ float half_bits_to_float(uint32_t bits) {
 // which read the gathered fragments.
 template <int K, class FA, class FB>
 void mma_collective(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], FA A, FB B) {
+  EMU_QUIET;
   Warp* w = tl_warp;
   const int lane = tl_lane;
   std::memcpy(w->a[lane], a, sizeof a);
@@ -291,7 +342,11 @@ inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
 }
 
 // ldmatrix.sync.m8n8.x4(.trans).b16 as a warp collective.
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+EMU_SITE inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  EMU_QUIET;
+#ifdef EMU_MEMSTAT
+  memstat::record(__builtin_return_address(0), row, 16, false);  // each lane's 16-byte row
+#endif
   Warp* w = tl_warp;
   const int L = tl_lane;
   if (reinterpret_cast<uintptr_t>(row) % 16) {
@@ -366,6 +421,7 @@ inline uint64_t wgmma_checksum(const WgmmaOp& op, int n) {
 // warp as in mma.sync) or desc_a (K-major), desc_b K-major or, with b_mn_major (tnspB), MN-major.
 template <class T, int N>
 void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d, bool b_mn_major) {
+  EMU_QUIET;
   Warp* w = tl_warp;
   const int lane = tl_lane, warp_in_group = (threadIdx.x / 32) % 4;
   float a_val[2][16];  // this lane's rows lane/4 and lane/4 + 8 of its warp's 16 A rows
@@ -407,11 +463,13 @@ void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, i
 }
 
 inline void wgmma_commit() {
+  EMU_QUIET;
   tl_wg_groups.push_back(std::move(tl_wg_uncommitted));
   tl_wg_uncommitted.clear();
 }
 
 inline void wgmma_wait(int pending) {
+  EMU_QUIET;
   for (; static_cast<int>(tl_wg_groups.size()) > pending; tl_wg_groups.pop_front())
     for (WgmmaOp& op : tl_wg_groups.front()) {
       if (wgmma_checksum(op, 2 * op.n) != op.checksum) {
