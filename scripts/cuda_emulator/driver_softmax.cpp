@@ -1,6 +1,6 @@
 // Runs the softmax-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: out, lse, delta, dq, dk, dv on awkward sizes, every dtype, NaN / -inf inputs, and a
-// second backward that must be bitwise equal. Usage: driver [softmax|flash|wgmma|race|big|all].
+// second backward that must be bitwise equal. Usage: driver [softmax|flash|wgmma|race|big|vision|all].
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -181,6 +181,13 @@ int main(int argc, char** argv) {
   if (which == "all" || which == "softmax") {  // last: their random draws leave the cases above as they were
     for (auto dt : {at::kHalf, at::kFloat, at::kDouble}) softmax_case(1, 2, 70, 90, 32, 40, dt, 0.2, false, 0, true);
     for (auto dt : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) softmax_case(2, 1, 70, 90, 32, 32, dt, 0.3, false, 5);
+  }
+  // Whole tiles at SoLA-Vision's head dim 32 and at 64, bf16 and fp32: for the MEMSTAT=1 build's access
+  // statistics.
+  if (which == "vision") {
+    softmax_case(1, 2, 1024, 1024, 32, 32, at::kBFloat16, 0.17, false);
+    softmax_case(1, 1, 1024, 1024, 64, 64, at::kBFloat16, 0.125, false);
+    softmax_case(1, 1, 512, 512, 32, 32, at::kFloat, 0.17, false);
   }
   if (which == "big") {
     softmax_case(1, 1, 1023, 1023, 32, 32, at::kHalf, 0.17, false);

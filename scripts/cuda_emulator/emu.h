@@ -30,12 +30,11 @@
 #define __forceinline__ inline
 #endif
 #define __launch_bounds__(...)
-#ifdef EMU_MEMSTAT  // MEMSTAT=1 build.sh: access statistics (memstat.h); static shared arrays in one section
+#define __shared__ static
+#ifdef EMU_MEMSTAT  // MEMSTAT=1 build.sh: access statistics (memstat.h)
 #include "memstat.h"
-#define __shared__ static __attribute__((section("emu_smem")))
 #define EMU_SITE __attribute__((noinline))  // an emulated instruction's caller is its access site
 #else
-#define __shared__ static
 #define EMU_QUIET
 #define EMU_SITE
 #endif

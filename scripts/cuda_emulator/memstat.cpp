@@ -27,8 +27,9 @@
 
 #include "emu.h"
 
-extern "C" char __start_emu_smem[] __attribute__((weak));  // static __shared__ arrays (emu.h puts
-extern "C" char __stop_emu_smem[] __attribute__((weak));   // them in this section)
+// emu.h makes a kernel's static __shared__ arrays static variables: they lie in the executable's
+// data and bss, where nothing else a kernel reads does (tensors are on the heap).
+extern "C" char __data_start[], _end[];
 
 namespace emu::memstat {
 namespace {
@@ -96,7 +97,7 @@ inline void hook(const void* pc, const void* addr, long bytes, bool write) {
 }
 
 bool is_shared(uintptr_t a) {
-  const Range stat{reinterpret_cast<uintptr_t>(__start_emu_smem), reinterpret_cast<uintptr_t>(__stop_emu_smem)};
+  const Range stat{reinterpret_cast<uintptr_t>(__data_start), reinterpret_cast<uintptr_t>(_end)};
   return g_dynamic.has(a) || stat.has(a);
 }
 
