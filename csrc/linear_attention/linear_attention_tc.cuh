@@ -302,7 +302,13 @@ template <int kD, RowsMode kMode, RowsVariant kVariant = RowsVariant::Staged>
 struct RowsTcConfig {
   static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
   static constexpr int kNT = kD / 8;
-  static constexpr int kXLd = kD + 4;
+  // At kD 32 QueryGrad sums dS itself (kFoldDs, below; at kD 64 it took 213 registers, 128 without:
+  // 4 -> 2 blocks per SM).
+  static constexpr bool kFoldDs = kMode == RowsMode::QueryGrad && kD == 32;
+  // The row product reads xs as A (xs[g][t]: conflict-free at a pitch of 4 mod 32, 2-way at 8). The
+  // fold reads xs and qs transposed (mma_tokens_k8: conflict-free at 8, 2-way at 4), 64 loads a warp
+  // and tile against the product's 16: pitch 8 mod 32 there.
+  static constexpr int kXLd = kFoldDs ? kD + 8 : kD + 4;
   // Out reads the state as B (W[k + t][n + g], pitch = 8 mod 32 conflict-free); QueryGrad reads it
   // transposed (W[n + g][k + t], pitch = 4 mod 32); KeyGrad both (its dv product takes 2-way conflicts).
   static constexpr int kWLd = kMode == RowsMode::Out ? kD + 8 : kD + 4;
@@ -329,8 +335,6 @@ struct RowsTcConfig {
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
-  // At kD 64 the fold took 213 registers (128 without: 4 -> 2 blocks per SM); not there yet.
-  static constexpr bool kFoldDs = kMode == RowsMode::QueryGrad && kD == 32;
   // dS tiles: kD / 16 rows of 16 x 8 tiles, each warp a row's kDsNT tiles (kD 32: half a row).
   static constexpr int kDsMT = kD / 16, kDsNT = kNT * kDsMT / 4;
   static constexpr int kFoldFloats = kFoldDs ? kRows * kXLd + 4 * kD : 0;  // qs, dz_s
