@@ -86,8 +86,27 @@ struct ReduceConfig {
   static constexpr int kStage = reduce_stage_rows(sizeof(acc) == 8);
   static constexpr int kVec = kVec16<scalar_t>;
   static constexpr int kVecsPerRow = kTile / kVec;
+  // The stage tiles' rows are padded by 16 bytes: the side sums read one column of 8 consecutive rows
+  // a quarter warp, conflict-free only when consecutive rows start in different bank groups (at
+  // kTile they took 8-way conflicts: scripts/cuda_emulator MEMSTAT=1).
+  static constexpr int kPitch = kTile + 16 / int(sizeof(acc));
   static_assert(kTile % kVec == 0 && kTile % kTM == 0, "tile must split evenly");
 };
+
+// v as 16-byte stores at dst (16-byte aligned): a quarter warp storing one stage row fills 32 banks,
+// where per element a warp had hit 8 (4-way conflicts; nvcc does not merge them).
+template <int kV, typename acc>
+SOLA_HD void store_tile_vec(acc* dst, const acc (&v)[kV]) {
+  constexpr int kW = 16 / int(sizeof(acc));
+  static_assert(kV % kW == 0, "whole 16-byte stores");
+#pragma unroll
+  for (int q = 0; q < kV; q += kW) {
+    Vec<acc, kW> w;
+#pragma unroll
+    for (int e = 0; e < kW; ++e) w.v[e] = v[q + e];
+    *reinterpret_cast<Vec<acc, kW>*>(dst + q) = w;
+  }
+}
 
 // grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads.
 template <typename scalar_t, int kTile>
@@ -97,9 +116,10 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
   using acc = typename Cfg::acc;
   constexpr int kStage = Cfg::kStage, kTM = Cfg::kTM, kTN = Cfg::kTN, kV = Cfg::kVec;
   constexpr int kThreadCols = Cfg::kThreadCols, kBlockThreads = Cfg::kBlockThreads;
-  __shared__ __align__(16) acc x_tile[kStage][kTile];  // phi(x), 0 past Dm or the chunk
-  __shared__ __align__(16) acc y_tile[kStage][kTile];  // y * y_scale
-  __shared__ __align__(16) acc s_tile[kStage][kTile];  // phi(xs) * s_scale, unless side_is_x
+  constexpr int kPitch = Cfg::kPitch;
+  __shared__ __align__(16) acc x_tile[kStage][kPitch];  // phi(x), 0 past Dm or the chunk
+  __shared__ __align__(16) acc y_tile[kStage][kPitch];  // y * y_scale
+  __shared__ __align__(16) acc s_tile[kStage][kPitch];  // phi(xs) * s_scale, unless side_is_x
   __shared__ acc side_red[kTile][kThreadCols];         // side partials of the thread columns
 
   const int tid = threadIdx.x;
@@ -128,19 +148,16 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
         const int64_t t = t0 + r;
         acc xv[kV], yv[kV], sv[kV];
         load_token<kV>(a, it, TokenRow<scalar_t>(a, it, t, own_side_tile), col, own_side_tile, al, xv, yv, sv);
-#pragma unroll
-        for (int e = 0; e < kV; ++e) {
-          x_tile[r][col + e] = xv[e];
-          y_tile[r][col + e] = yv[e];
-          if (own_side_tile) s_tile[r][col + e] = sv[e];
-        }
+        store_tile_vec(&x_tile[r][col], xv);
+        store_tile_vec(&y_tile[r][col], yv);
+        if (own_side_tile) store_tile_vec(&s_tile[r][col], sv);
       }
       __syncthreads();
 #pragma unroll 8
       for (int r = 0; r < kStage; ++r) m_acc.fma(&x_tile[r][m0], &y_tile[r][n0]);
       if (side) {
         // Thread column tn sums stage rows tn, tn + kThreadCols, ...: every thread does the same.
-        const acc(*src)[kTile] = own_side_tile ? s_tile : x_tile;
+        const acc(*src)[kPitch] = own_side_tile ? s_tile : x_tile;
         for (int r = tn; r < kStage; r += kThreadCols)
 #pragma unroll
           for (int i = 0; i < kTM; ++i) side_acc[i] += src[r][m0 + i];
