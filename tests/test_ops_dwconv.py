@@ -342,6 +342,25 @@ def test_parameter_dtypes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_weight_view_off_alignment(device, stride):
+    """A weight viewed one fp32 element into its storage (not 16-byte aligned, where the CUDA kernels
+    load a channel vector's taps as 16-byte vectors) gives the bits of the same weight aligned, forward
+    and backward."""
+    x = leaf(randn((2, 9, 7, 16), torch.bfloat16, device))
+    storage = randn((16 * 9 + 1,), torch.float32, device, seed=3)
+    shifted = leaf(storage[1:].view(16, 1, 3, 3))
+    aligned = leaf(shifted.detach().clone())
+    assert shifted.data_ptr() % 16 != 0 and aligned.data_ptr() % 16 == 0
+    results = []
+    for w in (shifted, aligned):
+        out = sola_ops.depthwise_conv3x3(x, w, residual=stride == 1, stride=stride)
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), (x, w))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bias_of_its_own_dtype(device):
     """A bf16 weight with an fp32 bias: the bias gradient is summed and returned in fp32, not rounded
     through the weight's dtype."""

@@ -42,10 +42,12 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x) {
   check_param(weight, "weight", x);
 }
 
-// weight as the kernels read it: (C, 9) acc-typed and contiguous. A view of nn.Conv2d's fp32 weight
-// (autocast keeps parameters fp32), a copy only for other dtypes or layouts.
+// weight as the kernels read it: (C, 9) acc-typed, contiguous and 16-byte aligned (the CUDA kernels
+// load a channel vector's taps as 16-byte vectors). A view of nn.Conv2d's fp32 weight (autocast keeps
+// parameters fp32), a copy only for other dtypes or layouts, or a view starting off a 16-byte boundary.
 at::Tensor kernel_weight(const at::Tensor& weight, const at::Tensor& x) {
-  return weight.reshape({x.size(3), kDwTaps}).to(acc_dtype(x)).contiguous();
+  const at::Tensor w = weight.reshape({x.size(3), kDwTaps}).to(acc_dtype(x)).contiguous();
+  return reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 ? w : w.clone();
 }
 
 DwconvParams make_params(const at::Tensor& x, const at::Tensor& weight, bool residual, int64_t stride) {

@@ -68,11 +68,17 @@ struct DwconvParams {
   c10::DeviceIndex device_index = -1;
 };
 
-// Tap t of channel c as the kernels convolve with it (the centre, 4, is its own reverse).
+// Tap t as the kernels convolve with it, from w, the stored tap at t (kDwTaps - 1 - t when reversed;
+// the centre, 4, is its own reverse).
+template <typename acc>
+SOLA_HD acc dw_tap_with_residual(const DwconvParams& p, acc w, int t) {
+  return p.residual && t == kDwTaps / 2 ? w + acc(1) : w;
+}
+
+// Tap t of channel c as the kernels convolve with it.
 template <typename acc>
 SOLA_HD acc dw_tap(const DwconvParams& p, int64_t c, int t) {
-  const acc w = static_cast<const acc*>(p.weight)[c * kDwTaps + (p.reversed ? kDwTaps - 1 - t : t)];
-  return p.residual && t == kDwTaps / 2 ? w + acc(1) : w;
+  return dw_tap_with_residual(p, static_cast<const acc*>(p.weight)[c * kDwTaps + (p.reversed ? kDwTaps - 1 - t : t)], t);
 }
 
 // Runs the lambda-like body with `constexpr DwEpilogue kEpi` bound to epi.

@@ -45,13 +45,37 @@ SOLA_DEVICE void load_vec(const View4& t, int64_t rows, int64_t cols, int64_t b,
   for (int e = 0; e < kV; ++e) dst[e] = static_cast<acc>(v.v[e]);
 }
 
-// The 9 taps of channels c .. c + kV as the kernels convolve with them (dw_tap).
+// The 9 taps of channels c .. c + kV as the kernels convolve with them (dw_tap). The weight is (C, 9)
+// and 16-byte aligned (kernel_weight): a vector kernel's channels have kV * 9 consecutive taps, 144
+// bytes at a multiple of 144, loaded as 16-byte vectors (per tap and channel, a warp's 36 loads had
+// touched 16 sectors each: emulator MEMSTAT).
 template <int kV, typename acc>
 SOLA_DEVICE void load_taps(const DwconvParams& p, int64_t c, acc (&tap)[kDwTaps][kV]) {
+  constexpr int kN = kDwTaps * kV, kW = 16 / int(sizeof(acc));
+  const acc* const w = static_cast<const acc*>(p.weight) + c * kDwTaps;
+  if constexpr (kN % kW == 0) {
 #pragma unroll
-  for (int t = 0; t < kDwTaps; ++t)
+    for (int q = 0; q < kN; q += kW) {  // value i is tap i % 9 of channel c + i / 9, as stored
+      const Vec<acc, kW> v = *reinterpret_cast<const Vec<acc, kW>*>(w + q);
 #pragma unroll
-    for (int e = 0; e < kV; ++e) tap[t][e] = dw_tap<acc>(p, c + e, t);
+      for (int j = 0; j < kW; ++j) tap[(q + j) % kDwTaps][(q + j) / kDwTaps] = v.v[j];
+    }
+#pragma unroll
+    for (int t = 0; t < kDwTaps / 2; ++t)
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {  // reversed: taps t and 8 - t trade places (selects, in registers)
+        const acc a = tap[t][e], b = tap[kDwTaps - 1 - t][e];
+        tap[t][e] = p.reversed ? b : a;
+        tap[kDwTaps - 1 - t][e] = p.reversed ? a : b;
+      }
+#pragma unroll
+    for (int e = 0; e < kV; ++e) tap[kDwTaps / 2][e] = dw_tap_with_residual(p, tap[kDwTaps / 2][e], kDwTaps / 2);
+  } else {  // one channel a thread (C off the vector)
+#pragma unroll
+    for (int t = 0; t < kDwTaps; ++t)
+#pragma unroll
+      for (int e = 0; e < kV; ++e) tap[t][e] = dw_tap<acc>(p, c + e, t);
+  }
 }
 
 template <int kV, typename scalar_t>

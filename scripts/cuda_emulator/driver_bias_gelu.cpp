@@ -7,7 +7,7 @@
 // row counts giving several dbias slabs (partials), grids capped so blocks walk slabs and column groups.
 // Emulated, both sides take the host's erf / tanh / exp, so out and dx must agree bitwise; dbias is summed
 // in another order (slabs and row threads, not the CPU's chunks), so it is held to a tolerance, and a second
-// CUDA backward must give the same bits. Usage: driver_bias_gelu [all | quick] (quick: bf16).
+// CUDA backward must give the same bits. Usage: driver_bias_gelu [all | quick | vision] (quick: bf16).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -114,7 +114,15 @@ static void bias_gelu_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick") return std::printf("usage: driver_bias_gelu [all | quick]\n"), 2;
+  if (which != "all" && which != "quick" && which != "vision")
+    return std::printf("usage: driver_bias_gelu [all | quick | vision]\n"), 2;
+  if (which == "vision") {  // SoLA-Vision tiny's first-stage MLP at batch 1 (MEMSTAT=1 statistics)
+    Case c;
+    c.rows = 3136, c.C = 256;
+    bias_gelu_case(c);
+    std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
+    return failures ? 1 : 0;
+  }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
   if (!quick) dts = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};

@@ -8,7 +8,7 @@
 // transposed one at stride 2; at stride 1 the reversed convolution of g, as the op layer runs it).
 // An addend added to the convolution's output (in the case's layout, or misaligned beside an aligned x),
 // also to the reversed one's (the backward's dx_addend).
-// Usage: driver_dwconv [all | quick] (quick: bf16, no walk).
+// Usage: driver_dwconv [all | quick | vision] (quick: bf16, no walk; vision: model shapes for MEMSTAT=1).
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -103,7 +103,19 @@ static void dwconv_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick") return std::printf("usage: driver_dwconv [all | quick]\n"), 2;
+  if (which != "all" && which != "quick" && which != "vision")
+    return std::printf("usage: driver_dwconv [all | quick | vision]\n"), 2;
+  if (which == "vision") {  // SoLA-Vision tiny's first stage at batch 1 (MEMSTAT=1 statistics): CPE with its
+    Case c;                 // residual, the in-block conv with SiLU, the downsample's stride 2 with relu
+    c.B = 1, c.H = c.W = 56, c.C = 64, c.residual = true;
+    dwconv_case(c);
+    c.residual = false, c.epilogue = DwEpilogue::Silu;
+    dwconv_case(c);
+    c.epilogue = DwEpilogue::Plain, c.C = 256, c.stride = 2, c.relu_in = true;
+    dwconv_case(c);
+    std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
+    return failures ? 1 : 0;
+  }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
   if (!quick) dts = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};

@@ -4,7 +4,7 @@
 // longer ones (read per pass, the column kernel for the parameters), misaligned rows, NaN rows, row
 // counts past one block and past the backward's block cap (teams walk several rows), an addend to dx
 // (vector, scalar, uncached and misaligned rows; aligned rows with a misaligned addend). Usage:
-// driver_layer_norm [all | quick] (quick: bf16, no walk).
+// driver_layer_norm [all | quick | vision] (quick: bf16, no walk; vision: model shapes for MEMSTAT=1).
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -84,7 +84,17 @@ static void ln_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick") return std::printf("usage: driver_layer_norm [all | quick]\n"), 2;
+  if (which != "all" && which != "quick" && which != "vision")
+    return std::printf("usage: driver_layer_norm [all | quick | vision]\n"), 2;
+  if (which == "vision") {  // SoLA-Vision tiny's first and last stages at batch 1 (MEMSTAT=1 statistics)
+    Case c;
+    c.rows = 3136, c.C = 64, c.addend = true;
+    ln_case(c);
+    c.rows = 49, c.C = 512;
+    ln_case(c);
+    std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
+    return failures ? 1 : 0;
+  }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
   if (!quick) dts = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
