@@ -285,6 +285,11 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 // kCore: the tile is in wgmma's core-matrix layout instead (wgmma::core_offset: 8 x 8 blocks of
 // 128 contiguous bytes, no padding). A warp then copies 8 consecutive rows x 4 pieces, so its 16-byte
 // stores cover all 8 bank groups of a core matrix (row-major pieces would hit 4 of them twice).
+// Row-major with 4 pieces a row (head dim 32 at 16 bits) a warp copies 8 rows too, and a quarter warp
+// (8 lanes, 16-byte stores go a quarter at a time) two of them: rows q and q + 4 of the warp's 8, not
+// 2q and 2q + 1. The padded pitch (an odd number of 16-byte groups, for conflict-free ldmatrix) puts
+// rows 4 apart 4 groups apart, so the quarter's 8 pieces fill the 8 bank groups (adjacent rows shared
+// one: 2-way conflicts, scripts/cuda_emulator MEMSTAT=1).
 template <int kRows, int kCols, typename T, bool kCore = false>
 struct TileStream {
   static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCore ? kCols : kCols + kPad<T>;
@@ -305,7 +310,8 @@ struct TileStream {
                      bool aligned, int tid)
       : sn(x.sn),
         rows_left(rows),
-        r0(kCore ? tid % 8 + 8 * (tid / 8 / kPieces) : tid / kPieces),
+        r0(kCore ? tid % 8 + 8 * (tid / 8 / kPieces)
+                 : kPieces == 4 ? 8 * (tid / 32) + tid % 32 / 8 + 4 * (tid / 4 % 2) : tid / kPieces),
         c((kCore ? tid / 8 % kPieces : tid % kPieces) * kV) {
     src = x.row<const T>(b, h, row0 + r0) + col0 + c;
     cols_left = cols - col0 - c;
