@@ -334,38 +334,25 @@ extern "C" void __tsan_func_exit() {}
 extern "C" void __tsan_vptr_update(void**, void*) {}
 extern "C" void __tsan_vptr_read(void**) {}
 
-// Atomics (std::barrier, std::atomic in emu.h): performed, not logged. TSan's memory orders are the
-// __ATOMIC_* values.
-#define EMU_ATOMIC(bits, T)                                                                                            \
-  extern "C" T __tsan_atomic##bits##_load(const volatile T* a, int mo) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
-  extern "C" void __tsan_atomic##bits##_store(volatile T* a, T v, int mo) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
-  extern "C" T __tsan_atomic##bits##_exchange(volatile T* a, T v, int mo) {                                            \
-    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                                \
-  }                                                                                                                    \
-  extern "C" T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int mo) {                                           \
-    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                                                 \
-  }                                                                                                                    \
-  extern "C" T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int mo) {                                           \
-    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                                                 \
-  }                                                                                                                    \
-  extern "C" T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int mo) {                                           \
-    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                                                 \
-  }                                                                                                                    \
-  extern "C" T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int mo) {                                            \
-    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                                                 \
-  }                                                                                                                    \
-  extern "C" T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int mo) {                                           \
-    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                                                 \
-  }                                                                                                                    \
-  extern "C" int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int mo, int fmo) {            \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                            \
-  }                                                                                                                    \
-  extern "C" int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int mo, int fmo) {              \
-    return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                             \
-  }                                                                                                                    \
-  extern "C" T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int mo, int fmo) {                  \
-    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                  \
-    return c;                                                                                                          \
+// Atomics (std::barrier, std::atomic in emu.h): performed, not logged, all sequentially consistent.
+#define EMU_FETCH(bits, T, op)                                                                   \
+  extern "C" T __tsan_atomic##bits##_fetch_##op(volatile T* a, T v, int) {                       \
+    return __atomic_fetch_##op(a, v, __ATOMIC_SEQ_CST);                                          \
+  }
+#define EMU_CAS(bits, T, kind, weak)                                                             \
+  extern "C" int __tsan_atomic##bits##_compare_exchange_##kind(volatile T* a, T* c, T v, int, int) { \
+    return __atomic_compare_exchange_n(a, c, v, weak, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);       \
+  }
+#define EMU_ATOMIC(bits, T)                                                                      \
+  extern "C" T __tsan_atomic##bits##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+  extern "C" void __tsan_atomic##bits##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  extern "C" T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+  EMU_FETCH(bits, T, add) EMU_FETCH(bits, T, sub) EMU_FETCH(bits, T, and)                        \
+  EMU_FETCH(bits, T, or) EMU_FETCH(bits, T, xor)                                                 \
+  EMU_CAS(bits, T, strong, false) EMU_CAS(bits, T, weak, true)                                   \
+  extern "C" T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {   \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);            \
+    return c;                                                                                    \
   }
 EMU_ATOMIC(8, unsigned char)
 EMU_ATOMIC(16, unsigned short)
