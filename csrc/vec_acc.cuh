@@ -1,6 +1,7 @@
 // kV consecutive elements of scalar_t as one aligned vector (16 bytes for the widest kV), loaded into
 // and stored from acc-typed registers: the row loads and stores of the elementwise kernels
-// (layer_norm, silu_mul). The caller guarantees the alignment.
+// (layer_norm, silu_mul). The caller guarantees the alignment. store_row8: a thread's 8 floats into a
+// shared tile without bank conflicts (the linear attention's tiles, bias_gelu's column sums).
 #pragma once
 
 #include "common.h"
@@ -20,6 +21,24 @@ __device__ __forceinline__ void store_acc(const acc (&src)[kV], scalar_t* dst) {
 #pragma unroll
   for (int e = 0; e < kV; ++e) v.v[e] = static_cast<scalar_t>(src[e]);
   *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = v;
+}
+
+// A thread's 8 consecutive fp32 values of a shared tile row (vector lc / 8 of row r, kVecsPerRow
+// vectors a row, rows kPitch floats apart) as two 16-byte stores. A quarter warp (8 lanes) stores
+// together: lanes l and l ^ 4 hold the next row's vector (4 a row) or the vector 4 on (8 or more);
+// when their chunks start a multiple of 8 banks apart, the one with lane bit 2 set stores its
+// second half first, so each store's 8 halves fill 32 distinct banks. Stored per element, the
+// reduction's tiles (pitch 8 mod 32) took 8-way bank conflicts and the row tiles (4 mod 32) 4-way
+// (scripts/cuda_emulator MEMSTAT=1).
+template <int kPitch, int kVecsPerRow>
+__device__ __forceinline__ void store_row8(float* dst, const float (&v)[8], int tid) {
+  static_assert(kVecsPerRow >= 4 && kPitch % 4 == 0, "a quarter warp spans whole 4-vector groups");
+  constexpr int kApart = kVecsPerRow == 4 ? kPitch : 32;  // floats between lanes l and l ^ 4
+  const bool swap = (kApart / 4) % 2 == 0 && (tid & 4);   // selects, not a branch: one store each
+  const Vec<float, 4> lo{{v[0], v[1], v[2], v[3]}}, hi{{v[4], v[5], v[6], v[7]}};
+  auto* const d = reinterpret_cast<Vec<float, 4>*>(dst);
+  d[swap ? 1 : 0] = swap ? hi : lo;
+  d[swap ? 0 : 1] = swap ? lo : hi;
 }
 
 }  // namespace sola

@@ -64,6 +64,24 @@ BwdSplit bwd_split(int64_t rows, int64_t C, int kV) {
   return s;
 }
 
+// A thread's kV column sums into red at dst = red + threadIdx.x * kV: whole 16-byte stores (8 floats:
+// two, ordered by store_row8 as rows of 4 vectors), where per element a warp's lanes kV floats apart
+// took kV-way bank conflicts (4-8).
+template <int kV, typename acc>
+__device__ __forceinline__ void store_sums(acc* dst, const acc (&sum)[kV]) {
+  if constexpr (kV * sizeof(acc) == 32 && sizeof(acc) == 4) {
+    store_row8<4 * kV, 4>(dst, sum, threadIdx.x);
+  } else if constexpr (kV * sizeof(acc) == 16) {
+    Vec<acc, kV> v;
+#pragma unroll
+    for (int e = 0; e < kV; ++e) v.v[e] = sum[e];
+    *reinterpret_cast<Vec<acc, kV>*>(dst) = v;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kV; ++e) dst[e] = sum[e];
+  }
+}
+
 // dx, and with kSum the dbias partials (slabs, C) of the slabs this block owns.
 template <typename scalar_t, int kV, bool kTanh, bool kSum>
 __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BiasGeluParams p, const BwdSplit s,
@@ -99,10 +117,9 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BiasGeluP
       }
       if constexpr (kSum) {
         // Column t of the group: the sum of its row threads' sums in row-thread order, into the slab's partial.
-        __shared__ acc red[kThreads * kV];
+        __shared__ __align__(16) acc red[kThreads * kV];
         __syncthreads();  // the previous (slab, group)'s reads of red are done
-#pragma unroll
-        for (int e = 0; e < kV; ++e) red[threadIdx.x * kV + e] = sum[e];  // = red[ty * width + tx * kV + e]
+        store_sums(red + threadIdx.x * kV, sum);  // = red[ty * width + tx * kV + e]
         __syncthreads();
         const int64_t col = group * width + threadIdx.x;
         if (int(threadIdx.x) < width && col < p.C) {

@@ -15,6 +15,7 @@
 #include "cuda_utils.cuh"
 #include "mma_tf32.cuh"
 #include "rope/rope.h"
+#include "vec_acc.cuh"
 #include "linear_attention/linear_attention_cuda.cuh"
 #include "linear_attention/linear_attention_reduce.cuh"
 #include "linear_attention/linear_attention_rows.cuh"
@@ -41,24 +42,6 @@ SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0,
     const uint32_t bf[2] = {tf32::bits(b[8 * n]), tf32::bits(b[4 * kLd + 8 * n])};
     tf32::mma_1688(c[n], af, bf);
   }
-}
-
-// A thread's 8 consecutive fp32 values of a shared tile row (vector lc / 8 of row r, kVecsPerRow
-// vectors a row, rows kPitch floats apart) as two 16-byte stores. A quarter warp (8 lanes) stores
-// together: lanes l and l ^ 4 hold the next row's vector (4 a row) or the vector 4 on (8 or more);
-// when their chunks start a multiple of 8 banks apart, the one with lane bit 2 set stores its
-// second half first, so each store's 8 halves fill 32 distinct banks. Stored per element, the
-// reduction's tiles (pitch 8 mod 32) took 8-way bank conflicts and the row tiles (4 mod 32) 4-way
-// (scripts/cuda_emulator MEMSTAT=1).
-template <int kPitch, int kVecsPerRow>
-SOLA_HD void store_row8(float* dst, const float (&v)[8], int tid) {
-  static_assert(kVecsPerRow >= 4 && kPitch % 4 == 0, "a quarter warp spans whole 4-vector groups");
-  constexpr int kApart = kVecsPerRow == 4 ? kPitch : 32;  // floats between lanes l and l ^ 4
-  const bool swap = (kApart / 4) % 2 == 0 && (tid & 4);   // selects, not a branch: one store each
-  const Vec<float, 4> lo{{v[0], v[1], v[2], v[3]}}, hi{{v[4], v[5], v[6], v[7]}};
-  auto* const d = reinterpret_cast<Vec<float, 4>*>(dst);
-  d[swap ? 1 : 0] = swap ? hi : lo;
-  d[swap ? 0 : 1] = swap ? lo : hi;
 }
 
 // A block owns one (head, token chunk, kTile x kTile tile of M), as the SIMT kernel; each warp owns
