@@ -23,6 +23,20 @@ __device__ __forceinline__ void store_acc(const acc (&src)[kV], scalar_t* dst) {
   *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = v;
 }
 
+// v at dst (16-byte aligned) as 16-byte stores, kV acc values filling whole ones.
+template <int kV, typename acc>
+__device__ __forceinline__ void store_vec16(acc* dst, const acc (&v)[kV]) {
+  constexpr int kW = 16 / int(sizeof(acc));
+  static_assert(kV % kW == 0, "whole 16-byte stores");
+#pragma unroll
+  for (int q = 0; q < kV; q += kW) {
+    Vec<acc, kW> w;
+#pragma unroll
+    for (int e = 0; e < kW; ++e) w.v[e] = v[q + e];
+    *reinterpret_cast<Vec<acc, kW>*>(dst + q) = w;
+  }
+}
+
 // A thread's 8 consecutive fp32 values of a shared tile row (vector lc / 8 of row r, kVecsPerRow
 // vectors a row, rows kPitch floats apart) as two 16-byte stores. A quarter warp (8 lanes) stores
 // together: lanes l and l ^ 4 hold the next row's vector (4 a row) or the vector 4 on (8 or more);

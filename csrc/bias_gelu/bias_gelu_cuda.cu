@@ -72,10 +72,7 @@ __device__ __forceinline__ void store_sums(acc* dst, const acc (&sum)[kV]) {
   if constexpr (kV * sizeof(acc) == 32 && sizeof(acc) == 4) {
     store_row8<4 * kV, 4>(dst, sum, threadIdx.x);
   } else if constexpr (kV * sizeof(acc) == 16) {
-    Vec<acc, kV> v;
-#pragma unroll
-    for (int e = 0; e < kV; ++e) v.v[e] = sum[e];
-    *reinterpret_cast<Vec<acc, kV>*>(dst) = v;
+    store_vec16(dst, sum);
   } else {
 #pragma unroll
     for (int e = 0; e < kV; ++e) dst[e] = sum[e];

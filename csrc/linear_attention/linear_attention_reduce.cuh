@@ -15,6 +15,7 @@
 
 #include "linear_attention/linear_attention_device.cuh"
 #include "linear_attention/linear_attention_plan.h"
+#include "vec_acc.cuh"
 
 namespace sola {
 namespace la {
@@ -93,21 +94,6 @@ struct ReduceConfig {
   static_assert(kTile % kVec == 0 && kTile % kTM == 0, "tile must split evenly");
 };
 
-// v as 16-byte stores at dst (16-byte aligned): a quarter warp storing one stage row fills 32 banks,
-// where per element a warp had hit 8 (4-way conflicts; nvcc does not merge them).
-template <int kV, typename acc>
-SOLA_HD void store_tile_vec(acc* dst, const acc (&v)[kV]) {
-  constexpr int kW = 16 / int(sizeof(acc));
-  static_assert(kV % kW == 0, "whole 16-byte stores");
-#pragma unroll
-  for (int q = 0; q < kV; q += kW) {
-    Vec<acc, kW> w;
-#pragma unroll
-    for (int e = 0; e < kW; ++e) w.v[e] = v[q + e];
-    *reinterpret_cast<Vec<acc, kW>*>(dst + q) = w;
-  }
-}
-
 // grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads.
 template <typename scalar_t, int kTile>
 __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, ReduceConfig<scalar_t, kTile>::kMinBlocks)
@@ -148,9 +134,11 @@ __global__ void __launch_bounds__(ReduceConfig<scalar_t, kTile>::kBlockThreads, 
         const int64_t t = t0 + r;
         acc xv[kV], yv[kV], sv[kV];
         load_token<kV>(a, it, TokenRow<scalar_t>(a, it, t, own_side_tile), col, own_side_tile, al, xv, yv, sv);
-        store_tile_vec(&x_tile[r][col], xv);
-        store_tile_vec(&y_tile[r][col], yv);
-        if (own_side_tile) store_tile_vec(&s_tile[r][col], sv);
+        // 16-byte stores: a quarter warp fills 32 banks with one stage row (per element a warp had hit
+        // 8 banks, 4-way; nvcc does not merge them)
+        store_vec16(&x_tile[r][col], xv);
+        store_vec16(&y_tile[r][col], yv);
+        if (own_side_tile) store_vec16(&s_tile[r][col], sv);
       }
       __syncthreads();
 #pragma unroll 8
