@@ -61,6 +61,7 @@ Range stack_of_this_thread() {
 }
 
 thread_local bool tl_recording = false;
+thread_local bool tl_in_kernel = false;  // every block's threads, sampled or not
 thread_local unsigned tl_tx = 0;
 thread_local Range tl_stack;
 thread_local std::vector<Event> tl_events;
@@ -150,6 +151,22 @@ void price(const std::vector<std::pair<int, const Event*>>& req, bool shared, St
 }
 
 void report();
+std::map<uintptr_t, std::pair<std::string, std::vector<std::string>>> resolve(const std::vector<uintptr_t>& pcs);
+
+// An access the compiler emitted as aligned to its size (a 16-byte Vec, an 8-byte one) at an address that
+// is not: a GPU faults ("misaligned address"), x86 does not, so it aborts here, naming the site.
+void check_aligned(const void* pc, const void* addr, int bytes) {
+  if (!tl_in_kernel || quiet || reinterpret_cast<uintptr_t>(addr) % bytes == 0) return;
+  static std::mutex first;  // one report: the other lanes wait here until the abort
+  first.lock();
+  const uintptr_t site = reinterpret_cast<uintptr_t>(pc);
+  const auto where = resolve({site});
+  std::string frames;
+  if (where.count(site))
+    for (const std::string& f : where.at(site).second) frames += (frames.empty() ? "" : " < ") + f;
+  std::fprintf(stderr, "misaligned %d-byte access at %p (a GPU faults): %s\n", bytes, addr, frames.c_str());
+  std::abort();
+}
 }  // namespace
 
 void record(const void* pc, const void* addr, int bytes, bool write) {
@@ -185,11 +202,13 @@ void thread_begin(unsigned tx) {
   tl_events.clear();
   tl_stack = stack_of_this_thread();
   tl_recording = g_sampled;
+  tl_in_kernel = true;
 }
 
 void thread_end() {
   if (tl_recording) g_lanes[tl_tx] = std::move(tl_events);  // each thread its own slot
   tl_recording = false;
+  tl_in_kernel = false;
   tl_events = {};
 }
 
@@ -232,7 +251,8 @@ std::map<uintptr_t, std::pair<std::string, std::vector<std::string>>> resolve(co
   Dl_info info{};
   if (!dladdr(reinterpret_cast<void*>(pcs[0]), &info) || !info.dli_fname) return out;
   const uintptr_t base = reinterpret_cast<uintptr_t>(info.dli_fbase);
-  const std::string list = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") + "/emu_memstat_pcs";
+  const std::string list = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") + "/emu_memstat_pcs." +
+                           std::to_string(getpid());
   FILE* f = std::fopen(list.c_str(), "w");
   if (!f) return out;
   for (uintptr_t pc : pcs) std::fprintf(f, "0x%lx\n", static_cast<unsigned long>(pc - base));
@@ -316,9 +336,16 @@ void report() {
 
 // The TSan instrumentation's entry points (GCC 12), as memstat's hooks.
 using emu::memstat::hook;
+using emu::memstat::check_aligned;
 #define EMU_ACCESS(n)                                                                                                  \
-  extern "C" void __tsan_read##n(void* a) { hook(__builtin_return_address(0), a, n, false); }                          \
-  extern "C" void __tsan_write##n(void* a) { hook(__builtin_return_address(0), a, n, true); }                          \
+  extern "C" void __tsan_read##n(void* a) {                                                                            \
+    if (n >= 8) check_aligned(__builtin_return_address(0), a, n);                                                      \
+    hook(__builtin_return_address(0), a, n, false);                                                                    \
+  }                                                                                                                    \
+  extern "C" void __tsan_write##n(void* a) {                                                                           \
+    if (n >= 8) check_aligned(__builtin_return_address(0), a, n);                                                      \
+    hook(__builtin_return_address(0), a, n, true);                                                                     \
+  }                                                                                                                    \
   extern "C" void __tsan_unaligned_read##n(void* a) { hook(__builtin_return_address(0), a, n, false); }                \
   extern "C" void __tsan_unaligned_write##n(void* a) { hook(__builtin_return_address(0), a, n, true); }
 EMU_ACCESS(1)
