@@ -120,8 +120,7 @@ int main(int argc, char** argv) {
     Case c;
     c.rows = 3136, c.C = 256;
     bias_gelu_case(c);
-    std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-    return failures ? 1 : 0;
+    return report_failures();
   }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
@@ -166,6 +165,5 @@ int main(int argc, char** argv) {
       if (!quick || !tanh) bias_gelu_case(many);
     }
   }
-  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-  return failures ? 1 : 0;
+  return report_failures();
 }

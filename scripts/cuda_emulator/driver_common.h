@@ -8,6 +8,11 @@
 #include <ATen/ATen.h>
 
 inline int failures = 0;
+// PASSED or FAILED (n) and the exit status: how the elementwise drivers end.
+inline int report_failures() {
+  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
+  return failures ? 1 : 0;
+}
 
 inline at::Tensor input(int64_t B, int64_t H, int64_t N, int64_t D, at::ScalarType dt, bool strided, double scale = 1.0) {
   if (strided) return (at::randn({B, N, H, D}, at::kDouble) * scale).to(dt).transpose(1, 2);

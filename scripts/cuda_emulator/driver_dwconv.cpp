@@ -113,8 +113,7 @@ int main(int argc, char** argv) {
     dwconv_case(c);
     c.epilogue = DwEpilogue::Plain, c.C = 256, c.stride = 2, c.relu_in = true;
     dwconv_case(c);
-    std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-    return failures ? 1 : 0;
+    return report_failures();
   }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
@@ -243,6 +242,5 @@ int main(int argc, char** argv) {
   if (!quick) dwconv_case(walk);
   walk.relu_in = false, walk.addend = 1;  // and an addend
   if (!quick) dwconv_case(walk);
-  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-  return failures ? 1 : 0;
+  return report_failures();
 }

@@ -92,8 +92,7 @@ int main(int argc, char** argv) {
     ln_case(c);
     c.rows = 49, c.C = 512;
     ln_case(c);
-    std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-    return failures ? 1 : 0;
+    return report_failures();
   }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
@@ -142,6 +141,5 @@ int main(int argc, char** argv) {
     walk.rows = 3000, walk.C = 1030;  // the column kernel with several partials
     ln_case(walk);
   }
-  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-  return failures ? 1 : 0;
+  return report_failures();
 }

@@ -88,6 +88,5 @@ int main(int argc, char** argv) {
     c.dt = dt, c.B = 1, c.H = 1, c.N = 1, c.D = 8;
     rope_case(c);
   }
-  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-  return failures ? 1 : 0;
+  return report_failures();
 }

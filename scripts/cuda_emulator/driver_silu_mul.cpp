@@ -109,6 +109,5 @@ int main(int argc, char** argv) {
       silu_mul_case(walk);
     }
   }
-  std::printf(failures ? "FAILED (%d)\n" : "PASSED\n", failures);
-  return failures ? 1 : 0;
+  return report_failures();
 }

@@ -200,8 +200,8 @@ void block_begin(unsigned block_index, unsigned threads, const void* dynamic_sme
 void thread_begin(unsigned tx) {
   tl_tx = tx;
   tl_events.clear();
-  tl_stack = stack_of_this_thread();
   tl_recording = g_sampled;
+  if (tl_recording) tl_stack = stack_of_this_thread();  // only the recorded accesses are filtered by it
   tl_in_kernel = true;
 }
 
