@@ -2,7 +2,10 @@
 // comparison of an emulated CUDA result with the CPU kernels' (NaN / inf patterns must agree).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <random>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -64,5 +67,44 @@ inline void compare(const std::string& what, const at::Tensor& got, const at::Te
   if (!(diff <= tol(dt) * scale)) {
     std::printf("FAIL %s: max diff %g (scale %g)\n", what.c_str(), diff, scale);
     ++failures;
+  }
+}
+
+// Random cases for the drivers' `fuzz <seed> <count> [first]` modes: case i draws from (seed, i) alone,
+// so `fuzz <seed> 1 <i>` reruns a failing case i by itself.
+struct FuzzDraw {
+  std::mt19937_64 rng;
+  FuzzDraw(uint64_t seed, uint64_t index) : rng(seed * 1000003u + index) { at::manual_seed(seed * 7919u + index); }
+  int64_t uniform(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+  double real(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
+  bool chance(double p) { return real(0, 1) < p; }
+  // A sequence length in [1, hi], log-uniform: short and edge-of-tile lengths as often as long ones.
+  int64_t length(int64_t hi) { return std::min<int64_t>(hi, int64_t(std::exp(real(0, std::log(double(hi) + 1))))); }
+  // A head dim up to 256: mostly the fast paths' buckets (32, 64, 128), then anything.
+  int64_t head_dim() {
+    const double u = real(0, 1);
+    if (u < 0.45) return int64_t(32) << uniform(0, 2);
+    if (u < 0.55) return int64_t(8) * uniform(1, 12);
+    if (u < 0.85) return uniform(1, 128);
+    return uniform(129, 256);
+  }
+  at::ScalarType dtype() {
+    const double u = real(0, 1);
+    return u < 0.35 ? at::kBFloat16 : u < 0.6 ? at::kHalf : u < 0.85 ? at::kFloat : at::kDouble;
+  }
+};
+
+// Parses `fuzz <seed> <count> [first]` and calls run_case(draw, i) for i = first .. first + count - 1.
+template <typename F>
+void fuzz_cases(int argc, char** argv, F&& run_case) {
+  const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
+  const int64_t count = argc > 3 ? std::strtoll(argv[3], nullptr, 10) : 50;
+  const int64_t first = argc > 4 ? std::strtoll(argv[4], nullptr, 10) : 0;
+  for (int64_t i = first; i < first + count; ++i) {
+    const int before = failures;
+    FuzzDraw draw(seed, uint64_t(i));
+    run_case(draw);
+    if (failures != before) std::printf("FAIL fuzz case: rerun with `fuzz %lu 1 %ld`\n", (unsigned long)seed, (long)i);
+    std::fflush(stdout);
   }
 }

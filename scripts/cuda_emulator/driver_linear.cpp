@@ -6,7 +6,7 @@
 // kernels (rope_cpu.cpp) with q_norm / k_norm, as the op layer does where it does not fuse.
 // Every CUDA result is also computed with the row kernels' other variants (SOLA_LINEAR_ROWS=unstaged;
 // the backward also staged_presplit) and must be bitwise equal.
-// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge|tiny|vision].
+// Usage: driver_linear [quick|all|big|race|fold|rope|rope_walk|huge|tiny|vision|fuzz <seed> <count> [first]].
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -347,6 +347,29 @@ int main(int argc, char** argv) {
     c.H = 1, c.Nq = c.Nk = 4096, c.Dk = c.Dv = 64;
     run(c, at::kBFloat16);
   }
+  // Random cases (driver_common.h's fuzz_cases): sizes, head dims up to 256, dtypes, maps, options,
+  // views, RoPE where the CUDA kernels fuse it, NaN; SOLA_MAX_GRID caps some grids so blocks walk items.
+  if (which == "fuzz") fuzz_cases(argc, argv, [&](FuzzDraw& f) {
+    Case c;
+    c.dt = f.dtype();
+    c.B = f.uniform(1, 3), c.H = f.uniform(1, 5);
+    if (f.chance(0.1)) c.B = 8, c.H = 16;  // many heads: grids past one block per head
+    const int64_t n_max = std::max<int64_t>(8, 3000 / (c.B * c.H));
+    c.Nq = f.length(n_max), c.Nk = f.length(n_max), c.Dk = f.head_dim(), c.Dv = f.head_dim();
+    c.fm = static_cast<FeatureMap>(f.uniform(0, 2));
+    // The identity map's normaliser phi(q) . z can sit at 0: out = num / den is then ill-conditioned.
+    c.normalize = c.fm != FeatureMap::Identity && f.chance(0.85);
+    c.has_qn = c.normalize && f.chance(0.25), c.has_kn = c.normalize && f.chance(0.25);
+    c.strided = f.chance(0.3), c.poison = f.chance(0.1);
+    LinearAttentionParams p;
+    p.Dk = c.Dk, p.Dv = c.Dv, p.dtype = c.dt, p.device_index = -1;
+    if (!c.has_qn && !c.has_kn && c.Dk % 2 == 0 && f.chance(0.35) && linear_attention_rope_fused_cuda(p))
+      c.rope = true, c.Nk = c.Nq;
+    const bool cap_grid = f.chance(0.15);
+    if (cap_grid) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+    linear_case(c);
+    unsetenv("SOLA_MAX_GRID");
+  });
   if (which == "race") {  // for the TSAN=1 build: 1024 heads, so every QueryGrad block walks all
     Case c;               // its head's row tiles (bf16: 3 of 64, fp32: 2 of 128), reusing qs / xs
     c.B = 32, c.H = 32, c.Nq = 130, c.Nk = 8, c.has_qn = true;  // and the sums between them

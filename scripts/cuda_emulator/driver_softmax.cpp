@@ -1,6 +1,7 @@
 // Runs the softmax-attention CUDA launchers (emulated on the CPU, see README.md) against the CPU
 // kernels: out, lse, delta, dq, dk, dv on awkward sizes, every dtype, NaN / -inf inputs, and a
-// second backward that must be bitwise equal. Usage: driver [softmax|flash|wgmma|race|big|vision|all].
+// second backward that must be bitwise equal.
+// Usage: driver [softmax|flash|wgmma|race|big|vision|all|fuzz <seed> <count> [first]].
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -182,6 +183,30 @@ int main(int argc, char** argv) {
     for (auto dt : {at::kHalf, at::kFloat, at::kDouble}) softmax_case(1, 2, 70, 90, 32, 40, dt, 0.2, false, 0, true);
     for (auto dt : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) softmax_case(2, 1, 70, 90, 32, 32, dt, 0.3, false, 5);
   }
+  // Random cases (driver_common.h's fuzz_cases): sizes, head dims up to 256, dtypes, scales (0, negative),
+  // views, NaN / -inf / +inf inputs, a gradient of lse; for fp16 / bf16 the wgmma kernels and one or two
+  // row groups by chance; SOLA_MAX_GRID caps some grids so blocks walk several items.
+  if (which == "fuzz") fuzz_cases(argc, argv, [&](FuzzDraw& f) {
+    const at::ScalarType dt = f.dtype();
+    int64_t B = f.uniform(1, 3), H = f.uniform(1, 4);
+    if (f.chance(0.1)) B = 8, H = 16;
+    const int64_t n_max = std::max<int64_t>(8, 1500 / (B * H));
+    const int64_t Nq = f.length(n_max), Nk = f.length(n_max), Dk = f.head_dim(), Dv = f.head_dim();
+    const double u = f.real(0, 1);
+    const double scale = u < 0.05 ? 0.0 : (u < 0.1 ? -1.0 : 1.0) * f.real(0.2, 1.2) / std::sqrt(double(Dk));
+    // Poison 1 needs a fourth query, 2 a third column, 5 a third key; 4 (every score -2560) makes bf16 / fp16
+    // dq a near-cancellation whose error can pass the tolerance (flash_cases).
+    int poison = f.chance(0.15) ? int(f.uniform(1, 5)) : 0;
+    const bool low = dt == at::kHalf || dt == at::kBFloat16;
+    if ((poison == 1 && Nq <= 3) || (poison == 2 && Dk < 3) || (poison == 5 && Nk < 3) || (poison == 4 && low))
+      poison = 0;
+    const bool strided = f.chance(0.3), grad_lse = f.chance(0.15);
+    if (low && std::max(Dk, Dv) <= 128 && f.chance(0.4)) setenv("SOLA_FLASH_WGMMA", "1", 1);
+    if (f.chance(0.4)) setenv("SOLA_FLASH_GROUPS", f.chance(0.5) ? "1" : "2", 1);
+    if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+    softmax_case(B, H, Nq, Nk, Dk, Dv, dt, scale, strided, poison, grad_lse);
+    for (const char* var : {"SOLA_FLASH_WGMMA", "SOLA_FLASH_GROUPS", "SOLA_MAX_GRID"}) unsetenv(var);
+  });
   // Whole tiles at SoLA-Vision's head dim 32 and at 64, bf16 and fp32: for the MEMSTAT=1 build's access
   // statistics.
   if (which == "vision") {

@@ -1,0 +1,79 @@
+"""Random cases of both attention ops against the fp64 reference (the FlashAttention rule, conftest.py):
+sizes, head dims up to 256, dtypes, options and memory layouts drawn from a seeded generator, so shapes
+nobody picked join the fixed cases of test_ops_linear.py and test_ops_softmax.py. Every draw depends on
+the case number alone: `pytest tests/test_fuzz.py -k "linear and case7-"` reruns case 7. On a GPU the
+same cases run the CUDA kernels (scripts/gpu_check.sh); the emulator drivers' `fuzz` modes draw the same
+way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import DEVICES, check_linear, check_softmax, randn, strided_like
+
+CASES = 24
+LAYOUTS = ["contiguous", "contiguous", "transposed", "slice", "lastdim"]
+
+
+def draw_length(rng, hi):
+    """A sequence length in [1, hi], log-uniform: edge-of-tile lengths as often as long ones."""
+    return min(hi, int(math.exp(rng.uniform(0, math.log(hi + 1)))))
+
+
+def draw_head_dim(rng):
+    """Up to 256: mostly the kernels' fast buckets (32, 64, 128), then anything."""
+    u = rng.random()
+    if u < 0.45:
+        return 32 << rng.randint(0, 2)
+    if u < 0.85:
+        return rng.randint(1, 128)
+    return rng.randint(129, 256)
+
+
+def draw_common(rng, device):
+    """dtype, B, H, Nq, Nk, Dk, Dv: at most ~4k query and key rows in all, fewer on the CPU."""
+    dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
+    B, H = rng.randint(1, 3), rng.randint(1, 4)
+    n_max = max(8, (4096 if device == "cuda" else 1024) // (B * H))
+    return dtype, B, H, draw_length(rng, n_max), draw_length(rng, n_max), draw_head_dim(rng), draw_head_dim(rng)
+
+
+def laid_out(rng, x, seed):
+    return strided_like(x, rng.choice(LAYOUTS), seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [f"case{i}-" for i in range(CASES)])
+def test_linear_attention_random(device, case):
+    seed = int(case[4:-1])
+    rng = random.Random(1000 + seed)
+    dtype, B, H, Nq, Nk, Dk, Dv = draw_common(rng, device)
+    feature_map = rng.choice(["elu", "relu", "identity"])
+    normalize = rng.random() < 0.8
+    # identity with the normaliser divides by phi(q) . z, which crosses 0 for signed inputs: positive ones
+    positive = feature_map == "identity" and normalize
+    q = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed, positive), 10)
+    k = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 1, positive), 11)
+    v = laid_out(rng, randn((B, H, Nk, Dv), dtype, device, seed + 2), 12)
+    norms = {}
+    if normalize and rng.random() < 0.3:
+        norms["q_norm"] = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed + 3, positive), 13)
+    if normalize and rng.random() < 0.3:
+        norms["k_norm"] = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 4, positive), 14)
+    eps = rng.choice([1e-6, 1e-6, 0.0, 0.1]) if feature_map != "identity" else 1e-6
+    check_linear(q, k, v, feature_map=feature_map, normalize=normalize, eps=eps, **norms)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [f"case{i}-" for i in range(CASES)])
+def test_softmax_attention_random(device, case):
+    seed = int(case[4:-1])
+    rng = random.Random(2000 + seed)
+    dtype, B, H, Nq, Nk, Dk, Dv = draw_common(rng, device)
+    u = rng.random()
+    scale = None if u < 0.4 else 0.0 if u < 0.5 else rng.uniform(-1.5, 1.5) / math.sqrt(Dk)
+    q = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed, scale=2.0), 10)
+    k = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 1, scale=2.0), 11)
+    v = laid_out(rng, randn((B, H, Nk, Dv), dtype, device, seed + 2), 12)
+    check_softmax(q, k, v, scale=scale)
