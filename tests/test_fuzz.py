@@ -1,6 +1,6 @@
-"""Random cases of both attention ops against the fp64 reference (the FlashAttention rule, conftest.py):
+"""Random cases of both attention ops and the depthwise conv against the fp64 reference (the FlashAttention rule, conftest.py):
 sizes, head dims up to 256, dtypes, options and memory layouts drawn from a seeded generator, so shapes
-nobody picked join the fixed cases of test_ops_linear.py and test_ops_softmax.py. Every draw depends on
+nobody picked join the fixed cases of test_ops_linear.py, test_ops_softmax.py and test_ops_dwconv.py. Every draw depends on
 the case number alone: `pytest tests/test_fuzz.py -k "linear and case7-"` reruns case 7. On a GPU the
 same cases run the CUDA kernels (scripts/gpu_check.sh); the emulator drivers' `fuzz` modes draw the same
 way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import DEVICES, check_linear, check_softmax, randn, strided_like
+from test_ops_dwconv import check_dwconv, params
 
 CASES = 24
 LAYOUTS = ["contiguous", "contiguous", "transposed", "slice", "lastdim"]
@@ -77,3 +78,24 @@ def test_softmax_attention_random(device, case):
     k = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 1, scale=2.0), 11)
     v = laid_out(rng, randn((B, H, Nk, Dv), dtype, device, seed + 2), 12)
     check_softmax(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [f"case{i}-" for i in range(CASES)])
+def test_dwconv_random(device, case):
+    seed = int(case[4:-1])
+    rng = random.Random(3000 + seed)
+    dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
+    B, H, W = rng.randint(1, 3), draw_length(rng, 40), draw_length(rng, 40)
+    C = 8 * rng.randint(1, 40) if rng.random() < 0.6 else rng.randint(1, 300)
+    stride = rng.choice([1, 2])
+    residual = stride == 1 and rng.random() < 0.3
+    activation = None if residual else rng.choice([None, "silu", "relu"])
+    input_activation = None if residual or rng.random() < 0.7 else "relu"
+    x = laid_out(rng, randn((B, H, W, C), dtype, device, seed), 10)
+    # 16-bit x with fp32 parameters too (autocast's case); an fp32 weight's gradient is fp32, so not with fp64 x
+    w_dtype = rng.choice([dtype, torch.float32]) if dtype in (torch.float16, torch.bfloat16) else dtype
+    weight, bias = params(C, device, w_dtype, bias=rng.random() < 0.7,
+                          shape4=rng.random() < 0.5, seed=seed + 1)
+    check_dwconv(x, weight, bias, residual=residual, activation=activation, stride=stride,
+                 input_activation=input_activation)
