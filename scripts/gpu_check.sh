@@ -26,7 +26,7 @@
 #   MAX_JOBS              default: nproc
 #   GPU_CHECK_SKIP_BUILD  1: use the sola_ops already built (re-running the checks and benchmarks)
 #   GPU_CHECK_PROFILE     1: per-kernel ncu numbers after the kernel benchmark (scripts/profile_kernels.py,
-#                         ~130 s; e.g. with GPU_CHECK_SKIP=explorer) into bench/results/<gpu>_profile.txt
+#                         ~170 s, wgmma cases included; e.g. with GPU_CHECK_SKIP=explorer) into bench/results/<gpu>_profile.txt
 #   GPU_CHECK_BREAKDOWN   1: a model step's kernel time by kind, sola vs torch, the training step then the
 #                         forward (bench/model_breakdown.py --top 15 --ops 25: also each op's GB/s, ~80 s each)
 #                         into bench/results/<gpu>_breakdown.txt,
@@ -206,7 +206,7 @@ main() {
     step "kernel bench" 180 200 "$PY" bench/kernels.py $quick --strict --max-impl-s 30 --out "$JSON" \
         --impls "$OUR_IMPLS" --budget-s "$((kb > 10 ? kb : 10))"
     if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
-        step "profile" 150 150 bash -c '"$1" scripts/profile_kernels.py | tee "$2"; exit "${PIPESTATUS[0]}"' _ "$PY" \
+        step "profile" 200 150 bash -c '"$1" scripts/profile_kernels.py | tee "$2"; exit "${PIPESTATUS[0]}"' _ "$PY" \
             "$RESULTS/${SLUG}_profile.txt"
     fi
     local mb=$((DEADLINE - $(now) - 150))

@@ -18,20 +18,24 @@ import subprocess
 import sys
 from collections import OrderedDict
 
-# name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set, and optionally the linear row
-# kernels' variant (SOLA_LINEAR_ROWS: bench/kernels.py's sola_ops_unstaged / sola_ops_presplit). The block
+# name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set, and optionally the environment of a
+# variant: the linear row kernels' (SOLA_LINEAR_ROWS: bench/kernels.py's sola_ops_unstaged / sola_ops_presplit),
+# the softmax forward and backward on Hopper's wgmma (SOLA_FLASH_WGMMA: sola_ops_wgmma). The block
 # ops take x (B, H, N, D) as the model runs them (fp32 parameters): "layer_norm" over D; "dwconv" on
 # (B, H, W = N, C = D) tokens, the CPE (x + conv(x)), or at stride 2 with its ReLU (the downsample's).
 CASES = OrderedDict([
     ("linear_vision", ("linear", "bfloat16", 128, 2, 3136, 32)),
-    ("linear_vision_unstaged", ("linear", "bfloat16", 128, 2, 3136, 32, "unstaged")),
+    ("linear_vision_unstaged", ("linear", "bfloat16", 128, 2, 3136, 32, {"SOLA_LINEAR_ROWS": "unstaged"})),
     ("linear_vision_fp32", ("linear", "float32", 128, 2, 3136, 32)),
     ("linear_sweep", ("linear", "bfloat16", 8, 16, 16384, 64)),
-    ("linear_sweep_unstaged", ("linear", "bfloat16", 8, 16, 16384, 64, "unstaged")),
-    ("linear_sweep_presplit", ("linear", "bfloat16", 8, 16, 16384, 64, "staged_presplit")),
+    ("linear_sweep_unstaged", ("linear", "bfloat16", 8, 16, 16384, 64, {"SOLA_LINEAR_ROWS": "unstaged"})),
+    ("linear_sweep_presplit", ("linear", "bfloat16", 8, 16, 16384, 64, {"SOLA_LINEAR_ROWS": "staged_presplit"})),
     ("softmax_vision", ("softmax", "bfloat16", 128, 4, 784, 64)),
     ("softmax_vision_d32", ("softmax", "bfloat16", 128, 2, 3136, 32)),
+    ("softmax_vision_wgmma", ("softmax", "bfloat16", 128, 4, 784, 64, {"SOLA_FLASH_WGMMA": "1"})),
+    ("softmax_vision_d32_wgmma", ("softmax", "bfloat16", 128, 2, 3136, 32, {"SOLA_FLASH_WGMMA": "1"})),
     ("softmax_long", ("softmax", "bfloat16", 8, 16, 4096, 64)),
+    ("softmax_long_wgmma", ("softmax", "bfloat16", 8, 16, 4096, 64, {"SOLA_FLASH_WGMMA": "1"})),
     ("softmax_vision_fp32", ("softmax", "float32", 128, 4, 784, 64)),  # 3xTF32 (session 27)
     ("layer_norm_stage1", ("layer_norm", "bfloat16", 128, 56, 56, 64)),  # session 28
     ("dwconv_stage1", ("dwconv", "bfloat16", 128, 56, 56, 64)),
@@ -48,14 +52,18 @@ METRICS = OrderedDict([
 ])
 
 
+def case_env(case):
+    """The environment variables that pick the case's variant ({} for the defaults)."""
+    return CASES[case][6] if len(CASES[case]) > 6 else {}
+
+
 def drive(case):
     """Runs under ncu: warm-up, then the profiled calls."""
     import torch
 
     import sola_ops
     op, dtype, B, H, N, D = CASES[case][:6]
-    if len(CASES[case]) > 6:
-        os.environ["SOLA_LINEAR_ROWS"] = CASES[case][6]
+    os.environ.update(case_env(case))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=getattr(torch, dtype), generator=gen)
                for _ in range(3))
@@ -127,8 +135,8 @@ def main():
             print(f"profile_kernels: unknown case {case!r}; known: {', '.join(CASES)}", file=sys.stderr)
             return 1
         op, dtype, B, H, N, D = CASES[case][:6]
-        rows = f", SOLA_LINEAR_ROWS={CASES[case][6]}" if len(CASES[case]) > 6 else ""
-        print(f"=== {case}: {op} {dtype} B={B} H={H} N={N} D={D}{rows}, one fwd then one fwd+bwd", flush=True)
+        env = "".join(f", {name}={value}" for name, value in case_env(case).items())
+        print(f"=== {case}: {op} {dtype} B={B} H={H} N={N} D={D}{env}, one fwd then one fwd+bwd", flush=True)
         profile(case, ncu)
     return 0
 

@@ -8,8 +8,10 @@
 // transposed one at stride 2; at stride 1 the reversed convolution of g, as the op layer runs it).
 // An addend added to the convolution's output (in the case's layout, or misaligned beside an aligned x),
 // also to the reversed one's (the backward's dx_addend).
-// Usage: driver_dwconv [all | quick | vision] (quick: bf16, no walk; vision: model shapes for MEMSTAT=1).
+// Usage: driver_dwconv [all | quick | vision | fuzz <seed> <count> [first]] (quick: bf16, no walk; vision: model
+// shapes for MEMSTAT=1; fuzz: random cases).
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -103,8 +105,36 @@ static void dwconv_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick" && which != "vision")
-    return std::printf("usage: driver_dwconv [all | quick | vision]\n"), 2;
+  if (which != "all" && which != "quick" && which != "vision" && which != "fuzz")
+    return std::printf("usage: driver_dwconv [all | quick | vision | fuzz <seed> <count> [first]]\n"), 2;
+  // Random cases (driver_common.h's fuzz_cases): sizes, channel counts, strides, the combinations of residual,
+  // reversed taps, epilogue, relu input and addend that the op layer runs, layouts, NaN, capped grids.
+  if (which == "fuzz") {
+    fuzz_cases(argc, argv, [](FuzzDraw& f) {
+      Case c;
+      c.dt = f.dtype();
+      c.B = f.uniform(1, 3), c.H = f.length(40), c.W = f.length(40);
+      c.C = f.chance(0.6) ? 8 * f.uniform(1, 40) : f.uniform(1, 300);
+      c.stride = int(f.uniform(1, 2));
+      const int64_t layout = f.uniform(0, 3);  // 0, 1: contiguous
+      c.strided = layout == 2, c.misaligned = layout == 3;
+      c.bias = f.chance(0.7), c.poison = f.chance(0.1);
+      const double u = f.real(0, 1);
+      if (c.stride == 1 && u < 0.2) {
+        c.residual = true;  // the CPE
+      } else if (c.stride == 1 && u < 0.3) {
+        c.reversed = true, c.residual = f.chance(0.5);  // the stride-1 input gradient
+      } else {
+        c.epilogue = static_cast<DwEpilogue>(f.uniform(0, 3)), c.relu_in = f.chance(0.3);
+      }
+      if ((c.epilogue == DwEpilogue::Plain || c.epilogue == DwEpilogue::Silu) && f.chance(0.3))
+        c.addend = int(f.uniform(1, 2));
+      if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+      dwconv_case(c);
+      unsetenv("SOLA_MAX_GRID");
+    });
+    return report_failures();
+  }
   if (which == "vision") {  // SoLA-Vision tiny's first stage at batch 1 (MEMSTAT=1 statistics): CPE with its
     Case c;                 // residual, the in-block conv with SiLU, the downsample's stride 2 with relu
     c.B = 1, c.H = c.W = 56, c.C = 64, c.residual = true;
