@@ -5,7 +5,8 @@
 
 For each case ncu profiles one forward and one forward+backward call (after warm-up runs, between
 cudaProfilerStart/Stop) and this prints one line per kernel launch: duration, DRAM and SM throughput
-as % of peak, achieved occupancy, registers per thread, grid and block. The first GPU run (H200,
+as % of peak, achieved occupancy, registers per thread, grid and block, and where ncu has the counters,
+issue slots and tensor pipes busy and shared-memory bank conflicts. The first GPU run (H200,
 2026-12-04) found linear attention at 10-23% of the copy bandwidth and softmax attention at
 0.5-0.9x cuDNN: this says which kernel and which limit. Needs a GPU and ncu on PATH.
 """
@@ -50,6 +51,15 @@ METRICS = OrderedDict([
     ("launch__grid_size", "grid"),
     ("launch__block_size", "block"),
 ])
+# What bounds a compute kernel (bench/softmax_attention_notes.md asks first whether the flash forward is
+# issue-bound): issue slots busy, the tensor pipe busy (mma.sync, wgmma), shared-memory bank conflicts.
+# Kept where this ncu lists the counter (`ncu --query-metrics`), so an unknown name cannot void the run.
+EXTRA_METRICS = OrderedDict([
+    ("smsp__issue_active.avg.pct_of_peak_sustained_active", "issue%"),
+    ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", "hmma%"),
+    ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active", "gmma%"),
+    ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum", "smem_cfl"),
+])
 
 
 def case_env(case):
@@ -91,31 +101,50 @@ def drive(case):
     torch.cuda.cudart().cudaProfilerStop()
 
 
-def profile(case, ncu):
+def metrics_listed(ncu):
+    """METRICS and those of EXTRA_METRICS whose counter this ncu lists for the device."""
+    try:
+        listed = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        listed = ""
+    counters = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    extra = OrderedDict((m, c) for m, c in EXTRA_METRICS.items() if m.split(".")[0] in counters)
+    left_out = [c for m, c in EXTRA_METRICS.items() if m not in extra]
+    if left_out:
+        print(f"profile_kernels: this ncu lists no counter for {', '.join(left_out)}")
+    return OrderedDict(list(METRICS.items()) + list(extra.items()))
+
+
+def profile(case, ncu, metrics):
+    """Prints the case's kernels; returns the metrics that ncu took (the next cases ask for those)."""
     # --clock-control none: the GPU's own clocks, as bench/kernels.py timed it (ncu locks base clocks otherwise)
     cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv", "--print-units", "base",
-           "--metrics", ",".join(METRICS), sys.executable, os.path.abspath(__file__), "--drive", case]
+           "--metrics", ",".join(metrics), sys.executable, os.path.abspath(__file__), "--drive", case]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         print("  ncu gave no answer in 60 s")
-        return
+        return metrics
     rows = OrderedDict()  # launch ID -> {column: value}
     text = out.stdout[out.stdout.find('"ID"'):] if '"ID"' in out.stdout else ""
     for r in csv.DictReader(io.StringIO(text)):
         if not r.get("Kernel Name") or not r.get("Metric Name"):
             continue  # ncu's own "==PROF==" lines between or after the CSV rows
         launch = rows.setdefault(r["ID"], {"kernel": r["Kernel Name"]})
-        if r["Metric Name"] in METRICS:
-            launch[METRICS[r["Metric Name"]]] = r["Metric Value"]
+        if r["Metric Name"] in metrics:
+            launch[metrics[r["Metric Name"]]] = r["Metric Value"]
+    if not rows and len(metrics) > len(METRICS):  # a counter listed whose rollup this ncu refuses
+        print(f"  ncu gave no kernels with the extra metrics: {(out.stderr or out.stdout)[-300:]}; again without")
+        return profile(case, ncu, METRICS)
     if not rows:
         print(f"  ncu gave no kernels (exit {out.returncode}): {(out.stderr or out.stdout)[-600:]}")
-        return
-    print(f"  {'kernel':<58} " + " ".join(f"{c:>9}" for c in METRICS.values()))
+        return metrics
+    print(f"  {'kernel':<58} " + " ".join(f"{c:>9}" for c in metrics.values()))
     for launch in rows.values():
         name = launch["kernel"].split("(")[0]
         name = name if len(name) <= 58 else name[:27] + "..." + name[-28:]
-        print(f"  {name:<58} " + " ".join(f"{launch.get(c, '-'):>9}" for c in METRICS.values()))
+        print(f"  {name:<58} " + " ".join(f"{launch.get(c, '-'):>9}" for c in metrics.values()))
+    return metrics
 
 
 def main():
@@ -130,14 +159,17 @@ def main():
     if ncu is None:
         print("profile_kernels: ncu is not on PATH", file=sys.stderr)
         return 1
-    for case in args.cases.split(","):
+    cases = args.cases.split(",")
+    for case in cases:
         if case not in CASES:
             print(f"profile_kernels: unknown case {case!r}; known: {', '.join(CASES)}", file=sys.stderr)
             return 1
+    metrics = metrics_listed(ncu)
+    for case in cases:
         op, dtype, B, H, N, D = CASES[case][:6]
         env = "".join(f", {name}={value}" for name, value in case_env(case).items())
         print(f"=== {case}: {op} {dtype} B={B} H={H} N={N} D={D}{env}, one fwd then one fwd+bwd", flush=True)
-        profile(case, ncu)
+        metrics = profile(case, ncu, metrics)
     return 0
 
 
