@@ -44,47 +44,52 @@ def laid_out(rng, x, seed):
     return strided_like(x, rng.choice(LAYOUTS), seed=seed)
 
 
+def draw_qkv(rng, seed, device, dtype, B, H, Nq, Nk, Dk, Dv, positive=False, scale=1.0):
+    """q, k, v of normal (or |normal| + 0.1: positive) values in drawn layouts."""
+    q = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed, positive, scale), 10)
+    k = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 1, positive, scale), 11)
+    v = laid_out(rng, randn((B, H, Nk, Dv), dtype, device, seed + 2), 12)
+    return q, k, v
+
+
+# case i draws from random.Random(base + i) alone; ids "case7-" so that -k "case7-" does not also pick case 17
+random_cases = pytest.mark.parametrize("case", range(CASES), ids=lambda i: f"case{i}-")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", [f"case{i}-" for i in range(CASES)])
+@random_cases
 def test_linear_attention_random(device, case):
-    seed = int(case[4:-1])
-    rng = random.Random(1000 + seed)
+    rng = random.Random(1000 + case)
     dtype, B, H, Nq, Nk, Dk, Dv = draw_common(rng, device)
     feature_map = rng.choice(["elu", "relu", "identity"])
     normalize = rng.random() < 0.8
     # identity with the normaliser divides by phi(q) . z, which crosses 0 for signed inputs: positive ones
     positive = feature_map == "identity" and normalize
-    q = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed, positive), 10)
-    k = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 1, positive), 11)
-    v = laid_out(rng, randn((B, H, Nk, Dv), dtype, device, seed + 2), 12)
+    q, k, v = draw_qkv(rng, case, device, dtype, B, H, Nq, Nk, Dk, Dv, positive)
     norms = {}
     if normalize and rng.random() < 0.3:
-        norms["q_norm"] = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed + 3, positive), 13)
+        norms["q_norm"] = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, case + 3, positive), 13)
     if normalize and rng.random() < 0.3:
-        norms["k_norm"] = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 4, positive), 14)
+        norms["k_norm"] = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, case + 4, positive), 14)
     eps = rng.choice([1e-6, 1e-6, 0.0, 0.1]) if feature_map != "identity" else 1e-6
     check_linear(q, k, v, feature_map=feature_map, normalize=normalize, eps=eps, **norms)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", [f"case{i}-" for i in range(CASES)])
+@random_cases
 def test_softmax_attention_random(device, case):
-    seed = int(case[4:-1])
-    rng = random.Random(2000 + seed)
+    rng = random.Random(2000 + case)
     dtype, B, H, Nq, Nk, Dk, Dv = draw_common(rng, device)
     u = rng.random()
     scale = None if u < 0.4 else 0.0 if u < 0.5 else rng.uniform(-1.5, 1.5) / math.sqrt(Dk)
-    q = laid_out(rng, randn((B, H, Nq, Dk), dtype, device, seed, scale=2.0), 10)
-    k = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, seed + 1, scale=2.0), 11)
-    v = laid_out(rng, randn((B, H, Nk, Dv), dtype, device, seed + 2), 12)
+    q, k, v = draw_qkv(rng, case, device, dtype, B, H, Nq, Nk, Dk, Dv, scale=2.0)
     check_softmax(q, k, v, scale=scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", [f"case{i}-" for i in range(CASES)])
+@random_cases
 def test_dwconv_random(device, case):
-    seed = int(case[4:-1])
-    rng = random.Random(3000 + seed)
+    rng = random.Random(3000 + case)
     dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
     B, H, W = rng.randint(1, 3), draw_length(rng, 40), draw_length(rng, 40)
     C = 8 * rng.randint(1, 40) if rng.random() < 0.6 else rng.randint(1, 300)
@@ -92,10 +97,10 @@ def test_dwconv_random(device, case):
     residual = stride == 1 and rng.random() < 0.3
     activation = None if residual else rng.choice([None, "silu", "relu"])
     input_activation = None if residual or rng.random() < 0.7 else "relu"
-    x = laid_out(rng, randn((B, H, W, C), dtype, device, seed), 10)
+    x = laid_out(rng, randn((B, H, W, C), dtype, device, case), 10)
     # 16-bit x with fp32 parameters too (autocast's case); an fp32 weight's gradient is fp32, so not with fp64 x
     w_dtype = rng.choice([dtype, torch.float32]) if dtype in (torch.float16, torch.bfloat16) else dtype
     weight, bias = params(C, device, w_dtype, bias=rng.random() < 0.7,
-                          shape4=rng.random() < 0.5, seed=seed + 1)
+                          shape4=rng.random() < 0.5, seed=case + 1)
     check_dwconv(x, weight, bias, residual=residual, activation=activation, stride=stride,
                  input_activation=input_activation)
