@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The torch every build and test here runs against (a CUDA 13.0 build; no GPU needed to compile).
 TORCH_VERSION := 2.14.1
-DEPS := torch==$(TORCH_VERSION) numpy pytest pybind11 ninja setuptools wheel timm matplotlib tqdm safetensors scikit-learn
+# setuptools >= 77 reads pyproject's SPDX license string; pip keeps an older one a venv came with (3.11: 65.5).
+DEPS := torch==$(TORCH_VERSION) numpy pytest pybind11 ninja "setuptools>=77" wheel timm matplotlib tqdm safetensors scikit-learn
 SOURCES := $(shell find csrc -type f) setup.py
 
 .PHONY: all build demo test bench gpu-check clean
