@@ -1,9 +1,10 @@
-"""Random cases of both attention ops and the depthwise conv against the fp64 reference (the FlashAttention rule, conftest.py):
-sizes, head dims up to 256, dtypes, options and memory layouts drawn from a seeded generator, so shapes
-nobody picked join the fixed cases of test_ops_linear.py, test_ops_softmax.py and test_ops_dwconv.py. Every draw depends on
-the case number alone: `pytest tests/test_fuzz.py -k "linear and case7-"` reruns case 7. On a GPU the
-same cases run the CUDA kernels (scripts/gpu_check.sh); the emulator drivers' `fuzz` modes draw the same
-way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
+"""Random cases of linear attention (with and without RoPE), softmax attention and the depthwise conv
+against the fp64 reference (the FlashAttention rule, conftest.py): sizes, head dims up to 256, dtypes,
+options and memory layouts drawn from a seeded generator, so shapes nobody picked join the fixed cases of
+test_ops_linear.py, test_ops_linear_rope.py, test_ops_softmax.py and test_ops_dwconv.py. Every draw
+depends on the case number alone: `pytest tests/test_fuzz.py -k "softmax and case7-"` reruns case 7. On a
+GPU the same cases run the CUDA kernels (scripts/gpu_check.sh) with 4x longer sequences; the emulator
+drivers' `fuzz` modes draw the same way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
 import math
 import random
 
@@ -12,6 +13,7 @@ import torch
 
 from conftest import DEVICES, check_linear, check_softmax, randn, strided_like
 from test_ops_dwconv import check_dwconv, params
+from test_ops_linear_rope import check_rope_linear, tables
 
 CASES = 24
 LAYOUTS = ["contiguous", "contiguous", "transposed", "slice", "lastdim"]
@@ -74,6 +76,19 @@ def test_linear_attention_random(device, case):
     # eps = 0 only with elu + 1 (den > 0): a relu row of q <= 0 would make 0 / 0, NaN in the reference too
     eps = rng.choice([1e-6, 1e-6, 0.0, 0.1] if feature_map == "elu" else [1e-6, 0.1])
     check_linear(q, k, v, feature_map=feature_map, normalize=normalize, eps=eps, **norms)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@random_cases
+def test_linear_attention_rope_random(device, case):
+    """RoPE inside the op (SoLA-Vision's call): on CUDA the fused tensor-core kernels (fp16 / bf16, Dk, Dv <= 128)."""
+    rng = random.Random(4000 + case)
+    dtype, B, H, N, _, Dk, Dv = draw_common(rng, device)
+    Dk += Dk % 2  # channel pairs rotate
+    feature_map = rng.choice(["elu", "relu", "identity"])
+    normalize = feature_map != "identity" and rng.random() < 0.85
+    q, k, v = draw_qkv(rng, case, device, dtype, B, H, N, N, Dk, Dv)
+    check_rope_linear(q, k, v, *tables(N, Dk, device, seed=case), feature_map, normalize=normalize)
 
 
 @pytest.mark.parametrize("device", DEVICES)
