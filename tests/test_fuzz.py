@@ -1,7 +1,7 @@
-"""Random cases of linear attention (with and without RoPE), softmax attention and the depthwise conv
-against the fp64 reference (the FlashAttention rule, conftest.py): sizes, head dims up to 256, dtypes,
+"""Random cases of linear attention (with and without RoPE), softmax attention, the depthwise conv and the
+row-wise ops (layer_norm, bias_gelu, silu_mul) against the fp64 reference (the FlashAttention rule, conftest.py): sizes, head dims up to 256, dtypes,
 options and memory layouts drawn from a seeded generator, so shapes nobody picked join the fixed cases of
-test_ops_linear.py, test_ops_linear_rope.py, test_ops_softmax.py and test_ops_dwconv.py. Every draw
+test_ops_linear.py, test_ops_linear_rope.py, test_ops_softmax.py, test_ops_dwconv.py and the others. Every draw
 depends on the case number alone: `pytest tests/test_fuzz.py -k "softmax and case7-"` reruns case 7. On a
 GPU the same cases run the CUDA kernels (scripts/gpu_check.sh) with 4x longer sequences; the emulator
 drivers' `fuzz` modes draw the same way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
@@ -11,9 +11,12 @@ import random
 import pytest
 import torch
 
-from conftest import DEVICES, check_linear, check_softmax, randn, strided_like
+from conftest import ROWS_VIEW_KINDS, DEVICES, check_linear, check_softmax, randn, rows_view, strided_like
+from test_ops_bias_gelu import check_bias_gelu
 from test_ops_dwconv import check_dwconv, params
+from test_ops_layer_norm import check_layer_norm
 from test_ops_linear_rope import check_rope_linear, tables
+from test_ops_silu_mul import check_silu_mul
 
 CASES = 24
 LAYOUTS = ["contiguous", "contiguous", "transposed", "slice", "lastdim"]
@@ -120,3 +123,28 @@ def test_dwconv_random(device, case):
                           shape4=rng.random() < 0.5, seed=case + 1)
     check_dwconv(x, weight, bias, residual=residual, activation=activation, stride=stride,
                  input_activation=input_activation)
+
+
+def rows_laid_out(rng, shape, dtype, device, seed):
+    """A random (B, N, C) tensor, contiguous or in a drawn layout of conftest.rows_view."""
+    kind = rng.choice(["contiguous"] * 3 + ROWS_VIEW_KINDS)
+    if kind == "contiguous":
+        return randn(shape, dtype, device, seed)
+    return rows_view(kind, shape, dtype, device, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@random_cases
+def test_row_ops_random(device, case):
+    """layer_norm (weight / bias given or not, in x's dtype or fp32), bias_gelu (exact or tanh), silu_mul."""
+    rng = random.Random(5000 + case)
+    dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
+    B, N = rng.randint(1, 3), draw_length(rng, 300 if device == "cuda" else 60)
+    C = 8 * rng.randint(1, 128) if rng.random() < 0.6 else rng.randint(1, 1100)
+    x = rows_laid_out(rng, (B, N, C), dtype, device, case)
+    p_dtype = dtype if dtype == torch.float64 else rng.choice([dtype, torch.float32])
+    weight = randn((C,), p_dtype, device, case + 1) + 1 if rng.random() < 0.8 else None
+    bias = randn((C,), p_dtype, device, case + 2) if rng.random() < 0.8 else None
+    check_layer_norm(x, weight, bias, eps=rng.choice([1e-5, 1e-6, 0.1]))
+    check_bias_gelu(x, bias, rng.choice(["none", "tanh"]))
+    check_silu_mul(x, rows_laid_out(rng, (B, N, C), dtype, device, case + 3))
