@@ -7,7 +7,8 @@
 // row counts giving several dbias slabs (partials), grids capped so blocks walk slabs and column groups.
 // Emulated, both sides take the host's erf / tanh / exp, so out and dx must agree bitwise; dbias is summed
 // in another order (slabs and row threads, not the CPU's chunks), so it is held to a tolerance, and a second
-// CUDA backward must give the same bits. Usage: driver_bias_gelu [all | quick | vision] (quick: bf16).
+// CUDA backward must give the same bits. Usage: driver_bias_gelu [all | quick | vision | fuzz <seed> <count>
+// [first]] (quick: bf16; fuzz: random cases).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -114,8 +115,21 @@ static void bias_gelu_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick" && which != "vision")
-    return std::printf("usage: driver_bias_gelu [all | quick | vision]\n"), 2;
+  if (which != "all" && which != "quick" && which != "vision" && which != "fuzz")
+    return std::printf("usage: driver_bias_gelu [all | quick | vision | fuzz <seed> <count> [first]]\n"), 2;
+  if (which == "fuzz") {  // random cases (driver_common.h's fuzz_cases)
+    fuzz_cases(argc, argv, [](FuzzDraw& f) {
+      Case c;
+      c.dt = f.dtype(), c.rows = f.length(400);
+      c.C = f.chance(0.6) ? 8 * f.uniform(1, 128) : f.uniform(1, 1100);
+      c.layout = kLayouts[f.uniform(0, 4)], c.bias = static_cast<Bias>(f.uniform(0, 3));
+      c.tanh = f.chance(0.5), c.special = f.chance(0.1);
+      const std::string grid = std::to_string(f.uniform(1, 7));
+      if (f.chance(0.15)) c.max_grid = grid.c_str();
+      bias_gelu_case(c);
+    });
+    return report_failures();
+  }
   if (which == "vision") {  // SoLA-Vision tiny's first-stage MLP at batch 1 (MEMSTAT=1 statistics)
     Case c;
     c.rows = 3136, c.C = 256;

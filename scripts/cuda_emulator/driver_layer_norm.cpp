@@ -4,8 +4,10 @@
 // longer ones (read per pass, the column kernel for the parameters), misaligned rows, NaN rows, row
 // counts past one block and past the backward's block cap (teams walk several rows), an addend to dx
 // (vector, scalar, uncached and misaligned rows; aligned rows with a misaligned addend). Usage:
-// driver_layer_norm [all | quick | vision] (quick: bf16, no walk; vision: model shapes for MEMSTAT=1).
+// driver_layer_norm [all | quick | vision | fuzz <seed> <count> [first]] (quick: bf16, no walk; vision: model
+// shapes for MEMSTAT=1; fuzz: random cases).
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -84,8 +86,21 @@ static void ln_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick" && which != "vision")
-    return std::printf("usage: driver_layer_norm [all | quick | vision]\n"), 2;
+  if (which != "all" && which != "quick" && which != "vision" && which != "fuzz")
+    return std::printf("usage: driver_layer_norm [all | quick | vision | fuzz <seed> <count> [first]]\n"), 2;
+  if (which == "fuzz") {  // random cases (driver_common.h's fuzz_cases)
+    fuzz_cases(argc, argv, [](FuzzDraw& f) {
+      Case c;
+      c.dt = f.dtype(), c.rows = f.length(400);
+      c.C = f.chance(0.6) ? 8 * f.uniform(1, 128) : f.uniform(1, 1100);
+      c.weight = f.chance(0.8), c.bias = f.chance(0.8), c.misaligned = f.chance(0.25), c.poison = f.chance(0.1);
+      c.addend = f.chance(0.3), c.addend_misaligned = c.addend && !c.misaligned && f.chance(0.3);
+      if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+      ln_case(c);
+      unsetenv("SOLA_MAX_GRID");
+    });
+    return report_failures();
+  }
   if (which == "vision") {  // SoLA-Vision tiny's first and last stages at batch 1 (MEMSTAT=1 statistics)
     Case c;
     c.rows = 3136, c.C = 64, c.addend = true;

@@ -3,7 +3,8 @@
 // kernels), inputs read in place at other row strides (the model's channel slices, a row broadcast at
 // stride 0, a slice one element in: misaligned), contiguous inputs one element off alignment, NaN / inf /
 // saturating values, grids capped so every thread walks several items. Emulated, both sides take the
-// host's exp (kernel_exp), so they must agree bitwise. Usage: driver_silu_mul [all | quick] (quick: bf16).
+// host's exp (kernel_exp), so they must agree bitwise. Usage: driver_silu_mul [all | quick | fuzz <seed> <count>
+// [first]] (quick: bf16; fuzz: random cases).
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -82,7 +83,20 @@ static void silu_mul_case(const Case& c) {
 int main(int argc, char** argv) {
   at::manual_seed(0);
   const std::string which = argc > 1 ? argv[1] : "all";
-  if (which != "all" && which != "quick") return std::printf("usage: driver_silu_mul [all | quick]\n"), 2;
+  if (which != "all" && which != "quick" && which != "fuzz")
+    return std::printf("usage: driver_silu_mul [all | quick | fuzz <seed> <count> [first]]\n"), 2;
+  if (which == "fuzz") {  // random cases (driver_common.h's fuzz_cases)
+    fuzz_cases(argc, argv, [](FuzzDraw& f) {
+      Case c;
+      c.dt = f.dtype(), c.rows = f.length(400);
+      c.C = f.chance(0.6) ? 8 * f.uniform(1, 128) : f.uniform(1, 1100);
+      c.layout = kLayouts[f.uniform(0, 4)], c.special = f.chance(0.1);
+      const std::string grid = std::to_string(f.uniform(1, 7));
+      if (f.chance(0.15)) c.max_grid = grid.c_str();
+      silu_mul_case(c);
+    });
+    return report_failures();
+  }
   const bool quick = which == "quick";
   std::vector<at::ScalarType> dts = {at::kBFloat16};
   if (!quick) dts = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
