@@ -129,7 +129,7 @@ def strided_like(x, kind, seed=100):
         big = randn((B + 1, H + 2, N + 3, D + 5), x.dtype, x.device, seed)
         y = big[1:, 2:, 1:N + 1, 3:D + 3]
         y.copy_(x)
-        assert y.stride(-1) == 1 and not y.is_contiguous()
+        assert y.stride(-1) == 1 and (not y.is_contiguous() or B * H * N == 1)
     elif kind == "lastdim":
         big = randn((B, H, D, N), x.dtype, x.device, seed)
         y = big.transpose(2, 3)

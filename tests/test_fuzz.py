@@ -6,6 +6,7 @@ depends on the case number alone: `pytest tests/test_fuzz.py -k "softmax and cas
 GPU the same cases run the CUDA kernels (scripts/gpu_check.sh) with 4x longer sequences; the emulator
 drivers' `fuzz` modes draw the same way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
 import math
+import os
 import random
 
 import pytest
@@ -18,7 +19,7 @@ from test_ops_layer_norm import check_layer_norm
 from test_ops_linear_rope import check_rope_linear, tables
 from test_ops_silu_mul import check_silu_mul
 
-CASES = 24
+CASES = int(os.environ.get("SOLA_FUZZ_CASES", "24"))  # more for a longer search: SOLA_FUZZ_CASES=500 pytest ...
 LAYOUTS = ["contiguous", "contiguous", "transposed", "slice", "lastdim"]
 
 
@@ -57,6 +58,12 @@ def draw_qkv(rng, seed, device, dtype, B, H, Nq, Nk, Dk, Dv, positive=False, sca
     return q, k, v
 
 
+def relu_fp16_eps(feature_map, dtype, eps):
+    """eps, or 0.1 for relu in fp16: at a row of q <= 0 the fp16 baseline's gradient, num / den^2 with den = eps,
+    is 0 / 0 once eps^2 underflows (the kernels compute in fp32), and the tolerance rule needs that baseline."""
+    return 0.1 if feature_map == "relu" and dtype == torch.float16 else eps
+
+
 # case i draws from random.Random(base + i) alone; ids "case7-" so that -k "case7-" does not also pick case 17
 random_cases = pytest.mark.parametrize("case", range(CASES), ids=lambda i: f"case{i}-")
 
@@ -78,6 +85,7 @@ def test_linear_attention_random(device, case):
         norms["k_norm"] = laid_out(rng, randn((B, H, Nk, Dk), dtype, device, case + 4, positive), 14)
     # eps = 0 only with elu + 1 (den > 0): a relu row of q <= 0 would make 0 / 0, NaN in the reference too
     eps = rng.choice([1e-6, 1e-6, 0.0, 0.1] if feature_map == "elu" else [1e-6, 0.1])
+    eps = relu_fp16_eps(feature_map, dtype, eps)
     check_linear(q, k, v, feature_map=feature_map, normalize=normalize, eps=eps, **norms)
 
 
@@ -91,7 +99,8 @@ def test_linear_attention_rope_random(device, case):
     feature_map = rng.choice(["elu", "relu", "identity"])
     normalize = feature_map != "identity" and rng.random() < 0.85
     q, k, v = draw_qkv(rng, case, device, dtype, B, H, N, N, Dk, Dv)
-    check_rope_linear(q, k, v, *tables(N, Dk, device, seed=case), feature_map, normalize=normalize)
+    check_rope_linear(q, k, v, *tables(N, Dk, device, seed=case), feature_map, normalize=normalize,
+                      eps=relu_fp16_eps(feature_map, dtype, 1e-6))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,6 +108,11 @@ def test_linear_attention_rope_random(device, case):
 def test_softmax_attention_random(device, case):
     rng = random.Random(2000 + case)
     dtype, B, H, Nq, Nk, Dk, Dv = draw_common(rng, device)
+    # One key: P = 1, so dq and dk are exactly 0 by cancellation (dS = dP - delta). PyTorch's fp32 softmax
+    # backward cancels exactly (it subtracts dP from itself); the kernels' delta = rowsum(dO * O), as
+    # FlashAttention's, leaves fp32 rounding noise (~1e-5 at Dv 128), over the rule's floor of 1e-5 for a
+    # zero reference. Not a case the rule can judge: two keys at fp32.
+    Nk = 2 if dtype == torch.float32 and Nk == 1 else Nk
     u = rng.random()
     scale = None if u < 0.4 else 0.0 if u < 0.5 else rng.uniform(-1.5, 1.5) / math.sqrt(Dk)
     q, k, v = draw_qkv(rng, case, device, dtype, B, H, Nq, Nk, Dk, Dv, scale=2.0)
