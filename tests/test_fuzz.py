@@ -1,10 +1,10 @@
 """Random cases of linear attention (with and without RoPE), softmax attention, the depthwise conv and the
-row-wise ops (layer_norm, bias_gelu, silu_mul) against the fp64 reference (the FlashAttention rule, conftest.py): sizes, head dims up to 256, dtypes,
-options and memory layouts drawn from a seeded generator, so shapes nobody picked join the fixed cases of
-test_ops_linear.py, test_ops_linear_rope.py, test_ops_softmax.py, test_ops_dwconv.py and the others. Every draw
-depends on the case number alone: `pytest tests/test_fuzz.py -k "softmax and case7-"` reruns case 7. On a
-GPU the same cases run the CUDA kernels (scripts/gpu_check.sh) with 4x longer sequences; the emulator
-drivers' `fuzz` modes draw the same way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
+row-wise ops (layer_norm, bias_gelu, silu_mul) against the fp64 reference (the FlashAttention rule,
+conftest.py): sizes, head dims up to 256, dtypes, options and memory layouts drawn from a seeded generator,
+so shapes nobody picked join the fixed cases of the test_ops_*.py files. Every draw depends on the case
+number alone: `pytest tests/test_fuzz.py -k "softmax and case7-"` reruns case 7. On a GPU the same cases
+run the CUDA kernels (scripts/gpu_check.sh) with 4x longer sequences; the emulator drivers' `fuzz` modes
+draw the same way for the kernels' sources on the CPU (scripts/cuda_emulator/README.md)."""
 import math
 import os
 import random
@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from conftest import ROWS_VIEW_KINDS, DEVICES, check_linear, check_softmax, randn, rows_view, strided_like
+from conftest import DEVICES, ROWS_VIEW_KINDS, check_linear, check_softmax, randn, rows_view, strided_like
 from test_ops_bias_gelu import check_bias_gelu
 from test_ops_dwconv import check_dwconv, params
 from test_ops_layer_norm import check_layer_norm
@@ -21,6 +21,7 @@ from test_ops_silu_mul import check_silu_mul
 
 CASES = int(os.environ.get("SOLA_FUZZ_CASES", "24"))  # more for a longer search: SOLA_FUZZ_CASES=500 pytest ...
 LAYOUTS = ["contiguous", "contiguous", "transposed", "slice", "lastdim"]
+DTYPES = [torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64]  # bf16: the models' dtype
 
 
 def draw_length(rng, hi):
@@ -40,7 +41,7 @@ def draw_head_dim(rng):
 
 def draw_common(rng, device):
     """dtype, B, H, Nq, Nk, Dk, Dv: at most ~4k query and key rows in all, fewer on the CPU."""
-    dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
+    dtype = rng.choice(DTYPES)
     B, H = rng.randint(1, 3), rng.randint(1, 4)
     n_max = max(8, (4096 if device == "cuda" else 1024) // (B * H))
     return dtype, B, H, draw_length(rng, n_max), draw_length(rng, n_max), draw_head_dim(rng), draw_head_dim(rng)
@@ -123,7 +124,7 @@ def test_softmax_attention_random(device, case):
 @random_cases
 def test_dwconv_random(device, case):
     rng = random.Random(3000 + case)
-    dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
+    dtype = rng.choice(DTYPES)
     B, H, W = rng.randint(1, 3), draw_length(rng, 40), draw_length(rng, 40)
     C = 8 * rng.randint(1, 40) if rng.random() < 0.6 else rng.randint(1, 300)
     stride = rng.choice([1, 2])
@@ -152,7 +153,7 @@ def rows_laid_out(rng, shape, dtype, device, seed):
 def test_row_ops_random(device, case):
     """layer_norm (weight / bias given or not, in x's dtype or fp32), bias_gelu (exact or tanh), silu_mul."""
     rng = random.Random(5000 + case)
-    dtype = rng.choice([torch.float16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float64])
+    dtype = rng.choice(DTYPES)
     B, N = rng.randint(1, 3), draw_length(rng, 300 if device == "cuda" else 60)
     C = 8 * rng.randint(1, 128) if rng.random() < 0.6 else rng.randint(1, 1100)
     x = rows_laid_out(rng, (B, N, C), dtype, device, case)
