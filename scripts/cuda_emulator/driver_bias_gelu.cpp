@@ -120,12 +120,10 @@ int main(int argc, char** argv) {
   if (which == "fuzz") {  // random cases (driver_common.h's fuzz_cases)
     fuzz_cases(argc, argv, [](FuzzDraw& f) {
       Case c;
-      c.dt = f.dtype(), c.rows = f.length(400);
-      c.C = f.chance(0.6) ? 8 * f.uniform(1, 128) : f.uniform(1, 1100);
+      c.dt = f.dtype(), c.rows = f.length(400), c.C = f.width(128, 1100);
       c.layout = kLayouts[f.uniform(0, 4)], c.bias = static_cast<Bias>(f.uniform(0, 3));
       c.tanh = f.chance(0.5), c.special = f.chance(0.1);
-      const std::string grid = std::to_string(f.uniform(1, 7));
-      if (f.chance(0.15)) c.max_grid = grid.c_str();
+      const MaybeCappedGrid cap(f);
       bias_gelu_case(c);
     });
     return report_failures();

@@ -92,6 +92,16 @@ struct FuzzDraw {
     const double u = real(0, 1);
     return u < 0.35 ? at::kBFloat16 : u < 0.6 ? at::kHalf : u < 0.85 ? at::kFloat : at::kDouble;
   }
+  // A channel count: mostly a multiple of 8 up to 8 * vectors (the vector kernels), else anything up to hi.
+  int64_t width(int64_t vectors, int64_t hi) { return chance(0.6) ? 8 * uniform(1, vectors) : uniform(1, hi); }
+};
+
+// SOLA_MAX_GRID = 1..7 for this scope, by chance (15%): every grid capped, so blocks walk several work items.
+struct MaybeCappedGrid {
+  explicit MaybeCappedGrid(FuzzDraw& f) {
+    if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+  }
+  ~MaybeCappedGrid() { unsetenv("SOLA_MAX_GRID"); }
 };
 
 // Parses `fuzz <seed> <count> [first]` and calls run_case(draw, i) for i = first .. first + count - 1.

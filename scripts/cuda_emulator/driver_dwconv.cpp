@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
       Case c;
       c.dt = f.dtype();
       c.B = f.uniform(1, 3), c.H = f.length(40), c.W = f.length(40);
-      c.C = f.chance(0.6) ? 8 * f.uniform(1, 40) : f.uniform(1, 300);
+      c.C = f.width(40, 300);
       c.stride = int(f.uniform(1, 2));
       const int64_t layout = f.uniform(0, 3);  // 0, 1: contiguous
       c.strided = layout == 2, c.misaligned = layout == 3;
@@ -129,9 +129,8 @@ int main(int argc, char** argv) {
       }
       if ((c.epilogue == DwEpilogue::Plain || c.epilogue == DwEpilogue::Silu) && f.chance(0.3))
         c.addend = int(f.uniform(1, 2));
-      if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+      const MaybeCappedGrid cap(f);
       dwconv_case(c);
-      unsetenv("SOLA_MAX_GRID");
     });
     return report_failures();
   }

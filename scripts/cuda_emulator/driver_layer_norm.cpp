@@ -91,13 +91,11 @@ int main(int argc, char** argv) {
   if (which == "fuzz") {  // random cases (driver_common.h's fuzz_cases)
     fuzz_cases(argc, argv, [](FuzzDraw& f) {
       Case c;
-      c.dt = f.dtype(), c.rows = f.length(400);
-      c.C = f.chance(0.6) ? 8 * f.uniform(1, 128) : f.uniform(1, 1100);
+      c.dt = f.dtype(), c.rows = f.length(400), c.C = f.width(128, 1100);
       c.weight = f.chance(0.8), c.bias = f.chance(0.8), c.misaligned = f.chance(0.25), c.poison = f.chance(0.1);
       c.addend = f.chance(0.3), c.addend_misaligned = c.addend && !c.misaligned && f.chance(0.3);
-      if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+      const MaybeCappedGrid cap(f);
       ln_case(c);
-      unsetenv("SOLA_MAX_GRID");
     });
     return report_failures();
   }

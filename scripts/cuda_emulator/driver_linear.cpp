@@ -365,10 +365,8 @@ int main(int argc, char** argv) {
     p.Dk = c.Dk, p.Dv = c.Dv, p.dtype = c.dt, p.device_index = -1;
     if (!c.has_qn && !c.has_kn && c.Dk % 2 == 0 && f.chance(0.35) && linear_attention_rope_fused_cuda(p))
       c.rope = true, c.Nk = c.Nq;
-    const bool cap_grid = f.chance(0.15);
-    if (cap_grid) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+    const MaybeCappedGrid cap(f);
     linear_case(c);
-    unsetenv("SOLA_MAX_GRID");
   });
   if (which == "race") {  // for the TSAN=1 build: 1024 heads, so every QueryGrad block walks all
     Case c;               // its head's row tiles (bf16: 3 of 64, fp32: 2 of 128), reusing qs / xs

@@ -203,9 +203,9 @@ int main(int argc, char** argv) {
     const bool strided = f.chance(0.3), grad_lse = f.chance(0.15);
     if (low && std::max(Dk, Dv) <= 128 && f.chance(0.4)) setenv("SOLA_FLASH_WGMMA", "1", 1);
     if (f.chance(0.4)) setenv("SOLA_FLASH_GROUPS", f.chance(0.5) ? "1" : "2", 1);
-    if (f.chance(0.15)) setenv("SOLA_MAX_GRID", std::to_string(f.uniform(1, 7)).c_str(), 1);
+    const MaybeCappedGrid cap(f);
     softmax_case(B, H, Nq, Nk, Dk, Dv, dt, scale, strided, poison, grad_lse);
-    for (const char* var : {"SOLA_FLASH_WGMMA", "SOLA_FLASH_GROUPS", "SOLA_MAX_GRID"}) unsetenv(var);
+    for (const char* var : {"SOLA_FLASH_WGMMA", "SOLA_FLASH_GROUPS"}) unsetenv(var);
   });
   // Whole tiles at SoLA-Vision's head dim 32 and at 64, bf16 and fp32: for the MEMSTAT=1 build's access
   // statistics.
