@@ -1,5 +1,5 @@
-// What both emulator drivers share: inputs, NaN-filled outputs, per-dtype tolerances and the
-// comparison of an emulated CUDA result with the CPU kernels' (NaN / inf patterns must agree).
+// What the emulator drivers share: inputs, NaN-filled outputs, per-dtype tolerances, the comparison of an
+// emulated CUDA result with the CPU kernels' (NaN / inf patterns must agree), and their fuzz modes' draws.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -104,7 +104,7 @@ struct MaybeCappedGrid {
   ~MaybeCappedGrid() { unsetenv("SOLA_MAX_GRID"); }
 };
 
-// Parses `fuzz <seed> <count> [first]` and calls run_case(draw, i) for i = first .. first + count - 1.
+// Parses `fuzz <seed> <count> [first]` and calls run_case(FuzzDraw(seed, i)) for i = first .. first + count - 1.
 template <typename F>
 void fuzz_cases(int argc, char** argv, F&& run_case) {
   const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
