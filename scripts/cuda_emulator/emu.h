@@ -1,5 +1,8 @@
-// Host emulation of the few CUDA features the sola kernels use: one std::thread per CUDA thread,
-// blocks run one after another, __syncthreads and shuffles through barriers.
+// Host emulation of the few CUDA features the sola kernels use: a block's CUDA threads run as fibers on
+// one OS thread (fiber.h), switched at __syncthreads, shuffles and the other warp collectives, and blocks
+// run on EMU_WORKERS OS threads (default: every core). Under ThreadSanitizer (TSAN=1, MEMSTAT=1, whose
+// instrumentation needs them) or with -DEMU_THREADS, each CUDA thread is an OS thread, blocks one after
+// another.
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -21,6 +24,15 @@
 
 #include <cuda_runtime_api.h>  // the stubs, with the shared memory opt-ins launch checks
 
+#if defined(__SANITIZE_THREAD__) || defined(EMU_MEMSTAT) || !defined(__x86_64__)
+#ifndef EMU_THREADS
+#define EMU_THREADS 1
+#endif
+#endif
+#ifndef EMU_THREADS
+#include "fiber.h"
+#endif
+
 #define __global__
 #define __device__
 #define __host__
@@ -30,7 +42,11 @@
 #define __forceinline__ inline
 #endif
 #define __launch_bounds__(...)
+#ifdef EMU_THREADS
 #define __shared__ static
+#else
+#define __shared__ static thread_local  // blocks run side by side on the workers
+#endif
 #ifdef EMU_MEMSTAT  // MEMSTAT=1 build.sh: access statistics (memstat.h)
 #include "memstat.h"
 #define EMU_SITE __attribute__((noinline))  // an emulated instruction's caller is its access site
@@ -59,28 +75,56 @@ inline void check_block_bound(long long max_threads) {
   }
 }
 
+#ifdef EMU_THREADS
+using Barrier = std::barrier<>;
+#else
+// A barrier of the fibers of one OS thread: the last to arrive opens it; the others wait in
+// fiber::run's loop until its phase moves on.
+class Barrier {
+ public:
+  explicit Barrier(int n) : expected_(n) {}
+  void arrive_and_wait() {
+    const unsigned phase = phase_;
+    if (++arrived_ == expected_) return open();
+    fiber::wait_while_equal(&phase_, phase);
+  }
+  // As std::barrier: arrives, and the phases after this one expect one thread fewer.
+  void arrive_and_drop() {
+    if (--expected_ > 0 && arrived_ == expected_) open();
+  }
+
+ private:
+  void open() {
+    arrived_ = 0;
+    ++phase_;
+  }
+  int expected_, arrived_ = 0;
+  unsigned phase_ = 0;
+};
+#endif
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   double buf[32];
   uint32_t a[32][4], b[32][2];
   const void* rows[32];
   std::atomic<int> exited{0};
 };
+// A block: its barrier and dynamic shared memory, filled with 0xff bytes (0xffff is NaN in fp16 / bf16:
+// unwritten tiles show). Proxies: a cp.async that landed wrote shared memory through the generic proxy;
+// until its thread runs fence.proxy.async those 16 bytes are marked in unfenced (a flag per byte), and
+// a wgmma (async proxy) reading a marked byte aborts.
 struct Block {
-  std::barrier<> bar;
-  explicit Block(int n) : bar(n) {}
+  Barrier bar;
+  std::vector<unsigned char> storage;
+  unsigned char* smem;  // 16-byte aligned in storage
+  int smem_bytes;
+  std::vector<unsigned char> unfenced;
+  Block(int threads, int bytes)
+      : bar(threads), storage(bytes + 16, 0xff),
+        smem(storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) % 16) % 16), smem_bytes(bytes),
+        unfenced(bytes, 0) {}
 };
-inline thread_local Warp* tl_warp = nullptr;
-inline thread_local Block* tl_block = nullptr;
-inline thread_local int tl_lane = 0;
-inline std::atomic<long> launches{0}, threads_run{0}, mmas{0};
-inline unsigned char* g_dynamic_smem = nullptr;
-inline int g_dynamic_smem_bytes = 0;
-inline unsigned char* dynamic_smem() {
-  EMU_QUIET;
-  return g_dynamic_smem;
-}
-
 // cp.async as the hardware is allowed to do it: from the issue until this thread's wait lets the
 // copy land, its 16 destination bytes are undefined (0xff: NaN), so a read before the wait (or,
 // from another thread, before the barrier after it) sees NaN, and under ThreadSanitizer a read
@@ -90,16 +134,40 @@ struct AsyncCopy {
   const void* src;
   int bytes;  // 16 (cp.async.cg) or 4 (cp.async.ca)
 };
-inline thread_local std::vector<AsyncCopy> tl_uncommitted;
-inline thread_local std::deque<std::vector<AsyncCopy>> tl_groups;
-// Proxies: a cp.async that landed wrote shared memory through the generic proxy; until its thread
-// runs fence.proxy.async those 16 bytes are marked, and a wgmma (async proxy) reading a marked
-// byte aborts. g_unfenced has one flag per byte of the block's dynamic shared memory.
-inline std::vector<unsigned char> g_unfenced;
-inline thread_local std::vector<void*> tl_landed;  // this thread's landed, unfenced copies
+// wgmma.mma_async in flight: this thread's accumulators read NaN from the issue until a
+// wgmma.wait_group covers the op; the shared memory it read is read again at the wait, and a
+// change in between (a tile refilled under an in-flight wgmma) aborts.
+struct WgmmaOp {
+  float* d;
+  int n;                      // d's values (N / 2)
+  std::vector<float> result;  // what the wait writes to d
+  uint64_t checksum;          // of the shared-memory operands read at the issue
+  std::vector<std::pair<uint64_t, bool>> operands;  // (descriptor, MN-major) to re-read
+  int rows0;                  // first A row of this thread's warp (SS A operand), -1: A from registers
+};
+// What a CUDA thread keeps to itself; tl_thread points to the running one's.
+struct CudaThread {
+  Warp* warp = nullptr;
+  Block* block = nullptr;
+  int lane = 0;
+  std::vector<AsyncCopy> uncommitted;
+  std::deque<std::vector<AsyncCopy>> groups;
+  std::vector<void*> landed;  // landed cp.async copies not yet fenced (below)
+  std::vector<WgmmaOp> wg_uncommitted;
+  std::deque<std::vector<WgmmaOp>> wg_groups;
+};
+inline thread_local CudaThread* tl_thread = nullptr;
+inline CudaThread& self() { return *tl_thread; }
+inline std::atomic<long> launches{0}, threads_run{0}, mmas{0};
+inline unsigned char* dynamic_smem() {
+  EMU_QUIET;
+  return self().block->smem;
+}
+
 inline void mark_unfenced(void* dst, unsigned char flag) {
-  const ptrdiff_t off = static_cast<unsigned char*>(dst) - g_dynamic_smem;
-  if (off >= 0 && off + 16 <= static_cast<ptrdiff_t>(g_unfenced.size())) std::memset(&g_unfenced[off], flag, 16);
+  Block& b = *self().block;
+  const ptrdiff_t off = static_cast<unsigned char*>(dst) - b.smem;
+  if (off >= 0 && off + 16 <= static_cast<ptrdiff_t>(b.unfenced.size())) std::memset(&b.unfenced[off], flag, 16);
 }
 inline void cp_async_bytes(void* dst, const void* src, int bytes, const void* site = nullptr) {
   EMU_QUIET;
@@ -113,30 +181,30 @@ inline void cp_async_bytes(void* dst, const void* src, int bytes, const void* si
     std::abort();
   }
   std::memset(dst, 0xff, bytes);
-  tl_uncommitted.push_back({dst, src, bytes});
+  self().uncommitted.push_back({dst, src, bytes});
 }
 EMU_SITE inline void cp_async_16(void* dst, const void* src) { cp_async_bytes(dst, src, 16, __builtin_return_address(0)); }
 EMU_SITE inline void cp_async_4(void* dst, const void* src) { cp_async_bytes(dst, src, 4, __builtin_return_address(0)); }
 inline void cp_async_commit() {
   EMU_QUIET;
-  tl_groups.push_back(std::move(tl_uncommitted));
-  tl_uncommitted.clear();
+  self().groups.push_back(std::move(self().uncommitted));
+  self().uncommitted.clear();
 }
 // cp.async.wait_group: all but the `pending` most recently committed groups land.
 inline void cp_async_wait_group(int pending) {
   EMU_QUIET;
-  for (; static_cast<int>(tl_groups.size()) > pending; tl_groups.pop_front())
-    for (const AsyncCopy& c : tl_groups.front()) {
+  for (; static_cast<int>(self().groups.size()) > pending; self().groups.pop_front())
+    for (const AsyncCopy& c : self().groups.front()) {
       std::memcpy(c.dst, c.src, c.bytes);
       if (c.bytes == 16) mark_unfenced(c.dst, 1);
-      tl_landed.push_back(c.dst);
+      self().landed.push_back(c.dst);
     }
 }
 // fence.proxy.async: this thread's landed copies become visible to the async proxy (wgmma).
 inline void async_proxy_fence() {
   EMU_QUIET;
-  for (void* dst : tl_landed) mark_unfenced(dst, 0);
-  tl_landed.clear();
+  for (void* dst : self().landed) mark_unfenced(dst, 0);
+  self().landed.clear();
 }
 inline void cp_async_wait_all() {
   EMU_QUIET;  // cp.async.wait_all = commit_group + wait_group 0
@@ -144,19 +212,82 @@ inline void cp_async_wait_all() {
   cp_async_wait_group(0);
 }
 
-// wgmma.mma_async in flight: this thread's accumulators read NaN from the issue until a
-// wgmma.wait_group covers the op; the shared memory it read is read again at the wait, and a
-// change in between (a tile refilled under an in-flight wgmma) aborts.
-struct WgmmaOp {
-  float* d;
-  int n;                      // d's values (N / 2)
-  std::vector<float> result;  // what the wait writes to d
-  uint64_t checksum;          // of the shared-memory operands read at the issue
-  std::vector<std::pair<uint64_t, bool>> operands;  // (descriptor, MN-major) to re-read
-  int rows0;                  // first A row of this thread's warp (SS A operand), -1: A from registers
-};
-inline thread_local std::vector<WgmmaOp> tl_wg_uncommitted;
-inline thread_local std::deque<std::vector<WgmmaOp>> tl_wg_groups;
+// What a CUDA thread does after the kernel's body: the checks at its exit, then it leaves the barriers.
+inline void thread_exit() {
+  CudaThread& t = self();
+  if (!t.uncommitted.empty() || !t.groups.empty()) {
+    std::fprintf(stderr, "a thread exited with cp.async copies it never waited for\n");
+    std::abort();
+  }
+  if (!t.wg_uncommitted.empty() || !t.wg_groups.empty()) {
+    std::fprintf(stderr, "a thread exited with wgmma results it never waited for\n");
+    std::abort();
+  }
+  ++threads_run;
+  t.warp->exited++;
+  t.warp->bar.arrive_and_drop();
+  t.block->bar.arrive_and_drop();
+}
+
+// One block of kernel f on this OS thread: its CUDA threads as fibers, or (EMU_THREADS) as OS threads.
+template <class F>
+void run_block(dim3 block_idx, dim3 grid, dim3 block, int smem, F& f) {
+  Block blk(block.x, smem);
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < block.x / 32; ++w) warps.emplace_back(new Warp);
+  std::vector<CudaThread> threads(block.x);
+  for (unsigned tx = 0; tx < block.x; ++tx)
+    threads[tx].warp = warps[tx / 32].get(), threads[tx].block = &blk, threads[tx].lane = tx % 32;
+#ifdef EMU_THREADS
+#ifdef EMU_MEMSTAT
+  memstat::block_begin(block_idx.y * grid.x + block_idx.x, block.x, blk.smem, smem);
+#endif
+  std::vector<std::thread> ts;
+  for (unsigned tx = 0; tx < block.x; ++tx)
+    ts.emplace_back([&, tx] {
+      threadIdx = dim3(tx), blockIdx = block_idx, blockDim = block, gridDim = grid;
+      tl_thread = &threads[tx];
+#ifdef EMU_MEMSTAT
+      F* kernel_call = &f;  // read before the recording starts: the closure is emu's, not the kernel's
+      memstat::thread_begin(tx);
+      (*kernel_call)();
+      memstat::thread_end();
+#else
+      f();
+#endif
+      thread_exit();
+    });
+  for (auto& t : ts) t.join();
+#ifdef EMU_MEMSTAT
+  memstat::block_end();
+#endif
+#else
+  blockIdx = block_idx, blockDim = block, gridDim = grid;
+  auto body = [](void* kernel, unsigned) {
+    (*static_cast<F*>(kernel))();
+    thread_exit();
+  };
+  fiber::run(block.x, body, &f, [&](unsigned tx) {
+    threadIdx = dim3(tx);
+    tl_thread = &threads[tx];
+  });
+#endif
+}
+
+// How many OS threads run a launch's blocks: EMU_WORKERS, else every core (1 with EMU_THREADS, whose
+// __shared__ arrays are plain statics).
+inline unsigned workers() {
+#ifdef EMU_THREADS
+  return 1;
+#else
+  static const unsigned n = [] {
+    const char* env = std::getenv("EMU_WORKERS");
+    const int asked = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return static_cast<unsigned>(asked > 0 ? asked : 1);
+  }();
+  return n;
+#endif
+}
 
 template <class F>
 void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
@@ -166,50 +297,17 @@ void launch(dim3 grid, dim3 block, int smem, cudaStream_t, F f) {
     std::abort();
   }
   ++launches;
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      Block blk(block.x);
-      std::vector<unsigned char> dyn(smem + 16, 0xff);  // 0xffff is NaN in fp16/bf16: unwritten tiles show
-      g_dynamic_smem = dyn.data() + (16 - reinterpret_cast<uintptr_t>(dyn.data()) % 16) % 16;
-      g_dynamic_smem_bytes = smem;
-#ifdef EMU_MEMSTAT
-      memstat::block_begin(by * grid.x + bx, block.x, g_dynamic_smem, smem);
-#endif
-      g_unfenced.assign(smem, 0);
-      std::vector<std::unique_ptr<Warp>> warps;
-      for (unsigned w = 0; w < block.x / 32; ++w) warps.emplace_back(new Warp);
-      std::vector<std::thread> ts;
-      for (unsigned tx = 0; tx < block.x; ++tx)
-        ts.emplace_back([&, tx] {
-          threadIdx = dim3(tx), blockIdx = dim3(bx, by), blockDim = block, gridDim = grid;
-          tl_warp = warps[tx / 32].get(), tl_block = &blk, tl_lane = tx % 32;
-#ifdef EMU_MEMSTAT
-          F* kernel_call = &f;  // read before the recording starts: the closure is emu's, not the kernel's
-          memstat::thread_begin(tx);
-          (*kernel_call)();
-          memstat::thread_end();
-#else
-          f();
-#endif
-          if (!tl_uncommitted.empty() || !tl_groups.empty()) {
-            std::fprintf(stderr, "a thread exited with cp.async copies it never waited for\n");
-            std::abort();
-          }
-          if (!tl_wg_uncommitted.empty() || !tl_wg_groups.empty()) {
-            std::fprintf(stderr, "a thread exited with wgmma results it never waited for\n");
-            std::abort();
-          }
-          tl_landed.clear();  // a block's copies need no fence once it has ended
-          ++threads_run;
-          tl_warp->exited++;
-          tl_warp->bar.arrive_and_drop();
-          blk.bar.arrive_and_drop();
-        });
-      for (auto& t : ts) t.join();
-#ifdef EMU_MEMSTAT
-      memstat::block_end();
-#endif
-    }
+  const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y;
+  std::atomic<uint64_t> next{0};
+  auto work = [&] {  // each worker takes the next block not yet taken
+    for (uint64_t b; (b = next++) < blocks;)
+      run_block(dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x)), grid, block, smem, f);
+  };
+  const unsigned n = static_cast<unsigned>(std::min<uint64_t>(workers(), blocks));
+  std::vector<std::thread> helpers;
+  for (unsigned w = 1; w < n; ++w) helpers.emplace_back(work);
+  work();
+  for (auto& h : helpers) h.join();
 }
 
 // A launch as transform.py writes it: the kernel first, so a request past the 48 KB of dynamic shared
@@ -235,8 +333,8 @@ void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f
 template <class T>
 T shfl(T v, int src) {
   EMU_QUIET;
-  Warp* w = tl_warp;
-  w->buf[tl_lane] = static_cast<double>(v);
+  Warp* w = self().warp;
+  w->buf[self().lane] = static_cast<double>(v);
   w->bar.arrive_and_wait();
   if (w->exited.load()) {
     std::fprintf(stderr, "shuffle while a lane of the warp has exited\n");
@@ -256,8 +354,8 @@ T __shfl_sync(unsigned mask, T v, int src) {
 inline int __any_sync(unsigned mask, int pred) {
   EMU_QUIET;
   if (mask != 0xffffffffu) std::abort();
-  emu::Warp* w = emu::tl_warp;
-  w->buf[emu::tl_lane] = pred ? 1.0 : 0.0;
+  emu::Warp* w = emu::self().warp;
+  w->buf[emu::self().lane] = pred ? 1.0 : 0.0;
   w->bar.arrive_and_wait();
   int any = 0;
   for (int i = 0; i < 32; ++i) any |= w->buf[i] != 0.0;
@@ -266,17 +364,18 @@ inline int __any_sync(unsigned mask, int pred) {
 }
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int off) {
+  EMU_QUIET;  // reading this lane's number is the emulator's access, not the kernel's
   if (mask != 0xffffffffu) std::abort();
-  return emu::shfl(v, emu::tl_lane ^ off);
+  return emu::shfl(v, emu::self().lane ^ off);
 }
 inline void __syncthreads() {
   EMU_QUIET;
-  emu::tl_block->bar.arrive_and_wait();
+  emu::self().block->bar.arrive_and_wait();
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   EMU_QUIET;
   if (mask != 0xffffffffu) std::abort();
-  emu::tl_warp->bar.arrive_and_wait();
+  emu::self().warp->bar.arrive_and_wait();
 }
 
 namespace emu {
@@ -292,8 +391,8 @@ float half_bits_to_float(uint32_t bits) {
 template <int K, class FA, class FB>
 void mma_collective(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], FA A, FB B) {
   EMU_QUIET;
-  Warp* w = tl_warp;
-  const int lane = tl_lane;
+  Warp* w = self().warp;
+  const int lane = self().lane;
   std::memcpy(w->a[lane], a, sizeof a);
   std::memcpy(w->b[lane], b, sizeof b);
   w->bar.arrive_and_wait();
@@ -346,8 +445,8 @@ EMU_SITE inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) 
 #ifdef EMU_MEMSTAT
   memstat::record(__builtin_return_address(0), row, 16, false);  // each lane's 16-byte row
 #endif
-  Warp* w = tl_warp;
-  const int L = tl_lane;
+  Warp* w = self().warp;
+  const int L = self().lane;
   if (reinterpret_cast<uintptr_t>(row) % 16) {
     std::fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
     std::abort();
@@ -386,15 +485,16 @@ inline const uint16_t* wgmma_element(uint64_t desc, bool mn_major, int mn, int k
   }
   const uint32_t off = mn_major ? start + (mn / 8) * sbo + (mn % 8) * 2 + (k / 8) * lbo + (k % 8) * 16
                                 : start + (mn / 8) * sbo + (mn % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
-  if (off + 2 > static_cast<uint32_t>(g_dynamic_smem_bytes)) {
-    std::fprintf(stderr, "wgmma: operand element at byte %u past the %d bytes of shared memory\n", off, g_dynamic_smem_bytes);
+  const Block& b = *self().block;
+  if (off + 2 > static_cast<uint32_t>(b.smem_bytes)) {
+    std::fprintf(stderr, "wgmma: operand element at byte %u past the %d bytes of shared memory\n", off, b.smem_bytes);
     std::abort();
   }
-  if (g_unfenced[off]) {
+  if (b.unfenced[off]) {
     std::fprintf(stderr, "wgmma: reads shared memory a cp.async wrote, with no fence.proxy.async by its thread since\n");
     std::abort();
   }
-  return reinterpret_cast<const uint16_t*>(g_dynamic_smem + off);
+  return reinterpret_cast<const uint16_t*>(b.smem + off);
 }
 
 // Checksum of what this thread's part of a wgmma reads from shared memory: A rows rows0 + lane/4
@@ -407,8 +507,8 @@ inline uint64_t wgmma_checksum(const WgmmaOp& op, int n) {
     const bool is_a = op.rows0 >= 0 && i == 0;
     for (int k = 0; k < 16; ++k)
       if (is_a) {
-        mix(*wgmma_element(desc, false, op.rows0 + tl_lane / 4, k));
-        mix(*wgmma_element(desc, false, op.rows0 + tl_lane / 4 + 8, k));
+        mix(*wgmma_element(desc, false, op.rows0 + self().lane / 4, k));
+        mix(*wgmma_element(desc, false, op.rows0 + self().lane / 4 + 8, k));
       } else {
         for (int c = 0; c < n; ++c) mix(*wgmma_element(desc, mn_major, c, k));
       }
@@ -421,8 +521,8 @@ inline uint64_t wgmma_checksum(const WgmmaOp& op, int n) {
 template <class T, int N>
 void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d, bool b_mn_major) {
   EMU_QUIET;
-  Warp* w = tl_warp;
-  const int lane = tl_lane, warp_in_group = (threadIdx.x / 32) % 4;
+  Warp* w = self().warp;
+  const int lane = self().lane, warp_in_group = (threadIdx.x / 32) % 4;
   float a_val[2][16];  // this lane's rows lane/4 and lane/4 + 8 of its warp's 16 A rows
   if (a_regs) {
     std::memcpy(w->a[lane], a_regs, 4 * sizeof(uint32_t));
@@ -443,10 +543,10 @@ void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, i
   op.operands.push_back({desc_b, b_mn_major});
   // The input accumulators: those of an op on the same registers still in flight, else d.
   const float* in = d;
-  for (auto& g : tl_wg_groups)
+  for (auto& g : self().wg_groups)
     for (auto& o : g)
       if (o.d == d) in = o.result.data();
-  for (auto& o : tl_wg_uncommitted)
+  for (auto& o : self().wg_uncommitted)
     if (o.d == d) in = o.result.data();
   for (int i = 0; i < N / 2; ++i) {
     const int n = i / 4, e = i % 4, col = 8 * n + 2 * (lane % 4) + e % 2;
@@ -458,19 +558,19 @@ void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, i
   op.checksum = wgmma_checksum(op, N);
   ++mmas;
   for (int i = 0; i < N / 2; ++i) d[i] = std::numeric_limits<float>::quiet_NaN();
-  tl_wg_uncommitted.push_back(std::move(op));
+  self().wg_uncommitted.push_back(std::move(op));
 }
 
 inline void wgmma_commit() {
   EMU_QUIET;
-  tl_wg_groups.push_back(std::move(tl_wg_uncommitted));
-  tl_wg_uncommitted.clear();
+  self().wg_groups.push_back(std::move(self().wg_uncommitted));
+  self().wg_uncommitted.clear();
 }
 
 inline void wgmma_wait(int pending) {
   EMU_QUIET;
-  for (; static_cast<int>(tl_wg_groups.size()) > pending; tl_wg_groups.pop_front())
-    for (WgmmaOp& op : tl_wg_groups.front()) {
+  for (; static_cast<int>(self().wg_groups.size()) > pending; self().wg_groups.pop_front())
+    for (WgmmaOp& op : self().wg_groups.front()) {
       if (wgmma_checksum(op, 2 * op.n) != op.checksum) {
         std::fprintf(stderr, "wgmma: shared memory it reads changed before its wait_group\n");
         std::abort();

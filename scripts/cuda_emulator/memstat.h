@@ -8,9 +8,15 @@ namespace emu::memstat {
 // Inside emu.h's own machinery (barriers, shuffles, mma, the copies it models) accesses are not the
 // kernel's: a Quiet in scope mutes the hooks.
 inline thread_local int quiet = 0;
-struct Quiet {
-  Quiet() { ++quiet; }
-  ~Quiet() { --quiet; }
+struct Quiet {  // the compiler barriers keep the muted accesses from moving out of the scope
+  Quiet() {
+    ++quiet;
+    asm volatile("" ::: "memory");
+  }
+  ~Quiet() {
+    asm volatile("" ::: "memory");
+    --quiet;
+  }
 };
 // An access made on the kernel's behalf by an emulated instruction (ldmatrix, cp.async) at `pc`.
 void record(const void* pc, const void* addr, int bytes, bool write);

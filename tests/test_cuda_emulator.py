@@ -1,0 +1,79 @@
+"""The CUDA kernels run on the CPU: scripts/cuda_emulator builds csrc/'s .cu sources as host C++ (its
+README.md) and its drivers compare every CUDA launcher's results with the CPU kernels, so a kernel change
+is checked here and in CI, where no GPU is. The build (~6 min on 2 cores) is kept in
+build/cuda_emulator_tests and reused while csrc/ and the emulator's sources are unchanged."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMULATOR = os.path.join(ROOT, "scripts", "cuda_emulator")
+OUT = os.path.join(ROOT, "build", "cuda_emulator_tests")
+DRIVERS = {"softmax": "driver", "linear": "driver_linear", "rope": "driver_rope", "dwconv": "driver_dwconv",
+           "layer_norm": "driver_layer_norm", "silu_mul": "driver_silu_mul", "bias_gelu": "driver_bias_gelu"}
+
+# (op, driver arguments): every driver's `all`, the softmax wgmma kernels, fused RoPE, grids capped so
+# blocks walk several items, and 24 random cases per attention driver (scripts/cuda_emulator/README.md).
+RUNS = [(op, "all") for op in DRIVERS] + [
+    ("softmax", "wgmma"),
+    ("softmax", "fuzz 1 24"),
+    ("linear", "rope"),
+    ("linear", "fuzz 1 24"),
+    ("dwconv", "fuzz 1 24"),
+]
+CAPPED_GRID_RUNS = [("softmax", "flash"), ("linear", "quick"), ("dwconv", "quick")]
+
+pytestmark = pytest.mark.slow
+
+
+def _sources_hash():
+    digest = hashlib.sha256()
+    for folder in ("csrc", os.path.join("scripts", "cuda_emulator")):
+        for parent, dirs, names in sorted(os.walk(os.path.join(ROOT, folder))):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(names):
+                path = os.path.join(parent, name)
+                digest.update(os.path.relpath(path, ROOT).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the CUDA emulator")
+    stamp = os.path.join(OUT, "sources.sha256")
+    wanted = _sources_hash()
+    built = os.path.exists(stamp) and open(stamp).read() == wanted
+    if not built or not all(os.path.exists(os.path.join(OUT, exe)) for exe in DRIVERS.values()):
+        env = dict(os.environ, PYTHON=sys.executable, OUT_DIR=OUT, JOBS=str(os.cpu_count() or 2))
+        run = subprocess.run(["bash", os.path.join(EMULATOR, "build.sh")], env=env, capture_output=True, text=True,
+                             timeout=3600)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+        with open(stamp, "w") as f:
+            f.write(wanted)
+    return OUT
+
+
+def _run_driver(emulator, op, args, **env):
+    run = subprocess.run([os.path.join(emulator, DRIVERS[op])] + args.split(), env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=1800)
+    output = run.stdout + run.stderr
+    failures = [line for line in output.splitlines() if line.startswith(("FAIL", "emu:"))]
+    assert run.returncode == 0 and "PASSED" in output, "\n".join(failures[:40]) or output[-4000:]
+
+
+@pytest.mark.parametrize("op,args", RUNS, ids=[f"{op}-{args.replace(' ', '_')}" for op, args in RUNS])
+def test_cuda_kernels_match_cpu_kernels(emulator, op, args):
+    _run_driver(emulator, op, args)
+
+
+@pytest.mark.parametrize("op,args", CAPPED_GRID_RUNS, ids=[op for op, _ in CAPPED_GRID_RUNS])
+def test_capped_grids_walk_every_item(emulator, op, args):
+    """SOLA_MAX_GRID=2: each block walks several work items, as past 65535 blocks on a GPU."""
+    _run_driver(emulator, op, args, SOLA_MAX_GRID="2")
