@@ -218,6 +218,25 @@ def test_single_key_is_identity(device):
     torch.testing.assert_close(lse, 0.7 * (q * k).sum(-1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_scored_minus_inf_gets_no_gradient(device, dtype):
+    """A key with an infinite entry that every query scores -inf (scale < 0) takes no weight: out stays
+    finite, its dk and dv rows are 0, and dq is NaN only where 0 * inf meets that entry (as in the
+    reference). 70 queries leave the CUDA backward's last query step rows past Nq, whose zero rows once
+    scored that key inf * 0 = NaN and gave it NaN dk and dv (found by the emulator's random cases)."""
+    q, k, v = make_qkv(1, 2, 70, 140, 32, 24, dtype, device, seed=7)
+    q[..., 0] = 1.0
+    k[:, :, 2, 0] = math.inf
+    q, k, v = leaf(q), leaf(k), leaf(v)
+    out = sola_ops.softmax_attention(q, k, v, scale=-0.3)
+    out.backward(randn(out.shape, dtype, device, seed=8))
+    assert torch.isfinite(out).all()
+    assert (k.grad[:, :, 2] == 0).all() and (v.grad[:, :, 2] == 0).all()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert q.grad[..., 0].isnan().all() and torch.isfinite(q.grad[..., 1:]).all()
+
+
 # ---- layouts ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

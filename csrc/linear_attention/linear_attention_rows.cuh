@@ -371,6 +371,7 @@ __global__ void __launch_bounds__(kThreads, RowsConfig<scalar_t, kD>::kMinBlocks
           for (int t = 0; t < kThreadRows; ++t) sum += fold_sums[(4 + tid % 4) * kThreads + t * kThreadCols + tid / 4];
           dst.side[tid] = sum * dst.scale;
         }
+        __syncthreads();  // every sum is read before the block's next item zeroes them
       }
     }
   }

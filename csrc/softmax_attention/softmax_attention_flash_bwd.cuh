@@ -265,10 +265,12 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         smem.delta[stage * kStream + tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
     };
-    // One query tile. Query rows past Nq have P^T = dS^T = 0 (lse = +inf, delta = 0, grad_out rows
-    // 0), so the edge tile needs no masking. Peeling it to skip their n8 tiles, as dq_kernel does,
-    // cost spills inside the loop here (dkdv kD 64 two groups: 1 -> 10 local loads/stores a step).
-    auto compute = [&](int64_t, int stage, auto) {
+    // One query tile. Query rows past Nq (zero rows, lse = +inf, delta = 0, grad_out rows 0) have
+    // P^T = dS^T = 0 but for an infinite key (below), so the peeled edge step (`edge`) only masks P.
+    // Skipping their n8 tiles as well, as dq_kernel does, cost spills inside the loop here (dkdv kD 64
+    // two groups: 1 -> 10 local loads / stores a step); the mask alone leaves the loop as it was
+    // (nvcc 13.0 sm_90a: same SASS length +-2%, same local loads / stores).
+    auto compute = [&](int64_t, int stage, auto edge) {
       const T* sQ = smem.streamed(stage, 0);
       const T* sG = smem.streamed(stage, 1);  // grad_out
       const acc* lse = smem.lse + stage * kStream;
@@ -285,6 +287,18 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
 #pragma unroll
             for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
           }
+        // The edge step's rows past Nq: exp(s - inf) is 0 but for s = inf * 0 (an infinite key against
+        // their zero rows), NaN, which would reach that key's dk and dv. Their lse is +inf (a real
+        // row's +inf reads as NaN: backward_lse), so P is zeroed there.
+        if constexpr (decltype(edge)::value) {
+#pragma unroll
+          for (int n = 0; n < kST; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (lse[acc_col(n, e, lane)] == std::numeric_limits<acc>::infinity())
+#pragma unroll
+                for (int g = 0; g < kG; ++g) pt[g][n][e] = acc(0);
+        }
       };
       auto delta_c = [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; };
       if constexpr (kWg) {  // two batches of two products: S^T, dP^T; then dV, dK
@@ -302,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
       }
     };
-    pipeline<Tiles::kStages, kStream, false, kWg>(p.Nq, load, compute);
+    pipeline<Tiles::kStages, kStream, true, kWg>(p.Nq, load, compute);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
       const int64_t row0 = t.row0 + group_row<kG, kWg>(warp, g);

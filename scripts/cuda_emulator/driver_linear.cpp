@@ -233,6 +233,14 @@ int main(int argc, char** argv) {
       c.B = 2, c.H = 3;  // strided with several heads: outputs in the ops' heads-interleaved layout
       run(c, dt);
     }
+    // Five heads at head dim 32: under SOLA_MAX_GRID=2 (tests/test_cuda_emulator.py) each QueryGrad block
+    // folds dS, dz for several heads in turn (a missing barrier let the next head zero the dz sums before
+    // every thread had read them: fp32 dk 2e-3 off, found by `fuzz 3 400`).
+    for (auto dt : all_dts) {
+      Case c;
+      c.H = 5, c.Nq = 70, c.Nk = 40;
+      run(c, dt);
+    }
   }
   // den^2 past the dtype's range: the query gradient's normaliser term is -(g . num / den) / den.
   // Head dim 32 (QueryGrad folding dS: tensor cores for bf16, SIMT for fp32) and 64; relu.
@@ -365,6 +373,9 @@ int main(int argc, char** argv) {
     p.Dk = c.Dk, p.Dv = c.Dv, p.dtype = c.dt, p.device_index = -1;
     if (!c.has_qn && !c.has_kn && c.Dk % 2 == 0 && f.chance(0.35) && linear_attention_rope_fused_cuda(p))
       c.rope = true, c.Nk = c.Nq;
+    // fp32 with one key: out is v whatever k is, so dk is 0 by cancellation and both sides leave rounding
+    // noise near the tolerance (seed 3 case 333: dk 3e-5 apart, the CUDA one the nearer to fp64): two keys
+    if (c.dt == at::kFloat && c.Nk == 1) c.Nk = 2, c.Nq = c.rope ? 2 : c.Nq;
     const MaybeCappedGrid cap(f);
     linear_case(c);
   });

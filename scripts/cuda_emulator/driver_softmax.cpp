@@ -26,7 +26,7 @@ void softmax_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t Dk, int6
   if (poison == 2) k.select(0, B - 1).select(0, 0).select(1, 2).fill_(-INFINITY);  // whole column: many -inf scores
   if (poison == 3) k.select(0, B - 1).select(0, 0).fill_(-INFINITY), q.select(0, B - 1).select(0, 0).fill_(1.0);  // all -inf
   if (poison == 4) k.select(0, B - 1).select(0, 0).fill_(-40.0), q.select(0, B - 1).select(0, 0).fill_(40.0);  // lse << 0
-  if (poison == 5)  // key 2 scores +inf in every row: lse = +inf (as torch.logsumexp), out NaN
+  if (poison == 5)  // key 2 scores +inf in every row: lse = +inf (as torch.logsumexp), out NaN; -inf with scale < 0
     k.select(0, B - 1).select(0, 0).select(0, 2).select(0, 0).fill_(INFINITY), q.select(0, B - 1).select(0, 0).select(1, 0).fill_(1.0);
   const bool finite = poison == 0 || poison == 4;
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -122,6 +122,9 @@ void flash_cases(std::initializer_list<at::ScalarType> hts) {
     softmax_case(1, 1, 100, 75, 96, 96, dt, 0.1, true);
     softmax_case(1, 1, 130, 64, 128, 128, dt, 0.09, false);
     softmax_case(1, 1, 20, 130, 64, 64, dt, 0.12, false);
+    // An infinite key scored -inf by every query (negative scale): its P, dk and dv are 0 (dq is NaN
+    // where 0 * inf), also beside the zero rows past Nq of the backward's last query step.
+    softmax_case(1, 1, 70, 140, 32, 32, dt, -0.3, false, 5);
   }
 }
 
