@@ -278,27 +278,19 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
       // P^T and dP^T, then dS^T: this warp's 16 keys per group x kStream queries. lse and delta
       // belong to the query (column): one shared-memory read serves every group.
       acc pt[kG][kST][4], dpt[kG][kST][4];
+      // The edge step's rows past Nq: exp(s - inf) is 0 but for s = inf * 0 (an infinite key against
+      // their zero rows), NaN, which would reach that key's dk and dv. Their lse is +inf (a real row's
+      // +inf reads as NaN: backward_lse), so P is zeroed there.
       auto exp_pt = [&] {
 #pragma unroll
         for (int n = 0; n < kST; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const acc lse_c = lse[acc_col(n, e, lane)];
+            const bool past_nq = decltype(edge)::value && lse_c == std::numeric_limits<acc>::infinity();
 #pragma unroll
-            for (int g = 0; g < kG; ++g) pt[g][n][e] = Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
+            for (int g = 0; g < kG; ++g) pt[g][n][e] = past_nq ? acc(0) : Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
           }
-        // The edge step's rows past Nq: exp(s - inf) is 0 but for s = inf * 0 (an infinite key against
-        // their zero rows), NaN, which would reach that key's dk and dv. Their lse is +inf (a real
-        // row's +inf reads as NaN: backward_lse), so P is zeroed there.
-        if constexpr (decltype(edge)::value) {
-#pragma unroll
-          for (int n = 0; n < kST; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (lse[acc_col(n, e, lane)] == std::numeric_limits<acc>::infinity())
-#pragma unroll
-                for (int g = 0; g < kG; ++g) pt[g][n][e] = acc(0);
-        }
       };
       auto delta_c = [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; };
       if constexpr (kWg) {  // two batches of two products: S^T, dP^T; then dV, dK
