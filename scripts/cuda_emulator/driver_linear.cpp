@@ -373,9 +373,11 @@ int main(int argc, char** argv) {
     p.Dk = c.Dk, p.Dv = c.Dv, p.dtype = c.dt, p.device_index = -1;
     if (!c.has_qn && !c.has_kn && c.Dk % 2 == 0 && f.chance(0.35) && linear_attention_rope_fused_cuda(p))
       c.rope = true, c.Nk = c.Nq;
-    // fp32 with one key: out is v whatever k is, so dk is 0 by cancellation and both sides leave rounding
-    // noise near the tolerance (seed 3 case 333: dk 3e-5 apart, the CUDA one the nearer to fp64): two keys
-    if (c.dt == at::kFloat && c.Nk == 1) c.Nk = 2, c.Nq = c.rope ? 2 : c.Nq;
+    // One key: out is v whatever k is, so dk is 0 by cancellation of terms ~ |g . v| / den, and both sides
+    // leave their rounding of those terms: fp32 (seed 3 case 333) 3e-5 apart, the CUDA one the nearer to
+    // fp64; fp16 (seed 5 case 85, relu) CUDA 7e-3 from fp64 against a true dk of 8e-6, the tensor-core
+    // kernels' tf32 operands (2^-11, an fp16 input's own precision) on terms of ~10. Two keys.
+    if (c.Nk == 1) c.Nk = 2, c.Nq = c.rope ? 2 : c.Nq;
     const MaybeCappedGrid cap(f);
     linear_case(c);
   });
