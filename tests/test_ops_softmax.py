@@ -263,6 +263,23 @@ def test_noncontiguous_grad_out(device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Dv", [32, 36])
+@pytest.mark.parametrize("kind", ["contiguous", "transposed", "slice", "misaligned"])
+def test_grad_out_layouts(device, dtype, Dv, kind):
+    """grad_out read in place: on CUDA delta_kernel takes 16-byte loads when Dv is whole vectors and the rows
+    are aligned (contiguous, transposed at Dv 32) and one element a lane otherwise (Dv 36 in bf16, a slice's
+    odd row stride, one element off alignment)."""
+    q, k, v = make_qkv(2, 3, 37, 50, 16, Dv, dtype, device, seed=10)
+    g = randn((2, 3, 37, Dv), dtype, device, seed=11)
+    if kind == "misaligned":
+        g = randn((g.numel() + 1,), dtype, device, seed=11)[1:].view(g.shape)
+    else:
+        g = strided_like(g, kind, seed=12)
+    check_softmax(q, k, v, grad_out=g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_expanded_inputs(device):
     """k, v broadcast over heads (stride 0), as in multi-query attention."""
     B, H, N, D = 2, 3, 19, 8
