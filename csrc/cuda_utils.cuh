@@ -91,6 +91,14 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+// The same over a team of `lanes` lanes (a power of two <= 32, teams aligned in the warp): every lane
+// of the team ends with the team's sum. All lanes of the warp must call it.
+template <typename T>
+__device__ __forceinline__ T team_sum(T x, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
 // ---- ordered sums of per-block partials ----------------------------------------------------------
 // Element i (< width) of a deterministic reduction = the sum of partials[k * width + i] over the count
 // partials k, in order: one warp per element, lane l summing partials l, l + 32, ..., then a butterfly

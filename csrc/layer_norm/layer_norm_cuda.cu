@@ -29,14 +29,6 @@ constexpr int64_t kLnColumnRows = 64;
 template <typename scalar_t>
 constexpr int kLnVec = kVec16<scalar_t>;
 
-// Sum over a team's tpr lanes (tpr a power of two <= 32, teams aligned in the warp): every lane of the
-// team ends with the same value. All lanes of the warp must call it.
-template <typename acc>
-__device__ __forceinline__ acc team_sum(acc x, int tpr) {
-  for (int offset = tpr / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
-
 // weight[c] (1 when absent) and bias[c] (0).
 template <typename acc>
 __device__ __forceinline__ acc weight_at(const LayerNormParams& p, int64_t c) {

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kRowThreads) delta_kernel(const SoftmaxAttenti
         for (int e = 0; e < kVec; ++e) part += gv[e] * ov[e];
       }
     }
-    for (int offset = lanes / 2; offset > 0; offset /= 2) part += __shfl_xor_sync(kFullMask, part, offset);
+    part = team_sum(part, lanes);
     if (sub == 0 && row < rows) static_cast<acc*>(p.delta)[row] = grad_lse ? part - grad_lse[row] : part;
   }
 }
