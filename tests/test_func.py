@@ -1,6 +1,7 @@
 """torch.func over the public ops: grad, vjp, jacrev and per-sample gradients (vmap of grad) against the
 fp64 references differentiated by torch.autograd; second order and forward mode raise errors that name the
 op; per-sample gradients through a whole SoLA-Vision model agree between attn_impl "sola" and "torch"."""
+import math
 import re
 import warnings
 
@@ -209,14 +210,35 @@ def test_forward_ad_through_a_token_mixer_names_the_op(mixer, name, dual):
             assert forward_ad.unpack_dual(torch.func.functional_call(layer, params, (x,))).tangent is not None
 
 
-def test_plain_autograd_does_not_take_the_torch_func_path(monkeypatch):
-    """Outside torch.func the public functions call the op itself (one node under torch.compile)."""
+def test_eager_autograd_takes_the_twin_and_compile_the_op(monkeypatch):
+    """A call autograd records runs the op's twin in eager mode (the registered setup_context and backward,
+    without torch.library's wrapper and its per-call fill_defaults), with the registered autograd's gradients
+    bit for bit; calls autograd does not record, and torch.compile, run the op itself."""
     from sola_ops import _ops
-    monkeypatch.setitem(_ops._FUNC_TWINS, "softmax_attention_fwd", None)  # .apply on it would raise
+    twin, applied = _ops._FUNC_TWINS["softmax_attention_fwd"], []
+
+    class Recorder:
+        @staticmethod
+        def apply(*args):
+            applied.append(args)
+            return twin.apply(*args)
+    monkeypatch.setitem(_ops._FUNC_TWINS, "softmax_attention_fwd", Recorder)
     _, _, (q, k, v) = _cases("cpu")["softmax_attention"]
     q = q.clone().requires_grad_()
-    sola_ops.softmax_attention(q, k, v).sum().backward()
-    assert q.grad is not None
+    g = randn(q.shape[:3] + v.shape[3:], q.dtype, "cpu", 5)
+    out = sola_ops.softmax_attention(q, k, v)
+    (dq,) = torch.autograd.grad(out, q, g)
+    assert len(applied) == 1
+    registered, _ = torch.ops.sola_ops.softmax_attention_fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    (dq_registered,) = torch.autograd.grad(registered, q, g)
+    assert torch.equal(out, registered) and torch.equal(dq, dq_registered)
+    with torch.no_grad():
+        sola_ops.softmax_attention(q, k, v)
+    sola_ops.softmax_attention(q.detach(), k, v)
+    compiled = torch.compile(lambda q: sola_ops.softmax_attention(q, k, v), fullgraph=True, backend="aot_eager")
+    (dq_compiled,) = torch.autograd.grad(compiled(q), q, g)
+    assert len(applied) == 1
+    torch.testing.assert_close(dq_compiled, dq)
 
 
 def test_per_sample_grads_of_a_hybrid_model_match_attn_impl_torch():
