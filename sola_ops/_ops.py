@@ -230,15 +230,20 @@ def has_forward_tangent(args):
 
 # torch.func cannot differentiate an op through torch.library.register_autograd: the autograd.Function
 # torch builds from it has no setup_context (pytorch/pytorch#170834). So each op's autograd is also an
-# autograd.Function of the same setup_context and backward (its "twin"), which call() runs in eager mode
-# whenever autograd records (under vmap the ops inside it run through the batching rules of _vmap.py). Under
-# torch.compile call() runs the op itself, which it traces as one node with the registered autograd
-# (torch.compile of torch.func.grad over the ops still meets torch's Function: eager torch.func only).
+# autograd.Function of the same setup_context and backward (its torch.func twin), which call() runs while a
+# torch.func transform is active (under vmap the ops inside it run through the batching rules of _vmap.py).
+# Plain eager autograd takes a second twin: torch.library's wrapper spends ~20-40 us a call in fill_defaults
+# (schema.arguments rebuilt per argument: linear attention's forward has 10), and a Function with a
+# setup_context ~10 us in Function.apply binding forward's signature (inspect), so the eager twin is an
+# old-style Function whose forward calls setup_context itself. Under torch.compile call() runs the op, which
+# it traces as one node with the registered autograd (torch.compile of torch.func.grad over the ops still
+# meets torch's Function: eager torch.func only).
 _FUNC_TWINS = {}
+_EAGER_TWINS = {}
 
 
 def register_autograd(op_name, backward, setup_context):
-    """torch.library.register_autograd for sola_ops::<op_name>, and its torch.func twin for call()."""
+    """torch.library.register_autograd for sola_ops::<op_name>, and its twins for call()."""
     torch.library.register_autograd(f"sola_ops::{op_name}", backward, setup_context=setup_context)
     op = getattr(ops, op_name)
     public = op_name.removesuffix("_fwd")
@@ -246,20 +251,28 @@ def register_autograd(op_name, backward, setup_context):
     def jvp(ctx, *tangents):
         raise ForwardModeUnsupported(public)
 
-    _FUNC_TWINS[op_name] = type(f"sola_ops_{op_name}", (torch.autograd.Function,), {
+    _FUNC_TWINS[op_name] = type(f"sola_ops_{op_name}_func", (torch.autograd.Function,), {
         "generate_vmap_rule": True,
-        "forward": staticmethod(lambda *args: op(*args)),
+        "forward": staticmethod(lambda *args: without_graph(op, *args)),  # inside forward autograd records nothing
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
         "jvp": staticmethod(jvp),
     })
 
+    def eager_forward(ctx, *args):
+        output = without_graph(op, *args)
+        setup_context(ctx, args, output)
+        return output
+
+    _EAGER_TWINS[op_name] = type(f"sola_ops_{op_name}", (torch.autograd.Function,), {
+        "forward": staticmethod(eager_forward),
+        "backward": staticmethod(backward),
+    })
+
 
 def call(op_name, *args):
-    """ops.<op_name>(*args), differentiable by torch.autograd and torch.func. In eager mode a call that autograd
-    records runs the op's twin: the same setup_context and backward as the registered autograd, without
-    torch.library's wrapper, whose fill_defaults rebuilds schema.arguments per argument (~40 us a call for
-    linear attention's 10 arguments on one Xeon core, a third of the forward's host time at small sizes)."""
+    """ops.<op_name>(*args), differentiable by torch.autograd (in eager mode through the op's eager twin when
+    autograd records the call) and, through its torch.func twin, by torch.func."""
     if torch.compiler.is_compiling():
         return getattr(ops, op_name)(*args)
     if functorch_active():
@@ -267,7 +280,7 @@ def call(op_name, *args):
     if has_forward_tangent(args):
         raise ForwardModeUnsupported(op_name.removesuffix("_fwd"))
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return _FUNC_TWINS[op_name].apply(*args)
+        return _EAGER_TWINS[op_name].apply(*args)
     return without_graph(getattr(ops, op_name), *args)
 
 

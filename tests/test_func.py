@@ -211,18 +211,18 @@ def test_forward_ad_through_a_token_mixer_names_the_op(mixer, name, dual):
 
 
 def test_eager_autograd_takes_the_twin_and_compile_the_op(monkeypatch):
-    """A call autograd records runs the op's twin in eager mode (the registered setup_context and backward,
-    without torch.library's wrapper and its per-call fill_defaults), with the registered autograd's gradients
-    bit for bit; calls autograd does not record, and torch.compile, run the op itself."""
+    """A call autograd records runs the op's eager twin (the registered setup_context and backward, without
+    torch.library's wrapper and its per-call fill_defaults), with the registered autograd's gradients bit for
+    bit; calls autograd does not record, and torch.compile, run the op itself."""
     from sola_ops import _ops
-    twin, applied = _ops._FUNC_TWINS["softmax_attention_fwd"], []
+    twin, applied = _ops._EAGER_TWINS["softmax_attention_fwd"], []
 
     class Recorder:
         @staticmethod
         def apply(*args):
             applied.append(args)
             return twin.apply(*args)
-    monkeypatch.setitem(_ops._FUNC_TWINS, "softmax_attention_fwd", Recorder)
+    monkeypatch.setitem(_ops._EAGER_TWINS, "softmax_attention_fwd", Recorder)
     _, _, (q, k, v) = _cases("cpu")["softmax_attention"]
     q = q.clone().requires_grad_()
     g = randn(q.shape[:3] + v.shape[3:], q.dtype, "cpu", 5)
