@@ -21,6 +21,8 @@ DRIVERS = {"softmax": "driver", "linear": "driver_linear", "rope": "driver_rope"
 RUNS = [(op, "all") for op in DRIVERS] + [("softmax", "wgmma"), ("linear", "rope")] + [
     (op, "fuzz 1 24") for op in DRIVERS if op != "rope"]
 CAPPED_GRID_RUNS = [("softmax", "flash"), ("linear", "quick"), ("dwconv", "quick")]
+# The fp16 / bf16 forward's token reduction on tf32 as well (its default multiplies 16-bit operands).
+TF32_REDUCE_RUNS = [("linear", "quick"), ("linear", "rope")]
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +74,9 @@ def test_cuda_kernels_match_cpu_kernels(emulator, op, args):
 def test_capped_grids_walk_every_item(emulator, op, args):
     """SOLA_MAX_GRID=2: each block walks several work items, as past 65535 blocks on a GPU."""
     _run_driver(emulator, op, args, SOLA_MAX_GRID="2")
+
+
+@pytest.mark.parametrize("op,args", TF32_REDUCE_RUNS, ids=[args for _, args in TF32_REDUCE_RUNS])
+def test_tf32_token_reduction(emulator, op, args):
+    """SOLA_LINEAR_REDUCE=tf32: the token reduction's other products (bench/kernels.py's sola_ops_tf32_reduce)."""
+    _run_driver(emulator, op, args, SOLA_LINEAR_REDUCE="tf32")

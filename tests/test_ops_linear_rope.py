@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sola_ops
-from conftest import (DEVICES, DTYPES, FEATURE_MAPS, assert_fa_close, check_grads, leaf, linear_attention_lowp,
-                      make_qkv, randn, strided_like, torch_threads, upcast)
+from conftest import (DEVICES, DTYPES, FEATURE_MAPS, assert_fa_close, check_grads, check_linear, leaf,
+                      linear_attention_lowp, make_qkv, randn, strided_like, torch_threads, upcast)
 from sola_ops import reference
 
 ops = torch.ops.sola_ops
@@ -192,6 +192,31 @@ def test_cuda_row_variants_same_bits(D, inputs, variant, monkeypatch):
     monkeypatch.setenv("SOLA_LINEAR_ROWS", variant)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dqn", "dkn"), staged, run()):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("D", [32, 64])  # the token reduction's 32 and 64 tiles
+@pytest.mark.parametrize("inputs", ["plain", "rope", "norms"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tf32_token_reduction(dtype, D, inputs, monkeypatch):
+    """SOLA_LINEAR_REDUCE=tf32 (bench/kernels.py's sola_ops_tf32_reduce) keeps the forward's token reduction
+    on tf32 products; by default it multiplies 16-bit operands (fp16 with RoPE excepted). Both pass the
+    FlashAttention rule, and they round differently: the switch reaches the kernels."""
+    q, k, v = _qkv(2, 3, 300, D, D, dtype, "cuda", "elu", seed=7)
+    kw = {}
+    if inputs == "rope":
+        kw = dict(rope=tables(300, D, "cuda"))
+    elif inputs == "norms":
+        kw = dict(q_norm=randn(q.shape, dtype, "cuda", seed=8), k_norm=randn(k.shape, dtype, "cuda", seed=9))
+    default = sola_ops.linear_attention(q, k, v, **kw)
+    monkeypatch.setenv("SOLA_LINEAR_REDUCE", "tf32")
+    if inputs == "rope":
+        tf32 = check_rope_linear(q, k, v, *kw["rope"])
+    else:
+        tf32 = check_linear(q, k, v, **kw)
+    same_kernel = dtype == torch.float16 and inputs == "rope"
+    assert torch.equal(default, tf32) == same_kernel
 
 
 @pytest.mark.cuda

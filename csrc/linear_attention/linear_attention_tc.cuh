@@ -13,6 +13,7 @@
 
 #include "cp_async.cuh"
 #include "cuda_utils.cuh"
+#include "mma_f16.cuh"
 #include "mma_tf32.cuh"
 #include "rope/rope.h"
 #include "vec_acc.cuh"
@@ -45,22 +46,33 @@ SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0,
 }
 
 // A block owns one (head, token chunk, kTile x kTile tile of M), as the SIMT kernel; each warp owns
-// 16 rows of the tile and all its columns (kTile / 8 accumulator tiles). Tokens stream through
-// shared memory kStage at a time as fp32 [token][column] tiles: A = phi(x)^T is read transposed
-// (a0 = x_tile[k + t][m + g]) and B = y as stored; both reads are conflict-free with the row pitch
-// kTile + 8. The side sum is kept per loading thread in fp32 and summed across threads in order.
-// The inputs arrive by cp.async into raw stages as stored, the next stage's copies in flight while
-// this one is mapped and multiplied (loads issued only after each barrier had left DRAM at 19% of
-// its bandwidth on an H200: 4-8 blocks per SM, each waiting for its own loads). A thread maps only
-// the vectors it copied itself, so the raw stages need no barrier of their own.
-template <typename scalar_t, int kTile>
+// 16 rows of the tile and all its columns (kTile / 8 accumulator tiles). The inputs arrive by
+// cp.async into raw stages as stored, the next stage's copies in flight while this one is mapped and
+// multiplied (loads issued only after each barrier had left DRAM at 19% of its bandwidth on an H200:
+// 4-8 blocks per SM, each waiting for its own loads). A thread maps only the vectors it copied
+// itself. The side sum is kept per loading thread in fp32 on unrounded values and summed across
+// threads in order.
+//
+// Two ways to multiply (kMma16):
+// - tf32 (m16n8k8): the stage is mapped into fp32 [token][column] tiles, A = phi(x)^T read
+//   transposed (a0 = x_tile[k + t][m + g]), B = y * y_scale as stored; both reads conflict-free
+//   at the row pitch kTile + 8. Every reduction can take it (y_scale's g / den needs fp32 range).
+// - 16-bit (m16n8k16, kMma16): for reductions without scales (the forward's S = sum phi(k) v^T).
+//   A thread writes phi(x) (rotated with RoPE), rounded to the input dtype, back over the raw x
+//   it copied; A comes from there and B = y straight from its raw stage, both by ldmatrix.trans.
+//   Half the mmas, no fp32 tiles, and y is never mapped: the tf32 path's mapping (unpack, round,
+//   store, re-read as fragments) was most of its ~2800 instructions (SASS, bf16 tile 32; 16 HMMA).
+//   phi(x) rounds to the input's dtype, as PyTorch's composite in that dtype rounds it; products of
+//   16-bit operands are exact in the fp32 accumulators. fp16 with RoPE stays on tf32: a rotation
+//   can carry phi(x) near fp16's largest value past it.
+template <typename scalar_t, int kTile, bool kMma16 = false>
 struct ReduceTcConfig {
   static constexpr int kWarps = kTile / 16;
   static constexpr int kBlockThreads = 32 * kWarps;  // 128 for the 64 tile, 64 for the 32 tile
   static constexpr int kNT = kTile / 8;
-  static constexpr int kStage = 32;      // tokens per stage: 4 k8 steps
+  static constexpr int kStage = 32;      // tokens per stage: 4 k8 steps, 2 k16 steps
   static constexpr int kRawStages = 2;   // copied as stored: the one being mapped and the next
-  static constexpr int kLd = kTile + 8;  // = 8 (mod 32): reads at t * kLd + g hit 32 banks
+  static constexpr int kLd = kTile + 8;  // tf32 tiles: = 8 (mod 32), reads at t * kLd + g hit 32 banks
   static constexpr int kVec = kVec16<scalar_t>;
   static constexpr int kVecsPerRow = kTile / kVec;
   static constexpr int kRowsPerPass = kBlockThreads / kVecsPerRow;
@@ -68,18 +80,29 @@ struct ReduceTcConfig {
   static constexpr int kMinBlocks = 65536 / (128 * kBlockThreads);
   static_assert(kStage % kRowsPerPass == 0, "a stage must be whole load passes");
   static_assert(kVec * sizeof(scalar_t) == 16, "a load vector is one 16-byte cp.async");
-  // Dynamic shared memory, in this order: x_tile, y_tile (kStage x kLd fp32 each), side_red
-  // (kRowsPerPass x kTile fp32), raw_scale (stages x 2 x kStage fp32), then per raw stage the
-  // arrays x, y, xs as stored; with fused RoPE xs's place holds the stage's cos (fp32, kTile / 2
-  // per token: the same bytes) and one more array its sin. 47.6 KB without RoPE at the 64 tile
-  // (as the static arrays were), 55.8 KB with it (still 4 blocks per SM).
-  static constexpr int kRawElems = kStage * kTile;  // one raw array of a stage
-  static constexpr int kRawArrays = 3;              // x, y, xs (or cos); + sin with RoPE
-  static constexpr int kFloatsBeforeRaw = 2 * kStage * kLd + kRowsPerPass * kTile + kRawStages * 2 * kStage;
+  // Raw stage rows: as stored for tf32 (read back only by the thread that copied them); padded by 16
+  // bytes for kMma16's ldmatrix (an odd number of 16-byte groups a row: 8 rows fill 32 banks).
+  static constexpr int kRawLd = kMma16 ? kTile + 8 : kTile;
+  // Dynamic shared memory, in this order: x_tile, y_tile (tf32 only: kStage x kLd fp32 each),
+  // side_red (kRowsPerPass x kTile fp32), raw_scale (stages x 2 x kStage fp32), then per raw stage
+  // the arrays x, y, xs as stored; with fused RoPE xs's place holds the stage's cos (fp32, kRawLd / 2
+  // per token: the same bytes) and one more array its sin. tf32: 47.6 KB without RoPE at the 64 tile,
+  // 55.8 KB with it (4 blocks per SM); kMma16: 32.3 KB and 41.5 KB.
+  static constexpr int kRawElems = kStage * kRawLd;  // one raw array of a stage
+  static constexpr int kRawArrays = 3;               // x, y, xs (or cos); + sin with RoPE
+  static constexpr int kTileFloats = kMma16 ? 0 : 2 * kStage * kLd;
+  static constexpr int kFloatsBeforeRaw = kTileFloats + kRowsPerPass * kTile + kRawStages * 2 * kStage;
   static constexpr int smem_bytes(bool rope) {
     return 4 * kFloatsBeforeRaw + kRawStages * (kRawArrays + (rope ? 1 : 0)) * kRawElems * int(sizeof(scalar_t));
   }
   static_assert(kFloatsBeforeRaw % 4 == 0 && kRawElems * sizeof(scalar_t) % 16 == 0, "16-byte aligned arrays");
+  // This thread's first load row (then every kRowsPerPass-th). kMma16 at 4 vectors a row (the 32 tile):
+  // a quarter warp copies rows q and q + 4 of its warp's 8, whose padded rows start 4 bank groups apart,
+  // so its 16-byte copies and stores fill 32 banks (adjacent rows share one: 2-way conflicts).
+  static SOLA_HD int load_row(int tid) {
+    if constexpr (kMma16 && kVecsPerRow == 4) return 8 * (tid / 32) + (tid % 32) / 8 + 4 * ((tid / 4) % 2);
+    else return tid / kVecsPerRow;
+  }
 };
 
 // Copies kV columns of a token row from col on into a raw stage slot: one cp.async for a whole
@@ -110,28 +133,31 @@ SOLA_DEVICE void copy_scale_async(float* slot, const void* scales, int64_t idx, 
 // grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads,
 // dynamic shared memory smem_bytes(kRope). kRope: a.rope_cos is set (a template parameter: as a
 // run-time switch its few extra live values cost the 64 tile 36 bytes of spill at the 128 cap).
-template <typename scalar_t, int kTile, bool kRope>
-__global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads, ReduceTcConfig<scalar_t, kTile>::kMinBlocks)
+// kMma16: 16-bit products (ReduceTcConfig); a.y_scale and a.s_scale are null.
+template <typename scalar_t, int kTile, bool kRope, bool kMma16>
+__global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBlockThreads,
+                                  ReduceTcConfig<scalar_t, kTile, kMma16>::kMinBlocks)
     token_reduce_tc_kernel(const TokenReduceArgs a) {
-  using Cfg = ReduceTcConfig<scalar_t, kTile>;
+  using Cfg = ReduceTcConfig<scalar_t, kTile, kMma16>;
   constexpr int kStage = Cfg::kStage, kLd = Cfg::kLd, kV = Cfg::kVec, kNT = Cfg::kNT, kRawElems = Cfg::kRawElems;
-  constexpr int kRowsPerPass = Cfg::kRowsPerPass, kPasses = kStage / kRowsPerPass;
+  constexpr int kRowsPerPass = Cfg::kRowsPerPass, kPasses = kStage / kRowsPerPass, kRawLd = Cfg::kRawLd;
   SOLA_DYNAMIC_SMEM(smem_raw);
-  float* const x_tile = reinterpret_cast<float*>(smem_raw);  // phi(x) as tf32 (rotated with RoPE), 0 past Dm or the chunk
-  float* const y_tile = x_tile + kStage * kLd;                // y * y_scale as tf32
-  float* const side_red = y_tile + kStage * kLd;              // side sums of the threads' load rows
-  float* const raw_scale = side_red + kRowsPerPass * kTile;   // [stage][y, s][kStage] the rows' scales
-  // [stage][x, y, xs or cos, (sin)][kStage * kTile]: the rows as stored, [token][column]
+  float* const x_tile = reinterpret_cast<float*>(smem_raw);  // tf32: phi(x) (rotated with RoPE), 0 past Dm or the chunk
+  float* const y_tile = x_tile + kStage * kLd;                // tf32: y * y_scale
+  float* const side_red = x_tile + Cfg::kTileFloats;          // side sums of the threads' load rows
+  float* const raw_scale = side_red + kRowsPerPass * kTile;   // [stage][y, s][kStage] the rows' scales (tf32)
+  // [stage][x, y, xs or cos, (sin)][kStage][kRawLd]: the rows as stored, [token][column]; kMma16
+  // writes phi(x) over x.
   scalar_t* const raw = reinterpret_cast<scalar_t*>(raw_scale + Cfg::kRawStages * 2 * kStage);
 
   constexpr int raw_arrays = Cfg::kRawArrays + (kRope ? 1 : 0);
   const int half = a.Dm / 2;
   auto raw_at = [&](int stage, int array) { return raw + (stage * raw_arrays + array) * kRawElems; };
-  // With RoPE: the angles of the stage's tokens, [token][kTile / 2] fp32 in arrays 2 (cos) and 3 (sin).
+  // With RoPE: the angles of the stage's tokens, [token][kRawLd / 2] fp32 in arrays 2 (cos) and 3 (sin).
   auto table_at = [&](int stage, int array) { return reinterpret_cast<float*>(raw_at(stage, array)); };
   const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
   // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
-  const int lr = tid / Cfg::kVecsPerRow, lc = (tid % Cfg::kVecsPerRow) * kV;
+  const int lr = Cfg::load_row(tid), lc = (tid % Cfg::kVecsPerRow) * kV;
   const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
   const bool table_al = kRope && rope_tables_aligned<float>(a.rope_cos, a.rope_sin, half, kV / 2);
   const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
@@ -149,13 +175,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
 #pragma unroll
     for (int e = 0; e < kV; ++e) side_acc[e] = 0.f;
 
-    // This thread's rows: lr, lr + kRowsPerPass, ..., copied into raw stage `stage`; the first
-    // thread of a row also copies its scales (read by all after the barrier).
+    // This thread's rows: lr, lr + kRowsPerPass, ..., copied into raw stage `stage`; with tf32 the
+    // first thread of a row also copies its scales (read by all after the barrier).
     TokenRow<scalar_t> row(a, it, it.t_begin + lr, own_side);
     auto copy_stage = [&](int stage) {
 #pragma unroll
       for (int p = 0; p < kPasses; ++p, row.step(a, kRowsPerPass)) {
-        const int r = lr + p * kRowsPerPass, slot = r * kTile + lc;
+        const int r = lr + p * kRowsPerPass, slot = r * kRawLd + lc;
         const bool live = row.t < it.t_end;
         copy_cols_async<kV>(raw_at(stage, 0) + slot, row.x, it.mb + lc, a.Dm, al.x, live);
         copy_cols_async<kV>(raw_at(stage, 1) + slot, row.y, it.nb + lc, a.Dn, al.y, live);
@@ -168,36 +194,46 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
           copy_cols_async<kV / 2>(table_at(stage, 3) + slot / 2, static_cast<const float*>(a.rope_sin) + t_row, pc,
                                   half, table_al, live);
         }
-        if (lc == 0) {
+        if (!kMma16 && lc == 0) {
           copy_scale_async(&raw_scale[(stage * 2) * kStage + r], a.y_scale, row.scale_idx, live);
           copy_scale_async(&raw_scale[(stage * 2 + 1) * kStage + r], side_scaled ? a.s_scale : nullptr, row.scale_idx, live);
         }
       }
       cp_async_commit();
     };
+    if constexpr (kMma16) __syncthreads();  // every warp has read the previous item's last stage
     copy_stage(0);
     int stage = 0;
     for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kStage, stage ^= 1) {
+      if constexpr (kMma16) __syncthreads();  // every warp has read the other stage's fragments
       if (t0 + kStage < it.t_end) {  // uniform
-        copy_stage(stage ^ 1);  // its previous contents were mapped before the last barrier
+        copy_stage(stage ^ 1);  // tf32: its previous contents were mapped before the last barrier
         cp_async_wait<1>();     // this stage's copies have landed
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();  // the previous stage has been consumed; every thread's copies are visible
+      // tf32: the previous stage's tiles have been consumed; every thread's copies (scales) are visible
+      if constexpr (!kMma16) __syncthreads();
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) {
-        const int r = lr + p * kRowsPerPass, slot = r * kTile + lc;
+        const int r = lr + p * kRowsPerPass, slot = r * kRawLd + lc;
+        const bool live = t0 + r < it.t_end;
+        using V = Vec<scalar_t, kV>;
         float xv[kV], yv[kV], sv[kV];
-        if (t0 + r < it.t_end) {
-          using V = Vec<scalar_t, kV>;
+        if (live) {
           // load_token's mapping: phi(x), y * y_scale, phi(xs) * s_scale
-          const V x = *reinterpret_cast<const V*>(raw_at(stage, 0) + slot), y = *reinterpret_cast<const V*>(raw_at(stage, 1) + slot);
+          const V x = *reinterpret_cast<const V*>(raw_at(stage, 0) + slot);
           const int valid = a.Dm - (it.mb + lc);
-          const float ys = raw_scale[(stage * 2) * kStage + r], ss = raw_scale[(stage * 2 + 1) * kStage + r];
+          const float ss = kMma16 ? 1.f : raw_scale[(stage * 2 + 1) * kStage + r];
 #pragma unroll
-          for (int e = 0; e < kV; ++e) xv[e] = static_cast<float>(x.v[e]), yv[e] = static_cast<float>(y.v[e]) * ys;
+          for (int e = 0; e < kV; ++e) xv[e] = static_cast<float>(x.v[e]);
           phi_cols<true>(a.fm, valid, xv);
+          if constexpr (!kMma16) {
+            const V y = *reinterpret_cast<const V*>(raw_at(stage, 1) + slot);
+            const float ys = raw_scale[(stage * 2) * kStage + r];
+#pragma unroll
+            for (int e = 0; e < kV; ++e) yv[e] = static_cast<float>(y.v[e]) * ys;
+          }
           if (own_side) {
             const V xs = *reinterpret_cast<const V*>(raw_at(stage, 2) + slot);
 #pragma unroll
@@ -220,17 +256,43 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile>::kBlockThreads
           for (int e = 0; e < kV; ++e) xv[e] = yv[e] = sv[e] = 0.f;
         }
 #pragma unroll
-        for (int e = 0; e < kV; ++e) {
+        for (int e = 0; e < kV; ++e)
           if (it.side) side_acc[e] += side_scaled ? sv[e] : xv[e];
-          xv[e] = tf32::from_bits(tf32::round(xv[e]));
-          yv[e] = tf32::from_bits(tf32::round(yv[e]));
+        if constexpr (kMma16) {
+          if (live) {  // rows past the chunk were copied as 0, and y is 0 there too
+            V x;
+#pragma unroll
+            for (int e = 0; e < kV; ++e) x.v[e] = static_cast<scalar_t>(xv[e]);
+            *reinterpret_cast<V*>(raw_at(stage, 0) + slot) = x;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < kV; ++e) {
+            xv[e] = tf32::from_bits(tf32::round(xv[e]));
+            yv[e] = tf32::from_bits(tf32::round(yv[e]));
+          }
+          store_row8<kLd, Cfg::kVecsPerRow>(x_tile + r * kLd + lc, xv, tid);
+          store_row8<kLd, Cfg::kVecsPerRow>(y_tile + r * kLd + lc, yv, tid);
         }
-        store_row8<kLd, Cfg::kVecsPerRow>(x_tile + r * kLd + lc, xv, tid);
-        store_row8<kLd, Cfg::kVecsPerRow>(y_tile + r * kLd + lc, yv, tid);
       }
       __syncthreads();
+      if constexpr (kMma16) {
+        const scalar_t* const xs = raw_at(stage, 0);
+        const scalar_t* const ys = raw_at(stage, 1);
 #pragma unroll
-      for (int k0 = 0; k0 < kStage; k0 += 8) mma_tokens_k8<kLd>(c, x_tile + k0 * kLd + m0, y_tile + k0 * kLd, kNT, lane);
+        for (int k0 = 0; k0 < kStage; k0 += 16) {
+          const mma16::FragA af = mma16::load_a_trans(xs, kRawLd, m0, k0, lane);
+#pragma unroll
+          for (int n = 0; n < kNT; n += 2) {
+            const mma16::FragB2 bf = mma16::load_b(ys, kRawLd, k0, 8 * n, lane);
+            mma16::mma_16816<scalar_t>(c[n], af, bf.lo);
+            mma16::mma_16816<scalar_t>(c[n + 1], af, bf.hi);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k0 = 0; k0 < kStage; k0 += 8) mma_tokens_k8<kLd>(c, x_tile + k0 * kLd + m0, y_tile + k0 * kLd, kNT, lane);
+      }
     }
     cp_async_wait_all();  // an item without tokens still committed its (empty) first stage
 
@@ -755,25 +817,44 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
 
 // ---- launchers (explicitly instantiated in linear_attention_tc_*.cu) -------------------------------
 
+// SOLA_LINEAR_REDUCE=tf32 (read per launch) keeps the token reductions that could take 16-bit
+// products (ReduceTcConfig's kMma16) on tf32; unset or anything else: 16-bit where they qualify. A
+// benchmark hook (bench/kernels.py's sola_ops_tf32_reduce) until the GPU has timed the two.
+inline bool reduce_on_tf32_asked() {
+  const char* asked = std::getenv("SOLA_LINEAR_REDUCE");
+  return asked != nullptr && std::strcmp(asked, "tf32") == 0;
+}
+
 template <typename scalar_t>
 bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
   if (!sm80_or_newer()) return false;
   const unsigned grid = grid_x(a.heads * a.chunks * a.tiles_m * a.tiles_n, 1);
-  auto launch = [&](auto tile, auto rope) {
+  auto launch = [&](auto tile, auto rope, auto mma16) {
     constexpr int kTile = decltype(tile)::value;
-    constexpr bool kRope = decltype(rope)::value;
-    using Cfg = ReduceTcConfig<scalar_t, kTile>;
-    // The RoPE layout at the 64 tile (55.8 KB) needs the opt-in past 48 KB.
-    TORCH_INTERNAL_ASSERT((allow_dynamic_smem<token_reduce_tc_kernel<scalar_t, kTile, kRope>>(Cfg::smem_bytes(kRope))),
+    constexpr bool kRope = decltype(rope)::value, kMma16 = decltype(mma16)::value;
+    using Cfg = ReduceTcConfig<scalar_t, kTile, kMma16>;
+    constexpr auto kKernel = token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16>;
+    // The tf32 RoPE layout at the 64 tile (55.8 KB) needs the opt-in past 48 KB.
+    TORCH_INTERNAL_ASSERT(allow_dynamic_smem<kKernel>(Cfg::smem_bytes(kRope)),
                           "linear_attention: the tensor-core token reduction's shared memory exceeds the device's");
-    token_reduce_tc_kernel<scalar_t, kTile, kRope><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
+    token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
   };
-  auto with_tile = [&](auto rope) {
-    if (a.tile == 32) launch(std::integral_constant<int, 32>{}, rope);
-    else launch(std::integral_constant<int, 64>{}, rope);
+  // 16-bit products: no scales (the forward's S, z), and not fp16 with RoPE (ReduceTcConfig).
+  const bool mma16 = !a.y_scale && !a.s_scale && !reduce_on_tf32_asked() &&
+                     !(std::is_same_v<scalar_t, at::Half> && a.rope_cos);
+  auto with_tile = [&](auto rope, auto mma16_c) {
+    if (a.tile == 32) launch(std::integral_constant<int, 32>{}, rope, mma16_c);
+    else launch(std::integral_constant<int, 64>{}, rope, mma16_c);
   };
-  if (a.rope_cos) with_tile(std::true_type{});
-  else with_tile(std::false_type{});
+  auto with_products = [&](auto rope) {
+    constexpr bool kHalfRope = std::is_same_v<scalar_t, at::Half> && decltype(rope)::value;
+    if constexpr (!kHalfRope) {
+      if (mma16) return with_tile(rope, std::true_type{});
+    }
+    with_tile(rope, std::false_type{});
+  };
+  if (a.rope_cos) with_products(std::true_type{});
+  else with_products(std::false_type{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

@@ -3,11 +3,8 @@
 // tiles, the accumulator -> A operand repack that feeds P and dS to the next product straight from
 // registers, and async global -> shared tile copies.
 //
-// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4,
-// two 16-bit values per 32-bit register, the lower column / row in the low half:
-//   A 16x16: a0 = A[g][2t, 2t+1]   a1 = A[g+8][2t, 2t+1]   a2 = A[g][2t+8, +9]   a3 = A[g+8][2t+8, +9]
-//   B 16x8:  b0 = B[2t, 2t+1][g]   b1 = B[2t+8, 2t+9][g]
-//   C 16x8:  c0, c1 = C[g][2t, 2t+1]   c2, c3 = C[g+8][2t, 2t+1]   (fp32)
+// Fragment layouts: mma_f16.cuh (the fragments, mma and ldmatrix loads live there, shared with the
+// linear-attention token reduction). An m16n8k16 C tile is rows g, g + 8 and columns 2t, 2t + 1.
 // A C tile pair (columns 16kk .. 16kk+15) therefore *is* an A fragment once rounded: that is how
 // P = softmax(S) enters P V without a trip through shared memory.
 //
@@ -27,6 +24,7 @@
 
 #include "common.h"
 #include "cp_async.cuh"
+#include "mma_f16.cuh"
 #include "mma_tf32.cuh"
 #include "wgmma.cuh"
 
@@ -92,98 +90,17 @@ struct ExpUnits {
   }
 };
 
-struct FragA {
-  uint32_t x[4];
-};
-struct FragB {
-  uint32_t x[2];
-};
-
-SOLA_HD uint32_t pack2(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
-
-template <typename T>
-SOLA_HD uint16_t bits_of(T x) {
-  return x.x;
-}
-
-// d += a * b on the tensor cores, fp32 accumulate.
-template <typename T>
-SOLA_HD void mma_16816(float (&d)[4], const FragA& a, const FragB& b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-  }
-#elif defined(__CUDA_ARCH__)
-  __trap();  // the launchers only pick these kernels on sm_80 and newer
-#elif defined(SOLA_HOST_EMULATION)
-  ::emu::mma_16816<T>(d, a.x, b.x);
-#endif
-}
-
-// ---- fragment loads from a row-major shared-memory tile with leading dim ld -------------------
-// ldmatrix.x4 reads four 8x8 16-bit matrices; lanes 8i .. 8i+7 give the row addresses of matrix i
-// (16-byte aligned: ld and the column offsets are multiples of 8). Register i of lane L gets
-// row L/4, columns 2(L%4) and +1 of matrix i; with .trans, column L/4 of rows 2(L%4) and +1.
-
-template <bool kTrans>
-SOLA_HD void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-  }
-#elif defined(__CUDA_ARCH__)
-  __trap();
-#elif defined(SOLA_HOST_EMULATION)
-  ::emu::ldmatrix_x4(r, row, kTrans);
-#endif
-}
-
-// A = tile[m0 .. m0+15][k0 .. k0+15].
-template <typename T>
-SOLA_HD FragA load_a(const T* tile, int ld, int m0, int k0, int lane) {
-  const int i = lane / 8;  // matrices: rows +0 / +8 (i % 2), columns +0 / +8 (i / 2)
-  FragA a;
-  ldmatrix_x4<false>(a.x, tile + (m0 + lane % 8 + 8 * (i % 2)) * ld + k0 + 8 * (i / 2));
-  return a;
-}
-
-// Two B fragments (n8 tiles n0 and n0 + 8, one k16 step).
-struct FragB2 {
-  FragB lo, hi;
-};
-
-// B[k][n] = tile[n0 + n][k0 + k]: the transpose of 16 tile rows (as K in Q K^T).
-template <typename T>
-SOLA_HD FragB2 load_b_trans(const T* tile, int ld, int n0, int k0, int lane) {
-  const int i = lane / 8;  // matrices: columns +0 / +8 (i % 2), rows +0 / +8 (i / 2)
-  uint32_t r[4];
-  ldmatrix_x4<false>(r, tile + (n0 + lane % 8 + 8 * (i / 2)) * ld + k0 + 8 * (i % 2));
-  return FragB2{{{r[0], r[1]}}, {{r[2], r[3]}}};
-}
-
-// B[k][n] = tile[k0 + k][n0 + n]: 16 tile rows as they stand (as V in P V).
-template <typename T>
-SOLA_HD FragB2 load_b(const T* tile, int ld, int k0, int n0, int lane) {
-  const int i = lane / 8;  // matrices: rows +0 / +8 (i % 2), columns +0 / +8 (i / 2)
-  uint32_t r[4];
-  ldmatrix_x4<true>(r, tile + (k0 + lane % 8 + 8 * (i % 2)) * ld + n0 + 8 * (i / 2));
-  return FragB2{{{r[0], r[1]}}, {{r[2], r[3]}}};
-}
+// The m16n8k16 fragments, mma and ldmatrix loads (mma_f16.cuh), by their short names here.
+using mma16::bits_of;
+using mma16::FragA;
+using mma16::FragB;
+using mma16::FragB2;
+using mma16::ldmatrix_x4;
+using mma16::load_a;
+using mma16::load_b;
+using mma16::load_b_trans;
+using mma16::mma_16816;
+using mma16::pack2;
 
 // Columns 16kk .. 16kk+15 of a 16 x (8 * NT) fp32 accumulator, rounded to T, as an A fragment.
 template <typename T, int NT>
