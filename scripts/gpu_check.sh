@@ -85,7 +85,7 @@ JSON=$RESULTS/$SLUG.json
 PEERS_JSON=$RESULTS/${SLUG}_peers.json
 LOG=$RESULTS/$SLUG.log
 # bench/kernels.py's impls but the Triton peers, which get a step of their own
-OUR_IMPLS=sola_ops,sola_ops_wgmma,sola_ops_1group,sola_ops_unstaged,sola_ops_presplit,reference,einsum_fp32,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,naive
+OUR_IMPLS=sola_ops,sola_ops_wgmma,sola_ops_1group,sola_ops_unstaged,sola_ops_presplit,sola_ops_tf32,reference,einsum_fp32,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,naive
 mkdir -p "$RESULTS"
 STARTED=$(mktemp)  # files newer than this were written by this run
 

@@ -283,9 +283,9 @@ def main():
             check(f"linear unstaged {dt} B={B} H={H} N={N} D={D}", sola_ops.linear_attention,
                   reference.linear_attention, [randn(B, H, N, D) for _ in range(3)], dtype, failures)
     os.environ.pop("SOLA_LINEAR_ROWS", None)
-    # The forward's token reduction on tf32 (SOLA_LINEAR_REDUCE=tf32: bench/kernels.py's sola_ops_tf32_reduce;
-    # by default it multiplies 16-bit operands), both tiles, plain and with RoPE.
-    os.environ["SOLA_LINEAR_REDUCE"] = "tf32"
+    # The forward's products on tf32 (SOLA_LINEAR_MMA=tf32: bench/kernels.py's sola_ops_tf32; by default
+    # the token reduction and bf16's Out rows multiply 16-bit operands), both tiles, plain and with RoPE.
+    os.environ["SOLA_LINEAR_MMA"] = "tf32"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
         dt = str(dtype).replace("torch.", "")
         for D in (32, 64):
@@ -297,7 +297,7 @@ def main():
                   partial(sola_ops.linear_attention, rope=(cos.to(DEVICE), sin.to(DEVICE))),
                   partial(reference.linear_attention, rope=(cos.double(), sin.double())),
                   [randn(2, 3, 200, D) for _ in range(3)], dtype, failures)
-    os.environ.pop("SOLA_LINEAR_REDUCE", None)
+    os.environ.pop("SOLA_LINEAR_MMA", None)
     for B, H, Nq, Nk, Dk, Dv in HEAD_DIMS_ONLY_SOFTMAX:
         q, k, v = randn(B, H, Nq, Dk), randn(B, H, Nk, Dk), randn(B, H, Nk, Dv)
         check(f"softmax bfloat16 D={Dk}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v],

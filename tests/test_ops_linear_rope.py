@@ -174,7 +174,9 @@ def test_cuda_row_variants_same_bits(D, inputs, variant, monkeypatch):
     """SOLA_LINEAR_ROWS=unstaged / staged_presplit (bench/kernels.py's sola_ops_unstaged /
     sola_ops_presplit) run other variants of the row kernels: the same arithmetic from other buffers,
     so out and the gradients keep their bits. 768 heads of 200 rows: the blocks walk all their head's
-    tiles. With RoPE, or with q_norm / k_norm (staged as a third input)."""
+    tiles. With RoPE, or with q_norm / k_norm (staged as a third input). The forward's products on tf32
+    (SOLA_LINEAR_MMA): by default bf16's staged Out rows multiply 16-bit operands, the unstaged ones tf32."""
+    monkeypatch.setenv("SOLA_LINEAR_MMA", "tf32")
     q, k, v = (leaf(t) for t in _qkv(8, 96, 200, D, D, torch.bfloat16, "cuda", "elu", seed=3))
     if inputs == "rope":
         kw = dict(rope=tables(200, D, "cuda"))
@@ -199,10 +201,10 @@ def test_cuda_row_variants_same_bits(D, inputs, variant, monkeypatch):
 @pytest.mark.parametrize("D", [32, 64])  # the token reduction's 32 and 64 tiles
 @pytest.mark.parametrize("inputs", ["plain", "rope", "norms"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_tf32_token_reduction(dtype, D, inputs, monkeypatch):
-    """SOLA_LINEAR_REDUCE=tf32 (bench/kernels.py's sola_ops_tf32_reduce) keeps the forward's token reduction
-    on tf32 products; by default it multiplies 16-bit operands (fp16 with RoPE excepted). Both pass the
-    FlashAttention rule, and they round differently: the switch reaches the kernels."""
+def test_cuda_tf32_forward_products(dtype, D, inputs, monkeypatch):
+    """SOLA_LINEAR_MMA=tf32 (bench/kernels.py's sola_ops_tf32) keeps the forward's products on tf32; by
+    default the token reduction (but for fp16 with RoPE) and bf16's Out rows multiply 16-bit operands.
+    Both pass the FlashAttention rule, and they round differently: the switch reaches the kernels."""
     q, k, v = _qkv(2, 3, 300, D, D, dtype, "cuda", "elu", seed=7)
     kw = {}
     if inputs == "rope":
@@ -210,7 +212,7 @@ def test_cuda_tf32_token_reduction(dtype, D, inputs, monkeypatch):
     elif inputs == "norms":
         kw = dict(q_norm=randn(q.shape, dtype, "cuda", seed=8), k_norm=randn(k.shape, dtype, "cuda", seed=9))
     default = sola_ops.linear_attention(q, k, v, **kw)
-    monkeypatch.setenv("SOLA_LINEAR_REDUCE", "tf32")
+    monkeypatch.setenv("SOLA_LINEAR_MMA", "tf32")
     if inputs == "rope":
         tf32 = check_rope_linear(q, k, v, *kw["rope"])
     else:

@@ -328,7 +328,8 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
 // pair, more than the row kernels can spare at head dim 32); elsewhere (kD 128, and the staged kD 64
 // backward) a second array would cost blocks per SM, so the state is split on the fly. Epilogues
 // work on the accumulator fragments: a row's 4 owning lanes sum their parts with two xor shuffles
-// (identical in all four).
+// (identical in all four). bf16's Out rows with staged tiles take 16-bit products instead
+// (RowsTcConfig::kMma16): phi(q) rounded to bf16 over its staged copy, S as bf16 hi + lo parts.
 //
 // QueryGrad at kD = 32 also sums dS = sum_i phi(q_i) (g_i / den_i)^T and dz = sum_i phi(qn_i) dd_i
 // over the rows it walks (kFoldDs), one partial per block, so the backward does not read q and g a
@@ -343,7 +344,9 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
 // pre-split: 2 blocks per SM instead of 3, for fewer issue slots per tile).
 enum class RowsVariant : int { Staged = 0, Unstaged = 1, StagedPreSplit = 2 };
 
-template <int kD, RowsMode kMode, RowsVariant kVariant = RowsVariant::Staged>
+// kMma16Asked: bf16 inputs, and 16-bit products not declined (SOLA_LINEAR_MMA); kMma16 below says where
+// they are taken.
+template <int kD, RowsMode kMode, RowsVariant kVariant = RowsVariant::Staged, bool kMma16Asked = false>
 struct RowsTcConfig {
   static constexpr int kThreads = 128, kRows = 64;  // 4 warps x 16 rows
   static constexpr int kNT = kD / 8;
@@ -366,6 +369,14 @@ struct RowsTcConfig {
   // 72 KiB without RoPE, 3 blocks per SM on an H100 as before (2 on an A100). kD 128's state takes
   // 66-68 KiB: it loads as before.
   static constexpr bool kStaged = kVariant != RowsVariant::Unstaged && kD <= 64;
+  // kMma16 (bf16 Out with staged tiles): products on m16n8k16. Each thread writes phi(q) (rotated with
+  // RoPE; fp32 math, one rounding) back over the staged q vector it copied, A comes from there by
+  // ldmatrix, and S enters as bf16 hi + lo parts (two arrays in the bytes of one fp32 array; ~16 of
+  // fp32's 24 bits, tf32's hi + lo kept ~21): no fp32 A tile, half the mmas, fragment loads in place
+  // of per-element reads. phi(q) rounds to bf16 as PyTorch's composite in bf16 rounds it. Not fp16:
+  // its range cannot hold every S.
+  static constexpr bool kMma16 = kMma16Asked && kMode == RowsMode::Out && kStaged;
+  static constexpr int kW16Ld = kD + 8;  // kMma16: bf16 state rows; 16-byte rows, ldmatrix hits 32 banks
   // Blocks per SM the registers must allow at kD 32 / 64: 3, as their smem does (Out at kD 32: 4,
   // and its 123 registers fit). With the bound at 128 threads alone ptxas held some of these kernels
   // to 128 registers and spilled (nvcc 13.0: QueryGrad kD 32 unstaged 52 bytes, staged kD 64 14).
@@ -376,14 +387,16 @@ struct RowsTcConfig {
   static constexpr RowsVariant kCanonical = !kStaged ? RowsVariant::Unstaged
                                             : kD == 64 && kMode != RowsMode::Out ? kVariant
                                                                                   : RowsVariant::Staged;
-  static constexpr int kWArrays = kPreSplit ? 2 : 1;  // ws (hi, or all of it) and ws_lo
+  static constexpr int kWArrays = kPreSplit && !kMma16 ? 2 : 1;  // ws (hi, or all of it) and ws_lo
+  static_assert(!kMma16 || kD * kW16Ld * 2 * 2 <= kD * kWLd * 4, "the bf16 hi, lo arrays fit one fp32 array");
+  static constexpr int kXFloats = kMma16 ? 0 : kRows * kXLd;  // the fp32 A tile
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
   // dS tiles: kD / 16 rows of 16 x 8 tiles, each warp a row's kDsNT tiles (kD 32: half a row).
   static constexpr int kDsMT = kD / 16, kDsNT = kNT * kDsMT / 4;
   static constexpr int kFoldFloats = kFoldDs ? kRows * kXLd + 4 * kD : 0;  // qs, dz_s
-  static constexpr int kSmemBytes = 4 * (kRows * kXLd + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow + kFoldFloats);
+  static constexpr int kSmemBytes = 4 * (kXFloats + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow + kFoldFloats);
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
 
@@ -395,7 +408,7 @@ struct RowsTcConfig {
   // Dynamic shared memory for the inputs given: the arrays above, then per stage the raw inputs
   // and the cos, sin tables (5 KB each at kD 32). With RoPE and no qn / kn, as the models call it:
   // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3) at kD 32; at kD 64 Out 112 KB,
-  // QueryGrad and KeyGrad 111 KB (2).
+  // QueryGrad and KeyGrad 111 KB (2). kMma16 Out: 37 KB at kD 32, 76 KB (3 blocks per SM) at kD 64.
   static constexpr int smem_bytes(bool has_xn, bool rope) {
     if (!kStaged) return kSmemBytes;
     return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));
@@ -437,6 +450,31 @@ SOLA_DEVICE void rows_product_tc(float (&c)[kNT][4], const float* xs, const floa
   }
 }
 
+// kMma16: c = A W over Din on m16n8k16, A = the warp's 16 rows of the 16-bit tile a (row pitch kLd,
+// 0 past Din), W = w_hi + w_lo ([k][n], pitch kWLd, 0 past Din x Dout); n8 tiles at or past Dout stay 0.
+template <typename T, int kNT, int kLd, int kWLd>
+SOLA_DEVICE void rows_product_mma16(float (&c)[kNT][4], const T* a, const T* w_hi, const T* w_lo, int Din, int Dout,
+                                    int m0, int lane) {
+#pragma unroll
+  for (int n = 0; n < kNT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[n][e] = 0.f;
+#pragma unroll
+  for (int k0 = 0; k0 < 8 * kNT; k0 += 16) {  // Din <= kD = 8 kNT
+    if (k0 >= Din) break;  // uniform
+    const mma16::FragA af = mma16::load_a(a, kLd, m0, k0, lane);
+#pragma unroll
+    for (int n = 0; n < kNT; n += 2) {
+      if (8 * n >= Dout) continue;  // uniform
+      const mma16::FragB2 lo = mma16::load_b(w_lo, kWLd, k0, 8 * n, lane), hi = mma16::load_b(w_hi, kWLd, k0, 8 * n, lane);
+      mma16::mma_16816<T>(c[n], af, lo.lo);
+      mma16::mma_16816<T>(c[n], af, hi.lo);
+      mma16::mma_16816<T>(c[n + 1], af, lo.hi);
+      mma16::mma_16816<T>(c[n + 1], af, hi.hi);
+    }
+  }
+}
+
 // Sum over the 4 lanes that share a fragment row; the same bits in all four.
 SOLA_DEVICE float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -446,23 +484,28 @@ SOLA_DEVICE float quad_sum(float x) {
 // grid.x: any (grid-stride over heads * groups), block: 128 threads, dynamic smem
 // smem_bytes(has_xn, rope). kFoldDs: ds = dstate_reduce_args with chunks = groups (block group c
 // sums chunk c's partial).
-template <typename scalar_t, int kD, RowsMode kMode, RowsVariant kVariant>
-__global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinBlocks))
+template <typename scalar_t, int kD, RowsMode kMode, RowsVariant kVariant, bool kMma16Asked>
+__global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16Asked>::kMinBlocks))
     rows_tc_kernel(const LinearAttentionParams p, const BwdScratch s, int64_t groups, const TokenReduceArgs ds) {
-  using Cfg = RowsTcConfig<kD, kMode, kVariant>;
+  using Cfg = RowsTcConfig<kD, kMode, kVariant, kMma16Asked>;
   constexpr int kNT = Cfg::kNT, kXLd = Cfg::kXLd, kWLd = Cfg::kWLd, kV = Cfg::kVec, kVpr = Cfg::kVecsPerRow;
   constexpr int kRows = Cfg::kRows, kThreads = Cfg::kThreads, kRawLd = Cfg::kRawLd, kTabLd = Cfg::kTabLd;
   constexpr bool kPreSplit = Cfg::kPreSplit, kFoldDs = Cfg::kFoldDs, kStaged = Cfg::kStaged;
   constexpr int kDsNT = Cfg::kDsNT, kInputs = Cfg::kInputs;
   constexpr bool kQueries = kMode != RowsMode::KeyGrad;
   SOLA_DYNAMIC_SMEM(smem_raw);
-  float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32
-  float* const ws = xs + kRows * kXLd;                   // [kD][kWLd] S or dS (kPreSplit: hi parts), 0 past Dk x Dv
+  constexpr bool kMma16 = Cfg::kMma16;
+  constexpr int kW16Ld = Cfg::kW16Ld;
+  float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32 (not kMma16)
+  float* const ws = xs + Cfg::kXFloats;                  // [kD][kWLd] S or dS (kPreSplit: hi parts), 0 past Dk x Dv
   float* const ws_lo = ws + kD * kWLd;                   // [kD][kWLd] kPreSplit: their lo parts
   float* const zs = ws + Cfg::kWArrays * kD * kWLd;      // [kD] z (Out, QueryGrad) or dz (KeyGrad)
   float* const den_part = zs + kD;                       // [kRows][kVpr] Out: phi(qn) . z per load vector
   float* const qs = den_part + kRows * kVpr;             // [kRows][kXLd] kFoldDs: tf32(phi(q_i) / den_i)
   float* const dz_s = qs + kRows * kXLd;                 // [4][kD] kFoldDs: each warp's dz sum
+  // kMma16: S's bf16 hi and lo parts, [kD][kW16Ld] each, in ws's place.
+  scalar_t* const ws16 = reinterpret_cast<scalar_t*>(ws);
+  scalar_t* const ws16_lo = ws16 + kD * kW16Ld;
 
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const int64_t N = kQueries ? p.Nq : p.Nk;
@@ -545,7 +588,10 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
     for (int i = tid; i < kD * kD; i += kThreads) {
       const int k = i / kD, n = i % kD;
       const float wv = k < Dk && n < Dv ? w[int64_t(k) * Dv + n] : 0.f;
-      if constexpr (kPreSplit) {
+      if constexpr (kMma16) {
+        const scalar_t hi = static_cast<scalar_t>(wv);
+        ws16[k * kW16Ld + n] = hi, ws16_lo[k * kW16Ld + n] = static_cast<scalar_t>(wv - static_cast<float>(hi));
+      } else if constexpr (kPreSplit) {
         const tf32::Split sp = tf32::split(wv);
         ws[k * kWLd + n] = tf32::from_bits(sp.hi), ws_lo[k * kWLd + n] = tf32::from_bits(sp.lo);
       } else {
@@ -599,9 +645,18 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
 #pragma unroll
           for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
         }
+        if constexpr (kMma16) {  // over the staged vector this thread copied (0 past N already)
+          if (live) {
+            Vec<scalar_t, kV> out;
 #pragma unroll
-        for (int e = 0; e < kV; ++e) xv[e] = tf32::from_bits(tf32::round(xv[e]));
-        store_row8<kXLd, kVpr>(xs + r * kXLd + lc, xv, tid);
+            for (int e = 0; e < kV; ++e) out.v[e] = static_cast<scalar_t>(xv[e]);
+            *reinterpret_cast<Vec<scalar_t, kV>*>(stage_row(stage, i, r) + lc) = out;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < kV; ++e) xv[e] = tf32::from_bits(tf32::round(xv[e]));
+          store_row8<kXLd, kVpr>(xs + r * kXLd + lc, xv, tid);
+        }
       }
     };
 
@@ -660,7 +715,10 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
         const bool side = p.normalize;
         load_rows(0, p.q, true, Dk, side, r0);
         __syncthreads();
-        rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);
+        if constexpr (kMma16)
+          rows_product_mma16<scalar_t, kNT, kRawLd, kW16Ld>(c, stage_row(stage, 0, 0), ws16, ws16_lo, Dk, Dv, m0, lane);
+        else
+          rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);
         const bool out_al = rows_aligned<scalar_t>(p.out, 2);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -817,11 +875,11 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant>::kMinB
 
 // ---- launchers (explicitly instantiated in linear_attention_tc_*.cu) -------------------------------
 
-// SOLA_LINEAR_REDUCE=tf32 (read per launch) keeps the token reductions that could take 16-bit
-// products (ReduceTcConfig's kMma16) on tf32; unset or anything else: 16-bit where they qualify. A
-// benchmark hook (bench/kernels.py's sola_ops_tf32_reduce) until the GPU has timed the two.
-inline bool reduce_on_tf32_asked() {
-  const char* asked = std::getenv("SOLA_LINEAR_REDUCE");
+// SOLA_LINEAR_MMA=tf32 (read per launch) keeps the forward's products that could take 16-bit operands
+// (the token reduction's and the Out rows', kMma16) on tf32; unset or anything else: 16-bit where they
+// qualify. A benchmark hook (bench/kernels.py's sola_ops_tf32) until a GPU has timed the two.
+inline bool forward_on_tf32_asked() {
+  const char* asked = std::getenv("SOLA_LINEAR_MMA");
   return asked != nullptr && std::strcmp(asked, "tf32") == 0;
 }
 
@@ -840,7 +898,7 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
     token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
   };
   // 16-bit products: no scales (the forward's S, z), and not fp16 with RoPE (ReduceTcConfig).
-  const bool mma16 = !a.y_scale && !a.s_scale && !reduce_on_tf32_asked() &&
+  const bool mma16 = !a.y_scale && !a.s_scale && !forward_on_tf32_asked() &&
                      !(std::is_same_v<scalar_t, at::Half> && a.rope_cos);
   auto with_tile = [&](auto rope, auto mma16_c) {
     if (a.tile == 32) launch(std::integral_constant<int, 32>{}, rope, mma16_c);
@@ -888,11 +946,14 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
   if (n == 0) return {true, false};
   RowsLaunch result;
   // kSmem: the dynamic shared memory for the inputs given (has_xn: qn / kn; RoPE tables).
-  auto launch = [&](auto head_dim, auto has_xn, auto rope, auto variant) {
+  // kMma16Asked (std::bool_constant): only where the config takes 16-bit products (no duplicate kernels).
+  auto launch = [&](auto head_dim, auto has_xn, auto rope, auto variant, auto mma16_asked) {
     constexpr int kD = decltype(head_dim)::value;
     constexpr RowsVariant kVariant = decltype(variant)::value;
-    using Cfg = RowsTcConfig<kD, kMode, kVariant>;
-    constexpr auto kKernel = rows_tc_kernel<scalar_t, kD, kMode, kVariant>;
+    constexpr bool kMma16Asked = decltype(mma16_asked)::value;
+    using Cfg = RowsTcConfig<kD, kMode, kVariant, kMma16Asked>;
+    static_assert(Cfg::kMma16 == kMma16Asked, "instantiated once per choice of products");
+    constexpr auto kKernel = rows_tc_kernel<scalar_t, kD, kMode, kVariant, kMma16Asked>;
     constexpr int kSmem = Cfg::smem_bytes(decltype(has_xn)::value, decltype(rope)::value);
     if (!allow_dynamic_smem<kKernel>(kSmem)) return;
     // Each output row is computed the same way whatever the grouping: it sets how often a state
@@ -908,7 +969,7 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
       groups = std::min(row_tiles, std::max<int64_t>(1, resident / heads));
     }
     const DstateFold fold = Cfg::kFoldDs ? DstateFold(p, s, groups) : DstateFold();
-    rows_tc_kernel<scalar_t, kD, kMode, kVariant><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(
+    rows_tc_kernel<scalar_t, kD, kMode, kVariant, kMma16Asked><<<grid_x(heads * groups, 1), Cfg::kThreads, kSmem, stream>>>(
         p, s, groups, fold.args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     fold.combine(stream);
@@ -928,7 +989,13 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
         // Only the canonical variants are instantiated (Unstaged alone at kD 128, no StagedPreSplit
         // but for the kD 64 backward).
         auto as = [&](auto variant) {
-          launch(head_dim, xn, rope, VariantC<RowsTcConfig<kD, kMode, decltype(variant)::value>::kCanonical>{});
+          constexpr RowsVariant kVariant = RowsTcConfig<kD, kMode, decltype(variant)::value>::kCanonical;
+          // bf16 Out with staged tiles: 16-bit products unless declined (RowsTcConfig::kMma16)
+          constexpr bool kCan16 = RowsTcConfig<kD, kMode, kVariant, std::is_same_v<scalar_t, at::BFloat16>>::kMma16;
+          if constexpr (kCan16) {
+            if (!forward_on_tf32_asked()) return launch(head_dim, xn, rope, VariantC<kVariant>{}, std::true_type{});
+          }
+          launch(head_dim, xn, rope, VariantC<kVariant>{}, std::false_type{});
         };
         if (asked == RowsVariant::Unstaged) as(VariantC<RowsVariant::Unstaged>{});
         else if (asked == RowsVariant::StagedPreSplit) as(VariantC<RowsVariant::StagedPreSplit>{});
