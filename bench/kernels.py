@@ -14,9 +14,9 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
                  SM): the row-kernel variants timed in the same run; fp16 / bf16 at D <= 64 (presplit:
                  D 64), where they differ; ours, so never baselines
     sola_ops_tf32
-                 the same with SOLA_LINEAR_MMA=tf32: the forward's products (token reduction, bf16
-                 output rows) on tf32 mma (the default multiplies 16-bit operands); fp16 / bf16;
-                 ours, so never a baseline
+                 the same with SOLA_LINEAR_MMA=tf32: the products of the forward's token reduction
+                 and bf16's row kernels on tf32 mma (the default multiplies 16-bit operands); fp16 /
+                 bf16; ours, so never a baseline
     reference    sola_ops.reference.linear_attention (the PyTorch composite, fp32 accumulation)
     einsum_fp32  as EfficientViT / MLLA write it: q, k, v cast to fp32, phi = elu + 1,
                  kv = einsum('bhnd,bhne->bhde', k, v) / N, z = k.mean(2),
@@ -386,8 +386,8 @@ def make_impls(device, sola_ops, ref, sola_reason):
                     ctx=lambda: sdpa_kernel(backend))
 
     sola_tf32 = cuda_variant("sola_ops_tf32", "linear_attention", "SOLA_LINEAR_MMA", "tf32",
-                             "the forward's products are a choice of the CUDA kernels",
-                             "the forward's products on tf32 mma", lambda case: case.dtype in ("float16", "bfloat16"))
+                             "the products are a choice of the CUDA kernels",
+                             "products on tf32 mma", lambda case: case.dtype in ("float16", "bfloat16"))
     linear = [sola("linear_attention"), sola_tf32,
               sola_rows("sola_ops_unstaged", "unstaged", "row kernels without staged tiles", (32, 64)),
               sola_rows("sola_ops_presplit", "staged_presplit", "D 64 backward staged, state pre-split", (64,)),

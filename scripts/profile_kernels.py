@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 # name: (op, dtype, B, H, N, D), shapes from bench/kernels.py's quick set, and optionally the environment of a
 # variant: the linear row kernels' (SOLA_LINEAR_ROWS: bench/kernels.py's sola_ops_unstaged / sola_ops_presplit),
-# the forward's products on tf32 (SOLA_LINEAR_MMA: sola_ops_tf32),
+# the products on tf32 (SOLA_LINEAR_MMA: sola_ops_tf32),
 # the softmax forward and backward on Hopper's wgmma (SOLA_FLASH_WGMMA: sola_ops_wgmma). The block
 # ops take x (B, H, N, D) as the model runs them (fp32 parameters): "layer_norm" over D; "dwconv" on
 # (B, H, W = N, C = D) tokens, the CPE (x + conv(x)), or at stride 2 with its ReLU (the downsample's).

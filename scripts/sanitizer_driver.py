@@ -283,8 +283,9 @@ def main():
             check(f"linear unstaged {dt} B={B} H={H} N={N} D={D}", sola_ops.linear_attention,
                   reference.linear_attention, [randn(B, H, N, D) for _ in range(3)], dtype, failures)
     os.environ.pop("SOLA_LINEAR_ROWS", None)
-    # The forward's products on tf32 (SOLA_LINEAR_MMA=tf32: bench/kernels.py's sola_ops_tf32; by default
-    # the token reduction and bf16's Out rows multiply 16-bit operands), both tiles, plain and with RoPE.
+    # The products on tf32 (SOLA_LINEAR_MMA=tf32: bench/kernels.py's sola_ops_tf32; by default the
+    # forward's token reduction and bf16's row kernels multiply 16-bit operands), both tiles, plain and
+    # with RoPE.
     os.environ["SOLA_LINEAR_MMA"] = "tf32"
     for dtype in (d for d in dtypes if d in (torch.float16, torch.bfloat16)):
         dt = str(dtype).replace("torch.", "")

@@ -21,9 +21,9 @@ DRIVERS = {"softmax": "driver", "linear": "driver_linear", "rope": "driver_rope"
 RUNS = [(op, "all") for op in DRIVERS] + [("softmax", "wgmma"), ("linear", "rope")] + [
     (op, "fuzz 1 24") for op in DRIVERS if op != "rope"]
 CAPPED_GRID_RUNS = [("softmax", "flash"), ("linear", "quick"), ("dwconv", "quick")]
-# The fp16 / bf16 forward's products on tf32 as well (by default the token reduction and bf16's Out rows
-# multiply 16-bit operands).
-TF32_FORWARD_RUNS = [("linear", "quick"), ("linear", "rope")]
+# The fp16 / bf16 products on tf32 as well (by default the forward's token reduction and bf16's row
+# kernels multiply 16-bit operands).
+TF32_RUNS = [("linear", "quick"), ("linear", "rope")]
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_capped_grids_walk_every_item(emulator, op, args):
     _run_driver(emulator, op, args, SOLA_MAX_GRID="2")
 
 
-@pytest.mark.parametrize("op,args", TF32_FORWARD_RUNS, ids=[args for _, args in TF32_FORWARD_RUNS])
-def test_tf32_forward_products(emulator, op, args):
-    """SOLA_LINEAR_MMA=tf32: the forward's other products (bench/kernels.py's sola_ops_tf32)."""
+@pytest.mark.parametrize("op,args", TF32_RUNS, ids=[args for _, args in TF32_RUNS])
+def test_tf32_products(emulator, op, args):
+    """SOLA_LINEAR_MMA=tf32: the other products (bench/kernels.py's sola_ops_tf32)."""
     _run_driver(emulator, op, args, SOLA_LINEAR_MMA="tf32")

@@ -110,7 +110,8 @@ def test_matches_the_composition(device, dtype):
     """rope= is linear_attention(rope(phi(q)), rope(phi(k)), v, identity, q_norm=phi(q), k_norm=phi(k)).
     fp32: out and dv bitwise, dq and dk within fp32 rounding (the CPU kernels take the tables, CUDA
     composes: either way the intermediates are fp32). fp16 / bf16: within the intermediates' rounding,
-    which the fused kernels (CPU, CUDA tensor cores) skip."""
+    which the fused kernels (CPU, CUDA tensor cores) skip: all of it on the CPU; the normaliser's
+    features on CUDA, whose 16-bit products round the rotated ones as the composition does."""
     q, k, v = (leaf(t) for t in _qkv(2, 2, 45, 32, 32, dtype, device, "elu", seed=9))
     cos, sin = tables(45, 32, device)
     grad = randn((2, 2, 45, 32), dtype, device, seed=10)
@@ -126,7 +127,7 @@ def test_matches_the_composition(device, dtype):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         return
     torch.testing.assert_close(ours, composed, rtol=2e-2, atol=2e-2)
-    assert not torch.equal(ours, composed), "the fused kernels keep the rotated features in fp32"
+    assert not torch.equal(ours, composed), "the fused kernels keep the normaliser's features in fp32"
     for a, b in zip(ours_grads, composed_grads):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
 
@@ -174,8 +175,8 @@ def test_cuda_row_variants_same_bits(D, inputs, variant, monkeypatch):
     """SOLA_LINEAR_ROWS=unstaged / staged_presplit (bench/kernels.py's sola_ops_unstaged /
     sola_ops_presplit) run other variants of the row kernels: the same arithmetic from other buffers,
     so out and the gradients keep their bits. 768 heads of 200 rows: the blocks walk all their head's
-    tiles. With RoPE, or with q_norm / k_norm (staged as a third input). The forward's products on tf32
-    (SOLA_LINEAR_MMA): by default bf16's staged Out rows multiply 16-bit operands, the unstaged ones tf32."""
+    tiles. With RoPE, or with q_norm / k_norm (staged as a third input). Products on tf32
+    (SOLA_LINEAR_MMA): by default bf16's staged row kernels multiply 16-bit operands, the unstaged ones tf32."""
     monkeypatch.setenv("SOLA_LINEAR_MMA", "tf32")
     q, k, v = (leaf(t) for t in _qkv(8, 96, 200, D, D, torch.bfloat16, "cuda", "elu", seed=3))
     if inputs == "rope":
@@ -201,10 +202,11 @@ def test_cuda_row_variants_same_bits(D, inputs, variant, monkeypatch):
 @pytest.mark.parametrize("D", [32, 64])  # the token reduction's 32 and 64 tiles
 @pytest.mark.parametrize("inputs", ["plain", "rope", "norms"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_tf32_forward_products(dtype, D, inputs, monkeypatch):
-    """SOLA_LINEAR_MMA=tf32 (bench/kernels.py's sola_ops_tf32) keeps the forward's products on tf32; by
-    default the token reduction (but for fp16 with RoPE) and bf16's Out rows multiply 16-bit operands.
-    Both pass the FlashAttention rule, and they round differently: the switch reaches the kernels."""
+def test_cuda_tf32_products(dtype, D, inputs, monkeypatch):
+    """SOLA_LINEAR_MMA=tf32 (bench/kernels.py's sola_ops_tf32) keeps the products on tf32; by default the
+    forward's token reduction (but for fp16 with RoPE) and bf16's row kernels multiply 16-bit operands.
+    Both pass the FlashAttention rule (out and gradients), and they round differently: the switch
+    reaches the kernels."""
     q, k, v = _qkv(2, 3, 300, D, D, dtype, "cuda", "elu", seed=7)
     kw = {}
     if inputs == "rope":

@@ -328,8 +328,8 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
 // pair, more than the row kernels can spare at head dim 32); elsewhere (kD 128, and the staged kD 64
 // backward) a second array would cost blocks per SM, so the state is split on the fly. Epilogues
 // work on the accumulator fragments: a row's 4 owning lanes sum their parts with two xor shuffles
-// (identical in all four). bf16's Out rows with staged tiles take 16-bit products instead
-// (RowsTcConfig::kMma16): phi(q) rounded to bf16 over its staged copy, S as bf16 hi + lo parts.
+// (identical in all four). bf16's row kernels with staged tiles take 16-bit products instead
+// (RowsTcConfig::kMma16): A from bf16 tiles, the state as bf16 hi + lo parts.
 //
 // QueryGrad at kD = 32 also sums dS = sum_i phi(q_i) (g_i / den_i)^T and dz = sum_i phi(qn_i) dd_i
 // over the rows it walks (kFoldDs), one partial per block, so the backward does not read q and g a
@@ -369,14 +369,16 @@ struct RowsTcConfig {
   // 72 KiB without RoPE, 3 blocks per SM on an H100 as before (2 on an A100). kD 128's state takes
   // 66-68 KiB: it loads as before.
   static constexpr bool kStaged = kVariant != RowsVariant::Unstaged && kD <= 64;
-  // kMma16 (bf16 Out with staged tiles): products on m16n8k16. Each thread writes phi(q) (rotated with
-  // RoPE; fp32 math, one rounding) back over the staged q vector it copied, A comes from there by
-  // ldmatrix, and S enters as bf16 hi + lo parts (two arrays in the bytes of one fp32 array; ~16 of
-  // fp32's 24 bits, tf32's hi + lo kept ~21): no fp32 A tile, half the mmas, fragment loads in place
-  // of per-element reads. phi(q) rounds to bf16 as PyTorch's composite in bf16 rounds it. Not fp16:
-  // its range cannot hold every S.
-  static constexpr bool kMma16 = kMma16Asked && kMode == RowsMode::Out && kStaged;
-  static constexpr int kW16Ld = kD + 8;  // kMma16: bf16 state rows; 16-byte rows, ldmatrix hits 32 banks
+  // kMma16 (bf16 with staged tiles): products on m16n8k16, A by ldmatrix from bf16 tiles and the
+  // state as bf16 hi + lo parts (~16 of fp32's 24 bits; tf32's hi + lo kept ~21): no fp32 A tile,
+  // half the mmas, fragment loads in place of per-element reads. Out: each thread writes phi(q)
+  // (rotated with RoPE; fp32 math, one rounding) back over the staged q vector it copied. KeyGrad:
+  // phi(k) goes to a bf16 tile (the epilogue still reads k), and v is A as staged. QueryGrad: g is A
+  // as staged; the fold's phi(q_i) / den_i goes to a bf16 tile, B = g as staged. No mapping pass for
+  // g or v at all. Roundings to bf16 are where PyTorch's composite in bf16 rounds too. Not fp16: its
+  // range cannot hold every S, dS or phi(q) / den.
+  static constexpr bool kMma16 = kMma16Asked && kStaged;
+  static constexpr int kW16Ld = kD + 8;  // kMma16: bf16 tile rows; 16-byte rows, ldmatrix hits 32 banks
   // Blocks per SM the registers must allow at kD 32 / 64: 3, as their smem does (Out at kD 32: 4,
   // and its 123 registers fit). With the bound at 128 threads alone ptxas held some of these kernels
   // to 128 registers and spilled (nvcc 13.0: QueryGrad kD 32 unstaged 52 bytes, staged kD 64 14).
@@ -387,16 +389,20 @@ struct RowsTcConfig {
   static constexpr RowsVariant kCanonical = !kStaged ? RowsVariant::Unstaged
                                             : kD == 64 && kMode != RowsMode::Out ? kVariant
                                                                                   : RowsVariant::Staged;
-  static constexpr int kWArrays = kPreSplit && !kMma16 ? 2 : 1;  // ws (hi, or all of it) and ws_lo
-  static_assert(!kMma16 || kD * kW16Ld * 2 * 2 <= kD * kWLd * 4, "the bf16 hi, lo arrays fit one fp32 array");
-  static constexpr int kXFloats = kMma16 ? 0 : kRows * kXLd;  // the fp32 A tile
+  static constexpr int kWArrays = kPreSplit ? 2 : 1;  // ws (hi, or all of it) and ws_lo
+  // The state: kWArrays fp32 arrays, or kMma16's bf16 hi and lo arrays [kD][kW16Ld] (in floats).
+  static constexpr int kWFloats = kMma16 ? kD * kW16Ld : kWArrays * kD * kWLd;
+  // The A tile: fp32 [kRows][kXLd]; kMma16: KeyGrad's bf16 phi(k) [kRows][kW16Ld], else none.
+  static constexpr int kXFloats = !kMma16 ? kRows * kXLd : kMode == RowsMode::KeyGrad ? kRows * kW16Ld / 2 : 0;
   static constexpr int kVec = 8;  // 16-bit inputs
   static constexpr int kVecsPerRow = kD / kVec;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
   // dS tiles: kD / 16 rows of 16 x 8 tiles, each warp a row's kDsNT tiles (kD 32: half a row).
   static constexpr int kDsMT = kD / 16, kDsNT = kNT * kDsMT / 4;
-  static constexpr int kFoldFloats = kFoldDs ? kRows * kXLd + 4 * kD : 0;  // qs, dz_s
-  static constexpr int kSmemBytes = 4 * (kXFloats + kWArrays * kD * kWLd + kD + kRows * kVecsPerRow + kFoldFloats);
+  static constexpr int kQsFloats = kMma16 ? kRows * kW16Ld / 2 : kRows * kXLd;  // qs: fp32, or kMma16's bf16
+  static constexpr int kFoldFloats = kFoldDs ? kQsFloats + 4 * kD : 0;           // qs, dz_s
+  static_assert(!(kFoldDs && kMma16) || kDsNT % 2 == 0, "the fold's 16-bit B loads come in n8 tile pairs");
+  static constexpr int kSmemBytes = 4 * (kXFloats + kWFloats + kD + kRows * kVecsPerRow + kFoldFloats);
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
 
@@ -408,7 +414,8 @@ struct RowsTcConfig {
   // Dynamic shared memory for the inputs given: the arrays above, then per stage the raw inputs
   // and the cos, sin tables (5 KB each at kD 32). With RoPE and no qn / kn, as the models call it:
   // Out 51 KB (4 blocks per SM), QueryGrad 70 KB and KeyGrad 60 KB (3) at kD 32; at kD 64 Out 112 KB,
-  // QueryGrad and KeyGrad 111 KB (2). kMma16 Out: 37 KB at kD 32, 76 KB (3 blocks per SM) at kD 64.
+  // QueryGrad and KeyGrad 111 KB (2). kMma16 (bf16): Out 37 KB at kD 32, 76 KB (3 blocks per SM) at
+  // kD 64; QueryGrad 53 KB, KeyGrad 52 KB at kD 32.
   static constexpr int smem_bytes(bool has_xn, bool rope) {
     if (!kStaged) return kSmemBytes;
     return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));
@@ -451,8 +458,9 @@ SOLA_DEVICE void rows_product_tc(float (&c)[kNT][4], const float* xs, const floa
 }
 
 // kMma16: c = A W over Din on m16n8k16, A = the warp's 16 rows of the 16-bit tile a (row pitch kLd,
-// 0 past Din), W = w_hi + w_lo ([k][n], pitch kWLd, 0 past Din x Dout); n8 tiles at or past Dout stay 0.
-template <typename T, int kNT, int kLd, int kWLd>
+// 0 past Din), W = w_hi + w_lo (stored [k][n], or [n][k] when kTrans; pitch kWLd, 0 past Din x Dout);
+// n8 tiles at or past Dout stay 0.
+template <bool kTrans, typename T, int kNT, int kLd, int kWLd>
 SOLA_DEVICE void rows_product_mma16(float (&c)[kNT][4], const T* a, const T* w_hi, const T* w_lo, int Din, int Dout,
                                     int m0, int lane) {
 #pragma unroll
@@ -466,7 +474,11 @@ SOLA_DEVICE void rows_product_mma16(float (&c)[kNT][4], const T* a, const T* w_h
 #pragma unroll
     for (int n = 0; n < kNT; n += 2) {
       if (8 * n >= Dout) continue;  // uniform
-      const mma16::FragB2 lo = mma16::load_b(w_lo, kWLd, k0, 8 * n, lane), hi = mma16::load_b(w_hi, kWLd, k0, 8 * n, lane);
+      auto load = [&](const T* w) {
+        if constexpr (kTrans) return mma16::load_b_trans(w, kWLd, 8 * n, k0, lane);
+        else return mma16::load_b(w, kWLd, k0, 8 * n, lane);
+      };
+      const mma16::FragB2 lo = load(w_lo), hi = load(w_hi);
       mma16::mma_16816<T>(c[n], af, lo.lo);
       mma16::mma_16816<T>(c[n], af, hi.lo);
       mma16::mma_16816<T>(c[n + 1], af, lo.hi);
@@ -499,13 +511,15 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
   float* const xs = reinterpret_cast<float*>(smem_raw);  // [kRows][kXLd] A rows as tf32 (not kMma16)
   float* const ws = xs + Cfg::kXFloats;                  // [kD][kWLd] S or dS (kPreSplit: hi parts), 0 past Dk x Dv
   float* const ws_lo = ws + kD * kWLd;                   // [kD][kWLd] kPreSplit: their lo parts
-  float* const zs = ws + Cfg::kWArrays * kD * kWLd;      // [kD] z (Out, QueryGrad) or dz (KeyGrad)
+  float* const zs = ws + Cfg::kWFloats;                  // [kD] z (Out, QueryGrad) or dz (KeyGrad)
   float* const den_part = zs + kD;                       // [kRows][kVpr] Out: phi(qn) . z per load vector
   float* const qs = den_part + kRows * kVpr;             // [kRows][kXLd] kFoldDs: tf32(phi(q_i) / den_i)
-  float* const dz_s = qs + kRows * kXLd;                 // [4][kD] kFoldDs: each warp's dz sum
-  // kMma16: S's bf16 hi and lo parts, [kD][kW16Ld] each, in ws's place.
+  float* const dz_s = qs + Cfg::kQsFloats;               // [4][kD] kFoldDs: each warp's dz sum
+  // kMma16: the state's bf16 hi and lo parts, [kD][kW16Ld] each, in ws's place; KeyGrad's phi(k) tile.
   scalar_t* const ws16 = reinterpret_cast<scalar_t*>(ws);
   scalar_t* const ws16_lo = ws16 + kD * kW16Ld;
+  scalar_t* const xs16 = reinterpret_cast<scalar_t*>(xs);
+  scalar_t* const qs16 = reinterpret_cast<scalar_t*>(qs);  // kFoldDs && kMma16: bf16 [kRows][kW16Ld]
 
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv);
   const int64_t N = kQueries ? p.Nq : p.Nk;
@@ -645,13 +659,12 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
 #pragma unroll
           for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
         }
-        if constexpr (kMma16) {  // over the staged vector this thread copied (0 past N already)
-          if (live) {
-            Vec<scalar_t, kV> out;
+        if constexpr (kMma16) {  // Out: over the staged vector this thread copied; KeyGrad: the bf16 tile
+          scalar_t* const dst = kMode == RowsMode::Out ? stage_row(stage, i, r) + lc : xs16 + r * kW16Ld + lc;
+          Vec<scalar_t, kV> out;
 #pragma unroll
-            for (int e = 0; e < kV; ++e) out.v[e] = static_cast<scalar_t>(xv[e]);
-            *reinterpret_cast<Vec<scalar_t, kV>*>(stage_row(stage, i, r) + lc) = out;
-          }
+          for (int e = 0; e < kV; ++e) out.v[e] = static_cast<scalar_t>(xv[e]);
+          *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = out;
         } else {
 #pragma unroll
           for (int e = 0; e < kV; ++e) xv[e] = tf32::from_bits(tf32::round(xv[e]));
@@ -716,7 +729,7 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
         load_rows(0, p.q, true, Dk, side, r0);
         __syncthreads();
         if constexpr (kMma16)
-          rows_product_mma16<scalar_t, kNT, kRawLd, kW16Ld>(c, stage_row(stage, 0, 0), ws16, ws16_lo, Dk, Dv, m0, lane);
+          rows_product_mma16<false, scalar_t, kNT, kRawLd, kW16Ld>(c, stage_row(stage, 0, 0), ws16, ws16_lo, Dk, Dv, m0, lane);
         else
           rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);
         const bool out_al = rows_aligned<scalar_t>(p.out, 2);
@@ -741,9 +754,13 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
           }
         }
       } else if constexpr (kMode == RowsMode::QueryGrad) {
-        load_rows(0, p.grad_out, false, Dv, false, r0);
-        __syncthreads();
-        rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // u = S g
+        if constexpr (kMma16) {  // u = S g, g as staged
+          rows_product_mma16<true, scalar_t, kNT, kRawLd, kW16Ld>(c, stage_row(stage, 0, 0), ws16, ws16_lo, Dv, Dk, m0, lane);
+        } else {
+          load_rows(0, p.grad_out, false, Dv, false, r0);
+          __syncthreads();
+          rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // u = S g
+        }
         float* const inv_den_out = static_cast<float*>(s.inv_den);
         float* const dd_out = static_cast<float*>(s.dd);
         float dz_part[kNT][2];  // kFoldDs: phi(qn_i) dd_i summed over this lane's two rows
@@ -786,14 +803,23 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
           const float dd = p.normalize ? -(g_num / d) / d : 0.f;  // not / d^2: it overflows first
           if constexpr (kFoldDs) {  // rows past N and columns past Dk add 0
 #pragma unroll
-            for (int n = 0; n < kNT; ++n)
+            for (int n = 0; n < kNT; ++n) {
+              float qi[2];
 #pragma unroll
               for (int j = 0; j < 2; ++j) {
                 const bool in = valid && 8 * n + 2 * t4 + j < Dk;
-                qs[rl * kXLd + 8 * n + 2 * t4 + j] = in ? tf32::from_bits(tf32::round(qv[n][j] * inv)) : 0.f;
+                qi[j] = in ? qv[n][j] * inv : 0.f;
                 const float dz = in ? qnv[n][j] * dd : 0.f;
                 dz_part[n][j] = hh == 0 ? dz : dz_part[n][j] + dz;
               }
+              if constexpr (kMma16) {  // one 4-byte store of the lane's two columns
+                const Vec<scalar_t, 2> pair{{static_cast<scalar_t>(qi[0]), static_cast<scalar_t>(qi[1])}};
+                *reinterpret_cast<Vec<scalar_t, 2>*>(qs16 + rl * kW16Ld + 8 * n + 2 * t4) = pair;
+              } else {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) qs[rl * kXLd + 8 * n + 2 * t4 + j] = tf32::from_bits(tf32::round(qi[j]));
+              }
+            }
           }
           if (!valid) continue;
           if constexpr (!kFoldDs) {
@@ -815,20 +841,38 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
                 if (g == 0) dz_s[warp * kD + 8 * n + 2 * t4 + j] += x;
               }
           }
-          __syncthreads();  // qs is complete (xs still holds g)
-          // dS += phi(Q)^T diag(1 / den) G over the tile's rows: A = qs read transposed, B = xs.
+          __syncthreads();  // qs is complete (xs, or kMma16's stage, still holds g)
+          // dS += phi(Q)^T diag(1 / den) G over the tile's rows: A = qs read transposed, B = g.
           if (ds_m0 < Dk) {  // uniform per warp
             const int n_live = ceil_div(Dv, 8) - ds_n0;  // this warp's column tiles short of Dv
+            if constexpr (kMma16) {
+              if (n_live > 0) {  // a pair's tile past Dv adds 0: g is 0 there
+#pragma unroll
+                for (int k0 = 0; k0 < kRows; k0 += 16) {
+                  const mma16::FragA af = mma16::load_a_trans(qs16, kW16Ld, ds_m0, k0, lane);
+#pragma unroll
+                  for (int n = 0; n < kDsNT; n += 2) {
+                    const mma16::FragB2 bf = mma16::load_b(stage_row(stage, 0, 0), kRawLd, k0, 8 * (ds_n0 + n), lane);
+                    mma16::mma_16816<scalar_t>(ds_acc[n], af, bf.lo);
+                    mma16::mma_16816<scalar_t>(ds_acc[n + 1], af, bf.hi);
+                  }
+                }
+              }
+            } else {
 #pragma unroll 2
-            for (int k0 = 0; k0 < kRows; k0 += 8)
-              mma_tokens_k8<kXLd>(ds_acc, qs + k0 * kXLd + ds_m0, xs + k0 * kXLd + 8 * ds_n0, n_live, lane);
+              for (int k0 = 0; k0 < kRows; k0 += 8)
+                mma_tokens_k8<kXLd>(ds_acc, qs + k0 * kXLd + ds_m0, xs + k0 * kXLd + 8 * ds_n0, n_live, lane);
+            }
           }
         }
       } else {  // KeyGrad: dv, then dk for the same rows
         const float inv_nk = 1.f / static_cast<float>(p.Nk);
         load_rows(0, p.k, true, Dk, false, r0);
         __syncthreads();
-        rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);  // dS^T phi(k_j)
+        if constexpr (kMma16)  // dS^T phi(k_j)
+          rows_product_mma16<false, scalar_t, kNT, kW16Ld, kW16Ld>(c, xs16, ws16, ws16_lo, Dk, Dv, m0, lane);
+        else
+          rows_product_tc<false, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dk, Dv, m0, lane);
         const bool dv_al = rows_aligned<scalar_t>(p.dv, 2);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -841,10 +885,14 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
             store_cols<2>(p.dv.row<scalar_t>(b, h, row), 8 * n + 2 * t4, Dv, dv_al, dv);
           }
         }
-        __syncthreads();  // xs is reloaded with v
-        load_rows(1, p.v, false, Dv, false, r0);
-        __syncthreads();
-        rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // dS v_j
+        if constexpr (kMma16) {  // dS v_j, v as staged
+          rows_product_mma16<true, scalar_t, kNT, kRawLd, kW16Ld>(c, stage_row(stage, 1, 0), ws16, ws16_lo, Dv, Dk, m0, lane);
+        } else {
+          __syncthreads();  // xs is reloaded with v
+          load_rows(1, p.v, false, Dv, false, r0);
+          __syncthreads();
+          rows_product_tc<true, kPreSplit, kNT, kXLd, kWLd>(c, xs, ws, ws_lo, Dv, Dk, m0, lane);  // dS v_j
+        }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int rl = m0 + g + 8 * hh;
@@ -875,10 +923,10 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
 
 // ---- launchers (explicitly instantiated in linear_attention_tc_*.cu) -------------------------------
 
-// SOLA_LINEAR_MMA=tf32 (read per launch) keeps the forward's products that could take 16-bit operands
-// (the token reduction's and the Out rows', kMma16) on tf32; unset or anything else: 16-bit where they
-// qualify. A benchmark hook (bench/kernels.py's sola_ops_tf32) until a GPU has timed the two.
-inline bool forward_on_tf32_asked() {
+// SOLA_LINEAR_MMA=tf32 (read per launch) keeps the products that could take 16-bit operands (the
+// forward's token reduction, bf16's row kernels: kMma16) on tf32; unset or anything else: 16-bit where
+// they qualify. A benchmark hook (bench/kernels.py's sola_ops_tf32) until a GPU has timed the two.
+inline bool tf32_products_asked() {
   const char* asked = std::getenv("SOLA_LINEAR_MMA");
   return asked != nullptr && std::strcmp(asked, "tf32") == 0;
 }
@@ -898,7 +946,7 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
     token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
   };
   // 16-bit products: no scales (the forward's S, z), and not fp16 with RoPE (ReduceTcConfig).
-  const bool mma16 = !a.y_scale && !a.s_scale && !forward_on_tf32_asked() &&
+  const bool mma16 = !a.y_scale && !a.s_scale && !tf32_products_asked() &&
                      !(std::is_same_v<scalar_t, at::Half> && a.rope_cos);
   auto with_tile = [&](auto rope, auto mma16_c) {
     if (a.tile == 32) launch(std::integral_constant<int, 32>{}, rope, mma16_c);
@@ -990,10 +1038,14 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
         // but for the kD 64 backward).
         auto as = [&](auto variant) {
           constexpr RowsVariant kVariant = RowsTcConfig<kD, kMode, decltype(variant)::value>::kCanonical;
-          // bf16 Out with staged tiles: 16-bit products unless declined (RowsTcConfig::kMma16)
+          // bf16 with staged tiles: 16-bit products unless declined (RowsTcConfig::kMma16)
           constexpr bool kCan16 = RowsTcConfig<kD, kMode, kVariant, std::is_same_v<scalar_t, at::BFloat16>>::kMma16;
+          // One 16-bit kernel whatever the variant asked: the state is split to bf16 in all of them.
+          // (Written in terms of kVariant so the call stays dependent: a non-dependent one would be
+          // instantiated, for fp16 and kD 128 too, outside the discarded branch.)
+          constexpr RowsVariant k16Variant = kCan16 ? RowsVariant::Staged : kVariant;
           if constexpr (kCan16) {
-            if (!forward_on_tf32_asked()) return launch(head_dim, xn, rope, VariantC<kVariant>{}, std::true_type{});
+            if (!tf32_products_asked()) return launch(head_dim, xn, rope, VariantC<k16Variant>{}, std::true_type{});
           }
           launch(head_dim, xn, rope, VariantC<kVariant>{}, std::false_type{});
         };
