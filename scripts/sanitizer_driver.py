@@ -292,9 +292,9 @@ def main():
         for D in (32, 64):
             angles = randn(200, D // 2) * 3
             cos, sin = angles.cos(), angles.sin()
-            check(f"linear tf32 reduce {dt} B=2 H=3 N=200 D={D}", sola_ops.linear_attention,
+            check(f"linear tf32 products {dt} B=2 H=3 N=200 D={D}", sola_ops.linear_attention,
                   reference.linear_attention, [randn(2, 3, 200, D) for _ in range(3)], dtype, failures)
-            check(f"linear tf32 reduce rope {dt} B=2 H=3 N=200 D={D}",
+            check(f"linear tf32 products rope {dt} B=2 H=3 N=200 D={D}",
                   partial(sola_ops.linear_attention, rope=(cos.to(DEVICE), sin.to(DEVICE))),
                   partial(reference.linear_attention, rope=(cos.double(), sin.double())),
                   [randn(2, 3, 200, D) for _ in range(3)], dtype, failures)
