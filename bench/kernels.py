@@ -12,7 +12,8 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
                  the same with SOLA_LINEAR_ROWS=unstaged (the row kernels without staged tiles) or
                  staged_presplit (the D 64 backward staged with its state pre-split, 2 blocks per
                  SM): the row-kernel variants timed in the same run; fp16 / bf16 at D <= 64 (presplit:
-                 D 64), where they differ; ours, so never baselines
+                 fp16 at D 64), where they differ (bf16's unstaged kernels also take tf32 products,
+                 its staged ones 16-bit in both variants); ours, so never baselines
     sola_ops_tf32
                  the same with SOLA_LINEAR_MMA=tf32: the products of the forward's token reduction
                  and bf16's row kernels on tf32 mma (the default multiplies 16-bit operands); fp16 /
@@ -372,12 +373,12 @@ def make_impls(device, sola_ops, ref, sola_reason):
                             lambda case: (case.dtype in ("float16", "bfloat16") and case.D <= 128
                                           and 64 < case.Nq <= 4096))
 
-    def sola_rows(name, variant, note, dims):
+    def sola_rows(name, variant, note, dims, dtypes=("float16", "bfloat16")):
         """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,
-        on fp16 / bf16 cases with D in dims (where it differs from the default)."""
+        on cases of dtypes with D in dims (where it differs from the default)."""
         return cuda_variant(name, "linear_attention", "SOLA_LINEAR_ROWS", variant,
                             "the row-kernel variants are CUDA kernels", note,
-                            lambda case: case.dtype in ("float16", "bfloat16") and case.D in dims)
+                            lambda case: case.dtype in dtypes and case.D in dims)
 
     def sdpa(name, backend):
         if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -390,7 +391,8 @@ def make_impls(device, sola_ops, ref, sola_reason):
                              "products on tf32 mma", lambda case: case.dtype in ("float16", "bfloat16"))
     linear = [sola("linear_attention"), sola_tf32,
               sola_rows("sola_ops_unstaged", "unstaged", "row kernels without staged tiles", (32, 64)),
-              sola_rows("sola_ops_presplit", "staged_presplit", "D 64 backward staged, state pre-split", (64,)),
+              sola_rows("sola_ops_presplit", "staged_presplit", "D 64 backward staged, state pre-split", (64,),
+                        ("float16",)),
               Impl("reference", fn=ref.linear_attention),
               Impl("einsum_fp32", fn=einsum_fp32), _flash_bla_impl(device), _fla_impl(device)]
     softmax = [sola("softmax_attention"), sola_wgmma(), sola_one_group(),

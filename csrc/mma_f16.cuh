@@ -1,6 +1,6 @@
 // 16-bit tensor cores: mma.sync m16n8k16 (fp16 or bf16 operands, fp32 accumulators) and the
 // ldmatrix fragment loads from padded row-major shared-memory tiles, shared by the flash softmax
-// kernels and the linear-attention token reduction.
+// kernels and the linear-attention tensor-core kernels.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4,
 // two 16-bit values per 32-bit register, the lower column / row in the low half:

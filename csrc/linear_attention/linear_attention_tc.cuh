@@ -1,10 +1,13 @@
 // Tensor-core versions of the two linear-attention kernels, for fp16/bf16 inputs on sm_80+:
 // the same work split and epilogues as linear_attention_reduce.cuh and linear_attention_rows.cuh,
-// with the products on tf32 mma.sync (mma_tf32.cuh). Operands are computed in fp32 (feature map,
+// with the products on mma.sync. tf32 (mma_tf32.cuh): operands are computed in fp32 (feature map,
 // scales) and rounded once to tf32, which holds an fp16/bf16 input exactly and phi of it to 2^-11;
-// the fp32 states S / dS enter split into hi + lo tf32 parts (two mmas), so they keep ~21 bits and
-// are never rounded to 16 bits. Accumulation is fp32; sums that the SIMT kernels do in fp32 (z,
-// the denominators, g . num) stay in fp32 on unrounded values. Deterministic: fixed orders, no atomics.
+// the fp32 states S / dS enter split into hi + lo tf32 parts (two mmas, ~21 bits). 16-bit
+// (mma_f16.cuh; by default where it qualifies, SOLA_LINEAR_MMA): the forward's token reduction
+// (fp16, bf16) and bf16's staged row kernels round phi (and the fold's phi(q) / den) once to the
+// input dtype, as PyTorch's composite in that dtype does, and take the states as bf16 hi + lo parts
+// (~16 bits). Accumulation is fp32; sums that the SIMT kernels do in fp32 (z, the denominators,
+// g . num) stay in fp32 on unrounded values. Deterministic: fixed orders, no atomics.
 #pragma once
 
 #include <algorithm>
@@ -334,8 +337,8 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
 // QueryGrad at kD = 32 also sums dS = sum_i phi(q_i) (g_i / den_i)^T and dz = sum_i phi(qn_i) dd_i
 // over the rows it walks (kFoldDs), one partial per block, so the backward does not read q and g a
 // second time for a token reduction (18 -> 14 N D bytes moved). The epilogue leaves
-// tf32(phi(q_i) / den_i) in qs next to g in xs; the four warps then split the kD x kD product
-// qs^T xs (16 x 8 tiles, K = the tile's rows) as the token reduction does. dz stays fp32 on
+// tf32(phi(q_i) / den_i) in qs next to g in xs (kMma16: bf16 in qs, g as staged); the four warps
+// then split the kD x kD product qs^T g (16 x 8 tiles, K = the tile's rows). dz stays fp32 on
 // unrounded values: per lane, then xor shuffles over the 8 row lanes, then per warp in smem.
 //
 // kVariant (rows_variant(): SOLA_LINEAR_ROWS) picks how the row kernels load their tiles, so the
@@ -365,7 +368,7 @@ struct RowsTcConfig {
   // two stages, the next tile's copies in flight while this one is multiplied; the epilogues read
   // their operands there too. The first profile (H200) had these kernels at 9-24% of DRAM
   // bandwidth: each tile's loads, then the epilogue's, waited with nothing else in flight. kD 32 and
-  // 64; at 64 the backward splits the state on the fly (kPreSplit false) to pay for the stages:
+  // 64; at 64 the tf32 backward splits the state on the fly (kPreSplit false) to pay for the stages:
   // 72 KiB without RoPE, 3 blocks per SM on an H100 as before (2 on an A100). kD 128's state takes
   // 66-68 KiB: it loads as before.
   static constexpr bool kStaged = kVariant != RowsVariant::Unstaged && kD <= 64;
@@ -1040,9 +1043,10 @@ RowsLaunch launch_rows_tc(const LinearAttentionParams& p, const BwdScratch& s, c
           constexpr RowsVariant kVariant = RowsTcConfig<kD, kMode, decltype(variant)::value>::kCanonical;
           // bf16 with staged tiles: 16-bit products unless declined (RowsTcConfig::kMma16)
           constexpr bool kCan16 = RowsTcConfig<kD, kMode, kVariant, std::is_same_v<scalar_t, at::BFloat16>>::kMma16;
-          // One 16-bit kernel whatever the variant asked: the state is split to bf16 in all of them.
-          // (Written in terms of kVariant so the call stays dependent: a non-dependent one would be
-          // instantiated, for fp16 and kD 128 too, outside the discarded branch.)
+          // One 16-bit kernel for both staged variants (the state is split to bf16 in either, so
+          // StagedPreSplit runs the default kernel for bf16); Unstaged stays tf32. (Written in terms of
+          // kVariant so the call stays dependent: a non-dependent one would be instantiated, for fp16
+          // and kD 128 too, outside the discarded branch.)
           constexpr RowsVariant k16Variant = kCan16 ? RowsVariant::Staged : kVariant;
           if constexpr (kCan16) {
             if (!tf32_products_asked()) return launch(head_dim, xn, rope, VariantC<k16Variant>{}, std::true_type{});

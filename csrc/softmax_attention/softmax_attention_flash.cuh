@@ -4,7 +4,7 @@
 // registers, and async global -> shared tile copies.
 //
 // Fragment layouts: mma_f16.cuh (the fragments, mma and ldmatrix loads live there, shared with the
-// linear-attention token reduction). An m16n8k16 C tile is rows g, g + 8 and columns 2t, 2t + 1.
+// linear-attention kernels). An m16n8k16 C tile is rows g, g + 8 and columns 2t, 2t + 1.
 // A C tile pair (columns 16kk .. 16kk+15) therefore *is* an A fragment once rounded: that is how
 // P = softmax(S) enters P V without a trip through shared memory.
 //
