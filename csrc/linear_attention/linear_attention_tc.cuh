@@ -48,6 +48,21 @@ SOLA_HD void mma_tokens_k8(float (&c)[kNT][4], const float* x0, const float* y0,
   }
 }
 
+// The same on 16-bit operands, one k16 step (mma.sync m16n8k16): A = 16 columns of x from x0 (&x[k0][m0])
+// by ldmatrix.trans, B_n = 8 columns of y from y0 + 8 n (&y[k0][n0 + 8 n]) in pairs, also by
+// ldmatrix.trans. Row pitches kLdX, kLdY: an odd number of 16-byte groups (conflict-free ldmatrix).
+template <int kLdX, int kLdY, int kNT, typename T>
+SOLA_DEVICE void mma_tokens_k16(float (&c)[kNT][4], const T* x0, const T* y0, int lane) {
+  static_assert(kNT % 2 == 0, "B loads come in n8 tile pairs");
+  const mma16::FragA af = mma16::load_a_trans(x0, kLdX, 0, 0, lane);
+#pragma unroll
+  for (int n = 0; n < kNT; n += 2) {
+    const mma16::FragB2 bf = mma16::load_b(y0, kLdY, 0, 8 * n, lane);
+    mma16::mma_16816<T>(c[n], af, bf.lo);
+    mma16::mma_16816<T>(c[n + 1], af, bf.hi);
+  }
+}
+
 // A block owns one (head, token chunk, kTile x kTile tile of M), as the SIMT kernel; each warp owns
 // 16 rows of the tile and all its columns (kTile / 8 accumulator tiles). The inputs arrive by
 // cp.async into raw stages as stored, the next stage's copies in flight while this one is mapped and
@@ -262,12 +277,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
         for (int e = 0; e < kV; ++e)
           if (it.side) side_acc[e] += side_scaled ? sv[e] : xv[e];
         if constexpr (kMma16) {
-          if (live) {  // rows past the chunk were copied as 0, and y is 0 there too
-            V x;
-#pragma unroll
-            for (int e = 0; e < kV; ++e) x.v[e] = static_cast<scalar_t>(xv[e]);
-            *reinterpret_cast<V*>(raw_at(stage, 0) + slot) = x;
-          }
+          if (live) store_acc(xv, raw_at(stage, 0) + slot);  // rows past the chunk were copied as 0, and y is 0 there
         } else {
 #pragma unroll
           for (int e = 0; e < kV; ++e) {
@@ -280,18 +290,9 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
       }
       __syncthreads();
       if constexpr (kMma16) {
-        const scalar_t* const xs = raw_at(stage, 0);
-        const scalar_t* const ys = raw_at(stage, 1);
 #pragma unroll
-        for (int k0 = 0; k0 < kStage; k0 += 16) {
-          const mma16::FragA af = mma16::load_a_trans(xs, kRawLd, m0, k0, lane);
-#pragma unroll
-          for (int n = 0; n < kNT; n += 2) {
-            const mma16::FragB2 bf = mma16::load_b(ys, kRawLd, k0, 8 * n, lane);
-            mma16::mma_16816<scalar_t>(c[n], af, bf.lo);
-            mma16::mma_16816<scalar_t>(c[n + 1], af, bf.hi);
-          }
-        }
+        for (int k0 = 0; k0 < kStage; k0 += 16)
+          mma_tokens_k16<kRawLd, kRawLd>(c, raw_at(stage, 0) + k0 * kRawLd + m0, raw_at(stage, 1) + k0 * kRawLd, lane);
       } else {
 #pragma unroll
         for (int k0 = 0; k0 < kStage; k0 += 8) mma_tokens_k8<kLd>(c, x_tile + k0 * kLd + m0, y_tile + k0 * kLd, kNT, lane);
@@ -404,7 +405,6 @@ struct RowsTcConfig {
   static constexpr int kDsMT = kD / 16, kDsNT = kNT * kDsMT / 4;
   static constexpr int kQsFloats = kMma16 ? kRows * kW16Ld / 2 : kRows * kXLd;  // qs: fp32, or kMma16's bf16
   static constexpr int kFoldFloats = kFoldDs ? kQsFloats + 4 * kD : 0;           // qs, dz_s
-  static_assert(!(kFoldDs && kMma16) || kDsNT % 2 == 0, "the fold's 16-bit B loads come in n8 tile pairs");
   static constexpr int kSmemBytes = 4 * (kXFloats + kWFloats + kD + kRows * kVecsPerRow + kFoldFloats);
   static_assert(kRows % kRowsPerPass == 0, "a tile must be whole load passes");
   static_assert(!kFoldDs || (4 % kDsMT == 0 && kDsNT >= 1), "four warps split the dS tiles evenly");
@@ -663,11 +663,7 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
           for (int j = 0; j < kV / 2; ++j) rotate_pair(xv[2 * j], xv[2 * j + 1], cs[j], sn[j], xv[2 * j], xv[2 * j + 1]);
         }
         if constexpr (kMma16) {  // Out: over the staged vector this thread copied; KeyGrad: the bf16 tile
-          scalar_t* const dst = kMode == RowsMode::Out ? stage_row(stage, i, r) + lc : xs16 + r * kW16Ld + lc;
-          Vec<scalar_t, kV> out;
-#pragma unroll
-          for (int e = 0; e < kV; ++e) out.v[e] = static_cast<scalar_t>(xv[e]);
-          *reinterpret_cast<Vec<scalar_t, kV>*>(dst) = out;
+          store_acc(xv, kMode == RowsMode::Out ? stage_row(stage, i, r) + lc : xs16 + r * kW16Ld + lc);
         } else {
 #pragma unroll
           for (int e = 0; e < kV; ++e) xv[e] = tf32::from_bits(tf32::round(xv[e]));
@@ -816,8 +812,7 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
                 dz_part[n][j] = hh == 0 ? dz : dz_part[n][j] + dz;
               }
               if constexpr (kMma16) {  // one 4-byte store of the lane's two columns
-                const Vec<scalar_t, 2> pair{{static_cast<scalar_t>(qi[0]), static_cast<scalar_t>(qi[1])}};
-                *reinterpret_cast<Vec<scalar_t, 2>*>(qs16 + rl * kW16Ld + 8 * n + 2 * t4) = pair;
+                store_acc(qi, qs16 + rl * kW16Ld + 8 * n + 2 * t4);
               } else {
 #pragma unroll
                 for (int j = 0; j < 2; ++j) qs[rl * kXLd + 8 * n + 2 * t4 + j] = tf32::from_bits(tf32::round(qi[j]));
@@ -851,15 +846,8 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
             if constexpr (kMma16) {
               if (n_live > 0) {  // a pair's tile past Dv adds 0: g is 0 there
 #pragma unroll
-                for (int k0 = 0; k0 < kRows; k0 += 16) {
-                  const mma16::FragA af = mma16::load_a_trans(qs16, kW16Ld, ds_m0, k0, lane);
-#pragma unroll
-                  for (int n = 0; n < kDsNT; n += 2) {
-                    const mma16::FragB2 bf = mma16::load_b(stage_row(stage, 0, 0), kRawLd, k0, 8 * (ds_n0 + n), lane);
-                    mma16::mma_16816<scalar_t>(ds_acc[n], af, bf.lo);
-                    mma16::mma_16816<scalar_t>(ds_acc[n + 1], af, bf.hi);
-                  }
-                }
+                for (int k0 = 0; k0 < kRows; k0 += 16)
+                  mma_tokens_k16<kW16Ld, kRawLd>(ds_acc, qs16 + k0 * kW16Ld + ds_m0, stage_row(stage, 0, k0) + 8 * ds_n0, lane);
               }
             } else {
 #pragma unroll 2
