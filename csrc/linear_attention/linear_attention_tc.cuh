@@ -75,14 +75,15 @@ SOLA_DEVICE void mma_tokens_k16(float (&c)[kNT][4], const T* x0, const T* y0, in
 // - tf32 (m16n8k8): the stage is mapped into fp32 [token][column] tiles, A = phi(x)^T read
 //   transposed (a0 = x_tile[k + t][m + g]), B = y * y_scale as stored; both reads conflict-free
 //   at the row pitch kTile + 8. Every reduction can take it (y_scale's g / den needs fp32 range).
-// - 16-bit (m16n8k16, kMma16): for reductions without scales (the forward's S = sum phi(k) v^T).
-//   A thread writes phi(x) (rotated with RoPE), rounded to the input dtype, back over the raw x
-//   it copied; A comes from there and B = y straight from its raw stage, both by ldmatrix.trans.
-//   Half the mmas, no fp32 tiles, and y is never mapped: the tf32 path's mapping (unpack, round,
-//   store, re-read as fragments) was most of its ~2800 instructions (SASS, bf16 tile 32; 16 HMMA).
-//   phi(x) rounds to the input's dtype, as PyTorch's composite in that dtype rounds it; products of
-//   16-bit operands are exact in the fp32 accumulators. fp16 with RoPE stays on tf32: a rotation
-//   can carry phi(x) near fp16's largest value past it.
+// - 16-bit (m16n8k16, kMma16): the forward's S = sum phi(k) v^T (fp16, bf16) and bf16's backward
+//   dS = sum phi(q) (g / den)^T. A thread writes phi(x) (rotated with RoPE), rounded to the input
+//   dtype, back over the raw x it copied, and y * y_scale over its raw y when there is a y_scale;
+//   A and B come from there by ldmatrix.trans. Half the mmas, no fp32 tiles, and an unscaled y is
+//   never mapped: the tf32 path's mapping (unpack, round, store, re-read as fragments) was most of
+//   its ~2800 instructions (SASS, bf16 tile 32; 16 HMMA). phi(x) and g / den round to the input's
+//   dtype, as PyTorch's composite in that dtype rounds them; products of 16-bit operands are exact
+//   in the fp32 accumulators. fp16 stays on tf32 with RoPE (a rotation can carry phi(x) near fp16's
+//   largest value past it) and with scales (g / den needs fp32's range).
 template <typename scalar_t, int kTile, bool kMma16 = false>
 struct ReduceTcConfig {
   static constexpr int kWarps = kTile / 16;
@@ -94,6 +95,7 @@ struct ReduceTcConfig {
   static constexpr int kVec = kVec16<scalar_t>;
   static constexpr int kVecsPerRow = kTile / kVec;
   static constexpr int kRowsPerPass = kBlockThreads / kVecsPerRow;
+  static constexpr int kPasses = kStage / kRowsPerPass;
   // Register cap 128: 512 threads per SM for the 64 tile, keeping loads in flight.
   static constexpr int kMinBlocks = 65536 / (128 * kBlockThreads);
   static_assert(kStage % kRowsPerPass == 0, "a stage must be whole load passes");
@@ -102,16 +104,21 @@ struct ReduceTcConfig {
   // bytes for kMma16's ldmatrix (an odd number of 16-byte groups a row: 8 rows fill 32 banks).
   static constexpr int kRawLd = kMma16 ? kTile + 8 : kTile;
   // Dynamic shared memory, in this order: x_tile, y_tile (tf32 only: kStage x kLd fp32 each),
-  // side_red (kRowsPerPass x kTile fp32), raw_scale (stages x 2 x kStage fp32), then per raw stage
-  // the arrays x, y, xs as stored; with fused RoPE xs's place holds the stage's cos (fp32, kRawLd / 2
-  // per token: the same bytes) and one more array its sin. tf32: 47.6 KB without RoPE at the 64 tile,
-  // 55.8 KB with it (4 blocks per SM); kMma16: 32.3 KB and 41.5 KB.
+  // side_red (kRowsPerPass x kTile fp32), then per raw stage the arrays x, y, xs as stored (with fused
+  // RoPE xs's place holds the stage's cos, fp32, kRawLd / 2 per token: the same bytes, and one more
+  // array its sin), then the rows' scales (y_scale, s_scale): tf32 [stage][y, s][kStage], copied by a
+  // row's first thread and read by all after a barrier; kMma16 [stage][y, s][pass][thread], each thread
+  // its own rows' (read before any barrier), and only for a reduction with scales. At the 64 tile:
+  // tf32 47.6 KB without RoPE, 55.8 KB with it (4 blocks per SM); kMma16 31.7 / 41.0 KB, + 4.1 KB scaled.
   static constexpr int kRawElems = kStage * kRawLd;  // one raw array of a stage
   static constexpr int kRawArrays = 3;               // x, y, xs (or cos); + sin with RoPE
   static constexpr int kTileFloats = kMma16 ? 0 : 2 * kStage * kLd;
-  static constexpr int kFloatsBeforeRaw = kTileFloats + kRowsPerPass * kTile + kRawStages * 2 * kStage;
-  static constexpr int smem_bytes(bool rope) {
-    return 4 * kFloatsBeforeRaw + kRawStages * (kRawArrays + (rope ? 1 : 0)) * kRawElems * int(sizeof(scalar_t));
+  static constexpr int kFloatsBeforeRaw = kTileFloats + kRowsPerPass * kTile;
+  static constexpr int kScaleFloats = kRawStages * 2 * (kMma16 ? kPasses * kBlockThreads : kStage);
+  static constexpr int raw_arrays(bool rope) { return kRawArrays + (rope ? 1 : 0); }
+  static constexpr int smem_bytes(bool rope, bool scaled) {
+    return 4 * kFloatsBeforeRaw + kRawStages * raw_arrays(rope) * kRawElems * int(sizeof(scalar_t)) +
+           (scaled || !kMma16 ? 4 * kScaleFloats : 0);
   }
   static_assert(kFloatsBeforeRaw % 4 == 0 && kRawElems * sizeof(scalar_t) % 16 == 0, "16-byte aligned arrays");
   // This thread's first load row (then every kRowsPerPass-th). kMma16 at 4 vectors a row (the 32 tile):
@@ -149,26 +156,26 @@ SOLA_DEVICE void copy_scale_async(float* slot, const void* scales, int64_t idx, 
 }
 
 // grid.x: any (grid-stride over heads * chunks * tiles_m * tiles_n), block: kBlockThreads,
-// dynamic shared memory smem_bytes(kRope). kRope: a.rope_cos is set (a template parameter: as a
-// run-time switch its few extra live values cost the 64 tile 36 bytes of spill at the 128 cap).
-// kMma16: 16-bit products (ReduceTcConfig); a.y_scale and a.s_scale are null.
+// dynamic shared memory smem_bytes(kRope, a.y_scale || a.s_scale). kRope: a.rope_cos is set (a
+// template parameter: as a run-time switch its few extra live values cost the 64 tile 36 bytes of
+// spill at the 128 cap). kMma16: 16-bit products (ReduceTcConfig).
 template <typename scalar_t, int kTile, bool kRope, bool kMma16>
 __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBlockThreads,
                                   ReduceTcConfig<scalar_t, kTile, kMma16>::kMinBlocks)
     token_reduce_tc_kernel(const TokenReduceArgs a) {
   using Cfg = ReduceTcConfig<scalar_t, kTile, kMma16>;
   constexpr int kStage = Cfg::kStage, kLd = Cfg::kLd, kV = Cfg::kVec, kNT = Cfg::kNT, kRawElems = Cfg::kRawElems;
-  constexpr int kRowsPerPass = Cfg::kRowsPerPass, kPasses = kStage / kRowsPerPass, kRawLd = Cfg::kRawLd;
+  constexpr int kRowsPerPass = Cfg::kRowsPerPass, kPasses = Cfg::kPasses, kRawLd = Cfg::kRawLd;
   SOLA_DYNAMIC_SMEM(smem_raw);
   float* const x_tile = reinterpret_cast<float*>(smem_raw);  // tf32: phi(x) (rotated with RoPE), 0 past Dm or the chunk
   float* const y_tile = x_tile + kStage * kLd;                // tf32: y * y_scale
   float* const side_red = x_tile + Cfg::kTileFloats;          // side sums of the threads' load rows
-  float* const raw_scale = side_red + kRowsPerPass * kTile;   // [stage][y, s][kStage] the rows' scales (tf32)
   // [stage][x, y, xs or cos, (sin)][kStage][kRawLd]: the rows as stored, [token][column]; kMma16
-  // writes phi(x) over x.
-  scalar_t* const raw = reinterpret_cast<scalar_t*>(raw_scale + Cfg::kRawStages * 2 * kStage);
+  // writes phi(x) over x and y * y_scale over y.
+  scalar_t* const raw = reinterpret_cast<scalar_t*>(side_red + kRowsPerPass * kTile);
+  constexpr int raw_arrays = Cfg::raw_arrays(kRope);
+  float* const scales = reinterpret_cast<float*>(raw + Cfg::kRawStages * raw_arrays * kRawElems);
 
-  constexpr int raw_arrays = Cfg::kRawArrays + (kRope ? 1 : 0);
   const int half = a.Dm / 2;
   auto raw_at = [&](int stage, int array) { return raw + (stage * raw_arrays + array) * kRawElems; };
   // With RoPE: the angles of the stage's tokens, [token][kRawLd / 2] fp32 in arrays 2 (cos) and 3 (sin).
@@ -179,6 +186,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
   const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
   const bool table_al = kRope && rope_tables_aligned<float>(a.rope_cos, a.rope_sin, half, kV / 2);
   const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
+  // The scale (0: y_scale, 1: s_scale) of stage row r, this thread's pass p (ReduceTcConfig's layout).
+  auto scale_at = [&](int stage, int which, int p, int r) -> float* {
+    if constexpr (kMma16) return scales + ((stage * 2 + which) * kPasses + p) * Cfg::kBlockThreads + tid;
+    else return scales + (stage * 2 + which) * kStage + r;
+  };
+  const bool scaled = !kMma16 || a.y_scale || a.s_scale;  // kMma16: the scales are read at all
+  const bool y_mapped = !kMma16 || a.y_scale;             // kMma16: y is scaled over its raw copy
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform per block
     const ReduceItem it = reduce_item(a, item);
@@ -194,7 +208,8 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
     for (int e = 0; e < kV; ++e) side_acc[e] = 0.f;
 
     // This thread's rows: lr, lr + kRowsPerPass, ..., copied into raw stage `stage`; with tf32 the
-    // first thread of a row also copies its scales (read by all after the barrier).
+    // first thread of a row also copies its scales (read by all after the barrier), with kMma16 every
+    // thread its own.
     TokenRow<scalar_t> row(a, it, it.t_begin + lr, own_side);
     auto copy_stage = [&](int stage) {
 #pragma unroll
@@ -212,9 +227,9 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
           copy_cols_async<kV / 2>(table_at(stage, 3) + slot / 2, static_cast<const float*>(a.rope_sin) + t_row, pc,
                                   half, table_al, live);
         }
-        if (!kMma16 && lc == 0) {
-          copy_scale_async(&raw_scale[(stage * 2) * kStage + r], a.y_scale, row.scale_idx, live);
-          copy_scale_async(&raw_scale[(stage * 2 + 1) * kStage + r], side_scaled ? a.s_scale : nullptr, row.scale_idx, live);
+        if (kMma16 ? scaled : lc == 0) {
+          copy_scale_async(scale_at(stage, 0, p, r), a.y_scale, row.scale_idx, live);
+          copy_scale_async(scale_at(stage, 1, p, r), side_scaled ? a.s_scale : nullptr, row.scale_idx, live);
         }
       }
       cp_async_commit();
@@ -242,13 +257,13 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
           // load_token's mapping: phi(x), y * y_scale, phi(xs) * s_scale
           const V x = *reinterpret_cast<const V*>(raw_at(stage, 0) + slot);
           const int valid = a.Dm - (it.mb + lc);
-          const float ss = kMma16 ? 1.f : raw_scale[(stage * 2 + 1) * kStage + r];
+          const float ss = scaled ? *scale_at(stage, 1, p, r) : 1.f;
 #pragma unroll
           for (int e = 0; e < kV; ++e) xv[e] = static_cast<float>(x.v[e]);
           phi_cols<true>(a.fm, valid, xv);
-          if constexpr (!kMma16) {
+          if (y_mapped) {
             const V y = *reinterpret_cast<const V*>(raw_at(stage, 1) + slot);
-            const float ys = raw_scale[(stage * 2) * kStage + r];
+            const float ys = *scale_at(stage, 0, p, r);
 #pragma unroll
             for (int e = 0; e < kV; ++e) yv[e] = static_cast<float>(y.v[e]) * ys;
           }
@@ -277,7 +292,10 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
         for (int e = 0; e < kV; ++e)
           if (it.side) side_acc[e] += side_scaled ? sv[e] : xv[e];
         if constexpr (kMma16) {
-          if (live) store_acc(xv, raw_at(stage, 0) + slot);  // rows past the chunk were copied as 0, and y is 0 there
+          if (live) {  // rows past the chunk were copied as 0, and y is 0 there
+            store_acc(xv, raw_at(stage, 0) + slot);
+            if (y_mapped) store_acc(yv, raw_at(stage, 1) + slot);
+          }
         } else {
 #pragma unroll
           for (int e = 0; e < kV; ++e) {
@@ -932,19 +950,20 @@ bool launch_token_reduce_tc(const TokenReduceArgs& a, cudaStream_t stream) {
     using Cfg = ReduceTcConfig<scalar_t, kTile, kMma16>;
     constexpr auto kKernel = token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16>;
     // The tf32 RoPE layout at the 64 tile (55.8 KB) needs the opt-in past 48 KB.
-    TORCH_INTERNAL_ASSERT(allow_dynamic_smem<kKernel>(Cfg::smem_bytes(kRope)),
+    const int smem = Cfg::smem_bytes(kRope, a.y_scale || a.s_scale);
+    TORCH_INTERNAL_ASSERT(allow_dynamic_smem<kKernel>(smem),
                           "linear_attention: the tensor-core token reduction's shared memory exceeds the device's");
-    token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16><<<grid, Cfg::kBlockThreads, Cfg::smem_bytes(kRope), stream>>>(a);
+    token_reduce_tc_kernel<scalar_t, kTile, kRope, kMma16><<<grid, Cfg::kBlockThreads, smem, stream>>>(a);
   };
-  // 16-bit products: no scales (the forward's S, z), and not fp16 with RoPE (ReduceTcConfig).
-  const bool mma16 = !a.y_scale && !a.s_scale && !tf32_products_asked() &&
-                     !(std::is_same_v<scalar_t, at::Half> && a.rope_cos);
+  // 16-bit products (ReduceTcConfig): bf16; fp16 without scales (the forward's S, z) or RoPE.
+  constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
+  const bool mma16 = !tf32_products_asked() && !(kHalf && (a.y_scale || a.s_scale || a.rope_cos));
   auto with_tile = [&](auto rope, auto mma16_c) {
     if (a.tile == 32) launch(std::integral_constant<int, 32>{}, rope, mma16_c);
     else launch(std::integral_constant<int, 64>{}, rope, mma16_c);
   };
   auto with_products = [&](auto rope) {
-    constexpr bool kHalfRope = std::is_same_v<scalar_t, at::Half> && decltype(rope)::value;
+    constexpr bool kHalfRope = kHalf && decltype(rope)::value;
     if constexpr (!kHalfRope) {
       if (mma16) return with_tile(rope, std::true_type{});
     }

@@ -29,7 +29,7 @@ bool linear_attention_rope_fused_cuda(const LinearAttentionParams& p) {
                                    RowsTcConfig<kD, RowsMode::KeyGrad>::smem_bytes(false, true),
                                    RowsTcConfig<kD, RowsMode::QueryGrad, kPreSplit>::smem_bytes(false, true),
                                    RowsTcConfig<kD, RowsMode::KeyGrad, kPreSplit>::smem_bytes(false, true)});
-    const int64_t reduce = la::ReduceTcConfig<at::Half, 64>::smem_bytes(true);
+    const int64_t reduce = la::ReduceTcConfig<at::Half, 64>::smem_bytes(true, true);
     return std::max(rows, reduce) <= optin;
   };
   return la::with_rows_tc_bucket(d, fits);
