@@ -29,6 +29,12 @@ namespace la {
 
 // ---- token reduction ----------------------------------------------------------------------------
 
+// The first row a thread copies where 4 threads copy a 16-bit row (4 16-byte vectors) padded to 5 bank
+// groups (kD or tile 32 + 8 elements): a quarter warp takes rows q and q + 4 of its warp's 8, which start
+// 4 groups apart, so its 16-byte copies, reads and stores fill 32 banks (adjacent rows share a group:
+// 2-way conflicts). Then every 32 rows (a block's threads cover 8 rows a warp).
+SOLA_HD int quarter_warp_row(int tid) { return 8 * (tid / 32) + (tid % 32) / 8 + 4 * ((tid / 4) % 2); }
+
 // One k8 step of c[n] += X^T Y_n over tokens, both tiles stored [token][column] with pitch kLd:
 // A = 16 columns of x from x0 (&x[k0][m0]) read transposed (a0 = x[k0 + t][m0 + g]), B_n = 8
 // columns of y from y0 + 8 n (&y[k0][n0 + 8 n]); the n tiles from n_live on are skipped. At a
@@ -121,11 +127,10 @@ struct ReduceTcConfig {
            (scaled || !kMma16 ? 4 * kScaleFloats : 0);
   }
   static_assert(kFloatsBeforeRaw % 4 == 0 && kRawElems * sizeof(scalar_t) % 16 == 0, "16-byte aligned arrays");
-  // This thread's first load row (then every kRowsPerPass-th). kMma16 at 4 vectors a row (the 32 tile):
-  // a quarter warp copies rows q and q + 4 of its warp's 8, whose padded rows start 4 bank groups apart,
-  // so its 16-byte copies and stores fill 32 banks (adjacent rows share one: 2-way conflicts).
+  // This thread's first load row (then every kRowsPerPass-th): kMma16's raw rows at the 32 tile are
+  // padded to 5 bank groups (quarter_warp_row).
   static SOLA_HD int load_row(int tid) {
-    if constexpr (kMma16 && kVecsPerRow == 4) return 8 * (tid / 32) + (tid % 32) / 8 + 4 * ((tid / 4) % 2);
+    if constexpr (kMma16 && kVecsPerRow == 4) return quarter_warp_row(tid);
     else return tid / kVecsPerRow;
   }
 };
@@ -442,6 +447,13 @@ struct RowsTcConfig {
     return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));
   }
   static_assert(kSmemBytes % 16 == 0 && kRawBytes % 16 == 0 && kTabBytes % 16 == 0, "16-byte aligned arrays");
+  // This thread's first load row (then every kRowsPerPass-th). kMma16 at kD 32: the staged rows and
+  // KeyGrad's bf16 tile are padded to 5 bank groups (quarter_warp_row). Not tf32: store_row8 pairs a
+  // quarter warp's adjacent rows.
+  static SOLA_HD int load_row(int tid) {
+    if constexpr (kMma16 && kVecsPerRow == 4) return quarter_warp_row(tid);
+    else return tid / kVecsPerRow;
+  }
 };
 
 // c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
@@ -549,7 +561,7 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
   const float* const z_all = static_cast<const float*>(kQueries ? p.z : s.dz);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, m0 = 16 * warp;
   const int g = lane / 4, t4 = lane % 4;
-  const int lr = tid / kVpr, lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
+  const int lr = Cfg::load_row(tid), lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
   const FeatureMap fm = p.feature_map;
   // Fused RoPE: q (Out, QueryGrad) or k (KeyGrad) rows rotated after phi, by row r's angles.
   const float* const rope_cos = static_cast<const float*>(p.rope_cos);
