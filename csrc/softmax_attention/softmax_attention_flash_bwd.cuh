@@ -6,7 +6,7 @@
 //   dkdv_kernel: 64 keys per row group, over all query tiles: dV += P^T dO, dK += scale dS^T Q
 //   dq_kernel:   64 queries per row group, over all key tiles: dQ += scale dS K
 // On tensor cores a block takes two row groups (128 rows, 32 per warp) when there are more than
-// 64 rows (up to head dim 64 in dkdv_kernel, 128 in dq_kernel; with_row_groups also wants a grid
+// 64 rows (up to head dim 64; with_row_groups also wants a grid
 // that fills the GPU), so each fragment of the streamed tiles feeds two mmas per warp (and
 // shared memory, which feeds mma.sync, is read half as often per score). The second score product
 // (dP, dP^T) runs per group, so only one group's tile of it is live next to both groups' P.
@@ -42,10 +42,10 @@ struct BwdTiles {
   static constexpr int kBlock = kBlockRows * kGroups;  // resident rows (keys or queries) of a block
   static constexpr int kStream = kStreamRows ? kStreamRows : kTensor || kD <= 64 ? 64 : 32;
   // Gradient columns of one block: what fits in registers next to S and dP. Past them the blocks
-  // split the columns into chunks, each recomputing S and dP; wgmma needs no registers for B
-  // fragments, so there every column up to head dim 128 fits (one chunk: at kD 128 the backward
-  // runs 7 products per tile pair instead of 11).
-  static constexpr int kDOut = kWgmma ? kD : std::min(kD, static_cast<int>(256 / sizeof(acc)));
+  // split the columns into chunks, each recomputing S and dP. On tensor cores every column up to
+  // head dim 128 fits (one chunk: at kD 128 the backward runs 7 products per tile pair instead of
+  // 11), with 32-row streamed steps where both S and dP of a 128-wide head would not.
+  static constexpr int kDOut = std::min(kD, kTensor ? 128 : static_cast<int>(256 / sizeof(acc)));
   // dkdv_kernel's chunks cover max(Dk, Dv) columns (dK and dV), dq_kernel's Dk.
   static SOLA_HD int64_t dkdv_chunks(const SoftmaxAttentionParams& p) {
     return column_chunks<kDOut>(p.Dk > p.Dv ? p.Dk : p.Dv);
@@ -79,13 +79,13 @@ struct BwdTiles {
 
 // dkdv_kernel's tiles. With two groups past head dim 32 it streams 32 queries per step: its dK
 // and dV accumulators (8 tiles of 16 x 8 per group at head dim 64) leave no room for two groups of
-// 16 x 64 scores.
+// 16 x 64 scores; so does mma.sync at head dim 128 with one group (dK and dV 16 tiles each: with
+// 64 queries a step it spilled 92 bytes).
 template <typename T, int kD, int kG, bool kWg = false>
-using KeyBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 32 ? 32 : 0), kWg>;
-// dq_kernel's: with two groups past head dim 64 it streams 32 keys per step (dQ is 16 tiles per
-// group at 128).
+using KeyBlockTiles = BwdTiles<T, kD, kG, ((kG == 2 && kD > 32) || (!kWg && kD > 64) ? 32 : 0), kWg>;
+// dq_kernel's (two groups only up to head dim 64: dispatch_bwd).
 template <typename T, int kD, int kG, bool kWg = false>
-using QueryBlockTiles = BwdTiles<T, kD, kG, (kG == 2 && kD > 64 ? 32 : 0), kWg>;
+using QueryBlockTiles = BwdTiles<T, kD, kG, 0, kWg>;
 
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
 template <typename Tiles>
@@ -429,9 +429,9 @@ bool dispatch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
     } else {
       const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       return with_row_groups<T, kD>(p.Nk, p.B * p.H, sms, [&](auto key_groups) {
-        // dq_kernel: two groups up to kD 128 on mma.sync; on wgmma up to 64 (dQ of 128 columns
-        // for two groups would not fit in registers).
-        return with_row_groups<T, kD, kWg ? 64 : 128>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
+        // dq_kernel: two groups up to kD 64 (dQ of 128 columns for two groups does not fit in
+        // registers: on mma.sync 188 bytes of spill).
+        return with_row_groups<T, kD, 64>(p.Nq, p.B * p.H, sms, [&](auto query_groups) {
           return launch_bwd<T, kD, decltype(key_groups)::value, decltype(query_groups)::value, kWg>(p, stream);
         });
       });
