@@ -182,6 +182,13 @@ SOLA_HD Vec16<T> load16(const T* p) {
   return *reinterpret_cast<const Vec16<T>*>(p);
 }
 
+// *x = its tf32 hi part, x[lo_shift] = its lo part (tf32::split3): a 3xTF32 operand split once.
+SOLA_HD void split_in_place(float* x, int lo_shift) {
+  const tf32::Split s = tf32::split3(tf32::bits(*x));
+  *x = tf32::from_bits(s.hi);
+  x[lo_shift] = tf32::from_bits(s.lo);
+}
+
 // True when x's rows allow 16-byte pieces at column multiples of kVec16<T>.
 template <typename T>
 SOLA_HD bool rows_aligned16(const View4& x) {
@@ -257,6 +264,26 @@ struct TileStream {
     src += kRows * sn;
     rows_left -= kRows;
   }
+
+  // fp32 (3xTF32) tiles split where they land: this thread's pieces of `tile` (whichever path copied
+  // them, once its copies have landed) become their tf32 hi parts, and their lo parts go lo_shift
+  // elements further (tf32::split3). Then every warp's products read both parts with no split.
+  SOLA_HD void split_landed(T* tile, int lo_shift) const {
+    if constexpr (std::is_same_v<T, float> && !kCore) {  // (a no-op elsewhere)
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {  // 16-byte accesses: one piece per lane, no bank conflicts
+        float* piece = tile + (r0 + pass * kRowsPerPass) * kLd + c;
+        Vec16<float> hi = load16(piece), lo;
+#pragma unroll
+        for (int e = 0; e < kV; ++e) {
+          const tf32::Split sp = tf32::split3(tf32::bits(hi.v[e]));
+          hi.v[e] = tf32::from_bits(sp.hi), lo.v[e] = tf32::from_bits(sp.lo);
+        }
+        *reinterpret_cast<Vec16<float>*>(piece) = hi;
+        *reinterpret_cast<Vec16<float>*>(piece + lo_shift) = lo;
+      }
+    }
+  }
 };
 
 // One tile: rows row0 .. row0 + kRows - 1 of x(b, h), of which the first `rows` exist (TileStream).
@@ -264,6 +291,20 @@ template <int kRows, int kCols, typename T, bool kCore = false>
 SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int col0, int cols,
                        bool aligned, int tid) {
   TileStream<kRows, kCols, T, kCore>(x, b, h, row0, rows, col0, cols, aligned, tid).load(tile);
+}
+
+// fp32: splits the first kCols columns of a kRows-row tile for 3xTF32 (split_in_place), negated
+// first when `negate`, cooperatively; the caller syncs around it.
+template <int kRows, int kCols, typename T>
+SOLA_HD void split_tile(T* tile, int lo_shift, bool negate, int tid) {
+  if constexpr (std::is_same_v<T, float>) {  // (a no-op elsewhere)
+    constexpr int kLd = kCols + kPad<float>;
+    for (int i = tid; i < kRows * kCols; i += kThreads) {
+      float* x = tile + (i / kCols) * kLd + i % kCols;
+      if (negate) *x = -*x;
+      split_in_place(x, lo_shift);
+    }
+  }
 }
 
 // Negates a tile in place (exactly: a sign flip), cooperatively; the caller syncs around it.
@@ -385,10 +426,24 @@ constexpr bool kTf32x3 = std::is_same_v<T, float>;
 template <typename T>
 constexpr bool kSimt = !kIsHalfType<T> && !kTf32x3<T>;
 
+// A 3xTF32 fragment by ldmatrix.x4 from `at`: split here, or with lo_shift > 0 read as already split
+// (split_landed: hi parts at `at`, lo parts lo_shift elements further).
+SOLA_DEVICE tf32::Frag<4> load_split(const float* at, int lo_shift) {
+  uint32_t r[4];
+  ldmatrix_x4<false>(r, at);
+  if (lo_shift == 0) return tf32::split3(r);
+  tf32::Frag<4> f;
+  ldmatrix_x4<false>(f.lo, at + lo_shift);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) f.hi[j] = r[j];
+  return f;
+}
+
 // 3xTF32 c[g][16 x 8 kNT] = A_g B^T (gemm_abt's contract): k in steps of 8, B fragments of n8 tile
-// pairs loaded once for every group.
+// pairs loaded once for every group. lo_shift: 0, or both tiles split where they landed (load_split).
 template <int kD, int kG, int kNT>
-SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const float* bt, int live, int lane) {
+SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const float* bt, int live, int lane,
+                           int lo_shift) {
   constexpr int kLd = kD + kPad<float>;
   const int i = lane / 8;
 #pragma unroll
@@ -397,18 +452,14 @@ SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const
   for (int kk = 0; kk < kD / 8; ++kk) {
     tf32::Frag<4> af[kG];
 #pragma unroll
-    for (int g = 0; g < kG; ++g) {  // matrices: rows +0 / +8 (i % 2), columns +0 / +4 (i / 2)
-      uint32_t r[4];
-      ldmatrix_x4<false>(r, a + (a0 + kWarpRows * g + lane % 8 + 8 * (i % 2)) * kLd + 8 * kk + 4 * (i / 2));
-      af[g] = tf32::split3(r);
-    }
+    for (int g = 0; g < kG; ++g)  // matrices: rows +0 / +8 (i % 2), columns +0 / +4 (i / 2)
+      af[g] = load_split(a + (a0 + kWarpRows * g + lane % 8 + 8 * (i % 2)) * kLd + 8 * kk + 4 * (i / 2), lo_shift);
 #pragma unroll
     for (int n = 0; n < kNT; n += 2) {
       if (8 * n >= live) continue;
-      uint32_t r[4];  // matrices: columns +0 / +4 (i % 2) of n8 tiles n, n + 1 (i / 2)
-      ldmatrix_x4<false>(r, bt + (8 * n + lane % 8 + 8 * (i / 2)) * kLd + 8 * kk + 4 * (i % 2));
-      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      const tf32::Frag<2> bf0 = tf32::split3(b0), bf1 = tf32::split3(b1);
+      // matrices: columns +0 / +4 (i % 2) of n8 tiles n, n + 1 (i / 2)
+      const tf32::Frag<4> b = load_split(bt + (8 * n + lane % 8 + 8 * (i / 2)) * kLd + 8 * kk + 4 * (i % 2), lo_shift);
+      const tf32::Frag<2> bf0{{b.hi[0], b.hi[1]}, {b.lo[0], b.lo[1]}}, bf1{{b.hi[2], b.hi[3]}, {b.lo[2], b.lo[3]}};
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
         tf32::mma_3x(c[g][n], af[g], bf0);
@@ -419,9 +470,10 @@ SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const
 }
 
 // 3xTF32 c[g][16 x 8 kOT] += X_g B (gemm_xb's contract; x 0 past `live` up to the next multiple of 8).
+// lo_shift: 0, or b split where it landed (its lo parts lo_shift elements further).
 template <int kD, int kG, int kXT, int kOT>
 SOLA_HD void gemm_xb_tf32(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], const float* b, int col0, int live,
-                          int lane) {
+                          int lane, int lo_shift) {
   constexpr int kLd = kD + kPad<float>;
 #pragma unroll
   for (int kk = 0; kk < kXT; ++kk) {  // rows 8 kk .. 8 kk + 7 of b
@@ -437,7 +489,9 @@ SOLA_HD void gemm_xb_tf32(float (&c)[kG][kOT][4], const float (&x)[kG][kXT][4], 
 #pragma unroll
     for (int n = 0; n < kOT; ++n) {
       const uint32_t r[2] = {tf32::bits(row[8 * n]), tf32::bits(row[kLd + 8 * n])};
-      const tf32::Frag<2> bf = tf32::split3(r);
+      const tf32::Frag<2> bf =
+          lo_shift == 0 ? tf32::split3(r)
+                        : tf32::Frag<2>{{r[0], r[1]}, {tf32::bits(row[8 * n + lo_shift]), tf32::bits(row[kLd + 8 * n + lo_shift])}};
 #pragma unroll
       for (int g = 0; g < kG; ++g) tf32::mma_3x(c[g][n], xf[g], bf);
     }
@@ -476,9 +530,9 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 // `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them stay 0
 // (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. (The wgmma
 // kernels issue these products themselves, batched: wg_issue_abt.) fp16 / bf16 on tensor cores,
-// fp32 on them in 3xTF32, fp64 on SIMT.
+// fp32 on them in 3xTF32 (lo_shift > 0: both tiles split where they landed, load_split), fp64 on SIMT.
 template <typename T, int kD, int kG, int kNT, typename acc>
-SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane) {
+SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane, int lo_shift = 0) {
   constexpr int kLd = kD + kPad<T>;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
@@ -500,7 +554,7 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
       }
     }
   } else if constexpr (kTf32x3<T>) {
-    gemm_abt_tf32<kD>(c, a, a0, bt, live, lane);
+    gemm_abt_tf32<kD>(c, a, a0, bt, live, lane, lo_shift);
   } else {
     for (int g = 0; g < kG; ++g) {
       zero(c[g]);
@@ -551,10 +605,11 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 // split for 3xTF32) and load each B fragment once for every group; SIMT (fp64) goes through
 // `scratch`, this warp's 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b
 // that exist; the columns of x past them must be 0 up to the next multiple of 16 (8 for fp32 and
-// fp64). kWg: on wgmma (wg_gemm_xb; b in core-matrix layout, scratch and live unused).
+// fp64). kWg: on wgmma (wg_gemm_xb; b in core-matrix layout, scratch and live unused). lo_shift: as
+// gemm_abt's, for b (fp32).
 template <typename T, int kD, bool kWg = false, int kG, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, int live,
-                         acc* scratch, int lane) {
+                         acc* scratch, int lane, int lo_shift = 0) {
   constexpr int kLd = kD + kPad<T>;
   if constexpr (kWg) {
     wg_gemm_xb<T, kD>(c, x, b, col0);
@@ -576,7 +631,7 @@ SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const
       }
     }
   } else if constexpr (kTf32x3<T>) {
-    gemm_xb_tf32<kD>(c, x, b, col0, live, lane);
+    gemm_xb_tf32<kD>(c, x, b, col0, live, lane, lo_shift);
   } else {
     for (int g = 0; g < kG; ++g) gemm_xb_simt<T, kD>(c[g], x[g], b, col0, live, scratch, lane);
   }

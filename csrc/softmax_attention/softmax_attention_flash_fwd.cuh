@@ -61,10 +61,16 @@ struct KvRing {
   }
   // This thread's copies of tile j have landed, when tiles up to j + kAhead - 1 were loaded.
   static SOLA_HD void wait_tile() { cp_async_wait<kAhead - 1>(); }
+  // fp32: splits this thread's landed pieces of tile j for 3xTF32 (TileStream::split_landed).
+  SOLA_HD void split_landed(int64_t j, int lo_shift) const {
+    keys.split_landed(k(j), lo_shift);
+    values.split_landed(v(j), lo_shift);
+  }
 };
 
-// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd). kDeep: 3 K / V stages on tensor
-// cores (launch_fwd takes 2 where 3 would cost blocks per SM on the device); SIMT always has 2.
+// kGroups: row groups of 16 per warp (1 or 2: dispatch_fwd). kDeep: the larger shared-memory layout
+// (launch_fwd takes the other where it would cost blocks per SM on the device): 3 K / V stages on
+// tensor cores (else 2; SIMT always has 2), fp32's operands split where they land (kPreSplit).
 template <typename T, int kD, int kGroups = 1, bool kDeep = true>
 struct FwdTiles {
   using acc = acc_t<T>;
@@ -82,13 +88,19 @@ struct FwdTiles {
   }
   static constexpr int kLd = kD + kPad<T>, kLdV = kDOut + kPad<T>;
   static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kBlockN>;
-  static constexpr int smem_bytes(int stages) {
-    return (kBlockM * kLd + stages * kBlockN * (kLd + kLdV)) * static_cast<int>(sizeof(T)) +
-           kScratch * static_cast<int>(sizeof(acc));
-  }
   // K / V stages: 3 (two tiles in flight) on tensor cores, else 2 (SIMT is bound by its FMAs).
   static constexpr int kStages = kTensor && kDeep ? 3 : 2;
-  static constexpr int kSmem = smem_bytes(kStages);
+  // Q and the K / V stages, in elements.
+  static constexpr int kTileElems = kBlockM * kLd + kStages * kBlockN * (kLd + kLdV);
+  // fp32 up to head dim 64 keeps the 3xTF32 lo parts of Q, K and V in as many elements after them
+  // (kLoShift from each element to its lo part), split once where a tile lands rather than per warp
+  // and fragment (the split was ~20 of the fp32 step's ~24 instructions per mma): 55 / 104 KB, 4 / 2
+  // blocks per SM. Past 64 that would leave one block per SM (kD 128: 170 KB) or none (256): there
+  // every warp splits its fragments (kLoShift 0).
+  static constexpr bool kPreSplit = kTf32x3<T> && kDeep && 2 * kTileElems * static_cast<int>(sizeof(T)) <= 113 * 1024;
+  static constexpr int kLoShift = kPreSplit ? kTileElems : 0;
+  static constexpr int kSmem =
+      kTileElems * (kPreSplit ? 2 : 1) * static_cast<int>(sizeof(T)) + kScratch * static_cast<int>(sizeof(acc));
   using Ring = KvRing<T, kStages, kStages - 1, kBlockN, kD, kDOut>;
 };
 
@@ -207,8 +219,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
   T* sQ = reinterpret_cast<T*>(smem);
   T* ring_base = sQ + kBlockM * kLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // fp64's scratch; fp32's lo parts take that place instead (FwdTiles::kLoShift).
   acc* scratch =
       reinterpret_cast<acc*>(ring_base + kStages * Ring::kStageElems) + warp * kWarpRows * kScratchLd<acc, kBlockN>;
+  constexpr int kLoShift = Tiles::kLoShift;
   const int Dk = static_cast<int>(p.Dk);
   const bool negate_q = p.scale < 0;
   const acc scale_u = scale_units<T>(p);
@@ -226,7 +240,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
     ring.load_first();
     cp_async_wait<kStages - 1>();  // Q
     __syncthreads();
-    if (negate_q) {
+    if constexpr (Tiles::kPreSplit) {  // Q split once for every key tile (negated first, if so)
+      split_tile<kBlockM, kD>(sQ, kLoShift, negate_q, tid);
+      __syncthreads();
+    } else if (negate_q) {
       negate_tile<kBlockM * kLd>(sQ, tid);
       __syncthreads();
     }
@@ -245,15 +262,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       constexpr bool kEdge = decltype(edge)::value;
       const int live = kEdge ? live_rows<kBlockN>(p.Nk - j * kBlockN) : kBlockN;  // the products skip the rest
       ring.wait_tile();
+      if constexpr (Tiles::kPreSplit) ring.split_landed(j, kLoShift);  // this thread's pieces, before the barrier
       __syncthreads();  // tile j is in for every warp; every warp is done with tile j - 1
       ring.load(j + kStages - 1);
 
       acc s[kG][kNT][4];
-      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), ring.k(j), live, lane);
+      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), ring.k(j), live, lane, kLoShift);
       acc alpha[kG][2];
       online_softmax<T, kEdge>(s, m, l, alpha, live, scale_u, lane);
       rescale(o, alpha);
-      gemm_xb<T, kDOut>(o, s, ring.v(j), 0, live, scratch, lane);
+      gemm_xb<T, kDOut>(o, s, ring.v(j), 0, live, scratch, lane, kLoShift);
     };
     if constexpr (Tiles::kTensor) {
       for (int64_t j = 0; j < full_blocks; ++j) key_step(j, std::false_type{});
@@ -276,13 +294,14 @@ bool launch_fwd_stages(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Where two blocks of the deep ring need more than 81 KiB each (kD 128 with two groups, kD 256),
-// an SM with less than twice that (A100: 164 KB; sm_86 / sm_89: 100 KB) takes 2 stages, so
-// blocks per SM hold (and kD 256 still fits sm_86's 99 KB per block); H100 / H200 keep 3.
+// Where two blocks of the deep layout need more than 81 KiB each (kD 128 with two groups, kD 256;
+// fp32 at kD 64: 104 KB), an SM with less than twice that (A100: 164 KB; sm_86 / sm_89: 100 KB)
+// takes the other (2 stages; fp32 split per fragment), so blocks per SM hold (and kD 256 still fits
+// sm_86's 99 KB per block); H100 / H200 keep the deep one.
 template <typename T, int kD, int kG>
 bool launch_fwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using Deep = FwdTiles<T, kD, kG, true>;
-  if constexpr (Deep::kTensor && Deep::kSmem > 81 * 1024) {
+  if constexpr ((Deep::kTensor || Deep::kPreSplit) && Deep::kSmem > 81 * 1024) {
     const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
     if (2 * (static_cast<size_t>(Deep::kSmem) + 1024) > per_sm) return launch_fwd_stages<T, kD, kG, false>(p, stream);
   }

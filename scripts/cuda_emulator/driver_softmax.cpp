@@ -162,6 +162,7 @@ int main(int argc, char** argv) {
       softmax_case(1, 1, 40, 300, 256, 200, dt, 0.07, false);  // kD 256
     }
     unsetenv("SOLA_FLASH_GROUPS");
+    softmax_case(1, 1, 70, 100, 64, 64, at::kFloat, -0.2, true);  // fp32 kD 64 splits per fragment there
     emu::g_prop.sharedMemPerMultiprocessor = 233472;
   }
   if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)
