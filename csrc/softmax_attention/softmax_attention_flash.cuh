@@ -440,10 +440,11 @@ SOLA_DEVICE tf32::Frag<4> load_split(const float* at, int lo_shift) {
 }
 
 // 3xTF32 c[g][16 x 8 kNT] = A_g B^T (gemm_abt's contract): k in steps of 8, B fragments of n8 tile
-// pairs loaded once for every group. lo_shift: 0, or both tiles split where they landed (load_split).
+// pairs loaded once for every group. a_lo, b_lo: 0, or the tile a / bt was split where it landed
+// (load_split).
 template <int kD, int kG, int kNT>
 SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const float* bt, int live, int lane,
-                           int lo_shift) {
+                           int a_lo, int b_lo) {
   constexpr int kLd = kD + kPad<float>;
   const int i = lane / 8;
 #pragma unroll
@@ -453,12 +454,12 @@ SOLA_HD void gemm_abt_tf32(float (&c)[kG][kNT][4], const float* a, int a0, const
     tf32::Frag<4> af[kG];
 #pragma unroll
     for (int g = 0; g < kG; ++g)  // matrices: rows +0 / +8 (i % 2), columns +0 / +4 (i / 2)
-      af[g] = load_split(a + (a0 + kWarpRows * g + lane % 8 + 8 * (i % 2)) * kLd + 8 * kk + 4 * (i / 2), lo_shift);
+      af[g] = load_split(a + (a0 + kWarpRows * g + lane % 8 + 8 * (i % 2)) * kLd + 8 * kk + 4 * (i / 2), a_lo);
 #pragma unroll
     for (int n = 0; n < kNT; n += 2) {
       if (8 * n >= live) continue;
       // matrices: columns +0 / +4 (i % 2) of n8 tiles n, n + 1 (i / 2)
-      const tf32::Frag<4> b = load_split(bt + (8 * n + lane % 8 + 8 * (i / 2)) * kLd + 8 * kk + 4 * (i % 2), lo_shift);
+      const tf32::Frag<4> b = load_split(bt + (8 * n + lane % 8 + 8 * (i / 2)) * kLd + 8 * kk + 4 * (i % 2), b_lo);
       const tf32::Frag<2> bf0{{b.hi[0], b.hi[1]}, {b.lo[0], b.lo[1]}}, bf1{{b.hi[2], b.hi[3]}, {b.lo[2], b.lo[3]}};
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
@@ -530,9 +531,10 @@ SOLA_HD void gemm_abt_simt(acc (&c)[kNT][4], const T* a, int a0, const T* bt, in
 // `live`: rows of bt that exist (the edge tile of a sequence); the n8 tiles past them stay 0
 // (callers mask them), so a 4-key edge tile costs one tile pair, not the whole tile. (The wgmma
 // kernels issue these products themselves, batched: wg_issue_abt.) fp16 / bf16 on tensor cores,
-// fp32 on them in 3xTF32 (lo_shift > 0: both tiles split where they landed, load_split), fp64 on SIMT.
+// fp32 on them in 3xTF32 (a_lo / b_lo > 0: that tile split where it landed, load_split), fp64 on SIMT.
 template <typename T, int kD, int kG, int kNT, typename acc>
-SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane, int lo_shift = 0) {
+SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int live, int lane, int a_lo = 0,
+                      int b_lo = 0) {
   constexpr int kLd = kD + kPad<T>;
   if constexpr (kIsHalfType<T>) {
 #pragma unroll
@@ -554,7 +556,7 @@ SOLA_HD void gemm_abt(acc (&c)[kG][kNT][4], const T* a, int a0, const T* bt, int
       }
     }
   } else if constexpr (kTf32x3<T>) {
-    gemm_abt_tf32<kD>(c, a, a0, bt, live, lane, lo_shift);
+    gemm_abt_tf32<kD>(c, a, a0, bt, live, lane, a_lo, b_lo);
   } else {
     for (int g = 0; g < kG; ++g) {
       zero(c[g]);
@@ -606,7 +608,7 @@ SOLA_DEVICE void gemm_xb_simt(acc (&c)[kOT][4], const acc (&x)[kXT][4], const T*
 // `scratch`, this warp's 16 x kScratchLd shared-memory rows, one group at a time. `live`: rows of b
 // that exist; the columns of x past them must be 0 up to the next multiple of 16 (8 for fp32 and
 // fp64). kWg: on wgmma (wg_gemm_xb; b in core-matrix layout, scratch and live unused). lo_shift: as
-// gemm_abt's, for b (fp32).
+// gemm_abt's b_lo (fp32).
 template <typename T, int kD, bool kWg = false, int kG, int kXT, int kOT, typename acc>
 SOLA_DEVICE void gemm_xb(acc (&c)[kG][kOT][4], const acc (&x)[kG][kXT][4], const T* b, int col0, int live,
                          acc* scratch, int lane, int lo_shift = 0) {

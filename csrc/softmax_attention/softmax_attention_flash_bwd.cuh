@@ -40,7 +40,13 @@ struct BwdTiles {
   static constexpr bool kWg = kWgmma;
   static_assert(!kWgmma || (kTensor && kD <= 128), "wgmma: fp16 / bf16 up to head dim 128");
   static constexpr int kBlock = kBlockRows * kGroups;  // resident rows (keys or queries) of a block
-  static constexpr int kStream = kStreamRows ? kStreamRows : kTensor || kD <= 64 ? 64 : 32;
+  // fp32 up to head dim 64: the streamed tiles are split for 3xTF32 where they land (TileStream::
+  // split_landed; their lo parts kLoShift elements further) rather than by every warp for each of
+  // their two uses (per lane and 1024 scores at kD 64 ~640 splits of ~20 instructions: ~15 instructions
+  // per score). In 32-row steps, so both parts fit where the 64-row ones did (kD 64: 104 KB, 2 blocks
+  // per SM as before). The resident tiles, each warp's own rows, are split per fragment as before.
+  static constexpr bool kPreSplit = kTf32x3<T> && !kWgmma && kD <= 64;
+  static constexpr int kStream = kStreamRows ? kStreamRows : !kPreSplit && (kTensor || kD <= 64) ? 64 : 32;
   // Gradient columns of one block: what fits in registers next to S and dP. Past them the blocks
   // split the columns into chunks, each recomputing S and dP. On tensor cores every column up to
   // head dim 128 fits (one chunk: at kD 128 the backward runs 7 products per tile pair instead of
@@ -60,16 +66,17 @@ struct BwdTiles {
   }
   static constexpr int kLd = kWgmma ? kD : kD + kPad<T>;
   static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
-  // Two resident tiles; per stage two streamed tiles and lse / delta of the streamed rows
-  // (dkdv_kernel); the SIMT scratch.
+  // Two resident tiles; per stage two streamed tiles (kPreSplit: and their lo parts, after all
+  // stages' tiles) and lse / delta of the streamed rows (dkdv_kernel); the SIMT scratch.
   static constexpr int smem_bytes(int stages) {
-    return (2 * kBlock + stages * 2 * kStream) * kLd * static_cast<int>(sizeof(T)) +
+    return (2 * kBlock + stages * 2 * kStream * (kPreSplit ? 2 : 1)) * kLd * static_cast<int>(sizeof(T)) +
            (stages * 2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
   }
   // Double-buffer the streamed tiles (copy step j+1 while computing step j) where two blocks
   // still fit on an SM (228 KB, 1 KB reserved per block).
   static constexpr int kStages = smem_bytes(2) <= 113 * 1024 ? 2 : 1;
   static constexpr int kSmem = smem_bytes(kStages);
+  static constexpr int kLoShift = kPreSplit ? kStages * 2 * kStream * kLd : 0;
   // Blocks per SM the register allocation must allow (0: ptxas decides): 3 on tensor cores up to
   // head dim 64 with one row group (left alone ptxas took 164-224 registers there: 2 blocks for
   // dkdv at 64), 2 with two (255 registers); 1 for fp32 at head dim 256 (left alone ptxas held
@@ -103,7 +110,7 @@ struct BwdSmem {
     resident[0] = reinterpret_cast<T*>(smem);
     resident[1] = resident[0] + Tiles::kBlock * Tiles::kLd;
     stream_base = resident[1] + Tiles::kBlock * Tiles::kLd;
-    lse = reinterpret_cast<acc*>(stream_base + Tiles::kStages * 2 * kStreamTile);
+    lse = reinterpret_cast<acc*>(stream_base + Tiles::kStages * 2 * kStreamTile * (Tiles::kPreSplit ? 2 : 1));
     delta = lse + Tiles::kStages * Tiles::kStream;
     scratch = delta + Tiles::kStages * Tiles::kStream + warp * kWarpRows * kScratchLd<acc, Tiles::kStream>;
   }
@@ -118,9 +125,13 @@ struct BwdSmem {
 // (inside the loop it pushed the kernels into spills); otherwise always std::false_type. Copies
 // issued before the call (the resident tiles) are waited for with step 0's. Ends with every copy
 // landed and every warp done with shared memory. kWg: the tiles are read by wgmma, so each
-// thread's copies also pass fence.proxy.async before the barrier that publishes them.
-template <int kStages, int kRows, bool kPeelEdge, bool kWg, typename Load, typename Compute>
-SOLA_DEVICE void pipeline(int64_t rows, Load load, Compute compute) {
+// thread's copies also pass fence.proxy.async before the barrier that publishes them. land(stage):
+// once this thread's copies of a step have landed, before the barrier (fp32: split_landed).
+struct NoLand {
+  SOLA_HD void operator()(int) const {}
+};
+template <int kStages, int kRows, bool kPeelEdge, bool kWg, typename Load, typename Compute, typename Land = NoLand>
+SOLA_DEVICE void pipeline(int64_t rows, Load load, Compute compute, Land land = {}) {
   const int64_t steps = ceil_div(rows, kRows), full = kPeelEdge ? rows / kRows : steps;
   auto step_at = [&](int64_t step, auto edge) {
     const int stage = static_cast<int>(step % kStages);
@@ -130,6 +141,7 @@ SOLA_DEVICE void pipeline(int64_t rows, Load load, Compute compute) {
     } else {
       cp_async_wait<0>();
     }
+    land(stage);
     if constexpr (kWg) wgmma::async_proxy_fence();
     __syncthreads();  // this step's tiles are in for every thread
     compute(step, stage, edge);
@@ -164,10 +176,10 @@ SOLA_HD void grad_from_dp(acc (&ds)[kNT][4], const acc (&p)[kNT][4], int g, Delt
 // a0: product_row0 (group g starts kWarpRows g rows further).
 template <typename T, int kD, int kG, int kNT, typename acc, typename Delta>
 SOLA_DEVICE void grad_scores(acc (&ds)[kG][kNT][4], const acc (&p)[kG][kNT][4], const T* a, int a0, const T* bt,
-                             int live, int lane, Delta delta) {
+                             int live, int lane, Delta delta, int b_lo = 0) {
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane);
+    gemm_abt<T, kD>(one_group(ds, g), a, a0 + kWarpRows * g, bt, live, lane, 0, b_lo);
     grad_from_dp(ds[g], p[g], g, delta);
   }
 }
@@ -231,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
-  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
+  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8, kLo = Tiles::kLoShift;
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BwdSmem<Tiles> smem(smem_raw, warp);
@@ -301,14 +313,20 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         wg_gemm_xb2<T, kD>(dv, pt, sG, dk, dpt, sQ, t.col0);
       } else {
         constexpr int live = kStream;  // every column: rows past Nq are zeros (above)
-        gemm_abt<T, kD>(pt, sK, a0, sQ, live, lane);
+        gemm_abt<T, kD>(pt, sK, a0, sQ, live, lane, 0, kLo);
         exp_pt();
-        gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane);
-        grad_scores<T, kD>(dpt, pt, sV, a0, sG, live, lane, delta_c);
-        gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane);
+        gemm_xb<T, kD>(dv, pt, sG, t.col0, live, smem.scratch, lane, kLo);
+        grad_scores<T, kD>(dpt, pt, sV, a0, sG, live, lane, delta_c, kLo);
+        gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane, kLo);
       }
     };
-    pipeline<Tiles::kStages, kStream, true, kWg>(p.Nq, load, compute);
+    auto land = [&](int stage) {  // fp32: this thread's pieces of the step's Q and dO (BwdTiles::kPreSplit)
+      if constexpr (Tiles::kPreSplit) {
+        queries.split_landed(smem.streamed(stage, 0), kLo);
+        grads.split_landed(smem.streamed(stage, 1), kLo);
+      }
+    };
+    pipeline<Tiles::kStages, kStream, true, kWg>(p.Nq, load, compute, land);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
       const int64_t row0 = t.row0 + group_row<kG, kWg>(warp, g);
@@ -325,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
-  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8;
+  constexpr int kST = kStream / 8, kOT = Tiles::kDOut / 8, kLo = Tiles::kLoShift;
   SOLA_DYNAMIC_SMEM(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BwdSmem<Tiles> smem(smem_raw, warp);
@@ -372,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
       if constexpr (kWg) {
         wg_gemm_abt2<T, kD>(s, sQ, sK, dp, sG, sV);  // S and dP in one batch
       } else {
-        gemm_abt<T, kD>(s, sQ, a0, sK, live, lane);
+        gemm_abt<T, kD>(s, sQ, a0, sK, live, lane, 0, kLo);
       }
       // Keys past Nk are zero rows of K and V, but exp(0 - lse) need not be small: mask P.
 #pragma unroll
@@ -388,11 +406,17 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
 #pragma unroll
         for (int g = 0; g < kG; ++g) grad_from_dp(dp[g], s[g], g, delta_r);
       } else {
-        grad_scores<T, kD>(dp, s, sG, a0, sV, live, lane, delta_r);
+        grad_scores<T, kD>(dp, s, sG, a0, sV, live, lane, delta_r, kLo);
       }
-      gemm_xb<T, kD, kWg>(dq, dp, sK, t.col0, live, smem.scratch, lane);
+      gemm_xb<T, kD, kWg>(dq, dp, sK, t.col0, live, smem.scratch, lane, kLo);
     };
-    pipeline<Tiles::kStages, kStream, true, kWg>(p.Nk, load, compute);
+    auto land = [&](int stage) {  // fp32: this thread's pieces of the step's K and V (BwdTiles::kPreSplit)
+      if constexpr (Tiles::kPreSplit) {
+        keys.split_landed(smem.streamed(stage, 0), kLo);
+        values.split_landed(smem.streamed(stage, 1), kLo);
+      }
+    };
+    pipeline<Tiles::kStages, kStream, true, kWg>(p.Nk, load, compute, land);
 #pragma unroll
     for (int g = 0; g < kG; ++g)
       store_rows<T>(dq[g], static_cast<acc>(p.scale), p.dq, t, t.row0 + group_row<kG, kWg>(warp, g), p.Nq, Dk, lane);

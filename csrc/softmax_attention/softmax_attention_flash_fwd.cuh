@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SoftmaxAttentionPar
       ring.load(j + kStages - 1);
 
       acc s[kG][kNT][4];
-      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), ring.k(j), live, lane, kLoShift);
+      gemm_abt<T, kD>(s, sQ, product_row0<kG, false>(warp), ring.k(j), live, lane, kLoShift, kLoShift);
       acc alpha[kG][2];
       online_softmax<T, kEdge>(s, m, l, alpha, live, scale_u, lane);
       rescale(o, alpha);
