@@ -428,7 +428,7 @@ constexpr bool kSimt = !kIsHalfType<T> && !kTf32x3<T>;
 
 // A 3xTF32 fragment by ldmatrix.x4 from `at`: split here, or with lo_shift > 0 read as already split
 // (split_landed: hi parts at `at`, lo parts lo_shift elements further).
-SOLA_DEVICE tf32::Frag<4> load_split(const float* at, int lo_shift) {
+SOLA_HD tf32::Frag<4> load_split(const float* at, int lo_shift) {
   uint32_t r[4];
   ldmatrix_x4<false>(r, at);
   if (lo_shift == 0) return tf32::split3(r);
