@@ -41,6 +41,13 @@ SOLA_HD void cp_async_commit() {
 #endif
 }
 
+// The first row a thread copies where 4 threads copy a 16-bit row (4 16-byte pieces) padded to 5 bank
+// groups (32 + 8 elements): a quarter warp (8 lanes; 16-byte accesses go a quarter warp at a time) takes
+// rows q and q + 4 of its warp's 8, which start 4 groups apart, so its 8 pieces fill the 8 bank groups
+// (rows 2q and 2q + 1 would share a group: 2-way conflicts, scripts/cuda_emulator MEMSTAT=1). Then
+// every 32 rows (a block's threads cover 8 rows a warp).
+SOLA_HD int quarter_warp_row(int tid) { return 8 * (tid / 32) + (tid % 32) / 8 + 4 * ((tid / 4) % 2); }
+
 // Waits for this thread's copies; a __syncthreads() after it makes everyone's visible.
 SOLA_HD void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

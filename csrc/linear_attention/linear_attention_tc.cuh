@@ -29,11 +29,14 @@ namespace la {
 
 // ---- token reduction ----------------------------------------------------------------------------
 
-// The first row a thread copies where 4 threads copy a 16-bit row (4 16-byte vectors) padded to 5 bank
-// groups (kD or tile 32 + 8 elements): a quarter warp takes rows q and q + 4 of its warp's 8, which start
-// 4 groups apart, so its 16-byte copies, reads and stores fill 32 banks (adjacent rows share a group:
-// 2-way conflicts). Then every 32 rows (a block's threads cover 8 rows a warp).
-SOLA_HD int quarter_warp_row(int tid) { return 8 * (tid / 32) + (tid % 32) / 8 + 4 * ((tid / 4) % 2); }
+// This thread's first load row (then every kRowsPerPass-th) of a config's row-major tiles: kMma16's
+// rows of 4 16-byte vectors (the 32 tile) are padded to 5 bank groups (quarter_warp_row). Not tf32:
+// store_row8 pairs a quarter warp's adjacent rows.
+template <bool kMma16, int kVecsPerRow>
+SOLA_HD int first_load_row(int tid) {
+  if constexpr (kMma16 && kVecsPerRow == 4) return quarter_warp_row(tid);
+  else return tid / kVecsPerRow;
+}
 
 // One k8 step of c[n] += X^T Y_n over tokens, both tiles stored [token][column] with pitch kLd:
 // A = 16 columns of x from x0 (&x[k0][m0]) read transposed (a0 = x[k0 + t][m0 + g]), B_n = 8
@@ -127,12 +130,6 @@ struct ReduceTcConfig {
            (scaled || !kMma16 ? 4 * kScaleFloats : 0);
   }
   static_assert(kFloatsBeforeRaw % 4 == 0 && kRawElems * sizeof(scalar_t) % 16 == 0, "16-byte aligned arrays");
-  // This thread's first load row (then every kRowsPerPass-th): kMma16's raw rows at the 32 tile are
-  // padded to 5 bank groups (quarter_warp_row).
-  static SOLA_HD int load_row(int tid) {
-    if constexpr (kMma16 && kVecsPerRow == 4) return quarter_warp_row(tid);
-    else return tid / kVecsPerRow;
-  }
 };
 
 // Copies kV columns of a token row from col on into a raw stage slot: one cp.async for a whole
@@ -187,7 +184,7 @@ __global__ void __launch_bounds__(ReduceTcConfig<scalar_t, kTile, kMma16>::kBloc
   auto table_at = [&](int stage, int array) { return reinterpret_cast<float*>(raw_at(stage, array)); };
   const int tid = threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32);
   // This thread loads columns lc .. lc + kV - 1 of stage rows lr, lr + kRowsPerPass, ...
-  const int lr = Cfg::load_row(tid), lc = (tid % Cfg::kVecsPerRow) * kV;
+  const int lr = first_load_row<kMma16, Cfg::kVecsPerRow>(tid), lc = (tid % Cfg::kVecsPerRow) * kV;
   const ReduceAlignment al = reduce_alignment<scalar_t>(a, kV);
   const bool table_al = kRope && rope_tables_aligned<float>(a.rope_cos, a.rope_sin, half, kV / 2);
   const int64_t items = a.heads * a.chunks * a.tiles_m * a.tiles_n;
@@ -447,13 +444,6 @@ struct RowsTcConfig {
     return kSmemBytes + kStages * ((kInputs - (has_xn ? 0 : 1)) * kRawBytes + (rope ? 2 * kTabBytes : 0));
   }
   static_assert(kSmemBytes % 16 == 0 && kRawBytes % 16 == 0 && kTabBytes % 16 == 0, "16-byte aligned arrays");
-  // This thread's first load row (then every kRowsPerPass-th). kMma16 at kD 32: the staged rows and
-  // KeyGrad's bf16 tile are padded to 5 bank groups (quarter_warp_row). Not tf32: store_row8 pairs a
-  // quarter warp's adjacent rows.
-  static SOLA_HD int load_row(int tid) {
-    if constexpr (kMma16 && kVecsPerRow == 4) return quarter_warp_row(tid);
-    else return tid / kVecsPerRow;
-  }
 };
 
 // c = A W over Din, A = the warp's 16 rows of xs, W[k][n] = ws[k][n] or, kTrans, ws[n][k];
@@ -561,7 +551,7 @@ __global__ void __launch_bounds__(128, (RowsTcConfig<kD, kMode, kVariant, kMma16
   const float* const z_all = static_cast<const float*>(kQueries ? p.z : s.dz);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, m0 = 16 * warp;
   const int g = lane / 4, t4 = lane % 4;
-  const int lr = Cfg::load_row(tid), lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
+  const int lr = first_load_row<kMma16, kVpr>(tid), lc = (tid % kVpr) * kV;  // this thread's load rows lr + kRowsPerPass i, columns lc..
   const FeatureMap fm = p.feature_map;
   // Fused RoPE: q (Out, QueryGrad) or k (KeyGrad) rows rotated after phi, by row r's angles.
   const float* const rope_cos = static_cast<const float*>(p.rope_cos);

@@ -182,11 +182,18 @@ SOLA_HD Vec16<T> load16(const T* p) {
   return *reinterpret_cast<const Vec16<T>*>(p);
 }
 
-// *x = its tf32 hi part, x[lo_shift] = its lo part (tf32::split3): a 3xTF32 operand split once.
-SOLA_HD void split_in_place(float* x, int lo_shift) {
-  const tf32::Split s = tf32::split3(tf32::bits(*x));
-  *x = tf32::from_bits(s.hi);
-  x[lo_shift] = tf32::from_bits(s.lo);
+// 3xTF32 operands split once: a 16-byte piece of fp32 (negated first when `negate`) becomes its tf32
+// hi parts, and its lo parts go lo_shift elements further (tf32::split3). One 16-byte load and two
+// stores: a warp's consecutive pieces take no bank conflicts.
+SOLA_HD void split_piece(float* piece, int lo_shift, bool negate = false) {
+  Vec16<float> hi = load16(piece), lo;
+#pragma unroll
+  for (int e = 0; e < kVec16<float>; ++e) {
+    const tf32::Split sp = tf32::split3(tf32::bits(negate ? -hi.v[e] : hi.v[e]));
+    hi.v[e] = tf32::from_bits(sp.hi), lo.v[e] = tf32::from_bits(sp.lo);
+  }
+  *reinterpret_cast<Vec16<float>*>(piece) = hi;
+  *reinterpret_cast<Vec16<float>*>(piece + lo_shift) = lo;
 }
 
 // True when x's rows allow 16-byte pieces at column multiples of kVec16<T>.
@@ -209,11 +216,8 @@ SOLA_HD bool rows_aligned16(const View4& x) {
 // kCore: the tile is in wgmma's core-matrix layout instead (wgmma::core_offset: 8 x 8 blocks of
 // 128 contiguous bytes, no padding). A warp then copies 8 consecutive rows x 4 pieces, so its 16-byte
 // stores cover all 8 bank groups of a core matrix (row-major pieces would hit 4 of them twice).
-// Row-major with 4 pieces a row (head dim 32 at 16 bits) a warp copies 8 rows too, and a quarter warp
-// (8 lanes, 16-byte stores go a quarter at a time) two of them: rows q and q + 4 of the warp's 8, not
-// 2q and 2q + 1. The padded pitch (an odd number of 16-byte groups, for conflict-free ldmatrix) puts
-// rows 4 apart 4 groups apart, so the quarter's 8 pieces fill the 8 bank groups (adjacent rows shared
-// one: 2-way conflicts, scripts/cuda_emulator MEMSTAT=1).
+// Row-major with 4 pieces a row (head dim 32 at 16 bits, padded to 5 bank groups for conflict-free
+// ldmatrix) a warp copies 8 rows too, a quarter warp rows q and q + 4 of them (quarter_warp_row).
 template <int kRows, int kCols, typename T, bool kCore = false>
 struct TileStream {
   static constexpr int kV = kVec16<T>, kPieces = kCols / kV, kLd = kCore ? kCols : kCols + kPad<T>;
@@ -235,7 +239,7 @@ struct TileStream {
       : sn(x.sn),
         rows_left(rows),
         r0(kCore ? tid % 8 + 8 * (tid / 8 / kPieces)
-                 : kPieces == 4 ? 8 * (tid / 32) + tid % 32 / 8 + 4 * (tid / 4 % 2) : tid / kPieces),
+                 : kPieces == 4 ? quarter_warp_row(tid) : tid / kPieces),
         c((kCore ? tid / 8 % kPieces : tid % kPieces) * kV) {
     src = x.row<const T>(b, h, row0 + r0) + col0 + c;
     cols_left = cols - col0 - c;
@@ -271,17 +275,7 @@ struct TileStream {
   SOLA_HD void split_landed(T* tile, int lo_shift) const {
     if constexpr (std::is_same_v<T, float> && !kCore) {  // (a no-op elsewhere)
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {  // 16-byte accesses: one piece per lane, no bank conflicts
-        float* piece = tile + (r0 + pass * kRowsPerPass) * kLd + c;
-        Vec16<float> hi = load16(piece), lo;
-#pragma unroll
-        for (int e = 0; e < kV; ++e) {
-          const tf32::Split sp = tf32::split3(tf32::bits(hi.v[e]));
-          hi.v[e] = tf32::from_bits(sp.hi), lo.v[e] = tf32::from_bits(sp.lo);
-        }
-        *reinterpret_cast<Vec16<float>*>(piece) = hi;
-        *reinterpret_cast<Vec16<float>*>(piece + lo_shift) = lo;
-      }
+      for (int pass = 0; pass < kPasses; ++pass) split_piece(tile + (r0 + pass * kRowsPerPass) * kLd + c, lo_shift);
     }
   }
 };
@@ -293,17 +287,15 @@ SOLA_HD void load_tile(T* tile, const View4& x, int64_t b, int64_t h, int64_t ro
   TileStream<kRows, kCols, T, kCore>(x, b, h, row0, rows, col0, cols, aligned, tid).load(tile);
 }
 
-// fp32: splits the first kCols columns of a kRows-row tile for 3xTF32 (split_in_place), negated
+// fp32: splits the first kCols columns of a kRows-row tile for 3xTF32 (split_piece), negated
 // first when `negate`, cooperatively; the caller syncs around it.
 template <int kRows, int kCols, typename T>
 SOLA_HD void split_tile(T* tile, int lo_shift, bool negate, int tid) {
   if constexpr (std::is_same_v<T, float>) {  // (a no-op elsewhere)
-    constexpr int kLd = kCols + kPad<float>;
-    for (int i = tid; i < kRows * kCols; i += kThreads) {
-      float* x = tile + (i / kCols) * kLd + i % kCols;
-      if (negate) *x = -*x;
-      split_in_place(x, lo_shift);
-    }
+    constexpr int kLd = kCols + kPad<float>, kPieces = kCols / kVec16<float>;
+    static_assert(kCols % kVec16<float> == 0, "whole 16-byte pieces");
+    for (int i = tid; i < kRows * kPieces; i += kThreads)
+      split_piece(tile + (i / kPieces) * kLd + i % kPieces * kVec16<float>, lo_shift, negate);
   }
 }
 
