@@ -102,6 +102,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     acc = _acc_dtype(x.dtype)
     xa = x.to(acc)
     centred = xa - xa.mean(dim=-1, keepdim=True)
+    # Centred twice (the same function: a projection): a constant row's first residue, the mean's rounding,
+    # would otherwise come out as +-1 / sqrt(1 + eps / residue^2), not 0 (or NaN at eps = 0, as F.layer_norm).
+    centred = centred - centred.mean(dim=-1, keepdim=True)
     out = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
         out = out * weight.to(acc)

@@ -151,6 +151,19 @@ def test_constant_rows(device, C):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [3, 33, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_rows_rounded_mean(device, dtype, C):
+    """Constant rows whose mean rounds (0.1): the reference gives 0 exactly, NaN at eps = 0 (0 / 0, as
+    F.layer_norm), not the mean's rounding residue normalised to about +-1; the kernel agrees with it."""
+    x = torch.full((4, C), 0.1, dtype=dtype, device=device)
+    assert torch.equal(reference.layer_norm(x), torch.zeros_like(x))
+    assert reference.layer_norm(x, eps=0.0).isnan().all()
+    weight, bias = params(C, device)
+    check_layer_norm(x, weight, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [59, 64, 1000])
 def test_large_mean(device, C):
     """Rows of mean 1e3 and unit spread in fp32: a one-pass variance (E[x^2] - E[x]^2) would lose most

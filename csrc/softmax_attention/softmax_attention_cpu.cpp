@@ -96,6 +96,14 @@ SOLA_CPU_CLONES void online_softmax_step(acc* st, int64_t keys, int64_t queries,
   for (int64_t c = 0; c < qp; ++c) l[c] += tile_sum[c];
 }
 
+// dst[i] += src[i], i < n: a tile's product joins its running sum. Summing each tile apart first keeps
+// an entry's rounding a chain of (tile length + tiles) additions rather than one of every key (query):
+// in fp32 a chain of Nk = 16k products erred ~30x more than torch's blocked matmuls (error ~ sqrt(chain)).
+template <typename acc>
+SOLA_CPU_CLONES void add_into(acc* dst, const acc* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
 // The backward's tile step: s (q k^T) becomes P = exp(scale s - lse_i), dp (dO v^T) becomes
 // dS * scale = P (dp - delta_i) scale.
 template <typename acc>
@@ -127,7 +135,7 @@ void fwd(const SoftmaxAttentionParams& p) {
   acc* lse_all = static_cast<acc*>(p.lse);
 
   at::parallel_for(0, p.B * p.H * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> qt(Dk * block_m), k(kFwdBlockN * Dk), v(kFwdBlockN * Dv_p), o(block_m * Dv_p);
+    std::vector<acc> qt(Dk * block_m), k(kFwdBlockN * Dk), v(kFwdBlockN * Dv_p), o(block_m * Dv_p), pv(kBlockM * Dv_p);
     std::vector<acc> st(kFwdBlockN * kBlockM), m(block_m), l(block_m);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / p.H, h = bh % p.H;
@@ -150,11 +158,12 @@ void fwd(const SoftmaxAttentionParams& p) {
           cpu::gemm(keys, cpu::padded_cols<acc>(sub), Dk, k.data(), Dk, qt.data() + r0 * Dk, kBlockM, st.data(),
                     kBlockM, false);  // K Q^T
           online_softmax_step(st.data(), keys, sub, scale, m.data() + r0, l.data() + r0, o.data() + r0 * Dv_p, Dv_p);
-          // o += P v, kBlockN keys at a time: their rows of v stay in L1 while every row block of o
-          // streams them (the whole tile, up to 256 x 256 floats, is L2's).
+          // o += P v: the tile's P v first (add_into), kBlockN keys at a time: their rows of v stay in
+          // L1 while the row block streams them (the whole tile, up to 256 x 256 floats, is L2's).
           for (int64_t c0 = 0; c0 < keys; c0 += kBlockN)
             cpu::gemm_at(sub, Dv_p, std::min(kBlockN, keys - c0), st.data() + c0 * kBlockM, kBlockM,
-                         v.data() + c0 * Dv_p, Dv_p, o.data() + r0 * Dv_p, Dv_p, true);
+                         v.data() + c0 * Dv_p, Dv_p, pv.data(), Dv_p, c0 > 0);
+          add_into(o.data() + r0 * Dv_p, pv.data(), sub * Dv_p);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -174,12 +183,12 @@ struct BwdTiles {
   using acc = acc_t<scalar_t>;
   const SoftmaxAttentionParams& p;
   int64_t b, h, Dk_p, Dv_p;
-  std::vector<acc> q, g, k, kt, vt, s, dp;
+  std::vector<acc> q, g, k, kt, vt, s, dp, part;  // part: one tile's gradient product (add_into)
 
   explicit BwdTiles(const SoftmaxAttentionParams& params)
       : p(params), b(0), h(0), Dk_p(cpu::padded_cols<acc>(p.Dk)), Dv_p(cpu::padded_cols<acc>(p.Dv)),
         q(kBlockM * Dk_p), g(kBlockM * Dv_p), k(kBlockN * Dk_p), kt(p.Dk * kBlockN), vt(p.Dv * kBlockN),
-        s(kBlockM * kBlockN), dp(kBlockM * kBlockN) {}
+        s(kBlockM * kBlockN), dp(kBlockM * kBlockN), part(std::max(kBlockN, kBlockM) * std::max(Dk_p, Dv_p)) {}
 
   void set_head(int64_t bh) {
     b = bh / p.H;
@@ -202,12 +211,16 @@ struct BwdTiles {
     cpu::gemm(rows, n, p.Dv, g.data(), Dv_p, vt.data(), kBlockN, dp.data(), kBlockN, false);  // dO v^T
     probs_and_dscores(s.data(), dp.data(), rows, cols, static_cast<acc>(p.scale), lse, delta);
   }
+  // Each tile's product goes through `part` (add_into).
   void add_key_grads(int64_t rows, int64_t cols, acc* dk, acc* dv) {
-    cpu::gemm_at(cols, Dv_p, rows, s.data(), kBlockN, g.data(), Dv_p, dv, Dv_p, true);   // dv += P^T dO
-    cpu::gemm_at(cols, Dk_p, rows, dp.data(), kBlockN, q.data(), Dk_p, dk, Dk_p, true);  // dk += dS^T q
+    cpu::gemm_at(cols, Dv_p, rows, s.data(), kBlockN, g.data(), Dv_p, part.data(), Dv_p, false);  // dv += P^T dO
+    add_into(dv, part.data(), cols * Dv_p);
+    cpu::gemm_at(cols, Dk_p, rows, dp.data(), kBlockN, q.data(), Dk_p, part.data(), Dk_p, false);  // dk += dS^T q
+    add_into(dk, part.data(), cols * Dk_p);
   }
   void add_query_grads(int64_t rows, int64_t cols, acc* dq) {
-    cpu::gemm(rows, Dk_p, cols, dp.data(), kBlockN, k.data(), Dk_p, dq, Dk_p, true);  // dq += dS k
+    cpu::gemm(rows, Dk_p, cols, dp.data(), kBlockN, k.data(), Dk_p, part.data(), Dk_p, false);  // dq += dS k
+    add_into(dq, part.data(), rows * Dk_p);
   }
   // Rows [n0, n1) of a gradient buffer (pitch ld) into x's rows.
   void store(const acc* src, int64_t ld, int64_t n0, int64_t n1, int64_t d, const View4& x) {
