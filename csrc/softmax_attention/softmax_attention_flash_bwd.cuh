@@ -68,8 +68,9 @@ struct BwdTiles {
   static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
   // Two resident tiles; per stage two streamed tiles (kPreSplit: and their lo parts, after all
   // stages' tiles) and lse / delta of the streamed rows (dkdv_kernel); the SIMT scratch.
+  static constexpr int kStreamCopies = kPreSplit ? 2 : 1;  // of a streamed tile: kPreSplit keeps hi and lo
   static constexpr int smem_bytes(int stages) {
-    return (2 * kBlock + stages * 2 * kStream * (kPreSplit ? 2 : 1)) * kLd * static_cast<int>(sizeof(T)) +
+    return (2 * kBlock + stages * 2 * kStream * kStreamCopies) * kLd * static_cast<int>(sizeof(T)) +
            (stages * 2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
   }
   // Double-buffer the streamed tiles (copy step j+1 while computing step j) where two blocks
@@ -110,13 +111,30 @@ struct BwdSmem {
     resident[0] = reinterpret_cast<T*>(smem);
     resident[1] = resident[0] + Tiles::kBlock * Tiles::kLd;
     stream_base = resident[1] + Tiles::kBlock * Tiles::kLd;
-    lse = reinterpret_cast<acc*>(stream_base + Tiles::kStages * 2 * kStreamTile * (Tiles::kPreSplit ? 2 : 1));
+    lse = reinterpret_cast<acc*>(stream_base + Tiles::kStages * 2 * kStreamTile * Tiles::kStreamCopies);
     delta = lse + Tiles::kStages * Tiles::kStream;
     scratch = delta + Tiles::kStages * Tiles::kStream + warp * kWarpRows * kScratchLd<acc, Tiles::kStream>;
   }
   // Streamed tile `which` (0 or 1) of pipeline stage `stage`.
   SOLA_HD T* streamed(int stage, int which) const { return stream_base + (2 * stage + which) * kStreamTile; }
 };
+
+// A step's two streamed tiles (dkdv_kernel: Q and dO; dq_kernel: K and V), `first` at streamed(stage, 0)
+// and `second` at streamed(stage, 1): their copies, committed as one group (pipeline's load) ...
+template <typename Tiles, typename Stream>
+SOLA_DEVICE void load_streamed(const BwdSmem<Tiles>& smem, int stage, Stream& first, Stream& second) {
+  first.load(smem.streamed(stage, 0));
+  second.load(smem.streamed(stage, 1));
+  cp_async_commit();
+}
+// ... and, fp32 (BwdTiles::kPreSplit), this thread's pieces of them split once landed (pipeline's land).
+template <typename Tiles, typename Stream>
+SOLA_DEVICE void split_streamed(const BwdSmem<Tiles>& smem, int stage, const Stream& first, const Stream& second) {
+  if constexpr (Tiles::kPreSplit) {
+    first.split_landed(smem.streamed(stage, 0), Tiles::kLoShift);
+    second.split_landed(smem.streamed(stage, 1), Tiles::kLoShift);
+  }
+}
 
 // Runs compute(step, stage, edge) over the `rows` streamed rows in steps of kRows, with the
 // streamed tiles of each step loaded by load(step, stage) (cp.async, committed inside; called for
@@ -265,9 +283,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
     TileStream<kStream, kD, T, kWg> grads(p.grad_out, t.b, t.h, 0, p.Nq, 0, Dv, al.grad_out, tid);
     auto load = [&](int64_t step, int stage) {  // query rows m0 .. m0 + kStream (steps in order)
       const int64_t m0 = step * kStream;
-      queries.load(smem.streamed(stage, 0));
-      grads.load(smem.streamed(stage, 1));
-      cp_async_commit();
+      load_streamed(smem, stage, queries, grads);
       if (tid < kStream) {
         // Query rows past Nq get lse = +inf, so their P is exactly 0 (and their grad_out rows are 0).
         const bool valid = m0 + tid < p.Nq;
@@ -320,12 +336,7 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
         gemm_xb<T, kD>(dk, dpt, sQ, t.col0, live, smem.scratch, lane, kLo);
       }
     };
-    auto land = [&](int stage) {  // fp32: this thread's pieces of the step's Q and dO (BwdTiles::kPreSplit)
-      if constexpr (Tiles::kPreSplit) {
-        queries.split_landed(smem.streamed(stage, 0), kLo);
-        grads.split_landed(smem.streamed(stage, 1), kLo);
-      }
-    };
+    auto land = [&](int stage) { split_streamed(smem, stage, queries, grads); };
     pipeline<Tiles::kStages, kStream, true, kWg>(p.Nq, load, compute, land);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
@@ -374,9 +385,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
     TileStream<kStream, kD, T, kWg> keys(p.k, t.b, t.h, 0, p.Nk, 0, Dk, al.k, tid);
     TileStream<kStream, kD, T, kWg> values(p.v, t.b, t.h, 0, p.Nk, 0, Dv, al.v, tid);
     auto load = [&](int64_t, int stage) {  // the next kStream key rows (steps in order)
-      keys.load(smem.streamed(stage, 0));
-      values.load(smem.streamed(stage, 1));
-      cp_async_commit();
+      load_streamed(smem, stage, keys, values);
     };
     // One key tile; the edge tile masks P past Nk, and its products skip those n8 tiles.
     auto compute = [&](int64_t step, int stage, auto edge) {
@@ -410,12 +419,7 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
       }
       gemm_xb<T, kD, kWg>(dq, dp, sK, t.col0, live, smem.scratch, lane, kLo);
     };
-    auto land = [&](int stage) {  // fp32: this thread's pieces of the step's K and V (BwdTiles::kPreSplit)
-      if constexpr (Tiles::kPreSplit) {
-        keys.split_landed(smem.streamed(stage, 0), kLo);
-        values.split_landed(smem.streamed(stage, 1), kLo);
-      }
-    };
+    auto land = [&](int stage) { split_streamed(smem, stage, keys, values); };
     pipeline<Tiles::kStages, kStream, true, kWg>(p.Nk, load, compute, land);
 #pragma unroll
     for (int g = 0; g < kG; ++g)
