@@ -155,6 +155,7 @@ int main(int argc, char** argv) {
     unsetenv("SOLA_FLASH_WGMMA");
   }
   if (which == "all" || which == "shallow") {  // an A100's 164 KB per SM: 2 K / V stages where 3 cost blocks
+    const size_t per_sm = emu::g_prop.sharedMemPerMultiprocessor;
     emu::g_prop.sharedMemPerMultiprocessor = 167936;
     setenv("SOLA_FLASH_GROUPS", "2", 1);
     for (auto dt : {at::kHalf, at::kBFloat16}) {
@@ -163,7 +164,7 @@ int main(int argc, char** argv) {
     }
     unsetenv("SOLA_FLASH_GROUPS");
     softmax_case(1, 1, 70, 100, 64, 64, at::kFloat, -0.2, true);  // fp32 kD 64 splits per fragment there
-    emu::g_prop.sharedMemPerMultiprocessor = 233472;
+    emu::g_prop.sharedMemPerMultiprocessor = per_sm;
   }
   if (which == "race") {  // few, small cases that still take every flash pipeline (for the TSAN=1 build)
     const at::ScalarType hts[] = {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble};
