@@ -32,7 +32,9 @@ namespace flash {
 // kGroups: row groups of 16 per warp (1 or 2: with_row_groups); kStreamRows: streamed rows per
 // step, 0 for the default; kWgmma: the products on Hopper's warpgroup MMA (fp16 / bf16 up to head
 // dim 128, sm_90a: softmax_attention_flash_bwd_wgmma.cu), tiles in its core-matrix layout.
-template <typename T, int kD, int kGroups = 1, int kStreamRows = 0, bool kWgmma = false>
+// kDeep = false: the streamed tiles single-buffered (kStages 1), for GPUs whose blocks cannot take the
+// double-buffered ones (launch_bwd).
+template <typename T, int kD, int kGroups = 1, int kStreamRows = 0, bool kWgmma = false, bool kDeep = true>
 struct BwdTiles {
   using value_t = T;
   using acc = acc_t<T>;
@@ -75,7 +77,7 @@ struct BwdTiles {
   }
   // Double-buffer the streamed tiles (copy step j+1 while computing step j) where two blocks
   // still fit on an SM (228 KB, 1 KB reserved per block).
-  static constexpr int kStages = smem_bytes(2) <= 113 * 1024 ? 2 : 1;
+  static constexpr int kStages = kDeep && smem_bytes(2) <= 113 * 1024 ? 2 : 1;
   static constexpr int kSmem = smem_bytes(kStages);
   static constexpr int kLoShift = kPreSplit ? kStages * 2 * kStream * kLd : 0;
   // Blocks per SM the register allocation must allow (0: ptxas decides): 3 on tensor cores up to
@@ -89,11 +91,11 @@ struct BwdTiles {
 // and dV accumulators (8 tiles of 16 x 8 per group at head dim 64) leave no room for two groups of
 // 16 x 64 scores; so does mma.sync at head dim 128 with one group (dK and dV 16 tiles each: with
 // 64 queries a step it spilled 92 bytes).
-template <typename T, int kD, int kG, bool kWg = false>
-using KeyBlockTiles = BwdTiles<T, kD, kG, ((kG == 2 && kD > 32) || (!kWg && kD > 64) ? 32 : 0), kWg>;
+template <typename T, int kD, int kG, bool kWg = false, bool kDeep = true>
+using KeyBlockTiles = BwdTiles<T, kD, kG, ((kG == 2 && kD > 32) || (!kWg && kD > 64) ? 32 : 0), kWg, kDeep>;
 // dq_kernel's (two groups only up to head dim 64: dispatch_bwd).
-template <typename T, int kD, int kG, bool kWg = false>
-using QueryBlockTiles = BwdTiles<T, kD, kG, 0, kWg>;
+template <typename T, int kD, int kG, bool kWg = false, bool kDeep = true>
+using QueryBlockTiles = BwdTiles<T, kD, kG, 0, kWg, kDeep>;
 
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
 template <typename Tiles>
@@ -254,10 +256,10 @@ SOLA_HD void store_rows(const acc (&c)[kOT][4], acc mul, const View4& x, const T
   }
 }
 
-template <typename T, int kD, int kG, bool kWg>
-__global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinBlocks)
+template <typename T, int kD, int kG, bool kWg, bool kDeep>
+__global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg, kDeep>::kMinBlocks)
     dkdv_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
-  using Tiles = KeyBlockTiles<T, kD, kG, kWg>;
+  using Tiles = KeyBlockTiles<T, kD, kG, kWg, kDeep>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
@@ -347,10 +349,10 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg>::kMinB
   }
 }
 
-template <typename T, int kD, int kG, bool kWg>
-__global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMinBlocks)
+template <typename T, int kD, int kG, bool kWg, bool kDeep>
+__global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg, kDeep>::kMinBlocks)
     dq_kernel(const SoftmaxAttentionParams p, const BwdAligned al) {
-  using Tiles = QueryBlockTiles<T, kD, kG, kWg>;
+  using Tiles = QueryBlockTiles<T, kD, kG, kWg, kDeep>;
   using acc = typename Tiles::acc;
   using Exp = ExpUnits<T>;
   constexpr int kBlock = Tiles::kBlock, kStream = Tiles::kStream;
@@ -427,25 +429,50 @@ __global__ void __launch_bounds__(kThreads, QueryBlockTiles<T, kD, kG, kWg>::kMi
   }
 }
 
-// dkdv_kernel with kGK row groups over the keys, dq_kernel with kGQ over the queries.
-template <typename T, int kD, int kGK, int kGQ, bool kWg>
-bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
-  using KeyTiles = KeyBlockTiles<T, kD, kGK, kWg>;
-  using QueryTiles = QueryBlockTiles<T, kD, kGQ, kWg>;
-  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK, kWg>>(KeyTiles::kSmem) ||
-      !allow_dynamic_smem<dq_kernel<T, kD, kGQ, kWg>>(QueryTiles::kSmem))
+// dkdv_kernel with kGK row groups over the keys, dq_kernel with kGQ over the queries (kDeepK, kDeepQ:
+// their streamed tiles double-buffered where BwdTiles::kStages allows).
+template <typename T, int kD, int kGK, int kGQ, bool kWg, bool kDeepK, bool kDeepQ>
+bool launch_bwd_tiles(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  using KeyTiles = KeyBlockTiles<T, kD, kGK, kWg, kDeepK>;
+  using QueryTiles = QueryBlockTiles<T, kD, kGQ, kWg, kDeepQ>;
+  if (!allow_dynamic_smem<dkdv_kernel<T, kD, kGK, kWg, kDeepK>>(KeyTiles::kSmem) ||
+      !allow_dynamic_smem<dq_kernel<T, kD, kGQ, kWg, kDeepQ>>(QueryTiles::kSmem))
     return false;
   const BwdAligned al{rows_aligned16<T>(p.q), rows_aligned16<T>(p.k), rows_aligned16<T>(p.v),
                       rows_aligned16<T>(p.grad_out)};
   const int64_t key_tiles = KeyTiles::dkdv_tiles(p);
-  dkdv_kernel<T, kD, kGK, kWg><<<grid_x(key_tiles, 1), kThreads, KeyTiles::kSmem, stream>>>(p, al);
+  dkdv_kernel<T, kD, kGK, kWg, kDeepK><<<grid_x(key_tiles, 1), kThreads, KeyTiles::kSmem, stream>>>(p, al);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t query_tiles = QueryTiles::dq_tiles(p);
   if (query_tiles > 0) {
-    dq_kernel<T, kD, kGQ, kWg><<<grid_x(query_tiles, 1), kThreads, QueryTiles::kSmem, stream>>>(p, al);
+    dq_kernel<T, kD, kGQ, kWg, kDeepQ><<<grid_x(query_tiles, 1), kThreads, QueryTiles::kSmem, stream>>>(p, al);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
+}
+
+// Whether Tiles' kernel has a single-buffered twin for GPUs with 99 KB of shared memory a block
+// (sm_86, sm_89, sm_120; every sm_80+ GPU has at least that): where its double-buffered tiles need more
+// (16-bit dq at head dims 65-128: 103 KB; fp32 at 33-64: 102.5 KB) and the single stage fits.
+template <typename Deep, typename Shallow>
+constexpr bool kHasShallowTwin = Deep::kSmem > 99 * 1024 && Shallow::kSmem <= 99 * 1024;
+
+// A kernel whose double-buffered tiles exceed the device's shared memory a block takes its twin above;
+// without one the flash backward does not launch (the caller falls back to the row kernels).
+template <typename T, int kD, int kGK, int kGQ, bool kWg>
+bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
+  using DeepK = KeyBlockTiles<T, kD, kGK, kWg>;
+  using DeepQ = QueryBlockTiles<T, kD, kGQ, kWg>;
+  constexpr bool kTwinK = kHasShallowTwin<DeepK, KeyBlockTiles<T, kD, kGK, kWg, false>>;
+  constexpr bool kTwinQ = kHasShallowTwin<DeepQ, QueryBlockTiles<T, kD, kGQ, kWg, false>>;
+  if constexpr (kTwinK || kTwinQ) {
+    const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+    const bool shallow_k = kTwinK && DeepK::kSmem > optin, shallow_q = kTwinQ && DeepQ::kSmem > optin;
+    if (shallow_k && shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, !kTwinQ>(p, stream);
+    if (shallow_k) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, true>(p, stream);
+    if (shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, true, !kTwinQ>(p, stream);
+  }
+  return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, true, true>(p, stream);
 }
 
 // kWg: the wgmma kernels (up to head dim 128; the caller checks flash_wgmma_enabled()).
