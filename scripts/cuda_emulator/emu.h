@@ -318,7 +318,7 @@ void launch(K* kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, F f
   memstat::launch_begin(reinterpret_cast<const void*>(kernel));
 #endif
   // EMU_LAUNCH_LOG=1: each launch's launcher (the lambda's enclosing function, template arguments and all).
-  static const bool log = std::getenv("EMU_LAUNCH_LOG") != nullptr;
+  static const bool log = std::getenv("EMU_LAUNCH_LOG") && std::strcmp(std::getenv("EMU_LAUNCH_LOG"), "1") == 0;
   if (log) std::fprintf(stderr, "launch (%d bytes of shared memory): %s\n", smem, __PRETTY_FUNCTION__);
   if (smem > 48 * 1024) {
     std::lock_guard<std::mutex> lock(smem_optin_mutex);
