@@ -468,6 +468,8 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   if constexpr (kTwinK || kTwinQ) {
     const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
     const bool shallow_k = kTwinK && DeepK::kSmem > optin, shallow_q = kTwinQ && DeepQ::kSmem > optin;
+    // `!kTwinK` is false wherever shallow_k can hold, and true (the deep kernel) in a branch only a config
+    // without a twin compiles: no single-buffered kernel is instantiated where none fits.
     if (shallow_k && shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, !kTwinQ>(p, stream);
     if (shallow_k) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, true>(p, stream);
     if (shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, true, !kTwinQ>(p, stream);
