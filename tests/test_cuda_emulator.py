@@ -95,9 +95,13 @@ def test_tf32_products(emulator, op, args):
 def test_other_gpus(emulator, device, op, args):
     output = _run_driver(emulator, op, args, EMU_DEVICE=device, EMU_LAUNCH_LOG="1")
     if (device, op) == ("sm86", "softmax"):
-        # The single-buffered backward twins (launch_bwd: kDeep false for the kernel past 99 KB) ran, not the
-        # row kernels, which would give the same results: dq at 16-bit head dim 128, dq and dkdv at fp32 64.
+        # The backward's twins (launch_bwd: kDeep false for a kernel past 99 KB) ran, not the row kernels, which
+        # would give the same results: dq at 16-bit head dim 128, both kernels at 16-bit 256 and at fp32 64, dkdv
+        # at fp32 128 (its lse / delta in the padding of the query rows).
         for launcher in ("launch_bwd_tiles<c10::Half, 128, 1, 1, false, true, false>",
                          "launch_bwd_tiles<c10::BFloat16, 128, 1, 1, false, true, false>",
-                         "launch_bwd_tiles<float, 64, 1, 1, false, false, false>"):
+                         "launch_bwd_tiles<c10::Half, 256, 1, 1, false, false, false>",
+                         "launch_bwd_tiles<c10::BFloat16, 256, 1, 1, false, false, false>",
+                         "launch_bwd_tiles<float, 64, 1, 1, false, false, false>",
+                         "launch_bwd_tiles<float, 128, 1, 1, false, false, true>"):
             assert launcher in output, launcher

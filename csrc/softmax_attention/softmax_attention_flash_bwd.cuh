@@ -32,12 +32,15 @@ namespace flash {
 // kGroups: row groups of 16 per warp (1 or 2: with_row_groups); kStreamRows: streamed rows per
 // step, 0 for the default; kWgmma: the products on Hopper's warpgroup MMA (fp16 / bf16 up to head
 // dim 128, sm_90a: softmax_attention_flash_bwd_wgmma.cu), tiles in its core-matrix layout.
-// kDeep = false: the streamed tiles single-buffered (kStages 1), for GPUs whose blocks cannot take the
-// double-buffered ones (launch_bwd).
-template <typename T, int kD, int kGroups = 1, int kStreamRows = 0, bool kWgmma = false, bool kDeep = true>
+// kDeep = false: the twin for GPUs whose blocks cannot take the default tiles (launch_bwd): the streamed
+// tiles single-buffered (kStages 1) and dkdv_kernel's lse / delta in their rows' padding (kStatsInPad).
+// kKeys: dkdv_kernel's tiles, which stage the streamed (query) rows' lse and delta in shared memory;
+// dq_kernel keeps its own rows' in registers.
+template <typename T, int kD, int kGroups, int kStreamRows, bool kWgmma, bool kDeep, bool kKeys>
 struct BwdTiles {
   using value_t = T;
   using acc = acc_t<T>;
+  static constexpr int kHeadDim = kD;
   static constexpr bool kTensor = kIsHalfType<T>;
   static constexpr bool kWg = kWgmma;
   static_assert(!kWgmma || (kTensor && kD <= 128), "wgmma: fp16 / bf16 up to head dim 128");
@@ -68,12 +71,18 @@ struct BwdTiles {
   }
   static constexpr int kLd = kWgmma ? kD : kD + kPad<T>;
   static constexpr int kScratch = !kSimt<T> ? 0 : kWarps * kWarpRows * kScratchLd<acc, kStream>;
+  // The twins' dkdv_kernel keeps a query row's lse and delta in the 16 bytes of padding after that row of
+  // the streamed Q tile (never read by the products): 256 bytes fewer at 32 rows a step, what 16-bit head
+  // dim 256 and fp32 128 miss on a 99 KB GPU (101632 bytes).
+  static constexpr bool kStatsInPad = kKeys && !kDeep && !kWgmma;
+  static_assert(!kStatsInPad || (kLd - kD) * sizeof(T) >= 2 * sizeof(acc), "lse and delta fit in a row's padding");
+  static constexpr int kStatRows = kKeys && !kStatsInPad ? kStream : 0;  // of each array, per stage
   // Two resident tiles; per stage two streamed tiles (kPreSplit: and their lo parts, after all
-  // stages' tiles) and lse / delta of the streamed rows (dkdv_kernel); the SIMT scratch.
+  // stages' tiles) and the lse / delta arrays (kStatRows); the SIMT scratch.
   static constexpr int kStreamCopies = kPreSplit ? 2 : 1;  // of a streamed tile: kPreSplit keeps hi and lo
   static constexpr int smem_bytes(int stages) {
     return (2 * kBlock + stages * 2 * kStream * kStreamCopies) * kLd * static_cast<int>(sizeof(T)) +
-           (stages * 2 * kStream + kScratch) * static_cast<int>(sizeof(acc));
+           (stages * 2 * kStatRows + kScratch) * static_cast<int>(sizeof(acc));
   }
   // Double-buffer the streamed tiles (copy step j+1 while computing step j) where two blocks
   // still fit on an SM (228 KB, 1 KB reserved per block).
@@ -92,10 +101,11 @@ struct BwdTiles {
 // 16 x 64 scores; so does mma.sync at head dim 128 with one group (dK and dV 16 tiles each: with
 // 64 queries a step it spilled 92 bytes).
 template <typename T, int kD, int kG, bool kWg = false, bool kDeep = true>
-using KeyBlockTiles = BwdTiles<T, kD, kG, ((kG == 2 && kD > 32) || (!kWg && kD > 64) ? 32 : 0), kWg, kDeep>;
-// dq_kernel's (two groups only up to head dim 64: dispatch_bwd).
+using KeyBlockTiles = BwdTiles<T, kD, kG, ((kG == 2 && kD > 32) || (!kWg && kD > 64) ? 32 : 0), kWg, kDeep, true>;
+// dq_kernel's (two groups only up to head dim 64: dispatch_bwd). Its twin streams 32 keys a step at
+// 16-bit head dim 256 (64 take 132 KB).
 template <typename T, int kD, int kG, bool kWg = false, bool kDeep = true>
-using QueryBlockTiles = BwdTiles<T, kD, kG, 0, kWg, kDeep>;
+using QueryBlockTiles = BwdTiles<T, kD, kG, (!kDeep && kD > 128 ? 32 : 0), kWg, kDeep, false>;
 
 // Carves a backward kernel's dynamic shared memory (BwdTiles::smem_bytes).
 template <typename Tiles>
@@ -105,8 +115,8 @@ struct BwdSmem {
   static constexpr int kStreamTile = Tiles::kStream * Tiles::kLd;
   T* resident[2];
   T* stream_base;
-  acc* lse;    // [stage][kStream], in ExpUnits
-  acc* delta;  // [stage][kStream]
+  acc* lse;    // [stage][kStatRows], in ExpUnits (dkdv_kernel; lse_at)
+  acc* delta;  // [stage][kStatRows]
   acc* scratch;  // this warp's
 
   SOLA_HD BwdSmem(unsigned char* smem, int warp) {
@@ -114,11 +124,24 @@ struct BwdSmem {
     resident[1] = resident[0] + Tiles::kBlock * Tiles::kLd;
     stream_base = resident[1] + Tiles::kBlock * Tiles::kLd;
     lse = reinterpret_cast<acc*>(stream_base + Tiles::kStages * 2 * kStreamTile * Tiles::kStreamCopies);
-    delta = lse + Tiles::kStages * Tiles::kStream;
-    scratch = delta + Tiles::kStages * Tiles::kStream + warp * kWarpRows * kScratchLd<acc, Tiles::kStream>;
+    delta = lse + Tiles::kStages * Tiles::kStatRows;
+    scratch = delta + Tiles::kStages * Tiles::kStatRows + warp * kWarpRows * kScratchLd<acc, Tiles::kStream>;
   }
   // Streamed tile `which` (0 or 1) of pipeline stage `stage`.
   SOLA_HD T* streamed(int stage, int which) const { return stream_base + (2 * stage + which) * kStreamTile; }
+  // lse (in ExpUnits) and delta of streamed row `row` of stage `stage` (dkdv_kernel: a query's).
+  SOLA_HD acc& lse_at(int stage, int row) const {
+    return Tiles::kStatsInPad ? row_pad(stage, row)[0] : lse[stage * Tiles::kStatRows + row];
+  }
+  SOLA_HD acc& delta_at(int stage, int row) const {
+    return Tiles::kStatsInPad ? row_pad(stage, row)[1] : delta[stage * Tiles::kStatRows + row];
+  }
+
+ private:
+  // The padding after row `row` of the stage's first streamed tile (Tiles::kStatsInPad).
+  SOLA_HD acc* row_pad(int stage, int row) const {
+    return reinterpret_cast<acc*>(streamed(stage, 0) + row * Tiles::kLd + Tiles::kHeadDim);
+  }
 };
 
 // A step's two streamed tiles (dkdv_kernel: Q and dO; dq_kernel: K and V), `first` at streamed(stage, 0)
@@ -290,9 +313,9 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg, kDeep>
         // Query rows past Nq get lse = +inf, so their P is exactly 0 (and their grad_out rows are 0).
         const bool valid = m0 + tid < p.Nq;
         const int64_t r = t.bh * p.Nq + m0 + tid;
-        smem.lse[stage * kStream + tid] = valid ? backward_lse(static_cast<const acc*>(p.lse)[r]) * Exp::kPerNat
-                                                : std::numeric_limits<acc>::infinity();
-        smem.delta[stage * kStream + tid] = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
+        smem.lse_at(stage, tid) = valid ? backward_lse(static_cast<const acc*>(p.lse)[r]) * Exp::kPerNat
+                                        : std::numeric_limits<acc>::infinity();
+        smem.delta_at(stage, tid) = valid ? static_cast<const acc*>(p.delta)[r] : acc(0);
       }
     };
     // One query tile. Query rows past Nq (zero rows, lse = +inf, delta = 0, grad_out rows 0) have
@@ -303,8 +326,6 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg, kDeep>
     auto compute = [&](int64_t, int stage, auto edge) {
       const T* sQ = smem.streamed(stage, 0);
       const T* sG = smem.streamed(stage, 1);  // grad_out
-      const acc* lse = smem.lse + stage * kStream;
-      const acc* delta = smem.delta + stage * kStream;
       // P^T and dP^T, then dS^T: this warp's 16 keys per group x kStream queries. lse and delta
       // belong to the query (column): one shared-memory read serves every group.
       acc pt[kG][kST][4], dpt[kG][kST][4];
@@ -316,13 +337,13 @@ __global__ void __launch_bounds__(kThreads, KeyBlockTiles<T, kD, kG, kWg, kDeep>
         for (int n = 0; n < kST; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const acc lse_c = lse[acc_col(n, e, lane)];
+            const acc lse_c = smem.lse_at(stage, acc_col(n, e, lane));
             const bool past_nq = decltype(edge)::value && lse_c == std::numeric_limits<acc>::infinity();
 #pragma unroll
             for (int g = 0; g < kG; ++g) pt[g][n][e] = past_nq ? acc(0) : Exp::exp_scaled(pt[g][n][e], scale_u, lse_c);
           }
       };
-      auto delta_c = [&](int, int n, int e) { return delta[acc_col(n, e, lane)]; };
+      auto delta_c = [&](int, int n, int e) { return smem.delta_at(stage, acc_col(n, e, lane)); };
       if constexpr (kWg) {  // two batches of two products: S^T, dP^T; then dV, dK
         wg_gemm_abt2<T, kD>(pt, sK, sQ, dpt, sV, sG);
         exp_pt();
@@ -451,13 +472,14 @@ bool launch_bwd_tiles(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Whether Tiles' kernel has a single-buffered twin for GPUs with 99 KB of shared memory a block
-// (sm_86, sm_89, sm_120; every sm_80+ GPU has at least that): where its double-buffered tiles need more
-// (16-bit dq at head dims 65-128: 103 KB; fp32 at 33-64: 102.5 KB) and the single stage fits.
+// Whether Tiles' kernel has a twin (kDeep false) for GPUs with 99 KB of shared memory a block (sm_86,
+// sm_89, sm_120; every sm_80+ GPU has at least that): where its default tiles need more (16-bit dq at head
+// dims 65-128, double-buffered: 103 KB; fp32 at 33-64: 102.5 KB; 16-bit at 129-256: dkdv 99.25 KB, dq
+// 132.5 KB; fp32 dkdv at 65-128: 99.25 KB) and the twin's fit.
 template <typename Deep, typename Shallow>
 constexpr bool kHasShallowTwin = Deep::kSmem > 99 * 1024 && Shallow::kSmem <= 99 * 1024;
 
-// A kernel whose double-buffered tiles exceed the device's shared memory a block takes its twin above;
+// A kernel whose default tiles exceed the device's shared memory a block takes its twin above;
 // without one the flash backward does not launch (the caller falls back to the row kernels).
 template <typename T, int kD, int kGK, int kGQ, bool kWg>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
@@ -469,7 +491,7 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
     const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
     const bool shallow_k = kTwinK && DeepK::kSmem > optin, shallow_q = kTwinQ && DeepQ::kSmem > optin;
     // `!kTwinK` is false wherever shallow_k can hold, and true (the deep kernel) in a branch only a config
-    // without a twin compiles: no single-buffered kernel is instantiated where none fits.
+    // without a twin compiles: no twin is instantiated where none fits.
     if (shallow_k && shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, !kTwinQ>(p, stream);
     if (shallow_k) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, true>(p, stream);
     if (shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, true, !kTwinQ>(p, stream);
