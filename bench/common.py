@@ -36,9 +36,9 @@ ROW_KEYS = ("op", "impl", "pass", "dtype", "B", "H", "Nq", "Nk", "D", "ms", "GBp
 TOP_KEYS = ("device", "torch", "date", "csrc_sha256", "peak", "rows", "skipped")
 OPS = ("linear_attention", "softmax_attention", "model_fwd", "model_train")
 PASSES = ("fwd", "fwd_bwd")
-KERNEL_IMPLS = ("sola_ops", "sola_ops_wgmma", "sola_ops_1group", "sola_ops_unstaged", "sola_ops_presplit",
-                "sola_ops_tf32", "reference", "einsum_fp32", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
-                "sdpa_math", "naive", "fla", "flash_bla")
+KERNEL_IMPLS = ("sola_ops", "sola_ops_wgmma", "sola_ops_1group", "sola_ops_twin", "sola_ops_unstaged",
+                "sola_ops_presplit", "sola_ops_tf32", "reference", "einsum_fp32", "sdpa_flash", "sdpa_cudnn",
+                "sdpa_efficient", "sdpa_math", "naive", "fla", "flash_bla")
 FLUSH_BYTES = 256 * 1024 * 1024
 
 

@@ -35,6 +35,9 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
     sola_ops_1group the same with SOLA_FLASH_GROUPS=1: one 16-row group per warp (64-row blocks,
                  fewer registers, more blocks per SM) where the default takes two (fp16 / bf16,
                  D <= 128, Nq > 64, up to Nq = 4096: the vision shapes); ours, never a baseline
+    sola_ops_twin   the same with SOLA_FLASH_BWD_TWIN=1: the backward's twins for GPUs with 99 KB of
+                 shared memory a block (single-buffered; fp16 / bf16 at 64 < D <= 256, fp32 at 32 < D
+                 <= 128), timed here on an H100 / H200; ours, never a baseline
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                  F.scaled_dot_product_attention forced to one backend with
                  torch.nn.attention.sdpa_kernel; a backend that refuses a dtype / shape / device is
@@ -373,6 +376,14 @@ def make_impls(device, sola_ops, ref, sola_reason):
                             lambda case: (case.dtype in ("float16", "bfloat16") and case.D <= 128
                                           and 64 < case.Nq <= 4096))
 
+    def sola_twin():
+        """softmax_attention with SOLA_FLASH_BWD_TWIN=1, on the cases where the backward has a twin for 99 KB GPUs
+        (the forward is the default's)."""
+        return cuda_variant("sola_ops_twin", "softmax_attention", "SOLA_FLASH_BWD_TWIN", "1",
+                            "the backward's twins are CUDA kernels", "the backward's 99 KB-GPU twins",
+                            lambda case: (64 < case.D <= 256 if case.dtype in ("float16", "bfloat16")
+                                          else case.dtype == "float32" and 32 < case.D <= 128))
+
     def sola_rows(name, variant, note, dims, dtypes=("float16", "bfloat16")):
         """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,
         on cases of dtypes with D in dims (where it differs from the default)."""
@@ -395,7 +406,7 @@ def make_impls(device, sola_ops, ref, sola_reason):
                         ("float16",)),
               Impl("reference", fn=ref.linear_attention),
               Impl("einsum_fp32", fn=einsum_fp32), _flash_bla_impl(device), _fla_impl(device)]
-    softmax = [sola("softmax_attention"), sola_wgmma(), sola_one_group(),
+    softmax = [sola("softmax_attention"), sola_wgmma(), sola_one_group(), sola_twin(),
                sdpa("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                sdpa("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                sdpa("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),

@@ -28,7 +28,8 @@ DT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64
 # one colour and marker per impl, the same in every plot
 IMPL_STYLE = {
     "sola_ops": ("tab:red", "o"), "sola_ops_wgmma": ("tab:pink", "*"), "sola_ops_unstaged": ("tab:brown", "x"),
-    "sola_ops_presplit": ("black", "+"), "sola_ops_1group": ("darkred", "1"), "sola_ops_tf32": ("gold", "2"),
+    "sola_ops_presplit": ("black", "+"), "sola_ops_1group": ("darkred", "1"), "sola_ops_twin": ("teal", "3"),
+    "sola_ops_tf32": ("gold", "2"),
     "reference": ("tab:blue", "s"), "einsum_fp32": ("tab:cyan", "^"),
     "flash_bla": ("tab:green", "D"), "fla": ("tab:olive", "v"), "sdpa_flash": ("tab:green", "D"),
     "sdpa_cudnn": ("tab:purple", "P"), "sdpa_efficient": ("tab:orange", "X"), "sdpa_math": ("tab:blue", "s"),

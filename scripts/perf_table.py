@@ -7,8 +7,8 @@
 One section per JSON (per GPU): device, date, torch, csrc_sha256 (marked stale when csrc/ has
 changed since the run) and the measured peaks, then one table row per (op, pass, dtype, shape):
 sola_ops' time and throughput against the fastest baseline on the same inputs, and the model rows
-(img/s with attn_impl "sola" vs "torch"), and where variants of ours ran (sola_ops_wgmma, _1group, _tf32,
-_unstaged, _presplit) their times over sola_ops': the numbers that pick each default. --all-impls lists
+(img/s with attn_impl "sola" vs "torch"), and where variants of ours ran (sola_ops_wgmma, _1group, _twin,
+_tf32, _unstaged, _presplit) their times over sola_ops': the numbers that pick each default. --all-impls lists
 every impl instead.
 """
 import argparse

@@ -103,6 +103,15 @@ def main():
             tag = f"{dt} B={B} H={H} Nq={Nq} Nk={Nk} Dk={Dk} Dv={Dv}"
             check(f"linear elu {tag}", sola_ops.linear_attention, reference.linear_attention, [q, k, v], dtype, failures)
             check(f"softmax {tag}", sola_ops.softmax_attention, reference.softmax_attention, [q, k, v], dtype, failures)
+        if dtype != torch.float64:
+            # the backward's twins for 99 KB GPUs, forced here (single-buffered; dkdv's lse / delta in the
+            # padding of its query rows): fp32 head dims 64 / 128, 16-bit 128 / 256
+            os.environ["SOLA_FLASH_BWD_TWIN"] = "1"
+            for B, H, Nq, Nk, D in ((1, 2, 129, 70, 64), (1, 1, 33, 17, 128), (1, 1, 40, 70, 256)):
+                q, k, v = randn(B, H, Nq, D), randn(B, H, Nk, D), randn(B, H, Nk, D)
+                check(f"softmax bwd twins {dt} B={B} H={H} Nq={Nq} Nk={Nk} D={D}", sola_ops.softmax_attention,
+                      reference.softmax_attention, [q, k, v], dtype, failures)
+            del os.environ["SOLA_FLASH_BWD_TWIN"]
         if dtype in (torch.float16, torch.float32):
             # the other linear-attention variants, and a strided (B, N, H, D)-transposed input
             B, H, N, D = 2, 2, 37, 32

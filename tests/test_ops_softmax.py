@@ -167,6 +167,41 @@ def test_flash_row_groups(Nq, Nk, D, dtype, monkeypatch):
             assert torch.equal(a, b), f"{name}: one and two row groups differ"
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype,D,twins", [(torch.float16, 96, ("dq",)), (torch.bfloat16, 128, ("dq",)),
+                                           (torch.float16, 256, ("dq", "dkdv")), (torch.bfloat16, 200, ("dq", "dkdv")),
+                                           (torch.float32, 64, ("dq", "dkdv")), (torch.float32, 100, ("dkdv",))])
+def test_flash_bwd_twins(dtype, D, twins, monkeypatch):
+    """The backward's twins for GPUs with 99 KB of shared memory a block (single-buffered; dkdv's lse / delta
+    in the padding of its query rows; dq in 32-key steps at 16-bit head dim 256), forced on this GPU by
+    SOLA_FLASH_BWD_TWIN=1: against the reference, and the profiler shows the twins ran. dk and dv walk the
+    queries in the same steps as the default kernels, so they agree with them bitwise."""
+    q, k, v = make_qkv(1, 2, 130, 75, D, D, dtype, "cuda", seed=D)
+    g = randn((1, 2, 130, D), dtype, "cuda", seed=3)
+
+    def grads():
+        ins = [leaf(t.clone()) for t in (q, k, v)]
+        return torch.autograd.grad(sola_ops.softmax_attention(*ins), ins, g)
+
+    default = grads()
+    monkeypatch.setenv("SOLA_FLASH_BWD_TWIN", "1")
+    twin = grads()
+    for name, a, b in zip(("dk", "dv"), default[1:], twin[1:]):
+        assert torch.equal(a, b), f"{name}: the twin and the default kernel differ"
+    check_softmax(q, k, v)  # under SOLA_FLASH_BWD_TWIN=1
+    ins = [leaf(t.clone()) for t in (q, k, v)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sola_ops.softmax_attention(*ins).sum().backward()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "sola::" in e.name}
+    if not names:
+        pytest.skip("the profiler saw no CUDA kernels here (no CUPTI?): results checked, not which kernels ran")
+    for kernel in ("dq", "dkdv"):
+        ran = [n for n in names if f"{kernel}_kernel<" in n]
+        assert ran and all(("false, false>" in n) == (kernel in twins) for n in ran), (kernel, ran)  # kWg, kDeep
+
+
 def _hopper_with_wgmma():
     return (torch.cuda.is_available() and sola_ops.build_info().get("sm90a", False)
             and torch.cuda.get_device_capability() == (9, 0))

@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "cuda_utils.cuh"
@@ -481,6 +483,8 @@ constexpr bool kHasShallowTwin = Deep::kSmem > 99 * 1024 && Shallow::kSmem <= 99
 
 // A kernel whose default tiles exceed the device's shared memory a block takes its twin above;
 // without one the flash backward does not launch (the caller falls back to the row kernels).
+// SOLA_FLASH_BWD_TWIN=1 (read per launch) takes every twin there is: to time on an H100 what a 99 KB
+// GPU runs (bench/kernels.py's sola_ops_twin rows).
 template <typename T, int kD, int kGK, int kGQ, bool kWg>
 bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   using DeepK = KeyBlockTiles<T, kD, kGK, kWg>;
@@ -489,7 +493,10 @@ bool launch_bwd(const SoftmaxAttentionParams& p, cudaStream_t stream) {
   constexpr bool kTwinQ = kHasShallowTwin<DeepQ, QueryBlockTiles<T, kD, kGQ, kWg, false>>;
   if constexpr (kTwinK || kTwinQ) {
     const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-    const bool shallow_k = kTwinK && DeepK::kSmem > optin, shallow_q = kTwinQ && DeepQ::kSmem > optin;
+    const char* forced = std::getenv("SOLA_FLASH_BWD_TWIN");
+    const bool twins = forced != nullptr && std::strcmp(forced, "1") == 0;
+    const bool shallow_k = kTwinK && (twins || DeepK::kSmem > optin);
+    const bool shallow_q = kTwinQ && (twins || DeepQ::kSmem > optin);
     // `!kTwinK` is false wherever shallow_k can hold, and true (the deep kernel) in a branch only a config
     // without a twin compiles: no twin is instantiated where none fits.
     if (shallow_k && shallow_q) return launch_bwd_tiles<T, kD, kGK, kGQ, kWg, !kTwinK, !kTwinQ>(p, stream);
