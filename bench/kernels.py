@@ -37,7 +37,7 @@ Impls (DESIGN.md names), each run on the same q, k, v of a case:
                  D <= 128, Nq > 64, up to Nq = 4096: the vision shapes); ours, never a baseline
     sola_ops_twin   the same with SOLA_FLASH_BWD_TWIN=1: the backward's twins for GPUs with 99 KB of
                  shared memory a block (single-buffered; fp16 / bf16 at 64 < D <= 256, fp32 at 32 < D
-                 <= 128), timed here on an H100 / H200; ours, never a baseline
+                 <= 128), timed here on an H100 / H200; fwd_bwd only; ours, never a baseline
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                  F.scaled_dot_product_attention forced to one backend with
                  torch.nn.attention.sdpa_kernel; a backend that refuses a dtype / shape / device is
@@ -178,6 +178,7 @@ def build_cases(device_type, quick=False, tiny=False):
             for n in (1 * K, 4 * K, 16 * K):
                 smx("long", bf16, 8, 16, n, 64)
             smx("long", bf16, 8, 16, 4 * K, 128)
+            smx("long", bf16, 8, 16, 2 * K, 256)
             lin("vision", fp16, 128, 4, 784, 32)
             lin("vision", fp32, 128, 2, 3136, 32)
             smx("vision", fp16, 128, 4, 784, 64)
@@ -197,6 +198,7 @@ def build_cases(device_type, quick=False, tiny=False):
         for D in (64, 128):
             for i in range(6):
                 smx("long", bf16, 8, 16, K << i, D)
+        smx("long", bf16, 8, 16, 2 * K, 256)
         for dt in (fp16, fp32):
             for H, N, D in vision_lin:
                 lin("vision", dt, 128, H, N, D)
@@ -205,6 +207,7 @@ def build_cases(device_type, quick=False, tiny=False):
             smx("vision", fp16, 128, H, N, 64)
         smx("vision", fp32, 128, 4, 784, 32)
         smx("vision", fp32, 128, 8, 196, 64)
+        smx("long", fp32, 8, 16, 1 * K, 128)
         smx("long", fp16, 8, 16, 4 * K, 64)
         return cases
     # CPU: the same kinds of shapes, scaled down to what 2 cores do in seconds.
@@ -247,6 +250,7 @@ class Impl:
     same_function: bool = True
     note: str = None
     applies: object = None                  # applies(case) -> bool: the cases it runs on (None: all)
+    passes: tuple = None                    # the passes it runs (None: all)
 
 
 @contextlib.contextmanager
@@ -358,14 +362,15 @@ def make_impls(device, sola_ops, ref, sola_reason):
         return Impl("sola_ops_wgmma", fn=sola_ops.softmax_attention, ctx=lambda: _env("SOLA_FLASH_WGMMA", "1"),
                     note="the forward on wgmma; the backward as sola_ops")
 
-    def cuda_variant(name, fn_name, var, value, not_cuda, note, applies):
+    def cuda_variant(name, fn_name, var, value, not_cuda, note, applies, passes=None):
         """sola_ops.<fn_name> with the environment variable var=value: another choice of our CUDA kernels,
         timed beside sola_ops on the cases `applies` picks; not_cuda: why it cannot run on another device."""
         if sola_ops is None:
             return Impl(name, unavailable=sola_reason)
         if device.type != "cuda":
             return Impl(name, unavailable=not_cuda)
-        return Impl(name, fn=getattr(sola_ops, fn_name), ctx=lambda: _env(var, value), note=note, applies=applies)
+        return Impl(name, fn=getattr(sola_ops, fn_name), ctx=lambda: _env(var, value), note=note, applies=applies,
+                    passes=passes)
 
     def sola_one_group():
         """softmax_attention with SOLA_FLASH_GROUPS=1, on the fp16 / bf16 cases where the default may take two
@@ -378,11 +383,12 @@ def make_impls(device, sola_ops, ref, sola_reason):
 
     def sola_twin():
         """softmax_attention with SOLA_FLASH_BWD_TWIN=1, on the cases where the backward has a twin for 99 KB GPUs
-        (the forward is the default's)."""
+        (the forward is the default's: fwd_bwd only)."""
         return cuda_variant("sola_ops_twin", "softmax_attention", "SOLA_FLASH_BWD_TWIN", "1",
                             "the backward's twins are CUDA kernels", "the backward's 99 KB-GPU twins",
                             lambda case: (64 < case.D <= 256 if case.dtype in ("float16", "bfloat16")
-                                          else case.dtype == "float32" and 32 < case.D <= 128))
+                                          else case.dtype == "float32" and 32 < case.D <= 128),
+                            passes=("fwd_bwd",))
 
     def sola_rows(name, variant, note, dims, dtypes=("float16", "bfloat16")):
         """linear_attention with SOLA_LINEAR_ROWS=variant: another variant of the tensor-core row kernels,
@@ -495,6 +501,8 @@ class Runner:
                 ref_out = None
                 qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
             for impl in ready:
+                if impl.passes is not None and pass_ not in impl.passes:
+                    continue
                 if self.over_budget():
                     self.skip(f"time budget (--budget-s {self.args.budget_s:g}) used up", case, impl.name, pass_)
                     continue

@@ -448,6 +448,17 @@ def test_kernels_skip_reason_keeps_sdpa_why():
     assert "Triggered internally" not in entry["reason"]
 
 
+def test_kernels_impl_passes():
+    """A variant timed on some passes only (sola_ops_twin: the backward's kernels, fwd_bwd) has no row of the
+    others, beside an impl that runs both."""
+    case = kernels.Case("softmax_attention", "vision", "float32", 1, 2, 64, 64, 16)
+    runner = _runner()
+    fn = kernels.load_sola_ops()[1].softmax_attention  # the reference: any function of q, k, v will do
+    runner.run_case(case, [kernels.Impl("sola_ops", fn=fn), kernels.Impl("sola_ops_twin", fn=fn, passes=("fwd_bwd",))])
+    assert sorted((r["impl"], r["pass"]) for r in runner.rows) == [
+        ("sola_ops", "fwd"), ("sola_ops", "fwd_bwd"), ("sola_ops_twin", "fwd_bwd")]
+
+
 def test_kernels_strict_counts_our_variants():
     """--strict fails on a variant of ours that raised on a case (gpu_check runs sola_ops_wgmma / _unstaged /
     _presplit, kernels no GPU has run yet: their errors passed as ok), not on one that does not apply here."""

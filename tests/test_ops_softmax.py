@@ -190,6 +190,8 @@ def test_flash_bwd_twins(dtype, D, twins, monkeypatch):
     for name, a, b in zip(("dk", "dv"), default[1:], twin[1:]):
         assert torch.equal(a, b), f"{name}: the twin and the default kernel differ"
     check_softmax(q, k, v)  # under SOLA_FLASH_BWD_TWIN=1
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("before sm_80 the backward runs the row kernels (no flash kernels, no twins): results checked")
     ins = [leaf(t.clone()) for t in (q, k, v)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         sola_ops.softmax_attention(*ins).sum().backward()

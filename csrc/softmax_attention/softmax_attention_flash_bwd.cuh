@@ -476,8 +476,8 @@ bool launch_bwd_tiles(const SoftmaxAttentionParams& p, cudaStream_t stream) {
 
 // Whether Tiles' kernel has a twin (kDeep false) for GPUs with 99 KB of shared memory a block (sm_86,
 // sm_89, sm_120; every sm_80+ GPU has at least that): where its default tiles need more (16-bit dq at head
-// dims 65-128, double-buffered: 103 KB; fp32 at 33-64: 102.5 KB; 16-bit at 129-256: dkdv 99.25 KB, dq
-// 132.5 KB; fp32 dkdv at 65-128: 99.25 KB) and the twin's fit.
+// dims 65-128, double-buffered: 102 KB; fp32 at 33-64: dkdv 102.5 KB, dq 102 KB; 16-bit at 129-256: dkdv
+// 99.25 KB, dq 132 KB; fp32 dkdv at 65-128: 99.25 KB) and the twin's fit.
 template <typename Deep, typename Shallow>
 constexpr bool kHasShallowTwin = Deep::kSmem > 99 * 1024 && Shallow::kSmem <= 99 * 1024;
 
